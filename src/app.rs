@@ -1,0 +1,99 @@
+//! Wiring: build the services from the config, bind the listener, serve until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::participant::Services;
+use crate::peer::PeerFactory;
+use crate::room::Registry;
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub services: Arc<Services>,
+    shutdown_tx: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Stop accepting, tell every connection to close, wait for them (bounded).
+    pub async fn shutdown(self) {
+        let timeout = self.services.cfg.server.shutdown_timeout;
+        let _ = self.shutdown_tx.send(true);
+        if tokio::time::timeout(timeout + Duration::from_secs(1), self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown timed out");
+        }
+    }
+}
+
+/// Refuse to serve a non-loopback address with the public development secret.
+pub fn check_secret(cfg: &Config) -> anyhow::Result<()> {
+    if cfg.dev_secret_exposed() {
+        if cfg.server.allow_dev_secret {
+            tracing::warn!(
+                "SERVING A NON-LOOPBACK ADDRESS WITH THE DEVELOPMENT SECRET: anyone can mint tokens. \
+                 Set auth.secret (COHOST_AUTH__SECRET)."
+            );
+        } else {
+            anyhow::bail!(
+                "refusing to listen on {} with the built-in development secret: set auth.secret \
+                 (or COHOST_AUTH__SECRET), or server.allow_dev_secret = true to override",
+                cfg.server.http_listen
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+    check_secret(&cfg)?;
+    let cfg = Arc::new(cfg);
+    let auth = Authenticator::new(&cfg.auth).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let services = Arc::new(Services {
+        cfg: cfg.clone(),
+        auth,
+        rooms: Arc::new(Registry::new(cfg.room.clone())),
+        peers: Arc::new(PeerFactory::new(cfg.webrtc.clone())),
+        metrics: Arc::new(Metrics::default()),
+        shutdown: shutdown_rx.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.server.http_listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.server.http_listen))?;
+    let addr = listener.local_addr()?;
+    let app = crate::http::router(services.clone());
+    let mut stop = shutdown_rx;
+    let svc = services.clone();
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|v| *v).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!("http server: {e}");
+        }
+        // Connections got the shutdown signal; give them time to close their peers.
+        let deadline = tokio::time::Instant::now() + svc.cfg.server.shutdown_timeout;
+        while svc.rooms.room_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    info!(%addr, "cohost listening");
+    Ok(Server {
+        addr,
+        services,
+        shutdown_tx,
+        task,
+    })
+}

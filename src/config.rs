@@ -1,0 +1,400 @@
+//! Typed configuration: embedded defaults, then an optional TOML file, then `COHOST_...`
+//! environment overrides. Unknown keys are rejected by name so a typo never silently falls back
+//! to a default. `config/cohost.toml` in the repository is the commented copy of the defaults.
+
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+/// The secret used when none is configured. Fine on loopback; refused on any other address
+/// unless `server.allow_dev_secret` is set (see `Config::validate`).
+pub const DEV_SECRET: &str = "cohost-development-secret-do-not-use-in-production";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("environment variable {var}: {msg}")]
+    Env { var: String, msg: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub webrtc: WebrtcConfig,
+    pub room: RoomConfig,
+    pub signaling: SignalingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// HTTP listen address: WebSocket signaling, REST API, demo page.
+    pub http_listen: SocketAddr,
+    /// Allow the built-in development secret on a non-loopback address (not recommended).
+    pub allow_dev_secret: bool,
+    /// Directory served at `/` (the demo page).
+    pub web_dir: String,
+    /// How long graceful shutdown waits for peers to close.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HMAC secret for HS256/HS384/HS512 tokens.
+    pub secret: String,
+    /// JWT algorithm: HS256, HS384 or HS512.
+    pub algorithm: String,
+    /// Default lifetime of tokens minted by `cohost token`.
+    #[serde(with = "humantime_serde_compat")]
+    pub token_ttl: Duration,
+    /// Allowed clock skew when checking expiry.
+    #[serde(with = "humantime_serde_compat")]
+    pub leeway: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebrtcConfig {
+    /// Local IP the media sockets bind to. `0.0.0.0` means every non-loopback interface.
+    pub bind_ip: IpAddr,
+    /// Inclusive UDP port range handed out to peer connections.
+    pub udp_port_min: u16,
+    pub udp_port_max: u16,
+    /// Public IPs announced as host candidates instead of the local ones (1:1 NAT).
+    pub public_ips: Vec<String>,
+    /// Also gather ICE-TCP (passive) candidates on the same port numbers.
+    pub ice_tcp: bool,
+    /// STUN/TURN servers handed to clients in the join response.
+    pub ice_servers: Vec<IceServer>,
+    /// ICE: no traffic for this long marks a connection disconnected.
+    #[serde(with = "humantime_serde_compat")]
+    pub ice_disconnected_timeout: Duration,
+    /// ICE: disconnected for this long marks it failed (and the participant leaves).
+    #[serde(with = "humantime_serde_compat")]
+    pub ice_failed_timeout: Duration,
+    /// ICE connectivity check interval (the crate's default is 200 ms).
+    #[serde(with = "humantime_serde_compat")]
+    pub ice_check_interval: Duration,
+    /// Minimum time between two keyframe requests sent to one publisher track.
+    #[serde(with = "humantime_serde_compat")]
+    pub keyframe_request_interval: Duration,
+    /// Packets queued per subscriber track before the oldest is dropped.
+    pub subscriber_queue: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub username: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub credential: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomConfig {
+    /// Participants (any role) per room.
+    pub max_participants: usize,
+    /// Participants publishing media at once per room.
+    pub max_publishers: usize,
+    /// Published tracks per participant.
+    pub max_tracks_per_participant: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignalingConfig {
+    /// Largest WebSocket message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Server sends a WebSocket ping this often.
+    #[serde(with = "humantime_serde_compat")]
+    pub ping_interval: Duration,
+    /// Nothing received for this long: the connection is dead and the participant leaves.
+    #[serde(with = "humantime_serde_compat")]
+    pub dead_after: Duration,
+    /// A connection must send `join` within this time.
+    #[serde(with = "humantime_serde_compat")]
+    pub join_timeout: Duration,
+    /// How long the server waits for an answer to its subscriber offer.
+    #[serde(with = "humantime_serde_compat")]
+    pub answer_timeout: Duration,
+    /// Requests per second a connection may send (burst of twice that).
+    pub rate_limit_per_sec: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            allow_dev_secret: false,
+            web_dir: "web".into(),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            secret: DEV_SECRET.into(),
+            algorithm: "HS256".into(),
+            token_ttl: Duration::from_secs(3600),
+            leeway: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for WebrtcConfig {
+    fn default() -> Self {
+        Self {
+            bind_ip: IpAddr::from([127, 0, 0, 1]),
+            udp_port_min: 50000,
+            udp_port_max: 50999,
+            public_ips: vec![],
+            ice_tcp: false,
+            ice_servers: vec![],
+            ice_disconnected_timeout: Duration::from_secs(3),
+            ice_failed_timeout: Duration::from_secs(5),
+            ice_check_interval: Duration::from_millis(50),
+            keyframe_request_interval: Duration::from_millis(500),
+            subscriber_queue: 512,
+        }
+    }
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        Self {
+            max_participants: 200,
+            max_publishers: 9,
+            max_tracks_per_participant: 4,
+        }
+    }
+}
+
+impl Default for SignalingConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            ping_interval: Duration::from_secs(5),
+            dead_after: Duration::from_secs(15),
+            join_timeout: Duration::from_secs(10),
+            answer_timeout: Duration::from_secs(10),
+            rate_limit_per_sec: 50,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            auth: AuthConfig::default(),
+            webrtc: WebrtcConfig::default(),
+            room: RoomConfig::default(),
+            signaling: SignalingConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then `COHOST_SECTION__KEY=value` environment variables.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut value = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut value, std::env::vars())?;
+        let cfg = Self::from_table(value)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse a TOML document over the defaults (no environment), rejecting unknown keys.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let cfg = Self::from_table(table)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
+        Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Parse(e.to_string().trim().to_string()))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let w = &self.webrtc;
+        if w.udp_port_min == 0 || w.udp_port_min > w.udp_port_max {
+            return Err(ConfigError::Invalid(format!(
+                "webrtc.udp_port_min ({}) must be > 0 and <= webrtc.udp_port_max ({})",
+                w.udp_port_min, w.udp_port_max
+            )));
+        }
+        if !matches!(self.auth.algorithm.as_str(), "HS256" | "HS384" | "HS512") {
+            return Err(ConfigError::Invalid(format!(
+                "auth.algorithm must be HS256, HS384 or HS512, not {:?}",
+                self.auth.algorithm
+            )));
+        }
+        if self.auth.secret.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "auth.secret must be at least 16 bytes".into(),
+            ));
+        }
+        if self.room.max_participants == 0 || self.room.max_publishers == 0 {
+            return Err(ConfigError::Invalid(
+                "room.max_participants and room.max_publishers must be at least 1".into(),
+            ));
+        }
+        if self.signaling.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "signaling.max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        if w.subscriber_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "webrtc.subscriber_queue must be at least 1".into(),
+            ));
+        }
+        for ip in &w.public_ips {
+            if ip.parse::<IpAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "webrtc.public_ips: {ip:?} is not an IP address"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the server would run a public address with the well-known development secret.
+    pub fn dev_secret_exposed(&self) -> bool {
+        self.auth.secret == DEV_SECRET
+            && !(self.server.http_listen.ip().is_loopback() && self.webrtc.bind_ip.is_loopback())
+    }
+}
+
+/// Apply `COHOST_SECTION__KEY=value` overrides onto a TOML table. The value is parsed as a TOML
+/// value when it is one (`8080`, `true`, `["a"]`) and taken as a string otherwise.
+/// `COHOST_CONFIG` and `COHOST_LOG` are not config keys and are skipped.
+pub fn apply_env(
+    table: &mut toml::Table,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, raw) in vars {
+        let Some(rest) = var.strip_prefix("COHOST_") else {
+            continue;
+        };
+        if rest == "CONFIG" || rest == "LOG" {
+            continue;
+        }
+        let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Env {
+                var,
+                msg: "expected COHOST_<SECTION>__<KEY>".into(),
+            });
+        }
+        let value = parse_env_value(&raw);
+        let section = table
+            .entry(parts[0].clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match section {
+            toml::Value::Table(t) => {
+                t.insert(parts[1].clone(), value);
+            }
+            _ => {
+                return Err(ConfigError::Env {
+                    var,
+                    msg: format!("{} is not a section", parts[0]),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // `key = <raw>` parses when raw is a TOML literal; otherwise treat it as a plain string.
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+/// Durations are written the human way in the file: "5s", "200ms", "1h".
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_parse_types() {
+        let mut t = toml::Table::new();
+        apply_env(
+            &mut t,
+            vec![
+                ("COHOST_ROOM__MAX_PARTICIPANTS".into(), "7".into()),
+                ("COHOST_AUTH__SECRET".into(), "a-very-long-secret-value".into()),
+                ("PATH".into(), "/bin".into()),
+            ],
+        )
+        .unwrap();
+        let cfg = Config::from_table(t).unwrap();
+        assert_eq!(cfg.room.max_participants, 7);
+        assert_eq!(cfg.auth.secret, "a-very-long-secret-value");
+    }
+
+    #[test]
+    fn env_unknown_key_is_rejected() {
+        let mut t = toml::Table::new();
+        apply_env(&mut t, vec![("COHOST_ROOM__NOPE".into(), "1".into())]).unwrap();
+        let err = Config::from_table(t).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn dev_secret_on_public_address_is_flagged() {
+        let mut cfg = Config::default();
+        assert!(!cfg.dev_secret_exposed());
+        cfg.server.http_listen = "0.0.0.0:8080".parse().unwrap();
+        assert!(cfg.dev_secret_exposed());
+    }
+}

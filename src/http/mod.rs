@@ -1,0 +1,217 @@
+//! The HTTP surface: WebSocket signaling at `/ws`, health, metrics, the REST API and the demo
+//! page. Handlers translate between HTTP and the services; room rules live elsewhere.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tower_http::services::ServeDir;
+
+use crate::auth::Role;
+use crate::participant::{Driver, Services, WsIn, WsOut};
+
+#[derive(Deserialize)]
+struct WsQuery {
+    room: Option<String>,
+}
+
+pub fn router(svc: Arc<Services>) -> Router {
+    let web = ServeDir::new(&svc.cfg.server.web_dir);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/ws", get(ws_upgrade))
+        .route("/metrics", get(metrics))
+        .route("/v1/rooms", get(list_rooms))
+        .route("/v1/rooms/{room}", get(get_room))
+        .fallback_service(web)
+        .with_state(svc)
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(svc): State<Arc<Services>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        svc.metrics.render(&svc.rooms, &svc.peers),
+    )
+}
+
+fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+}
+
+/// REST calls need a bearer token with role admin (any room with `*`) or host of the room.
+fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<(), Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            api_error(StatusCode::UNAUTHORIZED, "invalid_token", "missing bearer token")
+        })?;
+    let claims = svc
+        .auth
+        .verify(token)
+        .map_err(|e| api_error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()))?;
+    let ok = match (claims.role, room) {
+        (Role::Admin, _) if claims.room == "*" => true,
+        (Role::Admin | Role::Host, Some(r)) => claims.room == r,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "needs an admin token (or the room's host token)",
+        ))
+    }
+}
+
+async fn list_rooms(State(svc): State<Arc<Services>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&svc, &headers, None) {
+        return r;
+    }
+    let rooms: Vec<_> = svc
+        .rooms
+        .rooms()
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "participants": r.participant_count(),
+                "publishers": r.publisher_count(),
+                "tracks": r.tracks().len(),
+                "age_secs": r.created.elapsed().as_secs(),
+            })
+        })
+        .collect();
+    Json(json!({ "rooms": rooms })).into_response()
+}
+
+async fn get_room(
+    State(svc): State<Arc<Services>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
+        return r;
+    }
+    let Some(r) = svc.rooms.get(&room) else {
+        return api_error(StatusCode::NOT_FOUND, "not_found", "no such room");
+    };
+    let tracks: Vec<_> = r
+        .tracks()
+        .iter()
+        .map(|t| {
+            json!({
+                "id": t.id,
+                "participant_id": t.participant_id,
+                "kind": t.kind,
+                "codec": t.codec.mime_type,
+                "subscribers": t.subscriber_count(),
+                "packets_in": t.stats.packets_in.load(Ordering::Relaxed),
+                "bytes_in": t.stats.bytes_in.load(Ordering::Relaxed),
+                "packets_out": t.stats.packets_out.load(Ordering::Relaxed),
+                "dropped": t.stats.dropped.load(Ordering::Relaxed),
+                "keyframe_requests": t.stats.keyframe_requests.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    Json(json!({
+        "name": r.name,
+        "participants": r.participants(),
+        "tracks": tracks,
+    }))
+    .into_response()
+}
+
+async fn ws_upgrade(
+    State(svc): State<Arc<Services>>,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    // The transport limit is well above the protocol limit so that an oversized message gets a
+    // `message_too_large` error from the session and the connection stays usable; only absurd
+    // sizes (over 1 MiB or 16x the limit) make the transport drop the connection.
+    let limit = svc.cfg.signaling.max_message_bytes;
+    let hard = (limit * 16).max(1 << 20);
+    ws.max_message_size(hard)
+        .max_frame_size(hard)
+        .on_upgrade(move |socket| ws_session(socket, svc, q.room))
+}
+
+async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>) {
+    svc.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
+    let (mut sink, mut stream) = socket.split();
+    let (in_tx, in_rx) = mpsc::channel::<WsIn>(64);
+    let (out_tx, mut out_rx) = mpsc::channel::<WsOut>(256);
+    let mut driver = tokio::spawn(Driver::new(svc.clone(), room, out_tx).run(in_rx));
+    let mut writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let res = match m {
+                WsOut::Text(t) => sink.send(Message::Text(t.into())).await,
+                WsOut::Ping => sink.send(Message::Ping(Vec::new().into())).await,
+                WsOut::Close(code, reason) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    break;
+                }
+            };
+            if res.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let mut driver_done = false;
+    loop {
+        tokio::select! {
+            m = stream.next() => {
+                let ev = match m {
+                    Some(Ok(Message::Text(t))) => WsIn::Text(t.to_string()),
+                    Some(Ok(Message::Binary(b))) => WsIn::Binary(b.len()),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => WsIn::Activity,
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(e)) => {
+                        tracing::debug!("websocket read: {e}");
+                        break;
+                    }
+                };
+                if in_tx.send(ev).await.is_err() {
+                    break;
+                }
+            }
+            _ = &mut driver => { driver_done = true; break; }
+        }
+    }
+    drop(in_tx);
+    if !driver_done {
+        let _ = (&mut driver).await;
+    }
+    // Give the writer a moment to flush the close frame, then drop the socket regardless.
+    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    svc.metrics.ws_connections.fetch_sub(1, Ordering::Relaxed);
+}

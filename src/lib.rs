@@ -1,0 +1,11 @@
+//! cohost: a co-host live streaming server. See `../shared/DESIGN.md` and README.md.
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod participant;
+pub mod peer;
+pub mod room;
+pub mod sfu;
+pub mod signaling;

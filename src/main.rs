@@ -1,0 +1,157 @@
+//! The `cohost` command: `serve` (default) runs the server, `token` mints an access token,
+//! `check-config` validates a configuration file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use cohost::auth::{Authenticator, Role};
+use cohost::config::Config;
+
+#[derive(Parser)]
+#[command(name = "cohost", version, about = "Co-host live streaming server")]
+struct Cli {
+    /// Configuration file (TOML). Defaults are embedded; see config/cohost.toml.
+    #[arg(long, global = true, env = "COHOST_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (the default).
+    Serve {
+        /// Override server.http_listen, e.g. 127.0.0.1:0 for an ephemeral port.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Print an access token (JWT) for a room.
+    Token {
+        #[arg(long)]
+        room: String,
+        #[arg(long)]
+        identity: String,
+        /// host, cohost, audience or admin
+        #[arg(long)]
+        role: Role,
+        /// Lifetime, e.g. 30m, 1h, 7d (default: auth.token_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Validate the configuration and print the effective values (secrets redacted).
+    CheckConfig,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COHOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,rtc=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cohost: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match cli.cmd.unwrap_or(Cmd::Serve { listen: None }) {
+        Cmd::Token {
+            room,
+            identity,
+            role,
+            ttl,
+        } => {
+            let auth = match Authenticator::new(&cfg.auth) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("cohost: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            match auth.mint(&room, &identity, role, ttl) {
+                Ok(t) => {
+                    println!("{t}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cohost: {e}");
+                    std::process::ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::CheckConfig => {
+            let mut shown = cfg.clone();
+            shown.auth.secret = "<redacted>".into();
+            match toml::to_string_pretty(&shown) {
+                Ok(s) => {
+                    println!("{s}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cohost: {e}");
+                    std::process::ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Serve { listen } => {
+            init_tracing();
+            let mut cfg = cfg;
+            if let Some(l) = listen {
+                cfg.server.http_listen = l;
+            }
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cohost: runtime: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(serve(cfg))
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> std::process::ExitCode {
+    let server = match cohost::app::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cohost: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // Machine-readable line for scripts and tests that start the server on port 0.
+    println!("cohost listening on http://{}", server.addr);
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    std::process::ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

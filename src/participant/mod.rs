@@ -1,0 +1,850 @@
+//! The connection driver: one task per signaling connection that runs the session state
+//! machine and carries out what it dispatches against the room, the SFU and the two peer
+//! connections of the participant (publisher: client offers; subscriber: server offers).
+//! It is the only place where signaling, rooms and media meet.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::auth::{Authenticator, Claims};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::peer::{
+    Feedback, IceCandidate, LocalTrack, MediaKind, Peer, PeerError, PeerEvent, PeerFactory,
+    PeerState, RemoteTrack,
+};
+use crate::room::{Registry, Room, RoomError, RoomEvent, new_track_id};
+use crate::sfu::TrackRouter;
+use crate::sfu::keyframe::{Decision, KeyframeThrottle};
+use crate::signaling::protocol::{
+    Candidate, ClientMessage, ErrorCode, JoinResult, Kind, LeaveReason, Limits, PROTOCOL_VERSION,
+    RequestId, ResponseResult, ServerMessage, Target, close_code,
+};
+use crate::signaling::session::{Action, MAX_TICK, Session};
+
+/// Everything a connection needs from the server.
+pub struct Services {
+    pub cfg: Arc<Config>,
+    pub auth: Authenticator,
+    pub rooms: Arc<Registry>,
+    pub peers: Arc<PeerFactory>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// What the WebSocket layer hands the driver.
+#[derive(Debug)]
+pub enum WsIn {
+    Text(String),
+    Binary(usize),
+    /// Ping or pong frame: proof of life only.
+    Activity,
+}
+
+/// What the driver asks the WebSocket layer to do.
+#[derive(Debug)]
+pub enum WsOut {
+    Text(String),
+    Ping,
+    Close(u16, String),
+}
+
+/// Work finished by helper tasks, reported back to the driver.
+enum Internal {
+    TrackEnded(String),
+}
+
+struct SubTrack {
+    local: Arc<LocalTrack>,
+    router: Arc<TrackRouter>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Published {
+    router: Arc<TrackRouter>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Joined {
+    room: Arc<Room>,
+    pid: String,
+    claims: Claims,
+    publisher: Option<Peer>,
+    subscriber: Option<Peer>,
+    sub_connected: bool,
+    sub_tracks: HashMap<String, SubTrack>,
+    /// Offer in flight: id and deadline for the answer.
+    negotiating: Option<(u64, Instant)>,
+    /// The subscriber track set changed since the last offer.
+    dirty: bool,
+    next_offer_id: u64,
+    /// Tracks added since the last offer / waiting for the answer: they need a keyframe once
+    /// the client can receive them.
+    kf_unoffered: Vec<Arc<TrackRouter>>,
+    kf_offered: Vec<Arc<TrackRouter>>,
+    kf_ready: Vec<Arc<TrackRouter>>,
+    published: HashMap<String, Published>,
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn to_kind(k: MediaKind) -> Kind {
+    match k {
+        MediaKind::Audio => Kind::Audio,
+        MediaKind::Video => Kind::Video,
+    }
+}
+
+fn to_media_kind(k: Kind) -> MediaKind {
+    match k {
+        Kind::Audio => MediaKind::Audio,
+        Kind::Video => MediaKind::Video,
+    }
+}
+
+fn cand_out(c: IceCandidate) -> Candidate {
+    Candidate {
+        candidate: c.candidate,
+        sdp_mid: c.sdp_mid,
+        sdp_mline_index: c.sdp_mline_index,
+        username_fragment: c.username_fragment,
+    }
+}
+
+fn cand_in(c: Candidate) -> IceCandidate {
+    IceCandidate {
+        candidate: c.candidate,
+        sdp_mid: c.sdp_mid,
+        sdp_mline_index: c.sdp_mline_index,
+        username_fragment: c.username_fragment,
+    }
+}
+
+fn room_error(e: &RoomError) -> (ErrorCode, u16) {
+    match e {
+        RoomError::Full(_) => (ErrorCode::RoomFull, close_code::ROOM_FULL),
+        RoomError::TooManyPublishers(_) => (ErrorCode::TooManyPublishers, 0),
+        RoomError::TooManyTracks(_) => (ErrorCode::TooManyTracks, 0),
+        RoomError::Forbidden(_) => (ErrorCode::Forbidden, 0),
+        RoomError::NotMember => (ErrorCode::Internal, 0),
+    }
+}
+
+pub struct Driver {
+    svc: Arc<Services>,
+    session: Session,
+    out: mpsc::Sender<WsOut>,
+    joined: Option<Joined>,
+    // Kept outside `Joined` so the select loop can wait on all of them at once.
+    room_rx: Option<mpsc::UnboundedReceiver<RoomEvent>>,
+    pub_rx: Option<mpsc::UnboundedReceiver<PeerEvent>>,
+    sub_rx: Option<mpsc::UnboundedReceiver<PeerEvent>>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    /// Set once the driver decided to end; the loop exits after flushing.
+    ending: Option<LeaveReason>,
+}
+
+impl Driver {
+    pub fn new(svc: Arc<Services>, url_room: Option<String>, out: mpsc::Sender<WsOut>) -> Self {
+        let session = Session::new(
+            svc.cfg.signaling.clone(),
+            svc.auth.clone(),
+            url_room,
+            Instant::now(),
+        );
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        Self {
+            svc,
+            session,
+            out,
+            joined: None,
+            room_rx: None,
+            pub_rx: None,
+            sub_rx: None,
+            internal_tx,
+            internal_rx,
+            ending: None,
+        }
+    }
+
+    async fn send(&self, msg: ServerMessage) {
+        let _ = self.out.send(WsOut::Text(msg.to_json())).await;
+    }
+
+    async fn reply(&self, id: Option<RequestId>, result: ResponseResult) {
+        if let Some(id) = id {
+            self.send(ServerMessage::Response { id, result }).await;
+        }
+    }
+
+    async fn error(&self, id: Option<RequestId>, code: ErrorCode, msg: impl Into<String>) {
+        let msg = msg.into();
+        debug!(?code, "request error: {msg}");
+        self.svc.metrics.signaling_errors.fetch_add(1, Ordering::Relaxed);
+        self.send(ServerMessage::error(id, code, msg)).await;
+    }
+
+    /// Run until the connection ends. `inbound` closing means the WebSocket is gone.
+    pub async fn run(mut self, mut inbound: mpsc::Receiver<WsIn>) {
+        let mut shutdown = self.svc.shutdown.clone();
+        loop {
+            if self.ending.is_some() || self.session.is_closed() {
+                break;
+            }
+            let tick_at = self.next_deadline();
+            tokio::select! {
+                m = inbound.recv() => match m {
+                    Some(WsIn::Text(t)) => {
+                        let acts = self.session.on_text(Instant::now(), &t);
+                        self.apply(acts).await;
+                    }
+                    Some(WsIn::Binary(n)) => {
+                        let acts = self.session.on_binary(Instant::now(), n);
+                        self.apply(acts).await;
+                    }
+                    Some(WsIn::Activity) => self.session.on_activity(Instant::now()),
+                    None => {
+                        self.ending = Some(LeaveReason::Left);
+                    }
+                },
+                ev = recv_opt(&mut self.room_rx) => {
+                    if let Some(ev) = ev { self.on_room_event(ev).await; }
+                }
+                ev = recv_opt(&mut self.pub_rx) => {
+                    if let Some(ev) = ev { self.on_peer_event(Target::Publisher, ev).await; }
+                }
+                ev = recv_opt(&mut self.sub_rx) => {
+                    if let Some(ev) = ev { self.on_peer_event(Target::Subscriber, ev).await; }
+                }
+                Some(ev) = self.internal_rx.recv() => self.on_internal(ev).await,
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(tick_at)) => {
+                    let acts = self.session.on_tick(Instant::now());
+                    self.apply(acts).await;
+                    self.check_answer_timeout().await;
+                }
+                _ = shutdown.changed() => {
+                    let acts = self.session.close(close_code::GOING_AWAY, "server shutting down");
+                    self.apply(acts).await;
+                    self.ending = Some(LeaveReason::ServerShutdown);
+                }
+            }
+        }
+        self.teardown().await;
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut t = self.session.next_tick().min(Instant::now() + MAX_TICK);
+        if let Some(j) = &self.joined
+            && let Some((_, deadline)) = j.negotiating
+        {
+            t = t.min(deadline);
+        }
+        t
+    }
+
+    async fn apply(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send(m) => self.send(m).await,
+                Action::Ping => {
+                    let _ = self.out.send(WsOut::Ping).await;
+                }
+                Action::Close { code, reason } => {
+                    let _ = self.out.send(WsOut::Close(code, reason)).await;
+                    if self.ending.is_none() {
+                        self.ending = Some(if code == close_code::DEAD {
+                            LeaveReason::Disconnected
+                        } else {
+                            LeaveReason::Left
+                        });
+                    }
+                }
+                Action::Join { id, claims } => self.join(id, claims).await,
+                Action::Dispatch { id, msg } => self.dispatch(id, msg).await,
+            }
+        }
+    }
+
+    /// `apply` can reach itself again (a dispatched request may close the session), so the
+    /// recursion goes through a boxed future.
+    fn apply_boxed(
+        &mut self,
+        actions: Vec<Action>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.apply(actions))
+    }
+
+    async fn close_with(&mut self, code: u16, reason: &str, leave: LeaveReason) {
+        let acts = self.session.close(code, reason);
+        self.apply_boxed(acts).await;
+        self.ending = Some(leave);
+    }
+
+    async fn join(&mut self, id: Option<RequestId>, claims: Claims) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let rooms = self.svc.rooms.clone();
+        match rooms.join(&claims.room, &claims.sub, claims.role, tx) {
+            Err(e) => {
+                let (code, close) = room_error(&e);
+                let acts = self.session.refused(
+                    id,
+                    code,
+                    &e.to_string(),
+                    if close == 0 { close_code::NORMAL } else { close },
+                );
+                self.svc.metrics.join_failures.fetch_add(1, Ordering::Relaxed);
+                self.apply_boxed(acts).await;
+            }
+            Ok((room, snap)) => {
+                self.session.admitted();
+                self.svc.metrics.joins.fetch_add(1, Ordering::Relaxed);
+                info!(room = %room.name, participant = %snap.participant.id,
+                    identity = %claims.sub, role = claims.role.as_str(), "joined");
+                let cfg = &self.svc.cfg;
+                let result = JoinResult {
+                    version: PROTOCOL_VERSION,
+                    room: room.name.clone(),
+                    participant: snap.participant.clone(),
+                    participants: snap.others,
+                    ice_servers: cfg.webrtc.ice_servers.clone(),
+                    limits: Limits {
+                        max_message_bytes: cfg.signaling.max_message_bytes,
+                        max_participants: cfg.room.max_participants,
+                        max_publishers: cfg.room.max_publishers,
+                        ping_interval_ms: cfg.signaling.ping_interval.as_millis() as u64,
+                    },
+                };
+                let role = claims.role;
+                self.room_rx = Some(rx);
+                self.joined = Some(Joined {
+                    room,
+                    pid: snap.participant.id,
+                    claims,
+                    publisher: None,
+                    subscriber: None,
+                    sub_connected: false,
+                    sub_tracks: HashMap::new(),
+                    negotiating: None,
+                    dirty: false,
+                    next_offer_id: 1,
+                    kf_unoffered: vec![],
+                    kf_offered: vec![],
+                    kf_ready: vec![],
+                    published: HashMap::new(),
+                });
+                self.reply(id, ResponseResult::Joined(Box::new(result))).await;
+                if role.may_subscribe() {
+                    for (_, router) in snap.tracks {
+                        self.subscribe(router).await;
+                    }
+                    self.maybe_offer().await;
+                }
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, id: Option<RequestId>, msg: ClientMessage) {
+        match msg {
+            ClientMessage::Publish { sdp } => self.publish(id, sdp).await,
+            ClientMessage::Answer { offer_id, sdp } => self.answer(id, offer_id, sdp).await,
+            ClientMessage::Candidate { target, candidate } => {
+                self.candidate(id, target, candidate).await
+            }
+            ClientMessage::RequestKeyframe { track_id } => {
+                let found = self
+                    .joined
+                    .as_ref()
+                    .and_then(|j| j.sub_tracks.get(&track_id))
+                    .map(|t| t.router.clone());
+                match found {
+                    Some(r) => {
+                        r.request_keyframe();
+                        self.reply(id, ResponseResult::Empty {}).await;
+                    }
+                    None => {
+                        self.error(id, ErrorCode::UnknownTrack, "not subscribed to that track")
+                            .await
+                    }
+                }
+            }
+            // Join, Ping and Leave are handled by the session itself.
+            other => {
+                self.error(
+                    id,
+                    ErrorCode::BadRequest,
+                    format!("{} is not valid now", other.name()),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn publish(&mut self, id: Option<RequestId>, sdp: String) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        if let Err(e) = j.room.check_publish(&j.pid, false) {
+            let (code, _) = room_error(&e);
+            let msg = e.to_string();
+            self.error(id, code, msg).await;
+            return;
+        }
+        if sdp.len() > self.svc.cfg.signaling.max_message_bytes {
+            self.error(id, ErrorCode::BadSdp, "SDP too large").await;
+            return;
+        }
+        if j.publisher.is_none() {
+            match self.svc.peers.create().await {
+                Ok((p, rx)) => {
+                    j.publisher = Some(p);
+                    self.pub_rx = Some(rx);
+                }
+                Err(e) => {
+                    warn!("cannot create publisher peer: {e}");
+                    self.svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
+                    self.error(id, ErrorCode::Internal, e.to_string()).await;
+                    return;
+                }
+            }
+        }
+        let Some(peer) = j.publisher.as_ref() else {
+            return;
+        };
+        match peer.answer(sdp).await {
+            Ok(answer) => {
+                self.reply(id, ResponseResult::Answer { sdp: answer }).await;
+            }
+            Err(PeerError::BadSdp(e)) => self.error(id, ErrorCode::BadSdp, e).await,
+            Err(e) => self.error(id, ErrorCode::Internal, e.to_string()).await,
+        }
+    }
+
+    async fn answer(&mut self, id: Option<RequestId>, offer_id: u64, sdp: String) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        match (j.negotiating, j.subscriber.as_ref()) {
+            (Some((want, _)), Some(peer)) if want == offer_id => {
+                match peer.accept_answer(sdp).await {
+                    Ok(()) => {
+                        j.negotiating = None;
+                        let offered = std::mem::take(&mut j.kf_offered);
+                        j.kf_ready.extend(offered);
+                        self.reply(id, ResponseResult::Empty {}).await;
+                        self.flush_keyframes();
+                        self.maybe_offer().await;
+                    }
+                    Err(e) => {
+                        // The offer stays in flight: the client may send a corrected answer.
+                        self.error(id, ErrorCode::BadSdp, e.to_string()).await
+                    }
+                }
+            }
+            _ => {
+                self.error(
+                    id,
+                    ErrorCode::StaleAnswer,
+                    format!("no offer {offer_id} is waiting for an answer"),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn candidate(&mut self, id: Option<RequestId>, target: Target, c: Candidate) {
+        let Some(j) = self.joined.as_ref() else {
+            return;
+        };
+        let peer = match target {
+            Target::Publisher => j.publisher.as_ref(),
+            Target::Subscriber => j.subscriber.as_ref(),
+        };
+        let Some(peer) = peer else {
+            self.error(
+                id,
+                ErrorCode::UnknownSession,
+                format!("no {target:?} connection yet").to_lowercase(),
+            )
+            .await;
+            return;
+        };
+        match peer.add_candidate(cand_in(c)).await {
+            Ok(()) => self.reply(id, ResponseResult::Empty {}).await,
+            Err(e) => self.error(id, ErrorCode::BadRequest, e.to_string()).await,
+        }
+    }
+
+    async fn on_room_event(&mut self, ev: RoomEvent) {
+        let Some(j) = self.joined.as_ref() else {
+            return;
+        };
+        let may_subscribe = j.claims.role.may_subscribe();
+        match ev {
+            RoomEvent::Joined(p) => {
+                self.send(ServerMessage::ParticipantJoined { participant: p })
+                    .await
+            }
+            RoomEvent::Left {
+                participant_id,
+                identity,
+                reason,
+            } => {
+                self.send(ServerMessage::ParticipantLeft {
+                    participant_id,
+                    identity,
+                    reason,
+                })
+                .await
+            }
+            RoomEvent::TrackPublished(info, router) => {
+                self.send(ServerMessage::TrackPublished { track: info }).await;
+                if may_subscribe {
+                    self.subscribe(router).await;
+                    self.maybe_offer().await;
+                }
+            }
+            RoomEvent::TrackUnpublished {
+                track_id,
+                participant_id,
+            } => {
+                self.unsubscribe(&track_id).await;
+                self.send(ServerMessage::TrackUnpublished {
+                    track_id,
+                    participant_id,
+                })
+                .await;
+                self.maybe_offer().await;
+            }
+            RoomEvent::Removed(reason) => {
+                let code = match reason {
+                    LeaveReason::Replaced => close_code::REPLACED,
+                    _ => close_code::NORMAL,
+                };
+                // Already out of the room; teardown's leave is then a no-op.
+                self.close_with(code, "replaced by a newer connection", reason)
+                    .await;
+                }
+            }
+        }
+    }
+
+    async fn on_peer_event(&mut self, target: Target, ev: PeerEvent) {
+        match ev {
+            PeerEvent::Candidate(Some(c)) => {
+                self.send(ServerMessage::Candidate {
+                    target,
+                    candidate: cand_out(c),
+                })
+                .await
+            }
+            PeerEvent::Candidate(None) => {
+                // End of candidates, in the browser's shape: an empty candidate string.
+                self.send(ServerMessage::Candidate {
+                    target,
+                    candidate: Candidate::default(),
+                })
+                .await
+            }
+            PeerEvent::State(s) => {
+                debug!(?target, ?s, "peer state");
+                match s {
+                    PeerState::Connected if target == Target::Subscriber => {
+                        if let Some(j) = self.joined.as_mut() {
+                            j.sub_connected = true;
+                        }
+                        self.flush_keyframes();
+                    }
+                    PeerState::Failed => {
+                        self.svc.metrics.ice_failures.fetch_add(1, Ordering::Relaxed);
+                        warn!(?target, "media connection failed; participant leaves");
+                        self.close_with(
+                            close_code::DEAD,
+                            "media connection failed",
+                            LeaveReason::Disconnected,
+                        )
+                        .await;
+                    }
+                    _ => {}
+                }
+            }
+            PeerEvent::Track(t) if target == Target::Publisher => self.on_remote_track(t).await,
+            PeerEvent::Track(_) => {
+                // Media sent on the subscriber connection is not a publication: ignore it, so
+                // a role that may not publish cannot sneak media in that way.
+                debug!("ignoring track received on a subscriber connection");
+            }
+        }
+    }
+
+    async fn on_remote_track(&mut self, t: RemoteTrack) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        let track_id = new_track_id();
+        let (router, mut kf_rx) =
+            TrackRouter::new(track_id.clone(), j.pid.clone(), to_kind(t.kind), t.codec.clone());
+        let info = match j.room.publish(&j.pid, router.clone()) {
+            Ok(i) => i,
+            Err(e) => {
+                let (code, _) = room_error(&e);
+                let msg = format!("track not published: {e}");
+                self.error(None, code, msg).await;
+                return;
+            }
+        };
+        info!(room = %j.room.name, participant = %j.pid, track = %track_id,
+            codec = %t.codec.mime_type, "track published");
+        // Reader: publisher packets into the router.
+        let r = router.clone();
+        let done = self.internal_tx.clone();
+        let tid = track_id.clone();
+        let requester = t.keyframe_requester();
+        let reader = tokio::spawn(async move {
+            while let Some(p) = t.recv().await {
+                r.forward(p);
+            }
+            let _ = done.send(Internal::TrackEnded(tid));
+        });
+        // Keyframe requests from subscribers, throttled, out to the publisher as PLI.
+        let interval = self.svc.cfg.webrtc.keyframe_request_interval;
+        let metrics = self.svc.metrics.clone();
+        let pli = tokio::spawn(async move {
+            let mut throttle = KeyframeThrottle::new(interval);
+            while kf_rx.recv().await.is_some() {
+                match throttle.request(Instant::now()) {
+                    Decision::SendNow => {}
+                    Decision::SendAt(at) => {
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await
+                    }
+                    Decision::Coalesced => continue,
+                }
+                if requester.send_pli().await.is_err() {
+                    break;
+                }
+                metrics.plis_sent.fetch_add(1, Ordering::Relaxed);
+                throttle.sent(Instant::now());
+            }
+        });
+        j.published.insert(
+            track_id,
+            Published {
+                router: router.clone(),
+                tasks: vec![reader, pli],
+            },
+        );
+        self.send(ServerMessage::TrackPublished { track: info }).await;
+    }
+
+    async fn on_internal(&mut self, ev: Internal) {
+        match ev {
+            Internal::TrackEnded(track_id) => {
+                if let Some(j) = self.joined.as_mut()
+                    && let Some(p) = j.published.remove(&track_id)
+                {
+                    for t in p.tasks {
+                        t.abort();
+                    }
+                    j.room.unpublish(&j.pid, &track_id);
+                    let participant_id = j.pid.clone();
+                    self.send(ServerMessage::TrackUnpublished {
+                        track_id,
+                        participant_id,
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// Start forwarding `router` to this participant.
+    async fn subscribe(&mut self, router: Arc<TrackRouter>) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        if router.participant_id == j.pid || j.sub_tracks.contains_key(&router.id) {
+            return;
+        }
+        if j.subscriber.is_none() {
+            match self.svc.peers.create().await {
+                Ok((p, rx)) => {
+                    j.subscriber = Some(p);
+                    self.sub_rx = Some(rx);
+                }
+                Err(e) => {
+                    warn!("cannot create subscriber peer: {e}");
+                    self.svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
+                    let msg = e.to_string();
+                    self.error(None, ErrorCode::Internal, msg).await;
+                    return;
+                }
+            }
+        }
+        let Some(peer) = j.subscriber.as_ref() else {
+            return;
+        };
+        let local = match peer
+            .add_local_track(
+                &router.participant_id,
+                &router.id,
+                to_media_kind(router.kind),
+                &router.codec,
+            )
+            .await
+        {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                warn!(track = %router.id, "cannot add subscriber track: {e}");
+                return;
+            }
+        };
+        let mut sub = router.subscribe(self.svc.cfg.webrtc.subscriber_queue);
+        let l = local.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(p) = sub.rx.recv().await {
+                // Errors before negotiation completes are expected; the packet is dropped.
+                let _ = l.write(p).await;
+            }
+        });
+        let l = local.clone();
+        let r = router.clone();
+        let feedback = tokio::spawn(async move {
+            loop {
+                match l.feedback().await {
+                    Some(Feedback::KeyframeRequest) => r.request_keyframe(),
+                    // Not bound to the transport yet (negotiation pending): look again soon.
+                    None => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        j.sub_tracks.insert(
+            router.id.clone(),
+            SubTrack {
+                local,
+                router: router.clone(),
+                tasks: vec![writer, feedback],
+            },
+        );
+        j.kf_unoffered.push(router);
+        j.dirty = true;
+    }
+
+    async fn unsubscribe(&mut self, track_id: &str) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        if let Some(t) = j.sub_tracks.remove(track_id) {
+            for task in &t.tasks {
+                task.abort();
+            }
+            if let Some(peer) = j.subscriber.as_ref()
+                && let Err(e) = peer.remove_local_track(&t.local).await
+            {
+                debug!("remove track: {e}");
+            }
+            j.kf_unoffered.retain(|r| r.id != track_id);
+            j.kf_offered.retain(|r| r.id != track_id);
+            j.kf_ready.retain(|r| r.id != track_id);
+            j.dirty = true;
+        }
+    }
+
+    /// Send a new subscriber offer if the track set changed and none is in flight.
+    async fn maybe_offer(&mut self) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        if !j.dirty || j.negotiating.is_some() {
+            return;
+        }
+        let Some(peer) = j.subscriber.as_ref() else {
+            return;
+        };
+        match peer.offer().await {
+            Ok(sdp) => {
+                let offer_id = j.next_offer_id;
+                j.next_offer_id += 1;
+                j.negotiating = Some((
+                    offer_id,
+                    Instant::now() + self.svc.cfg.signaling.answer_timeout,
+                ));
+                j.dirty = false;
+                let fresh = std::mem::take(&mut j.kf_unoffered);
+                j.kf_offered.extend(fresh);
+                self.send(ServerMessage::Offer { offer_id, sdp }).await;
+            }
+            Err(e) => {
+                warn!("subscriber offer failed: {e}");
+                self.error(None, ErrorCode::Internal, format!("offer failed: {e}"))
+                    .await;
+            }
+        }
+    }
+
+    /// Ask publishers for keyframes for tracks the client can now receive.
+    fn flush_keyframes(&mut self) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        if !j.sub_connected {
+            return;
+        }
+        for r in j.kf_ready.drain(..) {
+            r.request_keyframe();
+        }
+    }
+
+    async fn check_answer_timeout(&mut self) {
+        let expired = self
+            .joined
+            .as_ref()
+            .and_then(|j| j.negotiating)
+            .is_some_and(|(_, deadline)| Instant::now() >= deadline);
+        if expired {
+            self.error(None, ErrorCode::Timeout, "no answer to the subscriber offer")
+                .await;
+            self.close_with(close_code::DEAD, "negotiation timeout", LeaveReason::Disconnected)
+                .await;
+        }
+    }
+
+    async fn teardown(&mut self) {
+        let reason = self.ending.unwrap_or(LeaveReason::Left);
+        if let Some(j) = self.joined.take() {
+            self.svc.rooms.leave(&j.room, &j.pid, reason);
+            Self::release(j).await;
+        }
+    }
+
+    /// Stop every task and close both peer connections.
+    async fn release(mut j: Joined) {
+        for (_, p) in j.published.drain() {
+            p.router.close();
+            for t in p.tasks {
+                t.abort();
+            }
+        }
+        for (_, t) in j.sub_tracks.drain() {
+            for task in t.tasks {
+                task.abort();
+            }
+        }
+        if let Some(p) = j.publisher.take() {
+            p.close().await;
+        }
+        if let Some(p) = j.subscriber.take() {
+            p.close().await;
+        }
+    }
+}

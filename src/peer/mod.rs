@@ -1,0 +1,605 @@
+//! The only user of the `webrtc` crate. Builds peer connections from the configuration (port
+//! range, NAT IPs, ICE timing, codecs, interceptors), negotiates with SDP strings, and exposes
+//! remote tracks (what a client publishes) and local tracks (what the server forwards to a
+//! client) as small types the rest of the server uses without seeing any webrtc type.
+
+pub mod keyframe_interceptor;
+mod ports;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rtc::interceptor::{Registry, Slot};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::{
+    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
+};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RtpCodecKind,
+};
+use tokio::sync::mpsc;
+use tracing::debug;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCIceServer,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
+};
+use webrtc::rtp_transceiver::RtpSender;
+
+use crate::config::WebrtcConfig;
+use crate::sfu::{CodecSpec, Packet};
+
+pub use ports::PortPool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("invalid SDP: {0}")]
+    BadSdp(String),
+    #[error("no free UDP port in {0}-{1}")]
+    NoPort(u16, u16),
+    #[error("webrtc: {0}")]
+    Webrtc(String),
+}
+
+fn werr(e: impl std::fmt::Display) -> PeerError {
+    PeerError::Webrtc(e.to_string())
+}
+
+/// An ICE candidate in the browser's JSON shape.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IceCandidate {
+    pub candidate: String,
+    pub sdp_mid: Option<String>,
+    pub sdp_mline_index: Option<u16>,
+    pub username_fragment: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    New,
+    Connecting,
+    Connected,
+    Disconnected,
+    Failed,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaKind {
+    Audio,
+    Video,
+}
+
+/// What a peer connection reports to its owner.
+pub enum PeerEvent {
+    /// A local ICE candidate to trickle to the client; `None` when gathering is complete.
+    Candidate(Option<IceCandidate>),
+    State(PeerState),
+    /// The client started sending a track.
+    Track(RemoteTrack),
+}
+
+struct Handler {
+    tx: mpsc::UnboundedSender<PeerEvent>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        match event.candidate.to_json() {
+            Ok(init) => {
+                let _ = self.tx.send(PeerEvent::Candidate(Some(IceCandidate {
+                    candidate: init.candidate,
+                    sdp_mid: init.sdp_mid,
+                    sdp_mline_index: init.sdp_mline_index,
+                    username_fragment: init.username_fragment,
+                })));
+            }
+            Err(e) => debug!("candidate to_json: {e}"),
+        }
+    }
+
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.tx.send(PeerEvent::Candidate(None));
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let s = match state {
+            RTCPeerConnectionState::New | RTCPeerConnectionState::Unspecified => PeerState::New,
+            RTCPeerConnectionState::Connecting => PeerState::Connecting,
+            RTCPeerConnectionState::Connected => PeerState::Connected,
+            RTCPeerConnectionState::Disconnected => PeerState::Disconnected,
+            RTCPeerConnectionState::Failed => PeerState::Failed,
+            RTCPeerConnectionState::Closed => PeerState::Closed,
+            #[allow(unreachable_patterns)]
+            _ => PeerState::New,
+        };
+        let _ = self.tx.send(PeerEvent::State(s));
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let Some(ssrc) = track.ssrcs().await.first().copied() else {
+            debug!("remote track without SSRC ignored");
+            return;
+        };
+        let Some(codec) = track.codec(ssrc).await else {
+            debug!("remote track {ssrc} without codec ignored");
+            return;
+        };
+        let kind = match track.kind().await {
+            RtpCodecKind::Audio => MediaKind::Audio,
+            _ => MediaKind::Video,
+        };
+        let _ = self.tx.send(PeerEvent::Track(RemoteTrack {
+            inner: track,
+            ssrc,
+            kind,
+            codec: CodecSpec {
+                mime_type: codec.mime_type,
+                clock_rate: codec.clock_rate,
+                channels: codec.channels,
+                fmtp: codec.sdp_fmtp_line,
+            },
+        }));
+    }
+}
+
+/// The codecs cohost accepts from publishers and offers to subscribers. H.264 constrained
+/// baseline with packetization-mode 1 comes first (what the bridge decodes and what Chromium
+/// sends by default); VP8 is accepted for browsers that insist on it.
+pub fn media_engine() -> Result<MediaEngine, PeerError> {
+    let mut me = MediaEngine::default();
+    let video_fb = vec![
+        RTCPFeedback {
+            typ: "goog-remb".into(),
+            parameter: String::new(),
+        },
+        RTCPFeedback {
+            typ: "ccm".into(),
+            parameter: "fir".into(),
+        },
+        RTCPFeedback {
+            typ: "nack".into(),
+            parameter: String::new(),
+        },
+        RTCPFeedback {
+            typ: "nack".into(),
+            parameter: "pli".into(),
+        },
+    ];
+    let codec = |mime: &str, clock: u32, ch: u16, fmtp: &str, pt: u8, fb: Vec<RTCPFeedback>| {
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: mime.into(),
+                clock_rate: clock,
+                channels: ch,
+                sdp_fmtp_line: fmtp.into(),
+                rtcp_feedback: fb,
+            },
+            payload_type: pt,
+        }
+    };
+    me.register_codec(
+        codec(
+            MIME_TYPE_OPUS,
+            48000,
+            2,
+            "minptime=10;useinbandfec=1",
+            111,
+            vec![],
+        ),
+        RtpCodecKind::Audio,
+    )
+    .map_err(werr)?;
+    let rtx = |pt: u8, apt: u8| codec("video/rtx", 90000, 0, &format!("apt={apt}"), pt, vec![]);
+    for c in [
+        codec(
+            MIME_TYPE_H264,
+            90000,
+            0,
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+            125,
+            video_fb.clone(),
+        ),
+        rtx(105, 125),
+        codec(
+            MIME_TYPE_H264,
+            90000,
+            0,
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f",
+            102,
+            video_fb.clone(),
+        ),
+        rtx(103, 102),
+        codec(MIME_TYPE_VP8, 90000, 0, "", 96, video_fb.clone()),
+        rtx(97, 96),
+    ] {
+        me.register_codec(c, RtpCodecKind::Video).map_err(werr)?;
+    }
+    Ok(me)
+}
+
+/// Interceptors: NACK generator + responder (retransmission both ways), RTCP reports, TWCC,
+/// then keyframe-request delivery to the application.
+pub fn interceptors(me: &mut MediaEngine) -> Result<Registry, PeerError> {
+    let reg = register_default_interceptors(Registry::new(), me).map_err(werr)?;
+    Ok(reg.with(
+        Slot::from(keyframe_interceptor::SLOT),
+        keyframe_interceptor::KeyframeRequestInterceptor::default(),
+    ))
+}
+
+/// Builds peer connections; owns the UDP port pool.
+pub struct PeerFactory {
+    cfg: WebrtcConfig,
+    ports: Arc<PortPool>,
+    /// Live peer connections (for metrics and leak checks).
+    pub live: Arc<AtomicU64>,
+}
+
+impl PeerFactory {
+    pub fn new(cfg: WebrtcConfig) -> Self {
+        let ports = Arc::new(PortPool::new(cfg.udp_port_min, cfg.udp_port_max));
+        Self {
+            cfg,
+            ports,
+            live: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn ports(&self) -> &Arc<PortPool> {
+        &self.ports
+    }
+
+    /// ICE servers as handed to clients.
+    fn rtc_ice_servers(&self) -> Vec<RTCIceServer> {
+        self.cfg
+            .ice_servers
+            .iter()
+            .map(|s| RTCIceServer {
+                urls: s.urls.clone(),
+                username: s.username.clone(),
+                credential: s.credential.clone(),
+            })
+            .collect()
+    }
+
+    /// Create a peer connection bound to one port of the configured range.
+    pub async fn create(&self) -> Result<(Peer, mpsc::UnboundedReceiver<PeerEvent>), PeerError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Try a handful of ports: another process may hold some of the range.
+        let attempts = 16.min(self.ports.capacity());
+        let mut last_err = PeerError::NoPort(self.cfg.udp_port_min, self.cfg.udp_port_max);
+        for _ in 0..attempts {
+            let Some(lease) = self.ports.lease() else {
+                break;
+            };
+            match self.build(lease.port(), tx.clone()).await {
+                Ok(pc) => {
+                    self.live.fetch_add(1, Ordering::Relaxed);
+                    return Ok((
+                        Peer {
+                            pc: Arc::new(pc),
+                            _lease: lease,
+                            live: self.live.clone(),
+                        },
+                        rx,
+                    ));
+                }
+                Err(e) => {
+                    debug!(port = lease.port(), "peer build failed: {e}");
+                    last_err = e;
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn build(
+        &self,
+        port: u16,
+        tx: mpsc::UnboundedSender<PeerEvent>,
+    ) -> Result<impl PeerConnection + use<>, PeerError> {
+        let mut me = media_engine()?;
+        let registry = interceptors(&mut me)?;
+        let mut se = SettingEngineBuilder::new()
+            .with_ice_timeouts(
+                Some(self.cfg.ice_disconnected_timeout),
+                Some(self.cfg.ice_failed_timeout),
+                Some(Duration::from_secs(1)),
+            )
+            .with_ice_connection_attempts(Some(self.cfg.ice_check_interval), None)
+            .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+            .with_include_loopback_candidate(self.cfg.bind_ip.is_loopback());
+        if !self.cfg.public_ips.is_empty() {
+            se = se.with_nat_1to1_ips(self.cfg.public_ips.clone(), RTCIceCandidateType::Host);
+        }
+        let config = RTCConfigurationBuilder::new()
+            .with_ice_servers(self.rtc_ice_servers())
+            .build();
+        let addr = SocketAddr::new(self.cfg.bind_ip, port);
+        let tcp: Vec<SocketAddr> = if self.cfg.ice_tcp { vec![addr] } else { vec![] };
+        PeerConnectionBuilder::new()
+            .with_configuration(config)
+            .with_media_engine(me)
+            .with_setting_engine(se.build())
+            .with_interceptor_registry(registry)
+            .with_handler(Arc::new(Handler { tx }) as Arc<dyn PeerConnectionEventHandler>)
+            .with_udp_addrs(vec![addr])
+            .with_tcp_addrs(tcp)
+            .build()
+            .await
+            .map_err(werr)
+    }
+
+    pub fn bind_ip(&self) -> IpAddr {
+        self.cfg.bind_ip
+    }
+}
+
+/// One peer connection. Closing is explicit (`close`); dropping releases the port.
+pub struct Peer {
+    pc: Arc<dyn PeerConnection>,
+    _lease: ports::PortLease,
+    live: Arc<AtomicU64>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Peer {
+    /// Apply a client offer and return our answer (publisher connection).
+    pub async fn answer(&self, offer_sdp: String) -> Result<String, PeerError> {
+        let offer =
+            RTCSessionDescription::offer(offer_sdp).map_err(|e| PeerError::BadSdp(e.to_string()))?;
+        self.pc
+            .set_remote_description(offer)
+            .await
+            .map_err(|e| PeerError::BadSdp(e.to_string()))?;
+        let answer = self.pc.create_answer(None).await.map_err(werr)?;
+        let sdp = answer.sdp.clone();
+        self.pc.set_local_description(answer).await.map_err(werr)?;
+        Ok(sdp)
+    }
+
+    /// Create and apply an offer (subscriber connection).
+    pub async fn offer(&self) -> Result<String, PeerError> {
+        let offer = self.pc.create_offer(None).await.map_err(werr)?;
+        let sdp = offer.sdp.clone();
+        self.pc.set_local_description(offer).await.map_err(werr)?;
+        Ok(sdp)
+    }
+
+    /// Apply the client's answer to our offer.
+    pub async fn accept_answer(&self, sdp: String) -> Result<(), PeerError> {
+        let answer =
+            RTCSessionDescription::answer(sdp).map_err(|e| PeerError::BadSdp(e.to_string()))?;
+        self.pc
+            .set_remote_description(answer)
+            .await
+            .map_err(|e| PeerError::BadSdp(e.to_string()))
+    }
+
+    pub async fn add_candidate(&self, c: IceCandidate) -> Result<(), PeerError> {
+        if c.candidate.is_empty() {
+            // End of candidates: nothing to do for a full-ICE agent that keeps checking.
+            return Ok(());
+        }
+        self.pc
+            .add_ice_candidate(RTCIceCandidateInit {
+                candidate: c.candidate,
+                sdp_mid: c.sdp_mid,
+                sdp_mline_index: c.sdp_mline_index,
+                username_fragment: c.username_fragment,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| PeerError::BadSdp(e.to_string()))
+    }
+
+    /// Add an outgoing track carrying `codec`; `stream_id` groups tracks of one participant.
+    pub async fn add_local_track(
+        &self,
+        stream_id: &str,
+        track_id: &str,
+        kind: MediaKind,
+        codec: &CodecSpec,
+    ) -> Result<LocalTrack, PeerError> {
+        let ssrc: u32 = rand::random::<u32>() | 1;
+        let rtp_kind = match kind {
+            MediaKind::Audio => RtpCodecKind::Audio,
+            MediaKind::Video => RtpCodecKind::Video,
+        };
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            stream_id.to_string(),
+            track_id.to_string(),
+            track_id.to_string(),
+            rtp_kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: RTCRtpCodec {
+                    mime_type: codec.mime_type.clone(),
+                    clock_rate: codec.clock_rate,
+                    channels: codec.channels,
+                    sdp_fmtp_line: codec.fmtp.clone(),
+                    rtcp_feedback: vec![],
+                },
+                ..Default::default()
+            }],
+        )));
+        let sender = self
+            .pc
+            .add_track(track.clone() as Arc<dyn TrackLocal>)
+            .await
+            .map_err(werr)?;
+        Ok(LocalTrack {
+            track,
+            sender,
+            ssrc,
+            codec: codec.clone(),
+            pt: AtomicU8::new(0),
+            written: AtomicU64::new(0),
+        })
+    }
+
+    pub async fn remove_local_track(&self, t: &LocalTrack) -> Result<(), PeerError> {
+        self.pc.remove_track(&t.sender).await.map_err(werr)
+    }
+
+    pub async fn close(&self) {
+        if let Err(e) = self.pc.close().await {
+            debug!("peer close: {e}");
+        }
+    }
+}
+
+/// A track a client publishes to us.
+pub struct RemoteTrack {
+    inner: Arc<dyn TrackRemote>,
+    pub ssrc: u32,
+    pub kind: MediaKind,
+    pub codec: CodecSpec,
+}
+
+/// Handle used to ask the publisher for keyframes while another task reads packets.
+#[derive(Clone)]
+pub struct KeyframeRequester {
+    inner: Arc<dyn TrackRemote>,
+    ssrc: u32,
+}
+
+impl KeyframeRequester {
+    pub async fn send_pli(&self) -> Result<(), PeerError> {
+        self.inner
+            .write_rtcp(vec![Box::new(PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc: self.ssrc,
+            })])
+            .await
+            .map_err(werr)
+    }
+}
+
+impl RemoteTrack {
+    /// Next RTP packet; `None` when the track ended.
+    pub async fn recv(&self) -> Option<Packet> {
+        loop {
+            match self.inner.poll().await? {
+                TrackRemoteEvent::OnRtpPacket(p) => return Some(p),
+                TrackRemoteEvent::OnEnded | TrackRemoteEvent::OnError => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    pub fn keyframe_requester(&self) -> KeyframeRequester {
+        KeyframeRequester {
+            inner: self.inner.clone(),
+            ssrc: self.ssrc,
+        }
+    }
+}
+
+/// A track we send to a client, fed with packets forwarded from another participant.
+pub struct LocalTrack {
+    track: Arc<TrackLocalStaticRTP>,
+    sender: Arc<dyn RtpSender>,
+    ssrc: u32,
+    codec: CodecSpec,
+    /// Negotiated payload type on this leg; 0 until known.
+    pt: AtomicU8,
+    pub written: AtomicU64,
+}
+
+/// Feedback a subscriber sent about a local track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feedback {
+    KeyframeRequest,
+}
+
+fn fmtp_param<'a>(fmtp: &'a str, key: &str) -> Option<&'a str> {
+    fmtp.split(';')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v)
+}
+
+impl LocalTrack {
+    pub fn ssrc(&self) -> u32 {
+        self.ssrc
+    }
+
+    /// Find the payload type negotiated for our codec on this sender. H.264 variants differ in
+    /// packetization mode and profile, so those must match too, not just the MIME type.
+    async fn resolve_pt(&self) -> Option<u8> {
+        let params = self.sender.get_parameters().await.ok()?;
+        let codecs = &params.rtp_parameters.codecs;
+        let same_mime = |c: &&RTCRtpCodecParameters| {
+            c.rtp_codec
+                .mime_type
+                .eq_ignore_ascii_case(&self.codec.mime_type)
+        };
+        let exact = codecs.iter().filter(same_mime).find(|c| {
+            !self.codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_H264)
+                || (fmtp_param(&c.rtp_codec.sdp_fmtp_line, "packetization-mode")
+                    == fmtp_param(&self.codec.fmtp, "packetization-mode")
+                    && fmtp_param(&c.rtp_codec.sdp_fmtp_line, "profile-level-id")
+                        .map(|p| p.get(..4).unwrap_or(p).to_ascii_lowercase())
+                        == fmtp_param(&self.codec.fmtp, "profile-level-id")
+                            .map(|p| p.get(..4).unwrap_or(p).to_ascii_lowercase()))
+        });
+        exact
+            .or_else(|| codecs.iter().find(same_mime))
+            .map(|c| c.payload_type)
+    }
+
+    /// Rewrite the header for this leg (SSRC, payload type; publisher extensions are dropped
+    /// because their ids were negotiated on another connection) and send.
+    pub async fn write(&self, mut pkt: Packet) -> Result<(), PeerError> {
+        let mut pt = self.pt.load(Ordering::Relaxed);
+        if pt == 0 {
+            match self.resolve_pt().await {
+                Some(p) => {
+                    self.pt.store(p, Ordering::Relaxed);
+                    pt = p;
+                }
+                None => return Err(PeerError::Webrtc("payload type not negotiated yet".into())),
+            }
+        }
+        pkt.header.ssrc = self.ssrc;
+        pkt.header.payload_type = pt;
+        pkt.header.extension = false;
+        pkt.header.extensions.clear();
+        pkt.header.extension_profile = 0;
+        self.track.write_rtp(pkt).await.map_err(werr)?;
+        self.written.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Next feedback from the subscriber; `None` when the track is unbound.
+    pub async fn feedback(&self) -> Option<Feedback> {
+        loop {
+            match self.track.poll().await? {
+                TrackLocalEvent::OnRtcpPacket(_) => return Some(Feedback::KeyframeRequest),
+                #[allow(unreachable_patterns)]
+                _ => continue,
+            }
+        }
+    }
+}

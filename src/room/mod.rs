@@ -1,0 +1,491 @@
+//! Rooms: who is in them, with which role, and which tracks they publish. A room exists while
+//! it has participants. Members learn about each other through [`RoomEvent`]s; media flows
+//! through the [`TrackRouter`]s the room lists, which is also the subscription interface the
+//! bridge uses. Nothing here touches WebRTC, sockets or codecs.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+
+use crate::auth::Role;
+use crate::config::RoomConfig;
+use crate::sfu::TrackRouter;
+use crate::signaling::protocol::{LeaveReason, ParticipantInfo, TrackInfo};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RoomError {
+    #[error("room is full ({0} participants)")]
+    Full(usize),
+    #[error("the room already has {0} publishers")]
+    TooManyPublishers(usize),
+    #[error("at most {0} tracks per participant")]
+    TooManyTracks(usize),
+    #[error("role {0} may not publish")]
+    Forbidden(&'static str),
+    #[error("not in the room")]
+    NotMember,
+}
+
+/// What members are told. Delivered in order per member.
+#[derive(Debug, Clone)]
+pub enum RoomEvent {
+    Joined(ParticipantInfo),
+    Left {
+        participant_id: String,
+        identity: String,
+        reason: LeaveReason,
+    },
+    TrackPublished(TrackInfo, Arc<TrackRouter>),
+    TrackUnpublished {
+        track_id: String,
+        participant_id: String,
+    },
+    /// Addressed to one member: it has been removed from the room (e.g. replaced).
+    Removed(LeaveReason),
+}
+
+struct Member {
+    identity: String,
+    role: Role,
+    /// Track ids this member publishes, in publish order.
+    tracks: Vec<String>,
+    // Unbounded: room events are few and small (joins, leaves, publishes); media never goes
+    // through here.
+    tx: mpsc::UnboundedSender<RoomEvent>,
+    joined_at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    /// Insertion order = join order.
+    members: BTreeMap<u64, (String, Member)>,
+    next_seq: u64,
+    tracks: BTreeMap<String, Arc<TrackRouter>>,
+    /// Set when the last member left; a closed room is never reused.
+    closed: bool,
+}
+
+pub struct Room {
+    pub name: String,
+    pub created: Instant,
+    cfg: RoomConfig,
+    state: Mutex<State>,
+}
+
+/// The state a new member starts from.
+pub struct JoinSnapshot {
+    pub participant: ParticipantInfo,
+    pub others: Vec<ParticipantInfo>,
+    pub tracks: Vec<(TrackInfo, Arc<TrackRouter>)>,
+}
+
+fn track_info(r: &TrackRouter) -> TrackInfo {
+    TrackInfo {
+        id: r.id.clone(),
+        participant_id: r.participant_id.clone(),
+        kind: r.kind,
+        codec: r.codec.mime_type.clone(),
+        muted: false,
+    }
+}
+
+impl Room {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn info_of(st: &State, id: &str, m: &Member) -> ParticipantInfo {
+        ParticipantInfo {
+            id: id.to_string(),
+            identity: m.identity.clone(),
+            role: m.role,
+            tracks: m
+                .tracks
+                .iter()
+                .filter_map(|t| st.tracks.get(t).map(|r| track_info(r)))
+                .collect(),
+        }
+    }
+
+    fn find<'a>(st: &'a mut State, pid: &str) -> Option<&'a mut Member> {
+        st.members
+            .values_mut()
+            .find(|(id, _)| id == pid)
+            .map(|(_, m)| m)
+    }
+
+    fn broadcast(st: &State, except: &str, ev: &RoomEvent) {
+        for (id, m) in st.members.values() {
+            if id != except {
+                let _ = m.tx.send(ev.clone());
+            }
+        }
+    }
+
+    pub fn participants(&self) -> Vec<ParticipantInfo> {
+        let st = self.lock();
+        st.members
+            .values()
+            .map(|(id, m)| Self::info_of(&st, id, m))
+            .collect()
+    }
+
+    pub fn participant_count(&self) -> usize {
+        self.lock().members.len()
+    }
+
+    pub fn tracks(&self) -> Vec<Arc<TrackRouter>> {
+        self.lock().tracks.values().cloned().collect()
+    }
+
+    pub fn track(&self, id: &str) -> Option<Arc<TrackRouter>> {
+        self.lock().tracks.get(id).cloned()
+    }
+
+    pub fn publisher_count(&self) -> usize {
+        self.lock()
+            .members
+            .values()
+            .filter(|(_, m)| !m.tracks.is_empty())
+            .count()
+    }
+
+    /// May `pid` start publishing (role, publisher limit)? Checked before negotiating so a
+    /// refused publisher gets an error instead of an answer.
+    /// `adding_track`: also check the per-participant track limit.
+    pub fn check_publish(&self, pid: &str, adding_track: bool) -> Result<(), RoomError> {
+        let mut st = self.lock();
+        let publishers = st
+            .members
+            .values()
+            .filter(|(id, m)| !m.tracks.is_empty() && id != pid)
+            .count();
+        let max_tracks = self.cfg.max_tracks_per_participant;
+        let m = Self::find(&mut st, pid).ok_or(RoomError::NotMember)?;
+        if !m.role.may_publish() {
+            return Err(RoomError::Forbidden(m.role.as_str()));
+        }
+        if m.tracks.is_empty() && publishers >= self.cfg.max_publishers {
+            return Err(RoomError::TooManyPublishers(self.cfg.max_publishers));
+        }
+        if adding_track && m.tracks.len() >= max_tracks {
+            return Err(RoomError::TooManyTracks(max_tracks));
+        }
+        Ok(())
+    }
+
+    /// Announce a track `pid` now publishes.
+    pub fn publish(&self, pid: &str, router: Arc<TrackRouter>) -> Result<TrackInfo, RoomError> {
+        self.check_publish(pid, true)?;
+        let mut st = self.lock();
+        let m = Self::find(&mut st, pid).ok_or(RoomError::NotMember)?;
+        m.tracks.push(router.id.clone());
+        let info = track_info(&router);
+        st.tracks.insert(router.id.clone(), router.clone());
+        Self::broadcast(&st, pid, &RoomEvent::TrackPublished(info.clone(), router));
+        Ok(info)
+    }
+
+    pub fn unpublish(&self, pid: &str, track_id: &str) {
+        let mut st = self.lock();
+        let Some(m) = Self::find(&mut st, pid) else {
+            return;
+        };
+        m.tracks.retain(|t| t != track_id);
+        if let Some(r) = st.tracks.remove(track_id) {
+            r.close();
+            Self::broadcast(
+                &st,
+                pid,
+                &RoomEvent::TrackUnpublished {
+                    track_id: track_id.to_string(),
+                    participant_id: pid.to_string(),
+                },
+            );
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+/// All rooms of this server.
+pub struct Registry {
+    cfg: RoomConfig,
+    rooms: DashMap<String, Arc<Room>>,
+}
+
+fn new_id(prefix: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    let tail: String = (0..12)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}_{tail}")
+}
+
+pub fn new_track_id() -> String {
+    new_id("TR")
+}
+
+impl Registry {
+    pub fn new(cfg: RoomConfig) -> Self {
+        Self {
+            cfg,
+            rooms: DashMap::new(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Room>> {
+        self.rooms.get(name).map(|r| r.clone())
+    }
+
+    pub fn rooms(&self) -> Vec<Arc<Room>> {
+        self.rooms.iter().map(|r| r.value().clone()).collect()
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Enter a room (created on first join). A member with the same identity is removed first
+    /// (`Replaced`): a client reconnecting after a network change must not be locked out by its
+    /// own ghost.
+    pub fn join(
+        &self,
+        room: &str,
+        identity: &str,
+        role: Role,
+        tx: mpsc::UnboundedSender<RoomEvent>,
+    ) -> Result<(Arc<Room>, JoinSnapshot), RoomError> {
+        loop {
+            let r = self
+                .rooms
+                .entry(room.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Room {
+                        name: room.to_string(),
+                        created: Instant::now(),
+                        cfg: self.cfg.clone(),
+                        state: Mutex::new(State::default()),
+                    })
+                })
+                .clone();
+            let mut st = r.lock();
+            if st.closed {
+                // Lost a race with the last member leaving; the registry entry is being removed.
+                drop(st);
+                self.rooms.remove_if(room, |_, v| Arc::ptr_eq(v, &r));
+                continue;
+            }
+            // Replace a member with the same identity.
+            let ghost = st
+                .members
+                .iter()
+                .find(|(_, (_, m))| m.identity == identity)
+                .map(|(seq, (id, _))| (*seq, id.clone()));
+            if let Some((seq, ghost_id)) = ghost {
+                if let Some((_, m)) = st.members.remove(&seq) {
+                    let _ = m.tx.send(RoomEvent::Removed(LeaveReason::Replaced));
+                    for t in &m.tracks {
+                        if let Some(router) = st.tracks.remove(t) {
+                            router.close();
+                            Room::broadcast(
+                                &st,
+                                &ghost_id,
+                                &RoomEvent::TrackUnpublished {
+                                    track_id: t.clone(),
+                                    participant_id: ghost_id.clone(),
+                                },
+                            );
+                        }
+                    }
+                    Room::broadcast(
+                        &st,
+                        &ghost_id,
+                        &RoomEvent::Left {
+                            participant_id: ghost_id.clone(),
+                            identity: m.identity.clone(),
+                            reason: LeaveReason::Replaced,
+                        },
+                    );
+                }
+            }
+            if st.members.len() >= self.cfg.max_participants {
+                let empty = st.members.is_empty();
+                drop(st);
+                if empty {
+                    self.remove_if_empty(&r);
+                }
+                return Err(RoomError::Full(self.cfg.max_participants));
+            }
+            let pid = new_id("PA");
+            let member = Member {
+                identity: identity.to_string(),
+                role,
+                tracks: vec![],
+                tx,
+                joined_at: Instant::now(),
+            };
+            let info = Room::info_of(&st, &pid, &member);
+            let others: Vec<ParticipantInfo> = st
+                .members
+                .values()
+                .map(|(id, m)| Room::info_of(&st, id, m))
+                .collect();
+            let tracks = st
+                .tracks
+                .values()
+                .map(|t| (track_info(t), t.clone()))
+                .collect();
+            Room::broadcast(&st, &pid, &RoomEvent::Joined(info.clone()));
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            st.members.insert(seq, (pid, member));
+            drop(st);
+            return Ok((
+                r,
+                JoinSnapshot {
+                    participant: info,
+                    others,
+                    tracks,
+                },
+            ));
+        }
+    }
+
+    /// Leave: unpublish everything, tell the others, and remove the room when it is empty.
+    pub fn leave(&self, room: &Arc<Room>, pid: &str, reason: LeaveReason) {
+        let mut st = room.lock();
+        let seq = st
+            .members
+            .iter()
+            .find(|(_, (id, _))| id == pid)
+            .map(|(s, _)| *s);
+        if let Some(seq) = seq
+            && let Some((_, m)) = st.members.remove(&seq)
+        {
+            for t in &m.tracks {
+                if let Some(router) = st.tracks.remove(t) {
+                    router.close();
+                    Room::broadcast(
+                        &st,
+                        pid,
+                        &RoomEvent::TrackUnpublished {
+                            track_id: t.clone(),
+                            participant_id: pid.to_string(),
+                        },
+                    );
+                }
+            }
+            Room::broadcast(
+                &st,
+                pid,
+                &RoomEvent::Left {
+                    participant_id: pid.to_string(),
+                    identity: m.identity.clone(),
+                    reason,
+                },
+            );
+            tracing::info!(room = %room.name, participant = pid, identity = %m.identity,
+                ?reason, secs = m.joined_at.elapsed().as_secs(), "left");
+        }
+        drop(st);
+        self.remove_if_empty(room);
+    }
+
+    fn remove_if_empty(&self, room: &Arc<Room>) {
+        {
+            let mut st = room.lock();
+            if !st.members.is_empty() {
+                return;
+            }
+            st.closed = true;
+        }
+        self.rooms
+            .remove_if(&room.name, |_, v| Arc::ptr_eq(v, room) && v.is_closed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sfu::CodecSpec;
+    use crate::signaling::protocol::Kind;
+
+    fn reg(max: usize) -> Registry {
+        Registry::new(RoomConfig {
+            max_participants: max,
+            max_publishers: 1,
+            max_tracks_per_participant: 2,
+        })
+    }
+
+    #[test]
+    fn join_leave_lifecycle_and_events() {
+        let r = reg(3);
+        let (tx_a, mut rx_a) = mpsc::unbounded_channel();
+        let (room, snap_a) = r.join("x", "alice", Role::Host, tx_a).unwrap();
+        assert!(snap_a.others.is_empty());
+        let (tx_b, _rx_b) = mpsc::unbounded_channel();
+        let (_, snap_b) = r.join("x", "bob", Role::Cohost, tx_b).unwrap();
+        assert_eq!(snap_b.others.len(), 1);
+        assert!(matches!(rx_a.try_recv(), Ok(RoomEvent::Joined(p)) if p.identity == "bob"));
+        r.leave(&room, &snap_b.participant.id, LeaveReason::Left);
+        assert!(matches!(rx_a.try_recv(), Ok(RoomEvent::Left { .. })));
+        assert_eq!(r.room_count(), 1);
+        r.leave(&room, &snap_a.participant.id, LeaveReason::Left);
+        assert_eq!(r.room_count(), 0);
+    }
+
+    #[test]
+    fn limits_and_roles() {
+        let r = reg(2);
+        let (tx, _rx1) = mpsc::unbounded_channel();
+        let (room, a) = r.join("x", "a", Role::Host, tx).unwrap();
+        let (tx, _rx2) = mpsc::unbounded_channel();
+        let (_, b) = r.join("x", "b", Role::Audience, tx).unwrap();
+        let (tx, _rx3) = mpsc::unbounded_channel();
+        assert_eq!(
+            r.join("x", "c", Role::Cohost, tx).err(),
+            Some(RoomError::Full(2))
+        );
+        assert_eq!(
+            room.check_publish(&b.participant.id, false),
+            Err(RoomError::Forbidden("audience"))
+        );
+        let (router, _k) = TrackRouter::new(
+            "TR_1".into(),
+            a.participant.id.clone(),
+            Kind::Audio,
+            CodecSpec {
+                mime_type: "audio/opus".into(),
+                clock_rate: 48000,
+                channels: 2,
+                fmtp: String::new(),
+            },
+        );
+        room.publish(&a.participant.id, router).unwrap();
+        assert_eq!(room.publisher_count(), 1);
+    }
+
+    #[test]
+    fn same_identity_replaces_ghost() {
+        let r = reg(5);
+        let (tx, mut rx_old) = mpsc::unbounded_channel();
+        r.join("x", "a", Role::Host, tx).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (room, _) = r.join("x", "a", Role::Host, tx).unwrap();
+        assert!(matches!(
+            rx_old.try_recv(),
+            Ok(RoomEvent::Removed(LeaveReason::Replaced))
+        ));
+        assert_eq!(room.participant_count(), 1);
+    }
+}

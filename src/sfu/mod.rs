@@ -1,0 +1,249 @@
+//! Selective forwarding: one published track fanned out to N subscriptions.
+//!
+//! A [`TrackRouter`] is fed by whoever reads the publisher's track and hands each subscriber its
+//! own bounded queue. It knows nothing about peer connections or signaling: a WebRTC subscriber,
+//! the RTMP bridge or a test all consume a [`Subscription`] the same way. Header rewriting for a
+//! particular outgoing leg (SSRC, payload type, extensions) belongs to that leg.
+
+pub mod keyframe;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::mpsc;
+
+pub use rtc::rtp::Packet;
+
+use crate::signaling::protocol::Kind;
+
+/// The codec a track carries, as negotiated with its publisher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodecSpec {
+    /// e.g. `video/H264`
+    pub mime_type: String,
+    pub clock_rate: u32,
+    pub channels: u16,
+    pub fmtp: String,
+}
+
+/// Counters for one published track; read by metrics and room stats.
+#[derive(Debug, Default)]
+pub struct TrackStats {
+    pub packets_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub packets_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Packets not queued because a subscriber's queue was full.
+    pub dropped: AtomicU64,
+    pub keyframe_requests: AtomicU64,
+}
+
+struct Sub {
+    id: u64,
+    tx: mpsc::Sender<Packet>,
+}
+
+pub struct TrackRouter {
+    pub id: String,
+    pub participant_id: String,
+    pub kind: Kind,
+    pub codec: CodecSpec,
+    subs: RwLock<Vec<Sub>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    keyframe_tx: mpsc::Sender<()>,
+    pub stats: TrackStats,
+}
+
+impl std::fmt::Debug for TrackRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackRouter")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A subscriber's end: packets arrive on `rx` in publisher order. Dropping it unsubscribes.
+pub struct Subscription {
+    router: Arc<TrackRouter>,
+    id: u64,
+    pub rx: mpsc::Receiver<Packet>,
+}
+
+impl Subscription {
+    pub fn router(&self) -> &Arc<TrackRouter> {
+        &self.router
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.router.unsubscribe(self.id);
+    }
+}
+
+impl TrackRouter {
+    /// Returns the router and the receiver of keyframe requests the publisher side must serve
+    /// (one `()` per request; already coalesced to at most one outstanding).
+    pub fn new(
+        id: String,
+        participant_id: String,
+        kind: Kind,
+        codec: CodecSpec,
+    ) -> (Arc<Self>, mpsc::Receiver<()>) {
+        let (keyframe_tx, keyframe_rx) = mpsc::channel(1);
+        (
+            Arc::new(Self {
+                id,
+                participant_id,
+                kind,
+                codec,
+                subs: RwLock::new(Vec::new()),
+                next_id: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+                keyframe_tx,
+                stats: TrackStats::default(),
+            }),
+            keyframe_rx,
+        )
+    }
+
+    /// Fan one packet out. Never blocks: a subscriber whose queue is full loses this packet
+    /// (it will NACK or ask for a keyframe) rather than stalling everybody else.
+    pub fn forward(&self, pkt: Packet) {
+        let len = pkt.payload.len() as u64;
+        self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
+        let subs = match self.subs.read() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut out = 0u64;
+        for s in subs.iter() {
+            match s.tx.try_send(pkt.clone()) {
+                Ok(()) => out += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                // The subscription is being dropped; its Drop removes it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        self.stats.packets_out.fetch_add(out, Ordering::Relaxed);
+        self.stats.bytes_out.fetch_add(out * len, Ordering::Relaxed);
+    }
+
+    pub fn subscribe(self: &Arc<Self>, capacity: usize) -> Subscription {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if !self.closed.load(Ordering::Acquire) {
+            let mut subs = match self.subs.write() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            subs.push(Sub { id, tx });
+        }
+        // A closed router keeps `tx` dropped, so the subscriber sees the end at once.
+        Subscription {
+            router: self.clone(),
+            id,
+            rx,
+        }
+    }
+
+    fn unsubscribe(&self, id: u64) {
+        let mut subs = match self.subs.write() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        subs.retain(|s| s.id != id);
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        match self.subs.read() {
+            Ok(s) => s.len(),
+            Err(p) => p.into_inner().len(),
+        }
+    }
+
+    /// Ask the publisher for a keyframe (throttled on the publisher side).
+    pub fn request_keyframe(&self) {
+        if self.kind == Kind::Video {
+            self.stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+            // Full means one is already outstanding: that one will serve this request too.
+            let _ = self.keyframe_tx.try_send(());
+        }
+    }
+
+    /// The publisher stopped: every subscription ends.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let mut subs = match self.subs.write() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        subs.clear();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn router() -> (Arc<TrackRouter>, mpsc::Receiver<()>) {
+        TrackRouter::new(
+            "t".into(),
+            "p".into(),
+            Kind::Video,
+            CodecSpec {
+                mime_type: "video/H264".into(),
+                clock_rate: 90000,
+                channels: 0,
+                fmtp: String::new(),
+            },
+        )
+    }
+
+    fn pkt(seq: u16) -> Packet {
+        let mut p = Packet::default();
+        p.header.sequence_number = seq;
+        p.payload = Bytes::from(vec![seq as u8; 10]);
+        p
+    }
+
+    #[tokio::test]
+    async fn fans_out_in_order_and_drops_when_full() {
+        let (r, _k) = router();
+        let mut a = r.subscribe(100);
+        let mut b = r.subscribe(2);
+        for s in 0..5 {
+            r.forward(pkt(s));
+        }
+        for s in 0..5 {
+            assert_eq!(a.rx.recv().await.unwrap().header.sequence_number, s);
+        }
+        assert_eq!(b.rx.recv().await.unwrap().header.sequence_number, 0);
+        assert_eq!(b.rx.recv().await.unwrap().header.sequence_number, 1);
+        assert_eq!(r.stats.dropped.load(Ordering::Relaxed), 3);
+        drop(a);
+        assert_eq!(r.subscriber_count(), 1);
+        r.close();
+        assert!(b.rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn keyframe_requests_coalesce() {
+        let (r, mut k) = router();
+        for _ in 0..10 {
+            r.request_keyframe();
+        }
+        assert!(k.recv().await.is_some());
+        assert!(k.try_recv().is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Signaling: the versioned JSON protocol and the per-connection session state machine.
+pub mod protocol;
+pub mod session;

@@ -1,0 +1,302 @@
+//! Wire types of the signaling protocol (version 1): JSON text frames over a WebSocket.
+//! `docs/protocol.md` documents every message here; keep the two in step.
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
+use crate::config::IceServer;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Request id chosen by the client; echoed in the response. Strings or numbers are accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RequestId {
+    Num(u64),
+    Str(String),
+}
+
+/// Which of the participant's two peer connections a message is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// The connection the client offers on and sends its media over.
+    Publisher,
+    /// The connection the server offers on and sends other participants' media over.
+    Subscriber,
+}
+
+/// An ICE candidate as browsers produce it (`RTCIceCandidate.toJSON()`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Candidate {
+    pub candidate: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdp_mid: Option<String>,
+    #[serde(
+        default,
+        rename = "sdpMLineIndex",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sdp_mline_index: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_fragment: Option<String>,
+}
+
+/// A message from the client. Every message may carry an `id`; when it does the server answers
+/// with a `response` or an `error` carrying the same id.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ClientEnvelope {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    #[serde(flatten)]
+    pub msg: ClientMessage,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// Authenticate and enter a room. Must be the first message.
+    Join {
+        token: String,
+        /// Optional: must equal the token's room when given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
+        /// Optional protocol version the client speaks; defaults to 1.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
+    },
+    /// SDP offer for the publisher connection (first publish or any later change).
+    Publish { sdp: String },
+    /// SDP answer to the server's `offer` on the subscriber connection.
+    Answer { offer_id: u64, sdp: String },
+    /// A trickled ICE candidate. An empty `candidate.candidate` means end of candidates.
+    Candidate { target: Target, candidate: Candidate },
+    /// Ask for a keyframe on a track this participant subscribes to.
+    RequestKeyframe { track_id: String },
+    /// Application-level keepalive (browsers cannot send WebSocket pings).
+    Ping,
+    /// Leave the room; the server closes the connection afterwards.
+    Leave,
+}
+
+impl ClientMessage {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClientMessage::Join { .. } => "join",
+            ClientMessage::Publish { .. } => "publish",
+            ClientMessage::Answer { .. } => "answer",
+            ClientMessage::Candidate { .. } => "candidate",
+            ClientMessage::RequestKeyframe { .. } => "request_keyframe",
+            ClientMessage::Ping => "ping",
+            ClientMessage::Leave => "leave",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Audio,
+    Video,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackInfo {
+    pub id: String,
+    pub participant_id: String,
+    pub kind: Kind,
+    /// MIME type, e.g. `video/H264`, `audio/opus`.
+    pub codec: String,
+    /// True while the publisher has the track muted (reserved; always false in v1).
+    #[serde(default)]
+    pub muted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipantInfo {
+    pub id: String,
+    pub identity: String,
+    pub role: Role,
+    pub tracks: Vec<TrackInfo>,
+}
+
+/// Why a participant left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaveReason {
+    /// Sent `leave` or closed the WebSocket.
+    Left,
+    /// WebSocket or ICE went silent past the configured timeout.
+    Disconnected,
+    /// The same identity joined again from another connection.
+    Replaced,
+    /// The server is shutting down.
+    ServerShutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_participants: usize,
+    pub max_publishers: usize,
+    pub ping_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinResult {
+    pub version: u32,
+    pub room: String,
+    pub participant: ParticipantInfo,
+    /// Everyone else in the room, with their published tracks.
+    pub participants: Vec<ParticipantInfo>,
+    pub ice_servers: Vec<IceServer>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ResponseResult {
+    Joined(Box<JoinResult>),
+    Answer { sdp: String },
+    Pong { server_time_ms: u64 },
+    Empty {},
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Stable error codes. Clients branch on these, never on the message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    MessageTooLarge,
+    UnknownType,
+    UnsupportedVersion,
+    NotJoined,
+    AlreadyJoined,
+    InvalidToken,
+    TokenExpired,
+    WrongRoom,
+    Forbidden,
+    RoomFull,
+    TooManyPublishers,
+    TooManyTracks,
+    BadSdp,
+    UnknownSession,
+    UnknownTrack,
+    StaleAnswer,
+    RateLimited,
+    Timeout,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Response {
+        id: RequestId,
+        result: ResponseResult,
+    },
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        error: ErrorBody,
+    },
+    /// SDP offer on the subscriber connection; answer with `answer` and the same `offer_id`.
+    Offer { offer_id: u64, sdp: String },
+    /// A server ICE candidate for one of the two connections.
+    Candidate { target: Target, candidate: Candidate },
+    ParticipantJoined { participant: ParticipantInfo },
+    ParticipantLeft {
+        participant_id: String,
+        identity: String,
+        reason: LeaveReason,
+    },
+    TrackPublished { track: TrackInfo },
+    TrackUnpublished {
+        track_id: String,
+        participant_id: String,
+    },
+    /// Sent just before the server closes the WebSocket, with the close code it will use.
+    Closing { code: u16, reason: String },
+}
+
+impl ServerMessage {
+    pub fn error(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerMessage::Error {
+            id,
+            error: ErrorBody {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing these plain types cannot fail; fall back to a fixed error just in case.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","error":{"code":"internal","message":"serialization"}}"#.into()
+        })
+    }
+}
+
+/// WebSocket close codes the server uses (4000-4999 are application-defined).
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const INVALID_TOKEN: u16 = 4001;
+    pub const TOKEN_EXPIRED: u16 = 4002;
+    pub const WRONG_ROOM: u16 = 4003;
+    pub const JOIN_TIMEOUT: u16 = 4004;
+    pub const REPLACED: u16 = 4005;
+    pub const ROOM_FULL: u16 = 4006;
+    pub const DEAD: u16 = 4008;
+    pub const RATE_LIMITED: u16 = 4029;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_parse() {
+        let m: ClientEnvelope =
+            serde_json::from_str(r#"{"id":1,"type":"join","token":"t"}"#).unwrap();
+        assert_eq!(m.id, Some(RequestId::Num(1)));
+        assert!(matches!(m.msg, ClientMessage::Join { .. }));
+        let m: ClientEnvelope = serde_json::from_str(
+            r#"{"type":"candidate","target":"subscriber","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 9 typ host","sdpMid":"0","sdpMLineIndex":0}}"#,
+        )
+        .unwrap();
+        assert!(m.id.is_none());
+        match m.msg {
+            ClientMessage::Candidate { target, candidate } => {
+                assert_eq!(target, Target::Subscriber);
+                assert_eq!(candidate.sdp_mline_index, Some(0));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(serde_json::from_str::<ClientEnvelope>(r#"{"type":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn server_messages_serialize() {
+        let s = ServerMessage::error(Some(RequestId::Str("a".into())), ErrorCode::RoomFull, "full")
+            .to_json();
+        assert_eq!(
+            s,
+            r#"{"type":"error","id":"a","error":{"code":"room_full","message":"full"}}"#
+        );
+        let s = ServerMessage::Response {
+            id: RequestId::Num(3),
+            result: ResponseResult::Empty {},
+        }
+        .to_json();
+        assert_eq!(s, r#"{"type":"response","id":3,"result":{}}"#);
+    }
+}
