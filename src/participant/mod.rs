@@ -535,7 +535,6 @@ impl Driver {
                 // Already out of the room; teardown's leave is then a no-op.
                 self.close_with(code, "replaced by a newer connection", reason)
                     .await;
-                }
             }
         }
     }
