@@ -341,7 +341,9 @@ pub fn apply_env(
 fn parse_env_value(raw: &str) -> toml::Value {
     // `key = <raw>` parses when raw is a TOML literal; otherwise treat it as a plain string.
     match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -372,7 +374,10 @@ mod tests {
             &mut t,
             vec![
                 ("COHOST_ROOM__MAX_PARTICIPANTS".into(), "7".into()),
-                ("COHOST_AUTH__SECRET".into(), "a-very-long-secret-value".into()),
+                (
+                    "COHOST_AUTH__SECRET".into(),
+                    "a-very-long-secret-value".into(),
+                ),
                 ("PATH".into(), "/bin".into()),
             ],
         )

@@ -106,7 +106,10 @@ fn main() -> std::process::ExitCode {
             if let Some(l) = listen {
                 cfg.server.http_listen = l;
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cohost: runtime: {e}");

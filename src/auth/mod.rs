@@ -135,7 +135,11 @@ impl Authenticator {
             "HS256" => Algorithm::HS256,
             "HS384" => Algorithm::HS384,
             "HS512" => Algorithm::HS512,
-            other => return Err(AuthError::BadGrant(format!("unsupported algorithm {other}"))),
+            other => {
+                return Err(AuthError::BadGrant(format!(
+                    "unsupported algorithm {other}"
+                )));
+            }
         };
         Ok(Self {
             alg,
@@ -182,8 +186,8 @@ impl Authenticator {
         let mut v = Validation::new(self.alg);
         v.leeway = self.leeway;
         v.set_required_spec_claims(&["exp", "sub"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &self.dec, &v).map_err(|e| {
-            match e.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.dec, &v).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("wrong algorithm".into()),
@@ -191,8 +195,7 @@ impl Authenticator {
                     AuthError::Invalid("missing or malformed claims".into())
                 }
                 _ => AuthError::Invalid("malformed token".into()),
-            }
-        })?;
+            })?;
         let c = data.claims;
         if !valid_name(&c.sub) || !(valid_name(&c.room) || (c.role == Role::Admin && c.room == "*"))
         {

@@ -49,7 +49,11 @@ async fn metrics(State(svc): State<Arc<Services>>) -> impl IntoResponse {
 }
 
 fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
 }
 
 /// REST calls need a bearer token with role admin (any room with `*`) or host of the room.
@@ -59,7 +63,11 @@ fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| {
-            api_error(StatusCode::UNAUTHORIZED, "invalid_token", "missing bearer token")
+            api_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "missing bearer token",
+            )
         })?;
     let claims = svc
         .auth

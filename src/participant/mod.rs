@@ -192,7 +192,10 @@ impl Driver {
     async fn error(&self, id: Option<RequestId>, code: ErrorCode, msg: impl Into<String>) {
         let msg = msg.into();
         debug!(?code, "request error: {msg}");
-        self.svc.metrics.signaling_errors.fetch_add(1, Ordering::Relaxed);
+        self.svc
+            .metrics
+            .signaling_errors
+            .fetch_add(1, Ordering::Relaxed);
         self.send(ServerMessage::error(id, code, msg)).await;
     }
 
@@ -302,9 +305,16 @@ impl Driver {
                     id,
                     code,
                     &e.to_string(),
-                    if close == 0 { close_code::NORMAL } else { close },
+                    if close == 0 {
+                        close_code::NORMAL
+                    } else {
+                        close
+                    },
                 );
-                self.svc.metrics.join_failures.fetch_add(1, Ordering::Relaxed);
+                self.svc
+                    .metrics
+                    .join_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 self.apply_boxed(acts).await;
             }
             Ok((room, snap)) => {
@@ -344,7 +354,8 @@ impl Driver {
                     kf_ready: vec![],
                     published: HashMap::new(),
                 });
-                self.reply(id, ResponseResult::Joined(Box::new(result))).await;
+                self.reply(id, ResponseResult::Joined(Box::new(result)))
+                    .await;
                 if role.may_subscribe() {
                     for (_, router) in snap.tracks {
                         self.subscribe(router).await;
@@ -413,7 +424,10 @@ impl Driver {
                 }
                 Err(e) => {
                     warn!("cannot create publisher peer: {e}");
-                    self.svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
+                    self.svc
+                        .metrics
+                        .peer_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     self.error(id, ErrorCode::Internal, e.to_string()).await;
                     return;
                 }
@@ -509,7 +523,8 @@ impl Driver {
                 .await
             }
             RoomEvent::TrackPublished(info, router) => {
-                self.send(ServerMessage::TrackPublished { track: info }).await;
+                self.send(ServerMessage::TrackPublished { track: info })
+                    .await;
                 if may_subscribe {
                     self.subscribe(router).await;
                     self.maybe_offer().await;
@@ -566,7 +581,10 @@ impl Driver {
                         self.flush_keyframes();
                     }
                     PeerState::Failed => {
-                        self.svc.metrics.ice_failures.fetch_add(1, Ordering::Relaxed);
+                        self.svc
+                            .metrics
+                            .ice_failures
+                            .fetch_add(1, Ordering::Relaxed);
                         warn!(?target, "media connection failed; participant leaves");
                         self.close_with(
                             close_code::DEAD,
@@ -592,8 +610,12 @@ impl Driver {
             return;
         };
         let track_id = new_track_id();
-        let (router, mut kf_rx) =
-            TrackRouter::new(track_id.clone(), j.pid.clone(), to_kind(t.kind), t.codec.clone());
+        let (router, mut kf_rx) = TrackRouter::new(
+            track_id.clone(),
+            j.pid.clone(),
+            to_kind(t.kind),
+            t.codec.clone(),
+        );
         let info = match j.room.publish(&j.pid, router.clone()) {
             Ok(i) => i,
             Err(e) => {
@@ -643,7 +665,8 @@ impl Driver {
                 tasks: vec![reader, pli],
             },
         );
-        self.send(ServerMessage::TrackPublished { track: info }).await;
+        self.send(ServerMessage::TrackPublished { track: info })
+            .await;
     }
 
     async fn on_internal(&mut self, ev: Internal) {
@@ -683,7 +706,10 @@ impl Driver {
                 }
                 Err(e) => {
                     warn!("cannot create subscriber peer: {e}");
-                    self.svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
+                    self.svc
+                        .metrics
+                        .peer_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     let msg = e.to_string();
                     self.error(None, ErrorCode::Internal, msg).await;
                     return;
@@ -811,10 +837,18 @@ impl Driver {
             .and_then(|j| j.negotiating)
             .is_some_and(|(_, deadline)| Instant::now() >= deadline);
         if expired {
-            self.error(None, ErrorCode::Timeout, "no answer to the subscriber offer")
-                .await;
-            self.close_with(close_code::DEAD, "negotiation timeout", LeaveReason::Disconnected)
-                .await;
+            self.error(
+                None,
+                ErrorCode::Timeout,
+                "no answer to the subscriber offer",
+            )
+            .await;
+            self.close_with(
+                close_code::DEAD,
+                "negotiation timeout",
+                LeaveReason::Disconnected,
+            )
+            .await;
         }
     }
 

@@ -8,7 +8,7 @@ mod ports;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rtc::interceptor::{Registry, Slot};
@@ -89,6 +89,7 @@ pub enum PeerEvent {
 
 struct Handler {
     tx: mpsc::UnboundedSender<PeerEvent>,
+    connected: Arc<AtomicBool>,
 }
 
 #[async_trait::async_trait]
@@ -124,6 +125,8 @@ impl PeerConnectionEventHandler for Handler {
             #[allow(unreachable_patterns)]
             _ => PeerState::New,
         };
+        self.connected
+            .store(s == PeerState::Connected, Ordering::Release);
         let _ = self.tx.send(PeerEvent::State(s));
     }
 
@@ -284,7 +287,11 @@ impl PeerFactory {
             let Some(lease) = self.ports.lease() else {
                 break;
             };
-            match self.build(lease.port(), tx.clone()).await {
+            let connected = Arc::new(AtomicBool::new(false));
+            match self
+                .build(lease.port(), tx.clone(), connected.clone())
+                .await
+            {
                 Ok(pc) => {
                     self.live.fetch_add(1, Ordering::Relaxed);
                     return Ok((
@@ -292,6 +299,7 @@ impl PeerFactory {
                             pc: Arc::new(pc),
                             _lease: lease,
                             live: self.live.clone(),
+                            connected,
                         },
                         rx,
                     ));
@@ -309,6 +317,7 @@ impl PeerFactory {
         &self,
         port: u16,
         tx: mpsc::UnboundedSender<PeerEvent>,
+        connected: Arc<AtomicBool>,
     ) -> Result<impl PeerConnection + use<>, PeerError> {
         let mut me = media_engine()?;
         let registry = interceptors(&mut me)?;
@@ -334,7 +343,7 @@ impl PeerFactory {
             .with_media_engine(me)
             .with_setting_engine(se.build())
             .with_interceptor_registry(registry)
-            .with_handler(Arc::new(Handler { tx }) as Arc<dyn PeerConnectionEventHandler>)
+            .with_handler(Arc::new(Handler { tx, connected }) as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![addr])
             .with_tcp_addrs(tcp)
             .build()
@@ -352,6 +361,7 @@ pub struct Peer {
     pc: Arc<dyn PeerConnection>,
     _lease: ports::PortLease,
     live: Arc<AtomicU64>,
+    connected: Arc<AtomicBool>,
 }
 
 impl Drop for Peer {
@@ -363,8 +373,8 @@ impl Drop for Peer {
 impl Peer {
     /// Apply a client offer and return our answer (publisher connection).
     pub async fn answer(&self, offer_sdp: String) -> Result<String, PeerError> {
-        let offer =
-            RTCSessionDescription::offer(offer_sdp).map_err(|e| PeerError::BadSdp(e.to_string()))?;
+        let offer = RTCSessionDescription::offer(offer_sdp)
+            .map_err(|e| PeerError::BadSdp(e.to_string()))?;
         self.pc
             .set_remote_description(offer)
             .await
@@ -451,6 +461,7 @@ impl Peer {
         Ok(LocalTrack {
             track,
             sender,
+            connected: self.connected.clone(),
             ssrc,
             codec: codec.clone(),
             pt: AtomicU8::new(0),
@@ -520,6 +531,9 @@ impl RemoteTrack {
 pub struct LocalTrack {
     track: Arc<TrackLocalStaticRTP>,
     sender: Arc<dyn RtpSender>,
+    /// The connection's DTLS/SRTP is up; before that packets could not be protected and are
+    /// dropped here instead of failing deeper down (and logging) once per packet.
+    connected: Arc<AtomicBool>,
     ssrc: u32,
     codec: CodecSpec,
     /// Negotiated payload type on this leg; 0 until known.
@@ -572,6 +586,9 @@ impl LocalTrack {
     /// Rewrite the header for this leg (SSRC, payload type; publisher extensions are dropped
     /// because their ids were negotiated on another connection) and send.
     pub async fn write(&self, mut pkt: Packet) -> Result<(), PeerError> {
+        if !self.connected.load(Ordering::Acquire) {
+            return Err(PeerError::Webrtc("not connected yet".into()));
+        }
         let mut pt = self.pt.load(Ordering::Relaxed);
         if pt == 0 {
             match self.resolve_pt().await {

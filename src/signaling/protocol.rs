@@ -71,7 +71,10 @@ pub enum ClientMessage {
     /// SDP answer to the server's `offer` on the subscriber connection.
     Answer { offer_id: u64, sdp: String },
     /// A trickled ICE candidate. An empty `candidate.candidate` means end of candidates.
-    Candidate { target: Target, candidate: Candidate },
+    Candidate {
+        target: Target,
+        candidate: Candidate,
+    },
     /// Ask for a keyframe on a track this participant subscribes to.
     RequestKeyframe { track_id: String },
     /// Application-level keepalive (browsers cannot send WebSocket pings).
@@ -208,22 +211,35 @@ pub enum ServerMessage {
         error: ErrorBody,
     },
     /// SDP offer on the subscriber connection; answer with `answer` and the same `offer_id`.
-    Offer { offer_id: u64, sdp: String },
+    Offer {
+        offer_id: u64,
+        sdp: String,
+    },
     /// A server ICE candidate for one of the two connections.
-    Candidate { target: Target, candidate: Candidate },
-    ParticipantJoined { participant: ParticipantInfo },
+    Candidate {
+        target: Target,
+        candidate: Candidate,
+    },
+    ParticipantJoined {
+        participant: ParticipantInfo,
+    },
     ParticipantLeft {
         participant_id: String,
         identity: String,
         reason: LeaveReason,
     },
-    TrackPublished { track: TrackInfo },
+    TrackPublished {
+        track: TrackInfo,
+    },
     TrackUnpublished {
         track_id: String,
         participant_id: String,
     },
     /// Sent just before the server closes the WebSocket, with the close code it will use.
-    Closing { code: u16, reason: String },
+    Closing {
+        code: u16,
+        reason: String,
+    },
 }
 
 impl ServerMessage {
@@ -286,8 +302,12 @@ mod tests {
 
     #[test]
     fn server_messages_serialize() {
-        let s = ServerMessage::error(Some(RequestId::Str("a".into())), ErrorCode::RoomFull, "full")
-            .to_json();
+        let s = ServerMessage::error(
+            Some(RequestId::Str("a".into())),
+            ErrorCode::RoomFull,
+            "full",
+        )
+        .to_json();
         assert_eq!(
             s,
             r#"{"type":"error","id":"a","error":{"code":"room_full","message":"full"}}"#

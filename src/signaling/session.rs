@@ -126,7 +126,11 @@ impl Session {
     pub fn on_binary(&mut self, now: Instant, len: usize) -> Vec<Action> {
         self.on_activity(now);
         if len > self.cfg.max_message_bytes {
-            return vec![Action::Send(too_large(None, len, self.cfg.max_message_bytes))];
+            return vec![Action::Send(too_large(
+                None,
+                len,
+                self.cfg.max_message_bytes,
+            ))];
         }
         vec![Action::Send(ServerMessage::error(
             None,
@@ -142,7 +146,7 @@ impl Session {
         }
         if text.len() > self.cfg.max_message_bytes {
             return vec![Action::Send(too_large(
-                None,
+                request_id_of(text),
                 text.len(),
                 self.cfg.max_message_bytes,
             ))];
@@ -174,11 +178,14 @@ impl Session {
                     server_time_ms: unix_ms(),
                 },
             })],
-            (State::AwaitingJoin, ClientMessage::Join {
-                token,
-                room,
-                version,
-            }) => self.on_join(id, &token, room, version),
+            (
+                State::AwaitingJoin,
+                ClientMessage::Join {
+                    token,
+                    room,
+                    version,
+                },
+            ) => self.on_join(id, &token, room, version),
             (State::AwaitingJoin, other) | (State::Joining, other) => {
                 vec![Action::Send(ServerMessage::error(
                     id,
@@ -447,7 +454,9 @@ mod tests {
         let (mut s, _) = session(now);
         let out = s.on_text(now, r#"{"id":1,"type":"join","token":"nope"}"#);
         assert_eq!(codes(&out), vec![ErrorCode::InvalidToken]);
-        assert!(out.iter().any(|a| matches!(a, Action::Close { code, .. } if *code == close_code::INVALID_TOKEN)));
+        assert!(out.iter().any(
+            |a| matches!(a, Action::Close { code, .. } if *code == close_code::INVALID_TOKEN)
+        ));
         assert!(s.is_closed());
     }
 
@@ -455,13 +464,19 @@ mod tests {
     fn malformed_oversized_and_unknown_messages_get_errors() {
         let now = Instant::now();
         let (mut s, _) = session(now);
-        assert_eq!(codes(&s.on_text(now, "{not json")), vec![ErrorCode::BadRequest]);
+        assert_eq!(
+            codes(&s.on_text(now, "{not json")),
+            vec![ErrorCode::BadRequest]
+        );
         assert_eq!(
             codes(&s.on_text(now, r#"{"id":"x","type":"dance"}"#)),
             vec![ErrorCode::UnknownType]
         );
         let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "a".repeat(70_000));
-        assert_eq!(codes(&s.on_text(now, &big)), vec![ErrorCode::MessageTooLarge]);
+        assert_eq!(
+            codes(&s.on_text(now, &big)),
+            vec![ErrorCode::MessageTooLarge]
+        );
         assert!(!s.is_closed());
     }
 
@@ -484,7 +499,11 @@ mod tests {
         let now = Instant::now();
         let (mut s, _) = session(now);
         let out = s.on_tick(now + Duration::from_secs(11));
-        assert!(out.iter().any(|a| matches!(a, Action::Close { code, .. } if *code == close_code::JOIN_TIMEOUT)));
+        assert!(
+            out.iter().any(
+                |a| matches!(a, Action::Close { code, .. } if *code == close_code::JOIN_TIMEOUT)
+            )
+        );
 
         let (mut s, auth) = session(now);
         let t = auth.mint("r", "a", Role::Host, None).unwrap();
@@ -492,6 +511,9 @@ mod tests {
         s.admitted();
         assert_eq!(s.on_tick(now + Duration::from_secs(5)), vec![Action::Ping]);
         let out = s.on_tick(now + Duration::from_secs(16));
-        assert!(out.iter().any(|a| matches!(a, Action::Close { code, .. } if *code == close_code::DEAD)));
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::Close { code, .. } if *code == close_code::DEAD))
+        );
     }
 }

@@ -1,0 +1,909 @@
+//! Test support: start the real `cohost` binary on ephemeral loopback ports, and drive it with
+//! clients that speak the documented signaling protocol and real WebRTC (the `webrtc` crate).
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use rtc::interceptor::{Interceptor, Packet as IPacket, Slot, StreamInfo, TaggedPacket};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::sansio::Protocol;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceCandidateInit, RTCPeerConnectionIceEvent, RTCSessionDescription, SettingEngineBuilder,
+};
+use webrtc::rtp_transceiver::RtpSender;
+
+use cohost::auth::{Authenticator, Claims, Role};
+use cohost::config::AuthConfig;
+
+pub const T: Duration = Duration::from_secs(15);
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TEST_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,webrtc=error,rtc=error")
+            }),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// The real server binary, started on an ephemeral port and killed (by PID) on drop.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub auth: Authenticator,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(env: &[(&str, &str)]) -> Server {
+        init_logs();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohost"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .env_remove("COHOST_CONFIG")
+            .env(
+                "COHOST_LOG",
+                std::env::var("COHOST_LOG")
+                    .unwrap_or_else(|_| "warn,rtc=error,webrtc=error".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn cohost");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(T, async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if let Some(rest) = l.strip_prefix("cohost listening on http://") {
+                    return rest.parse::<SocketAddr>().expect("addr");
+                }
+            }
+            panic!("server exited before listening");
+        })
+        .await
+        .expect("server start timeout");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Server {
+            child,
+            addr,
+            auth: Authenticator::new(&AuthConfig::default()).expect("auth"),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn token(&self, room: &str, identity: &str, role: Role) -> String {
+        self.auth.mint(room, identity, role, None).expect("mint")
+    }
+
+    pub fn expired_token(&self, room: &str, identity: &str) -> String {
+        let claims = Claims {
+            room: room.into(),
+            sub: identity.into(),
+            role: Role::Host,
+            iat: 1_000,
+            exp: 2_000,
+            name: None,
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(AuthConfig::default().secret.as_bytes()),
+        )
+        .expect("encode")
+    }
+
+    /// Plain HTTP GET; returns (status, body).
+    pub async fn get(&self, path: &str, bearer: Option<&str>) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
+        let auth = bearer
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n",
+            self.addr
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.expect("read");
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        // Chunked bodies: good enough to search in; strip chunk size lines for JSON.
+        (status, body)
+    }
+
+    pub async fn metrics(&self) -> HashMap<String, f64> {
+        let (_, body) = self.get("/metrics", None).await;
+        body.lines()
+            .filter(|l| l.starts_with("cohost_"))
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics().await.get(name).copied().unwrap_or(-1.0)
+    }
+
+    /// Wait until `f(metrics)` holds (polling /metrics), or panic after `T`.
+    pub async fn wait_metrics(&self, what: &str, f: impl Fn(&HashMap<String, f64>) -> bool) {
+        let deadline = Instant::now() + T;
+        loop {
+            let m = self.metrics().await;
+            if f(&m) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; metrics: {m:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+type WsTx = mpsc::UnboundedSender<Message>;
+
+/// Raw signaling connection: send JSON, await responses by id, read pushed messages.
+pub struct Signal {
+    tx: WsTx,
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>,
+    pub events: mpsc::UnboundedReceiver<Value>,
+    next_id: AtomicU64,
+    pub closed: Arc<Mutex<Option<(u16, String)>>>,
+    reader: tokio::task::JoinHandle<()>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Signal {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+fn id_key(v: &Value) -> Option<String> {
+    match v.get("id")? {
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Handles the server's subscriber offers and candidates when attached.
+pub type AutoHandler = Arc<dyn Fn(Value) -> bool + Send + Sync>;
+
+impl Signal {
+    pub async fn connect(url: &str) -> Signal {
+        Self::connect_with(url, None).await
+    }
+
+    pub async fn connect_with(url: &str, auto: Option<mpsc::UnboundedSender<Value>>) -> Signal {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect");
+        let (mut sink, mut stream) = ws.split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+        let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    m = rx.recv() => {
+                        let Some(m) = m else { break };
+                        let close = matches!(m, Message::Close(_));
+                        if sink.send(m).await.is_err() || close {
+                            break;
+                        }
+                    }
+                    _ = &mut kill_rx => break,
+                }
+            }
+        });
+        let pending: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>> = Default::default();
+        let (ev_tx, events) = mpsc::unbounded_channel();
+        let closed: Arc<Mutex<Option<(u16, String)>>> = Default::default();
+        let p = pending.clone();
+        let c = closed.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(m)) = stream.next().await {
+                match m {
+                    Message::Text(t) => {
+                        let Ok(v) = serde_json::from_str::<Value>(&t) else {
+                            continue;
+                        };
+                        let ty = v["type"].as_str().unwrap_or("").to_string();
+                        if ty == "response" || ty == "error" {
+                            if let Some(k) = id_key(&v)
+                                && let Some(s) = p.lock().unwrap().remove(&k)
+                            {
+                                let _ = s.send(v);
+                                continue;
+                            }
+                        }
+                        if let Some(a) = &auto
+                            && (ty == "offer" || ty == "candidate")
+                        {
+                            let _ = a.send(v.clone());
+                        }
+                        let _ = ev_tx.send(v);
+                    }
+                    Message::Close(f) => {
+                        *c.lock().unwrap() = Some(
+                            f.map(|f| (u16::from(f.code), f.reason.to_string()))
+                                .unwrap_or((1005, String::new())),
+                        );
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            if c.lock().unwrap().is_none() {
+                *c.lock().unwrap() = Some((1006, "eof".into()));
+            }
+        });
+        Signal {
+            tx,
+            pending,
+            events,
+            next_id: AtomicU64::new(1),
+            closed,
+            reader,
+            kill: Some(kill_tx),
+        }
+    }
+
+    pub fn send_raw(&self, text: impl Into<String>) {
+        let _ = self.tx.send(Message::Text(text.into().into()));
+    }
+
+    pub fn send(&self, v: Value) {
+        self.send_raw(v.to_string());
+    }
+
+    /// Send a request with a fresh id and wait for its response or error.
+    pub async fn request(&self, mut v: Value) -> Value {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        v["id"] = json!(id);
+        let (s, r) = oneshot::channel();
+        self.pending.lock().unwrap().insert(id.to_string(), s);
+        self.send(v);
+        tokio::time::timeout(T, r)
+            .await
+            .expect("response timeout")
+            .expect("response")
+    }
+
+    /// Wait for a pushed message matching `pred`, skipping others.
+    pub async fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let r = tokio::time::timeout(T, async {
+            while let Some(v) = self.events.recv().await {
+                if pred(&v) {
+                    return Some(v);
+                }
+            }
+            None
+        })
+        .await;
+        match r {
+            Ok(Some(v)) => v,
+            Ok(None) => panic!("connection ended waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+
+    pub async fn wait_closed(&self) -> (u16, String) {
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(c) = self.closed.lock().unwrap().clone() {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "connection not closed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Drop the TCP connection without a close frame (a killed tab).
+    pub fn vanish(&mut self) {
+        // Both halves of the socket are dropped: TCP closes with no close frame.
+        self.reader.abort();
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+    }
+}
+
+/// Everything a test receiver records about one incoming track.
+#[derive(Default)]
+pub struct Received {
+    pub kind: String,
+    pub stream_id: String,
+    pub packets: u64,
+    pub bad_payloads: u64,
+    /// Sequence numbers seen (to find gaps after NACK recovery).
+    pub seqs: Vec<u16>,
+    pub first_at: Option<Instant>,
+    pub pattern_ids: HashSet<u32>,
+}
+
+/// Payload pattern: [tag u32][counter u32][bytes derived from both]. Lets a receiver check the
+/// bytes arrived intact without knowing anything else.
+pub fn make_payload(tag: u32, counter: u32, len: usize) -> Bytes {
+    let mut v = Vec::with_capacity(len);
+    v.extend_from_slice(&tag.to_be_bytes());
+    v.extend_from_slice(&counter.to_be_bytes());
+    while v.len() < len {
+        v.push((tag as usize + counter as usize + v.len()) as u8);
+    }
+    Bytes::from(v)
+}
+
+pub fn check_payload(p: &[u8]) -> Option<u32> {
+    if p.len() < 8 {
+        return None;
+    }
+    let tag = u32::from_be_bytes(p[0..4].try_into().ok()?);
+    let counter = u32::from_be_bytes(p[4..8].try_into().ok()?);
+    let ok = p[8..]
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == (tag as usize + counter as usize + i + 8) as u8);
+    ok.then_some(tag)
+}
+
+struct ClientHandler {
+    target: &'static str,
+    ws: WsTx,
+    received: Arc<Mutex<HashMap<String, Received>>>,
+    connected: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for ClientHandler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if let Ok(init) = event.candidate.to_json() {
+            let msg = json!({"type":"candidate","target":self.target,"candidate":{
+                "candidate": init.candidate, "sdpMid": init.sdp_mid,
+                "sdpMLineIndex": init.sdp_mline_index}});
+            let _ = self.ws.send(Message::Text(msg.to_string().into()));
+        }
+    }
+
+    async fn on_connection_state_change(
+        &self,
+        state: webrtc::peer_connection::RTCPeerConnectionState,
+    ) {
+        if state == webrtc::peer_connection::RTCPeerConnectionState::Connected {
+            self.connected.store(true, Ordering::SeqCst);
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let track_id = track.track_id().await.to_string();
+        let stream_id = track.stream_id().await.to_string();
+        let kind = format!("{}", track.kind().await).to_lowercase();
+        {
+            let mut r = self.received.lock().unwrap();
+            let e = r.entry(track_id.clone()).or_default();
+            e.kind = kind;
+            e.stream_id = stream_id;
+        }
+        let received = self.received.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = track.poll().await {
+                match ev {
+                    TrackRemoteEvent::OnRtpPacket(p) => {
+                        let mut r = received.lock().unwrap();
+                        let e = r.entry(track_id.clone()).or_default();
+                        e.packets += 1;
+                        e.first_at.get_or_insert_with(Instant::now);
+                        e.seqs.push(p.header.sequence_number);
+                        match check_payload(&p.payload) {
+                            Some(tag) => {
+                                e.pattern_ids.insert(tag);
+                            }
+                            None => e.bad_payloads += 1,
+                        }
+                    }
+                    TrackRemoteEvent::OnEnded => break,
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+/// Drops chosen outgoing RTP packets the first time they pass (wire-most slot), so that the
+/// NACK responder above it has them buffered and can retransmit: simulated loss on the wire.
+pub struct LossInterceptor {
+    pub every: u16,
+    /// Drop on the receive path instead of the send path.
+    pub on_read: bool,
+    seen: HashSet<(u32, u16)>,
+    pub dropped: Arc<AtomicU64>,
+    rq: VecDeque<TaggedPacket>,
+    wq: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for LossInterceptor {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if self.on_read
+            && let IPacket::Rtp(p) = &msg.message.packet
+            && p.header.sequence_number % self.every == 3
+            && self.seen.insert((p.header.ssrc, p.header.sequence_number))
+        {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.rq.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.rq.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if !self.on_read
+            && let IPacket::Rtp(p) = &msg.message.packet
+        {
+            let key = (p.header.ssrc, p.header.sequence_number);
+            // Only the media payload types we send (96..=127), every Nth sequence number.
+            if p.header.sequence_number % self.every == 3 && self.seen.insert(key) {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        self.wq.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.wq.pop_front()
+    }
+}
+
+impl Interceptor for LossInterceptor {
+    fn bind_local_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
+}
+
+async fn build_pc(
+    target: &'static str,
+    ws: WsTx,
+    received: Arc<Mutex<HashMap<String, Received>>>,
+    connected: Arc<AtomicBool>,
+    loss: Option<(u16, bool, Arc<AtomicU64>)>,
+) -> Arc<dyn PeerConnection> {
+    let mut me = cohost::peer::media_engine().unwrap();
+    let mut reg = cohost::peer::interceptors(&mut me).unwrap();
+    if let Some((every, on_read, dropped)) = loss {
+        reg = reg.with(
+            Slot::from(500usize),
+            LossInterceptor {
+                every,
+                on_read,
+                seen: HashSet::new(),
+                dropped,
+                rq: VecDeque::new(),
+                wq: VecDeque::new(),
+            },
+        );
+    }
+    let se = SettingEngineBuilder::new()
+        .with_ice_connection_attempts(Some(Duration::from_millis(50)), None)
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_include_loopback_candidate(true)
+        .build();
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_setting_engine(se)
+        .with_interceptor_registry(reg)
+        .with_handler(Arc::new(ClientHandler {
+            target,
+            ws,
+            received,
+            connected,
+        }) as Arc<dyn PeerConnectionEventHandler>)
+        .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+        .build()
+        .await
+        .expect("client pc");
+    Arc::new(pc)
+}
+
+pub struct Publication {
+    pub audio: Arc<TrackLocalStaticRTP>,
+    pub video: Arc<TrackLocalStaticRTP>,
+    audio_sender: Arc<dyn RtpSender>,
+    video_sender: Arc<dyn RtpSender>,
+    pub tag_audio: u32,
+    pub tag_video: u32,
+    pub plis: Arc<AtomicU64>,
+    pub loss_dropped: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+/// A participant: signaling plus a publisher and a subscriber peer connection.
+pub struct Client {
+    pub sig: Signal,
+    pub pid: String,
+    pub join: Value,
+    pub received: Arc<Mutex<HashMap<String, Received>>>,
+    pub sub_connected: Arc<AtomicBool>,
+    pub subscriber: Arc<dyn PeerConnection>,
+    pub publisher: Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
+    pub publication: Option<Publication>,
+    pub offers_answered: Arc<AtomicU64>,
+    auto: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.auto.abort();
+        if let Some(p) = &self.publication {
+            p.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Client {
+    /// Connect and join; panics unless the join succeeds.
+    pub async fn join(server: &Server, room: &str, identity: &str, role: Role) -> Client {
+        let token = server.token(room, identity, role);
+        Self::join_with_token(server, &token).await.expect("join")
+    }
+
+    pub async fn join_with_token(server: &Server, token: &str) -> Result<Client, Value> {
+        Self::join_opts(server, token, None).await
+    }
+
+    /// `sub_loss`: the subscriber connection drops every Nth received packet once.
+    pub async fn join_opts(
+        server: &Server,
+        token: &str,
+        sub_loss: Option<(u16, Arc<AtomicU64>)>,
+    ) -> Result<Client, Value> {
+        let (auto_tx, mut auto_rx) = mpsc::unbounded_channel::<Value>();
+        let sig = Signal::connect_with(&server.ws_url(), Some(auto_tx)).await;
+        let received: Arc<Mutex<HashMap<String, Received>>> = Default::default();
+        let sub_connected = Arc::new(AtomicBool::new(false));
+        let subscriber = build_pc(
+            "subscriber",
+            sig.tx.clone(),
+            received.clone(),
+            sub_connected.clone(),
+            sub_loss.map(|(n, d)| (n, true, d)),
+        )
+        .await;
+        let publisher: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Default::default();
+        let offers_answered = Arc::new(AtomicU64::new(0));
+        // Answer server offers and apply server candidates in the background, in order.
+        let sub = subscriber.clone();
+        let pubc = publisher.clone();
+        let ws = sig.tx.clone();
+        let answered = offers_answered.clone();
+        let auto = tokio::spawn(async move {
+            while let Some(v) = auto_rx.recv().await {
+                match v["type"].as_str() {
+                    Some("offer") => {
+                        let sdp = v["sdp"].as_str().unwrap_or_default().to_string();
+                        let offer = RTCSessionDescription::offer(sdp).expect("offer sdp");
+                        sub.set_remote_description(offer).await.expect("srd");
+                        let answer = sub.create_answer(None).await.expect("answer");
+                        let sdp = answer.sdp.clone();
+                        sub.set_local_description(answer).await.expect("sld");
+                        let msg = json!({"type":"answer","offer_id":v["offer_id"],"sdp":sdp,"id":"auto-answer"});
+                        let _ = ws.send(Message::Text(msg.to_string().into()));
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Some("candidate") => {
+                        let c = &v["candidate"];
+                        let cand = c["candidate"].as_str().unwrap_or_default().to_string();
+                        if cand.is_empty() {
+                            continue;
+                        }
+                        let init = RTCIceCandidateInit {
+                            candidate: cand,
+                            sdp_mid: c["sdpMid"].as_str().map(String::from),
+                            sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|x| x as u16),
+                            ..Default::default()
+                        };
+                        let pc = if v["target"] == "subscriber" {
+                            Some(sub.clone())
+                        } else {
+                            pubc.lock().unwrap().clone()
+                        };
+                        if let Some(pc) = pc {
+                            let _ = pc.add_ice_candidate(init).await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let resp = sig.request(json!({"type":"join","token":token})).await;
+        if resp["type"] != "response" {
+            auto.abort();
+            return Err(resp);
+        }
+        let pid = resp["result"]["participant"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        Ok(Client {
+            sig,
+            pid,
+            join: resp["result"].clone(),
+            received,
+            sub_connected,
+            subscriber,
+            publisher,
+            publication: None,
+            offers_answered,
+            auto,
+        })
+    }
+
+    /// Publish Opus + H.264 tracks and start sending synthetic packets: audio 50 pkt/s,
+    /// video 30 frames/s of `video_pkts_per_frame` packets.
+    pub async fn publish(&mut self, loss_every: Option<u16>) -> Result<(), Value> {
+        let loss_dropped = Arc::new(AtomicU64::new(0));
+        let pc = build_pc(
+            "publisher",
+            self.sig.tx.clone(),
+            Default::default(),
+            Arc::new(AtomicBool::new(false)),
+            loss_every.map(|n| (n, false, loss_dropped.clone())),
+        )
+        .await;
+        *self.publisher.lock().unwrap() = Some(pc.clone());
+        let (a_ssrc, v_ssrc) = (rand::random::<u32>() | 1, rand::random::<u32>() | 1);
+        let track = |kind, ssrc, mime: &str, clock, ch, fmtp: &str| {
+            Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+                format!("stream-{}", self.pid),
+                format!("{mime}-{ssrc}"),
+                "label".to_string(),
+                kind,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec: RTCRtpCodec {
+                        mime_type: mime.into(),
+                        clock_rate: clock,
+                        channels: ch,
+                        sdp_fmtp_line: fmtp.into(),
+                        rtcp_feedback: vec![],
+                    },
+                    ..Default::default()
+                }],
+            )))
+        };
+        let audio = track(
+            RtpCodecKind::Audio,
+            a_ssrc,
+            "audio/opus",
+            48000,
+            2,
+            "minptime=10;useinbandfec=1",
+        );
+        let video = track(
+            RtpCodecKind::Video,
+            v_ssrc,
+            "video/H264",
+            90000,
+            0,
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+        );
+        let audio_sender = pc
+            .add_track(audio.clone() as Arc<dyn TrackLocal>)
+            .await
+            .expect("add audio");
+        let video_sender = pc
+            .add_track(video.clone() as Arc<dyn TrackLocal>)
+            .await
+            .expect("add video");
+        let offer = pc.create_offer(None).await.expect("offer");
+        let sdp = offer.sdp.clone();
+        pc.set_local_description(offer).await.expect("sld");
+        let resp = self.sig.request(json!({"type":"publish","sdp":sdp})).await;
+        if resp["type"] != "response" {
+            return Err(resp);
+        }
+        let answer =
+            RTCSessionDescription::answer(resp["result"]["sdp"].as_str().unwrap().to_string())
+                .unwrap();
+        pc.set_remote_description(answer).await.expect("srd");
+        let pt = |s: &Arc<dyn RtpSender>| {
+            let s = s.clone();
+            async move { s.get_parameters().await.unwrap().rtp_parameters.codecs[0].payload_type }
+        };
+        let (apt, vpt) = (pt(&audio_sender).await, pt(&video_sender).await);
+        let tag_audio = rand::random::<u32>();
+        let tag_video = rand::random::<u32>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let plis = Arc::new(AtomicU64::new(0));
+        // PLIs reaching the publisher.
+        {
+            let v = video.clone();
+            let plis = plis.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    match v.poll().await {
+                        Some(TrackLocalEvent::OnRtcpPacket(_)) => {
+                            plis.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Some(_) => {}
+                        None => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            });
+        }
+        // Media pump: 20 ms ticks; audio every tick, a 3-packet video frame every ~33 ms.
+        {
+            let (a, v, stop) = (audio.clone(), video.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                let (mut aseq, mut vseq, mut n) = (0u16, 0u16, 0u32);
+                let mut vframe = 0u32;
+                let start = Instant::now();
+                while !stop.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    n += 1;
+                    let mut p = rtc::rtp::Packet::default();
+                    p.header.version = 2;
+                    p.header.ssrc = a_ssrc;
+                    p.header.payload_type = apt;
+                    p.header.sequence_number = aseq;
+                    p.header.timestamp = n * 960;
+                    p.payload = make_payload(tag_audio, n, 80);
+                    aseq = aseq.wrapping_add(1);
+                    if a.write_rtp(p).await.is_err() {
+                        break;
+                    }
+                    let due = (start.elapsed().as_millis() / 33) as u32;
+                    while vframe < due {
+                        vframe += 1;
+                        for k in 0..3u32 {
+                            let mut p = rtc::rtp::Packet::default();
+                            p.header.version = 2;
+                            p.header.ssrc = v_ssrc;
+                            p.header.payload_type = vpt;
+                            p.header.sequence_number = vseq;
+                            p.header.timestamp = vframe * 3000;
+                            p.header.marker = k == 2;
+                            p.payload = make_payload(tag_video, vframe * 3 + k, 1000);
+                            vseq = vseq.wrapping_add(1);
+                            if v.write_rtp(p).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        self.publication = Some(Publication {
+            audio,
+            video,
+            audio_sender,
+            video_sender,
+            tag_audio,
+            tag_video,
+            plis,
+            loss_dropped,
+            stop,
+        });
+        Ok(())
+    }
+
+    pub fn stop_media(&self) {
+        if let Some(p) = &self.publication {
+            p.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Wait until this client receives at least `n` packets carrying `tag` (another client's
+    /// track), returning (packets, bad payloads, first arrival).
+    pub async fn wait_packets(&self, tag: u32, n: u64) -> (u64, u64, Instant) {
+        let deadline = Instant::now() + T;
+        loop {
+            {
+                let r = self.received.lock().unwrap();
+                if let Some(e) = r.values().find(|e| e.pattern_ids.contains(&tag))
+                    && e.packets >= n
+                {
+                    return (e.packets, e.bad_payloads, e.first_at.unwrap());
+                }
+            }
+            if Instant::now() > deadline {
+                let r = self.received.lock().unwrap();
+                let summary: Vec<_> = r.iter().map(|(k, e)| (k.clone(), e.packets)).collect();
+                panic!("timed out waiting for {n} packets of tag {tag}: {summary:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sequence numbers received for the track carrying `tag`.
+    pub fn seqs(&self, tag: u32) -> Vec<u16> {
+        let r = self.received.lock().unwrap();
+        r.values()
+            .find(|e| e.pattern_ids.contains(&tag))
+            .map(|e| e.seqs.clone())
+            .unwrap_or_default()
+    }
+
+    pub async fn leave(&self) {
+        let r = self.sig.request(json!({"type":"leave"})).await;
+        assert_eq!(r["type"], "response", "{r}");
+    }
+}
+
+/// Count sequence gaps: numbers missing between the first and last received (mod 2^16),
+/// ignoring duplicates and reordering.
+pub fn missing_seqs(seqs: &[u16]) -> usize {
+    if seqs.is_empty() {
+        return 0;
+    }
+    let first = seqs[0];
+    let set: HashSet<u16> = seqs.iter().copied().collect();
+    let span = seqs
+        .iter()
+        .map(|s| s.wrapping_sub(first))
+        .filter(|d| *d < 30000)
+        .max()
+        .unwrap_or(0);
+    (0..=span)
+        .filter(|d| !set.contains(&first.wrapping_add(*d)))
+        .count()
+}
