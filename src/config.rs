@@ -26,7 +26,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -196,18 +196,6 @@ impl Default for SignalingConfig {
             join_timeout: Duration::from_secs(10),
             answer_timeout: Duration::from_secs(10),
             rate_limit_per_sec: 50,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            auth: AuthConfig::default(),
-            webrtc: WebrtcConfig::default(),
-            room: RoomConfig::default(),
-            signaling: SignalingConfig::default(),
         }
     }
 }

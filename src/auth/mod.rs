@@ -244,8 +244,10 @@ mod tests {
         let t = other.mint("r1", "mallory", Role::Host, None).unwrap();
         assert!(matches!(a.verify(&t), Err(AuthError::Invalid(_))));
         // Expired beyond the leeway.
-        let mut cfg = AuthConfig::default();
-        cfg.leeway = Duration::ZERO;
+        let cfg = AuthConfig {
+            leeway: Duration::ZERO,
+            ..AuthConfig::default()
+        };
         let a0 = Authenticator::new(&cfg).unwrap();
         let claims = Claims {
             room: "r1".into(),

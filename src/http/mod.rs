@@ -57,7 +57,7 @@ fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 /// REST calls need a bearer token with role admin (any room with `*`) or host of the room.
-fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<(), Response> {
+fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<(), Box<Response>> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -69,10 +69,13 @@ fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<
                 "missing bearer token",
             )
         })?;
-    let claims = svc
-        .auth
-        .verify(token)
-        .map_err(|e| api_error(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()))?;
+    let claims = svc.auth.verify(token).map_err(|e| {
+        Box::new(api_error(
+            StatusCode::UNAUTHORIZED,
+            e.code(),
+            &e.to_string(),
+        ))
+    })?;
     let ok = match (claims.role, room) {
         (Role::Admin, _) if claims.room == "*" => true,
         (Role::Admin | Role::Host, Some(r)) => claims.room == r,
@@ -81,17 +84,17 @@ fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<
     if ok {
         Ok(())
     } else {
-        Err(api_error(
+        Err(Box::new(api_error(
             StatusCode::FORBIDDEN,
             "forbidden",
             "needs an admin token (or the room's host token)",
-        ))
+        )))
     }
 }
 
 async fn list_rooms(State(svc): State<Arc<Services>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&svc, &headers, None) {
-        return r;
+        return *r;
     }
     let rooms: Vec<_> = svc
         .rooms
@@ -116,7 +119,7 @@ async fn get_room(
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = authorize(&svc, &headers, Some(&room)) {
-        return r;
+        return *r;
     }
     let Some(r) = svc.rooms.get(&room) else {
         return api_error(StatusCode::NOT_FOUND, "not_found", "no such room");

@@ -29,8 +29,8 @@ use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCIceServer,
-    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
+    RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
+    RTCSessionDescription, SettingEngineBuilder,
 };
 use webrtc::rtp_transceiver::RtpSender;
 
@@ -90,6 +90,71 @@ pub enum PeerEvent {
 struct Handler {
     tx: mpsc::UnboundedSender<PeerEvent>,
     connected: Arc<AtomicBool>,
+    nat: Arc<NatMap>,
+}
+
+/// 1:1 NAT: the address clients must use instead of the local one in host candidates.
+///
+/// `webrtc` 0.21 stores `SettingEngine::with_nat_1to1_ips` but never applies it (checked in the
+/// 0.21.1 source), so cohost rewrites the candidates it announces itself, both trickled ones and
+/// `a=candidate` lines inside SDP. Connectivity checks sent to the public address are forwarded
+/// by the NAT to the local socket, which is all ICE needs.
+#[derive(Debug, Default)]
+pub struct NatMap {
+    v4: Option<IpAddr>,
+    v6: Option<IpAddr>,
+}
+
+impl NatMap {
+    pub fn new(public_ips: &[String]) -> Self {
+        let ips: Vec<IpAddr> = public_ips.iter().filter_map(|s| s.parse().ok()).collect();
+        Self {
+            v4: ips.iter().copied().find(IpAddr::is_ipv4),
+            v6: ips.iter().copied().find(IpAddr::is_ipv6),
+        }
+    }
+
+    /// Rewrite one candidate attribute (`candidate:... <ip> <port> typ host ...`).
+    pub fn candidate(&self, cand: &str) -> String {
+        if self.v4.is_none() && self.v6.is_none() {
+            return cand.to_string();
+        }
+        let mut f: Vec<&str> = cand.split(' ').collect();
+        let is_host = f.windows(2).any(|w| w[0] == "typ" && w[1] == "host");
+        if f.len() < 8 || !is_host {
+            return cand.to_string();
+        }
+        let public = match f[4].parse::<IpAddr>() {
+            Ok(IpAddr::V4(_)) => self.v4,
+            Ok(IpAddr::V6(_)) => self.v6,
+            Err(_) => None,
+        };
+        match public {
+            Some(ip) => {
+                let ip = ip.to_string();
+                f[4] = &ip;
+                f.join(" ")
+            }
+            None => cand.to_string(),
+        }
+    }
+
+    /// Rewrite every `a=candidate:` line of an SDP.
+    pub fn sdp(&self, sdp: &str) -> String {
+        if self.v4.is_none() && self.v6.is_none() {
+            return sdp.to_string();
+        }
+        sdp.split_inclusive('\n')
+            .map(|line| match line.strip_prefix("a=") {
+                Some(rest) if rest.starts_with("candidate:") => {
+                    let body = rest.trim_end_matches(['\r', '\n']);
+                    let tail = &rest[body.len()..];
+                    format!("a={}{}", self.candidate(body), tail)
+                }
+                _ => line.to_string(),
+            })
+            .collect()
+    }
 }
 
 #[async_trait::async_trait]
@@ -98,7 +163,7 @@ impl PeerConnectionEventHandler for Handler {
         match event.candidate.to_json() {
             Ok(init) => {
                 let _ = self.tx.send(PeerEvent::Candidate(Some(IceCandidate {
-                    candidate: init.candidate,
+                    candidate: self.nat.candidate(&init.candidate),
                     sdp_mid: init.sdp_mid,
                     sdp_mline_index: init.sdp_mline_index,
                     username_fragment: init.username_fragment,
@@ -242,9 +307,18 @@ pub fn interceptors(me: &mut MediaEngine) -> Result<Registry, PeerError> {
     ))
 }
 
+/// Connectivity checks per candidate pair: a fast check interval must not also shorten how long
+/// a pair is tried (the crate's default is 7 requests), or a briefly loaded machine fails ICE.
+/// Keep trying for about 5 seconds whatever the interval.
+pub fn binding_requests(check_interval: Duration) -> u16 {
+    let ms = check_interval.as_millis().max(1);
+    (5000 / ms).clamp(7, 500) as u16
+}
+
 /// Builds peer connections; owns the UDP port pool.
 pub struct PeerFactory {
     cfg: WebrtcConfig,
+    nat: Arc<NatMap>,
     ports: Arc<PortPool>,
     /// Live peer connections (for metrics and leak checks).
     pub live: Arc<AtomicU64>,
@@ -254,6 +328,7 @@ impl PeerFactory {
     pub fn new(cfg: WebrtcConfig) -> Self {
         let ports = Arc::new(PortPool::new(cfg.udp_port_min, cfg.udp_port_max));
         Self {
+            nat: Arc::new(NatMap::new(&cfg.public_ips)),
             cfg,
             ports,
             live: Arc::new(AtomicU64::new(0)),
@@ -262,19 +337,6 @@ impl PeerFactory {
 
     pub fn ports(&self) -> &Arc<PortPool> {
         &self.ports
-    }
-
-    /// ICE servers as handed to clients.
-    fn rtc_ice_servers(&self) -> Vec<RTCIceServer> {
-        self.cfg
-            .ice_servers
-            .iter()
-            .map(|s| RTCIceServer {
-                urls: s.urls.clone(),
-                username: s.username.clone(),
-                credential: s.credential.clone(),
-            })
-            .collect()
     }
 
     /// Create a peer connection bound to one port of the configured range.
@@ -300,6 +362,7 @@ impl PeerFactory {
                             _lease: lease,
                             live: self.live.clone(),
                             connected,
+                            nat: self.nat.clone(),
                         },
                         rx,
                     ));
@@ -321,21 +384,22 @@ impl PeerFactory {
     ) -> Result<impl PeerConnection + use<>, PeerError> {
         let mut me = media_engine()?;
         let registry = interceptors(&mut me)?;
-        let mut se = SettingEngineBuilder::new()
+        let se = SettingEngineBuilder::new()
             .with_ice_timeouts(
                 Some(self.cfg.ice_disconnected_timeout),
                 Some(self.cfg.ice_failed_timeout),
                 Some(Duration::from_secs(1)),
             )
-            .with_ice_connection_attempts(Some(self.cfg.ice_check_interval), None)
+            .with_ice_connection_attempts(
+                Some(self.cfg.ice_check_interval),
+                Some(binding_requests(self.cfg.ice_check_interval)),
+            )
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
             .with_include_loopback_candidate(self.cfg.bind_ip.is_loopback());
-        if !self.cfg.public_ips.is_empty() {
-            se = se.with_nat_1to1_ips(self.cfg.public_ips.clone(), RTCIceCandidateType::Host);
-        }
-        let config = RTCConfigurationBuilder::new()
-            .with_ice_servers(self.rtc_ice_servers())
-            .build();
+        // The configured STUN/TURN servers are for clients behind NAT (handed out in the join
+        // response). The server itself announces its bind IP or `public_ips` and needs neither,
+        // and asking a STUN server from every connection would only add gathering time.
+        let config = RTCConfigurationBuilder::new().build();
         let addr = SocketAddr::new(self.cfg.bind_ip, port);
         let tcp: Vec<SocketAddr> = if self.cfg.ice_tcp { vec![addr] } else { vec![] };
         PeerConnectionBuilder::new()
@@ -343,7 +407,11 @@ impl PeerFactory {
             .with_media_engine(me)
             .with_setting_engine(se.build())
             .with_interceptor_registry(registry)
-            .with_handler(Arc::new(Handler { tx, connected }) as Arc<dyn PeerConnectionEventHandler>)
+            .with_handler(Arc::new(Handler {
+                tx,
+                connected,
+                nat: self.nat.clone(),
+            }) as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![addr])
             .with_tcp_addrs(tcp)
             .build()
@@ -362,6 +430,7 @@ pub struct Peer {
     _lease: ports::PortLease,
     live: Arc<AtomicU64>,
     connected: Arc<AtomicBool>,
+    nat: Arc<NatMap>,
 }
 
 impl Drop for Peer {
@@ -380,7 +449,7 @@ impl Peer {
             .await
             .map_err(|e| PeerError::BadSdp(e.to_string()))?;
         let answer = self.pc.create_answer(None).await.map_err(werr)?;
-        let sdp = answer.sdp.clone();
+        let sdp = self.nat.sdp(&answer.sdp);
         self.pc.set_local_description(answer).await.map_err(werr)?;
         Ok(sdp)
     }
@@ -388,7 +457,7 @@ impl Peer {
     /// Create and apply an offer (subscriber connection).
     pub async fn offer(&self) -> Result<String, PeerError> {
         let offer = self.pc.create_offer(None).await.map_err(werr)?;
-        let sdp = offer.sdp.clone();
+        let sdp = self.nat.sdp(&offer.sdp);
         self.pc.set_local_description(offer).await.map_err(werr)?;
         Ok(sdp)
     }
@@ -618,5 +687,34 @@ impl LocalTrack {
                 _ => continue,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nat_map_rewrites_host_candidates_only() {
+        let n = NatMap::new(&["203.0.113.9".into()]);
+        assert_eq!(
+            n.candidate("candidate:1 1 udp 2130706431 10.0.0.5 50000 typ host"),
+            "candidate:1 1 udp 2130706431 203.0.113.9 50000 typ host"
+        );
+        let relay = "candidate:2 1 udp 1 10.0.0.5 50000 typ relay raddr 0.0.0.0 rport 0";
+        assert_eq!(n.candidate(relay), relay);
+        let sdp = "v=0\r\na=candidate:1 1 udp 2130706431 10.0.0.5 50000 typ host\r\na=end-of-candidates\r\n";
+        assert_eq!(
+            n.sdp(sdp),
+            "v=0\r\na=candidate:1 1 udp 2130706431 203.0.113.9 50000 typ host\r\na=end-of-candidates\r\n"
+        );
+        assert_eq!(NatMap::new(&[]).candidate("candidate:x"), "candidate:x");
+    }
+
+    #[test]
+    fn binding_requests_cover_five_seconds() {
+        assert_eq!(binding_requests(Duration::from_millis(50)), 100);
+        assert_eq!(binding_requests(Duration::from_millis(200)), 25);
+        assert_eq!(binding_requests(Duration::from_secs(2)), 7);
     }
 }

@@ -290,8 +290,10 @@ impl Registry {
                 .iter()
                 .find(|(_, (_, m))| m.identity == identity)
                 .map(|(seq, (id, _))| (*seq, id.clone()));
-            if let Some((seq, ghost_id)) = ghost {
-                if let Some((_, m)) = st.members.remove(&seq) {
+            if let Some((seq, ghost_id)) = ghost
+                && let Some((_, m)) = st.members.remove(&seq)
+            {
+                {
                     let _ = m.tx.send(RoomEvent::Removed(LeaveReason::Replaced));
                     for t in &m.tracks {
                         if let Some(router) = st.tracks.remove(t) {

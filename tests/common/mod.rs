@@ -101,6 +101,10 @@ impl Server {
         self.child.id()
     }
 
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().await.expect("wait")
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://{}/ws", self.addr)
     }
@@ -255,13 +259,12 @@ impl Signal {
                             continue;
                         };
                         let ty = v["type"].as_str().unwrap_or("").to_string();
-                        if ty == "response" || ty == "error" {
-                            if let Some(k) = id_key(&v)
-                                && let Some(s) = p.lock().unwrap().remove(&k)
-                            {
-                                let _ = s.send(v);
-                                continue;
-                            }
+                        if (ty == "response" || ty == "error")
+                            && let Some(k) = id_key(&v)
+                            && let Some(s) = p.lock().unwrap().remove(&k)
+                        {
+                            let _ = s.send(v);
+                            continue;
                         }
                         if let Some(a) = &auto
                             && (ty == "offer" || ty == "candidate")
@@ -537,7 +540,7 @@ async fn build_pc(
         );
     }
     let se = SettingEngineBuilder::new()
-        .with_ice_connection_attempts(Some(Duration::from_millis(50)), None)
+        .with_ice_connection_attempts(Some(Duration::from_millis(50)), Some(100))
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
         .with_include_loopback_candidate(true)
         .build();

@@ -1,0 +1,50 @@
+//! The shipped configuration file documents the defaults: it must parse to exactly them.
+
+use cohost::config::Config;
+
+#[test]
+fn shipped_config_file_parses_to_the_defaults() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/cohost.toml"))
+        .expect("config/cohost.toml");
+    let cfg = Config::from_toml_str(&text).expect("parses");
+    assert_eq!(cfg, Config::default());
+}
+
+#[test]
+fn unknown_key_is_rejected_by_name() {
+    let err = Config::from_toml_str("[room]\nmax_partcipants = 3\n")
+        .expect_err("typo must be an error")
+        .to_string();
+    assert!(err.contains("max_partcipants"), "{err}");
+    let err = Config::from_toml_str("[nosuchsection]\nx = 1\n")
+        .expect_err("unknown section")
+        .to_string();
+    assert!(err.contains("nosuchsection"), "{err}");
+}
+
+#[test]
+fn invalid_values_are_explained() {
+    let err = Config::from_toml_str("[webrtc]\nudp_port_min = 6000\nudp_port_max = 5000\n")
+        .expect_err("bad range")
+        .to_string();
+    assert!(err.contains("udp_port_min"), "{err}");
+    let err = Config::from_toml_str("[signaling]\nping_interval = \"soon\"\n")
+        .expect_err("bad duration")
+        .to_string();
+    assert!(
+        err.contains("ping_interval") || err.contains("soon"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_loopback_with_dev_secret_refuses_to_start() {
+    let cfg = Config::from_toml_str("[server]\nhttp_listen = \"0.0.0.0:8080\"\n").unwrap();
+    let err = cohost::app::check_secret(&cfg).expect_err("must refuse");
+    assert!(err.to_string().contains("development secret"), "{err}");
+    let cfg = Config::from_toml_str(
+        "[server]\nhttp_listen = \"0.0.0.0:8080\"\nallow_dev_secret = true\n",
+    )
+    .unwrap();
+    assert!(cohost::app::check_secret(&cfg).is_ok());
+}
