@@ -91,7 +91,9 @@ pub struct WebrtcConfig {
     /// Minimum time between two keyframe requests sent to one publisher track.
     #[serde(with = "humantime_serde_compat")]
     pub keyframe_request_interval: Duration,
-    /// Packets queued per subscriber track before the oldest is dropped.
+    /// Packets queued per subscriber track; when full, new packets for that subscriber are
+    /// dropped (it recovers through NACK or a keyframe request) so one slow subscriber never
+    /// holds back the others.
     pub subscriber_queue: usize,
 }
 

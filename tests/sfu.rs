@@ -423,3 +423,29 @@ async fn rest_room_api_requires_admin_or_host() {
     let (s, body) = server.get("/healthz", None).await;
     assert_eq!(s, 200, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_track_by_renegotiation_unpublishes_it() {
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "unpub", "host", Role::Host).await;
+    let mut viewer = Client::join(&server, "unpub", "viewer", Role::Audience).await;
+    host.publish(None).await.unwrap();
+    let p = host.publication.as_ref().unwrap();
+    viewer.wait_packets(p.tag_video, 20).await;
+    let r = host.unpublish_video().await;
+    assert_eq!(r["type"], "response", "{r}");
+    let ev = viewer
+        .sig
+        .wait_for("track_unpublished", |v| v["type"] == "track_unpublished")
+        .await;
+    assert_eq!(ev["participant_id"], host.pid.as_str());
+    // Audio keeps flowing.
+    let (n, _, _) = viewer.wait_packets(p.tag_audio, 10).await;
+    let (m, _, _) = viewer.wait_packets(p.tag_audio, n + 25).await;
+    assert!(m > n);
+    server
+        .wait_metrics("one video track fewer", |m| {
+            m["cohost_published_tracks_video"] == 0.0
+        })
+        .await;
+}

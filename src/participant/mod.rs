@@ -68,6 +68,7 @@ struct SubTrack {
 
 struct Published {
     router: Arc<TrackRouter>,
+    ssrc: u32,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -180,13 +181,26 @@ impl Driver {
     }
 
     async fn send(&self, msg: ServerMessage) {
+        if let ServerMessage::Error { error, .. } = &msg {
+            let m = &self.svc.metrics;
+            m.signaling_errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(
+                error.code,
+                ErrorCode::InvalidToken
+                    | ErrorCode::TokenExpired
+                    | ErrorCode::WrongRoom
+                    | ErrorCode::RoomFull
+            ) {
+                m.join_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let _ = self.out.send(WsOut::Text(msg.to_json())).await;
     }
 
+    /// Results are sent whether or not the request carried an id: a client that omits ids
+    /// still needs its join result and SDP answers.
     async fn reply(&self, id: Option<RequestId>, result: ResponseResult) {
-        if let Some(id) = id {
-            self.send(ServerMessage::Response { id, result }).await;
-        }
+        self.send(ServerMessage::Response { id, result }).await;
     }
 
     async fn error(&self, id: Option<RequestId>, code: ErrorCode, msg: impl Into<String>) {
@@ -333,6 +347,8 @@ impl Driver {
                         max_message_bytes: cfg.signaling.max_message_bytes,
                         max_participants: cfg.room.max_participants,
                         max_publishers: cfg.room.max_publishers,
+                        max_tracks_per_participant: cfg.room.max_tracks_per_participant,
+                        rate_limit_per_sec: cfg.signaling.rate_limit_per_sec,
                         ping_interval_ms: cfg.signaling.ping_interval.as_millis() as u64,
                     },
                 };
@@ -436,9 +452,24 @@ impl Driver {
         let Some(peer) = j.publisher.as_ref() else {
             return;
         };
+        let sending = crate::peer::sending_ssrcs(&sdp);
         match peer.answer(sdp).await {
             Ok(answer) => {
+                let stopped: Vec<String> = match sending {
+                    Some(sending) => j
+                        .published
+                        .iter()
+                        .filter(|(_, p)| !sending.contains(&p.ssrc))
+                        .map(|(id, _)| id.clone())
+                        .collect(),
+                    None => vec![],
+                };
                 self.reply(id, ResponseResult::Answer { sdp: answer }).await;
+                {
+                    for track_id in stopped {
+                        self.on_internal(Internal::TrackEnded(track_id)).await;
+                    }
+                }
             }
             Err(PeerError::BadSdp(e)) => self.error(id, ErrorCode::BadSdp, e).await,
             Err(e) => self.error(id, ErrorCode::Internal, e.to_string()).await,
@@ -632,6 +663,7 @@ impl Driver {
         let done = self.internal_tx.clone();
         let tid = track_id.clone();
         let requester = t.keyframe_requester();
+        let ssrc = t.ssrc;
         let reader = tokio::spawn(async move {
             while let Some(p) = t.recv().await {
                 r.forward(p);
@@ -662,6 +694,7 @@ impl Driver {
             track_id,
             Published {
                 router: router.clone(),
+                ssrc,
                 tasks: vec![reader, pli],
             },
         );

@@ -690,9 +690,57 @@ impl LocalTrack {
     }
 }
 
+/// SSRCs the offerer is sending on, from the `a=ssrc` lines of its send-capable m-sections
+/// (`sendrecv`/`sendonly`, port not 0). `None` when the SDP signals no SSRCs at all, in which
+/// case the caller cannot tell which tracks stopped.
+///
+/// `webrtc` 0.21 does not end a remote track when the offerer stops sending on its transceiver
+/// (checked: no `OnEnded` arrives), so the publisher's own re-offers are read to unpublish
+/// tracks it removed.
+pub fn sending_ssrcs(sdp: &str) -> Option<std::collections::HashSet<u32>> {
+    let mut out = std::collections::HashSet::new();
+    let mut any_ssrc = false;
+    let mut sections: Vec<(bool, Vec<u32>)> = vec![];
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if let Some(m) = line.strip_prefix("m=") {
+            let port_zero = m.split_whitespace().nth(1) == Some("0");
+            sections.push((!port_zero, vec![]));
+        } else if let Some((sending, ssrcs)) = sections.last_mut() {
+            match line {
+                "a=recvonly" | "a=inactive" => *sending = false,
+                _ => {
+                    if let Some(rest) = line.strip_prefix("a=ssrc:")
+                        && let Some(n) = rest.split_whitespace().next().and_then(|n| n.parse().ok())
+                    {
+                        any_ssrc = true;
+                        ssrcs.push(n);
+                    }
+                }
+            }
+        }
+    }
+    for (sending, ssrcs) in sections {
+        if sending {
+            out.extend(ssrcs);
+        }
+    }
+    any_ssrc.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sending_ssrcs_skips_stopped_sections() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\na=ssrc:11 cname:x\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\na=ssrc:22 cname:x\r\n\
+                   m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv\r\na=ssrc:33 cname:x\r\n";
+        let s = sending_ssrcs(sdp).unwrap();
+        assert!(s.contains(&11) && !s.contains(&22) && !s.contains(&33));
+        assert!(sending_ssrcs("v=0\r\nm=audio 9 X 111\r\n").is_none());
+    }
 
     #[test]
     fn nat_map_rewrites_host_candidates_only() {

@@ -52,6 +52,9 @@ struct Member {
     role: Role,
     /// Track ids this member publishes, in publish order.
     tracks: Vec<String>,
+    /// Holds a publisher slot: set when its first publish offer is accepted, so two newcomers
+    /// negotiating at once cannot both pass the publisher limit.
+    publishing: bool,
     // Unbounded: room events are few and small (joins, leaves, publishes); media never goes
     // through here.
     tx: mpsc::UnboundedSender<RoomEvent>,
@@ -152,7 +155,7 @@ impl Room {
         self.lock()
             .members
             .values()
-            .filter(|(_, m)| !m.tracks.is_empty())
+            .filter(|(_, m)| m.publishing || !m.tracks.is_empty())
             .count()
     }
 
@@ -164,19 +167,20 @@ impl Room {
         let publishers = st
             .members
             .values()
-            .filter(|(id, m)| !m.tracks.is_empty() && id != pid)
+            .filter(|(id, m)| (m.publishing || !m.tracks.is_empty()) && id != pid)
             .count();
         let max_tracks = self.cfg.max_tracks_per_participant;
         let m = Self::find(&mut st, pid).ok_or(RoomError::NotMember)?;
         if !m.role.may_publish() {
             return Err(RoomError::Forbidden(m.role.as_str()));
         }
-        if m.tracks.is_empty() && publishers >= self.cfg.max_publishers {
+        if !m.publishing && m.tracks.is_empty() && publishers >= self.cfg.max_publishers {
             return Err(RoomError::TooManyPublishers(self.cfg.max_publishers));
         }
         if adding_track && m.tracks.len() >= max_tracks {
             return Err(RoomError::TooManyTracks(max_tracks));
         }
+        m.publishing = true;
         Ok(())
     }
 
@@ -332,6 +336,7 @@ impl Registry {
                 identity: identity.to_string(),
                 role,
                 tracks: vec![],
+                publishing: false,
                 tx,
                 joined_at: Instant::now(),
             };

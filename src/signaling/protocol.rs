@@ -143,6 +143,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_participants: usize,
     pub max_publishers: usize,
+    pub max_tracks_per_participant: usize,
+    pub rate_limit_per_sec: u32,
     pub ping_interval_ms: u64,
 }
 
@@ -201,8 +203,10 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
+    /// Result of a request. `id` echoes the request's id and is omitted when it had none.
     Response {
-        id: RequestId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
         result: ResponseResult,
     },
     Error {
@@ -313,7 +317,7 @@ mod tests {
             r#"{"type":"error","id":"a","error":{"code":"room_full","message":"full"}}"#
         );
         let s = ServerMessage::Response {
-            id: RequestId::Num(3),
+            id: Some(RequestId::Num(3)),
             result: ResponseResult::Empty {},
         }
         .to_json();

@@ -173,7 +173,7 @@ impl Session {
         let ClientEnvelope { id, msg } = env;
         match (self.state, msg) {
             (_, ClientMessage::Ping) => vec![Action::Send(ServerMessage::Response {
-                id: id.unwrap_or(RequestId::Num(0)),
+                id,
                 result: super::protocol::ResponseResult::Pong {
                     server_time_ms: unix_ms(),
                 },
@@ -197,13 +197,10 @@ impl Session {
                 ServerMessage::error(id, ErrorCode::AlreadyJoined, "already joined"),
             )],
             (State::Joined, ClientMessage::Leave) => {
-                let mut out = vec![];
-                if let Some(id) = id {
-                    out.push(Action::Send(ServerMessage::Response {
-                        id,
-                        result: super::protocol::ResponseResult::Empty {},
-                    }));
-                }
+                let mut out = vec![Action::Send(ServerMessage::Response {
+                    id,
+                    result: super::protocol::ResponseResult::Empty {},
+                })];
                 out.extend(self.close(close_code::NORMAL, "left"));
                 out
             }
@@ -239,10 +236,13 @@ impl Session {
             }
         }
         if claims.role == crate::auth::Role::Admin && claims.room == "*" {
-            return self.refuse(
+            let mut out = vec![Action::Send(ServerMessage::error(
                 id,
-                &AuthError::BadGrant("a wildcard admin token cannot join a room".into()),
-            );
+                ErrorCode::Forbidden,
+                "a wildcard admin token cannot join a room; mint one for the room",
+            ))];
+            out.extend(self.close(close_code::WRONG_ROOM, "forbidden"));
+            return out;
         }
         self.state = State::Joining;
         vec![Action::Join { id, claims }]
@@ -492,6 +492,51 @@ mod tests {
                 .count();
         }
         assert_eq!(limited, 50, "burst is 2x rate = 100");
+    }
+
+    #[test]
+    fn random_and_mutated_input_never_panics() {
+        let now = Instant::now();
+        let (mut s, auth) = session(now);
+        let t = auth.mint("r", "a", Role::Host, None).unwrap();
+        let seeds = [
+            format!(r#"{{"id":1,"type":"join","token":"{t}"}}"#),
+            r#"{"id":"x","type":"publish","sdp":"v=0"}"#.to_string(),
+            r#"{"type":"candidate","target":"publisher","candidate":{"candidate":"c","sdpMid":"0","sdpMLineIndex":0}}"#.to_string(),
+            r#"{"type":"answer","offer_id":1,"sdp":"v=0"}"#.to_string(),
+        ];
+        let mut rng_state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state
+        };
+        for i in 0..20_000u64 {
+            let mut bytes = seeds[(next() % 4) as usize].clone().into_bytes();
+            for _ in 0..(next() % 6) {
+                let pos = (next() as usize) % bytes.len().max(1);
+                let last = bytes.len() - 1;
+                let b = next() as u8;
+                match next() % 3 {
+                    0 => bytes[pos.min(last)] = b,
+                    1 => bytes.insert(pos, b),
+                    _ => {
+                        bytes.remove(pos.min(last));
+                    }
+                }
+                if bytes.is_empty() {
+                    bytes.push(b'{');
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let at = now + Duration::from_millis(i);
+            let _ = s.on_text(at, &text);
+            if s.is_closed() {
+                let (fresh, _) = session(at);
+                s = fresh;
+            }
+        }
     }
 
     #[test]

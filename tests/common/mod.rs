@@ -827,9 +827,8 @@ impl Client {
                             p.header.marker = k == 2;
                             p.payload = make_payload(tag_video, vframe * 3 + k, 1000);
                             vseq = vseq.wrapping_add(1);
-                            if v.write_rtp(p).await.is_err() {
-                                return;
-                            }
+                            // Fails once the video track was removed; audio goes on.
+                            let _ = v.write_rtp(p).await;
                         }
                     }
                 }
@@ -847,6 +846,26 @@ impl Client {
             stop,
         });
         Ok(())
+    }
+
+    /// Remove the video track from the publisher connection and renegotiate.
+    pub async fn unpublish_video(&self) -> Value {
+        let pc = self.publisher.lock().unwrap().clone().expect("published");
+        let p = self.publication.as_ref().expect("published");
+        pc.remove_track(&p.video_sender)
+            .await
+            .expect("remove_track");
+        let offer = pc.create_offer(None).await.expect("offer");
+        let sdp = offer.sdp.clone();
+        pc.set_local_description(offer).await.expect("sld");
+        let resp = self.sig.request(json!({"type":"publish","sdp":sdp})).await;
+        if resp["type"] == "response" {
+            let answer =
+                RTCSessionDescription::answer(resp["result"]["sdp"].as_str().unwrap().to_string())
+                    .unwrap();
+            pc.set_remote_description(answer).await.expect("srd");
+        }
+        resp
     }
 
     pub fn stop_media(&self) {
