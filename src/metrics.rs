@@ -6,7 +6,9 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::peer::PeerFactory;
+use crate::peer::keyframe_interceptor::RTCP;
 use crate::room::Registry;
+use crate::sfu::TOTALS;
 use crate::signaling::protocol::Kind;
 
 #[derive(Debug, Default)]
@@ -20,16 +22,12 @@ pub struct Metrics {
     pub plis_sent: AtomicU64,
 }
 
-fn line(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-    );
+fn g(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
 }
 
 impl Metrics {
     pub fn render(&self, rooms: &Registry, peers: &PeerFactory) -> String {
-        let mut out = String::new();
         let (mut participants, mut audio, mut video, mut subs) = (0u64, 0u64, 0u64, 0u64);
         let (mut pk_in, mut pk_out, mut by_out, mut dropped, mut kf) = (0u64, 0, 0, 0, 0);
         for r in rooms.rooms() {
@@ -40,156 +38,211 @@ impl Metrics {
                     Kind::Video => video += 1,
                 }
                 subs += t.subscriber_count() as u64;
-                pk_in += t.stats.packets_in.load(Ordering::Relaxed);
-                pk_out += t.stats.packets_out.load(Ordering::Relaxed);
-                by_out += t.stats.bytes_out.load(Ordering::Relaxed);
-                dropped += t.stats.dropped.load(Ordering::Relaxed);
-                kf += t.stats.keyframe_requests.load(Ordering::Relaxed);
+                pk_in += g(&t.stats.packets_in);
+                pk_out += g(&t.stats.packets_out);
+                by_out += g(&t.stats.bytes_out);
+                dropped += g(&t.stats.dropped);
+                kf += g(&t.stats.keyframe_requests);
             }
         }
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        line(
-            &mut out,
-            "cohost_rooms",
-            "gauge",
-            "Rooms with at least one participant.",
-            rooms.room_count() as u64,
-        );
-        line(
-            &mut out,
-            "cohost_participants",
-            "gauge",
-            "Participants in all rooms.",
-            participants,
-        );
-        line(
-            &mut out,
-            "cohost_published_tracks_audio",
-            "gauge",
-            "Published audio tracks.",
-            audio,
-        );
-        line(
-            &mut out,
-            "cohost_published_tracks_video",
-            "gauge",
-            "Published video tracks.",
-            video,
-        );
-        line(
-            &mut out,
-            "cohost_subscriptions",
-            "gauge",
-            "Track subscriptions.",
-            subs,
-        );
-        line(
-            &mut out,
-            "cohost_peer_connections",
-            "gauge",
-            "Open peer connections.",
-            g(&peers.live),
-        );
-        line(
-            &mut out,
-            "cohost_udp_ports_in_use",
-            "gauge",
-            "UDP ports leased from the range.",
-            peers.ports().in_use() as u64,
-        );
-        line(
-            &mut out,
-            "cohost_ws_connections",
-            "gauge",
-            "Open signaling WebSockets.",
-            g(&self.ws_connections),
-        );
-        line(
-            &mut out,
-            "cohost_tasks_alive",
-            "gauge",
-            "Tokio tasks alive in the server runtime.",
-            tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks() as u64,
-        );
-        line(
-            &mut out,
-            "cohost_packets_received_live",
-            "gauge",
-            "RTP packets received on currently published tracks.",
-            pk_in,
-        );
-        line(
-            &mut out,
-            "cohost_packets_forwarded_live",
-            "gauge",
-            "RTP packets forwarded from currently published tracks.",
-            pk_out,
-        );
-        line(
-            &mut out,
-            "cohost_bytes_forwarded_live",
-            "gauge",
-            "Payload bytes forwarded from currently published tracks.",
-            by_out,
-        );
-        line(
-            &mut out,
-            "cohost_packets_dropped_live",
-            "gauge",
-            "Packets dropped on full subscriber queues (current tracks).",
-            dropped,
-        );
-        line(
-            &mut out,
-            "cohost_keyframe_requests_live",
-            "gauge",
-            "Keyframe requests raised on current tracks.",
-            kf,
-        );
-        line(
-            &mut out,
-            "cohost_joins_total",
-            "counter",
-            "Successful joins.",
-            g(&self.joins),
-        );
-        line(
-            &mut out,
-            "cohost_join_failures_total",
-            "counter",
-            "Refused joins (room full, ...).",
-            g(&self.join_failures),
-        );
-        line(
-            &mut out,
-            "cohost_signaling_errors_total",
-            "counter",
-            "Error responses sent.",
-            g(&self.signaling_errors),
-        );
-        line(
-            &mut out,
-            "cohost_peer_failures_total",
-            "counter",
-            "Peer connections that could not be created.",
-            g(&self.peer_failures),
-        );
-        line(
-            &mut out,
-            "cohost_ice_failures_total",
-            "counter",
-            "Peer connections that failed (ICE/DTLS).",
-            g(&self.ice_failures),
-        );
-        line(
-            &mut out,
-            "cohost_plis_sent_total",
-            "counter",
-            "PLIs sent to publishers (after throttling).",
-            g(&self.plis_sent),
-        );
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as u64;
+        let rows: &[(&str, &str, &str, u64)] = &[
+            (
+                "cohost_rooms",
+                "gauge",
+                "Rooms with at least one participant.",
+                rooms.room_count() as u64,
+            ),
+            (
+                "cohost_participants",
+                "gauge",
+                "Participants in all rooms.",
+                participants,
+            ),
+            (
+                "cohost_published_tracks_audio",
+                "gauge",
+                "Published audio tracks.",
+                audio,
+            ),
+            (
+                "cohost_published_tracks_video",
+                "gauge",
+                "Published video tracks.",
+                video,
+            ),
+            (
+                "cohost_subscriptions",
+                "gauge",
+                "Track subscriptions (subscribed tracks).",
+                subs,
+            ),
+            (
+                "cohost_peer_connections",
+                "gauge",
+                "Open peer connections.",
+                g(&peers.live),
+            ),
+            (
+                "cohost_udp_ports_in_use",
+                "gauge",
+                "UDP ports leased from the range.",
+                peers.ports().in_use() as u64,
+            ),
+            (
+                "cohost_ws_connections",
+                "gauge",
+                "Open signaling WebSockets.",
+                g(&self.ws_connections),
+            ),
+            (
+                "cohost_tasks_alive",
+                "gauge",
+                "Tokio tasks alive in the server runtime.",
+                tasks,
+            ),
+            (
+                "cohost_packets_received_live",
+                "gauge",
+                "RTP packets received on currently published tracks.",
+                pk_in,
+            ),
+            (
+                "cohost_packets_forwarded_live",
+                "gauge",
+                "RTP packets forwarded from currently published tracks.",
+                pk_out,
+            ),
+            (
+                "cohost_bytes_forwarded_live",
+                "gauge",
+                "Payload bytes forwarded from currently published tracks.",
+                by_out,
+            ),
+            (
+                "cohost_packets_dropped_live",
+                "gauge",
+                "Packets dropped on full subscriber queues (current tracks).",
+                dropped,
+            ),
+            (
+                "cohost_keyframe_requests_live",
+                "gauge",
+                "Keyframe requests raised on current tracks.",
+                kf,
+            ),
+            (
+                "cohost_packets_received_total",
+                "counter",
+                "RTP packets received from publishers.",
+                g(&TOTALS.packets_in),
+            ),
+            (
+                "cohost_bytes_received_total",
+                "counter",
+                "RTP payload bytes received from publishers.",
+                g(&TOTALS.bytes_in),
+            ),
+            (
+                "cohost_packets_forwarded_total",
+                "counter",
+                "RTP packets handed to subscriber legs.",
+                g(&TOTALS.packets_out),
+            ),
+            (
+                "cohost_bytes_forwarded_total",
+                "counter",
+                "RTP payload bytes handed to subscriber legs.",
+                g(&TOTALS.bytes_out),
+            ),
+            (
+                "cohost_packets_dropped_total",
+                "counter",
+                "Packets dropped on full subscriber queues.",
+                g(&TOTALS.dropped),
+            ),
+            (
+                "cohost_keyframe_requests_total",
+                "counter",
+                "Keyframe requests raised (joins, PLI/FIR from subscribers), before throttling.",
+                g(&TOTALS.keyframe_requests),
+            ),
+            (
+                "cohost_plis_sent_total",
+                "counter",
+                "Keyframe requests sent to publishers after throttling.",
+                g(&self.plis_sent),
+            ),
+            (
+                "cohost_rtcp_nacks_received_total",
+                "counter",
+                "RTCP NACK packets received (from subscribers).",
+                g(&RTCP.nacks_received),
+            ),
+            (
+                "cohost_rtcp_nacks_sent_total",
+                "counter",
+                "RTCP NACK packets sent (to publishers).",
+                g(&RTCP.nacks_sent),
+            ),
+            (
+                "cohost_rtcp_plis_received_total",
+                "counter",
+                "RTCP PLI packets received (from subscribers).",
+                g(&RTCP.plis_received),
+            ),
+            (
+                "cohost_rtcp_plis_sent_total",
+                "counter",
+                "RTCP PLI packets sent on the wire (to publishers).",
+                g(&RTCP.plis_sent),
+            ),
+            (
+                "cohost_rtcp_firs_received_total",
+                "counter",
+                "RTCP FIR packets received (from subscribers).",
+                g(&RTCP.firs_received),
+            ),
+            (
+                "cohost_joins_total",
+                "counter",
+                "Successful joins.",
+                g(&self.joins),
+            ),
+            (
+                "cohost_join_failures_total",
+                "counter",
+                "Refused joins (bad or expired token, wrong room, room full).",
+                g(&self.join_failures),
+            ),
+            (
+                "cohost_signaling_errors_total",
+                "counter",
+                "Error messages sent to signaling clients.",
+                g(&self.signaling_errors),
+            ),
+            (
+                "cohost_peer_failures_total",
+                "counter",
+                "Peer connections that could not be created (ports, sockets).",
+                g(&self.peer_failures),
+            ),
+            (
+                "cohost_ice_failures_total",
+                "counter",
+                "Peer connections that failed (ICE or DTLS).",
+                g(&self.ice_failures),
+            ),
+        ];
+        let mut out = String::with_capacity(rows.len() * 160);
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
         out
     }
 }

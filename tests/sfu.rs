@@ -449,3 +449,56 @@ async fn removing_a_track_by_renegotiation_unpublishes_it() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_stats_and_metrics_report_forwarding() {
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "stats", "host", Role::Host).await;
+    let viewer = Client::join(&server, "stats", "viewer", Role::Audience).await;
+    host.publish(None).await.unwrap();
+    viewer
+        .wait_packets(host.publication.as_ref().unwrap().tag_video, 30)
+        .await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let deadline = Instant::now() + common::T;
+    let room = loop {
+        let (s, body) = server.get("/v1/rooms/stats", Some(&admin)).await;
+        assert_eq!(s, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+        let video = v["tracks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["kind"] == "video")
+            .cloned()
+            .unwrap();
+        let host_media = v["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["identity"] == "host")
+            .map(|p| p["media"].clone())
+            .unwrap();
+        if video["bitrate_bps"].as_u64().unwrap_or(0) > 0 && !host_media["publisher"].is_null() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no bitrate in {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let video = room["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "video")
+        .unwrap();
+    // 3 packets of 1000 bytes per 33 ms frame: about 720 kbit/s.
+    let bps = video["bitrate_bps"].as_u64().unwrap();
+    assert!((300_000..2_000_000).contains(&bps), "{bps}");
+    assert_eq!(video["subscribers"], 1);
+    let m = server.metrics().await;
+    assert!(m["cohost_packets_forwarded_total"] > 0.0);
+    assert!(m["cohost_bytes_forwarded_total"] > 0.0);
+    assert!(m["cohost_plis_sent_total"] >= 1.0);
+    assert!(m["cohost_rtcp_plis_sent_total"] >= 1.0);
+    assert_eq!(m["cohost_subscriptions"], 2.0);
+}

@@ -138,13 +138,15 @@ async fn get_room(
                 "bytes_in": t.stats.bytes_in.load(Ordering::Relaxed),
                 "packets_out": t.stats.packets_out.load(Ordering::Relaxed),
                 "dropped": t.stats.dropped.load(Ordering::Relaxed),
+                "bitrate_bps": t.stats.bitrate_bps.load(Ordering::Relaxed),
+                "packets_lost": t.stats.packets_lost.load(Ordering::Relaxed),
                 "keyframe_requests": t.stats.keyframe_requests.load(Ordering::Relaxed),
             })
         })
         .collect();
     Json(json!({
         "name": r.name,
-        "participants": r.participants(),
+        "participants": r.participants_detailed(),
         "tracks": tracks,
     }))
     .into_response()

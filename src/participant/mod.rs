@@ -155,7 +155,14 @@ pub struct Driver {
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     /// Set once the driver decided to end; the loop exits after flushing.
     ending: Option<LeaveReason>,
+    /// Next refresh of connection statistics and track bitrates.
+    stats_at: Instant,
+    /// bytes_in per published track at the last refresh.
+    last_bytes: HashMap<String, u64>,
 }
+
+/// How often connection statistics and bitrates are refreshed.
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
 
 impl Driver {
     pub fn new(svc: Arc<Services>, url_room: Option<String>, out: mpsc::Sender<WsOut>) -> Self {
@@ -177,6 +184,8 @@ impl Driver {
             internal_tx,
             internal_rx,
             ending: None,
+            stats_at: Instant::now() + STATS_INTERVAL,
+            last_bytes: HashMap::new(),
         }
     }
 
@@ -250,6 +259,9 @@ impl Driver {
                     let acts = self.session.on_tick(Instant::now());
                     self.apply(acts).await;
                     self.check_answer_timeout().await;
+                    if Instant::now() >= self.stats_at {
+                        self.refresh_stats().await;
+                    }
                 }
                 _ = shutdown.changed() => {
                     let acts = self.session.close(close_code::GOING_AWAY, "server shutting down");
@@ -262,7 +274,11 @@ impl Driver {
     }
 
     fn next_deadline(&self) -> Instant {
-        let mut t = self.session.next_tick().min(Instant::now() + MAX_TICK);
+        let mut t = self
+            .session
+            .next_tick()
+            .min(Instant::now() + MAX_TICK)
+            .min(self.stats_at);
         if let Some(j) = &self.joined
             && let Some((_, deadline)) = j.negotiating
         {
@@ -861,6 +877,43 @@ impl Driver {
         for r in j.kf_ready.drain(..) {
             r.request_keyframe();
         }
+    }
+
+    /// Refresh track bitrates and the connection statistics the REST API shows.
+    async fn refresh_stats(&mut self) {
+        let elapsed = STATS_INTERVAL.as_secs_f64();
+        self.stats_at = Instant::now() + STATS_INTERVAL;
+        let Some(j) = self.joined.as_ref() else {
+            return;
+        };
+        let publisher = match &j.publisher {
+            Some(p) => Some(p.stats().await),
+            None => None,
+        };
+        let subscriber = match &j.subscriber {
+            Some(p) => Some(p.stats().await),
+            None => None,
+        };
+        for (id, p) in &j.published {
+            let bytes = p.router.stats.bytes_in.load(Ordering::Relaxed);
+            let last = self.last_bytes.insert(id.clone(), bytes).unwrap_or(bytes);
+            let bps = (bytes.saturating_sub(last) as f64 * 8.0 / elapsed) as u64;
+            p.router.stats.bitrate_bps.store(bps, Ordering::Relaxed);
+            if let Some(s) = publisher
+                .as_ref()
+                .and_then(|s| s.inbound.iter().find(|i| i.ssrc == p.ssrc))
+            {
+                p.router
+                    .stats
+                    .packets_lost
+                    .store(s.packets_lost, Ordering::Relaxed);
+            }
+        }
+        self.last_bytes.retain(|id, _| j.published.contains_key(id));
+        j.room.set_media_stats(
+            &j.pid,
+            serde_json::json!({ "publisher": publisher, "subscriber": subscriber }),
+        );
     }
 
     async fn check_answer_timeout(&mut self) {

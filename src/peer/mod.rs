@@ -301,10 +301,15 @@ pub fn media_engine() -> Result<MediaEngine, PeerError> {
 /// then keyframe-request delivery to the application.
 pub fn interceptors(me: &mut MediaEngine) -> Result<Registry, PeerError> {
     let reg = register_default_interceptors(Registry::new(), me).map_err(werr)?;
-    Ok(reg.with(
-        Slot::from(keyframe_interceptor::SLOT),
-        keyframe_interceptor::KeyframeRequestInterceptor::default(),
-    ))
+    Ok(reg
+        .with(
+            Slot::from(keyframe_interceptor::COUNTER_SLOT),
+            keyframe_interceptor::RtcpCounter::default(),
+        )
+        .with(
+            Slot::from(keyframe_interceptor::SLOT),
+            keyframe_interceptor::KeyframeRequestInterceptor::default(),
+        ))
 }
 
 /// Connectivity checks per candidate pair: a fast check interval must not also shorten how long
@@ -542,11 +547,71 @@ impl Peer {
         self.pc.remove_track(&t.sender).await.map_err(werr)
     }
 
+    /// Transport and stream statistics (what the REST room stats show).
+    pub async fn stats(&self) -> PeerStats {
+        use webrtc::peer_connection::{RTCStatsReportEntry, StatsSelector};
+        let report = self
+            .pc
+            .get_stats(std::time::Instant::now(), StatsSelector::None)
+            .await;
+        let mut out = PeerStats::default();
+        for e in report.iter() {
+            match e {
+                RTCStatsReportEntry::IceCandidatePair(p) if p.nominated => {
+                    out.rtt_ms = Some(p.current_round_trip_time * 1000.0);
+                }
+                RTCStatsReportEntry::InboundRtp(s) => {
+                    let r = &s.received_rtp_stream_stats;
+                    out.inbound.push(InboundStat {
+                        ssrc: r.rtp_stream_stats.ssrc,
+                        packets_received: r.packets_received,
+                        packets_lost: r.packets_lost.max(0) as u64,
+                        jitter_ms: r.jitter * 1000.0,
+                    });
+                }
+                RTCStatsReportEntry::RemoteInboundRtp(s) => {
+                    out.remote_inbound.push(RemoteInboundStat {
+                        ssrc: s.received_rtp_stream_stats.rtp_stream_stats.ssrc,
+                        fraction_lost: s.fraction_lost,
+                        rtt_ms: s.round_trip_time * 1000.0,
+                    });
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
     pub async fn close(&self) {
         if let Err(e) = self.pc.close().await {
             debug!("peer close: {e}");
         }
     }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PeerStats {
+    /// Round-trip time of the selected ICE candidate pair.
+    pub rtt_ms: Option<f64>,
+    /// Streams we receive (publisher connection).
+    pub inbound: Vec<InboundStat>,
+    /// How the client receives what we send (subscriber connection, from its receiver reports).
+    pub remote_inbound: Vec<RemoteInboundStat>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct InboundStat {
+    pub ssrc: u32,
+    pub packets_received: u64,
+    pub packets_lost: u64,
+    pub jitter_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RemoteInboundStat {
+    pub ssrc: u32,
+    pub fraction_lost: f64,
+    pub rtt_ms: f64,
 }
 
 /// A track a client publishes to us.

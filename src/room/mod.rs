@@ -59,6 +59,8 @@ struct Member {
     // through here.
     tx: mpsc::UnboundedSender<RoomEvent>,
     joined_at: Instant,
+    /// Connection statistics the member's driver refreshes (opaque here: RTT, loss, jitter).
+    media_stats: serde_json::Value,
 }
 
 #[derive(Default)]
@@ -136,6 +138,32 @@ impl Room {
         st.members
             .values()
             .map(|(id, m)| Self::info_of(&st, id, m))
+            .collect()
+    }
+
+    pub fn set_media_stats(&self, pid: &str, stats: serde_json::Value) {
+        let mut st = self.lock();
+        if let Some(m) = Self::find(&mut st, pid) {
+            m.media_stats = stats;
+        }
+    }
+
+    /// Participants with their connection statistics, for the REST room view.
+    pub fn participants_detailed(&self) -> Vec<serde_json::Value> {
+        let st = self.lock();
+        st.members
+            .values()
+            .map(|(id, m)| {
+                let info = Self::info_of(&st, id, m);
+                serde_json::json!({
+                    "id": info.id,
+                    "identity": info.identity,
+                    "role": info.role,
+                    "tracks": info.tracks,
+                    "connected_secs": m.joined_at.elapsed().as_secs(),
+                    "media": m.media_stats,
+                })
+            })
             .collect()
     }
 
@@ -339,6 +367,7 @@ impl Registry {
                 publishing: false,
                 tx,
                 joined_at: Instant::now(),
+                media_stats: serde_json::Value::Null,
             };
             let info = Room::info_of(&st, &pid, &member);
             let others: Vec<ParticipantInfo> = st

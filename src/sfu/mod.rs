@@ -26,6 +26,26 @@ pub struct CodecSpec {
     pub fmtp: String,
 }
 
+/// Process-wide totals over every track that ever existed (Prometheus counters).
+#[derive(Debug)]
+pub struct Totals {
+    pub packets_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub packets_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub dropped: AtomicU64,
+    pub keyframe_requests: AtomicU64,
+}
+
+pub static TOTALS: Totals = Totals {
+    packets_in: AtomicU64::new(0),
+    bytes_in: AtomicU64::new(0),
+    packets_out: AtomicU64::new(0),
+    bytes_out: AtomicU64::new(0),
+    dropped: AtomicU64::new(0),
+    keyframe_requests: AtomicU64::new(0),
+};
+
 /// Counters for one published track; read by metrics and room stats.
 #[derive(Debug, Default)]
 pub struct TrackStats {
@@ -36,6 +56,11 @@ pub struct TrackStats {
     /// Packets not queued because a subscriber's queue was full.
     pub dropped: AtomicU64,
     pub keyframe_requests: AtomicU64,
+    /// Incoming bitrate, bits per second, refreshed by the publisher's connection every few
+    /// seconds from `bytes_in`.
+    pub bitrate_bps: AtomicU64,
+    /// Packets the publisher's connection reported lost (RTCP receiver statistics).
+    pub packets_lost: AtomicU64,
 }
 
 struct Sub {
@@ -115,23 +140,30 @@ impl TrackRouter {
         let len = pkt.payload.len() as u64;
         self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
+        TOTALS.packets_in.fetch_add(1, Ordering::Relaxed);
+        TOTALS.bytes_in.fetch_add(len, Ordering::Relaxed);
         let subs = match self.subs.read() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
         let mut out = 0u64;
+        let mut dropped = 0u64;
         for s in subs.iter() {
             match s.tx.try_send(pkt.clone()) {
                 Ok(()) => out += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+                Err(mpsc::error::TrySendError::Full(_)) => dropped += 1,
                 // The subscription is being dropped; its Drop removes it.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         self.stats.packets_out.fetch_add(out, Ordering::Relaxed);
         self.stats.bytes_out.fetch_add(out * len, Ordering::Relaxed);
+        TOTALS.packets_out.fetch_add(out, Ordering::Relaxed);
+        TOTALS.bytes_out.fetch_add(out * len, Ordering::Relaxed);
+        if dropped > 0 {
+            self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
+            TOTALS.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
     }
 
     pub fn subscribe(self: &Arc<Self>, capacity: usize) -> Subscription {
@@ -171,6 +203,7 @@ impl TrackRouter {
     pub fn request_keyframe(&self) {
         if self.kind == Kind::Video {
             self.stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+            TOTALS.keyframe_requests.fetch_add(1, Ordering::Relaxed);
             // Full means one is already outstanding: that one will serve this request too.
             let _ = self.keyframe_tx.try_send(());
         }
