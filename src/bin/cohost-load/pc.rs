@@ -1,0 +1,104 @@
+//! Client peer connections for the load generator: the same codecs and interceptors as the
+//! server (so NACK/RTCP behave as in production), loopback only, fast ICE.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
+    SettingEngineBuilder,
+};
+
+use crate::stats::Sink;
+
+/// Events a client connection reports to its signaling code.
+#[derive(Debug)]
+pub enum PcEvent {
+    /// A local candidate (browser JSON shape fields); `None` = gathering complete.
+    Candidate(Option<(String, Option<String>, Option<u16>)>),
+    State(RTCPeerConnectionState),
+}
+
+struct Handler {
+    tx: mpsc::UnboundedSender<PcEvent>,
+    sink: Option<Arc<Sink>>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if let Ok(init) = event.candidate.to_json() {
+            let _ = self.tx.send(PcEvent::Candidate(Some((
+                init.candidate,
+                init.sdp_mid,
+                init.sdp_mline_index,
+            ))));
+        }
+    }
+
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.tx.send(PcEvent::Candidate(None));
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.tx.send(PcEvent::State(state));
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let Some(sink) = self.sink.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            while let Some(ev) = track.poll().await {
+                match ev {
+                    TrackRemoteEvent::OnRtpPacket(p) => sink.on_packet(&p, Instant::now()),
+                    TrackRemoteEvent::OnEnded => break,
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+/// Build a client connection on 127.0.0.1. Received media goes to `sink` (if any); candidates
+/// and state changes come out of the returned channel.
+pub async fn new_pc(
+    sink: Option<Arc<Sink>>,
+) -> anyhow::Result<(Arc<dyn PeerConnection>, mpsc::UnboundedReceiver<PcEvent>)> {
+    let mut me = cohost::peer::media_engine()?;
+    let reg = cohost::peer::interceptors(&mut me)?;
+    let se = SettingEngineBuilder::new()
+        .with_ice_connection_attempts(Some(Duration::from_millis(50)), Some(100))
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_include_loopback_candidate(true)
+        .build();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_setting_engine(se)
+        .with_interceptor_registry(reg)
+        .with_handler(Arc::new(Handler { tx, sink }) as Arc<dyn PeerConnectionEventHandler>)
+        .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+        .build()
+        .await
+        .map_err(|e| anyhow::anyhow!("client peer connection: {e}"))?;
+    Ok((Arc::new(pc), rx))
+}
+
+/// Wait until ICE gathering completes (for signaling without trickle, e.g. Janus over HTTP).
+pub async fn wait_gathered(rx: &mut mpsc::UnboundedReceiver<PcEvent>, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, async {
+        while let Some(ev) = rx.recv().await {
+            if matches!(ev, PcEvent::Candidate(None)) {
+                return;
+            }
+        }
+    })
+    .await;
+}
