@@ -91,6 +91,9 @@ pub struct WebrtcConfig {
     /// Minimum time between two keyframe requests sent to one publisher track.
     #[serde(with = "humantime_serde_compat")]
     pub keyframe_request_interval: Duration,
+    /// Kernel send and receive buffer of every media socket, in bytes (capped by the kernel's
+    /// net.core.rmem_max / wmem_max). Large buffers absorb keyframe bursts; 0 keeps the OS default.
+    pub socket_buffer_bytes: usize,
     /// Packets queued per subscriber track; when full, new packets for that subscriber are
     /// dropped (it recovers through NACK or a keyframe request) so one slow subscriber never
     /// holds back the others.
@@ -174,6 +177,7 @@ impl Default for WebrtcConfig {
             ice_failed_timeout: Duration::from_secs(5),
             ice_check_interval: Duration::from_millis(50),
             keyframe_request_interval: Duration::from_millis(500),
+            socket_buffer_bytes: 4 * 1024 * 1024,
             subscriber_queue: 512,
         }
     }

@@ -689,6 +689,7 @@ impl Driver {
         // Keyframe requests from subscribers, throttled, out to the publisher as PLI.
         let interval = self.svc.cfg.webrtc.keyframe_request_interval;
         let metrics = self.svc.metrics.clone();
+        let pli_track = track_id.clone();
         let pli = tokio::spawn(async move {
             let mut throttle = KeyframeThrottle::new(interval);
             while kf_rx.recv().await.is_some() {
@@ -699,6 +700,7 @@ impl Driver {
                     }
                     Decision::Coalesced => continue,
                 }
+                debug!(track = %pli_track, "PLI to publisher");
                 if requester.send_pli().await.is_err() {
                     break;
                 }
@@ -875,6 +877,7 @@ impl Driver {
             return;
         }
         for r in j.kf_ready.drain(..) {
+            debug!(participant = %j.pid, track = %r.id, "keyframe for new subscription");
             r.request_keyframe();
         }
     }

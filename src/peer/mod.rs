@@ -5,6 +5,7 @@
 
 pub mod keyframe_interceptor;
 mod ports;
+pub mod runtime;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -323,6 +324,7 @@ pub fn binding_requests(check_interval: Duration) -> u16 {
 /// Builds peer connections; owns the UDP port pool.
 pub struct PeerFactory {
     cfg: WebrtcConfig,
+    runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
     nat: Arc<NatMap>,
     ports: Arc<PortPool>,
     /// Live peer connections (for metrics and leak checks).
@@ -333,6 +335,7 @@ impl PeerFactory {
     pub fn new(cfg: WebrtcConfig) -> Self {
         let ports = Arc::new(PortPool::new(cfg.udp_port_min, cfg.udp_port_max));
         Self {
+            runtime: runtime::BufferedRuntime::new(cfg.socket_buffer_bytes),
             nat: Arc::new(NatMap::new(&cfg.public_ips)),
             cfg,
             ports,
@@ -400,14 +403,25 @@ impl PeerFactory {
                 Some(binding_requests(self.cfg.ice_check_interval)),
             )
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-            .with_include_loopback_candidate(self.cfg.bind_ip.is_loopback());
+            .with_include_loopback_candidate(self.cfg.bind_ip.is_loopback())
+            // The ICE agent waits before accepting a peer-reflexive pair (1 s by default) or a
+            // server-reflexive one (500 ms), hoping for a better one. With trickle ICE the
+            // server usually learns a client's address from its first check (prflx) before the
+            // candidate arrives over signaling, so the wait only delays media by a second;
+            // the server has nothing better to wait for.
+            .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
+            .with_srflx_acceptance_min_wait(Some(Duration::ZERO));
         // The configured STUN/TURN servers are for clients behind NAT (handed out in the join
         // response). The server itself announces its bind IP or `public_ips` and needs neither,
         // and asking a STUN server from every connection would only add gathering time.
         let config = RTCConfigurationBuilder::new().build();
         let addr = SocketAddr::new(self.cfg.bind_ip, port);
         let tcp: Vec<SocketAddr> = if self.cfg.ice_tcp { vec![addr] } else { vec![] };
-        PeerConnectionBuilder::new()
+        let mut builder = PeerConnectionBuilder::new();
+        if let Some(rt) = &self.runtime {
+            builder = builder.with_runtime(rt.clone());
+        }
+        builder
             .with_configuration(config)
             .with_media_engine(me)
             .with_setting_engine(se.build())

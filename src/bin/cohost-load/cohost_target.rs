@@ -36,7 +36,11 @@ impl CohostTarget {
         let mut child = Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .env_remove("COHOST_CONFIG")
-            .env("COHOST_LOG", "warn,rtc=error,webrtc=error")
+            .env(
+                "COHOST_LOG",
+                std::env::var("LOADGEN_SERVER_LOG")
+                    .unwrap_or_else(|_| "warn,rtc=error,webrtc=error".into()),
+            )
             .env("COHOST_WEBRTC__UDP_PORT_MIN", "40000")
             .env("COHOST_WEBRTC__UDP_PORT_MAX", "44999")
             .env("COHOST_ROOM__MAX_PARTICIPANTS", "1000")
@@ -103,7 +107,10 @@ impl Sig {
         };
         v["id"] = json!(id);
         let (s, r) = oneshot::channel();
-        self.pending.lock().map_err(|_| anyhow!("lock"))?.insert(id, s);
+        self.pending
+            .lock()
+            .map_err(|_| anyhow!("lock"))?
+            .insert(id, s);
         self.tx.send(Message::Text(v.to_string().into()))?;
         let resp = tokio::time::timeout(Duration::from_secs(20), r)
             .await
@@ -172,7 +179,11 @@ impl Target for CohostTarget {
         media: Option<PublishTracks>,
         sink: Arc<Sink>,
     ) -> anyhow::Result<Box<dyn Joined>> {
-        let role = if media.is_some() { Role::Host } else { Role::Audience };
+        let role = if media.is_some() {
+            Role::Host
+        } else {
+            Role::Audience
+        };
         let token = self
             .auth
             .mint(room, identity, role, None)
@@ -201,7 +212,9 @@ impl Target for CohostTarget {
         let reader = tokio::spawn(async move {
             while let Some(Ok(m)) = wstream.next().await {
                 let Message::Text(t) = m else { continue };
-                let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(&t) else {
+                    continue;
+                };
                 match v["type"].as_str() {
                     Some("response") | Some("error") => {
                         if let Some(id) = v["id"].as_u64()
@@ -212,11 +225,15 @@ impl Target for CohostTarget {
                     }
                     Some("offer") => {
                         let sdp = v["sdp"].as_str().unwrap_or_default().to_string();
-                        let Ok(offer) = RTCSessionDescription::offer(sdp) else { continue };
+                        let Ok(offer) = RTCSessionDescription::offer(sdp) else {
+                            continue;
+                        };
                         if sub2.set_remote_description(offer).await.is_err() {
                             continue;
                         }
-                        let Ok(answer) = sub2.create_answer(None).await else { continue };
+                        let Ok(answer) = sub2.create_answer(None).await else {
+                            continue;
+                        };
                         let sdp = answer.sdp.clone();
                         if sub2.set_local_description(answer).await.is_err() {
                             continue;

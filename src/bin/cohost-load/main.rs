@@ -30,7 +30,10 @@ use stats::{Sink, cpu_seconds, percentile, rss_bytes};
 use target::{Joined, PublishTracks, Target};
 
 #[derive(Parser, Debug)]
-#[command(name = "cohost-load", about = "Load generator and side-by-side SFU benchmark")]
+#[command(
+    name = "cohost-load",
+    about = "Load generator and side-by-side SFU benchmark"
+)]
 struct Cli {
     /// cohost, janus or both
     #[arg(long, default_value = "both")]
@@ -84,6 +87,8 @@ struct Result_ {
     latency_p50_ms: f64,
     latency_p95_ms: f64,
     latency_p99_ms: f64,
+    audio_latency_p50_ms: f64,
+    audio_latency_p99_ms: f64,
     join_first_video_p50_ms: f64,
     join_first_video_p95_ms: f64,
     cpu_us_per_packet: f64,
@@ -118,7 +123,14 @@ fn tracks(id: u32) -> (PublishTracks, (u32, u32)) {
     };
     (
         PublishTracks {
-            audio: mk(RtpCodecKind::Audio, a, "audio/opus", 48000, 2, "minptime=10;useinbandfec=1"),
+            audio: mk(
+                RtpCodecKind::Audio,
+                a,
+                "audio/opus",
+                48000,
+                2,
+                "minptime=10;useinbandfec=1",
+            ),
             video: mk(
                 RtpCodecKind::Video,
                 v,
@@ -175,7 +187,11 @@ async fn first_video(sinks: &[Arc<Sink>], timeout: Duration) -> Vec<f64> {
             .collect();
         if done.len() == sinks.len() || Instant::now() > deadline {
             if done.len() < sinks.len() {
-                eprintln!("  warning: {} of {} receivers got no video", sinks.len() - done.len(), sinks.len());
+                eprintln!(
+                    "  warning: {} of {} receivers got no video",
+                    sinks.len() - done.len(),
+                    sinks.len()
+                );
             }
             return done;
         }
@@ -184,12 +200,7 @@ async fn first_video(sinks: &[Arc<Sink>], timeout: Duration) -> Vec<f64> {
 }
 
 /// Measure a window over `sinks` and the target's process.
-async fn measure(
-    t: &dyn Target,
-    sinks: &[Arc<Sink>],
-    cli: &Cli,
-    rss_base: u64,
-) -> Result_ {
+async fn measure(t: &dyn Target, sinks: &[Arc<Sink>], cli: &Cli, rss_base: u64) -> Result_ {
     for s in sinks {
         s.record(true);
     }
@@ -205,14 +216,17 @@ async fn measure(
     let rss = rss_bytes(pid).unwrap_or(0);
     let (mut pk, mut by, mut exp) = (0u64, 0u64, 0u64);
     let mut lat: Vec<u32> = vec![];
+    let mut alat: Vec<u32> = vec![];
     for s in sinks {
         let w = s.window();
         pk += w.packets;
         by += w.bytes;
         exp += w.expected;
         lat.extend(w.latencies_us);
+        alat.extend(w.audio_latencies_us);
     }
     lat.sort_unstable();
+    alat.sort_unstable();
     let cpu = cpu1 - cpu0;
     Result_ {
         target: t.name().into(),
@@ -226,7 +240,13 @@ async fn measure(
         latency_p50_ms: percentile(&lat, 0.50) / 1000.0,
         latency_p95_ms: percentile(&lat, 0.95) / 1000.0,
         latency_p99_ms: percentile(&lat, 0.99) / 1000.0,
-        cpu_us_per_packet: if pk > 0 { cpu * 1e6 / pk as f64 } else { f64::NAN },
+        audio_latency_p50_ms: percentile(&alat, 0.50) / 1000.0,
+        audio_latency_p99_ms: percentile(&alat, 0.99) / 1000.0,
+        cpu_us_per_packet: if pk > 0 {
+            cpu * 1e6 / pk as f64
+        } else {
+            f64::NAN
+        },
         cpu_cores: cpu / secs,
         rss_mib: rss as f64 / (1024.0 * 1024.0),
         rss_kib_per_participant: rss.saturating_sub(rss_base) as f64 / 1024.0,
@@ -246,7 +266,12 @@ fn pcts(mut v: Vec<f64>) -> (f64, f64) {
     (q(0.5), q(0.95))
 }
 
-async fn fanout(t: &dyn Target, clip: &Arc<Clip>, subs: usize, cli: &Cli) -> anyhow::Result<Result_> {
+async fn fanout(
+    t: &dyn Target,
+    clip: &Arc<Clip>,
+    subs: usize,
+    cli: &Cli,
+) -> anyhow::Result<Result_> {
     let room = format!("fanout{subs}");
     let rss_base = rss_bytes(t.pid()).unwrap_or(0);
     let publisher = join_publisher(t, clip, &room, "pub", 1, Arc::new(Sink::new())).await?;
@@ -284,7 +309,12 @@ async fn fanout(t: &dyn Target, clip: &Arc<Clip>, subs: usize, cli: &Cli) -> any
     Ok(r)
 }
 
-async fn cohost_rooms(t: &dyn Target, clip: &Arc<Clip>, rooms: usize, cli: &Cli) -> anyhow::Result<Result_> {
+async fn cohost_rooms(
+    t: &dyn Target,
+    clip: &Arc<Clip>,
+    rooms: usize,
+    cli: &Cli,
+) -> anyhow::Result<Result_> {
     let rss_base = rss_bytes(t.pid()).unwrap_or(0);
     let mut pubs = vec![];
     let mut sinks = vec![];
@@ -292,7 +322,17 @@ async fn cohost_rooms(t: &dyn Target, clip: &Arc<Clip>, rooms: usize, cli: &Cli)
         for p in 0..4 {
             let sink = Arc::new(Sink::new());
             let id = (r * 4 + p + 10) as u32;
-            pubs.push(join_publisher(t, clip, &format!("cohost{r}"), &format!("p{p}"), id, sink.clone()).await?);
+            pubs.push(
+                join_publisher(
+                    t,
+                    clip,
+                    &format!("cohost{r}"),
+                    &format!("p{p}"),
+                    id,
+                    sink.clone(),
+                )
+                .await?,
+            );
             sinks.push(sink);
         }
     }
@@ -318,7 +358,17 @@ async fn join_scenario(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> anyhow::R
     let rooms = cli.joins.div_ceil(10).max(1);
     let mut pubs = vec![];
     for r in 0..rooms {
-        pubs.push(join_publisher(t, clip, &format!("join{r}"), "pub", 100 + r as u32, Arc::new(Sink::new())).await?);
+        pubs.push(
+            join_publisher(
+                t,
+                clip,
+                &format!("join{r}"),
+                "pub",
+                100 + r as u32,
+                Arc::new(Sink::new()),
+            )
+            .await?,
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let gap = Duration::from_secs_f64(1.0 / cli.join_rate.max(0.1));
@@ -339,7 +389,16 @@ async fn join_scenario(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> anyhow::R
         joined.push(j?);
     }
     let (p50, p95) = pcts(first_video(&sinks, Duration::from_secs(30)).await);
-    let mut r = measure(t, &sinks, &Cli { duration: Duration::from_secs(2), ..clone_cli(cli) }, rss_base).await;
+    let mut r = measure(
+        t,
+        &sinks,
+        &Cli {
+            duration: Duration::from_secs(2),
+            ..clone_cli(cli)
+        },
+        rss_base,
+    )
+    .await;
     r.scenario = "join".into();
     r.publishers = rooms;
     r.subscribers = cli.joins;
@@ -393,7 +452,12 @@ async fn run_all(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> Vec<Result_> {
         }
     }
     if all || cli.scenario == "join" {
-        eprintln!("[{}] join, {} participants at {}/s", t.name(), cli.joins, cli.join_rate);
+        eprintln!(
+            "[{}] join, {} participants at {}/s",
+            t.name(),
+            cli.joins,
+            cli.join_rate
+        );
         match join_scenario(t, clip, cli).await {
             Ok(r) => out.push(r),
             Err(e) => eprintln!("  failed: {e:#}"),
@@ -404,28 +468,57 @@ async fn run_all(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> Vec<Result_> {
 
 fn print(results: &[Result_]) {
     println!(
-        "{:<7} {:<7} {:>5} {:>9} {:>7} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>8}",
-        "target", "scen", "subs", "pkt/s", "Mbit/s", "loss%", "lat p50", "lat p95", "lat p99",
-        "join p50", "join p95", "cpu µs/p", "cores", "KiB/part"
+        "{:<7} {:<7} {:>5} {:>9} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>8}",
+        "target",
+        "scen",
+        "subs",
+        "pkt/s",
+        "Mbit/s",
+        "loss%",
+        "lat p50",
+        "lat p95",
+        "lat p99",
+        "aud p50",
+        "aud p99",
+        "join p50",
+        "join p95",
+        "cpu µs/p",
+        "cores",
+        "KiB/part"
     );
     for r in results {
         println!(
-            "{:<7} {:<7} {:>5} {:>9.0} {:>7.1} {:>6.2} {:>8.2} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2} {:>6.2} {:>8.0}",
-            r.target, r.scenario, r.subscribers, r.packets_per_sec, r.mbit_per_sec, r.loss_pct,
-            r.latency_p50_ms, r.latency_p95_ms, r.latency_p99_ms, r.join_first_video_p50_ms,
-            r.join_first_video_p95_ms, r.cpu_us_per_packet, r.cpu_cores, r.rss_kib_per_participant
+            "{:<7} {:<7} {:>5} {:>9.0} {:>7.1} {:>6.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2} {:>6.2} {:>8.0}",
+            r.target,
+            r.scenario,
+            r.subscribers,
+            r.packets_per_sec,
+            r.mbit_per_sec,
+            r.loss_pct,
+            r.latency_p50_ms,
+            r.latency_p95_ms,
+            r.latency_p99_ms,
+            r.audio_latency_p50_ms,
+            r.audio_latency_p99_ms,
+            r.join_first_video_p50_ms,
+            r.join_first_video_p95_ms,
+            r.cpu_us_per_packet,
+            r.cpu_cores,
+            r.rss_kib_per_participant
         );
     }
 }
 
 fn print_ratios(results: &[Result_]) {
     println!("\ncohost / janus (lower is better for cohost):");
-    println!("{:<7} {:>5} {:>12} {:>12} {:>12} {:>12}", "scen", "subs", "cpu/packet", "lat p50", "lat p99", "join p50");
+    println!(
+        "{:<7} {:>5} {:>12} {:>12} {:>12} {:>12}",
+        "scen", "subs", "cpu/packet", "lat p50", "lat p99", "join p50"
+    );
     for c in results.iter().filter(|r| r.target == "cohost") {
-        if let Some(j) = results
-            .iter()
-            .find(|r| r.target == "janus" && r.scenario == c.scenario && r.subscribers == c.subscribers)
-        {
+        if let Some(j) = results.iter().find(|r| {
+            r.target == "janus" && r.scenario == c.scenario && r.subscribers == c.subscribers
+        }) {
             println!(
                 "{:<7} {:>5} {:>12.2} {:>12.2} {:>12.2} {:>12.2}",
                 c.scenario,
@@ -449,17 +542,23 @@ async fn main() -> anyhow::Result<()> {
             .to_string_lossy()
             .into_owned(),
     };
-    eprintln!("encoding the synthetic clip ({} bit/s)...", cli.video_bitrate);
-    let clip = Arc::new(tokio::task::spawn_blocking({
-        let b = cli.video_bitrate;
-        move || media::make_clip(b, 4)
-    })
-    .await??);
+    eprintln!(
+        "encoding the synthetic clip ({} bit/s)...",
+        cli.video_bitrate
+    );
+    let clip = Arc::new(
+        tokio::task::spawn_blocking({
+            let b = cli.video_bitrate;
+            move || media::make_clip(b, 4)
+        })
+        .await??,
+    );
     eprintln!(
         "clip: {} frames, {:.2} Mbit/s, {:.1} packets/frame",
         clip.frames.len(),
         clip.video_bps / 1e6,
-        clip.frames.iter().map(|f| f.payloads.len()).sum::<usize>() as f64 / clip.frames.len() as f64
+        clip.frames.iter().map(|f| f.payloads.len()).sum::<usize>() as f64
+            / clip.frames.len() as f64
     );
     let mut results = vec![];
     if cli.target == "cohost" || cli.target == "both" {
@@ -474,7 +573,9 @@ async fn main() -> anyhow::Result<()> {
     }
     println!(
         "\ncohost-load on {} cores, {}; window {:?} per run",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         chrono_like_now(),
         cli.duration
     );
@@ -489,7 +590,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn chrono_like_now() -> String {
-    let out = std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output();
+    let out = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output();
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
 }

@@ -22,6 +22,8 @@ const MTU: usize = 1200;
 /// One video frame as RTP payloads.
 pub struct Frame {
     pub payloads: Vec<Bytes>,
+    /// An IDR frame: where a receiver can start decoding.
+    pub key: bool,
 }
 
 pub struct Clip {
@@ -61,8 +63,15 @@ pub fn make_clip(bitrate: u32, seconds: u32) -> anyhow::Result<Clip> {
         let bs = enc.encode(&buf)?;
         let annexb = Bytes::from(bs.to_vec());
         total += annexb.len();
+        let key = openh264::nal_units(&annexb).any(|n| {
+            n.get(..5).is_some_and(|h| {
+                // After a 3- or 4-byte start code: NAL type 5 is an IDR slice.
+                let hdr = if h[2] == 1 { h[3] } else { h[4] };
+                hdr & 0x1f == 5
+            })
+        });
         let payloads = payloader.payload(MTU, &annexb)?;
-        frames.push(Frame { payloads });
+        frames.push(Frame { payloads, key });
     }
     // Opus: 440 Hz tone, 48 kHz mono, 20 ms frames, 32 kbit/s.
     let mut oenc = opus::Encoder::new(48000, opus::Channels::Mono, opus::Application::Voip)?;
@@ -88,7 +97,9 @@ pub fn make_clip(bitrate: u32, seconds: u32) -> anyhow::Result<Clip> {
     })
 }
 
-/// Send the clip in real time on the given tracks until `stop` is set.
+/// Send the clip in real time on the given tracks until `stop` is set. Like a real sender it
+/// answers keyframe requests (PLI/FIR) by jumping to the clip's next IDR frame, and paces a
+/// frame's packets (8 per millisecond) instead of bursting them.
 pub fn pump(
     clip: Arc<Clip>,
     tracks: PublishTracks,
@@ -96,7 +107,25 @@ pub fn pump(
     pts: (u8, u8),
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
+    let want_key = Arc::new(AtomicBool::new(false));
+    let (v, w, st) = (tracks.video.clone(), want_key.clone(), stop.clone());
+    let feedback = tokio::spawn(async move {
+        while !st.load(Ordering::Relaxed) {
+            match v.poll().await {
+                Some(webrtc::media_stream::track_local::TrackLocalEvent::OnRtcpPacket(_)) => {
+                    w.store(true, Ordering::Relaxed)
+                }
+                Some(_) => {}
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let keys: Vec<usize> = (0..clip.frames.len())
+        .filter(|i| clip.frames[*i].key)
+        .collect();
     tokio::spawn(async move {
+        let _feedback = AbortOnDrop(feedback);
+        let mut pos = 0usize;
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let start = tokio::time::Instant::now();
@@ -108,7 +137,7 @@ pub fn pump(
             while a_sent * 20 <= ms {
                 let payload = &clip.opus[(a_sent % clip.opus.len() as u64) as usize];
                 let mut p = packet(payload, ssrcs.0, pts.0, aseq, (a_sent * 960) as u32, true);
-                stamp_packet(&mut p, false);
+                stamp_packet(&mut p, false, false);
                 aseq = aseq.wrapping_add(1);
                 a_sent += 1;
                 if tracks.audio.write_rtp(p).await.is_err() {
@@ -116,15 +145,27 @@ pub fn pump(
                 }
             }
             while v_sent * 1000 / u64::from(FPS) <= ms {
-                let frame = &clip.frames[(v_sent % clip.frames.len() as u64) as usize];
+                if want_key.swap(false, Ordering::Relaxed) && !clip.frames[pos].key {
+                    pos = keys
+                        .iter()
+                        .copied()
+                        .find(|k| *k > pos)
+                        .or(keys.first().copied())
+                        .unwrap_or(0);
+                }
+                let frame = &clip.frames[pos];
+                pos = (pos + 1) % clip.frames.len();
                 let ts = (v_sent * 90000 / u64::from(FPS)) as u32;
                 let last = frame.payloads.len().saturating_sub(1);
                 for (i, pl) in frame.payloads.iter().enumerate() {
                     let mut p = packet(pl, ssrcs.1, pts.1, vseq, ts, i == last);
-                    stamp_packet(&mut p, true);
+                    stamp_packet(&mut p, true, frame.key);
                     vseq = vseq.wrapping_add(1);
                     if tracks.video.write_rtp(p).await.is_err() {
                         return;
+                    }
+                    if i % 8 == 7 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
                 v_sent += 1;
@@ -145,8 +186,16 @@ fn packet(payload: &Bytes, ssrc: u32, pt: u8, seq: u16, ts: u32, marker: bool) -
     p
 }
 
-fn stamp_packet(p: &mut rtc::rtp::Packet, video: bool) {
+fn stamp_packet(p: &mut rtc::rtp::Packet, video: bool, key: bool) {
     let mut b = BytesMut::from(&p.payload[..]);
-    stamp(&mut b, video);
+    stamp(&mut b, video, key);
     p.payload = b.freeze();
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

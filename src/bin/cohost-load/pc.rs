@@ -1,6 +1,7 @@
 //! Client peer connections for the load generator: the same codecs and interceptors as the
 //! server (so NACK/RTCP behave as in production), loopback only, fast ICE.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,8 +9,7 @@ use tokio::sync::mpsc;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
-    SettingEngineBuilder,
+    RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState, SettingEngineBuilder,
 };
 
 use crate::stats::Sink;
@@ -70,21 +70,37 @@ impl PeerConnectionEventHandler for Handler {
 pub async fn new_pc(
     sink: Option<Arc<Sink>>,
 ) -> anyhow::Result<(Arc<dyn PeerConnection>, mpsc::UnboundedReceiver<PcEvent>)> {
+    new_pc_on(sink, IpAddr::from([127, 0, 0, 1])).await
+}
+
+/// [`new_pc`] on another local address: Janus (libnice) never gathers loopback candidates, so
+/// its clients use the host's own address (still delivered inside the host).
+pub async fn new_pc_on(
+    sink: Option<Arc<Sink>>,
+    ip: IpAddr,
+) -> anyhow::Result<(Arc<dyn PeerConnection>, mpsc::UnboundedReceiver<PcEvent>)> {
     let mut me = cohost::peer::media_engine()?;
     let reg = cohost::peer::interceptors(&mut me)?;
     let se = SettingEngineBuilder::new()
         .with_ice_connection_attempts(Some(Duration::from_millis(50)), Some(100))
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
         .with_include_loopback_candidate(true)
+        .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
+        .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
         .build();
     let (tx, rx) = mpsc::unbounded_channel();
-    let pc = PeerConnectionBuilder::new()
+    let mut builder = PeerConnectionBuilder::new();
+    // Same large socket buffers as the server: receivers must not be where bursts are lost.
+    if let Some(rt) = cohost::peer::runtime::BufferedRuntime::new(4 * 1024 * 1024) {
+        builder = builder.with_runtime(rt);
+    }
+    let pc = builder
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(me)
         .with_setting_engine(se)
         .with_interceptor_registry(reg)
         .with_handler(Arc::new(Handler { tx, sink }) as Arc<dyn PeerConnectionEventHandler>)
-        .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+        .with_udp_addrs(vec![SocketAddr::new(ip, 0).to_string()])
         .build()
         .await
         .map_err(|e| anyhow::anyhow!("client peer connection: {e}"))?;

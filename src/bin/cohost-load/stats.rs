@@ -19,8 +19,8 @@ pub fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Overwrite the last 16 bytes of a payload with [magic][kind][pad][send time ns].
-pub fn stamp(payload: &mut [u8], video: bool) {
+/// Overwrite the last 16 bytes of a payload with [magic][video][keyframe][pad][send time ns].
+pub fn stamp(payload: &mut [u8], video: bool, key: bool) {
     let n = payload.len();
     if n < STAMP_LEN {
         return;
@@ -28,12 +28,13 @@ pub fn stamp(payload: &mut [u8], video: bool) {
     let s = &mut payload[n - STAMP_LEN..];
     s[0..4].copy_from_slice(&STAMP_MAGIC.to_be_bytes());
     s[4] = u8::from(video);
-    s[5..8].fill(0);
+    s[5] = u8::from(key);
+    s[6..8].fill(0);
     s[8..16].copy_from_slice(&now_ns().to_be_bytes());
 }
 
-/// (is_video, send time ns) from a stamped payload.
-pub fn read_stamp(payload: &[u8]) -> Option<(bool, u64)> {
+/// (is_video, is_keyframe, send time ns) from a stamped payload.
+pub fn read_stamp(payload: &[u8]) -> Option<(bool, bool, u64)> {
     let n = payload.len();
     if n < STAMP_LEN {
         return None;
@@ -42,7 +43,11 @@ pub fn read_stamp(payload: &[u8]) -> Option<(bool, u64)> {
     if u32::from_be_bytes(s[0..4].try_into().ok()?) != STAMP_MAGIC {
         return None;
     }
-    Some((s[4] == 1, u64::from_be_bytes(s[8..16].try_into().ok()?)))
+    Some((
+        s[4] == 1,
+        s[5] == 1,
+        u64::from_be_bytes(s[8..16].try_into().ok()?),
+    ))
 }
 
 #[derive(Default, Clone)]
@@ -81,6 +86,8 @@ impl StreamAcc {
 struct State {
     streams: HashMap<u32, StreamAcc>,
     latencies_us: Vec<u32>,
+    /// Audio only (the tail of the mixed distribution is dominated by video bursts).
+    audio_latencies_us: Vec<u32>,
     first_video: Option<Instant>,
 }
 
@@ -98,6 +105,7 @@ pub struct Window {
     pub bytes: u64,
     pub expected: u64,
     pub latencies_us: Vec<u32>,
+    pub audio_latencies_us: Vec<u32>,
 }
 
 impl Sink {
@@ -120,13 +128,17 @@ impl Sink {
         let stamp = read_stamp(&p.payload);
         let rec = self.recording.load(Ordering::Relaxed);
         let mut st = self.lock();
-        if let Some((video, sent)) = stamp {
-            if video && st.first_video.is_none() {
+        if let Some((video, key, sent)) = stamp {
+            // "First video" = first packet of a keyframe: what a player can start from.
+            if key && st.first_video.is_none() {
                 st.first_video = Some(at);
             }
             if rec {
-                let lat = now_ns().saturating_sub(sent) / 1000;
-                st.latencies_us.push(lat.min(u64::from(u32::MAX)) as u32);
+                let lat = (now_ns().saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32;
+                st.latencies_us.push(lat);
+                if !video {
+                    st.audio_latencies_us.push(lat);
+                }
             }
         }
         if rec {
@@ -165,6 +177,7 @@ impl Sink {
             w.expected += s.expected();
         }
         w.latencies_us = st.latencies_us.clone();
+        w.audio_latencies_us = st.audio_latencies_us.clone();
         w
     }
 }
@@ -210,9 +223,9 @@ mod tests {
     #[test]
     fn stamp_roundtrip_and_seq_wrap() {
         let mut p = vec![0u8; 100];
-        stamp(&mut p, true);
-        let (v, t) = read_stamp(&p).unwrap();
-        assert!(v && t > 0);
+        stamp(&mut p, true, true);
+        let (v, k, t) = read_stamp(&p).unwrap();
+        assert!(v && k && t > 0);
         let mut a = StreamAcc::default();
         for s in [65534u16, 65535, 0, 1] {
             a.seq(s);
