@@ -681,7 +681,13 @@ impl Driver {
         let requester = t.keyframe_requester();
         let ssrc = t.ssrc;
         let reader = tokio::spawn(async move {
-            while let Some(p) = t.recv().await {
+            while let Some(mut p) = t.recv().await {
+                // Header extensions carry ids negotiated with this publisher only; every
+                // subscriber leg drops them, so drop them once here and keep the per-subscriber
+                // clones allocation-free.
+                p.header.extension = false;
+                p.header.extension_profile = 0;
+                p.header.extensions.clear();
                 r.forward(p);
             }
             let _ = done.send(Internal::TrackEnded(tid));
@@ -788,9 +794,13 @@ impl Driver {
         let mut sub = router.subscribe(self.svc.cfg.webrtc.subscriber_queue);
         let l = local.clone();
         let writer = tokio::spawn(async move {
-            while let Some(p) = sub.rx.recv().await {
-                // Errors before negotiation completes are expected; the packet is dropped.
-                let _ = l.write(p).await;
+            // Drain what has queued up per wake-up: fewer task switches under fan-out.
+            let mut batch = Vec::with_capacity(32);
+            while sub.rx.recv_many(&mut batch, 32).await > 0 {
+                for p in batch.drain(..) {
+                    // Errors before negotiation completes are expected; the packet is dropped.
+                    let _ = l.write(p).await;
+                }
             }
         });
         let l = local.clone();

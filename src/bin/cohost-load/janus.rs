@@ -59,13 +59,14 @@ const MAX_PUBLISHERS: u32 = 100;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Janus answers a long poll after at most 30 s (with a keepalive) when nothing happens.
 const POLL_TIMEOUT: Duration = Duration::from_secs(45);
-/// How long our ICE gathering may take (loopback host candidates only: milliseconds).
+/// How long our ICE gathering may take (one local host candidate: milliseconds).
 const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Janus API error: the room already exists (another participant created it first).
 const ERR_ROOM_EXISTS: i64 = 427;
 /// Janus API error: no such session (it was destroyed or timed out).
 const ERR_NO_SUCH_SESSION: i64 = 458;
 
+/// A Janus process of our own, configured for this run only (temporary config folder).
 pub struct JanusTarget {
     child: Mutex<Option<Child>>,
     pid: u32,
@@ -215,7 +216,7 @@ fn write_configs(conf: &Path, port: u16, media_ip: IpAddr) -> anyhow::Result<()>
         r#"general: {{
 	configs_folder = "{conf}"
 	server_name = "cohost-load"
-	# Warnings and errors only, as cohost runs with (logging costs CPU in both).
+	# Warnings and errors only, like cohost's "warn" (logging costs CPU in both).
 	debug_level = 3
 	# Address for the SDPs' c= lines: the one ICE uses.
 	interface = "{media_ip}"
@@ -868,8 +869,8 @@ impl Target for JanusTarget {
         let (participant, sub_handle, publisher_pc, pts, own_id, initial) = match result {
             Ok(r) => r,
             Err(e) => {
-                let _ = session.send(None, json!({"janus":"destroy"})).await;
                 poller.abort();
+                let _ = session.send(None, json!({"janus":"destroy"})).await;
                 return Err(e);
             }
         };
@@ -909,11 +910,20 @@ impl Target for JanusTarget {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &self.pid.to_string()])
                 .status();
-            if tokio::time::timeout(Duration::from_secs(10), c.wait())
-                .await
-                .is_err()
-            {
-                let _ = c.kill().await;
+            let clean = match tokio::time::timeout(Duration::from_secs(10), c.wait()).await {
+                Ok(Ok(status)) => status.success(),
+                _ => {
+                    let _ = c.kill().await;
+                    false
+                }
+            };
+            // The log is the only trace of what went wrong: keep it then.
+            if !clean {
+                eprintln!(
+                    "janus did not exit cleanly; log: {}",
+                    self.dir.join("janus.log").display()
+                );
+                return;
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
