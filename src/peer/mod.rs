@@ -335,7 +335,7 @@ impl PeerFactory {
     pub fn new(cfg: WebrtcConfig) -> Self {
         let ports = Arc::new(PortPool::new(cfg.udp_port_min, cfg.udp_port_max));
         Self {
-            runtime: runtime::BufferedRuntime::new(cfg.socket_buffer_bytes),
+            runtime: runtime::BufferedRuntime::shared(cfg.socket_buffer_bytes),
             nat: Arc::new(NatMap::new(&cfg.public_ips)),
             cfg,
             ports,

@@ -35,8 +35,9 @@ impl fmt::Debug for BufferedRuntime {
 }
 
 impl BufferedRuntime {
-    /// `None` when no async runtime is available (not inside tokio).
-    pub fn new(buffer_bytes: usize) -> Option<Arc<dyn Runtime>> {
+    /// The tokio runtime with `buffer_bytes` socket buffers, as the trait object `webrtc`
+    /// takes; `None` when no async runtime is available.
+    pub fn shared(buffer_bytes: usize) -> Option<Arc<dyn Runtime>> {
         Some(Arc::new(Self {
             inner: default_runtime()?,
             buffer_bytes,

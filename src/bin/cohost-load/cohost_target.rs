@@ -20,19 +20,22 @@ use webrtc::peer_connection::{PeerConnection, RTCIceCandidateInit, RTCSessionDes
 use cohost::auth::{Authenticator, Role};
 use cohost::config::AuthConfig;
 
-use crate::pc::{PcEvent, new_pc};
+use crate::pc::{PcEvent, new_pc_on};
 use crate::stats::Sink;
 use crate::target::{Joined, PublishTracks, Target};
 
 pub struct CohostTarget {
     child: Mutex<Option<Child>>,
+    media_ip: std::net::IpAddr,
     pid: u32,
     pub addr: SocketAddr,
     auth: Authenticator,
 }
 
 impl CohostTarget {
-    pub async fn start(bin: &str) -> anyhow::Result<Self> {
+    pub async fn start(bin: &str, media_ip: std::net::IpAddr) -> anyhow::Result<Self> {
+        // A fresh secret per run: off loopback the server refuses the development one.
+        let secret = format!("load-{:032x}", rand::random::<u128>());
         let mut child = Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .env_remove("COHOST_CONFIG")
@@ -41,6 +44,8 @@ impl CohostTarget {
                 std::env::var("LOADGEN_SERVER_LOG")
                     .unwrap_or_else(|_| "warn,rtc=error,webrtc=error".into()),
             )
+            .env("COHOST_WEBRTC__BIND_IP", media_ip.to_string())
+            .env("COHOST_AUTH__SECRET", &secret)
             .env("COHOST_WEBRTC__UDP_PORT_MIN", "40000")
             .env("COHOST_WEBRTC__UDP_PORT_MAX", "44999")
             .env("COHOST_ROOM__MAX_PARTICIPANTS", "1000")
@@ -67,28 +72,18 @@ impl CohostTarget {
         .flatten()
         .ok_or_else(|| anyhow!("cohost did not start"))?;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let auth = Authenticator::new(&AuthConfig {
+            secret,
+            ..AuthConfig::default()
+        })
+        .map_err(|e| anyhow!("{e}"))?;
         Ok(Self {
             child: Mutex::new(Some(child)),
+            media_ip,
             pid,
             addr,
-            auth: Authenticator::new(&AuthConfig::default()).map_err(|e| anyhow!("{e}"))?,
+            auth,
         })
-    }
-
-    /// Scrape one counter from /metrics.
-    pub async fn metric(&self, name: &str) -> Option<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.addr).await.ok()?;
-        let req = format!(
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.addr
-        );
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await.ok()?;
-        buf.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
     }
 }
 
@@ -203,7 +198,7 @@ impl Target for CohostTarget {
             pending: Default::default(),
             next: Mutex::new(0),
         });
-        let (sub, sub_events) = new_pc(Some(sink)).await?;
+        let (sub, sub_events) = new_pc_on(Some(sink), self.media_ip).await?;
         let pubpc: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Default::default();
         let cand_sub = forward_candidates(sub_events, "subscriber", tx.clone());
         // Reader: responses to their requests; offers and candidates applied in order.
@@ -271,7 +266,7 @@ impl Target for CohostTarget {
         let mut pcs = vec![sub.clone()];
         let mut pts = None;
         if let Some(m) = media {
-            let (pc, events) = new_pc(None).await?;
+            let (pc, events) = new_pc_on(None, self.media_ip).await?;
             *pubpc.lock().map_err(|_| anyhow!("lock"))? = Some(pc.clone());
             let a = pc.add_track(m.audio.clone() as Arc<dyn TrackLocal>).await?;
             let v = pc.add_track(m.video.clone() as Arc<dyn TrackLocal>).await?;

@@ -81,7 +81,7 @@ pub struct JanusTarget {
 }
 
 impl JanusTarget {
-    pub async fn start(bin: &str) -> anyhow::Result<Self> {
+    pub async fn start(bin: &str, media_ip: IpAddr) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "cohost-load-janus-{}-{:08x}",
             std::process::id(),
@@ -90,7 +90,7 @@ impl JanusTarget {
         let conf = dir.join("conf");
         std::fs::create_dir_all(&conf).with_context(|| format!("creating {}", conf.display()))?;
         let port = free_port()?;
-        let media_ip = host_ipv4()?;
+        let media_ip = check_media_ip(media_ip)?;
         write_configs(&conf, port, media_ip)?;
         let log_path = dir.join("janus.log");
         let log = std::fs::File::create(&log_path)?;
@@ -182,21 +182,17 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// The host's own IPv4 address (the source address of its default route).
-///
 /// Janus cannot do ICE on loopback: it skips loopback interfaces when gathering, and libnice
 /// pins each host candidate's socket to its interface (IP_UNICAST_IF), so even replies to a
-/// 127.0.0.1 client are sent out of eth0 and lost. Media therefore uses this address on both
-/// ends; packets between two local addresses are still delivered inside the host.
-fn host_ipv4() -> anyhow::Result<IpAddr> {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    // connect() on UDP only selects a route and source address; nothing is sent. Any
-    // non-local destination will do (TEST-NET-2).
-    s.connect("198.51.100.1:9")
-        .context("finding the host's IPv4 address for Janus (no default route?)")?;
-    let ip = s.local_addr()?.ip();
+/// 127.0.0.1 client go out of another interface and are lost. The benchmark therefore runs in
+/// a network namespace of its own with a dummy interface (bench/sfu-vs-janus.sh), and both
+/// SFUs and all clients use that interface's address: traffic never leaves the namespace.
+fn check_media_ip(ip: IpAddr) -> anyhow::Result<IpAddr> {
     if ip.is_loopback() || ip.is_unspecified() {
-        bail!("Janus needs a non-loopback IPv4 address for ICE, found {ip}");
+        bail!(
+            "Janus needs a non-loopback media address; run bench/sfu-vs-janus.sh, which creates \
+             a private network namespace and passes --media-ip"
+        );
     }
     Ok(ip)
 }

@@ -68,6 +68,10 @@ struct Cli {
     /// Path of the janus binary.
     #[arg(long, default_value = "/usr/bin/janus")]
     janus_bin: String,
+    /// Address the SFUs and clients use for media (127.0.0.1, or the dummy interface of the
+    /// benchmark's network namespace: Janus needs a non-loopback address).
+    #[arg(long, default_value = "127.0.0.1")]
+    media_ip: std::net::IpAddr,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -428,6 +432,7 @@ fn clone_cli(c: &Cli) -> Cli {
         video_bitrate: c.video_bitrate,
         cohost_bin: c.cohost_bin.clone(),
         janus_bin: c.janus_bin.clone(),
+        media_ip: c.media_ip,
         json: c.json.clone(),
     }
 }
@@ -562,12 +567,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut results = vec![];
     if cli.target == "cohost" || cli.target == "both" {
-        let t = cohost_target::CohostTarget::start(&cohost_bin).await?;
+        let t = cohost_target::CohostTarget::start(&cohost_bin, cli.media_ip).await?;
         results.extend(run_all(&t, &clip, &cli).await);
         t.shutdown().await;
     }
     if cli.target == "janus" || cli.target == "both" {
-        let t = janus::JanusTarget::start(&cli.janus_bin).await?;
+        let t = janus::JanusTarget::start(&cli.janus_bin, cli.media_ip).await?;
         results.extend(run_all(&t, &clip, &cli).await);
         t.shutdown().await;
     }

@@ -65,16 +65,9 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
-/// Build a client connection on 127.0.0.1. Received media goes to `sink` (if any); candidates
+/// Build a client connection bound to `ip` (127.0.0.1, or the benchmark namespace's dummy
+/// interface, see bench/sfu-vs-janus.sh). Received media goes to `sink` (if any); candidates
 /// and state changes come out of the returned channel.
-pub async fn new_pc(
-    sink: Option<Arc<Sink>>,
-) -> anyhow::Result<(Arc<dyn PeerConnection>, mpsc::UnboundedReceiver<PcEvent>)> {
-    new_pc_on(sink, IpAddr::from([127, 0, 0, 1])).await
-}
-
-/// [`new_pc`] on another local address: Janus (libnice) never gathers loopback candidates, so
-/// its clients use the host's own address (still delivered inside the host).
 pub async fn new_pc_on(
     sink: Option<Arc<Sink>>,
     ip: IpAddr,
@@ -91,7 +84,7 @@ pub async fn new_pc_on(
     let (tx, rx) = mpsc::unbounded_channel();
     let mut builder = PeerConnectionBuilder::new();
     // Same large socket buffers as the server: receivers must not be where bursts are lost.
-    if let Some(rt) = cohost::peer::runtime::BufferedRuntime::new(4 * 1024 * 1024) {
+    if let Some(rt) = cohost::peer::runtime::BufferedRuntime::shared(4 * 1024 * 1024) {
         builder = builder.with_runtime(rt);
     }
     let pc = builder
