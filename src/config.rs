@@ -176,7 +176,7 @@ impl Default for WebrtcConfig {
             ice_disconnected_timeout: Duration::from_secs(3),
             ice_failed_timeout: Duration::from_secs(5),
             ice_check_interval: Duration::from_millis(50),
-            keyframe_request_interval: Duration::from_millis(500),
+            keyframe_request_interval: Duration::from_millis(250),
             socket_buffer_bytes: 4 * 1024 * 1024,
             subscriber_queue: 512,
         }

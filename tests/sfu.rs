@@ -80,7 +80,7 @@ async fn late_joiner_triggers_one_keyframe_request_and_receives_video() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_joiners_at_once_trigger_few_keyframe_requests() {
-    let server = Server::start().await;
+    let server = Server::start_with(&[("COHOST_WEBRTC__KEYFRAME_REQUEST_INTERVAL", "500ms")]).await;
     let mut host = Client::join(&server, "kf10", "host", Role::Host).await;
     host.publish(None).await.unwrap();
     let tag = host.publication.as_ref().unwrap().tag_video;

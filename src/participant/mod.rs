@@ -500,6 +500,7 @@ impl Driver {
             (Some((want, _)), Some(peer)) if want == offer_id => {
                 match peer.accept_answer(sdp).await {
                     Ok(()) => {
+                        debug!(participant = %j.pid, offer_id, "subscriber answer applied");
                         j.negotiating = None;
                         let offered = std::mem::take(&mut j.kf_offered);
                         j.kf_ready.extend(offered);
@@ -868,6 +869,7 @@ impl Driver {
                 j.dirty = false;
                 let fresh = std::mem::take(&mut j.kf_unoffered);
                 j.kf_offered.extend(fresh);
+                debug!(participant = %j.pid, offer_id, "subscriber offer sent");
                 self.send(ServerMessage::Offer { offer_id, sdp }).await;
             }
             Err(e) => {
