@@ -44,8 +44,9 @@ enum Cmd {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("COHOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,rtc=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COHOST_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,webrtc=warn,rtc=warn,rtc_dtls=error")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,0 +1,70 @@
+// Shared helpers for the browser tests: start the real cohost binary on an ephemeral loopback
+// port, mint tokens with it, and launch Debian's Chromium with fake camera and microphone.
+import { spawn, execFileSync } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import readline from "node:readline";
+import { chromium } from "playwright-core";
+
+const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
+export const BIN = process.env.COHOST_BIN || path.join(root, "target", "debug", "cohost");
+
+export async function startServer() {
+  const proc = spawn(BIN, ["serve", "--listen", "127.0.0.1:0"], {
+    cwd: root,
+    env: { ...process.env, COHOST_LOG: process.env.COHOST_LOG || "warn" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const addr = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("cohost did not start")), 20000);
+    proc.on("exit", (c) => reject(new Error(`cohost exited with ${c}`)));
+    readline.createInterface({ input: proc.stdout }).on("line", (l) => {
+      const m = l.match(/^cohost listening on http:\/\/(.*)$/);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]);
+      }
+    });
+  });
+  return {
+    addr,
+    token: (room, identity, role) =>
+      execFileSync(BIN, ["token", "--room", room, "--identity", identity, "--role", role])
+        .toString()
+        .trim(),
+    stop: () => proc.kill("SIGTERM"),
+  };
+}
+
+export async function launchBrowser() {
+  const dir = mkdtempSync(path.join(tmpdir(), "cohost-chromium-"));
+  const browser = await chromium.launchPersistentContext(dir, {
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    args: [
+      "--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream",
+      "--use-fake-ui-for-media-stream", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync", "--no-first-run",
+    ],
+  });
+  return {
+    browser,
+    close: async () => {
+      await browser.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Poll `fn` until it returns a truthy value or the timeout expires. */
+export async function waitFor(what, fn, timeoutMs = 20000) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < deadline) {
+    last = await fn();
+    if (last) return last;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`timed out waiting for ${what}; last: ${JSON.stringify(last)}`);
+}
