@@ -3,6 +3,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod media;
 pub mod metrics;
 pub mod participant;
 pub mod peer;

@@ -1,0 +1,276 @@
+//! H.264 bitstream helpers: Annex B splitting, AVCC (length-prefixed) conversion, the
+//! AVCDecoderConfigurationRecord FLV/MP4 need, and reading the picture size from an SPS.
+//! Pure functions over byte slices; malformed input yields `None`/empty, never a panic.
+
+pub const NAL_IDR: u8 = 5;
+pub const NAL_SPS: u8 = 7;
+pub const NAL_PPS: u8 = 8;
+
+pub fn nal_type(nal: &[u8]) -> u8 {
+    nal.first().map_or(0, |b| b & 0x1f)
+}
+
+/// NAL units of an Annex B stream (start codes 00 00 01 or 00 00 00 01), without start codes.
+pub fn split_annexb(data: &[u8]) -> Vec<&[u8]> {
+    let mut starts = vec![];
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    let mut out = Vec::with_capacity(starts.len());
+    for (k, &s) in starts.iter().enumerate() {
+        let mut end = starts.get(k + 1).map_or(data.len(), |n| n - 3);
+        // A 4-byte start code leaves a zero before the next 00 00 01; trailing zeros too.
+        while end > s && data[end - 1] == 0 {
+            end -= 1;
+        }
+        if end > s {
+            out.push(&data[s..end]);
+        }
+    }
+    out
+}
+
+/// NAL units with 4-byte big-endian length prefixes (FLV/MP4 sample format).
+pub fn to_avcc<'a>(nals: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for n in nals {
+        out.extend_from_slice(&(n.len() as u32).to_be_bytes());
+        out.extend_from_slice(n);
+    }
+    out
+}
+
+/// NAL units of an AVCC sample with 4-byte lengths; `None` if the lengths do not add up.
+pub fn split_avcc(data: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut out = vec![];
+    let mut i = 0usize;
+    while i < data.len() {
+        let len = u32::from_be_bytes(data.get(i..i + 4)?.try_into().ok()?) as usize;
+        i += 4;
+        out.push(data.get(i..i.checked_add(len)?)?);
+        i += len;
+    }
+    Some(out)
+}
+
+/// AVCDecoderConfigurationRecord (ISO 14496-15 §5.2.4.1) for one SPS and one PPS, with
+/// 4-byte NAL lengths.
+pub fn decoder_config(sps: &[u8], pps: &[u8]) -> Option<Vec<u8>> {
+    if sps.len() < 4 || pps.is_empty() || sps.len() > 0xffff || pps.len() > 0xffff {
+        return None;
+    }
+    let mut out = vec![
+        1,      // configurationVersion
+        sps[1], // AVCProfileIndication
+        sps[2], // profile_compatibility
+        sps[3], // AVCLevelIndication
+        0xff,   // 6 reserved bits + lengthSizeMinusOne = 3
+        0xe1,   // 3 reserved bits + numOfSequenceParameterSets = 1
+    ];
+    out.extend_from_slice(&(sps.len() as u16).to_be_bytes());
+    out.extend_from_slice(sps);
+    out.push(1); // numOfPictureParameterSets
+    out.extend_from_slice(&(pps.len() as u16).to_be_bytes());
+    out.extend_from_slice(pps);
+    Some(out)
+}
+
+/// Remove emulation-prevention bytes (00 00 03 → 00 00).
+fn unescape(nal: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(nal.len());
+    let mut zeros = 0;
+    for &b in nal {
+        if zeros >= 2 && b == 3 {
+            zeros = 0;
+            continue;
+        }
+        zeros = if b == 0 { zeros + 1 } else { 0 };
+        out.push(b);
+    }
+    out
+}
+
+struct Bits<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl Bits<'_> {
+    fn bit(&mut self) -> Option<u32> {
+        let byte = *self.data.get(self.pos / 8)?;
+        let b = (byte >> (7 - self.pos % 8)) & 1;
+        self.pos += 1;
+        Some(u32::from(b))
+    }
+    fn bits(&mut self, n: u32) -> Option<u32> {
+        let mut v = 0u32;
+        for _ in 0..n {
+            v = (v << 1) | self.bit()?;
+        }
+        Some(v)
+    }
+    /// Unsigned Exp-Golomb.
+    fn ue(&mut self) -> Option<u32> {
+        let mut zeros = 0;
+        while self.bit()? == 0 {
+            zeros += 1;
+            if zeros > 31 {
+                return None;
+            }
+        }
+        Some((1u32 << zeros) - 1 + self.bits(zeros)?)
+    }
+    fn se(&mut self) -> Option<i32> {
+        let k = self.ue()?;
+        Some(if k % 2 == 1 {
+            k.div_ceil(2) as i32
+        } else {
+            -((k / 2) as i32)
+        })
+    }
+}
+
+fn skip_scaling_list(b: &mut Bits<'_>, size: usize) -> Option<()> {
+    let (mut last, mut next) = (8i32, 8i32);
+    for _ in 0..size {
+        if next != 0 {
+            next = (last + b.se()? + 256) % 256;
+        }
+        last = if next == 0 { last } else { next };
+    }
+    Some(())
+}
+
+/// Coded picture size (width, height) after cropping, from an SPS NAL unit.
+pub fn sps_dimensions(sps: &[u8]) -> Option<(u32, u32)> {
+    if nal_type(sps) != NAL_SPS {
+        return None;
+    }
+    let rbsp = unescape(sps.get(1..)?);
+    let mut b = Bits {
+        data: &rbsp,
+        pos: 0,
+    };
+    let profile = b.bits(8)?;
+    b.bits(16)?; // constraint flags + level
+    b.ue()?; // seq_parameter_set_id
+    let mut chroma_format_idc = 1;
+    if matches!(
+        profile,
+        100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135
+    ) {
+        chroma_format_idc = b.ue()?;
+        if chroma_format_idc == 3 {
+            b.bit()?; // separate_colour_plane_flag
+        }
+        b.ue()?; // bit_depth_luma_minus8
+        b.ue()?; // bit_depth_chroma_minus8
+        b.bit()?; // qpprime_y_zero_transform_bypass_flag
+        if b.bit()? == 1 {
+            for i in 0..if chroma_format_idc == 3 { 12 } else { 8 } {
+                if b.bit()? == 1 {
+                    skip_scaling_list(&mut b, if i < 6 { 16 } else { 64 })?;
+                }
+            }
+        }
+    }
+    b.ue()?; // log2_max_frame_num_minus4
+    let poc_type = b.ue()?;
+    if poc_type == 0 {
+        b.ue()?;
+    } else if poc_type == 1 {
+        b.bit()?;
+        b.se()?;
+        b.se()?;
+        let n = b.ue()?;
+        if n > 255 {
+            return None;
+        }
+        for _ in 0..n {
+            b.se()?;
+        }
+    }
+    b.ue()?; // max_num_ref_frames
+    b.bit()?; // gaps_in_frame_num_value_allowed_flag
+    let w_mbs = b.ue()? + 1;
+    let h_map_units = b.ue()? + 1;
+    let frame_mbs_only = b.bit()?;
+    if frame_mbs_only == 0 {
+        b.bit()?; // mb_adaptive_frame_field_flag
+    }
+    b.bit()?; // direct_8x8_inference_flag
+    let (mut cl, mut cr, mut ct, mut cb) = (0, 0, 0, 0);
+    if b.bit()? == 1 {
+        cl = b.ue()?;
+        cr = b.ue()?;
+        ct = b.ue()?;
+        cb = b.ue()?;
+    }
+    let (sub_w, sub_h) = match chroma_format_idc {
+        0 | 3 => (1, 1),
+        2 => (2, 1),
+        _ => (2, 2),
+    };
+    let crop_x = sub_w;
+    let crop_y = sub_h * (2 - frame_mbs_only);
+    let width = (w_mbs * 16).checked_sub((cl + cr).checked_mul(crop_x)?)?;
+    let height =
+        (h_map_units * 16 * (2 - frame_mbs_only)).checked_sub((ct + cb).checked_mul(crop_y)?)?;
+    Some((width, height))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annexb_avcc_roundtrip() {
+        let stream = [
+            0, 0, 0, 1, 0x67, 1, 2, 0, 0, 1, 0x68, 3, 0, 0, 0, 1, 0x65, 4, 5,
+        ];
+        let nals = split_annexb(&stream);
+        assert_eq!(
+            nals,
+            vec![&[0x67, 1, 2][..], &[0x68, 3][..], &[0x65, 4, 5][..]]
+        );
+        let avcc = to_avcc(nals.iter().copied());
+        assert_eq!(split_avcc(&avcc).unwrap(), nals);
+        assert!(split_avcc(&[0, 0, 0, 9, 1]).is_none());
+        assert!(split_annexb(&[1, 2, 3]).is_empty());
+    }
+
+    #[test]
+    fn sps_dimensions_of_real_encoder_output() {
+        use openh264::encoder::Encoder;
+        use openh264::formats::YUVBuffer;
+        for (w, h) in [(1280usize, 720usize), (720, 1280), (320, 180), (642, 362)] {
+            let mut enc = Encoder::new().unwrap();
+            let frame = YUVBuffer::new(w, h);
+            let bs = enc.encode(&frame).unwrap().to_vec();
+            let nals = split_annexb(&bs);
+            let sps = nals.iter().find(|n| nal_type(n) == NAL_SPS).unwrap();
+            assert_eq!(sps_dimensions(sps), Some((w as u32, h as u32)), "{w}x{h}");
+            let pps = nals.iter().find(|n| nal_type(n) == NAL_PPS).unwrap();
+            assert!(decoder_config(sps, pps).is_some());
+        }
+        assert_eq!(sps_dimensions(&[0x67]), None);
+        assert_eq!(sps_dimensions(&[0x68, 1, 2]), None);
+    }
+
+    #[test]
+    fn decoder_config_layout() {
+        let sps = [0x67, 0x42, 0xc0, 0x1f, 0xaa];
+        let pps = [0x68, 0xce, 0x3c, 0x80];
+        let c = decoder_config(&sps, &pps).unwrap();
+        assert_eq!(&c[..6], &[1, 0x42, 0xc0, 0x1f, 0xff, 0xe1]);
+        assert_eq!(&c[6..8], &[0, 5]);
+        assert_eq!(c[13], 1);
+        assert_eq!(&c[16..], &pps);
+    }
+}

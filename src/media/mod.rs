@@ -1,0 +1,6 @@
+//! Pure codec and container helpers: no I/O, no clocks, no async. The bridge and the RTMP
+//! origin build on these; each parser here is fuzzed (see `fuzz/`).
+pub mod aac;
+pub mod amf0;
+pub mod flv;
+pub mod h264;
