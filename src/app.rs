@@ -67,6 +67,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         rooms: Arc::new(Registry::new(cfg.room.clone())),
         peers: Arc::new(PeerFactory::new(cfg.webrtc.clone())),
         metrics: Arc::new(Metrics::default()),
+        origin: crate::rtmp::origin::Origin::new(),
         shutdown: shutdown_rx.clone(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.server.http_listen)

@@ -8,5 +8,6 @@ pub mod metrics;
 pub mod participant;
 pub mod peer;
 pub mod room;
+pub mod rtmp;
 pub mod sfu;
 pub mod signaling;

@@ -33,6 +33,7 @@ pub fn router(svc: Arc<Services>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/rooms", get(list_rooms))
         .route("/v1/rooms/{room}", get(get_room))
+        .route("/live/{file}", get(http_flv))
         .fallback_service(web)
         .with_state(svc)
 }
@@ -150,6 +151,42 @@ async fn get_room(
         "tracks": tracks,
     }))
     .into_response()
+}
+
+/// HTTP-FLV from the embedded origin: `GET /live/{stream}.flv`. The body starts with the FLV
+/// header, metadata, sequence headers and the cached GOP, then follows the live stream until it
+/// ends or the client goes away.
+async fn http_flv(State(svc): State<Arc<Services>>, Path(file): Path<String>) -> Response {
+    let Some(name) = file.strip_suffix(".flv") else {
+        return api_error(StatusCode::NOT_FOUND, "not_found", "use /live/{stream}.flv");
+    };
+    let player = match svc.origin.play(name) {
+        Ok(p) => p,
+        Err(e) => return api_error(StatusCode::NOT_FOUND, "not_found", &e.to_string()),
+    };
+    let mut head = crate::media::flv::header(player.has_audio, player.has_video).to_vec();
+    for t in &player.initial {
+        crate::media::flv::write_tag(&mut head, t.kind, t.timestamp_ms, &t.body);
+    }
+    let first = futures::stream::once(async move {
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(head))
+    });
+    let live = futures::stream::unfold(player.rx, |mut rx| async move {
+        let t = rx.recv().await?;
+        let mut b = Vec::with_capacity(t.body.len() + 15);
+        crate::media::flv::write_tag(&mut b, t.kind, t.timestamp_ms, &t.body);
+        Some((Ok(bytes::Bytes::from(b)), rx))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "video/x-flv"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // Players (flv.js, mpegts.js) on other origins fetch this cross-origin.
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
+        axum::body::Body::from_stream(first.chain(live)),
+    )
+        .into_response()
 }
 
 async fn ws_upgrade(

@@ -35,6 +35,8 @@ pub struct Services {
     pub rooms: Arc<Registry>,
     pub peers: Arc<PeerFactory>,
     pub metrics: Arc<Metrics>,
+    /// The embedded origin (HTTP-FLV, and RTMP play to come).
+    pub origin: Arc<crate::rtmp::origin::Origin>,
     pub shutdown: watch::Receiver<bool>,
 }
 

@@ -1,0 +1,140 @@
+//! The embedded origin over HTTP-FLV, checked with a real decoder (ffprobe).
+
+use std::time::{Duration, Instant};
+
+use cohost::config::Config;
+use cohost::media::amf0::{self, Value};
+use cohost::media::flv::{self, Tag};
+use cohost::media::h264;
+use openh264::encoder::Encoder;
+use openh264::formats::YUVBuffer;
+
+/// Encoded 320x240 frames with an IDR every 30 frames, as FLV video tag bodies.
+fn frames(n: u32) -> (Vec<u8>, Vec<(bool, Vec<u8>)>) {
+    let (w, h) = (320usize, 240usize);
+    let mut enc = Encoder::new().unwrap();
+    let mut config = vec![];
+    let mut out = vec![];
+    for i in 0..n {
+        if i % 30 == 0 {
+            enc.force_intra_frame();
+        }
+        let mut yuv = vec![128u8; w * h * 3 / 2];
+        for (k, p) in yuv[..w * h].iter_mut().enumerate() {
+            *p = ((k % w + i as usize * 5) % 256) as u8;
+        }
+        let bs = enc
+            .encode(&YUVBuffer::from_vec(yuv, w, h))
+            .unwrap()
+            .to_vec();
+        let nals = h264::split_annexb(&bs);
+        if config.is_empty() {
+            let sps = nals
+                .iter()
+                .find(|x| h264::nal_type(x) == h264::NAL_SPS)
+                .unwrap();
+            let pps = nals
+                .iter()
+                .find(|x| h264::nal_type(x) == h264::NAL_PPS)
+                .unwrap();
+            config = h264::decoder_config(sps, pps).unwrap();
+        }
+        let key = nals.iter().any(|x| h264::nal_type(x) == h264::NAL_IDR);
+        let slices = nals
+            .iter()
+            .copied()
+            .filter(|x| !matches!(h264::nal_type(x), h264::NAL_SPS | h264::NAL_PPS));
+        out.push((key, flv::avc_frame(key, 0, &h264::to_avcc(slices))));
+    }
+    (config, out)
+}
+
+fn video(ts: u32, body: Vec<u8>) -> Tag {
+    Tag {
+        kind: flv::TAG_VIDEO,
+        timestamp_ms: ts,
+        body,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_flv_player_starts_on_the_last_keyframe_and_decodes() {
+    let mut cfg = Config::default();
+    cfg.server.http_listen = "127.0.0.1:0".parse().unwrap();
+    let server = cohost::app::start(cfg).await.unwrap();
+    let origin = server.services.origin.clone();
+    let (config, frames) = frames(90);
+    let publisher = origin.publish("room1").unwrap();
+    let meta = amf0::ecma([
+        ("width", Value::Number(320.0)),
+        ("height", Value::Number(240.0)),
+        ("videocodecid", Value::Number(7.0)),
+    ]);
+    publisher.send(Tag {
+        kind: flv::TAG_SCRIPT,
+        timestamp_ms: 0,
+        body: flv::script("onMetaData", &meta),
+    });
+    publisher.send(video(0, flv::avc_sequence_header(&config)));
+    // 45 frames before the player connects: its stream must start at the IDR of frame 30.
+    for (i, (_, body)) in frames.iter().enumerate().take(45) {
+        publisher.send(video(i as u32 * 33, body.clone()));
+    }
+    let url = format!("http://{}/live/room1.flv", server.addr);
+    let probe = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-count_frames"])
+        .args([
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames",
+        ])
+        .args(["-of", "default=nw=1", &url])
+        .output();
+    let probe = tokio::spawn(probe);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while origin.player_count("room1") == 0 {
+        assert!(Instant::now() < deadline, "ffprobe never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (i, (_, body)) in frames.iter().enumerate().skip(45) {
+        publisher.send(video(i as u32 * 33, body.clone()));
+    }
+    drop(publisher); // the stream ends: ffprobe reads to EOF
+    let out = tokio::time::timeout(Duration::from_secs(20), probe)
+        .await
+        .expect("ffprobe finished")
+        .unwrap()
+        .expect("ffprobe (Debian ffmpeg) must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("codec_name=h264"), "{text}");
+    assert!(
+        text.contains("width=320") && text.contains("height=240"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nb_read_frames=60"),
+        "starts at frame 30 of 90: {text}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_flv_unknown_stream_is_404() {
+    let mut cfg = Config::default();
+    cfg.server.http_listen = "127.0.0.1:0".parse().unwrap();
+    let server = cohost::app::start(cfg).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for path in ["/live/nothing.flv", "/live/nothing"] {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        assert!(buf.starts_with("HTTP/1.1 404"), "{path}: {buf}");
+    }
+    server.shutdown().await;
+}
