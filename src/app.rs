@@ -18,6 +18,8 @@ use crate::room::Registry;
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// Where the RTMP origin listens, when enabled.
+    pub rtmp_addr: Option<SocketAddr>,
     pub services: Arc<Services>,
     shutdown_tx: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -74,6 +76,20 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         .await
         .with_context(|| format!("binding {}", cfg.server.http_listen))?;
     let addr = listener.local_addr()?;
+    let rtmp_addr = if cfg.server.rtmp_listen.is_empty() {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(cfg.server.rtmp_listen.as_str())
+            .await
+            .with_context(|| format!("binding RTMP {}", cfg.server.rtmp_listen))?;
+        let a = l.local_addr()?;
+        tokio::spawn(crate::rtmp::server::serve(
+            l,
+            services.origin.clone(),
+            shutdown_rx.clone(),
+        ));
+        Some(a)
+    };
     let app = crate::http::router(services.clone());
     let mut stop = shutdown_rx;
     let svc = services.clone();
@@ -90,9 +106,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    info!(%addr, "cohost listening");
+    info!(%addr, ?rtmp_addr, "cohost listening");
     Ok(Server {
         addr,
+        rtmp_addr,
         services,
         shutdown_tx,
         task,

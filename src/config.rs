@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub http_listen: SocketAddr,
     /// Allow the built-in development secret on a non-loopback address (not recommended).
     pub allow_dev_secret: bool,
+    /// RTMP listen address of the embedded origin (players pull rtmp://HOST:PORT/live/{stream}).
+    /// Empty: no RTMP listener.
+    pub rtmp_listen: String,
     /// Directory served at `/` (the demo page).
     pub web_dir: String,
     /// How long graceful shutdown waits for peers to close.
@@ -147,6 +150,7 @@ impl Default for ServerConfig {
         Self {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             allow_dev_secret: false,
+            rtmp_listen: "127.0.0.1:1935".into(),
             web_dir: "web".into(),
             shutdown_timeout: Duration::from_secs(5),
         }

@@ -25,6 +25,9 @@ enum Cmd {
         /// Override server.http_listen, e.g. 127.0.0.1:0 for an ephemeral port.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Override server.rtmp_listen ("" disables RTMP).
+        #[arg(long)]
+        rtmp_listen: Option<String>,
     },
     /// Print an access token (JWT) for a room.
     Token {
@@ -62,7 +65,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match cli.cmd.unwrap_or(Cmd::Serve { listen: None }) {
+    match cli.cmd.unwrap_or(Cmd::Serve {
+        listen: None,
+        rtmp_listen: None,
+    }) {
         Cmd::Token {
             room,
             identity,
@@ -101,11 +107,17 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
-        Cmd::Serve { listen } => {
+        Cmd::Serve {
+            listen,
+            rtmp_listen,
+        } => {
             init_tracing();
             let mut cfg = cfg;
             if let Some(l) = listen {
                 cfg.server.http_listen = l;
+            }
+            if let Some(r) = rtmp_listen {
+                cfg.server.rtmp_listen = r;
             }
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -132,6 +144,9 @@ async fn serve(cfg: Config) -> std::process::ExitCode {
     };
     // Machine-readable line for scripts and tests that start the server on port 0.
     println!("cohost listening on http://{}", server.addr);
+    if let Some(a) = server.rtmp_addr {
+        println!("cohost rtmp on rtmp://{a}/live");
+    }
     wait_for_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;

@@ -61,6 +61,7 @@ fn video(ts: u32, body: Vec<u8>) -> Tag {
 async fn http_flv_player_starts_on_the_last_keyframe_and_decodes() {
     let mut cfg = Config::default();
     cfg.server.http_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.rtmp_listen = "127.0.0.1:0".into();
     let server = cohost::app::start(cfg).await.unwrap();
     let origin = server.services.origin.clone();
     let (config, frames) = frames(90);
@@ -126,6 +127,7 @@ async fn http_flv_player_starts_on_the_last_keyframe_and_decodes() {
 async fn http_flv_unknown_stream_is_404() {
     let mut cfg = Config::default();
     cfg.server.http_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.rtmp_listen = "127.0.0.1:0".into();
     let server = cohost::app::start(cfg).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     for path in ["/live/nothing.flv", "/live/nothing"] {
@@ -136,5 +138,129 @@ async fn http_flv_unknown_stream_is_404() {
         s.read_to_string(&mut buf).await.unwrap();
         assert!(buf.starts_with("HTTP/1.1 404"), "{path}: {buf}");
     }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_player_decodes_the_origin_stream() {
+    let mut cfg = Config::default();
+    cfg.server.http_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.rtmp_listen = "127.0.0.1:0".into();
+    let server = cohost::app::start(cfg).await.unwrap();
+    let rtmp = server.rtmp_addr.expect("rtmp enabled");
+    let origin = server.services.origin.clone();
+    let (config, frames) = frames(60);
+    let publisher = origin.publish("room2").unwrap();
+    publisher.send(video(0, flv::avc_sequence_header(&config)));
+    for (i, (_, body)) in frames.iter().enumerate().take(10) {
+        publisher.send(video(i as u32 * 33, body.clone()));
+    }
+    let url = format!("rtmp://{rtmp}/live/room2");
+    let probe = tokio::spawn(
+        tokio::process::Command::new("ffprobe")
+            .args(["-v", "error", "-select_streams", "v:0", "-count_frames"])
+            .args([
+                "-show_entries",
+                "stream=codec_name,width,height,nb_read_frames",
+            ])
+            .args(["-of", "default=nw=1", &url])
+            .output(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while origin.player_count("room2") == 0 {
+        assert!(Instant::now() < deadline, "ffprobe never started playing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (i, (_, body)) in frames.iter().enumerate().skip(10) {
+        publisher.send(video(i as u32 * 33, body.clone()));
+    }
+    drop(publisher);
+    let out = tokio::time::timeout(Duration::from_secs(20), probe)
+        .await
+        .expect("ffprobe finished")
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("codec_name=h264"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("width=320") && text.contains("height=240"),
+        "{text}"
+    );
+    assert!(text.contains("nb_read_frames=60"), "{text}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_garbage_and_refused_requests_leave_the_server_healthy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = Config::default();
+    cfg.server.http_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.rtmp_listen = "127.0.0.1:0".into();
+    let server = cohost::app::start(cfg).await.unwrap();
+    let rtmp = server.rtmp_addr.unwrap();
+    // Random bytes, a truncated handshake, a valid C0 followed by junk.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut junk = vec![0u8; 20_000];
+    for b in junk.iter_mut() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        *b = seed as u8;
+    }
+    for payload in [&junk[..], &[3u8, 0, 0][..], &[3u8; 3000][..]] {
+        let mut s = tokio::net::TcpStream::connect(rtmp).await.unwrap();
+        let _ = s.write_all(payload).await;
+        let _ = s.shutdown().await;
+        let mut sink = vec![];
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    }
+    // Playing a stream that does not exist fails cleanly.
+    let out = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", &format!("rtmp://{rtmp}/live/nothing")])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    // The origin still serves a real stream afterwards.
+    let origin = server.services.origin.clone();
+    let (config, frames) = frames(30);
+    let publisher = origin.publish("after").unwrap();
+    publisher.send(video(0, flv::avc_sequence_header(&config)));
+    for (i, (_, body)) in frames.iter().enumerate() {
+        publisher.send(video(i as u32 * 33, body.clone()));
+    }
+    let probe = tokio::spawn(
+        tokio::process::Command::new("ffprobe")
+            .args([
+                "-v",
+                "error",
+                "-show_entries",
+                "stream=codec_name",
+                "-of",
+                "default=nw=1",
+            ])
+            .arg(format!("rtmp://{rtmp}/live/after"))
+            .output(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while origin.player_count("after") == 0 {
+        assert!(Instant::now() < deadline, "no player");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Keep the stream alive with a new GOP until ffprobe has what it needs, then end it.
+    for (i, (_, body)) in frames.iter().enumerate() {
+        publisher.send(video(1000 + i as u32 * 33, body.clone()));
+    }
+    drop(publisher);
+    let out = tokio::time::timeout(Duration::from_secs(20), probe)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("codec_name=h264"));
     server.shutdown().await;
 }

@@ -118,7 +118,7 @@ async fn ice_tcp_candidates_are_offered_when_enabled() {
 #[tokio::test]
 async fn dev_secret_on_a_public_address_refuses_to_start() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cohost"))
-        .args(["serve", "--listen", "0.0.0.0:0"])
+        .args(["serve", "--listen", "0.0.0.0:0", "--rtmp-listen", ""])
         .env_remove("COHOST_CONFIG")
         .output()
         .await

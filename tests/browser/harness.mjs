@@ -11,7 +11,7 @@ const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..",
 export const BIN = process.env.COHOST_BIN || path.join(root, "target", "debug", "cohost");
 
 export async function startServer() {
-  const proc = spawn(BIN, ["serve", "--listen", "127.0.0.1:0"], {
+  const proc = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--rtmp-listen", "127.0.0.1:0"], {
     cwd: root,
     env: { ...process.env, COHOST_LOG: process.env.COHOST_LOG || "warn" },
     stdio: ["ignore", "pipe", "inherit"],

@@ -62,16 +62,21 @@ impl Server {
     pub async fn start_with(env: &[(&str, &str)]) -> Server {
         init_logs();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohost"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0"])
-            .env_remove("COHOST_CONFIG")
-            .env(
-                "COHOST_LOG",
-                std::env::var("COHOST_LOG")
-                    .unwrap_or_else(|_| "warn,rtc=error,webrtc=error".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--rtmp-listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("COHOST_CONFIG")
+        .env(
+            "COHOST_LOG",
+            std::env::var("COHOST_LOG").unwrap_or_else(|_| "warn,rtc=error,webrtc=error".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
         }

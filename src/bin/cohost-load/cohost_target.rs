@@ -37,7 +37,7 @@ impl CohostTarget {
         // A fresh secret per run: off loopback the server refuses the development one.
         let secret = format!("load-{:032x}", rand::random::<u128>());
         let mut child = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--rtmp-listen", ""])
             .env_remove("COHOST_CONFIG")
             .env(
                 "COHOST_LOG",
