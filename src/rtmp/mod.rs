@@ -1,4 +1,5 @@
 //! RTMP and the embedded origin. The origin (live FLV streams with a GOP cache) is served over
 //! HTTP-FLV by `http/`; the RTMP server and the CDN push client build on it.
 pub mod origin;
+pub mod push;
 pub mod server;

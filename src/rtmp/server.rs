@@ -99,7 +99,7 @@ async fn handshake(sock: &mut TcpStream) -> Result<Vec<u8>, ConnError> {
     }
 }
 
-fn metadata_from(tag: &Tag) -> Option<StreamMetadata> {
+pub(crate) fn metadata_from(tag: &Tag) -> Option<StreamMetadata> {
     let values = amf0::decode_all(&tag.body).ok()?;
     let m = values
         .iter()

@@ -1,0 +1,430 @@
+//! RTMP push to a CDN: one task per destination, playing a stream of the embedded origin and
+//! publishing it to `rtmp://host[:port]/app/key`. It reconnects with exponential backoff and,
+//! by default, never gives up. Because each destination is just another player of the origin,
+//! a reconnect restarts with metadata, sequence headers and the GOP cache (so on a keyframe),
+//! and a destination that stalls is dropped by the origin instead of holding anyone up.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+use rml_rtmp::sessions::{
+    ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult, PublishRequestType,
+};
+use rml_rtmp::time::RtmpTimestamp;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::origin::Origin;
+use crate::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where to publish, parsed from an `rtmp://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RtmpUrl {
+    pub host: String,
+    pub port: u16,
+    pub app: String,
+    /// Stream key, including any query string (CDN signatures live there).
+    pub key: String,
+}
+
+impl RtmpUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("rtmp://")
+            .ok_or_else(|| "destination must be an rtmp:// URL".to_string())?;
+        let (authority, path) = rest
+            .split_once('/')
+            .ok_or_else(|| "missing /app/key in RTMP URL".to_string())?;
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse().map_err(|_| format!("bad port {p:?}"))?,
+            ),
+            None => (authority.to_string(), 1935),
+        };
+        let (app, key) = path
+            .split_once('/')
+            .ok_or_else(|| "missing stream key in RTMP URL".to_string())?;
+        if host.is_empty() || app.is_empty() || key.is_empty() {
+            return Err("RTMP URL needs host, app and stream key".into());
+        }
+        Ok(Self {
+            host,
+            port,
+            app: app.to_string(),
+            key: key.to_string(),
+        })
+    }
+
+    /// The URL without the key's query string, safe to log and show (signatures stay secret).
+    pub fn redacted(&self) -> String {
+        let key = self.key.split('?').next().unwrap_or("");
+        format!("rtmp://{}:{}/{}/{}", self.host, self.port, self.app, key)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushState {
+    Connecting,
+    Connected,
+    Retrying,
+    Stopped,
+    Failed,
+}
+
+/// What the API shows about a destination.
+#[derive(Debug, Clone, Serialize)]
+pub struct PushStatus {
+    pub url: String,
+    pub state: PushState,
+    pub last_error: Option<String>,
+    pub retries: u64,
+    pub bytes_sent: u64,
+    /// Unix time (s) of the current connection, if connected.
+    pub connected_since: Option<u64>,
+}
+
+/// Reconnect policy: delays double from `initial` up to `max`; `max_retries` None = forever.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub max_retries: Option<u64>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            max_retries: None,
+        }
+    }
+}
+
+impl Backoff {
+    pub fn delay(&self, attempt: u64) -> Duration {
+        let factor = 1u32 << attempt.min(16) as u32;
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// A running destination. Dropping it stops the push.
+pub struct Push {
+    status: Arc<Mutex<PushStatus>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Push {
+    pub fn status(&self) -> PushStatus {
+        match self.status.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+impl Drop for Push {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn update(status: &Mutex<PushStatus>, f: impl FnOnce(&mut PushStatus)) {
+    match status.lock() {
+        Ok(mut s) => f(&mut s),
+        Err(p) => f(&mut p.into_inner()),
+    }
+}
+
+/// Start pushing origin stream `stream` to `url`.
+pub fn start(
+    origin: Arc<Origin>,
+    stream: &str,
+    url: &str,
+    backoff: Backoff,
+) -> Result<Push, String> {
+    let target = RtmpUrl::parse(url)?;
+    let status = Arc::new(Mutex::new(PushStatus {
+        url: target.redacted(),
+        state: PushState::Connecting,
+        last_error: None,
+        retries: 0,
+        bytes_sent: 0,
+        connected_since: None,
+    }));
+    let (stop_tx, mut stop) = watch::channel(false);
+    let st = status.clone();
+    let stream = stream.to_string();
+    tokio::spawn(async move {
+        let mut attempt = 0u64;
+        loop {
+            update(&st, |s| s.state = PushState::Connecting);
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = run_once(&origin, &stream, &target, &st) => r,
+                _ = stop.changed() => Ok(()),
+            };
+            if *stop.borrow() {
+                break;
+            }
+            // A connection that stayed up a while resets the backoff.
+            if started.elapsed() > Duration::from_secs(10) {
+                attempt = 0;
+            }
+            let err = match result {
+                Ok(()) => "stream ended".to_string(),
+                Err(e) => e,
+            };
+            warn!(url = %target.redacted(), "push interrupted: {err}");
+            if backoff.max_retries.is_some_and(|m| attempt >= m) {
+                update(&st, |s| {
+                    s.state = PushState::Failed;
+                    s.last_error = Some(err);
+                    s.connected_since = None;
+                });
+                return;
+            }
+            update(&st, |s| {
+                s.state = PushState::Retrying;
+                s.last_error = Some(err);
+                s.retries += 1;
+                s.connected_since = None;
+            });
+            let delay = backoff.delay(attempt);
+            attempt += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        update(&st, |s| {
+            s.state = PushState::Stopped;
+            s.connected_since = None;
+        });
+    });
+    Ok(Push {
+        status,
+        stop: stop_tx,
+    })
+}
+
+async fn send_results(
+    sock: &mut TcpStream,
+    results: Vec<ClientSessionResult>,
+    events: &mut Vec<ClientSessionEvent>,
+) -> Result<(), String> {
+    for r in results {
+        match r {
+            ClientSessionResult::OutboundResponse(p) => {
+                sock.write_all(&p.bytes).await.map_err(|e| e.to_string())?
+            }
+            ClientSessionResult::RaisedEvent(e) => events.push(e),
+            ClientSessionResult::UnhandleableMessageReceived(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Read until the session raises an event matching `want` (or a rejection).
+async fn wait_for(
+    sock: &mut TcpStream,
+    session: &mut ClientSession,
+    want: fn(&ClientSessionEvent) -> bool,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; 8192];
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        let n = tokio::time::timeout_at(deadline, sock.read(&mut buf))
+            .await
+            .map_err(|_| "timeout waiting for the server".to_string())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed by the server".into());
+        }
+        let results = session
+            .handle_input(&buf[..n])
+            .map_err(|e| format!("{e:?}"))?;
+        let mut events = vec![];
+        send_results(sock, results, &mut events).await?;
+        for e in events {
+            if let ClientSessionEvent::ConnectionRequestRejected { description } = &e {
+                return Err(format!("connect rejected: {description}"));
+            }
+            if want(&e) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn run_once(
+    origin: &Origin,
+    stream: &str,
+    target: &RtmpUrl,
+    status: &Mutex<PushStatus>,
+) -> Result<(), String> {
+    let mut player = origin.play(stream).map_err(|e| e.to_string())?;
+    let addr = format!("{}:{}", target.host, target.port);
+    let mut sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| format!("connect to {addr} timed out"))?
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    sock.set_nodelay(true).map_err(|e| e.to_string())?;
+    // Handshake.
+    let mut hs = Handshake::new(PeerType::Client);
+    let p0p1 = hs
+        .generate_outbound_p0_and_p1()
+        .map_err(|e| format!("{e:?}"))?;
+    sock.write_all(&p0p1).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 8192];
+    let leftover = loop {
+        let n = tokio::time::timeout(CONNECT_TIMEOUT, sock.read(&mut buf))
+            .await
+            .map_err(|_| "handshake timeout".to_string())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed during handshake".into());
+        }
+        match hs.process_bytes(&buf[..n]).map_err(|e| format!("{e:?}"))? {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                sock.write_all(&response_bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            HandshakeProcessResult::Completed {
+                response_bytes,
+                remaining_bytes,
+            } => {
+                sock.write_all(&response_bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                break remaining_bytes;
+            }
+        }
+    };
+    let mut config = ClientSessionConfig::new();
+    config.tc_url = Some(format!(
+        "rtmp://{}:{}/{}",
+        target.host, target.port, target.app
+    ));
+    let (mut session, initial) = ClientSession::new(config).map_err(|e| format!("{e:?}"))?;
+    let mut events = vec![];
+    send_results(&mut sock, initial, &mut events).await?;
+    if !leftover.is_empty() {
+        let r = session
+            .handle_input(&leftover)
+            .map_err(|e| format!("{e:?}"))?;
+        send_results(&mut sock, r, &mut events).await?;
+    }
+    let r = session
+        .request_connection(target.app.clone())
+        .map_err(|e| format!("{e:?}"))?;
+    send_results(&mut sock, vec![r], &mut events).await?;
+    wait_for(&mut sock, &mut session, |e| {
+        matches!(e, ClientSessionEvent::ConnectionRequestAccepted)
+    })
+    .await?;
+    let r = session
+        .request_publishing(target.key.clone(), PublishRequestType::Live)
+        .map_err(|e| format!("{e:?}"))?;
+    send_results(&mut sock, vec![r], &mut events).await?;
+    wait_for(&mut sock, &mut session, |e| {
+        matches!(e, ClientSessionEvent::PublishRequestAccepted)
+    })
+    .await?;
+    info!(url = %target.redacted(), stream, "push connected");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    update(status, |s| {
+        s.state = PushState::Connected;
+        s.connected_since = Some(now);
+    });
+    // Metadata, sequence headers and the GOP first, then live tags.
+    for tag in std::mem::take(&mut player.initial) {
+        send_tag(&mut sock, &mut session, &tag, status).await?;
+    }
+    loop {
+        tokio::select! {
+            n = sock.read(&mut buf) => {
+                let n = n.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("connection closed by the server".into());
+                }
+                // Acknowledgements and pings; nothing here needs our attention.
+                let r = session.handle_input(&buf[..n]).map_err(|e| format!("{e:?}"))?;
+                let mut ev = vec![];
+                send_results(&mut sock, r, &mut ev).await?;
+            }
+            tag = player.rx.recv() => match tag {
+                Some(tag) => send_tag(&mut sock, &mut session, &tag, status).await?,
+                None if origin.is_live(stream) => {
+                    return Err("fell behind the stream; restarting at a keyframe".into())
+                }
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+async fn send_tag(
+    sock: &mut TcpStream,
+    session: &mut ClientSession,
+    tag: &Tag,
+    status: &Mutex<PushStatus>,
+) -> Result<(), String> {
+    let ts = RtmpTimestamp::new(tag.timestamp_ms);
+    let data = Bytes::copy_from_slice(&tag.body);
+    let r = match tag.kind {
+        TAG_VIDEO => session.publish_video_data(data, ts, false),
+        TAG_AUDIO => session.publish_audio_data(data, ts, false),
+        TAG_SCRIPT => match super::server::metadata_from(tag) {
+            Some(m) => session.publish_metadata(&m),
+            None => return Ok(()),
+        },
+        _ => return Ok(()),
+    }
+    .map_err(|e| format!("{e:?}"))?;
+    if let ClientSessionResult::OutboundResponse(p) = r {
+        sock.write_all(&p.bytes).await.map_err(|e| e.to_string())?;
+        let n = p.bytes.len() as u64;
+        update(status, |s| s.bytes_sent += n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_redact() {
+        let u =
+            RtmpUrl::parse("rtmp://push.example.com/live/room1?txSecret=abc&txTime=5f").unwrap();
+        assert_eq!(u.port, 1935);
+        assert_eq!(u.app, "live");
+        assert_eq!(u.key, "room1?txSecret=abc&txTime=5f");
+        assert_eq!(u.redacted(), "rtmp://push.example.com:1935/live/room1");
+        assert!(RtmpUrl::parse("http://x/live/a").is_err());
+        assert!(RtmpUrl::parse("rtmp://x:99999/live/a").is_err());
+        assert!(RtmpUrl::parse("rtmp://x/live").is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(0), Duration::from_millis(500));
+        assert_eq!(b.delay(3), Duration::from_secs(4));
+        assert_eq!(b.delay(40), Duration::from_secs(30));
+    }
+}
