@@ -16,7 +16,7 @@ fn frames(n: u32) -> (Vec<u8>, Vec<(bool, Vec<u8>)>) {
     let mut config = vec![];
     let mut out = vec![];
     for i in 0..n {
-        if i % 30 == 0 {
+        if i.is_multiple_of(30) {
             enc.force_intra_frame();
         }
         let mut yuv = vec![128u8; w * h * 3 / 2];

@@ -1,7 +1,7 @@
 //! Pushing the origin's stream to a CDN stand-in: Debian's nginx with libnginx-mod-rtmp on a
 //! loopback port, started and stopped by PID. ffprobe reads what nginx serves.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ struct Nginx {
     child: tokio::process::Child,
 }
 
-fn nginx_conf(dir: &PathBuf, port: u16) -> PathBuf {
+fn nginx_conf(dir: &Path, port: u16) -> PathBuf {
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
@@ -36,7 +36,7 @@ fn nginx_conf(dir: &PathBuf, port: u16) -> PathBuf {
 }
 
 impl Nginx {
-    async fn start(dir: &PathBuf, port: u16) -> Nginx {
+    async fn start(dir: &Path, port: u16) -> Nginx {
         let conf = nginx_conf(dir, port);
         let child = tokio::process::Command::new("nginx")
             .arg("-p")
@@ -132,7 +132,7 @@ async fn push_to_nginx_resumes_after_the_cdn_restarts() {
             let mut i = 0u32;
             let start = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                if i % 30 == 0 {
+                if i.is_multiple_of(30) {
                     enc.force_intra_frame();
                 }
                 let yuv = vec![((i * 7) % 256) as u8; w * h * 3 / 2];
