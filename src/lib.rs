@@ -1,6 +1,7 @@
 //! cohost: a co-host live streaming server. See `../shared/DESIGN.md` and README.md.
 pub mod app;
 pub mod auth;
+pub mod bridge;
 pub mod config;
 pub mod http;
 pub mod media;
