@@ -4,3 +4,4 @@ pub mod aac;
 pub mod amf0;
 pub mod flv;
 pub mod h264;
+pub mod rtp_h264;
