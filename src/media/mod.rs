@@ -3,5 +3,6 @@
 pub mod aac;
 pub mod amf0;
 pub mod flv;
+pub mod goertzel;
 pub mod h264;
 pub mod rtp_h264;

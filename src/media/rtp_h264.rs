@@ -142,7 +142,10 @@ mod tests {
                 enc.force_intra_frame();
             }
             let yuv = vec![(i * 20 % 256) as u8; 160 * 120 * 3 / 2];
-            let bs = enc.encode(&YUVBuffer::from_vec(yuv, 160, 120)).unwrap().to_vec();
+            let bs = enc
+                .encode(&YUVBuffer::from_vec(yuv, 160, 120))
+                .unwrap()
+                .to_vec();
             let p = pay.payload(300, &Bytes::from(bs)).unwrap();
             let last = p.len() - 1;
             for (k, pl) in p.into_iter().enumerate() {
@@ -154,7 +157,9 @@ mod tests {
     }
 
     fn frames(outs: &[Output]) -> usize {
-        outs.iter().filter(|o| matches!(o, Output::Frame(_))).count()
+        outs.iter()
+            .filter(|o| matches!(o, Output::Frame(_)))
+            .count()
     }
 
     #[test]
@@ -166,7 +171,11 @@ mod tests {
             outs.extend(a.push(s, t, m, &p));
         }
         assert_eq!(frames(&outs), 30);
-        assert_eq!(outs[0], Output::NeedKeyframe, "asks for a keyframe when attaching");
+        assert_eq!(
+            outs[0],
+            Output::NeedKeyframe,
+            "asks for a keyframe when attaching"
+        );
         let mut decoded = 0;
         for o in &outs {
             if let Output::Frame(au) = o
