@@ -112,3 +112,70 @@ fn flv_mux_of_encoded_video_is_readable_by_ffprobe() {
     assert_eq!(tags, n as usize + 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn aac_tones_survive_encode_mux_and_ffmpeg_decode() {
+    use cohost::bridge::encode::AacEncoder;
+    use cohost::bridge::mix::{Limiter, mix_into};
+    use cohost::media::goertzel::tone_power;
+    // Two voices (440 Hz and 660 Hz) mixed, encoded AAC-LC 48 kHz stereo, muxed in FLV.
+    let tone =
+        |f: f32, i: usize| ((i as f32 / 48000.0 * f * std::f32::consts::TAU).sin() * 9000.0) as i16;
+    let a: Vec<i16> = (0..96000).map(|k| tone(440.0, k / 2)).collect();
+    let b: Vec<i16> = (0..96000).map(|k| tone(660.0, k / 2)).collect();
+    let mut mixed = vec![0i16; a.len()];
+    mix_into(&mut mixed, &[&a, &b], &mut Limiter::default());
+    let mut enc = AacEncoder::new(48000, true, 128_000).unwrap();
+    let mut out = flv::header(true, false).to_vec();
+    flv::write_tag(
+        &mut out,
+        flv::TAG_AUDIO,
+        0,
+        &flv::aac_sequence_header(&enc.asc),
+    );
+    let mut n = 0u32;
+    for chunk in mixed.chunks(1920) {
+        for frame in enc.push(chunk).unwrap() {
+            flv::write_tag(
+                &mut out,
+                flv::TAG_AUDIO,
+                n * 1024 / 48,
+                &flv::aac_frame(&frame),
+            );
+            n += 1;
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("cohost-aac-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("a.flv");
+    std::fs::write(&path, &out).unwrap();
+    let dec = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&path)
+        .args(["-f", "s16le", "-ac", "1", "-ar", "48000", "-"])
+        .output()
+        .expect("ffmpeg");
+    assert!(
+        dec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dec.stderr)
+    );
+    let pcm: Vec<f32> = dec
+        .stdout
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])))
+        .collect();
+    assert!(pcm.len() > 40_000, "decoded {} samples", pcm.len());
+    let mid = &pcm[9600..pcm.len() - 4800];
+    let (p440, p660, p1000) = (
+        tone_power(mid, 48000.0, 440.0),
+        tone_power(mid, 48000.0, 660.0),
+        tone_power(mid, 48000.0, 1000.0),
+    );
+    assert!(
+        p440 > 0.1 && p660 > 0.1,
+        "both tones present: {p440} {p660}"
+    );
+    assert!(p1000 < 0.01, "no tone that was not sent: {p1000}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

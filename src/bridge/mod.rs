@@ -5,6 +5,7 @@
 //! control API that tie them together are not written yet.
 pub mod audio_in;
 pub mod compose;
+pub mod encode;
 pub mod layout;
 pub mod mix;
 pub mod video_in;

@@ -1,0 +1,186 @@
+//! Output encoders of the bridge: H.264 (OpenH264: constrained baseline, so no B-frames, fixed
+//! GOP, target bitrate) and AAC-LC (fdk-aac, raw frames for FLV). Parameters are fixed for the
+//! encoder's lifetime, so the stream's codec configuration never changes mid-stream.
+
+use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod};
+use openh264::formats::YUVSlices;
+
+use super::compose::I420;
+use crate::media::h264;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("h264 encoder: {0}")]
+    H264(String),
+    #[error("aac encoder: {0}")]
+    Aac(String),
+}
+
+pub struct EncodedVideo {
+    /// AVCDecoderConfigurationRecord, present on keyframes.
+    pub config: Option<Vec<u8>>,
+    /// The picture's slices in AVCC form (no parameter sets).
+    pub avcc: Vec<u8>,
+    pub keyframe: bool,
+}
+
+pub struct H264Encoder {
+    enc: Encoder,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl H264Encoder {
+    pub fn new(
+        width: u32,
+        height: u32,
+        fps: f32,
+        bitrate: u32,
+        gop_frames: u32,
+    ) -> Result<Self, EncodeError> {
+        let cfg = EncoderConfig::new()
+            .bitrate(BitRate::from_bps(bitrate))
+            .max_frame_rate(FrameRate::from_hz(fps))
+            .intra_frame_period(IntraFramePeriod::from_num_frames(gop_frames))
+            // Never skip: the output frame rate must stay constant for CDNs and players.
+            .skip_frames(false);
+        let enc = Encoder::with_api_config(openh264::OpenH264API::from_source(), cfg)
+            .map_err(|e| EncodeError::H264(e.to_string()))?;
+        Ok(Self { enc, width, height })
+    }
+
+    pub fn force_keyframe(&mut self) {
+        self.enc.force_intra_frame();
+    }
+
+    pub fn encode(&mut self, frame: &I420) -> Result<EncodedVideo, EncodeError> {
+        let (w, h) = (frame.width as usize, frame.height as usize);
+        let src = YUVSlices::new((&frame.y, &frame.u, &frame.v), (w, h), (w, w / 2, w / 2));
+        let bs = self
+            .enc
+            .encode(&src)
+            .map_err(|e| EncodeError::H264(e.to_string()))?
+            .to_vec();
+        let nals = h264::split_annexb(&bs);
+        let sps = nals.iter().find(|n| h264::nal_type(n) == h264::NAL_SPS);
+        let pps = nals.iter().find(|n| h264::nal_type(n) == h264::NAL_PPS);
+        let config = match (sps, pps) {
+            (Some(s), Some(p)) => h264::decoder_config(s, p),
+            _ => None,
+        };
+        let keyframe = nals.iter().any(|n| h264::nal_type(n) == h264::NAL_IDR);
+        let avcc = h264::to_avcc(
+            nals.iter()
+                .copied()
+                .filter(|n| !matches!(h264::nal_type(n), h264::NAL_SPS | h264::NAL_PPS)),
+        );
+        Ok(EncodedVideo {
+            config,
+            avcc,
+            keyframe,
+        })
+    }
+}
+
+/// AAC-LC encoder taking interleaved stereo i16 at 48 kHz, producing raw 1024-sample frames.
+pub struct AacEncoder {
+    enc: fdk_aac::enc::Encoder,
+    pending: Vec<i16>,
+    channels: usize,
+    /// AudioSpecificConfig for the FLV sequence header.
+    pub asc: Vec<u8>,
+}
+
+pub const AAC_FRAME: usize = 1024;
+
+impl AacEncoder {
+    pub fn new(sample_rate: u32, stereo: bool, bitrate: u32) -> Result<Self, EncodeError> {
+        use fdk_aac::enc::{AudioObjectType, BitRate, ChannelMode, EncoderParams, Transport};
+        let enc = fdk_aac::enc::Encoder::new(EncoderParams {
+            bit_rate: BitRate::Cbr(bitrate),
+            sample_rate,
+            transport: Transport::Raw,
+            channels: if stereo {
+                ChannelMode::Stereo
+            } else {
+                ChannelMode::Mono
+            },
+            audio_object_type: AudioObjectType::Mpeg4LowComplexity,
+        })
+        .map_err(|e| EncodeError::Aac(format!("{e:?}")))?;
+        let info = enc.info().map_err(|e| EncodeError::Aac(format!("{e:?}")))?;
+        let n = (info.confSize as usize).min(info.confBuf.len());
+        let asc = info.confBuf[..n].to_vec();
+        Ok(Self {
+            enc,
+            pending: Vec::new(),
+            channels: if stereo { 2 } else { 1 },
+            asc,
+        })
+    }
+
+    /// Feed PCM; returns the AAC frames completed so far (each covers 1024 samples).
+    pub fn push(&mut self, pcm: &[i16]) -> Result<Vec<Vec<u8>>, EncodeError> {
+        self.pending.extend_from_slice(pcm);
+        let block = AAC_FRAME * self.channels;
+        let mut out = vec![];
+        while self.pending.len() >= block {
+            let mut buf = vec![0u8; 8192];
+            let info = self
+                .enc
+                .encode(&self.pending[..block], &mut buf)
+                .map_err(|e| EncodeError::Aac(format!("{e:?}")))?;
+            self.pending.drain(..info.input_consumed.clamp(1, block));
+            if info.output_size > 0 {
+                buf.truncate(info.output_size);
+                out.push(buf);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::compose::Yuv;
+
+    #[test]
+    fn h264_output_has_a_fixed_config_and_gop() {
+        let mut e = H264Encoder::new(640, 360, 30.0, 1_000_000, 60).unwrap();
+        let mut configs = vec![];
+        let mut keys = vec![];
+        for i in 0..130u32 {
+            let f = I420::new(640, 360, Yuv::from_rgb((i * 2) as u8, 100, 50));
+            let v = e.encode(&f).unwrap();
+            assert!(!v.avcc.is_empty());
+            if v.keyframe {
+                keys.push(i);
+                configs.push(v.config.clone().unwrap());
+            }
+        }
+        assert_eq!(keys, vec![0, 60, 120]);
+        assert!(
+            configs.windows(2).all(|w| w[0] == w[1]),
+            "SPS/PPS never change"
+        );
+    }
+
+    #[test]
+    fn aac_frames_come_out_per_1024_samples() {
+        let mut a = AacEncoder::new(48000, true, 128_000).unwrap();
+        assert_eq!(
+            a.asc,
+            crate::media::aac::audio_specific_config(48000, 2).unwrap()
+        );
+        let pcm: Vec<i16> = (0..48000 * 2)
+            .map(|i| ((i / 2) as f32 / 10.0).sin() as i16 * 1000)
+            .collect();
+        let mut frames = 0;
+        for chunk in pcm.chunks(1920) {
+            frames += a.push(chunk).unwrap().len();
+        }
+        // 48000 samples = 46.9 frames; the encoder holds back its look-ahead.
+        assert!((44..=47).contains(&frames), "{frames}");
+    }
+}
