@@ -70,6 +70,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         peers: Arc::new(PeerFactory::new(cfg.webrtc.clone())),
         metrics: Arc::new(Metrics::default()),
         origin: crate::rtmp::origin::Origin::new(),
+        bridges: dashmap::DashMap::new(),
         shutdown: shutdown_rx.clone(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.server.http_listen)

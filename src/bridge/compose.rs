@@ -62,7 +62,7 @@ impl I420 {
         }
     }
 
-    pub fn as_ref(&self) -> I420Ref<'_> {
+    pub fn view(&self) -> I420Ref<'_> {
         I420Ref {
             width: self.width,
             height: self.height,
@@ -119,7 +119,7 @@ impl I420 {
 
     /// Average luma/chroma over a rectangle: what tests read back after decoding.
     pub fn mean(&self, r: Rect) -> Yuv {
-        mean_of(&self.as_ref(), r)
+        mean_of(&self.view(), r)
     }
 }
 
@@ -222,8 +222,8 @@ mod tests {
         let guest = I420::new(320, 480, blue);
         let mut canvas = I420::new(1280, 720, Yuv::BLACK);
         let t = tiles(Layout::Pip, 2, 1280, 720);
-        canvas.draw(&host.as_ref(), t[0], Fit::Crop);
-        canvas.draw(&guest.as_ref(), t[1], Fit::Crop);
+        canvas.draw(&host.view(), t[0], Fit::Crop);
+        canvas.draw(&guest.view(), t[1], Fit::Crop);
         assert!(close(canvas.mean(Rect::new(100, 100, 200, 200)), red));
         let inner = Rect::new(t[1].x + 8, t[1].y + 8, t[1].w - 16, t[1].h - 16);
         assert!(close(canvas.mean(inner), blue), "{:?}", canvas.mean(inner));
@@ -235,13 +235,13 @@ mod tests {
         let wide = I420::new(640, 180, green);
         let mut canvas = I420::new(640, 640, Yuv::PLACEHOLDER);
         let tile = Rect::new(0, 0, 640, 640);
-        canvas.draw(&wide.as_ref(), tile, Fit::Letterbox);
+        canvas.draw(&wide.view(), tile, Fit::Letterbox);
         assert!(close(canvas.mean(Rect::new(0, 0, 640, 100)), Yuv::BLACK));
         assert!(close(canvas.mean(Rect::new(0, 300, 640, 40)), green));
         // Tiny and odd-sized pictures, tiles past the edge.
         let tiny = I420::new(2, 2, green);
-        canvas.draw(&tiny.as_ref(), Rect::new(600, 600, 100, 100), Fit::Crop);
-        canvas.draw(&tiny.as_ref(), Rect::new(0, 0, 0, 0), Fit::Letterbox);
+        canvas.draw(&tiny.view(), Rect::new(600, 600, 100, 100), Fit::Crop);
+        canvas.draw(&tiny.view(), Rect::new(0, 0, 0, 0), Fit::Letterbox);
     }
 
     #[test]
@@ -253,7 +253,7 @@ mod tests {
             }
         }
         let mut dst = I420::new(128, 4, Yuv::BLACK);
-        dst.draw(&src.as_ref(), Rect::new(0, 0, 128, 4), Fit::Crop);
+        dst.draw(&src.view(), Rect::new(0, 0, 128, 4), Fit::Crop);
         let row = &dst.y[..128];
         assert!(row.windows(2).all(|w| w[1] >= w[0]), "{row:?}");
     }

@@ -8,4 +8,5 @@ pub mod compose;
 pub mod encode;
 pub mod layout;
 pub mod mix;
+pub mod pipeline;
 pub mod video_in;

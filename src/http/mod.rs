@@ -34,6 +34,13 @@ pub fn router(svc: Arc<Services>) -> Router {
         .route("/v1/rooms", get(list_rooms))
         .route("/v1/rooms/{room}", get(get_room))
         .route("/live/{file}", get(http_flv))
+        .route(
+            "/v1/rooms/{room}/bridge",
+            get(bridge_status)
+                .post(bridge_start)
+                .patch(bridge_update)
+                .delete(bridge_stop),
+        )
         .fallback_service(web)
         .with_state(svc)
 }
@@ -151,6 +158,206 @@ async fn get_room(
         "tracks": tracks,
     }))
     .into_response()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BridgeStart {
+    #[serde(default)]
+    layout: Option<crate::bridge::layout::Layout>,
+    #[serde(default)]
+    width: Option<u32>,
+    #[serde(default)]
+    height: Option<u32>,
+    #[serde(default)]
+    fps: Option<u32>,
+    #[serde(default)]
+    video_bitrate: Option<u32>,
+    #[serde(default)]
+    fit: Option<crate::bridge::layout::Fit>,
+    #[serde(default)]
+    destinations: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BridgeUpdate {
+    /// `null` unpins (the layout follows the room again); absent leaves it as it is.
+    #[serde(default, with = "double_option")]
+    layout: Option<Option<crate::bridge::layout::Layout>>,
+    #[serde(default)]
+    add_destinations: Vec<String>,
+    #[serde(default)]
+    remove_destinations: Vec<String>,
+}
+
+/// Distinguish an absent field from an explicit `null`.
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+fn bridge_json(name: &str, h: &crate::participant::BridgeHandle) -> serde_json::Value {
+    json!({
+        "room": name,
+        "config": h.bridge.config,
+        "layout": h.bridge.layout(),
+        "stats": h.bridge.stats(),
+        "play": {
+            "http_flv": format!("/live/{name}.flv"),
+            "rtmp": format!("rtmp://HOST/live/{name}"),
+        },
+        "destinations": h.destinations.iter().map(|(_, p)| p.status()).collect::<Vec<_>>(),
+    })
+}
+
+fn start_push(
+    svc: &Services,
+    room: &str,
+    url: &str,
+) -> Result<crate::rtmp::push::Push, Box<Response>> {
+    crate::rtmp::push::start(
+        svc.origin.clone(),
+        room,
+        url,
+        crate::rtmp::push::Backoff::default(),
+    )
+    .map_err(|e| Box::new(api_error(StatusCode::BAD_REQUEST, "bad_destination", &e)))
+}
+
+/// `POST /v1/rooms/{room}/bridge`: start mixing the room into one stream.
+async fn bridge_start(
+    State(svc): State<Arc<Services>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<BridgeStart>>,
+) -> Response {
+    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
+        return *r;
+    }
+    let req = body.map(|b| b.0).unwrap_or_default();
+    let Some(r) = svc.rooms.get(&room) else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such room (nobody joined it)",
+        );
+    };
+    if svc.bridges.contains_key(&room) {
+        return api_error(
+            StatusCode::CONFLICT,
+            "already_running",
+            "the room's bridge is already running",
+        );
+    }
+    let mut cfg = crate::bridge::pipeline::BridgeConfig::default();
+    cfg.width = req.width.unwrap_or(cfg.width);
+    cfg.height = req.height.unwrap_or(cfg.height);
+    cfg.fps = req.fps.unwrap_or(cfg.fps);
+    cfg.video_bitrate = req.video_bitrate.unwrap_or(cfg.video_bitrate);
+    cfg.fit = req.fit.unwrap_or(cfg.fit);
+    if !(16..=3840).contains(&cfg.width)
+        || !(16..=3840).contains(&cfg.height)
+        || !(1..=60).contains(&cfg.fps)
+    {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "width/height 16-3840 (even), fps 1-60",
+        );
+    }
+    let bridge = match crate::bridge::pipeline::Bridge::start(r, svc.origin.clone(), cfg) {
+        Ok(b) => b,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &e),
+    };
+    bridge.set_layout(req.layout);
+    let mut destinations = vec![];
+    for url in &req.destinations {
+        match start_push(&svc, &room, url) {
+            Ok(p) => destinations.push((url.clone(), p)),
+            Err(e) => return *e,
+        }
+    }
+    let handle = crate::participant::BridgeHandle {
+        bridge,
+        destinations,
+    };
+    let body = bridge_json(&room, &handle);
+    svc.bridges.insert(room, handle);
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+async fn bridge_status(
+    State(svc): State<Arc<Services>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
+        return *r;
+    }
+    match svc.bridges.get(&room) {
+        Some(h) => Json(bridge_json(&room, &h)).into_response(),
+        None => api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no bridge for this room",
+        ),
+    }
+}
+
+async fn bridge_update(
+    State(svc): State<Arc<Services>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<BridgeUpdate>,
+) -> Response {
+    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
+        return *r;
+    }
+    let Some(mut h) = svc.bridges.get_mut(&room) else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no bridge for this room",
+        );
+    };
+    if let Some(layout) = req.layout {
+        h.bridge.set_layout(layout);
+    }
+    h.destinations
+        .retain(|(url, _)| !req.remove_destinations.contains(url));
+    for url in &req.add_destinations {
+        if h.destinations.iter().any(|(u, _)| u == url) {
+            continue;
+        }
+        match start_push(&svc, &room, url) {
+            Ok(p) => h.destinations.push((url.clone(), p)),
+            Err(e) => return *e,
+        }
+    }
+    Json(bridge_json(&room, &h)).into_response()
+}
+
+async fn bridge_stop(
+    State(svc): State<Arc<Services>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
+        return *r;
+    }
+    match svc.bridges.remove(&room) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no bridge for this room",
+        ),
+    }
 }
 
 /// HTTP-FLV from the embedded origin: `GET /live/{stream}.flv`. The body starts with the FLV

@@ -35,9 +35,17 @@ pub struct Services {
     pub rooms: Arc<Registry>,
     pub peers: Arc<PeerFactory>,
     pub metrics: Arc<Metrics>,
-    /// The embedded origin (HTTP-FLV, and RTMP play to come).
+    /// The embedded origin (HTTP-FLV, RTMP play).
     pub origin: Arc<crate::rtmp::origin::Origin>,
+    /// Running bridges by room name.
+    pub bridges: dashmap::DashMap<String, BridgeHandle>,
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// A room's bridge and its CDN destinations.
+pub struct BridgeHandle {
+    pub bridge: crate::bridge::pipeline::Bridge,
+    pub destinations: Vec<(String, crate::rtmp::push::Push)>,
 }
 
 /// What the WebSocket layer hands the driver.

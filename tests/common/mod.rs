@@ -164,6 +164,39 @@ impl Server {
         (status, body)
     }
 
+    /// HTTP request with a JSON body; returns (status, body).
+    pub async fn send_json(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: &str,
+        body: &Value,
+    ) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
+        let b = body.to_string();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {bearer}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+            self.addr,
+            b.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.expect("read");
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
     pub async fn metrics(&self) -> HashMap<String, f64> {
         let (_, body) = self.get("/metrics", None).await;
         body.lines()
@@ -702,9 +735,23 @@ impl Client {
         })
     }
 
+    /// Publish real media: H.264 320x240 pictures of one solid RGB colour (15 fps, IDR every
+    /// second and on PLI) and an Opus sine tone.
+    pub async fn publish_real(&mut self, rgb: (u8, u8, u8), tone_hz: f32) -> Result<(), Value> {
+        self.publish_inner(None, Some((rgb, tone_hz))).await
+    }
+
     /// Publish Opus + H.264 tracks and start sending synthetic packets: audio 50 pkt/s,
     /// video 30 frames/s of `video_pkts_per_frame` packets.
     pub async fn publish(&mut self, loss_every: Option<u16>) -> Result<(), Value> {
+        self.publish_inner(loss_every, None).await
+    }
+
+    async fn publish_inner(
+        &mut self,
+        loss_every: Option<u16>,
+        real: Option<((u8, u8, u8), f32)>,
+    ) -> Result<(), Value> {
         let loss_dropped = Arc::new(AtomicU64::new(0));
         let pc = build_pc(
             "publisher",
@@ -799,8 +846,14 @@ impl Client {
                 }
             });
         }
+        if let Some((rgb, tone)) = real {
+            let (a, v, stop, plis) = (audio.clone(), video.clone(), stop.clone(), plis.clone());
+            tokio::spawn(real_pump(
+                a, v, stop, plis, a_ssrc, v_ssrc, apt, vpt, rgb, tone,
+            ));
+        }
         // Media pump: 20 ms ticks; audio every tick, a 3-packet video frame every ~33 ms.
-        {
+        if real.is_none() {
             let (a, v, stop) = (audio.clone(), video.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -935,4 +988,86 @@ pub fn missing_seqs(seqs: &[u16]) -> usize {
     (0..=span)
         .filter(|d| !set.contains(&first.wrapping_add(*d)))
         .count()
+}
+
+/// Real media for bridge tests: OpenH264 pictures of a solid colour and an Opus tone.
+#[allow(clippy::too_many_arguments)]
+async fn real_pump(
+    a: Arc<TrackLocalStaticRTP>,
+    v: Arc<TrackLocalStaticRTP>,
+    stop: Arc<AtomicBool>,
+    plis: Arc<AtomicU64>,
+    a_ssrc: u32,
+    v_ssrc: u32,
+    apt: u8,
+    vpt: u8,
+    rgb: (u8, u8, u8),
+    tone: f32,
+) {
+    use rtc::rtp::codec::h264::H264Payloader;
+    use rtc::rtp::packetizer::Payloader;
+    let (w, h) = (320usize, 240usize);
+    let c = cohost::bridge::compose::Yuv::from_rgb(rgb.0, rgb.1, rgb.2);
+    let mut enc = openh264::encoder::Encoder::new().unwrap();
+    let mut opus_enc =
+        opus::Encoder::new(48000, opus::Channels::Mono, opus::Application::Voip).unwrap();
+    let mut pay = H264Payloader::default();
+    let (mut aseq, mut vseq) = (0u16, 0u16);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut last_plis = 0u64;
+    let mut n = 0u32;
+    while !stop.load(Ordering::SeqCst) {
+        tick.tick().await;
+        // Audio: one 20 ms Opus frame per tick.
+        let pcm: Vec<i16> = (0..960)
+            .map(|k| {
+                let t = (n * 960 + k) as f32 / 48000.0;
+                ((t * tone * std::f32::consts::TAU).sin() * 10000.0) as i16
+            })
+            .collect();
+        let mut out = vec![0u8; 400];
+        let len = opus_enc.encode(&pcm, &mut out).unwrap();
+        out.truncate(len);
+        let mut p = rtc::rtp::Packet::default();
+        p.header.version = 2;
+        p.header.ssrc = a_ssrc;
+        p.header.payload_type = apt;
+        p.header.sequence_number = aseq;
+        p.header.timestamp = n * 960;
+        p.payload = Bytes::from(out);
+        aseq = aseq.wrapping_add(1);
+        if a.write_rtp(p).await.is_err() {
+            return;
+        }
+        // Video: every third tick (~16 fps).
+        if n.is_multiple_of(3) {
+            let p_now = plis.load(Ordering::SeqCst);
+            if n.is_multiple_of(45) || p_now != last_plis {
+                enc.force_intra_frame();
+                last_plis = p_now;
+            }
+            let mut yuv = vec![c.0; w * h];
+            yuv.extend(std::iter::repeat_n(c.1, w * h / 4));
+            yuv.extend(std::iter::repeat_n(c.2, w * h / 4));
+            let bs = enc
+                .encode(&openh264::formats::YUVBuffer::from_vec(yuv, w, h))
+                .unwrap()
+                .to_vec();
+            let pkts = pay.payload(1200, &Bytes::from(bs)).unwrap();
+            let last = pkts.len().saturating_sub(1);
+            for (k, pl) in pkts.into_iter().enumerate() {
+                let mut p = rtc::rtp::Packet::default();
+                p.header.version = 2;
+                p.header.ssrc = v_ssrc;
+                p.header.payload_type = vpt;
+                p.header.sequence_number = vseq;
+                p.header.timestamp = n * 1800;
+                p.header.marker = k == last;
+                p.payload = pl;
+                vseq = vseq.wrapping_add(1);
+                let _ = v.write_rtp(p).await;
+            }
+        }
+        n += 1;
+    }
 }

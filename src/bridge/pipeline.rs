@@ -1,0 +1,419 @@
+//! The clocked bridge pipeline of one room: every published track is subscribed through the
+//! same interface as any SFU subscriber, decoded by its own task, and sampled by one output
+//! loop that composites video at a fixed frame rate, mixes audio in AAC-sized blocks, encodes
+//! both and publishes FLV tags into the embedded origin under the room's name.
+//!
+//! Output timestamps come from the output clock (frame and sample counters), never from the
+//! inputs, so they are monotonic and continuous whatever the participants do; parameters
+//! (resolution, frame rate, sample rate, channels, SPS/PPS) are fixed at start.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::audio_in::AudioInput;
+use super::compose::{I420, Yuv};
+use super::encode::{AAC_FRAME, AacEncoder, H264Encoder};
+use super::layout::{Fit, Layout, tiles};
+use super::mix::{Limiter, mix_into};
+use super::video_in::VideoInput;
+use crate::auth::Role;
+use crate::media::amf0::{self, Value};
+use crate::media::flv::{self, Tag};
+use crate::room::Room;
+use crate::rtmp::origin::{Origin, Publisher};
+use crate::sfu::TrackRouter;
+use crate::signaling::protocol::Kind;
+
+const SAMPLE_RATE: u32 = 48_000;
+/// Audio kept per input before the oldest is dropped (bounds latency if the clock drifts).
+const MAX_AUDIO_BUFFER: usize = (SAMPLE_RATE as usize / 2) * 2;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgeConfig {
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub video_bitrate: u32,
+    pub gop_secs: u32,
+    pub audio_bitrate: u32,
+    pub fit: Fit,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            width: 1280,
+            height: 720,
+            fps: 30,
+            video_bitrate: 2_500_000,
+            gop_secs: 2,
+            audio_bitrate: 128_000,
+            fit: Fit::Crop,
+        }
+    }
+}
+
+#[derive(Default)]
+struct InputSlot {
+    picture: Option<Arc<I420>>,
+    audio: VecDeque<i16>,
+}
+
+type Slots = Arc<Mutex<HashMap<String, InputSlot>>>;
+
+#[derive(Debug, Default, Serialize)]
+pub struct BridgeStats {
+    pub video_frames: u64,
+    pub audio_frames: u64,
+    pub inputs: u64,
+}
+
+/// A running bridge. Dropping it stops the pipeline and ends the origin stream.
+pub struct Bridge {
+    stop: watch::Sender<bool>,
+    layout: Arc<Mutex<Option<Layout>>>,
+    video_frames: Arc<AtomicU64>,
+    audio_frames: Arc<AtomicU64>,
+    inputs: Arc<AtomicU64>,
+    pub config: BridgeConfig,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Bridge {
+    /// Pin a layout (`None`: follow the room: solo alone, pip with co-hosts).
+    pub fn set_layout(&self, layout: Option<Layout>) {
+        *lock(&self.layout) = layout;
+    }
+
+    pub fn layout(&self) -> Option<Layout> {
+        *lock(&self.layout)
+    }
+
+    pub fn stats(&self) -> BridgeStats {
+        BridgeStats {
+            video_frames: self.video_frames.load(Ordering::Relaxed),
+            audio_frames: self.audio_frames.load(Ordering::Relaxed),
+            inputs: self.inputs.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn start(
+        room: Arc<Room>,
+        origin: Arc<Origin>,
+        config: BridgeConfig,
+    ) -> Result<Bridge, String> {
+        if !config.width.is_multiple_of(2) || !config.height.is_multiple_of(2) || config.fps == 0 {
+            return Err("width and height must be even, fps > 0".into());
+        }
+        let publisher = origin.publish(&room.name).map_err(|e| e.to_string())?;
+        let video = H264Encoder::new(
+            config.width,
+            config.height,
+            config.fps as f32,
+            config.video_bitrate,
+            config.fps * config.gop_secs,
+        )
+        .map_err(|e| e.to_string())?;
+        let audio =
+            AacEncoder::new(SAMPLE_RATE, true, config.audio_bitrate).map_err(|e| e.to_string())?;
+        let (stop, stop_rx) = watch::channel(false);
+        let bridge = Bridge {
+            stop,
+            layout: Arc::new(Mutex::new(None)),
+            video_frames: Arc::new(AtomicU64::new(0)),
+            audio_frames: Arc::new(AtomicU64::new(0)),
+            inputs: Arc::new(AtomicU64::new(0)),
+            config: config.clone(),
+        };
+        let slots: Slots = Arc::default();
+        // Inputs follow the room's tracks.
+        tokio::spawn(follow_tracks(
+            room.clone(),
+            slots.clone(),
+            bridge.inputs.clone(),
+            stop_rx.clone(),
+        ));
+        let out = Output {
+            room,
+            slots,
+            publisher,
+            video,
+            audio,
+            config,
+            layout: bridge.layout.clone(),
+            video_frames: bridge.video_frames.clone(),
+            audio_frames: bridge.audio_frames.clone(),
+            limiter: Limiter::default(),
+        };
+        std::thread::Builder::new()
+            .name("cohost-bridge".into())
+            .spawn(move || out.run(stop_rx))
+            .map_err(|e| e.to_string())?;
+        Ok(bridge)
+    }
+}
+
+/// Subscribe to every track of the room (now and later) with one decoding task each.
+async fn follow_tracks(
+    room: Arc<Room>,
+    slots: Slots,
+    count: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        let tracks = room.tracks();
+        for t in &tracks {
+            if !running.contains_key(&t.id) {
+                running.insert(
+                    t.id.clone(),
+                    tokio::spawn(input_task(t.clone(), slots.clone())),
+                );
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        running.retain(|id, h| {
+            let keep = tracks.iter().any(|t| &t.id == id) && !h.is_finished();
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        // Participants whose tracks are all gone leave the layout.
+        {
+            let live: Vec<String> = tracks.iter().map(|t| t.participant_id.clone()).collect();
+            lock(&slots).retain(|pid, _| live.contains(pid));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    for (_, h) in running {
+        h.abort();
+    }
+}
+
+async fn input_task(router: Arc<TrackRouter>, slots: Slots) {
+    let mut sub = router.subscribe(1024);
+    let pid = router.participant_id.clone();
+    lock(&slots).entry(pid.clone()).or_default();
+    match router.kind {
+        Kind::Video => {
+            if !router.codec.mime_type.eq_ignore_ascii_case("video/H264") {
+                // VP8 is forwarded by the SFU but not decoded by the bridge yet: the
+                // participant gets a placeholder tile.
+                warn!(track = %router.id, codec = %router.codec.mime_type, "bridge cannot decode this codec; placeholder tile");
+                return;
+            }
+            let Ok(mut input) = VideoInput::new() else {
+                return;
+            };
+            while let Some(p) = sub.rx.recv().await {
+                let r = input.push(
+                    p.header.sequence_number,
+                    p.header.timestamp,
+                    p.header.marker,
+                    &p.payload,
+                );
+                if r.need_keyframe {
+                    router.request_keyframe();
+                }
+                if r.new_picture
+                    && let Some(pic) = input.latest()
+                {
+                    lock(&slots).entry(pid.clone()).or_default().picture =
+                        Some(Arc::new(pic.clone()));
+                }
+            }
+        }
+        Kind::Audio => {
+            let Ok(mut input) = AudioInput::new() else {
+                return;
+            };
+            while let Some(p) = sub.rx.recv().await {
+                let pcm = input.push(p.header.sequence_number, &p.payload);
+                let mut s = lock(&slots);
+                let slot = s.entry(pid.clone()).or_default();
+                slot.audio.extend(pcm);
+                let excess = slot.audio.len().saturating_sub(MAX_AUDIO_BUFFER);
+                slot.audio.drain(..excess);
+            }
+        }
+    }
+}
+
+struct Output {
+    room: Arc<Room>,
+    slots: Slots,
+    publisher: Publisher,
+    video: H264Encoder,
+    audio: AacEncoder,
+    config: BridgeConfig,
+    layout: Arc<Mutex<Option<Layout>>>,
+    video_frames: Arc<AtomicU64>,
+    audio_frames: Arc<AtomicU64>,
+    limiter: Limiter,
+}
+
+impl Output {
+    fn metadata(&self) -> Tag {
+        let c = &self.config;
+        let meta = amf0::ecma([
+            ("width", Value::Number(f64::from(c.width))),
+            ("height", Value::Number(f64::from(c.height))),
+            ("framerate", Value::Number(f64::from(c.fps))),
+            ("videocodecid", Value::Number(7.0)),
+            (
+                "videodatarate",
+                Value::Number(f64::from(c.video_bitrate / 1000)),
+            ),
+            ("audiocodecid", Value::Number(10.0)),
+            (
+                "audiodatarate",
+                Value::Number(f64::from(c.audio_bitrate / 1000)),
+            ),
+            ("audiosamplerate", Value::Number(f64::from(SAMPLE_RATE))),
+            ("audiochannels", Value::Number(2.0)),
+            ("stereo", Value::Boolean(true)),
+            ("encoder", Value::String("cohost".into())),
+        ]);
+        Tag {
+            kind: flv::TAG_SCRIPT,
+            timestamp_ms: 0,
+            body: flv::script("onMetaData", &meta),
+        }
+    }
+
+    /// Participants in layout order: host first, then the others in join order.
+    fn order(&self) -> Vec<String> {
+        let mut ps = self.room.participants();
+        ps.retain(|p| matches!(p.role, Role::Host | Role::Cohost));
+        ps.sort_by_key(|p| u8::from(p.role != Role::Host));
+        ps.into_iter().map(|p| p.id).collect()
+    }
+
+    fn compose(&self) -> I420 {
+        let c = &self.config;
+        let mut canvas = I420::new(c.width, c.height, Yuv::BLACK);
+        let order = self.order();
+        let slots = lock(&self.slots);
+        let shown: Vec<&String> = order.iter().filter(|p| slots.contains_key(*p)).collect();
+        let layout = lock(&self.layout).unwrap_or(if shown.len() > 1 {
+            Layout::Pip
+        } else {
+            Layout::Solo
+        });
+        for (pid, tile) in shown
+            .iter()
+            .zip(tiles(layout, shown.len(), c.width, c.height))
+        {
+            match slots.get(*pid).and_then(|s| s.picture.clone()) {
+                Some(pic) => canvas.draw(&pic.view(), tile, c.fit),
+                None => canvas.fill(tile, Yuv::PLACEHOLDER),
+            }
+        }
+        canvas
+    }
+
+    fn mix_block(&mut self) -> Vec<i16> {
+        let n = AAC_FRAME * 2;
+        let mut blocks: Vec<Vec<i16>> = vec![];
+        {
+            let mut slots = lock(&self.slots);
+            for slot in slots.values_mut() {
+                let take = slot.audio.len().min(n);
+                blocks.push(slot.audio.drain(..take).collect());
+            }
+        }
+        let refs: Vec<&[i16]> = blocks.iter().map(|b| b.as_slice()).collect();
+        let mut out = vec![0i16; n];
+        mix_into(&mut out, &refs, &mut self.limiter);
+        out
+    }
+
+    fn run(mut self, stop: watch::Receiver<bool>) {
+        info!(room = %self.room.name, "bridge started");
+        let start = Instant::now();
+        let (mut frames, mut audio_samples) = (0u64, 0u64);
+        let mut sent_headers = false;
+        let fps = u64::from(self.config.fps);
+        while !*stop.borrow() {
+            let elapsed = start.elapsed();
+            // Video frames due by now.
+            while frames * 1_000_000 / fps <= elapsed.as_micros() as u64 {
+                let canvas = self.compose();
+                match self.video.encode(&canvas) {
+                    Ok(v) => {
+                        let ts = (frames * 1000 / fps) as u32;
+                        if !sent_headers {
+                            let Some(cfg) = v.config.as_ref() else {
+                                // The first frame of an encoder is always an IDR with SPS/PPS.
+                                frames += 1;
+                                continue;
+                            };
+                            self.publisher.send(self.metadata());
+                            self.publisher.send(Tag {
+                                kind: flv::TAG_VIDEO,
+                                timestamp_ms: 0,
+                                body: flv::avc_sequence_header(cfg),
+                            });
+                            self.publisher.send(Tag {
+                                kind: flv::TAG_AUDIO,
+                                timestamp_ms: 0,
+                                body: flv::aac_sequence_header(&self.audio.asc),
+                            });
+                            sent_headers = true;
+                        }
+                        self.publisher.send(Tag {
+                            kind: flv::TAG_VIDEO,
+                            timestamp_ms: ts,
+                            body: flv::avc_frame(v.keyframe, 0, &v.avcc),
+                        });
+                        self.video_frames.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => warn!("bridge video encode: {e}"),
+                }
+                frames += 1;
+            }
+            // Audio blocks due by now.
+            while audio_samples * 1_000_000 / u64::from(SAMPLE_RATE) <= elapsed.as_micros() as u64 {
+                let block = self.mix_block();
+                if let Ok(encoded) = self.audio.push(&block) {
+                    for f in encoded {
+                        let n = self.audio_frames.fetch_add(1, Ordering::Relaxed);
+                        let ts = (n * AAC_FRAME as u64 * 1000 / u64::from(SAMPLE_RATE)) as u32;
+                        if sent_headers {
+                            self.publisher.send(Tag {
+                                kind: flv::TAG_AUDIO,
+                                timestamp_ms: ts,
+                                body: flv::aac_frame(&f),
+                            });
+                        }
+                    }
+                }
+                audio_samples += AAC_FRAME as u64;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        info!(room = %self.room.name, frames, "bridge stopped");
+    }
+}

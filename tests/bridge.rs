@@ -1,0 +1,148 @@
+//! The bridge end to end: real WebRTC publishers (H.264 + Opus from OpenH264/libopus), the
+//! bridge started over the REST API, the mixed output pulled over HTTP-FLV and decoded by
+//! ffmpeg: colours where the layout puts them, both voices in the audio.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cohost::auth::Role;
+use cohost::media::goertzel::tone_power;
+use common::{Client, Server};
+use serde_json::{Value, json};
+
+async fn ffmpeg_capture(url: &str, dir: &std::path::Path) -> (Vec<u8>, Vec<f32>) {
+    let v = dir.join("v.rgb");
+    let a = dir.join("a.pcm");
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-y", "-i", url, "-t", "3"])
+            .args([
+                "-map",
+                "0:v",
+                "-vf",
+                "scale=320:180",
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+            ])
+            .arg(&v)
+            // Output options apply to the next output only: the audio output needs its own -t.
+            .args([
+                "-map", "0:a", "-t", "3", "-f", "s16le", "-ac", "1", "-ar", "48000",
+            ])
+            .arg(&a)
+            .output(),
+    )
+    .await
+    .expect("ffmpeg finished")
+    .expect("ffmpeg (Debian) must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let video = std::fs::read(&v).unwrap();
+    let audio = std::fs::read(&a)
+        .unwrap()
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])))
+        .collect();
+    (video, audio)
+}
+
+fn pixel(frame: &[u8], x: usize, y: usize) -> (u8, u8, u8) {
+    let i = (y * 320 + x) * 3;
+    (frame[i], frame[i + 1], frame[i + 2])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_publishers_mixed_into_pip_with_both_voices() {
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "mix", "host", Role::Host).await;
+    let mut guest = Client::join(&server, "mix", "guest", Role::Cohost).await;
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    guest.publish_real((30, 30, 220), 660.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/mix/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    // Until both participants' pictures are in the output.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = server.get("/v1/rooms/mix/bridge", Some(&admin)).await;
+        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        if v["stats"]["inputs"].as_u64().unwrap_or(0) >= 4
+            && v["stats"]["video_frames"].as_u64().unwrap_or(0) >= 45
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bridge not producing: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let url = format!("http://{}/live/mix.flv", server.addr);
+    let probe = tokio::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name,width,height,sample_rate,channels",
+            "-of",
+            "default=nw=1",
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let p = String::from_utf8_lossy(&probe.stdout);
+    for want in [
+        "codec_name=h264",
+        "width=1280",
+        "height=720",
+        "codec_name=aac",
+        "sample_rate=48000",
+        "channels=2",
+    ] {
+        assert!(p.contains(want), "{want} in {p}");
+    }
+    let dir = std::env::temp_dir().join(format!("cohost-bridge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (video, audio) = ffmpeg_capture(&url, &dir).await;
+    let frame_len = 320 * 180 * 3;
+    assert!(
+        video.len() >= frame_len * 30,
+        "decoded {} bytes of video",
+        video.len()
+    );
+    let last = &video[video.len() - frame_len..];
+    // Host (red) fills the frame; the co-host (blue) is the bottom-right tile.
+    let (r, g, b) = pixel(last, 80, 60);
+    assert!(
+        r > 150 && g < 90 && b < 90,
+        "host area should be red: {:?}",
+        (r, g, b)
+    );
+    let (r, g, b) = pixel(last, 275, 152);
+    assert!(
+        b > 150 && r < 90 && g < 90,
+        "co-host tile should be blue: {:?}",
+        (r, g, b)
+    );
+    let mid = &audio[audio.len() / 4..];
+    let (p440, p660) = (
+        tone_power(mid, 48000.0, 440.0),
+        tone_power(mid, 48000.0, 660.0),
+    );
+    assert!(
+        p440 > 0.05 && p660 > 0.05,
+        "both voices: 440 Hz {p440}, 660 Hz {p660}"
+    );
+    let (s, _) = server
+        .send_json("DELETE", "/v1/rooms/mix/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 204);
+    let _ = std::fs::remove_dir_all(&dir);
+}
