@@ -1,8 +1,7 @@
 //! The bridge: turns a room into one stream for CDN viewers (decode, composite, mix, encode,
-//! publish into the embedded origin and push to destinations). So far the building blocks:
-//! per-participant video and audio inputs (RTP → decoded pictures / PCM), layouts, the
-//! compositor's pixel work and the audio mixer. The clocked pipeline, encoders and the
-//! control API that tie them together are not written yet.
+//! publish into the embedded origin; destinations are pushed from there). `pipeline` ties the
+//! pieces together: per-participant inputs (RTP → decoded pictures / PCM), layouts, the
+//! compositor, the mixer and the encoders.
 pub mod audio_in;
 pub mod compose;
 pub mod encode;
