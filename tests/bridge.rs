@@ -146,3 +146,115 @@ async fn two_publishers_mixed_into_pip_with_both_voices() {
     assert_eq!(s, 204);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Read an HTTP-FLV stream for `secs` seconds and return its tags (de-chunking the body).
+async fn read_flv_tags(
+    addr: std::net::SocketAddr,
+    path: &str,
+    secs: u64,
+    during: impl std::future::Future<Output = ()>,
+) -> Vec<cohost::media::flv::Tag> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw: Vec<u8> = vec![];
+    let reading = async {
+        let mut buf = vec![0u8; 65536];
+        let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(end, s.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::join!(reading, during);
+    // Headers, then a chunked body: "<hex size>\r\n<data>\r\n"...
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut body = vec![];
+    let mut i = head_end;
+    while let Some(nl) = raw[i..].windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[i..i + nl]).unwrap().trim(), 16)
+            .unwrap_or(0);
+        let start = i + nl + 2;
+        if size == 0 || start + size > raw.len() {
+            body.extend_from_slice(&raw[start.min(raw.len())..(start + size).min(raw.len())]);
+            break;
+        }
+        body.extend_from_slice(&raw[start..start + size]);
+        i = start + size + 2;
+        if i >= raw.len() {
+            break;
+        }
+    }
+    let mut r = cohost::media::flv::Reader::new();
+    r.push(&body);
+    let mut tags = vec![];
+    while let Ok(Some(t)) = r.next_tag() {
+        tags.push(t);
+    }
+    tags
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cohost_leave_and_rejoin_keeps_the_output_continuous() {
+    use cohost::media::flv::{TAG_AUDIO, TAG_VIDEO};
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "cont", "host", Role::Host).await;
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    let mut guest = Client::join(&server, "cont", "guest", Role::Cohost).await;
+    guest.publish_real((30, 30, 220), 660.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/cont/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let srv = &server;
+    let churn = async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        guest.leave().await;
+        drop(guest);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut again = Client::join(srv, "cont", "guest", Role::Cohost).await;
+        again.publish_real((30, 220, 30), 660.0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        drop(again);
+    };
+    let tags = read_flv_tags(server.addr, "/live/cont.flv", 7, churn).await;
+    let video: Vec<_> = tags
+        .iter()
+        .filter(|t| t.kind == TAG_VIDEO && !t.is_sequence_header())
+        .collect();
+    let audio: Vec<_> = tags
+        .iter()
+        .filter(|t| t.kind == TAG_AUDIO && !t.is_sequence_header())
+        .collect();
+    assert!(video.len() > 150, "{} video tags", video.len());
+    let configs = tags
+        .iter()
+        .filter(|t| t.kind == TAG_VIDEO && t.is_sequence_header())
+        .count();
+    assert_eq!(configs, 1, "one codec configuration for the whole stream");
+    for w in video.windows(2) {
+        let gap = w[1].timestamp_ms - w[0].timestamp_ms;
+        assert!(
+            (33..=34).contains(&gap),
+            "video gap {gap} ms at {}",
+            w[0].timestamp_ms
+        );
+    }
+    for w in audio.windows(2) {
+        assert!(
+            w[1].timestamp_ms > w[0].timestamp_ms,
+            "audio timestamps must increase"
+        );
+        assert!(w[1].timestamp_ms - w[0].timestamp_ms <= 22, "audio gap");
+    }
+    drop(host);
+}
