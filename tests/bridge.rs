@@ -258,3 +258,47 @@ async fn cohost_leave_and_rejoin_keeps_the_output_continuous() {
     }
     drop(host);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_controls_the_bridge_over_signaling_and_others_may_not() {
+    let server = Server::start().await;
+    let host = Client::join(&server, "ctl", "host", Role::Host).await;
+    let guest = Client::join(&server, "ctl", "guest", Role::Cohost).await;
+    let r = guest.sig.request(json!({"type":"start_bridge"})).await;
+    assert_eq!(r["error"]["code"], "forbidden", "{r}");
+    let r = host
+        .sig
+        .request(json!({"type":"start_bridge","destinations":["http://not-rtmp/x"]}))
+        .await;
+    assert_eq!(r["error"]["code"], "bad_destination", "{r}");
+    let r = host
+        .sig
+        .request(json!({"type":"start_bridge","layout":"grid"}))
+        .await;
+    assert_eq!(r["type"], "response", "{r}");
+    let r = host.sig.request(json!({"type":"start_bridge"})).await;
+    assert_eq!(r["error"]["code"], "already_running", "{r}");
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (_, body) = server.get("/v1/rooms/ctl/bridge", Some(&admin)).await;
+    let v: Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(v["layout"], "grid");
+    let r = guest
+        .sig
+        .request(json!({"type":"set_layout","layout":"pip"}))
+        .await;
+    assert_eq!(r["error"]["code"], "forbidden", "{r}");
+    let r = host
+        .sig
+        .request(json!({"type":"set_layout","layout":null}))
+        .await;
+    assert_eq!(r["type"], "response", "{r}");
+    let (_, body) = server.get("/v1/rooms/ctl/bridge", Some(&admin)).await;
+    let v: Value = serde_json::from_str(body.trim()).unwrap();
+    assert!(v["layout"].is_null(), "{v}");
+    let r = host.sig.request(json!({"type":"stop_bridge"})).await;
+    assert_eq!(r["type"], "response", "{r}");
+    let r = host.sig.request(json!({"type":"stop_bridge"})).await;
+    assert_eq!(r["error"]["code"], "not_running", "{r}");
+    let (s, _) = server.get("/v1/rooms/ctl/bridge", Some(&admin)).await;
+    assert_eq!(s, 404);
+}

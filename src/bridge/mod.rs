@@ -4,6 +4,7 @@
 //! compositor, the mixer and the encoders.
 pub mod audio_in;
 pub mod compose;
+pub mod control;
 pub mod encode;
 pub mod layout;
 pub mod mix;

@@ -162,25 +162,6 @@ async fn get_room(
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct BridgeStart {
-    #[serde(default)]
-    layout: Option<crate::bridge::layout::Layout>,
-    #[serde(default)]
-    width: Option<u32>,
-    #[serde(default)]
-    height: Option<u32>,
-    #[serde(default)]
-    fps: Option<u32>,
-    #[serde(default)]
-    video_bitrate: Option<u32>,
-    #[serde(default)]
-    fit: Option<crate::bridge::layout::Fit>,
-    #[serde(default)]
-    destinations: Vec<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct BridgeUpdate {
     /// `null` unpins (the layout follows the room again); absent leaves it as it is.
     #[serde(default, with = "double_option")]
@@ -215,18 +196,15 @@ fn bridge_json(name: &str, h: &crate::participant::BridgeHandle) -> serde_json::
     })
 }
 
-fn start_push(
-    svc: &Services,
-    room: &str,
-    url: &str,
-) -> Result<crate::rtmp::push::Push, Box<Response>> {
-    crate::rtmp::push::start(
-        svc.origin.clone(),
-        room,
-        url,
-        crate::rtmp::push::Backoff::default(),
-    )
-    .map_err(|e| Box::new(api_error(StatusCode::BAD_REQUEST, "bad_destination", &e)))
+fn control_error(e: &crate::bridge::control::ControlError) -> Response {
+    use crate::bridge::control::ControlError as E;
+    let (status, code) = match e {
+        E::NoRoom | E::NotRunning => (StatusCode::NOT_FOUND, "not_found"),
+        E::AlreadyRunning => (StatusCode::CONFLICT, "already_running"),
+        E::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        E::BadDestination(_) => (StatusCode::BAD_REQUEST, "bad_destination"),
+    };
+    api_error(status, code, &e.to_string())
 }
 
 /// `POST /v1/rooms/{room}/bridge`: start mixing the room into one stream.
@@ -234,61 +212,19 @@ async fn bridge_start(
     State(svc): State<Arc<Services>>,
     Path(room): Path<String>,
     headers: HeaderMap,
-    body: Option<Json<BridgeStart>>,
+    body: Option<Json<crate::bridge::control::BridgeRequest>>,
 ) -> Response {
     if let Err(r) = authorize(&svc, &headers, Some(&room)) {
         return *r;
     }
     let req = body.map(|b| b.0).unwrap_or_default();
-    let Some(r) = svc.rooms.get(&room) else {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such room (nobody joined it)",
-        );
-    };
-    if svc.bridges.contains_key(&room) {
-        return api_error(
-            StatusCode::CONFLICT,
-            "already_running",
-            "the room's bridge is already running",
-        );
+    if let Err(e) = crate::bridge::control::start(&svc, &room, req) {
+        return control_error(&e);
     }
-    let mut cfg = crate::bridge::pipeline::BridgeConfig::default();
-    cfg.width = req.width.unwrap_or(cfg.width);
-    cfg.height = req.height.unwrap_or(cfg.height);
-    cfg.fps = req.fps.unwrap_or(cfg.fps);
-    cfg.video_bitrate = req.video_bitrate.unwrap_or(cfg.video_bitrate);
-    cfg.fit = req.fit.unwrap_or(cfg.fit);
-    if !(16..=3840).contains(&cfg.width)
-        || !(16..=3840).contains(&cfg.height)
-        || !(1..=60).contains(&cfg.fps)
-    {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "width/height 16-3840 (even), fps 1-60",
-        );
+    match svc.bridges.get(&room) {
+        Some(h) => (StatusCode::CREATED, Json(bridge_json(&room, &h))).into_response(),
+        None => control_error(&crate::bridge::control::ControlError::NotRunning),
     }
-    let bridge = match crate::bridge::pipeline::Bridge::start(r, svc.origin.clone(), cfg) {
-        Ok(b) => b,
-        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &e),
-    };
-    bridge.set_layout(req.layout);
-    let mut destinations = vec![];
-    for url in &req.destinations {
-        match start_push(&svc, &room, url) {
-            Ok(p) => destinations.push((url.clone(), p)),
-            Err(e) => return *e,
-        }
-    }
-    let handle = crate::participant::BridgeHandle {
-        bridge,
-        destinations,
-    };
-    let body = bridge_json(&room, &handle);
-    svc.bridges.insert(room, handle);
-    (StatusCode::CREATED, Json(body)).into_response()
 }
 
 async fn bridge_status(
@@ -315,31 +251,24 @@ async fn bridge_update(
     headers: HeaderMap,
     Json(req): Json<BridgeUpdate>,
 ) -> Response {
+    use crate::bridge::control;
     if let Err(r) = authorize(&svc, &headers, Some(&room)) {
         return *r;
     }
-    let Some(mut h) = svc.bridges.get_mut(&room) else {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no bridge for this room",
-        );
-    };
-    if let Some(layout) = req.layout {
-        h.bridge.set_layout(layout);
+    if let Some(layout) = req.layout
+        && let Err(e) = control::set_layout(&svc, &room, layout)
+    {
+        return control_error(&e);
     }
-    h.destinations
-        .retain(|(url, _)| !req.remove_destinations.contains(url));
-    for url in &req.add_destinations {
-        if h.destinations.iter().any(|(u, _)| u == url) {
-            continue;
-        }
-        match start_push(&svc, &room, url) {
-            Ok(p) => h.destinations.push((url.clone(), p)),
-            Err(e) => return *e,
-        }
+    if let Err(e) =
+        control::update_destinations(&svc, &room, &req.add_destinations, &req.remove_destinations)
+    {
+        return control_error(&e);
     }
-    Json(bridge_json(&room, &h)).into_response()
+    match svc.bridges.get(&room) {
+        Some(h) => Json(bridge_json(&room, &h)).into_response(),
+        None => control_error(&control::ControlError::NotRunning),
+    }
 }
 
 async fn bridge_stop(

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::auth::{Authenticator, Claims};
+use crate::auth::{Authenticator, Claims, Role};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peer::{
@@ -432,6 +432,27 @@ impl Driver {
                     }
                 }
             }
+            ClientMessage::StartBridge {
+                layout,
+                destinations,
+            } => {
+                let req = crate::bridge::control::BridgeRequest {
+                    layout,
+                    destinations,
+                    ..Default::default()
+                };
+                self.bridge_ctl(id, |svc, room| {
+                    crate::bridge::control::start(svc, room, req)
+                })
+                .await
+            }
+            ClientMessage::SetLayout { layout } => {
+                self.bridge_ctl(id, |svc, room| {
+                    crate::bridge::control::set_layout(svc, room, layout)
+                })
+                .await
+            }
+            ClientMessage::StopBridge => self.bridge_ctl(id, crate::bridge::control::stop).await,
             // Join, Ping and Leave are handled by the session itself.
             other => {
                 self.error(
@@ -440,6 +461,40 @@ impl Driver {
                     format!("{} is not valid now", other.name()),
                 )
                 .await
+            }
+        }
+    }
+
+    /// Run a bridge control action for this connection's room, if its role allows it.
+    async fn bridge_ctl(
+        &mut self,
+        id: Option<RequestId>,
+        f: impl FnOnce(&Services, &str) -> Result<(), crate::bridge::control::ControlError>,
+    ) {
+        use crate::bridge::control::ControlError as E;
+        let Some(j) = self.joined.as_ref() else {
+            return;
+        };
+        if !matches!(j.claims.role, Role::Host | Role::Admin) {
+            self.error(
+                id,
+                ErrorCode::Forbidden,
+                "only the host controls the bridge",
+            )
+            .await;
+            return;
+        }
+        let room = j.room.name.clone();
+        match f(&self.svc, &room) {
+            Ok(()) => self.reply(id, ResponseResult::Empty {}).await,
+            Err(e) => {
+                let code = match e {
+                    E::AlreadyRunning => ErrorCode::AlreadyRunning,
+                    E::NotRunning | E::NoRoom => ErrorCode::NotRunning,
+                    E::BadDestination(_) => ErrorCode::BadDestination,
+                    E::BadRequest(_) => ErrorCode::BadRequest,
+                };
+                self.error(id, code, e.to_string()).await;
             }
         }
     }

@@ -77,6 +77,19 @@ pub enum ClientMessage {
     },
     /// Ask for a keyframe on a track this participant subscribes to.
     RequestKeyframe { track_id: String },
+    /// Host only: start the room's bridge (the mixed stream CDN viewers watch).
+    StartBridge {
+        #[serde(default)]
+        layout: Option<crate::bridge::layout::Layout>,
+        #[serde(default)]
+        destinations: Vec<String>,
+    },
+    /// Host only: pin the bridge layout, or `null` to let it follow the room.
+    SetLayout {
+        layout: Option<crate::bridge::layout::Layout>,
+    },
+    /// Host only: stop the room's bridge.
+    StopBridge,
     /// Application-level keepalive (browsers cannot send WebSocket pings).
     Ping,
     /// Leave the room; the server closes the connection afterwards.
@@ -91,6 +104,9 @@ impl ClientMessage {
             ClientMessage::Answer { .. } => "answer",
             ClientMessage::Candidate { .. } => "candidate",
             ClientMessage::RequestKeyframe { .. } => "request_keyframe",
+            ClientMessage::StartBridge { .. } => "start_bridge",
+            ClientMessage::SetLayout { .. } => "set_layout",
+            ClientMessage::StopBridge => "stop_bridge",
             ClientMessage::Ping => "ping",
             ClientMessage::Leave => "leave",
         }
@@ -198,6 +214,12 @@ pub enum ErrorCode {
     RateLimited,
     Timeout,
     Internal,
+    /// The room's bridge is already running.
+    AlreadyRunning,
+    /// No bridge is running for the room.
+    NotRunning,
+    /// A bridge destination is not a valid rtmp:// URL.
+    BadDestination,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

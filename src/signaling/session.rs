@@ -374,6 +374,9 @@ fn parse_error(text: &str, e: &serde_json::Error) -> ServerMessage {
                 "answer",
                 "candidate",
                 "request_keyframe",
+                "start_bridge",
+                "set_layout",
+                "stop_bridge",
                 "ping",
                 "leave",
             ];

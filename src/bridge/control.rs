@@ -1,0 +1,124 @@
+//! Starting, changing and stopping a room's bridge: one implementation behind both the REST
+//! API and the host's signaling requests.
+
+use serde::Deserialize;
+
+use super::layout::{Fit, Layout};
+use super::pipeline::{Bridge, BridgeConfig};
+use crate::participant::{BridgeHandle, Services};
+use crate::rtmp::push::{self, Backoff, Push};
+
+/// Options for starting a bridge (every field optional).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeRequest {
+    #[serde(default)]
+    pub layout: Option<Layout>,
+    #[serde(default)]
+    pub width: Option<u32>,
+    #[serde(default)]
+    pub height: Option<u32>,
+    #[serde(default)]
+    pub fps: Option<u32>,
+    #[serde(default)]
+    pub video_bitrate: Option<u32>,
+    #[serde(default)]
+    pub fit: Option<Fit>,
+    #[serde(default)]
+    pub destinations: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("no such room (nobody joined it)")]
+    NoRoom,
+    #[error("the room's bridge is already running")]
+    AlreadyRunning,
+    #[error("no bridge is running for this room")]
+    NotRunning,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("bad destination: {0}")]
+    BadDestination(String),
+}
+
+fn start_push(svc: &Services, room: &str, url: &str) -> Result<Push, ControlError> {
+    push::start(svc.origin.clone(), room, url, Backoff::default())
+        .map_err(ControlError::BadDestination)
+}
+
+pub fn start(svc: &Services, room: &str, req: BridgeRequest) -> Result<(), ControlError> {
+    let r = svc.rooms.get(room).ok_or(ControlError::NoRoom)?;
+    if svc.bridges.contains_key(room) {
+        return Err(ControlError::AlreadyRunning);
+    }
+    let d = BridgeConfig::default();
+    let cfg = BridgeConfig {
+        width: req.width.unwrap_or(d.width),
+        height: req.height.unwrap_or(d.height),
+        fps: req.fps.unwrap_or(d.fps),
+        video_bitrate: req.video_bitrate.unwrap_or(d.video_bitrate),
+        fit: req.fit.unwrap_or(d.fit),
+        ..d
+    };
+    if !(16..=3840).contains(&cfg.width)
+        || !(16..=3840).contains(&cfg.height)
+        || !(1..=60).contains(&cfg.fps)
+    {
+        return Err(ControlError::BadRequest(
+            "width/height 16-3840 (even), fps 1-60".into(),
+        ));
+    }
+    // Check every destination before starting anything.
+    for url in &req.destinations {
+        push::RtmpUrl::parse(url).map_err(ControlError::BadDestination)?;
+    }
+    let bridge = Bridge::start(r, svc.origin.clone(), cfg).map_err(ControlError::BadRequest)?;
+    bridge.set_layout(req.layout);
+    let mut destinations = vec![];
+    for url in &req.destinations {
+        destinations.push((url.clone(), start_push(svc, room, url)?));
+    }
+    svc.bridges.insert(
+        room.to_string(),
+        BridgeHandle {
+            bridge,
+            destinations,
+        },
+    );
+    Ok(())
+}
+
+/// Pin (`Some`) or unpin (`None`) the layout.
+pub fn set_layout(svc: &Services, room: &str, layout: Option<Layout>) -> Result<(), ControlError> {
+    let h = svc.bridges.get(room).ok_or(ControlError::NotRunning)?;
+    h.bridge.set_layout(layout);
+    Ok(())
+}
+
+pub fn update_destinations(
+    svc: &Services,
+    room: &str,
+    add: &[String],
+    remove: &[String],
+) -> Result<(), ControlError> {
+    for url in add {
+        push::RtmpUrl::parse(url).map_err(ControlError::BadDestination)?;
+    }
+    let mut h = svc.bridges.get_mut(room).ok_or(ControlError::NotRunning)?;
+    h.destinations.retain(|(url, _)| !remove.contains(url));
+    for url in add {
+        if !h.destinations.iter().any(|(u, _)| u == url) {
+            let p = start_push(svc, room, url)?;
+            h.destinations.push((url.clone(), p));
+        }
+    }
+    Ok(())
+}
+
+pub fn stop(svc: &Services, room: &str) -> Result<(), ControlError> {
+    svc.bridges
+        .remove(room)
+        .map(|_| ())
+        .ok_or(ControlError::NotRunning)
+}
