@@ -101,9 +101,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         if let Err(e) = serve.await {
             tracing::error!("http server: {e}");
         }
-        // Connections got the shutdown signal; give them time to close their peers.
+        // Connections got the shutdown signal; give them time to close their peers and to
+        // flush their close frames (a WebSocket counts until its writer has finished).
         let deadline = tokio::time::Instant::now() + svc.cfg.server.shutdown_timeout;
-        while svc.rooms.room_count() > 0 && tokio::time::Instant::now() < deadline {
+        let busy = || {
+            svc.rooms.room_count() > 0
+                || svc
+                    .metrics
+                    .ws_connections
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+        };
+        while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });

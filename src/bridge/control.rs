@@ -3,10 +3,28 @@
 
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
 use super::layout::{Fit, Layout};
 use super::pipeline::{Bridge, BridgeConfig};
-use crate::participant::{BridgeHandle, Services};
+use crate::room::Registry;
+use crate::rtmp::origin::Origin;
 use crate::rtmp::push::{self, Backoff, Push};
+
+/// A room's bridge and its CDN destinations.
+pub struct BridgeHandle {
+    pub bridge: Bridge,
+    pub destinations: Vec<(String, Push)>,
+}
+
+/// What bridge control needs from the server: the rooms, the origin, the running bridges.
+pub struct Bridges<'a> {
+    pub rooms: &'a Registry,
+    pub origin: &'a Arc<Origin>,
+    pub running: &'a DashMap<String, BridgeHandle>,
+}
 
 /// Options for starting a bridge (every field optional).
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -42,14 +60,14 @@ pub enum ControlError {
     BadDestination(String),
 }
 
-fn start_push(svc: &Services, room: &str, url: &str) -> Result<Push, ControlError> {
+fn start_push(svc: &Bridges<'_>, room: &str, url: &str) -> Result<Push, ControlError> {
     push::start(svc.origin.clone(), room, url, Backoff::default())
         .map_err(ControlError::BadDestination)
 }
 
-pub fn start(svc: &Services, room: &str, req: BridgeRequest) -> Result<(), ControlError> {
+pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), ControlError> {
     let r = svc.rooms.get(room).ok_or(ControlError::NoRoom)?;
-    if svc.bridges.contains_key(room) {
+    if svc.running.contains_key(room) {
         return Err(ControlError::AlreadyRunning);
     }
     let d = BridgeConfig::default();
@@ -79,7 +97,7 @@ pub fn start(svc: &Services, room: &str, req: BridgeRequest) -> Result<(), Contr
     for url in &req.destinations {
         destinations.push((url.clone(), start_push(svc, room, url)?));
     }
-    svc.bridges.insert(
+    svc.running.insert(
         room.to_string(),
         BridgeHandle {
             bridge,
@@ -90,14 +108,18 @@ pub fn start(svc: &Services, room: &str, req: BridgeRequest) -> Result<(), Contr
 }
 
 /// Pin (`Some`) or unpin (`None`) the layout.
-pub fn set_layout(svc: &Services, room: &str, layout: Option<Layout>) -> Result<(), ControlError> {
-    let h = svc.bridges.get(room).ok_or(ControlError::NotRunning)?;
+pub fn set_layout(
+    svc: &Bridges<'_>,
+    room: &str,
+    layout: Option<Layout>,
+) -> Result<(), ControlError> {
+    let h = svc.running.get(room).ok_or(ControlError::NotRunning)?;
     h.bridge.set_layout(layout);
     Ok(())
 }
 
 pub fn update_destinations(
-    svc: &Services,
+    svc: &Bridges<'_>,
     room: &str,
     add: &[String],
     remove: &[String],
@@ -105,7 +127,7 @@ pub fn update_destinations(
     for url in add {
         push::RtmpUrl::parse(url).map_err(ControlError::BadDestination)?;
     }
-    let mut h = svc.bridges.get_mut(room).ok_or(ControlError::NotRunning)?;
+    let mut h = svc.running.get_mut(room).ok_or(ControlError::NotRunning)?;
     h.destinations.retain(|(url, _)| !remove.contains(url));
     for url in add {
         if !h.destinations.iter().any(|(u, _)| u == url) {
@@ -116,8 +138,8 @@ pub fn update_destinations(
     Ok(())
 }
 
-pub fn stop(svc: &Services, room: &str) -> Result<(), ControlError> {
-    svc.bridges
+pub fn stop(svc: &Bridges<'_>, room: &str) -> Result<(), ControlError> {
+    svc.running
         .remove(room)
         .map(|_| ())
         .ok_or(ControlError::NotRunning)

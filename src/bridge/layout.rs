@@ -3,31 +3,9 @@
 //! Tiles follow the room's co-host order with the host first; in `side_by_side` the first
 //! entry is this room's own host (left) and the second the PK partner (right).
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Layout {
-    /// The host full frame.
-    Solo,
-    /// The host full frame, co-hosts as small tiles stacked at the bottom right.
-    Pip,
-    /// Two hosts side by side (PK); this room's host on the left.
-    SideBySide,
-    /// Up to 9 equal tiles.
-    Grid,
-}
-
-/// How a picture whose aspect ratio differs from its tile is fitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Fit {
-    /// Fill the tile, cutting the overflow (no bars).
-    #[default]
-    Crop,
-    /// Show the whole picture, with bars.
-    Letterbox,
-}
+// The layout names are protocol vocabulary (signaling and REST use them), so they live with
+// the protocol types; the geometry is here.
+pub use crate::signaling::protocol::{Fit, Layout};
 
 /// A rectangle in canvas pixels. Coordinates and sizes are even so YUV 4:2:0 planes align.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

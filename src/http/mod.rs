@@ -182,7 +182,7 @@ mod double_option {
     }
 }
 
-fn bridge_json(name: &str, h: &crate::participant::BridgeHandle) -> serde_json::Value {
+fn bridge_json(name: &str, h: &crate::bridge::control::BridgeHandle) -> serde_json::Value {
     json!({
         "room": name,
         "config": h.bridge.config,
@@ -218,7 +218,7 @@ async fn bridge_start(
         return *r;
     }
     let req = body.map(|b| b.0).unwrap_or_default();
-    if let Err(e) = crate::bridge::control::start(&svc, &room, req) {
+    if let Err(e) = crate::bridge::control::start(&svc.bridge_ctl(), &room, req) {
         return control_error(&e);
     }
     match svc.bridges.get(&room) {
@@ -256,13 +256,16 @@ async fn bridge_update(
         return *r;
     }
     if let Some(layout) = req.layout
-        && let Err(e) = control::set_layout(&svc, &room, layout)
+        && let Err(e) = control::set_layout(&svc.bridge_ctl(), &room, layout)
     {
         return control_error(&e);
     }
-    if let Err(e) =
-        control::update_destinations(&svc, &room, &req.add_destinations, &req.remove_destinations)
-    {
+    if let Err(e) = control::update_destinations(
+        &svc.bridge_ctl(),
+        &room,
+        &req.add_destinations,
+        &req.remove_destinations,
+    ) {
         return control_error(&e);
     }
     match svc.bridges.get(&room) {

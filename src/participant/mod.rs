@@ -38,14 +38,19 @@ pub struct Services {
     /// The embedded origin (HTTP-FLV, RTMP play).
     pub origin: Arc<crate::rtmp::origin::Origin>,
     /// Running bridges by room name.
-    pub bridges: dashmap::DashMap<String, BridgeHandle>,
+    pub bridges: dashmap::DashMap<String, crate::bridge::control::BridgeHandle>,
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// A room's bridge and its CDN destinations.
-pub struct BridgeHandle {
-    pub bridge: crate::bridge::pipeline::Bridge,
-    pub destinations: Vec<(String, crate::rtmp::push::Push)>,
+impl Services {
+    /// The view of the server bridge control works on.
+    pub fn bridge_ctl(&self) -> crate::bridge::control::Bridges<'_> {
+        crate::bridge::control::Bridges {
+            rooms: &self.rooms,
+            origin: &self.origin,
+            running: &self.bridges,
+        }
+    }
 }
 
 /// What the WebSocket layer hands the driver.
@@ -469,7 +474,10 @@ impl Driver {
     async fn bridge_ctl(
         &mut self,
         id: Option<RequestId>,
-        f: impl FnOnce(&Services, &str) -> Result<(), crate::bridge::control::ControlError>,
+        f: impl FnOnce(
+            &crate::bridge::control::Bridges<'_>,
+            &str,
+        ) -> Result<(), crate::bridge::control::ControlError>,
     ) {
         use crate::bridge::control::ControlError as E;
         let Some(j) = self.joined.as_ref() else {
@@ -485,7 +493,7 @@ impl Driver {
             return;
         }
         let room = j.room.name.clone();
-        match f(&self.svc, &room) {
+        match f(&self.svc.bridge_ctl(), &room) {
             Ok(()) => self.reply(id, ResponseResult::Empty {}).await,
             Err(e) => {
                 let code = match e {

@@ -80,14 +80,12 @@ pub enum ClientMessage {
     /// Host only: start the room's bridge (the mixed stream CDN viewers watch).
     StartBridge {
         #[serde(default)]
-        layout: Option<crate::bridge::layout::Layout>,
+        layout: Option<Layout>,
         #[serde(default)]
         destinations: Vec<String>,
     },
     /// Host only: pin the bridge layout, or `null` to let it follow the room.
-    SetLayout {
-        layout: Option<crate::bridge::layout::Layout>,
-    },
+    SetLayout { layout: Option<Layout> },
     /// Host only: stop the room's bridge.
     StopBridge,
     /// Application-level keepalive (browsers cannot send WebSocket pings).
@@ -111,6 +109,30 @@ impl ClientMessage {
             ClientMessage::Leave => "leave",
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// The host full frame.
+    Solo,
+    /// The host full frame, co-hosts as small tiles stacked at the bottom right.
+    Pip,
+    /// Two hosts side by side (PK); this room's host on the left.
+    SideBySide,
+    /// Up to 9 equal tiles.
+    Grid,
+}
+
+/// How a picture whose aspect ratio differs from its tile is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Fit {
+    /// Fill the tile, cutting the overflow (no bars).
+    #[default]
+    Crop,
+    /// Show the whole picture, with bars.
+    Letterbox,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
