@@ -5,46 +5,21 @@ use std::time::{Duration, Instant};
 use cohost::config::Config;
 use cohost::media::amf0::{self, Value};
 use cohost::media::flv::{self, Tag};
-use cohost::media::h264;
-use openh264::encoder::Encoder;
-use openh264::formats::YUVBuffer;
 
-/// Encoded 320x240 frames with an IDR every 30 frames, as FLV video tag bodies.
+/// Encoded 320x240 frames with an IDR every 30 frames, as FLV video tag bodies, using the
+/// bridge's encoder (fixed GOP, parameter sets split out into the decoder config).
 fn frames(n: u32) -> (Vec<u8>, Vec<(bool, Vec<u8>)>) {
-    let (w, h) = (320usize, 240usize);
-    let mut enc = Encoder::new().unwrap();
+    use cohost::bridge::compose::{I420, Yuv};
+    let mut enc = cohost::bridge::encode::H264Encoder::new(320, 240, 30.0, 500_000, 30).unwrap();
     let mut config = vec![];
     let mut out = vec![];
     for i in 0..n {
-        if i.is_multiple_of(30) {
-            enc.force_intra_frame();
-        }
-        let mut yuv = vec![128u8; w * h * 3 / 2];
-        for (k, p) in yuv[..w * h].iter_mut().enumerate() {
-            *p = ((k % w + i as usize * 5) % 256) as u8;
-        }
-        let bs = enc
-            .encode(&YUVBuffer::from_vec(yuv, w, h))
-            .unwrap()
-            .to_vec();
-        let nals = h264::split_annexb(&bs);
+        let pic = I420::new(320, 240, Yuv(((i * 5) % 220) as u8 + 16, 128, 128));
+        let v = enc.encode(&pic).unwrap();
         if config.is_empty() {
-            let sps = nals
-                .iter()
-                .find(|x| h264::nal_type(x) == h264::NAL_SPS)
-                .unwrap();
-            let pps = nals
-                .iter()
-                .find(|x| h264::nal_type(x) == h264::NAL_PPS)
-                .unwrap();
-            config = h264::decoder_config(sps, pps).unwrap();
+            config = v.config.clone().unwrap();
         }
-        let key = nals.iter().any(|x| h264::nal_type(x) == h264::NAL_IDR);
-        let slices = nals
-            .iter()
-            .copied()
-            .filter(|x| !matches!(h264::nal_type(x), h264::NAL_SPS | h264::NAL_PPS));
-        out.push((key, flv::avc_frame(key, 0, &h264::to_avcc(slices))));
+        out.push((v.keyframe, flv::avc_frame(v.keyframe, 0, &v.avcc)));
     }
     (config, out)
 }
