@@ -302,3 +302,128 @@ async fn host_controls_the_bridge_over_signaling_and_others_may_not() {
     let (s, _) = server.get("/v1/rooms/ctl/bridge", Some(&admin)).await;
     assert_eq!(s, 404);
 }
+
+/// Lip sync, measured: the publisher flashes white and beeps at the same instant every 1.2 s.
+/// The output is recorded (FLV, as a CDN viewer gets it), both streams decoded by ffmpeg, and
+/// each flash's first frame (by its stream's start time and frame index, the output being
+/// constant frame rate) is paired with the nearest beep onset (5 ms windows of the decoded
+/// audio). Every pair must be within 80 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_keeps_lips_and_voice_within_80ms() {
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "lips", "host", Role::Host).await;
+    host.publish_flashes().await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/lips/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    // Past the first sender reports (the publisher sends one about every second).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = server.get("/v1/rooms/lips/bridge", Some(&admin)).await;
+        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        if v["stats"]["video_frames"].as_u64().unwrap_or(0) >= 75 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bridge not producing: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dir = std::env::temp_dir().join(format!("cohost-lips-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = dir.join("rec.flv");
+    let url = format!("http://{}/live/lips.flv", server.addr);
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-i", &url, "-t", "6", "-c", "copy"])
+        .arg(&rec)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let probe = tokio::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_type,start_time",
+        ])
+        .args(["-of", "csv=p=0"])
+        .arg(&rec)
+        .output()
+        .await
+        .unwrap();
+    let probe = String::from_utf8_lossy(&probe.stdout).to_string();
+    let start = |kind: &str| -> f64 {
+        probe
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{kind},")))
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{kind} start time in {probe}"))
+    };
+    let (v_start, a_start) = (start("video"), start("audio"));
+    let (v, a) = (dir.join("v.gray"), dir.join("a.pcm"));
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-i"])
+        .arg(&rec)
+        .args(["-map", "0:v", "-vf", "scale=32:18", "-pix_fmt", "gray"])
+        .args(["-fps_mode", "passthrough", "-f", "rawvideo"])
+        .arg(&v)
+        .args(["-map", "0:a", "-ac", "1", "-ar", "48000", "-f", "s16le"])
+        .arg(&a)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let video = std::fs::read(&v).unwrap();
+    let audio: Vec<f32> = std::fs::read(&a)
+        .unwrap()
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])))
+        .collect();
+    let fps = 30.0;
+    let luma: Vec<f32> = video
+        .chunks_exact(32 * 18)
+        .map(|f| f.iter().map(|&p| f32::from(p)).sum::<f32>() / f.len() as f32)
+        .collect();
+    let flashes: Vec<f64> = (1..luma.len())
+        .filter(|&i| luma[i] > 170.0 && luma[i - 1] <= 170.0)
+        .map(|i| v_start + i as f64 / fps)
+        .collect();
+    let win = 240; // 5 ms
+    let rms: Vec<f32> = audio
+        .chunks_exact(win)
+        .map(|w| (w.iter().map(|s| s * s).sum::<f32>() / win as f32).sqrt())
+        .collect();
+    let beeps: Vec<f64> = (1..rms.len())
+        .filter(|&i| rms[i] > 2000.0 && rms[i - 1] <= 2000.0)
+        .map(|i| a_start + (i * win) as f64 / 48000.0)
+        .collect();
+    let offsets: Vec<f64> = flashes
+        .iter()
+        .filter_map(|f| {
+            beeps
+                .iter()
+                .map(|b| b - f)
+                .min_by(|x, y| x.abs().total_cmp(&y.abs()))
+                // A flash near the end of the recording may have lost its beep to the cut.
+                .filter(|o| o.abs() < 0.5)
+        })
+        .collect();
+    eprintln!("flashes {flashes:?}\nbeeps {beeps:?}\naudio - video offsets (s): {offsets:?}");
+    assert!(
+        offsets.len() >= 3,
+        "flashes {flashes:?} beeps {beeps:?} in {probe}"
+    );
+    for o in &offsets {
+        assert!(o.abs() <= 0.080, "lip sync off by {o:.3} s: {offsets:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -37,9 +37,17 @@ impl AudioInput {
         })
     }
 
-    /// Decode one packet; returns interleaved stereo i16 (concealment first, if packets were
-    /// missing before this one).
-    pub fn push(&mut self, seq: u16, payload: &Bytes) -> Vec<i16> {
+    /// Decode one packet with RTP timestamp `ts`; returns interleaved stereo i16 (concealment
+    /// first, if packets were missing before this one) and the RTP timestamp of its first frame.
+    pub fn push(&mut self, seq: u16, ts: u32, payload: &Bytes) -> (u32, Vec<i16>) {
+        let pcm = self.decode(seq, payload);
+        // Everything before this packet's own frames is concealment of the packets just before.
+        let own = self.frame_samples.min(pcm.len() / 2);
+        let first = ts.wrapping_sub((pcm.len() / 2 - own) as u32);
+        (first, pcm)
+    }
+
+    fn decode(&mut self, seq: u16, payload: &Bytes) -> Vec<i16> {
         let mut out = Vec::new();
         let mut buf = vec![0i16; MAX_FRAME * 2];
         if let Some(last) = self.last_seq {
@@ -112,9 +120,14 @@ mod tests {
             if i == 20 || i == 21 {
                 continue; // lost
             }
-            pcm.extend(a.push(i as u16, p));
+            pcm.extend(a.push(i as u16, i as u32 * 960, p).1);
         }
         assert_eq!(a.concealed, 2);
+        // The packet after the loss starts two concealed frames earlier than its own timestamp.
+        let mut b = AudioInput::new().unwrap();
+        let p = tone_packets(440.0, 3);
+        b.push(0, 0, &p[0]);
+        assert_eq!(b.push(3, 2880, &p[2]).0, 960);
         assert_eq!(pcm.len(), 50 * 960 * 2, "a continuous 1 s of stereo audio");
         let left = left_channel(&pcm[9600..]);
         assert!(tone_power(&left, 48000.0, 440.0) > 0.3);
@@ -125,10 +138,10 @@ mod tests {
     fn garbage_is_concealed_not_fatal() {
         let mut a = AudioInput::new().unwrap();
         let good = tone_packets(300.0, 3);
-        a.push(0, &good[0]);
-        let out = a.push(1, &Bytes::from_static(&[0xff, 0xff, 0xff, 0x00, 0x13]));
+        a.push(0, 0, &good[0]);
+        let (_, out) = a.push(1, 960, &Bytes::from_static(&[0xff, 0xff, 0xff, 0x00, 0x13]));
         assert!(!out.is_empty() || a.errors == 1);
-        assert!(!a.push(2, &good[2]).is_empty());
-        assert!(a.push(2, &good[2]).is_empty(), "duplicate ignored");
+        assert!(!a.push(2, 1920, &good[2]).1.is_empty());
+        assert!(a.push(2, 1920, &good[2]).1.is_empty(), "duplicate ignored");
     }
 }

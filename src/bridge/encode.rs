@@ -89,6 +89,9 @@ pub struct AacEncoder {
     channels: usize,
     /// AudioSpecificConfig for the FLV sequence header.
     pub asc: Vec<u8>,
+    /// Samples per channel of priming the encoder puts before the input's first sample (FLV
+    /// has no edit list to tell decoders; the bridge drops whole frames of it to keep lip sync).
+    pub delay: usize,
 }
 
 pub const AAC_FRAME: usize = 1024;
@@ -111,7 +114,9 @@ impl AacEncoder {
         let info = enc.info().map_err(|e| EncodeError::Aac(format!("{e:?}")))?;
         let n = (info.confSize as usize).min(info.confBuf.len());
         let asc = info.confBuf[..n].to_vec();
+        let delay = info.nDelay as usize;
         Ok(Self {
+            delay,
             enc,
             pending: Vec::new(),
             channels: if stereo { 2 } else { 1 },

@@ -9,4 +9,5 @@ pub mod encode;
 pub mod layout;
 pub mod mix;
 pub mod pipeline;
+pub mod sync;
 pub mod video_in;

@@ -5,9 +5,11 @@
 //!
 //! Output timestamps come from the output clock (frame and sample counters), never from the
 //! inputs, so they are monotonic and continuous whatever the participants do; parameters
-//! (resolution, frame rate, sample rate, channels, SPS/PPS) are fixed at start.
+//! (resolution, frame rate, sample rate, channels, SPS/PPS) are fixed at start. Each
+//! participant's audio plays through a jitter buffer and its video follows that audio (see
+//! [`super::sync`]), so lips and voice stay together.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ use super::compose::{I420, Yuv};
 use super::encode::{AAC_FRAME, AacEncoder, H264Encoder};
 use super::layout::{Fit, Layout, tiles};
 use super::mix::{Limiter, mix_into};
+use super::sync::{PlayoutBuffer, Timed, VideoQueue, show_until};
 use super::video_in::VideoInput;
 use crate::auth::Role;
 use crate::media::amf0::{self, Value};
@@ -31,8 +34,11 @@ use crate::sfu::TrackRouter;
 use crate::signaling::protocol::Kind;
 
 const SAMPLE_RATE: u32 = 48_000;
-/// Audio kept per input before the oldest is dropped (bounds latency if the clock drifts).
-const MAX_AUDIO_BUFFER: usize = (SAMPLE_RATE as usize / 2) * 2;
+/// Audio kept per input before the oldest is dropped back to the jitter target (bounds latency
+/// when the sender's clock runs fast or a burst arrives after a stall).
+const MAX_AUDIO_BUFFER_MS: u32 = 300;
+/// Pictures kept per input while they wait for their audio (about half a second at 30 fps).
+const VIDEO_QUEUE: usize = 16;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BridgeConfig {
@@ -43,6 +49,9 @@ pub struct BridgeConfig {
     pub gop_secs: u32,
     pub audio_bitrate: u32,
     pub fit: Fit,
+    /// Audio jitter buffer per input: playing starts once this much is buffered. Larger rides
+    /// out worse networks and busier machines, at that much added latency.
+    pub audio_buffer_ms: u32,
 }
 
 impl Default for BridgeConfig {
@@ -55,14 +64,40 @@ impl Default for BridgeConfig {
             gop_secs: 2,
             audio_bitrate: 128_000,
             fit: Fit::Crop,
+            audio_buffer_ms: 60,
         }
     }
 }
 
-#[derive(Default)]
+/// One participant as the output loop sees it.
 struct InputSlot {
-    picture: Option<Arc<I420>>,
-    audio: VecDeque<i16>,
+    audio: Option<PlayoutBuffer>,
+    audio_track: Option<Arc<TrackRouter>>,
+    video: VideoQueue<Arc<I420>>,
+    video_track: Option<Arc<TrackRouter>>,
+}
+
+impl InputSlot {
+    fn new() -> Self {
+        Self {
+            audio: None,
+            audio_track: None,
+            video: VideoQueue::new(VIDEO_QUEUE),
+            video_track: None,
+        }
+    }
+
+    /// The picture to composite now (the last good one if nothing new is due).
+    fn picture(&mut self, now: Instant) -> Option<Arc<I420>> {
+        let audio_sr = self.audio_track.as_ref().and_then(|t| t.sender_report());
+        let video_sr = self.video_track.as_ref().and_then(|t| t.sender_report());
+        let rate = self
+            .video_track
+            .as_ref()
+            .map_or(90_000, |t| t.codec.clock_rate);
+        let until = show_until(self.audio.as_ref(), audio_sr, video_sr, now, SAMPLE_RATE);
+        self.video.show(until, video_sr, rate)
+    }
 }
 
 type Slots = Arc<Mutex<HashMap<String, InputSlot>>>;
@@ -145,10 +180,12 @@ impl Bridge {
         };
         let slots: Slots = Arc::default();
         // Inputs follow the room's tracks.
+        let buffer = (SAMPLE_RATE * config.audio_buffer_ms / 1000) as usize;
         tokio::spawn(follow_tracks(
             room.clone(),
             slots.clone(),
             bridge.inputs.clone(),
+            buffer,
             stop_rx.clone(),
         ));
         let out = Output {
@@ -176,6 +213,7 @@ async fn follow_tracks(
     room: Arc<Room>,
     slots: Slots,
     count: Arc<AtomicU64>,
+    audio_buffer: usize,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
@@ -185,7 +223,7 @@ async fn follow_tracks(
             if !running.contains_key(&t.id) {
                 running.insert(
                     t.id.clone(),
-                    tokio::spawn(input_task(t.clone(), slots.clone())),
+                    tokio::spawn(input_task(t.clone(), slots.clone(), audio_buffer)),
                 );
                 count.fetch_add(1, Ordering::Relaxed);
             }
@@ -212,16 +250,56 @@ async fn follow_tracks(
     }
 }
 
-async fn input_task(router: Arc<TrackRouter>, slots: Slots) {
+/// Clears the input's part of its slot when the input task ends (track removed, or aborted).
+struct Detach {
+    slots: Slots,
+    pid: String,
+    kind: Kind,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if let Some(slot) = lock(&self.slots).get_mut(&self.pid) {
+            match self.kind {
+                Kind::Audio => {
+                    slot.audio = None;
+                    slot.audio_track = None;
+                }
+                Kind::Video => slot.video_track = None,
+            }
+        }
+    }
+}
+
+async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize) {
     let mut sub = router.subscribe(1024);
     let pid = router.participant_id.clone();
-    lock(&slots).entry(pid.clone()).or_default();
+    let _detach = Detach {
+        slots: slots.clone(),
+        pid: pid.clone(),
+        kind: router.kind,
+    };
+    {
+        let mut s = lock(&slots);
+        let slot = s.entry(pid.clone()).or_insert_with(InputSlot::new);
+        match router.kind {
+            Kind::Audio => {
+                slot.audio = Some(PlayoutBuffer::new(
+                    audio_buffer,
+                    (SAMPLE_RATE * MAX_AUDIO_BUFFER_MS / 1000) as usize,
+                ));
+                slot.audio_track = Some(router.clone());
+            }
+            Kind::Video => slot.video_track = Some(router.clone()),
+        }
+    }
     match router.kind {
         Kind::Video => {
             if !router.codec.mime_type.eq_ignore_ascii_case("video/H264") {
                 // VP8 is forwarded by the SFU but not decoded by the bridge yet: the
                 // participant gets a placeholder tile.
                 warn!(track = %router.id, codec = %router.codec.mime_type, "bridge cannot decode this codec; placeholder tile");
+                std::future::pending::<()>().await;
                 return;
             }
             let Ok(mut input) = VideoInput::new() else {
@@ -238,10 +316,16 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots) {
                     router.request_keyframe();
                 }
                 if r.new_picture
-                    && let Some(pic) = input.latest()
+                    && let (Some(pic), Some(rtp)) = (input.latest(), input.latest_rtp_timestamp())
                 {
-                    lock(&slots).entry(pid.clone()).or_default().picture =
-                        Some(Arc::new(pic.clone()));
+                    let picture = Arc::new(pic.clone());
+                    if let Some(slot) = lock(&slots).get_mut(&pid) {
+                        slot.video.push(Timed {
+                            picture,
+                            rtp,
+                            arrived: Instant::now(),
+                        });
+                    }
                 }
             }
         }
@@ -250,12 +334,11 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots) {
                 return;
             };
             while let Some(p) = sub.rx.recv().await {
-                let pcm = input.push(p.header.sequence_number, &p.payload);
-                let mut s = lock(&slots);
-                let slot = s.entry(pid.clone()).or_default();
-                slot.audio.extend(pcm);
-                let excess = slot.audio.len().saturating_sub(MAX_AUDIO_BUFFER);
-                slot.audio.drain(..excess);
+                let (rtp, pcm) =
+                    input.push(p.header.sequence_number, p.header.timestamp, &p.payload);
+                if let Some(buf) = lock(&slots).get_mut(&pid).and_then(|s| s.audio.as_mut()) {
+                    buf.push(rtp, &pcm);
+                }
             }
         }
     }
@@ -311,11 +394,11 @@ impl Output {
         ps.into_iter().map(|p| p.id).collect()
     }
 
-    fn compose(&self) -> I420 {
+    fn compose(&self, now: Instant) -> I420 {
         let c = &self.config;
         let mut canvas = I420::new(c.width, c.height, Yuv::BLACK);
         let order = self.order();
-        let slots = lock(&self.slots);
+        let mut slots = lock(&self.slots);
         let shown: Vec<&String> = order.iter().filter(|p| slots.contains_key(*p)).collect();
         let layout = lock(&self.layout).unwrap_or(if shown.len() > 1 {
             Layout::Pip
@@ -326,7 +409,7 @@ impl Output {
             .iter()
             .zip(tiles(layout, shown.len(), c.width, c.height))
         {
-            match slots.get(*pid).and_then(|s| s.picture.clone()) {
+            match slots.get_mut(*pid).and_then(|s| s.picture(now)) {
                 Some(pic) => canvas.draw(&pic.view(), tile, c.fit),
                 None => canvas.fill(tile, Yuv::PLACEHOLDER),
             }
@@ -335,17 +418,15 @@ impl Output {
     }
 
     fn mix_block(&mut self) -> Vec<i16> {
-        let n = AAC_FRAME * 2;
         let mut blocks: Vec<Vec<i16>> = vec![];
         {
             let mut slots = lock(&self.slots);
-            for slot in slots.values_mut() {
-                let take = slot.audio.len().min(n);
-                blocks.push(slot.audio.drain(..take).collect());
+            for audio in slots.values_mut().filter_map(|s| s.audio.as_mut()) {
+                blocks.push(audio.pull(AAC_FRAME));
             }
         }
         let refs: Vec<&[i16]> = blocks.iter().map(|b| b.as_slice()).collect();
-        let mut out = vec![0i16; n];
+        let mut out = vec![0i16; AAC_FRAME * 2];
         mix_into(&mut out, &refs, &mut self.limiter);
         out
     }
@@ -356,11 +437,15 @@ impl Output {
         let (mut frames, mut audio_samples) = (0u64, 0u64);
         let mut sent_headers = false;
         let fps = u64::from(self.config.fps);
+        // Whole frames of encoder priming are not sent: the first frame sent then starts (within
+        // a frame) with the first mixed sample, at timestamp 0 like the first video frame.
+        let skip = (self.audio.delay / AAC_FRAME) as u64;
+        let mut encoded = 0u64;
         while !*stop.borrow() {
             let elapsed = start.elapsed();
             // Video frames due by now.
             while frames * 1_000_000 / fps <= elapsed.as_micros() as u64 {
-                let canvas = self.compose();
+                let canvas = self.compose(Instant::now());
                 match self.video.encode(&canvas) {
                     Ok(v) => {
                         let ts = (frames * 1000 / fps) as u32;
@@ -397,9 +482,13 @@ impl Output {
             // Audio blocks due by now.
             while audio_samples * 1_000_000 / u64::from(SAMPLE_RATE) <= elapsed.as_micros() as u64 {
                 let block = self.mix_block();
-                if let Ok(encoded) = self.audio.push(&block) {
-                    for f in encoded {
-                        let n = self.audio_frames.fetch_add(1, Ordering::Relaxed);
+                if let Ok(frames_out) = self.audio.push(&block) {
+                    for f in frames_out {
+                        encoded += 1;
+                        let Some(n) = (encoded - 1).checked_sub(skip) else {
+                            continue;
+                        };
+                        self.audio_frames.fetch_add(1, Ordering::Relaxed);
                         let ts = (n * AAC_FRAME as u64 * 1000 / u64::from(SAMPLE_RATE)) as u32;
                         if sent_headers {
                             self.publisher.send(Tag {

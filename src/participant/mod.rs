@@ -16,8 +16,8 @@ use crate::auth::{Authenticator, Claims, Role};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peer::{
-    Feedback, IceCandidate, LocalTrack, MediaKind, Peer, PeerError, PeerEvent, PeerFactory,
-    PeerState, RemoteTrack,
+    Feedback, IceCandidate, Inbound, LocalTrack, MediaKind, Peer, PeerError, PeerEvent,
+    PeerFactory, PeerState, RemoteTrack,
 };
 use crate::room::{Registry, Room, RoomError, RoomEvent, new_track_id};
 use crate::sfu::TrackRouter;
@@ -755,7 +755,17 @@ impl Driver {
         let requester = t.keyframe_requester();
         let ssrc = t.ssrc;
         let reader = tokio::spawn(async move {
-            while let Some(mut p) = t.recv().await {
+            while let Some(inbound) = t.recv().await {
+                let mut p = match inbound {
+                    Inbound::Rtp(p) => p,
+                    Inbound::SenderReport(sr) => {
+                        if r.sender_report().is_none() {
+                            debug!(track = %r.id, "first sender report");
+                        }
+                        r.set_sender_report(sr);
+                        continue;
+                    }
+                };
                 // Header extensions carry ids negotiated with this publisher only; every
                 // subscriber leg drops them, so drop them once here and keep the per-subscriber
                 // clones allocation-free.

@@ -1,18 +1,26 @@
-//! Passes inbound keyframe requests (PLI, FIR) up to the application.
+//! Passes inbound keyframe requests (PLI, FIR) and sender reports up to the application.
 //!
 //! In `webrtc` 0.21 inbound RTCP ends at the interceptor chain unless an interceptor marks a
 //! packet for delivery. The SFU must see keyframe requests from subscribers to relay them to the
-//! publisher (and a test publisher must see the ones the SFU sends), so this interceptor, placed
-//! last, marks exactly those and drops every other RTCP packet, which the NACK, report and TWCC
-//! interceptors have already consumed.
+//! publisher (and a test publisher must see the ones the SFU sends), and the bridge needs each
+//! publisher's sender reports for lip sync, so this interceptor, placed last, marks exactly those
+//! and drops every other RTCP packet, which the NACK, report and TWCC interceptors have already
+//! consumed.
+//!
+//! `rtc` routes a delivered compound packet to one track, chosen by the first packet's first
+//! destination SSRC. So each wanted packet goes up on its own, and a sender report loses its
+//! reception report blocks (their SSRCs are ours, not the sender's track).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::interceptor::{
+    Attribute, AttributedPacket, Interceptor, Packet, StreamInfo, TaggedPacket,
+};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
@@ -118,9 +126,18 @@ pub struct KeyframeRequestInterceptor {
     write_queue: VecDeque<TaggedPacket>,
 }
 
-fn is_keyframe_request(p: &dyn rtc::rtcp::Packet) -> bool {
+/// The form in which `p` goes up to the application, if it does.
+fn delivered(p: &dyn rtc::rtcp::Packet) -> Option<Box<dyn rtc::rtcp::Packet>> {
     let any = p.as_any();
-    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+    if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+        return Some(p.cloned());
+    }
+    let sr = any.downcast_ref::<SenderReport>()?;
+    Some(Box::new(SenderReport {
+        reports: vec![],
+        profile_extensions: Default::default(),
+        ..sr.clone()
+    }))
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestInterceptor {
@@ -130,20 +147,19 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestInterceptor {
     type Error = Error;
     type Time = Instant;
 
-    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet {
-            let wanted: Vec<Box<dyn rtc::rtcp::Packet>> = packets
-                .iter()
-                .filter(|p| is_keyframe_request(p.as_ref()))
-                .cloned()
-                .collect();
-            if wanted.is_empty() {
-                return Ok(());
-            }
-            msg.message.packet = Packet::Rtcp(wanted);
-            msg.message.add(Attribute::DeliverToApplication);
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        let Packet::Rtcp(packets) = &msg.message.packet else {
+            self.read_queue.push_back(msg);
+            return Ok(());
+        };
+        for p in packets.iter().filter_map(|p| delivered(p.as_ref())) {
+            self.read_queue.push_back(TaggedPacket {
+                now: msg.now,
+                transport: msg.transport,
+                message: AttributedPacket::new(Packet::Rtcp(vec![p]))
+                    .with(Attribute::DeliverToApplication),
+            });
         }
-        self.read_queue.push_back(msg);
         Ok(())
     }
 

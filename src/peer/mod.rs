@@ -36,7 +36,7 @@ use webrtc::peer_connection::{
 use webrtc::rtp_transceiver::RtpSender;
 
 use crate::config::WebrtcConfig;
-use crate::sfu::{CodecSpec, Packet};
+use crate::sfu::{CodecSpec, Packet, SenderReport};
 
 pub use ports::PortPool;
 
@@ -628,6 +628,13 @@ pub struct RemoteInboundStat {
     pub rtt_ms: f64,
 }
 
+/// What a published track delivers.
+#[derive(Debug)]
+pub enum Inbound {
+    Rtp(Packet),
+    SenderReport(SenderReport),
+}
+
 /// A track a client publishes to us.
 pub struct RemoteTrack {
     inner: Arc<dyn TrackRemote>,
@@ -656,11 +663,23 @@ impl KeyframeRequester {
 }
 
 impl RemoteTrack {
-    /// Next RTP packet; `None` when the track ended.
-    pub async fn recv(&self) -> Option<Packet> {
+    /// Next RTP packet or sender report; `None` when the track ended.
+    pub async fn recv(&self) -> Option<Inbound> {
         loop {
             match self.inner.poll().await? {
-                TrackRemoteEvent::OnRtpPacket(p) => return Some(p),
+                TrackRemoteEvent::OnRtpPacket(p) => return Some(Inbound::Rtp(p)),
+                TrackRemoteEvent::OnRtcpPacket(packets) => {
+                    let sr = packets.iter().find_map(|p| {
+                        p.as_any()
+                            .downcast_ref::<rtc::rtcp::sender_report::SenderReport>()
+                    });
+                    if let Some(sr) = sr {
+                        return Some(Inbound::SenderReport(SenderReport {
+                            ntp_time: sr.ntp_time,
+                            rtp_time: sr.rtp_time,
+                        }));
+                    }
+                }
                 TrackRemoteEvent::OnEnded | TrackRemoteEvent::OnError => return None,
                 _ => continue,
             }

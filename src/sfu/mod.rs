@@ -8,7 +8,7 @@
 pub mod keyframe;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::mpsc;
 
@@ -63,6 +63,15 @@ pub struct TrackStats {
     pub packets_lost: AtomicU64,
 }
 
+/// The latest RTCP sender report of a published track: which RTP timestamp the sender's
+/// wallclock (NTP, 32.32 fixed point) read at one instant. Tracks of one sender share that
+/// wallclock, so reports put its audio and video on one timeline (lip sync in the bridge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderReport {
+    pub ntp_time: u64,
+    pub rtp_time: u32,
+}
+
 struct Sub {
     id: u64,
     tx: mpsc::Sender<Packet>,
@@ -77,6 +86,7 @@ pub struct TrackRouter {
     next_id: AtomicU64,
     closed: AtomicBool,
     keyframe_tx: mpsc::Sender<()>,
+    sender_report: Mutex<Option<SenderReport>>,
     pub stats: TrackStats,
 }
 
@@ -128,6 +138,7 @@ impl TrackRouter {
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 keyframe_tx,
+                sender_report: Mutex::new(None),
                 stats: TrackStats::default(),
             }),
             keyframe_rx,
@@ -163,6 +174,21 @@ impl TrackRouter {
         if dropped > 0 {
             self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
             TOTALS.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    /// Record the publisher's latest sender report (about once a second).
+    pub fn set_sender_report(&self, sr: SenderReport) {
+        match self.sender_report.lock() {
+            Ok(mut g) => *g = Some(sr),
+            Err(p) => *p.into_inner() = Some(sr),
+        }
+    }
+
+    pub fn sender_report(&self) -> Option<SenderReport> {
+        match self.sender_report.lock() {
+            Ok(g) => *g,
+            Err(p) => *p.into_inner(),
         }
     }
 

@@ -738,7 +738,14 @@ impl Client {
     /// Publish real media: H.264 320x240 pictures of one solid RGB colour (15 fps, IDR every
     /// second and on PLI) and an Opus sine tone.
     pub async fn publish_real(&mut self, rgb: (u8, u8, u8), tone_hz: f32) -> Result<(), Value> {
-        self.publish_inner(None, Some((rgb, tone_hz))).await
+        self.publish_inner(None, Some(Pattern::Solid(rgb, tone_hz)))
+            .await
+    }
+
+    /// Publish real media that is grey and silent except for a white flash and a 1 kHz beep at
+    /// the same instant every 1.2 s (for lip-sync measurements).
+    pub async fn publish_flashes(&mut self) -> Result<(), Value> {
+        self.publish_inner(None, Some(Pattern::Flashes)).await
     }
 
     /// Publish Opus + H.264 tracks and start sending synthetic packets: audio 50 pkt/s,
@@ -750,7 +757,7 @@ impl Client {
     async fn publish_inner(
         &mut self,
         loss_every: Option<u16>,
-        real: Option<((u8, u8, u8), f32)>,
+        real: Option<Pattern>,
     ) -> Result<(), Value> {
         let loss_dropped = Arc::new(AtomicU64::new(0));
         let pc = build_pc(
@@ -846,10 +853,10 @@ impl Client {
                 }
             });
         }
-        if let Some((rgb, tone)) = real {
+        if let Some(pattern) = real {
             let (a, v, stop, plis) = (audio.clone(), video.clone(), stop.clone(), plis.clone());
             tokio::spawn(real_pump(
-                a, v, stop, plis, a_ssrc, v_ssrc, apt, vpt, rgb, tone,
+                a, v, stop, plis, a_ssrc, v_ssrc, apt, vpt, pattern,
             ));
         }
         // Media pump: 20 ms ticks; audio every tick, a 3-packet video frame every ~33 ms.
@@ -990,7 +997,27 @@ pub fn missing_seqs(seqs: &[u16]) -> usize {
         .count()
 }
 
-/// Real media for bridge tests: OpenH264 pictures of a solid colour and an Opus tone.
+/// What a real publisher shows and says.
+#[derive(Debug, Clone, Copy)]
+enum Pattern {
+    /// A solid colour and a continuous tone.
+    Solid((u8, u8, u8), f32),
+    /// Grey and silence, with a white flash and a 60 ms 1 kHz beep together every 60 ticks.
+    Flashes,
+}
+
+impl Pattern {
+    /// Colour, tone and amplitude for 20 ms tick `n`.
+    fn at(self, n: u32) -> ((u8, u8, u8), f32, f32) {
+        match self {
+            Pattern::Solid(rgb, tone) => (rgb, tone, 10000.0),
+            Pattern::Flashes if n % 60 < 3 => ((255, 255, 255), 1000.0, 12000.0),
+            Pattern::Flashes => ((90, 90, 90), 1000.0, 0.0),
+        }
+    }
+}
+
+/// Real media for bridge tests: OpenH264 pictures and Opus audio following a [`Pattern`].
 #[allow(clippy::too_many_arguments)]
 async fn real_pump(
     a: Arc<TrackLocalStaticRTP>,
@@ -1001,13 +1028,11 @@ async fn real_pump(
     v_ssrc: u32,
     apt: u8,
     vpt: u8,
-    rgb: (u8, u8, u8),
-    tone: f32,
+    pattern: Pattern,
 ) {
     use rtc::rtp::codec::h264::H264Payloader;
     use rtc::rtp::packetizer::Payloader;
     let (w, h) = (320usize, 240usize);
-    let c = cohost::bridge::compose::Yuv::from_rgb(rgb.0, rgb.1, rgb.2);
     let mut enc = openh264::encoder::Encoder::new().unwrap();
     let mut opus_enc =
         opus::Encoder::new(48000, opus::Channels::Mono, opus::Application::Voip).unwrap();
@@ -1018,11 +1043,12 @@ async fn real_pump(
     let mut n = 0u32;
     while !stop.load(Ordering::SeqCst) {
         tick.tick().await;
+        let (rgb, tone, amplitude) = pattern.at(n);
         // Audio: one 20 ms Opus frame per tick.
         let pcm: Vec<i16> = (0..960)
             .map(|k| {
                 let t = (n * 960 + k) as f32 / 48000.0;
-                ((t * tone * std::f32::consts::TAU).sin() * 10000.0) as i16
+                ((t * tone * std::f32::consts::TAU).sin() * amplitude) as i16
             })
             .collect();
         let mut out = vec![0u8; 400];
@@ -1046,6 +1072,7 @@ async fn real_pump(
                 enc.force_intra_frame();
                 last_plis = p_now;
             }
+            let c = cohost::bridge::compose::Yuv::from_rgb(rgb.0, rgb.1, rgb.2);
             let mut yuv = vec![c.0; w * h];
             yuv.extend(std::iter::repeat_n(c.1, w * h / 4));
             yuv.extend(std::iter::repeat_n(c.2, w * h / 4));
