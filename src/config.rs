@@ -34,6 +34,7 @@ pub struct Config {
     pub webrtc: WebrtcConfig,
     pub room: RoomConfig,
     pub signaling: SignalingConfig,
+    pub bridge: BridgeSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +144,72 @@ pub struct SignalingConfig {
     pub answer_timeout: Duration,
     /// Requests per second a connection may send (burst of twice that).
     pub rate_limit_per_sec: u32,
+}
+
+/// Defaults of every room's bridge (a start request may override the output parameters).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeSettings {
+    /// Start a room's bridge when its host first publishes.
+    pub auto_start: bool,
+    /// CDN destinations (rtmp:// URLs) of automatically started bridges. The embedded origin
+    /// always gets the stream.
+    pub auto_destinations: Vec<String>,
+    /// Output resolution (even numbers; 720x1280 for portrait).
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// H.264 target bitrate, bits per second.
+    pub video_bitrate: u32,
+    /// Keyframe interval.
+    #[serde(with = "humantime_serde_compat")]
+    pub gop: Duration,
+    /// AAC-LC bitrate, bits per second (48 kHz stereo).
+    pub audio_bitrate: u32,
+    /// A picture whose aspect differs from its tile: `crop` or `letterbox`.
+    pub fit: crate::signaling::protocol::Fit,
+    /// Audio jitter buffer per input (added latency; rides out network and scheduling jitter).
+    #[serde(with = "humantime_serde_compat")]
+    pub audio_buffer: Duration,
+    /// CDN push reconnect: first delay, doubling up to `reconnect_max`.
+    #[serde(with = "humantime_serde_compat")]
+    pub reconnect_initial: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub reconnect_max: Duration,
+    /// Give up on a destination after this many failed attempts in a row; 0 = never.
+    pub reconnect_max_retries: u64,
+}
+
+/// Output parameters a bridge can encode: even sizes of 16 to 3840, 1 to 60 frames per second.
+pub fn check_output(width: u32, height: u32, fps: u32) -> Result<(), String> {
+    let size = |v: u32| (16..=3840).contains(&v) && v.is_multiple_of(2);
+    if size(width) && size(height) && (1..=60).contains(&fps) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{width}x{height} at {fps} fps: width/height must be even, 16-3840; fps 1-60"
+        ))
+    }
+}
+
+impl Default for BridgeSettings {
+    fn default() -> Self {
+        Self {
+            auto_start: false,
+            auto_destinations: vec![],
+            width: 1280,
+            height: 720,
+            fps: 30,
+            video_bitrate: 2_500_000,
+            gop: Duration::from_secs(2),
+            audio_bitrate: 128_000,
+            fit: Default::default(),
+            audio_buffer: Duration::from_millis(60),
+            reconnect_initial: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            reconnect_max_retries: 0,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -272,6 +339,17 @@ impl Config {
         if self.signaling.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "signaling.max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        let b = &self.bridge;
+        check_output(b.width, b.height, b.fps)
+            .map_err(|e| ConfigError::Invalid(format!("bridge: {e}")))?;
+        if b.gop.is_zero()
+            || b.audio_buffer > Duration::from_secs(1)
+            || b.reconnect_initial.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "bridge.gop and bridge.reconnect_initial must be > 0, bridge.audio_buffer at most 1s".into(),
             ));
         }
         if w.subscriber_queue == 0 {

@@ -427,3 +427,178 @@ async fn output_keeps_lips_and_voice_within_80ms() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Poll the bridge status until `video_frames` reaches `frames`.
+async fn wait_frames(server: &Server, token: &str, room: &str, frames: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = server
+            .get(&format!("/v1/rooms/{room}/bridge"), Some(token))
+            .await;
+        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        if v["stats"]["video_frames"].as_u64().unwrap_or(0) >= frames {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "bridge not producing: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The last decoded 320x180 frame of `secs` of the room's HTTP-FLV output.
+async fn last_frame(server: &Server, room: &str, tag: &str) -> Vec<u8> {
+    let dir = std::env::temp_dir().join(format!("cohost-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (video, _) = ffmpeg_capture(&format!("http://{}/live/{room}.flv", server.addr), &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let n = 320 * 180 * 3;
+    assert!(video.len() >= n, "no frame decoded");
+    video[video.len() - n..].to_vec()
+}
+
+fn is_colour(p: (u8, u8, u8), want: (u8, u8, u8)) -> bool {
+    let close = |a: u8, b: u8| a.abs_diff(b) < 50;
+    close(p.0, want.0) && close(p.1, want.1) && close(p.2, want.2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn side_by_side_and_grid_put_each_participant_where_promised() {
+    const RED: (u8, u8, u8) = (220, 30, 30);
+    const BLUE: (u8, u8, u8) = (30, 30, 220);
+    const GREEN: (u8, u8, u8) = (30, 200, 30);
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "tiles", "host", Role::Host).await;
+    let mut first = Client::join(&server, "tiles", "first", Role::Cohost).await;
+    let mut second = Client::join(&server, "tiles", "second", Role::Cohost).await;
+    host.publish_real(RED, 440.0).await.unwrap();
+    first.publish_real(BLUE, 550.0).await.unwrap();
+    second.publish_real(GREEN, 660.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/tiles/bridge",
+            &admin,
+            &json!({"layout": "side_by_side"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    wait_frames(&server, &admin, "tiles", 45).await;
+    // Host left, first co-host right; the second has no place in a side-by-side.
+    let f = last_frame(&server, "tiles", "sbs").await;
+    assert!(
+        is_colour(pixel(&f, 80, 90), RED),
+        "left {:?}",
+        pixel(&f, 80, 90)
+    );
+    assert!(
+        is_colour(pixel(&f, 240, 90), BLUE),
+        "right {:?}",
+        pixel(&f, 240, 90)
+    );
+
+    let (s, body) = server
+        .send_json(
+            "PATCH",
+            "/v1/rooms/tiles/bridge",
+            &admin,
+            &json!({"layout": "grid"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    // Three in a 2x2 grid, in co-host order; the fourth cell is empty.
+    let f = last_frame(&server, "tiles", "grid").await;
+    for (x, y, want, name) in [
+        (80, 45, RED, "top left"),
+        (240, 45, BLUE, "top right"),
+        (80, 135, GREEN, "bottom left"),
+        (240, 135, (0, 0, 0), "bottom right"),
+    ] {
+        assert!(
+            is_colour(pixel(&f, x, y), want),
+            "{name} {:?}",
+            pixel(&f, x, y)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_started_portrait_bridge_follows_the_host_and_ends_with_the_room() {
+    let server = Server::start_with(&[
+        ("COHOST_BRIDGE__AUTO_START", "true"),
+        ("COHOST_BRIDGE__WIDTH", "720"),
+        ("COHOST_BRIDGE__HEIGHT", "1280"),
+    ])
+    .await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let mut host = Client::join(&server, "auto", "host", Role::Host).await;
+    let (s, _) = server.get("/v1/rooms/auto/bridge", Some(&admin)).await;
+    assert_eq!(s, 404, "nothing published yet, no bridge");
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    // Started by the host's first track, without any API call.
+    let v = wait_frames(&server, &admin, "auto", 30).await;
+    assert_eq!(v["config"]["width"], 720, "{v}");
+    let url = format!("http://{}/live/auto.flv", server.addr);
+    let probe = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0"])
+        .args([
+            "-show_entries",
+            "stream=width,height",
+            "-of",
+            "csv=p=0",
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), "720,1280");
+    // The last one out ends the room and its bridge.
+    host.leave().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, _) = server.get("/v1/rooms/auto/bridge", Some(&admin)).await;
+        let (flv, _) = server.get("/live/auto.flv", None).await;
+        if s == 404 && flv == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bridge {s}, stream {flv} after the room ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_media_from_one_publisher_does_not_break_the_bridge() {
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "junk", "host", Role::Host).await;
+    let mut junk = Client::join(&server, "junk", "junk", Role::Cohost).await;
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    // Payloads that are neither H.264 nor Opus: random-looking bytes in every packet.
+    junk.publish(None).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/junk/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let before = wait_frames(&server, &admin, "junk", 30).await;
+    let later = wait_frames(
+        &server,
+        &admin,
+        "junk",
+        before["stats"]["video_frames"].as_u64().unwrap() + 60,
+    )
+    .await;
+    assert_eq!(later["stats"]["inputs"], 4, "{later}");
+    // The host still shows; the broken participant is a placeholder tile, not a crash.
+    let f = last_frame(&server, "junk", "junk").await;
+    assert!(
+        is_colour(pixel(&f, 80, 60), (220, 30, 30)),
+        "{:?}",
+        pixel(&f, 80, 60)
+    );
+    let tile = pixel(&f, 275, 152);
+    assert!(!is_colour(tile, (220, 30, 30)), "junk tile {tile:?}");
+    let (s, _) = server.get("/healthz", None).await;
+    assert_eq!(s, 200);
+}

@@ -1,17 +1,16 @@
-//! Pushing the origin's stream to a CDN stand-in: Debian's nginx with libnginx-mod-rtmp on a
-//! loopback port, started and stopped by PID. ffprobe reads what nginx serves.
+//! The bridge pushing a room's mixed stream to a CDN stand-in: Debian's nginx with
+//! libnginx-mod-rtmp on a loopback port, started and stopped by PID. ffprobe reads what nginx
+//! serves.
+
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cohost::config::Config;
-use cohost::media::flv::{self, Tag};
-use cohost::media::h264;
+use cohost::auth::Role;
 use cohost::rtmp::push::{self, Backoff, PushState};
-use openh264::encoder::Encoder;
-use openh264::formats::YUVBuffer;
+use common::{Client, Server};
+use serde_json::{Value, json};
 
 struct Nginx {
     child: tokio::process::Child,
@@ -72,10 +71,10 @@ async fn probe(url: &str) -> String {
     let out = tokio::time::timeout(
         Duration::from_secs(20),
         tokio::process::Command::new("ffprobe")
-            .args(["-v", "error", "-select_streams", "v:0"])
+            .args(["-v", "error"])
             .args([
                 "-show_entries",
-                "stream=codec_name,width,height",
+                "stream=codec_name,width,height,r_frame_rate,sample_rate",
                 "-of",
                 "default=nw=1",
                 url,
@@ -103,8 +102,31 @@ async fn wait_state(p: &push::Push, want: PushState, min_retries: u64) -> push::
     }
 }
 
+/// The bridge's destination state, polled over the REST API until `pred` holds.
+async fn wait_destination(
+    server: &Server,
+    token: &str,
+    room: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = server
+            .get(&format!("/v1/rooms/{room}/bridge"), Some(token))
+            .await;
+        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        let d = &v["destinations"][0];
+        if pred(d) {
+            return d.clone();
+        }
+        assert!(Instant::now() < deadline, "destination never {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_to_nginx_resumes_after_the_cdn_restarts() {
+async fn bridge_push_to_nginx_resumes_after_the_cdn_restarts() {
     let dir = std::env::temp_dir().join(format!("cohost-nginx-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("logs")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -113,116 +135,89 @@ async fn push_to_nginx_resumes_after_the_cdn_restarts() {
         .unwrap()
         .port();
     let nginx = Nginx::start(&dir, port).await;
-
-    let mut cfg = Config::default();
-    cfg.server.http_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.server.rtmp_listen = String::new();
-    let server = cohost::app::start(cfg).await.unwrap();
-    let origin = server.services.origin.clone();
-
-    // A live 320x240 stream, 30 fps, IDR every second, until the test ends.
-    let stop = Arc::new(AtomicBool::new(false));
-    let publisher = origin.publish("live1").unwrap();
-    let feeder = {
-        let stop = stop.clone();
-        tokio::task::spawn_blocking(move || {
-            let (w, h) = (320usize, 240usize);
-            let mut enc = Encoder::new().unwrap();
-            let mut sent_config = false;
-            let mut i = 0u32;
-            let start = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                if i.is_multiple_of(30) {
-                    enc.force_intra_frame();
-                }
-                let yuv = vec![((i * 7) % 256) as u8; w * h * 3 / 2];
-                let bs = enc
-                    .encode(&YUVBuffer::from_vec(yuv, w, h))
-                    .unwrap()
-                    .to_vec();
-                let nals = h264::split_annexb(&bs);
-                let ts = i * 33;
-                if !sent_config {
-                    let sps = nals
-                        .iter()
-                        .find(|x| h264::nal_type(x) == h264::NAL_SPS)
-                        .unwrap();
-                    let pps = nals
-                        .iter()
-                        .find(|x| h264::nal_type(x) == h264::NAL_PPS)
-                        .unwrap();
-                    let cfg = h264::decoder_config(sps, pps).unwrap();
-                    publisher.send(Tag {
-                        kind: flv::TAG_VIDEO,
-                        timestamp_ms: 0,
-                        body: flv::avc_sequence_header(&cfg),
-                    });
-                    sent_config = true;
-                }
-                let key = nals.iter().any(|x| h264::nal_type(x) == h264::NAL_IDR);
-                let slices = nals
-                    .iter()
-                    .copied()
-                    .filter(|x| !matches!(h264::nal_type(x), h264::NAL_SPS | h264::NAL_PPS));
-                publisher.send(Tag {
-                    kind: flv::TAG_VIDEO,
-                    timestamp_ms: ts,
-                    body: flv::avc_frame(key, 0, &h264::to_avcc(slices)),
-                });
-                i += 1;
-                let due = start + Duration::from_millis(u64::from(i) * 33);
-                std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            }
-            drop(publisher);
-        })
-    };
-
-    let backoff = Backoff {
-        initial: Duration::from_millis(200),
-        max: Duration::from_secs(2),
-        max_retries: None,
-    };
+    // Quick retries so the test sees a reconnect within seconds.
+    let server = Server::start_with(&[
+        ("COHOST_BRIDGE__RECONNECT_INITIAL", "200ms"),
+        ("COHOST_BRIDGE__RECONNECT_MAX", "1s"),
+    ])
+    .await;
+    let mut host = Client::join(&server, "cdn", "host", Role::Host).await;
+    host.publish_real((30, 200, 30), 500.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/cdn/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    // A destination added while the bridge runs; its stream key never shows in the status.
     let url = format!("rtmp://127.0.0.1:{port}/live/cdnkey?sig=secret");
-    let push = push::start(origin.clone(), "live1", &url, backoff).unwrap();
-    let s = wait_state(&push, PushState::Connected, 0).await;
-    assert_eq!(
-        s.url,
-        format!("rtmp://127.0.0.1:{port}/live/cdnkey"),
-        "signature redacted"
-    );
+    let (s, body) = server
+        .send_json(
+            "PATCH",
+            "/v1/rooms/cdn/bridge",
+            &admin,
+            &json!({"add_destinations": [url]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(!body.contains("secret"), "signature redacted: {body}");
+    let d = wait_destination(&server, &admin, "cdn", "connected", |d| {
+        d["state"] == "connected"
+    })
+    .await;
+    assert_eq!(d["url"], format!("rtmp://127.0.0.1:{port}/live/cdnkey"));
     let cdn_url = format!("rtmp://127.0.0.1:{port}/live/cdnkey");
     let text = probe(&cdn_url).await;
-    assert!(
-        text.contains("codec_name=h264") && text.contains("width=320"),
-        "first: {text}"
-    );
+    for want in [
+        "codec_name=h264",
+        "width=1280",
+        "height=720",
+        "r_frame_rate=30/1",
+        "codec_name=aac",
+        "sample_rate=48000",
+    ] {
+        assert!(text.contains(want), "{want} from the CDN: {text}");
+    }
 
-    // The CDN goes away: the push reports it and keeps retrying; the origin keeps serving.
+    // The CDN goes away: the destination reports it and keeps retrying; the origin keeps
+    // serving.
     nginx.kill().await;
-    let s = wait_state(&push, PushState::Retrying, 1).await;
-    assert!(s.last_error.is_some());
-    assert!(origin.is_live("live1"));
-    let flv = probe(&format!("http://{}/live/live1.flv", server.addr)).await;
+    let d = wait_destination(&server, &admin, "cdn", "retrying", |d| {
+        d["state"] == "retrying" && d["retries"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(d["last_error"].is_string(), "{d}");
+    let flv = probe(&format!("http://{}/live/cdn.flv", server.addr)).await;
     assert!(
-        flv.contains("codec_name=h264"),
+        flv.contains("codec_name=h264") && flv.contains("codec_name=aac"),
         "origin while the CDN is down: {flv}"
     );
 
     // The CDN comes back on the same port: the push resumes by itself.
     let nginx = Nginx::start(&dir, port).await;
-    let s = wait_state(&push, PushState::Connected, 1).await;
-    assert!(s.bytes_sent > 0);
+    let d = wait_destination(&server, &admin, "cdn", "connected again", |d| {
+        d["state"] == "connected" && d["retries"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(d["bytes_sent"].as_u64() > Some(0), "{d}");
     let text = probe(&cdn_url).await;
     assert!(
-        text.contains("codec_name=h264") && text.contains("height=240"),
+        text.contains("codec_name=h264") && text.contains("height=720"),
         "after restart: {text}"
     );
 
-    drop(push);
-    stop.store(true, Ordering::Relaxed);
-    feeder.await.unwrap();
+    // Removing it leaves the bridge running without destinations.
+    let (s, body) = server
+        .send_json(
+            "PATCH",
+            "/v1/rooms/cdn/bridge",
+            &admin,
+            &json!({"remove_destinations": [url]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(v["destinations"], json!([]), "{v}");
     nginx.kill().await;
-    server.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -9,6 +9,7 @@ use dashmap::DashMap;
 
 use super::layout::{Fit, Layout};
 use super::pipeline::{Bridge, BridgeConfig};
+use crate::config::BridgeSettings;
 use crate::room::Registry;
 use crate::rtmp::origin::Origin;
 use crate::rtmp::push::{self, Backoff, Push};
@@ -21,6 +22,7 @@ pub struct BridgeHandle {
 
 /// What bridge control needs from the server: the rooms, the origin, the running bridges.
 pub struct Bridges<'a> {
+    pub defaults: &'a BridgeSettings,
     pub rooms: &'a Registry,
     pub origin: &'a Arc<Origin>,
     pub running: &'a DashMap<String, BridgeHandle>,
@@ -61,8 +63,13 @@ pub enum ControlError {
 }
 
 fn start_push(svc: &Bridges<'_>, room: &str, url: &str) -> Result<Push, ControlError> {
-    push::start(svc.origin.clone(), room, url, Backoff::default())
-        .map_err(ControlError::BadDestination)
+    let d = svc.defaults;
+    let backoff = Backoff {
+        initial: d.reconnect_initial,
+        max: d.reconnect_max,
+        max_retries: (d.reconnect_max_retries > 0).then_some(d.reconnect_max_retries),
+    };
+    push::start(svc.origin.clone(), room, url, backoff).map_err(ControlError::BadDestination)
 }
 
 pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), ControlError> {
@@ -70,7 +77,7 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
     if svc.running.contains_key(room) {
         return Err(ControlError::AlreadyRunning);
     }
-    let d = BridgeConfig::default();
+    let d = BridgeConfig::from(svc.defaults);
     let cfg = BridgeConfig {
         width: req.width.unwrap_or(d.width),
         height: req.height.unwrap_or(d.height),
@@ -79,14 +86,8 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
         fit: req.fit.unwrap_or(d.fit),
         ..d
     };
-    if !(16..=3840).contains(&cfg.width)
-        || !(16..=3840).contains(&cfg.height)
-        || !(1..=60).contains(&cfg.fps)
-    {
-        return Err(ControlError::BadRequest(
-            "width/height 16-3840 (even), fps 1-60".into(),
-        ));
-    }
+    crate::config::check_output(cfg.width, cfg.height, cfg.fps)
+        .map_err(ControlError::BadRequest)?;
     // Check every destination before starting anything.
     for url in &req.destinations {
         push::RtmpUrl::parse(url).map_err(ControlError::BadDestination)?;

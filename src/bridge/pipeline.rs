@@ -26,6 +26,7 @@ use super::mix::{Limiter, mix_into};
 use super::sync::{PlayoutBuffer, Timed, VideoQueue, show_until};
 use super::video_in::VideoInput;
 use crate::auth::Role;
+use crate::config::BridgeSettings;
 use crate::media::amf0::{self, Value};
 use crate::media::flv::{self, Tag};
 use crate::room::Room;
@@ -46,7 +47,8 @@ pub struct BridgeConfig {
     pub height: u32,
     pub fps: u32,
     pub video_bitrate: u32,
-    pub gop_secs: u32,
+    /// Frames from one keyframe to the next.
+    pub gop_frames: u32,
     pub audio_bitrate: u32,
     pub fit: Fit,
     /// Audio jitter buffer per input: playing starts once this much is buffered. Larger rides
@@ -54,18 +56,24 @@ pub struct BridgeConfig {
     pub audio_buffer_ms: u32,
 }
 
+impl From<&BridgeSettings> for BridgeConfig {
+    fn from(s: &BridgeSettings) -> Self {
+        Self {
+            width: s.width,
+            height: s.height,
+            fps: s.fps,
+            video_bitrate: s.video_bitrate,
+            gop_frames: ((s.gop.as_secs_f64() * f64::from(s.fps)).round() as u32).max(1),
+            audio_bitrate: s.audio_bitrate,
+            fit: s.fit,
+            audio_buffer_ms: s.audio_buffer.as_millis().min(1000) as u32,
+        }
+    }
+}
+
 impl Default for BridgeConfig {
     fn default() -> Self {
-        Self {
-            width: 1280,
-            height: 720,
-            fps: 30,
-            video_bitrate: 2_500_000,
-            gop_secs: 2,
-            audio_bitrate: 128_000,
-            fit: Fit::Crop,
-            audio_buffer_ms: 60,
-        }
+        Self::from(&BridgeSettings::default())
     }
 }
 
@@ -164,7 +172,7 @@ impl Bridge {
             config.height,
             config.fps as f32,
             config.video_bitrate,
-            config.fps * config.gop_secs,
+            config.gop_frames,
         )
         .map_err(|e| e.to_string())?;
         let audio =

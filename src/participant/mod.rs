@@ -46,6 +46,7 @@ impl Services {
     /// The view of the server bridge control works on.
     pub fn bridge_ctl(&self) -> crate::bridge::control::Bridges<'_> {
         crate::bridge::control::Bridges {
+            defaults: &self.cfg.bridge,
             rooms: &self.rooms,
             origin: &self.origin,
             running: &self.bridges,
@@ -470,6 +471,30 @@ impl Driver {
         }
     }
 
+    /// `bridge.auto_start`: the host's first published track starts the room's bridge.
+    fn auto_start_bridge(&self) {
+        let Some(j) = self.joined.as_ref() else {
+            return;
+        };
+        let cfg = &self.svc.cfg.bridge;
+        if !cfg.auto_start
+            || j.claims.role != Role::Host
+            || self.svc.bridges.contains_key(&j.room.name)
+        {
+            return;
+        }
+        let req = crate::bridge::control::BridgeRequest {
+            destinations: cfg.auto_destinations.clone(),
+            ..Default::default()
+        };
+        match crate::bridge::control::start(&self.svc.bridge_ctl(), &j.room.name, req) {
+            Ok(()) => info!(room = %j.room.name, "bridge started automatically"),
+            // Raced with another start: it is running, which is what we wanted.
+            Err(crate::bridge::control::ControlError::AlreadyRunning) => {}
+            Err(e) => warn!(room = %j.room.name, "automatic bridge start failed: {e}"),
+        }
+    }
+
     /// Run a bridge control action for this connection's room, if its role allows it.
     async fn bridge_ctl(
         &mut self,
@@ -808,6 +833,7 @@ impl Driver {
         );
         self.send(ServerMessage::TrackPublished { track: info })
             .await;
+        self.auto_start_bridge();
     }
 
     async fn on_internal(&mut self, ev: Internal) {
@@ -1040,6 +1066,13 @@ impl Driver {
         let reason = self.ending.unwrap_or(LeaveReason::Left);
         if let Some(j) = self.joined.take() {
             self.svc.rooms.leave(&j.room, &j.pid, reason);
+            // The last one out ends the room, and with it the room's bridge (a bridge of an
+            // empty room would stream black to the CDN forever).
+            if self.svc.rooms.get(&j.room.name).is_none()
+                && self.svc.bridges.remove(&j.room.name).is_some()
+            {
+                info!(room = %j.room.name, "room ended; bridge stopped");
+            }
             Self::release(j).await;
         }
     }
