@@ -85,7 +85,8 @@ export class CohostClient extends EventTarget {
     this.pub = new RTCPeerConnection({ iceServers: this.iceServers });
     this.pub.onicecandidate = (e) => this.sendCandidate("publisher", e.candidate);
     for (const track of stream.getTracks()) {
-      this.pub.addTransceiver(track, { direction: "sendonly", streams: [stream] });
+      const t = this.pub.addTransceiver(track, { direction: "sendonly", streams: [stream] });
+      if (track.kind === "video") preferH264(t);
     }
     const offer = await this.pub.createOffer();
     await this.pub.setLocalDescription(offer);
@@ -104,5 +105,24 @@ export class CohostClient extends EventTarget {
     }
     this.pub?.close();
     this.sub?.close();
+  }
+}
+
+// The bridge (the mixed RTMP/HTTP-FLV output) decodes H.264, not VP8, and browsers offer VP8
+// first unless told otherwise: put H.264 (constrained baseline, packetization-mode=1 first)
+// at the top of the video codec list where the browser lets us.
+function preferH264(transceiver) {
+  const caps = globalThis.RTCRtpSender?.getCapabilities?.("video");
+  if (!caps || !transceiver.setCodecPreferences) return;
+  const rank = (c) => {
+    if (c.mimeType.toLowerCase() !== "video/h264") return 2;
+    const f = c.sdpFmtpLine || "";
+    return f.includes("packetization-mode=1") && /profile-level-id=42/.test(f) ? 0 : 1;
+  };
+  const codecs = [...caps.codecs].sort((a, b) => rank(a) - rank(b));
+  try {
+    transceiver.setCodecPreferences(codecs);
+  } catch {
+    // Older browsers: keep their default order; the SFU still accepts VP8.
   }
 }

@@ -154,51 +154,79 @@ pub fn mean_of(p: &I420Ref<'_>, r: Rect) -> Yuv {
     )
 }
 
+/// Rows `s.y..s.y+s.h` of a plane, each cut to columns `s.x..s.x+s.w`; `None` if the plane is
+/// too small for the rectangle (a malformed picture), so the hot loops below index plain slices.
+fn rows(src: &[u8], ss: usize, s: Rect) -> Option<Vec<&[u8]>> {
+    (s.y..s.y + s.h)
+        .map(|y| {
+            let start = y as usize * ss + s.x as usize;
+            src.get(start..start + s.w as usize)
+        })
+        .collect()
+}
+
+fn dst_row(dst: &mut [u8], ds: usize, d: Rect, dy: u32) -> Option<&mut [u8]> {
+    let start = (d.y + dy) as usize * ds + d.x as usize;
+    dst.get_mut(start..start + d.w as usize)
+}
+
 fn scale_plane_nearest(src: &[u8], ss: usize, s: Rect, dst: &mut [u8], ds: usize, d: Rect) {
+    let Some(src_rows) = rows(src, ss, s) else {
+        return;
+    };
+    let xs: Vec<usize> = (0..d.w).map(|dx| (dx * s.w / d.w) as usize).collect();
     for dy in 0..d.h {
-        let sy = s.y + dy * s.h / d.h;
-        let srow = sy as usize * ss;
-        let drow = (d.y + dy) as usize * ds;
-        for dx in 0..d.w {
-            let sx = s.x + dx * s.w / d.w;
-            if let (Some(v), Some(o)) = (
-                src.get(srow + sx as usize),
-                dst.get_mut(drow + (d.x + dx) as usize),
-            ) {
-                *o = *v;
+        let srow = src_rows[(dy * s.h / d.h) as usize];
+        let Some(out) = dst_row(dst, ds, d, dy) else {
+            return;
+        };
+        if s.w == d.w {
+            out.copy_from_slice(srow);
+        } else {
+            for (o, &x) in out.iter_mut().zip(&xs) {
+                *o = srow[x];
             }
         }
     }
 }
 
 fn scale_plane_bilinear(src: &[u8], ss: usize, s: Rect, dst: &mut [u8], ds: usize, d: Rect) {
-    // 16.16 fixed point source coordinates of each destination pixel centre.
-    let step_x = (u64::from(s.w) << 16) / u64::from(d.w);
-    let step_y = (u64::from(s.h) << 16) / u64::from(d.h);
-    let max_x = u64::from(s.w.saturating_sub(1));
-    let max_y = u64::from(s.h.saturating_sub(1));
-    for dy in 0..u64::from(d.h) {
-        let fy = (dy * step_y + step_y / 2).saturating_sub(1 << 15);
-        let y0 = (fy >> 16).min(max_y);
-        let y1 = (y0 + 1).min(max_y);
-        let wy = (fy & 0xffff) >> 8; // 0..=255
-        let r0 = (u64::from(s.y) + y0) as usize * ss;
-        let r1 = (u64::from(s.y) + y1) as usize * ss;
-        let drow = (u64::from(d.y) + dy) as usize * ds;
-        for dx in 0..u64::from(d.w) {
-            let fx = (dx * step_x + step_x / 2).saturating_sub(1 << 15);
-            let x0 = (fx >> 16).min(max_x);
-            let x1 = (x0 + 1).min(max_x);
-            let wx = (fx & 0xffff) >> 8;
-            let px = |row: usize, x: u64| -> u64 {
-                u64::from(*src.get(row + (u64::from(s.x) + x) as usize).unwrap_or(&0))
-            };
-            let top = px(r0, x0) * (256 - wx) + px(r0, x1) * wx;
-            let bot = px(r1, x0) * (256 - wx) + px(r1, x1) * wx;
-            let v = (top * (256 - wy) + bot * wy + (1 << 15)) >> 16;
-            if let Some(o) = dst.get_mut(drow + (u64::from(d.x) + dx) as usize) {
-                *o = v.min(255) as u8;
+    let Some(src_rows) = rows(src, ss, s) else {
+        return;
+    };
+    // Same size: a copy (the host's full-frame tile when it matches the output).
+    if s.w == d.w && s.h == d.h {
+        for (dy, srow) in src_rows.iter().enumerate() {
+            if let Some(out) = dst_row(dst, ds, d, dy as u32) {
+                out.copy_from_slice(srow);
             }
+        }
+        return;
+    }
+    // 16.16 fixed point source coordinate of each destination pixel centre, reduced to the
+    // left/top source pixel and an 8-bit weight; the column table is computed once per draw.
+    let coord = |i: u32, sn: u32, dn: u32| -> (usize, u32) {
+        let step = (u64::from(sn) << 16) / u64::from(dn);
+        let f = (u64::from(i) * step + step / 2).saturating_sub(1 << 15);
+        let i0 = (f >> 16).min(u64::from(sn - 1)) as usize;
+        (i0, ((f & 0xffff) >> 8) as u32)
+    };
+    let cols: Vec<(usize, usize, u32)> = (0..d.w)
+        .map(|dx| {
+            let (x0, wx) = coord(dx, s.w, d.w);
+            (x0, (x0 + 1).min(s.w as usize - 1), wx)
+        })
+        .collect();
+    for dy in 0..d.h {
+        let (y0, wy) = coord(dy, s.h, d.h);
+        let (r0, r1) = (src_rows[y0], src_rows[(y0 + 1).min(s.h as usize - 1)]);
+        let Some(out) = dst_row(dst, ds, d, dy) else {
+            return;
+        };
+        for (o, &(x0, x1, wx)) in out.iter_mut().zip(&cols) {
+            let top = u32::from(r0[x0]) * (256 - wx) + u32::from(r0[x1]) * wx;
+            let bot = u32::from(r1[x0]) * (256 - wx) + u32::from(r1[x1]) * wx;
+            *o = ((top * (256 - wy) + bot * wy + (1 << 15)) >> 16).min(255) as u8;
         }
     }
 }

@@ -95,8 +95,9 @@ impl InputSlot {
         }
     }
 
-    /// The picture to composite now (the last good one if nothing new is due).
-    fn picture(&mut self, now: Instant) -> Option<Arc<I420>> {
+    /// The picture to composite now (the last good one if nothing new is due), and when its
+    /// last packet arrived if it is new on screen.
+    fn picture(&mut self, now: Instant) -> (Option<Arc<I420>>, Option<Instant>) {
         let audio_sr = self.audio_track.as_ref().and_then(|t| t.sender_report());
         let video_sr = self.video_track.as_ref().and_then(|t| t.sender_report());
         let rate = self
@@ -104,7 +105,8 @@ impl InputSlot {
             .as_ref()
             .map_or(90_000, |t| t.codec.clock_rate);
         let until = show_until(self.audio.as_ref(), audio_sr, video_sr, now, SAMPLE_RATE);
-        self.video.show(until, video_sr, rate)
+        let pic = self.video.show(until, video_sr, rate);
+        (pic, self.video.newly_shown())
     }
 }
 
@@ -115,6 +117,38 @@ pub struct BridgeStats {
     pub video_frames: u64,
     pub audio_frames: u64,
     pub inputs: u64,
+    /// Input picture's last RTP packet received to the output frame showing it handed to the
+    /// origin (decode, lip-sync hold, composite, encode), over the last 256 new pictures.
+    pub latency_ms_p50: Option<f64>,
+    pub latency_ms_p95: Option<f64>,
+}
+
+/// The last few latency samples, in microseconds.
+#[derive(Debug, Default)]
+struct LatencyWindow {
+    samples: std::collections::VecDeque<u32>,
+}
+
+impl LatencyWindow {
+    const LEN: usize = 256;
+
+    fn push(&mut self, d: Duration) {
+        if self.samples.len() == Self::LEN {
+            self.samples.pop_front();
+        }
+        self.samples
+            .push_back(d.as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+
+    /// Nearest-rank percentiles in milliseconds.
+    fn percentiles(&self, ps: [f64; 2]) -> [Option<f64>; 2] {
+        let mut v: Vec<u32> = self.samples.iter().copied().collect();
+        v.sort_unstable();
+        ps.map(|p| {
+            let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1)) - 1;
+            v.get(i).map(|us| f64::from(*us) / 1000.0)
+        })
+    }
 }
 
 /// A running bridge. Dropping it stops the pipeline and ends the origin stream.
@@ -124,6 +158,7 @@ pub struct Bridge {
     video_frames: Arc<AtomicU64>,
     audio_frames: Arc<AtomicU64>,
     inputs: Arc<AtomicU64>,
+    latency: Arc<Mutex<LatencyWindow>>,
     pub config: BridgeConfig,
 }
 
@@ -151,10 +186,13 @@ impl Bridge {
     }
 
     pub fn stats(&self) -> BridgeStats {
+        let [p50, p95] = lock(&self.latency).percentiles([0.5, 0.95]);
         BridgeStats {
             video_frames: self.video_frames.load(Ordering::Relaxed),
             audio_frames: self.audio_frames.load(Ordering::Relaxed),
             inputs: self.inputs.load(Ordering::Relaxed),
+            latency_ms_p50: p50,
+            latency_ms_p95: p95,
         }
     }
 
@@ -184,6 +222,7 @@ impl Bridge {
             video_frames: Arc::new(AtomicU64::new(0)),
             audio_frames: Arc::new(AtomicU64::new(0)),
             inputs: Arc::new(AtomicU64::new(0)),
+            latency: Arc::default(),
             config: config.clone(),
         };
         let slots: Slots = Arc::default();
@@ -206,6 +245,7 @@ impl Bridge {
             layout: bridge.layout.clone(),
             video_frames: bridge.video_frames.clone(),
             audio_frames: bridge.audio_frames.clone(),
+            latency: bridge.latency.clone(),
             limiter: Limiter::default(),
         };
         std::thread::Builder::new()
@@ -314,6 +354,7 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                 return;
             };
             while let Some(p) = sub.rx.recv().await {
+                let arrived = Instant::now();
                 let r = input.push(
                     p.header.sequence_number,
                     p.header.timestamp,
@@ -326,12 +367,12 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                 if r.new_picture
                     && let (Some(pic), Some(rtp)) = (input.latest(), input.latest_rtp_timestamp())
                 {
-                    let picture = Arc::new(pic.clone());
+                    let picture = pic.clone();
                     if let Some(slot) = lock(&slots).get_mut(&pid) {
                         slot.video.push(Timed {
                             picture,
                             rtp,
-                            arrived: Instant::now(),
+                            arrived,
                         });
                     }
                 }
@@ -362,6 +403,7 @@ struct Output {
     layout: Arc<Mutex<Option<Layout>>>,
     video_frames: Arc<AtomicU64>,
     audio_frames: Arc<AtomicU64>,
+    latency: Arc<Mutex<LatencyWindow>>,
     limiter: Limiter,
 }
 
@@ -402,11 +444,13 @@ impl Output {
         ps.into_iter().map(|p| p.id).collect()
     }
 
-    fn compose(&self, now: Instant) -> I420 {
+    /// The canvas for now, and the arrival times of the pictures new on it.
+    fn compose(&self, now: Instant) -> (I420, Vec<Instant>) {
         let c = &self.config;
         let mut canvas = I420::new(c.width, c.height, Yuv::BLACK);
         let order = self.order();
         let mut slots = lock(&self.slots);
+        let mut fresh = vec![];
         let shown: Vec<&String> = order.iter().filter(|p| slots.contains_key(*p)).collect();
         let layout = lock(&self.layout).unwrap_or(if shown.len() > 1 {
             Layout::Pip
@@ -417,12 +461,14 @@ impl Output {
             .iter()
             .zip(tiles(layout, shown.len(), c.width, c.height))
         {
-            match slots.get_mut(*pid).and_then(|s| s.picture(now)) {
+            let (pic, arrived) = slots.get_mut(*pid).map_or((None, None), |s| s.picture(now));
+            fresh.extend(arrived);
+            match pic {
                 Some(pic) => canvas.draw(&pic.view(), tile, c.fit),
                 None => canvas.fill(tile, Yuv::PLACEHOLDER),
             }
         }
-        canvas
+        (canvas, fresh)
     }
 
     fn mix_block(&mut self) -> Vec<i16> {
@@ -453,7 +499,7 @@ impl Output {
             let elapsed = start.elapsed();
             // Video frames due by now.
             while frames * 1_000_000 / fps <= elapsed.as_micros() as u64 {
-                let canvas = self.compose(Instant::now());
+                let (canvas, fresh) = self.compose(Instant::now());
                 match self.video.encode(&canvas) {
                     Ok(v) => {
                         let ts = (frames * 1000 / fps) as u32;
@@ -482,6 +528,11 @@ impl Output {
                             body: flv::avc_frame(v.keyframe, 0, &v.avcc),
                         });
                         self.video_frames.fetch_add(1, Ordering::Relaxed);
+                        let sent = Instant::now();
+                        let mut w = lock(&self.latency);
+                        for a in fresh {
+                            w.push(sent.saturating_duration_since(a));
+                        }
                     }
                     Err(e) => warn!("bridge video encode: {e}"),
                 }

@@ -154,6 +154,8 @@ pub struct VideoQueue<P> {
     queue: VecDeque<Timed<P>>,
     capacity: usize,
     shown: Option<P>,
+    /// Arrival of the picture that went on screen in the last `show`, if a new one did.
+    newly_shown: Option<Instant>,
 }
 
 impl<P: Clone> VideoQueue<P> {
@@ -162,6 +164,7 @@ impl<P: Clone> VideoQueue<P> {
             queue: VecDeque::new(),
             capacity: capacity.max(1),
             shown: None,
+            newly_shown: None,
         }
     }
 
@@ -184,6 +187,7 @@ impl<P: Clone> VideoQueue<P> {
         video_sr: Option<SenderReport>,
         clock_rate: u32,
     ) -> Option<P> {
+        self.newly_shown = None;
         while let Some(front) = self.queue.front() {
             let due = match until {
                 ShowUntil::Latest => true,
@@ -198,9 +202,15 @@ impl<P: Clone> VideoQueue<P> {
             }
             if let Some(f) = self.queue.pop_front() {
                 self.shown = Some(f.picture);
+                self.newly_shown = Some(f.arrived);
             }
         }
         self.shown.clone()
+    }
+
+    /// When the picture the last `show` put on screen arrived (`None` if it kept the old one).
+    pub fn newly_shown(&self) -> Option<Instant> {
+        self.newly_shown
     }
 
     pub fn queued(&self) -> usize {
@@ -312,8 +322,10 @@ mod tests {
         // Audio plays sender time 10.07 s: pictures at 0, 33 and 66 ms are due.
         assert_eq!(q.show(ShowUntil::Ntp(10.07), Some(vsr), 90000), Some(2));
         assert_eq!(q.queued(), 2);
+        assert_eq!(q.newly_shown(), Some(t0 + Duration::from_millis(66)));
         // Nothing newer is due yet: the last picture stays.
         assert_eq!(q.show(ShowUntil::Ntp(10.08), Some(vsr), 90000), Some(2));
+        assert_eq!(q.newly_shown(), None);
         assert_eq!(
             q.show(
                 ShowUntil::Arrived(t0 + Duration::from_millis(100)),

@@ -18,7 +18,8 @@ pub enum VideoInError {
 pub struct VideoInput {
     assembler: Assembler,
     decoder: Decoder,
-    latest: Option<I420>,
+    /// Shared with the compositor's queue without copying the picture again.
+    latest: Option<std::sync::Arc<I420>>,
     /// RTP timestamp of `latest`.
     latest_ts: Option<u32>,
     pub frames_decoded: u64,
@@ -70,7 +71,7 @@ impl VideoInput {
                             f.v[row * w2..row * w2 + w2]
                                 .copy_from_slice(&pic.v()[row * vs..row * vs + w2]);
                         }
-                        self.latest = Some(f);
+                        self.latest = Some(std::sync::Arc::new(f));
                         self.latest_ts = Some(au.rtp_timestamp);
                         self.frames_decoded += 1;
                         r.new_picture = true;
@@ -89,7 +90,7 @@ impl VideoInput {
     }
 
     /// The latest good picture, if any arrived yet.
-    pub fn latest(&self) -> Option<&I420> {
+    pub fn latest(&self) -> Option<&std::sync::Arc<I420>> {
         self.latest.as_ref()
     }
 

@@ -5,6 +5,7 @@
 //!
 //! Loopback only; bounded run time; it starts and stops the servers itself.
 
+mod bridge_bench;
 mod cohost_target;
 mod janus;
 mod media;
@@ -29,7 +30,7 @@ use media::Clip;
 use stats::{Sink, cpu_seconds, percentile, rss_bytes};
 use target::{Joined, PublishTracks, Target};
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "cohost-load",
     about = "Load generator and side-by-side SFU benchmark"
@@ -38,9 +39,13 @@ struct Cli {
     /// cohost, janus or both
     #[arg(long, default_value = "both")]
     target: String,
-    /// fanout, cohost, join or all
+    /// fanout, cohost, join or all (the SFU, against --target); or bridge (the bridge pipeline
+    /// in this process against ffmpeg doing the same composite)
     #[arg(long, default_value = "all")]
     scenario: String,
+    /// Input counts for the bridge scenario.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    bridge_inputs: Vec<usize>,
     /// Subscriber counts for the fanout scenario.
     #[arg(long, default_value = "1,10,25,50", value_delimiter = ',')]
     subs: Vec<usize>,
@@ -398,7 +403,7 @@ async fn join_scenario(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> anyhow::R
         &sinks,
         &Cli {
             duration: Duration::from_secs(2),
-            ..clone_cli(cli)
+            ..cli.clone()
         },
         rss_base,
     )
@@ -417,24 +422,6 @@ async fn join_scenario(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> anyhow::R
         p.leave().await;
     }
     Ok(r)
-}
-
-fn clone_cli(c: &Cli) -> Cli {
-    Cli {
-        target: c.target.clone(),
-        scenario: c.scenario.clone(),
-        subs: c.subs.clone(),
-        rooms: c.rooms,
-        joins: c.joins,
-        join_rate: c.join_rate,
-        duration: c.duration,
-        warmup: c.warmup,
-        video_bitrate: c.video_bitrate,
-        cohost_bin: c.cohost_bin.clone(),
-        janus_bin: c.janus_bin.clone(),
-        media_ip: c.media_ip,
-        json: c.json.clone(),
-    }
 }
 
 async fn run_all(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> Vec<Result_> {
@@ -565,6 +552,29 @@ async fn main() -> anyhow::Result<()> {
         clip.frames.iter().map(|f| f.payloads.len()).sum::<usize>() as f64
             / clip.frames.len() as f64
     );
+    if cli.scenario == "bridge" {
+        let results = bridge_bench::run(
+            &clip,
+            &cli.bridge_inputs,
+            cli.warmup,
+            cli.duration,
+            cli.target != "cohost",
+        )
+        .await;
+        println!(
+            "\ncohost-load bridge on {} cores, {}; window {:?} per run",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            chrono_like_now(),
+            cli.duration
+        );
+        bridge_bench::print(&results);
+        if let Some(p) = &cli.json {
+            std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
+        }
+        return Ok(());
+    }
     let mut results = vec![];
     if cli.target == "cohost" || cli.target == "both" {
         let t = cohost_target::CohostTarget::start(&cohost_bin, cli.media_ip).await?;

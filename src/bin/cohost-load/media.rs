@@ -22,6 +22,8 @@ const MTU: usize = 1200;
 /// One video frame as RTP payloads.
 pub struct Frame {
     pub payloads: Vec<Bytes>,
+    /// The encoded access unit (Annex-B), for tools that read a file (the ffmpeg comparison).
+    pub annexb: Bytes,
     /// An IDR frame: where a receiver can start decoding.
     pub key: bool,
 }
@@ -71,7 +73,11 @@ pub fn make_clip(bitrate: u32, seconds: u32) -> anyhow::Result<Clip> {
             })
         });
         let payloads = payloader.payload(MTU, &annexb)?;
-        frames.push(Frame { payloads, key });
+        frames.push(Frame {
+            payloads,
+            key,
+            annexb,
+        });
     }
     // Opus: 440 Hz tone, 48 kHz mono, 20 ms frames, 32 kbit/s.
     let mut oenc = opus::Encoder::new(48000, opus::Channels::Mono, opus::Application::Voip)?;

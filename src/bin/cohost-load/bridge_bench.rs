@@ -1,0 +1,414 @@
+//! `--scenario bridge`: the cost of the bridge, side by side with ffmpeg doing the same job.
+//!
+//! cohost: the bridge pipeline runs in this process on a room of N participants whose tracks
+//! are fed in real time, through the same `TrackRouter` interface the SFU uses, with the
+//! synthetic 720p30 H.264 clip and Opus audio. It decodes every input, mixes, composites the
+//! `pip` layout, encodes H.264 + AAC and publishes FLV into an origin. Measured over the window:
+//! this process's CPU time per output second (the feeder only copies pre-packetized packets),
+//! output frame rate, and the pipeline latency the bridge reports (input picture's last packet
+//! received to the frame showing it handed to the origin).
+//!
+//! ffmpeg: the same clip as N inputs (`-re`, looped; remuxed to Matroska) plus N tone WAVs (PCM, so ffmpeg
+//! decodes no audio: slightly in its favour), the same pip composite with `overlay` and
+//! `amix`, libx264 `veryfast` + `zerolatency`, AAC, FLV to /dev/null. Measured: the ffmpeg
+//! process's CPU time per output second, from /proc, over the same window.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use cohost::auth::Role;
+use cohost::bridge::pipeline::{Bridge, BridgeConfig};
+use cohost::config::RoomConfig;
+use cohost::room::{Registry, new_track_id};
+use cohost::rtmp::origin::Origin;
+use cohost::sfu::{CodecSpec, Packet, TrackRouter};
+use cohost::signaling::protocol::Kind;
+
+use crate::media::{Clip, FPS};
+use crate::stats::{cpu_seconds, rss_bytes};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgeResult {
+    pub tool: String,
+    pub inputs: usize,
+    /// CPU seconds (all cores) per second of output.
+    pub cpu_per_output_second: f64,
+    pub output_fps: f64,
+    /// Output frames per second one core could sustain at this cost (fps / CPU share).
+    pub fps_per_core: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+    pub rss_mb: f64,
+}
+
+/// Feed one participant's tracks in real time until `stop`.
+async fn feed(
+    clip: Arc<Clip>,
+    video: Arc<TrackRouter>,
+    audio: Arc<TrackRouter>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let start = Instant::now();
+    let (mut aseq, mut vseq, mut n, mut frame) = (0u16, 0u16, 0u32, 0u32);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let mut p = Packet::default();
+        p.header.version = 2;
+        p.header.sequence_number = aseq;
+        p.header.timestamp = n * 960;
+        p.payload = clip.opus[n as usize % clip.opus.len()].clone();
+        audio.forward(p);
+        aseq = aseq.wrapping_add(1);
+        n += 1;
+        let due = (start.elapsed().as_micros() * u128::from(FPS) / 1_000_000) as u32;
+        while frame <= due {
+            let f = &clip.frames[frame as usize % clip.frames.len()];
+            let last = f.payloads.len().saturating_sub(1);
+            for (k, payload) in f.payloads.iter().enumerate() {
+                let mut p = Packet::default();
+                p.header.version = 2;
+                p.header.sequence_number = vseq;
+                p.header.timestamp = frame * (90_000 / FPS);
+                p.header.marker = k == last;
+                p.payload = payload.clone();
+                video.forward(p);
+                vseq = vseq.wrapping_add(1);
+            }
+            frame += 1;
+        }
+    }
+}
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+pub async fn cohost(
+    clip: &Arc<Clip>,
+    n: usize,
+    warmup: Duration,
+    window: Duration,
+) -> anyhow::Result<BridgeResult> {
+    let registry = Registry::new(RoomConfig::default());
+    let name = format!("bench{n}");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut keep = vec![];
+    let mut room = None;
+    for i in 0..n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let role = if i == 0 { Role::Host } else { Role::Cohost };
+        let (r, snap) = registry
+            .join(&name, &format!("p{i}"), role, tx)
+            .map_err(|e| anyhow!("join: {e}"))?;
+        let pid = snap.participant.id.clone();
+        let codec = |mime: &str, rate, ch| CodecSpec {
+            mime_type: mime.into(),
+            clock_rate: rate,
+            channels: ch,
+            fmtp: String::new(),
+        };
+        let (video, kf1) = TrackRouter::new(
+            new_track_id(),
+            pid.clone(),
+            Kind::Video,
+            codec("video/H264", 90_000, 0),
+        );
+        let (audio, kf2) = TrackRouter::new(
+            new_track_id(),
+            pid.clone(),
+            Kind::Audio,
+            codec("audio/opus", 48_000, 2),
+        );
+        r.publish(&pid, video.clone())
+            .map_err(|e| anyhow!("publish: {e}"))?;
+        r.publish(&pid, audio.clone())
+            .map_err(|e| anyhow!("publish: {e}"))?;
+        tokio::spawn(feed(clip.clone(), video, audio, stop_rx.clone()));
+        keep.push((rx, kf1, kf2));
+        room = Some(r);
+    }
+    let room = room.context("no inputs")?;
+    let config = BridgeConfig::default();
+    let fps = f64::from(config.fps);
+    let bridge = Bridge::start(room, Origin::new(), config).map_err(|e| anyhow!(e))?;
+    tokio::time::sleep(warmup).await;
+    let (c0, f0, t0) = (
+        cpu_seconds(pid()).unwrap_or(0.0),
+        bridge.stats().video_frames,
+        Instant::now(),
+    );
+    tokio::time::sleep(window).await;
+    let (c1, f1, secs) = (
+        cpu_seconds(pid()).unwrap_or(0.0),
+        bridge.stats().video_frames,
+        t0.elapsed().as_secs_f64(),
+    );
+    let stats = bridge.stats();
+    let rss = rss_bytes(pid()).unwrap_or(0) as f64 / 1e6;
+    drop(bridge);
+    let _ = stop_tx.send(true);
+    let cpu = (c1 - c0) / secs;
+    let output_fps = (f1 - f0) as f64 / secs;
+    Ok(BridgeResult {
+        tool: "cohost".into(),
+        inputs: n,
+        cpu_per_output_second: cpu,
+        output_fps,
+        fps_per_core: if cpu > 0.0 { fps / cpu } else { f64::NAN },
+        latency_p50_ms: stats.latency_ms_p50,
+        latency_p95_ms: stats.latency_ms_p95,
+        rss_mb: rss,
+    })
+}
+
+/// A mono 16-bit WAV of a tone, for ffmpeg's audio inputs.
+fn write_wav(path: &Path, hz: f64, secs: u32) -> std::io::Result<()> {
+    let rate = 48_000u32;
+    let samples: Vec<i16> = (0..rate * secs)
+        .map(|i| {
+            ((f64::from(i) / f64::from(rate) * hz * std::f64::consts::TAU).sin() * 8000.0) as i16
+        })
+        .collect();
+    let data = (samples.len() * 2) as u32;
+    let mut out = Vec::with_capacity(44 + data as usize);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    out.extend_from_slice(&1u16.to_le_bytes()); // mono
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(rate * 2).to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data.to_le_bytes());
+    for s in samples {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::write(path, out)
+}
+
+/// The `pip` layout of the bridge (1280x720: host full frame, others 320x180 stacked up from
+/// the bottom-right corner with an 18 px margin) as an ffmpeg filter graph.
+fn pip_graph(n: usize) -> String {
+    let mut g = String::from("[0:v]scale=1280:720,setsar=1[b0];");
+    let mut y = 720 - 18 - 180;
+    for i in 1..n {
+        g += &format!(
+            "[{i}:v]scale=320:180[s{i}];[b{p}][s{i}]overlay=x=942:y={y}[b{i}];",
+            p = i - 1
+        );
+        y -= 198;
+    }
+    g += &format!("[b{}]null[v];", n - 1);
+    let audio: String = (0..n).map(|i| format!("[{}:a]", n + i)).collect();
+    if n > 1 {
+        g += &format!("{audio}amix=inputs={n}:normalize=0[a]");
+    } else {
+        g += &format!("{audio}anull[a]");
+    }
+    g
+}
+
+/// The last `frame=` value ffmpeg wrote to its progress file.
+fn progress_frames(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("frame="))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+pub async fn ffmpeg(
+    clip: &Clip,
+    n: usize,
+    warmup: Duration,
+    window: Duration,
+    dir: &Path,
+) -> anyhow::Result<BridgeResult> {
+    // ffmpeg cannot loop a raw Annex-B stream (no seeking): wrap it in Matroska once.
+    let mkv = dir.join("clip.mkv");
+    if !mkv.exists() {
+        let h264 = dir.join("clip.h264");
+        let all: Vec<u8> = clip
+            .frames
+            .iter()
+            .flat_map(|f| f.annexb.iter().copied())
+            .collect();
+        std::fs::write(&h264, all)?;
+        write_wav(&dir.join("tone.wav"), 440.0, 4)?;
+        let out = tokio::process::Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "h264"])
+            .args(["-framerate", "30", "-i"])
+            .arg(&h264)
+            .args(["-c", "copy"])
+            .arg(&mkv)
+            .output()
+            .await?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "ffmpeg remux: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    let progress = dir.join(format!("progress-{n}.txt"));
+    let _ = std::fs::remove_file(&progress);
+    let mut cmd = tokio::process::Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-nostats", "-y"]);
+    for _ in 0..n {
+        cmd.args(["-re", "-stream_loop", "-1", "-i"]).arg(&mkv);
+    }
+    for _ in 0..n {
+        cmd.args(["-re", "-stream_loop", "-1", "-i"])
+            .arg(dir.join("tone.wav"));
+    }
+    cmd.args([
+        "-filter_complex",
+        &pip_graph(n),
+        "-map",
+        "[v]",
+        "-map",
+        "[a]",
+    ])
+    .args([
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-tune",
+        "zerolatency",
+    ])
+    .args(["-b:v", "2500k", "-maxrate", "2500k", "-bufsize", "5000k"])
+    .args(["-g", "60", "-bf", "0", "-pix_fmt", "yuv420p", "-r", "30"])
+    .args(["-c:a", "aac", "-b:a", "128k", "-ar", "48000", "-ac", "2"])
+    .arg("-progress")
+    .arg(&progress)
+    .args(["-f", "flv", "/dev/null"])
+    .kill_on_drop(true);
+    let mut child = cmd.spawn().context("ffmpeg (Debian's, with libx264)")?;
+    let fpid = child.id().context("ffmpeg pid")?;
+    tokio::time::sleep(warmup).await;
+    let (c0, f0, t0) = (
+        cpu_seconds(fpid).unwrap_or(0.0),
+        progress_frames(&progress).unwrap_or(0),
+        Instant::now(),
+    );
+    tokio::time::sleep(window).await;
+    let (c1, f1, secs) = (
+        cpu_seconds(fpid).unwrap_or(0.0),
+        progress_frames(&progress).unwrap_or(0),
+        t0.elapsed().as_secs_f64(),
+    );
+    let rss = rss_bytes(fpid).unwrap_or(0) as f64 / 1e6;
+    if let Ok(Some(status)) = child.try_wait() {
+        return Err(anyhow!("ffmpeg exited early: {status}"));
+    }
+    let _ = child.kill().await;
+    let cpu = (c1 - c0) / secs;
+    Ok(BridgeResult {
+        tool: "ffmpeg".into(),
+        inputs: n,
+        cpu_per_output_second: cpu,
+        // Progress is written about twice a second: the rate over the window is close.
+        output_fps: (f1.saturating_sub(f0)) as f64 / secs,
+        fps_per_core: if cpu > 0.0 { 30.0 / cpu } else { f64::NAN },
+        latency_p50_ms: None,
+        latency_p95_ms: None,
+        rss_mb: rss,
+    })
+}
+
+pub async fn run(
+    clip: &Arc<Clip>,
+    inputs: &[usize],
+    warmup: Duration,
+    window: Duration,
+    with_ffmpeg: bool,
+) -> Vec<BridgeResult> {
+    let dir: PathBuf = std::env::temp_dir().join(format!("cohost-bridge-bench-{}", pid()));
+    let _ = std::fs::create_dir_all(&dir);
+    let mut out = vec![];
+    for &n in inputs {
+        eprintln!("[bridge] cohost, {n} inputs");
+        match cohost(clip, n, warmup, window).await {
+            Ok(r) => out.push(r),
+            Err(e) => eprintln!("  failed: {e:#}"),
+        }
+        if !with_ffmpeg {
+            continue;
+        }
+        eprintln!("[bridge] ffmpeg, {n} inputs");
+        match ffmpeg(clip, n, warmup, window, &dir).await {
+            Ok(r) => out.push(r),
+            Err(e) => eprintln!("  failed: {e:#}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+pub fn print(results: &[BridgeResult]) {
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    println!(
+        "\n{:<7} {:>6} {:>14} {:>10} {:>12} {:>9} {:>9} {:>8}",
+        "bridge", "inputs", "CPU s/out s", "out fps", "fps/core", "lat p50", "lat p95", "RSS MB"
+    );
+    for r in results {
+        println!(
+            "{:<7} {:>6} {:>14.3} {:>10.1} {:>12.1} {:>9} {:>9} {:>8.0}",
+            r.tool,
+            r.inputs,
+            r.cpu_per_output_second,
+            r.output_fps,
+            r.fps_per_core,
+            ms(r.latency_p50_ms),
+            ms(r.latency_p95_ms),
+            r.rss_mb
+        );
+    }
+    for c in results.iter().filter(|r| r.tool == "cohost") {
+        if let Some(f) = results
+            .iter()
+            .find(|r| r.tool == "ffmpeg" && r.inputs == c.inputs)
+        {
+            println!(
+                "ratio cohost/ffmpeg, {} inputs: CPU {:.2}",
+                c.inputs,
+                c.cpu_per_output_second / f.cpu_per_output_second
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pip_graph_matches_the_bridge_layout() {
+        use cohost::bridge::layout::{Layout, tiles};
+        let t = tiles(Layout::Pip, 4, 1280, 720);
+        let g = pip_graph(4);
+        for r in &t[1..] {
+            assert!(
+                g.contains(&format!("overlay=x={}:y={}", r.x, r.y)),
+                "{r:?} in {g}"
+            );
+            assert_eq!((r.w, r.h), (320, 180));
+        }
+        assert!(g.ends_with("[4:a][5:a][6:a][7:a]amix=inputs=4:normalize=0[a]"));
+        assert!(pip_graph(1).ends_with("[1:a]anull[a]"));
+    }
+}
