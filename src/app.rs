@@ -58,6 +58,26 @@ pub fn check_secret(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Co-host requests, invitations and host grace periods end on deadlines the rooms keep; this
+/// checks them a few times a second and applies `bridge.on_host_gone` to rooms whose host did
+/// not come back.
+async fn room_deadlines(svc: Arc<Services>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        for room in svc.rooms.tick(std::time::Instant::now()) {
+            if svc.cfg.bridge.on_host_gone == crate::config::HostGone::Stop
+                && svc.bridges.remove(&room).is_some()
+            {
+                info!(%room, "host gone: bridge stopped (bridge.on_host_gone = stop)");
+            }
+        }
+    }
+}
+
 pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     check_secret(&cfg)?;
     let cfg = Arc::new(cfg);
@@ -91,6 +111,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         ));
         Some(a)
     };
+    tokio::spawn(room_deadlines(services.clone(), shutdown_rx.clone()));
     let app = crate::http::router(services.clone());
     let mut stop = shutdown_rx;
     let svc = services.clone();

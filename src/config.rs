@@ -123,6 +123,21 @@ pub struct RoomConfig {
     pub max_publishers: usize,
     /// Published tracks per participant.
     pub max_tracks_per_participant: usize,
+    /// Co-host seats besides the host.
+    pub cohost_seats: usize,
+    /// A co-host request or invitation not answered within this time ends as `timed_out`.
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+    /// After the host leaves or drops, co-hosts keep their seats this long for the host to come
+    /// back; then they return to the audience.
+    #[serde(with = "humantime_serde_compat")]
+    pub host_grace: Duration,
+    /// Messages a new member (and the viewer feed) gets from the room's history.
+    pub message_history: usize,
+    /// Longest chat line, in characters (gift names: 64).
+    pub max_chat_chars: usize,
+    /// Chat lines, likes and gifts per second one member may send.
+    pub messages_per_sec: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,6 +179,9 @@ pub struct BridgeSettings {
     /// Keyframe interval.
     #[serde(with = "humantime_serde_compat")]
     pub gop: Duration,
+    /// When the host's grace period ends without the host: `solo` keeps the bridge streaming
+    /// (the host's tile comes back when they do), `stop` stops it.
+    pub on_host_gone: HostGone,
     /// AAC-LC bitrate, bits per second (48 kHz stereo).
     pub audio_bitrate: u32,
     /// A picture whose aspect differs from its tile: `crop` or `letterbox`.
@@ -178,6 +196,14 @@ pub struct BridgeSettings {
     pub reconnect_max: Duration,
     /// Give up on a destination after this many failed attempts in a row; 0 = never.
     pub reconnect_max_retries: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HostGone {
+    #[default]
+    Solo,
+    Stop,
 }
 
 /// Output parameters a bridge can encode: even sizes of 16 to 3840, 1 to 60 frames per second.
@@ -202,6 +228,7 @@ impl Default for BridgeSettings {
             fps: 30,
             video_bitrate: 2_500_000,
             gop: Duration::from_secs(2),
+            on_host_gone: HostGone::Solo,
             audio_bitrate: 128_000,
             fit: Default::default(),
             audio_buffer: Duration::from_millis(60),
@@ -260,6 +287,12 @@ impl Default for RoomConfig {
             max_participants: 200,
             max_publishers: 9,
             max_tracks_per_participant: 4,
+            cohost_seats: 3,
+            request_timeout: Duration::from_secs(30),
+            host_grace: Duration::from_secs(30),
+            message_history: 50,
+            max_chat_chars: 300,
+            messages_per_sec: 5,
         }
     }
 }

@@ -8,55 +8,11 @@ use std::time::{Duration, Instant};
 
 use cohost::auth::Role;
 use cohost::media::goertzel::tone_power;
-use common::{Client, Server};
+use common::{
+    Client, Server, assert_continuous, ffmpeg_capture, is_colour, last_frame, pixel, read_flv_tags,
+    wait_frames,
+};
 use serde_json::{Value, json};
-
-async fn ffmpeg_capture(url: &str, dir: &std::path::Path) -> (Vec<u8>, Vec<f32>) {
-    let v = dir.join("v.rgb");
-    let a = dir.join("a.pcm");
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new("ffmpeg")
-            .args(["-v", "error", "-y", "-i", url, "-t", "3"])
-            .args([
-                "-map",
-                "0:v",
-                "-vf",
-                "scale=320:180",
-                "-f",
-                "rawvideo",
-                "-pix_fmt",
-                "rgb24",
-            ])
-            .arg(&v)
-            // Output options apply to the next output only: the audio output needs its own -t.
-            .args([
-                "-map", "0:a", "-t", "3", "-f", "s16le", "-ac", "1", "-ar", "48000",
-            ])
-            .arg(&a)
-            .output(),
-    )
-    .await
-    .expect("ffmpeg finished")
-    .expect("ffmpeg (Debian) must be installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let video = std::fs::read(&v).unwrap();
-    let audio = std::fs::read(&a)
-        .unwrap()
-        .chunks_exact(2)
-        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])))
-        .collect();
-    (video, audio)
-}
-
-fn pixel(frame: &[u8], x: usize, y: usize) -> (u8, u8, u8) {
-    let i = (y * 320 + x) * 3;
-    (frame[i], frame[i + 1], frame[i + 2])
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_publishers_mixed_into_pip_with_both_voices() {
@@ -147,63 +103,8 @@ async fn two_publishers_mixed_into_pip_with_both_voices() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Read an HTTP-FLV stream for `secs` seconds and return its tags (de-chunking the body).
-async fn read_flv_tags(
-    addr: std::net::SocketAddr,
-    path: &str,
-    secs: u64,
-    during: impl std::future::Future<Output = ()>,
-) -> Vec<cohost::media::flv::Tag> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw: Vec<u8> = vec![];
-    let reading = async {
-        let mut buf = vec![0u8; 65536];
-        let end = tokio::time::Instant::now() + Duration::from_secs(secs);
-        while let Ok(Ok(n)) = tokio::time::timeout_at(end, s.read(&mut buf)).await {
-            if n == 0 {
-                break;
-            }
-            raw.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::join!(reading, during);
-    // Headers, then a chunked body: "<hex size>\r\n<data>\r\n"...
-    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(head.contains("transfer-encoding: chunked"), "{head}");
-    let mut body = vec![];
-    let mut i = head_end;
-    while let Some(nl) = raw[i..].windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(std::str::from_utf8(&raw[i..i + nl]).unwrap().trim(), 16)
-            .unwrap_or(0);
-        let start = i + nl + 2;
-        if size == 0 || start + size > raw.len() {
-            body.extend_from_slice(&raw[start.min(raw.len())..(start + size).min(raw.len())]);
-            break;
-        }
-        body.extend_from_slice(&raw[start..start + size]);
-        i = start + size + 2;
-        if i >= raw.len() {
-            break;
-        }
-    }
-    let mut r = cohost::media::flv::Reader::new();
-    r.push(&body);
-    let mut tags = vec![];
-    while let Ok(Some(t)) = r.next_tag() {
-        tags.push(t);
-    }
-    tags
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cohost_leave_and_rejoin_keeps_the_output_continuous() {
-    use cohost::media::flv::{TAG_AUDIO, TAG_VIDEO};
     let server = Server::start().await;
     let mut host = Client::join(&server, "cont", "host", Role::Host).await;
     host.publish_real((220, 30, 30), 440.0).await.unwrap();
@@ -227,35 +128,7 @@ async fn cohost_leave_and_rejoin_keeps_the_output_continuous() {
         drop(again);
     };
     let tags = read_flv_tags(server.addr, "/live/cont.flv", 7, churn).await;
-    let video: Vec<_> = tags
-        .iter()
-        .filter(|t| t.kind == TAG_VIDEO && !t.is_sequence_header())
-        .collect();
-    let audio: Vec<_> = tags
-        .iter()
-        .filter(|t| t.kind == TAG_AUDIO && !t.is_sequence_header())
-        .collect();
-    assert!(video.len() > 150, "{} video tags", video.len());
-    let configs = tags
-        .iter()
-        .filter(|t| t.kind == TAG_VIDEO && t.is_sequence_header())
-        .count();
-    assert_eq!(configs, 1, "one codec configuration for the whole stream");
-    for w in video.windows(2) {
-        let gap = w[1].timestamp_ms - w[0].timestamp_ms;
-        assert!(
-            (33..=34).contains(&gap),
-            "video gap {gap} ms at {}",
-            w[0].timestamp_ms
-        );
-    }
-    for w in audio.windows(2) {
-        assert!(
-            w[1].timestamp_ms > w[0].timestamp_ms,
-            "audio timestamps must increase"
-        );
-        assert!(w[1].timestamp_ms - w[0].timestamp_ms <= 22, "audio gap");
-    }
+    assert_continuous(&tags, 150);
     drop(host);
 }
 
@@ -426,38 +299,6 @@ async fn output_keeps_lips_and_voice_within_80ms() {
         assert!(o.abs() <= 0.080, "lip sync off by {o:.3} s: {offsets:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Poll the bridge status until `video_frames` reaches `frames`.
-async fn wait_frames(server: &Server, token: &str, room: &str, frames: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, body) = server
-            .get(&format!("/v1/rooms/{room}/bridge"), Some(token))
-            .await;
-        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
-        if v["stats"]["video_frames"].as_u64().unwrap_or(0) >= frames {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "bridge not producing: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The last decoded 320x180 frame of `secs` of the room's HTTP-FLV output.
-async fn last_frame(server: &Server, room: &str, tag: &str) -> Vec<u8> {
-    let dir = std::env::temp_dir().join(format!("cohost-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (video, _) = ffmpeg_capture(&format!("http://{}/live/{room}.flv", server.addr), &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let n = 320 * 180 * 3;
-    assert!(video.len() >= n, "no frame decoded");
-    video[video.len() - n..].to_vec()
-}
-
-fn is_colour(p: (u8, u8, u8), want: (u8, u8, u8)) -> bool {
-    let close = |a: u8, b: u8| a.abs_diff(b) < 50;
-    close(p.0, want.0) && close(p.1, want.1) && close(p.2, want.2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

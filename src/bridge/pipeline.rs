@@ -25,7 +25,6 @@ use super::layout::{Fit, Layout, tiles};
 use super::mix::{Limiter, mix_into};
 use super::sync::{PlayoutBuffer, Timed, VideoQueue, show_until};
 use super::video_in::VideoInput;
-use crate::auth::Role;
 use crate::config::BridgeSettings;
 use crate::media::amf0::{self, Value};
 use crate::media::flv::{self, Tag};
@@ -106,6 +105,10 @@ impl InputSlot {
             .map_or(90_000, |t| t.codec.clock_rate);
         let until = show_until(self.audio.as_ref(), audio_sr, video_sr, now, SAMPLE_RATE);
         let pic = self.video.show(until, video_sr, rate);
+        // The host turned this camera off: a placeholder, not a frozen picture.
+        if self.video_track.as_ref().is_some_and(|t| t.is_muted()) {
+            return (None, None);
+        }
         (pic, self.video.newly_shown())
     }
 }
@@ -436,23 +439,23 @@ impl Output {
         }
     }
 
-    /// Participants in layout order: host first, then the others in join order.
-    fn order(&self) -> Vec<String> {
-        let mut ps = self.room.participants();
-        ps.retain(|p| matches!(p.role, Role::Host | Role::Cohost));
-        ps.sort_by_key(|p| u8::from(p.role != Role::Host));
-        ps.into_iter().map(|p| p.id).collect()
-    }
-
     /// The canvas for now, and the arrival times of the pictures new on it.
     fn compose(&self, now: Instant) -> (I420, Vec<Instant>) {
         let c = &self.config;
         let mut canvas = I420::new(c.width, c.height, Yuv::BLACK);
-        let order = self.order();
+        // Host first, then the PK partner's host, then co-hosts (the room decides).
+        let stage = self.room.stage();
         let mut slots = lock(&self.slots);
         let mut fresh = vec![];
-        let shown: Vec<&String> = order.iter().filter(|p| slots.contains_key(*p)).collect();
-        let layout = lock(&self.layout).unwrap_or(if shown.len() > 1 {
+        let shown: Vec<&String> = stage
+            .order
+            .iter()
+            .filter(|p| slots.contains_key(*p))
+            .collect();
+        // Unless pinned, the layout follows the room: PK side by side, co-hosts in pip.
+        let layout = lock(&self.layout).unwrap_or(if stage.pk {
+            Layout::SideBySide
+        } else if shown.len() > 1 {
             Layout::Pip
         } else {
             Layout::Solo
@@ -495,6 +498,9 @@ impl Output {
         // a frame) with the first mixed sample, at timestamp 0 like the first video frame.
         let skip = (self.audio.delay / AAC_FRAME) as u64;
         let mut encoded = 0u64;
+        // Room messages ride along as onTextData script tags (players that read them can show
+        // chat over the video); start after what was said before the bridge started.
+        let mut said = self.room.messages_since(0).last().map_or(0, |m| m.id);
         while !*stop.borrow() {
             let elapsed = start.elapsed();
             // Video frames due by now.
@@ -538,6 +544,13 @@ impl Output {
                 }
                 frames += 1;
             }
+            if sent_headers {
+                for m in self.room.messages_since(said) {
+                    said = m.id;
+                    let ts = (frames * 1000 / fps) as u32;
+                    self.publisher.send(text_data(&m, ts));
+                }
+            }
             // Audio blocks due by now.
             while audio_samples * 1_000_000 / u64::from(SAMPLE_RATE) <= elapsed.as_micros() as u64 {
                 let block = self.mix_block();
@@ -563,5 +576,34 @@ impl Output {
             std::thread::sleep(Duration::from_millis(5));
         }
         info!(room = %self.room.name, frames, "bridge stopped");
+    }
+}
+
+/// A room message as an FLV `onTextData` script tag (the form players such as flv.js and
+/// Flash-era tools expose as text tracks): `type`, `text`, `from`, `id`.
+fn text_data(m: &crate::signaling::protocol::RoomMessage, ts: u32) -> Tag {
+    use crate::signaling::protocol::MessageBody as B;
+    let (kind, text) = match &m.body {
+        B::Chat { text } => ("chat", text.clone()),
+        B::Like { count } => ("like", count.to_string()),
+        B::Gift { gift, count } => ("gift", format!("{gift} x{count}")),
+        B::Joined { .. } => ("joined", String::new()),
+        B::Left { .. } => ("left", String::new()),
+        B::Notice { text } => ("notice", text.clone()),
+    };
+    let from = m
+        .from
+        .as_ref()
+        .map_or(String::new(), |f| f.identity.clone());
+    let data = amf0::ecma([
+        ("type", Value::String(kind.into())),
+        ("text", Value::String(text)),
+        ("from", Value::String(from)),
+        ("id", Value::Number(m.id as f64)),
+    ]);
+    Tag {
+        kind: flv::TAG_SCRIPT,
+        timestamp_ms: ts,
+        body: flv::script("onTextData", &data),
     }
 }

@@ -33,6 +33,8 @@ pub fn router(svc: Arc<Services>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/rooms", get(list_rooms))
         .route("/v1/rooms/{room}", get(get_room))
+        .route("/v1/rooms/{room}/messages", get(room_messages))
+        .route("/v1/rooms/{room}/actions", axum::routing::post(room_action))
         .route("/live/{file}", get(http_flv))
         .route(
             "/v1/rooms/{room}/bridge",
@@ -97,6 +99,113 @@ fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<
             "forbidden",
             "needs an admin token (or the room's host token)",
         )))
+    }
+}
+
+#[derive(Deserialize)]
+struct FeedQuery {
+    #[serde(default)]
+    since: u64,
+    /// Seconds to wait for a message when there is none after `since` (long-poll), 0-30.
+    #[serde(default)]
+    wait: u64,
+}
+
+/// The read-only message feed for viewers who are not on the WebSocket (CDN viewers): the
+/// room's messages after `since`, waiting up to `wait` seconds for one if there is none yet.
+async fn room_messages(
+    State(svc): State<Arc<Services>>,
+    Path(room): Path<String>,
+    Query(q): Query<FeedQuery>,
+) -> Response {
+    let Some(r) = svc.rooms.get(&room) else {
+        return api_error(StatusCode::NOT_FOUND, "not_found", "no such room");
+    };
+    let mut watch = r.message_watch();
+    let mut messages = r.messages_since(q.since);
+    if messages.is_empty() && q.wait > 0 {
+        let wait = Duration::from_secs(q.wait.min(30));
+        let _ = tokio::time::timeout(wait, watch.wait_for(|last| *last > q.since)).await;
+        messages = r.messages_since(q.since);
+    }
+    let next = messages.last().map_or(q.since, |m| m.id);
+    (
+        [(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")],
+        Json(json!({"room": room, "messages": messages, "next": next})),
+    )
+        .into_response()
+}
+
+/// Moderation by an operator or the host's backend: the host actions of the signaling protocol
+/// (`kick`, `remove_cohost`, `invite_cohost`, `answer_cohost_request`, `mute_track`,
+/// `mute_chat`, `delete_message`, `pk_end`) with the same JSON body.
+async fn room_action(
+    State(svc): State<Arc<Services>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Result<
+        Json<crate::signaling::protocol::ClientMessage>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> Response {
+    use crate::signaling::protocol::ClientMessage as M;
+    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
+        return *r;
+    }
+    let Ok(Json(msg)) = body else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "expected a host action as JSON",
+        );
+    };
+    let Some(r) = svc.rooms.get(&room) else {
+        return api_error(StatusCode::NOT_FOUND, "not_found", "no such room");
+    };
+    let a = crate::room::Actor::operator();
+    let result = match msg {
+        M::Kick { participant_id } => r.kick(a, &participant_id),
+        M::RemoveCohost { participant_id } => r.remove_cohost(a, &participant_id),
+        M::InviteCohost { participant_id } => r.invite_cohost(a, &participant_id),
+        M::AnswerCohostRequest {
+            participant_id,
+            approve,
+        } => r.answer_cohost_request(a, &participant_id, approve),
+        M::MuteTrack {
+            participant_id,
+            kind,
+            muted,
+        } => r.mute_track(a, &participant_id, kind, muted),
+        M::MuteChat {
+            participant_id,
+            muted,
+        } => r.mute_chat(a, &participant_id, muted),
+        M::DeleteMessage { message_id } => r.delete_message(a, message_id),
+        M::PkEnd => svc.rooms.pk_end(&r, a),
+        other => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("{} is not a host action", other.name()),
+            );
+        }
+    };
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => {
+            let status = match e {
+                crate::room::RoomError::NotFound(_)
+                | crate::room::RoomError::UnknownParticipant(_)
+                | crate::room::RoomError::NotMember => StatusCode::NOT_FOUND,
+                crate::room::RoomError::NotHost => StatusCode::FORBIDDEN,
+                _ => StatusCode::CONFLICT,
+            };
+            let code = serde_json::to_value(e.code())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            api_error(status, &code, &e.to_string())
+        }
     }
 }
 

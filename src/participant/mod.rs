@@ -19,12 +19,12 @@ use crate::peer::{
     Feedback, IceCandidate, Inbound, LocalTrack, MediaKind, Peer, PeerError, PeerEvent,
     PeerFactory, PeerState, RemoteTrack,
 };
-use crate::room::{Registry, Room, RoomError, RoomEvent, new_track_id};
+use crate::room::{Actor, Registry, Room, RoomError, RoomEvent, new_track_id};
 use crate::sfu::TrackRouter;
 use crate::sfu::keyframe::{Decision, KeyframeThrottle};
 use crate::signaling::protocol::{
-    Candidate, ClientMessage, ErrorCode, JoinResult, Kind, LeaveReason, Limits, PROTOCOL_VERSION,
-    RequestId, ResponseResult, ServerMessage, Target, close_code,
+    Candidate, ClientMessage, ErrorCode, JoinResult, Kind, LeaveReason, Limits, MessageBody,
+    PROTOCOL_VERSION, RequestId, ResponseResult, ServerMessage, Target, close_code,
 };
 use crate::signaling::session::{Action, MAX_TICK, Session};
 
@@ -148,14 +148,18 @@ fn cand_in(c: Candidate) -> IceCandidate {
     }
 }
 
+/// Error code and, for a refused join, the close code.
+/// The acting member's own id (these actions are always a member's own).
+fn me<'a>(a: Actor<'a>) -> &'a str {
+    a.pid.unwrap_or_default()
+}
+
 fn room_error(e: &RoomError) -> (ErrorCode, u16) {
-    match e {
-        RoomError::Full(_) => (ErrorCode::RoomFull, close_code::ROOM_FULL),
-        RoomError::TooManyPublishers(_) => (ErrorCode::TooManyPublishers, 0),
-        RoomError::TooManyTracks(_) => (ErrorCode::TooManyTracks, 0),
-        RoomError::Forbidden(_) => (ErrorCode::Forbidden, 0),
-        RoomError::NotMember => (ErrorCode::Internal, 0),
-    }
+    let close = match e {
+        RoomError::Full(_) | RoomError::SeatsFull(_) => close_code::ROOM_FULL,
+        _ => 0,
+    };
+    (e.code(), close)
 }
 
 pub struct Driver {
@@ -383,6 +387,9 @@ impl Driver {
                         rate_limit_per_sec: cfg.signaling.rate_limit_per_sec,
                         ping_interval_ms: cfg.signaling.ping_interval.as_millis() as u64,
                     },
+                    seats: cfg.room.cohost_seats,
+                    history: room.messages_since(0),
+                    pk: room.pk_partner(),
                 };
                 let role = claims.role;
                 self.room_rx = Some(rx);
@@ -459,6 +466,86 @@ impl Driver {
                 .await
             }
             ClientMessage::StopBridge => self.bridge_ctl(id, crate::bridge::control::stop).await,
+            ClientMessage::RequestCohost => {
+                self.room_op(id, |_, r, a| r.request_cohost(me(a))).await
+            }
+            ClientMessage::CancelCohostRequest => {
+                self.room_op(id, |_, r, a| r.cancel_cohost_request(me(a)))
+                    .await
+            }
+            ClientMessage::AnswerCohostRequest {
+                participant_id,
+                approve,
+            } => {
+                self.room_op(id, |_, r, a| {
+                    r.answer_cohost_request(a, &participant_id, approve)
+                })
+                .await
+            }
+            ClientMessage::InviteCohost { participant_id } => {
+                self.room_op(id, |_, r, a| r.invite_cohost(a, &participant_id))
+                    .await
+            }
+            ClientMessage::AnswerCohostInvite { accept } => {
+                self.room_op(id, |_, r, a| r.answer_cohost_invite(me(a), accept))
+                    .await
+            }
+            ClientMessage::RemoveCohost { participant_id } => {
+                self.room_op(id, |_, r, a| r.remove_cohost(a, &participant_id))
+                    .await
+            }
+            ClientMessage::LeaveSeat => self.room_op(id, |_, r, a| r.remove_cohost(a, me(a))).await,
+            ClientMessage::MuteTrack {
+                participant_id,
+                kind,
+                muted,
+            } => {
+                self.room_op(id, |_, r, a| r.mute_track(a, &participant_id, kind, muted))
+                    .await
+            }
+            ClientMessage::Kick { participant_id } => {
+                self.room_op(id, |_, r, a| r.kick(a, &participant_id)).await
+            }
+            ClientMessage::Chat { text } => {
+                self.room_op(id, |_, r, a| {
+                    r.say(me(a), MessageBody::Chat { text }).map(|_| ())
+                })
+                .await
+            }
+            ClientMessage::Like { count } => {
+                let count = count.unwrap_or(1).clamp(1, 1000);
+                self.room_op(id, |_, r, a| {
+                    r.say(me(a), MessageBody::Like { count }).map(|_| ())
+                })
+                .await
+            }
+            ClientMessage::Gift { gift, count } => {
+                let count = count.unwrap_or(1).clamp(1, 10_000);
+                self.room_op(id, |_, r, a| {
+                    r.say(me(a), MessageBody::Gift { gift, count }).map(|_| ())
+                })
+                .await
+            }
+            ClientMessage::DeleteMessage { message_id } => {
+                self.room_op(id, |_, r, a| r.delete_message(a, message_id))
+                    .await
+            }
+            ClientMessage::MuteChat {
+                participant_id,
+                muted,
+            } => {
+                self.room_op(id, |_, r, a| r.mute_chat(a, &participant_id, muted))
+                    .await
+            }
+            ClientMessage::PkInvite { room } => {
+                self.room_op(id, |reg, r, a| reg.pk_invite(r, a, &room))
+                    .await
+            }
+            ClientMessage::PkAnswer { room, accept } => {
+                self.room_op(id, |reg, r, a| reg.pk_answer(r, a, &room, accept))
+                    .await
+            }
+            ClientMessage::PkEnd => self.room_op(id, |reg, r, a| reg.pk_end(r, a)).await,
             // Join, Ping and Leave are handled by the session itself.
             other => {
                 self.error(
@@ -467,6 +554,25 @@ impl Driver {
                     format!("{} is not valid now", other.name()),
                 )
                 .await
+            }
+        }
+    }
+
+    /// Run a co-host workflow / room message operation as this member and answer it.
+    async fn room_op(
+        &mut self,
+        id: Option<RequestId>,
+        f: impl FnOnce(&Registry, &Arc<Room>, Actor<'_>) -> Result<(), RoomError>,
+    ) {
+        let Some(j) = self.joined.as_ref() else {
+            return;
+        };
+        let actor = Actor::member(&j.pid, j.claims.role);
+        match f(&self.svc.rooms, &j.room, actor) {
+            Ok(()) => self.reply(id, ResponseResult::Empty {}).await,
+            Err(e) => {
+                let (code, _) = room_error(&e);
+                self.error(id, code, e.to_string()).await;
             }
         }
     }
@@ -689,15 +795,38 @@ impl Driver {
                 self.maybe_offer().await;
             }
             RoomEvent::Removed(reason) => {
-                let code = match reason {
-                    LeaveReason::Replaced => close_code::REPLACED,
-                    _ => close_code::NORMAL,
+                let (code, why) = match reason {
+                    LeaveReason::Replaced => {
+                        (close_code::REPLACED, "replaced by a newer connection")
+                    }
+                    LeaveReason::Kicked => (close_code::KICKED, "removed by the host"),
+                    _ => (close_code::NORMAL, "removed"),
                 };
-                // Already out of the room; teardown's leave is then a no-op.
-                self.close_with(code, "replaced by a newer connection", reason)
-                    .await;
+                // A replaced member is already out of the room (teardown's leave is then a
+                // no-op); a kicked one leaves in teardown with reason `kicked`.
+                self.close_with(code, why, reason).await;
+            }
+            RoomEvent::Notify(msg) => self.send(msg).await,
+            RoomEvent::Demoted => self.stop_publishing().await,
+        }
+    }
+
+    /// The seat is gone: close the publisher connection and end its tracks (the room already
+    /// unpublished them), so the server stops taking this member's media.
+    async fn stop_publishing(&mut self) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        for (_, p) in j.published.drain() {
+            p.router.close();
+            for t in p.tasks {
+                t.abort();
             }
         }
+        if let Some(pc) = j.publisher.take() {
+            pc.close().await;
+        }
+        self.pub_rx = None;
     }
 
     async fn on_peer_event(&mut self, target: Target, ev: PeerEvent) {

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 pub struct PortPool {
     min: u16,
     max: u16,
+    /// Where leased ports will be bound: a port another process holds there is skipped.
+    probe: Option<std::net::IpAddr>,
     inner: Mutex<Inner>,
 }
 
@@ -26,11 +28,24 @@ impl PortPool {
         Self {
             min,
             max,
+            probe: None,
             inner: Mutex::new(Inner {
                 used: BTreeSet::new(),
                 cursor,
             }),
         }
+    }
+
+    /// Skip ports some other process already holds on `ip` (another server sharing the
+    /// range, or any program): otherwise the connection given that port would fail to bind.
+    pub fn probing(mut self, ip: std::net::IpAddr) -> Self {
+        self.probe = Some(ip);
+        self
+    }
+
+    fn free_on_host(&self, port: u16) -> bool {
+        self.probe
+            .is_none_or(|ip| std::net::UdpSocket::bind((ip, port)).is_ok())
     }
 
     pub fn capacity(&self) -> usize {
@@ -54,7 +69,8 @@ impl PortPool {
         for _ in 0..cap {
             let p = g.cursor;
             g.cursor = if p >= self.max { self.min } else { p + 1 };
-            if g.used.insert(p) {
+            if !g.used.contains(&p) && self.free_on_host(p) {
+                g.used.insert(p);
                 return Some(PortLease {
                     pool: self.clone(),
                     port: p,
@@ -103,5 +119,15 @@ mod tests {
         drop(b);
         assert_eq!(pool.in_use(), 2);
         assert!(pool.lease().is_some());
+    }
+
+    #[test]
+    fn a_port_held_by_another_process_is_skipped() {
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let pool = Arc::new(PortPool::new(port, port).probing("127.0.0.1".parse().unwrap()));
+        assert!(pool.lease().is_none(), "the only port is taken on the host");
+        drop(held);
+        assert_eq!(pool.lease().map(|l| l.port()), Some(port));
     }
 }

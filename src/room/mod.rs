@@ -3,7 +3,11 @@
 //! through the [`TrackRouter`]s the room lists, which is also the subscription interface the
 //! bridge uses. Nothing here touches WebRTC, sockets or codecs.
 
-use std::collections::BTreeMap;
+mod cohosting;
+
+pub use cohosting::{Actor, Stage};
+
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -13,7 +17,10 @@ use tokio::sync::mpsc;
 use crate::auth::Role;
 use crate::config::RoomConfig;
 use crate::sfu::TrackRouter;
-use crate::signaling::protocol::{LeaveReason, ParticipantInfo, TrackInfo};
+use crate::signaling::protocol::{
+    ErrorCode, LeaveReason, MessageBody, Outcome, ParticipantInfo, RoomMessage, Sender,
+    ServerMessage, TrackInfo,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RoomError {
@@ -27,6 +34,50 @@ pub enum RoomError {
     Forbidden(&'static str),
     #[error("not in the room")]
     NotMember,
+    #[error("all {0} co-host seats are taken")]
+    SeatsFull(usize),
+    #[error("only the host may do that")]
+    NotHost,
+    #[error("{0}")]
+    WrongRole(&'static str),
+    #[error("no such participant{0}")]
+    UnknownParticipant(&'static str),
+    #[error("no such {0}")]
+    NotFound(&'static str),
+    #[error("{0} already pending")]
+    AlreadyPending(&'static str),
+    #[error("the room has no host right now")]
+    NoHost,
+    #[error("the host muted your chat")]
+    ChatMuted,
+    #[error("at most {0} messages per second")]
+    RateLimited(u32),
+    #[error("at most {0} characters")]
+    TooLong(usize),
+}
+
+impl RoomError {
+    /// The stable protocol error code clients branch on.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RoomError::Full(_) => ErrorCode::RoomFull,
+            RoomError::TooManyPublishers(_) => ErrorCode::TooManyPublishers,
+            RoomError::TooManyTracks(_) => ErrorCode::TooManyTracks,
+            RoomError::Forbidden(_) | RoomError::NotHost | RoomError::WrongRole(_) => {
+                ErrorCode::Forbidden
+            }
+            RoomError::NotMember | RoomError::UnknownParticipant(_) => {
+                ErrorCode::UnknownParticipant
+            }
+            RoomError::SeatsFull(_) => ErrorCode::SeatsFull,
+            RoomError::NotFound(_) => ErrorCode::NotFound,
+            RoomError::AlreadyPending(_) => ErrorCode::AlreadyPending,
+            RoomError::NoHost => ErrorCode::NoHost,
+            RoomError::ChatMuted => ErrorCode::ChatMuted,
+            RoomError::RateLimited(_) => ErrorCode::RateLimited,
+            RoomError::TooLong(_) => ErrorCode::MessageTooLarge,
+        }
+    }
 }
 
 /// What members are told. Delivered in order per member.
@@ -43,8 +94,12 @@ pub enum RoomEvent {
         track_id: String,
         participant_id: String,
     },
-    /// Addressed to one member: it has been removed from the room (e.g. replaced).
+    /// Addressed to one member: it has been removed from the room (replaced, kicked).
     Removed(LeaveReason),
+    /// A message for the client as it is (co-host workflow, room messages, PK).
+    Notify(ServerMessage),
+    /// Addressed to one member: their seat is gone (back to audience); stop taking their media.
+    Demoted,
 }
 
 struct Member {
@@ -61,6 +116,9 @@ struct Member {
     joined_at: Instant,
     /// Connection statistics the member's driver refreshes (opaque here: RTT, loss, jitter).
     media_stats: serde_json::Value,
+    chat_muted: bool,
+    /// When this member's recent messages were sent (rate limit).
+    sent: VecDeque<Instant>,
 }
 
 #[derive(Default)]
@@ -71,6 +129,19 @@ struct State {
     tracks: BTreeMap<String, Arc<TrackRouter>>,
     /// Set when the last member left; a closed room is never reused.
     closed: bool,
+    /// Pending co-host requests (requester id -> deadline) and invitations (invitee -> deadline).
+    requests: BTreeMap<String, Instant>,
+    invites: BTreeMap<String, Instant>,
+    /// The last messages, oldest first, and the id the next one gets.
+    messages: VecDeque<RoomMessage>,
+    next_message_id: u64,
+    /// The host left with co-hosts seated: their seats last until then.
+    host_grace_until: Option<Instant>,
+    /// The room this one is in a PK with, and the partner host's tracks shown here.
+    pk: Option<Arc<Room>>,
+    foreign: BTreeMap<String, Arc<TrackRouter>>,
+    /// PK invitations received: inviting room -> deadline.
+    pk_invites: BTreeMap<String, Instant>,
 }
 
 pub struct Room {
@@ -78,6 +149,8 @@ pub struct Room {
     pub created: Instant,
     cfg: RoomConfig,
     state: Mutex<State>,
+    /// The id of the newest message (for long-polling viewers).
+    messages_tx: tokio::sync::watch::Sender<u64>,
 }
 
 /// The state a new member starts from.
@@ -93,7 +166,7 @@ fn track_info(r: &TrackRouter) -> TrackInfo {
         participant_id: r.participant_id.clone(),
         kind: r.kind,
         codec: r.codec.mime_type.clone(),
-        muted: false,
+        muted: r.is_muted(),
     }
 }
 
@@ -171,8 +244,14 @@ impl Room {
         self.lock().members.len()
     }
 
+    /// Every track shown in this room: its members' and, during a PK, the partner host's.
     pub fn tracks(&self) -> Vec<Arc<TrackRouter>> {
-        self.lock().tracks.values().cloned().collect()
+        let st = self.lock();
+        st.tracks
+            .values()
+            .chain(st.foreign.values())
+            .cloned()
+            .collect()
     }
 
     pub fn track(&self, id: &str) -> Option<Arc<TrackRouter>> {
@@ -218,9 +297,20 @@ impl Room {
         let mut st = self.lock();
         let m = Self::find(&mut st, pid).ok_or(RoomError::NotMember)?;
         m.tracks.push(router.id.clone());
+        let host = m.role == Role::Host;
         let info = track_info(&router);
         st.tracks.insert(router.id.clone(), router.clone());
-        Self::broadcast(&st, pid, &RoomEvent::TrackPublished(info.clone(), router));
+        Self::broadcast(
+            &st,
+            pid,
+            &RoomEvent::TrackPublished(info.clone(), router.clone()),
+        );
+        // A host in a PK is seen in the partner room too.
+        let partner = st.pk.clone().filter(|_| host);
+        drop(st);
+        if let Some(p) = partner {
+            p.add_foreign(router);
+        }
         Ok(info)
     }
 
@@ -240,6 +330,11 @@ impl Room {
                     participant_id: pid.to_string(),
                 },
             );
+        }
+        let partner = st.pk.clone();
+        drop(st);
+        if let Some(p) = partner {
+            p.remove_foreign(track_id);
         }
     }
 
@@ -306,6 +401,7 @@ impl Registry {
                         created: Instant::now(),
                         cfg: self.cfg.clone(),
                         state: Mutex::new(State::default()),
+                        messages_tx: tokio::sync::watch::channel(0).0,
                     })
                 })
                 .clone();
@@ -351,13 +447,19 @@ impl Registry {
                     );
                 }
             }
-            if st.members.len() >= self.cfg.max_participants {
+            let seats_full =
+                role == Role::Cohost && Room::seats_taken(&st) >= self.cfg.cohost_seats;
+            if st.members.len() >= self.cfg.max_participants || seats_full {
                 let empty = st.members.is_empty();
                 drop(st);
                 if empty {
                     self.remove_if_empty(&r);
                 }
-                return Err(RoomError::Full(self.cfg.max_participants));
+                return Err(if seats_full {
+                    RoomError::SeatsFull(self.cfg.cohost_seats)
+                } else {
+                    RoomError::Full(self.cfg.max_participants)
+                });
             }
             let pid = new_id("PA");
             let member = Member {
@@ -368,6 +470,8 @@ impl Registry {
                 tx,
                 joined_at: Instant::now(),
                 media_stats: serde_json::Value::Null,
+                chat_muted: false,
+                sent: VecDeque::new(),
             };
             let info = Room::info_of(&st, &pid, &member);
             let others: Vec<ParticipantInfo> = st
@@ -383,7 +487,21 @@ impl Registry {
             Room::broadcast(&st, &pid, &RoomEvent::Joined(info.clone()));
             let seq = st.next_seq;
             st.next_seq += 1;
+            let sender = Sender {
+                participant_id: pid.clone(),
+                identity: identity.to_string(),
+            };
             st.members.insert(seq, (pid, member));
+            r.post(&mut st, Some(sender), MessageBody::Joined { role });
+            if role == Role::Host && st.host_grace_until.take().is_some() {
+                r.post(
+                    &mut st,
+                    None,
+                    MessageBody::Notice {
+                        text: "the host is back".into(),
+                    },
+                );
+            }
             drop(st);
             return Ok((
                 r,
@@ -431,8 +549,18 @@ impl Registry {
             );
             tracing::info!(room = %room.name, participant = pid, identity = %m.identity,
                 ?reason, secs = m.joined_at.elapsed().as_secs(), "left");
+            let sender = Sender {
+                participant_id: pid.to_string(),
+                identity: m.identity.clone(),
+            };
+            room.post(&mut st, Some(sender), MessageBody::Left { reason });
+            room.after_leave(&mut st, pid, m.role);
         }
+        let host_left = !st.members.values().any(|(_, m)| m.role == Role::Host);
         drop(st);
+        if host_left {
+            Registry::pk_unlink(room);
+        }
         self.remove_if_empty(room);
     }
 
@@ -443,6 +571,8 @@ impl Registry {
                 return;
             }
             st.closed = true;
+            st.pk = None;
+            st.foreign.clear();
         }
         self.rooms
             .remove_if(&room.name, |_, v| Arc::ptr_eq(v, room) && v.is_closed());
@@ -460,6 +590,7 @@ mod tests {
             max_participants: max,
             max_publishers: 1,
             max_tracks_per_participant: 2,
+            ..RoomConfig::default()
         })
     }
 

@@ -85,6 +85,8 @@ pub struct TrackRouter {
     subs: RwLock<Vec<Sub>>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    /// Muted by the host: packets are not forwarded.
+    muted: AtomicBool,
     keyframe_tx: mpsc::Sender<()>,
     sender_report: Mutex<Option<SenderReport>>,
     pub stats: TrackStats,
@@ -137,6 +139,7 @@ impl TrackRouter {
                 subs: RwLock::new(Vec::new()),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
+                muted: AtomicBool::new(false),
                 keyframe_tx,
                 sender_report: Mutex::new(None),
                 stats: TrackStats::default(),
@@ -148,6 +151,9 @@ impl TrackRouter {
     /// Fan one packet out. Never blocks: a subscriber whose queue is full loses this packet
     /// (it will NACK or ask for a keyframe) rather than stalling everybody else.
     pub fn forward(&self, pkt: Packet) {
+        if self.muted.load(Ordering::Relaxed) {
+            return;
+        }
         let len = pkt.payload.len() as u64;
         self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
@@ -175,6 +181,18 @@ impl TrackRouter {
             self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
             TOTALS.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
+    }
+
+    pub fn set_muted(&self, muted: bool) {
+        self.muted.store(muted, Ordering::Relaxed);
+        if !muted {
+            // Subscribers resume on a keyframe.
+            self.request_keyframe();
+        }
+    }
+
+    pub fn is_muted(&self) -> bool {
+        self.muted.load(Ordering::Relaxed)
     }
 
     /// Record the publisher's latest sender report (about once a second).

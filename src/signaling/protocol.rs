@@ -88,6 +88,54 @@ pub enum ClientMessage {
     SetLayout { layout: Option<Layout> },
     /// Host only: stop the room's bridge.
     StopBridge,
+    /// Audience: ask the host for a co-host seat.
+    RequestCohost,
+    /// Audience: withdraw a pending request.
+    CancelCohostRequest,
+    /// Host: approve or deny a pending request.
+    AnswerCohostRequest {
+        participant_id: String,
+        approve: bool,
+    },
+    /// Host: invite an audience member to a seat.
+    InviteCohost { participant_id: String },
+    /// Audience: accept or decline the host's invitation.
+    AnswerCohostInvite { accept: bool },
+    /// Host: take a co-host's seat away (back to audience, media stopped).
+    RemoveCohost { participant_id: String },
+    /// Co-host: give the seat back (back to audience, media stopped).
+    LeaveSeat,
+    /// Host: mute or unmute a co-host's audio or video (the server stops forwarding it).
+    MuteTrack {
+        participant_id: String,
+        kind: Kind,
+        muted: bool,
+    },
+    /// Host: remove anyone from the room (close code 4009).
+    Kick { participant_id: String },
+    /// Anyone: a chat line.
+    Chat { text: String },
+    /// Anyone: likes (default 1).
+    Like {
+        #[serde(default)]
+        count: Option<u32>,
+    },
+    /// Anyone: a gift of some type.
+    Gift {
+        gift: String,
+        #[serde(default)]
+        count: Option<u32>,
+    },
+    /// Host: delete a message from the room (and its history).
+    DeleteMessage { message_id: u64 },
+    /// Host: mute or unmute a member's chat.
+    MuteChat { participant_id: String, muted: bool },
+    /// Host: invite the host of another room to a PK.
+    PkInvite { room: String },
+    /// Host: accept or decline a PK invitation from `room`.
+    PkAnswer { room: String, accept: bool },
+    /// Host of either room: end the PK.
+    PkEnd,
     /// Application-level keepalive (browsers cannot send WebSocket pings).
     Ping,
     /// Leave the room; the server closes the connection afterwards.
@@ -105,6 +153,23 @@ impl ClientMessage {
             ClientMessage::StartBridge { .. } => "start_bridge",
             ClientMessage::SetLayout { .. } => "set_layout",
             ClientMessage::StopBridge => "stop_bridge",
+            ClientMessage::RequestCohost => "request_cohost",
+            ClientMessage::CancelCohostRequest => "cancel_cohost_request",
+            ClientMessage::AnswerCohostRequest { .. } => "answer_cohost_request",
+            ClientMessage::InviteCohost { .. } => "invite_cohost",
+            ClientMessage::AnswerCohostInvite { .. } => "answer_cohost_invite",
+            ClientMessage::RemoveCohost { .. } => "remove_cohost",
+            ClientMessage::LeaveSeat => "leave_seat",
+            ClientMessage::MuteTrack { .. } => "mute_track",
+            ClientMessage::Kick { .. } => "kick",
+            ClientMessage::Chat { .. } => "chat",
+            ClientMessage::Like { .. } => "like",
+            ClientMessage::Gift { .. } => "gift",
+            ClientMessage::DeleteMessage { .. } => "delete_message",
+            ClientMessage::MuteChat { .. } => "mute_chat",
+            ClientMessage::PkInvite { .. } => "pk_invite",
+            ClientMessage::PkAnswer { .. } => "pk_answer",
+            ClientMessage::PkEnd => "pk_end",
             ClientMessage::Ping => "ping",
             ClientMessage::Leave => "leave",
         }
@@ -174,6 +239,67 @@ pub enum LeaveReason {
     Replaced,
     /// The server is shutting down.
     ServerShutdown,
+    /// The host (or an operator) removed them.
+    Kicked,
+}
+
+/// Who sent a room message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    pub participant_id: String,
+    pub identity: String,
+}
+
+/// What a room message says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MessageBody {
+    Chat {
+        text: String,
+    },
+    Like {
+        count: u32,
+    },
+    Gift {
+        gift: String,
+        count: u32,
+    },
+    /// Someone entered the room.
+    Joined {
+        role: Role,
+    },
+    /// Someone left it.
+    Left {
+        reason: LeaveReason,
+    },
+    /// A system notice (seat changes, mutes, kicks, PK, the host's absence).
+    Notice {
+        text: String,
+    },
+}
+
+/// One entry of a room's ordered message stream (ids increase by one per room).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMessage {
+    pub id: u64,
+    /// Server time, milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Sender>,
+    #[serde(flatten)]
+    pub body: MessageBody,
+}
+
+/// How a co-host request or invitation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Approved,
+    Denied,
+    Cancelled,
+    TimedOut,
+    /// The requester left the room.
+    Gone,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +321,13 @@ pub struct JoinResult {
     pub participants: Vec<ParticipantInfo>,
     pub ice_servers: Vec<IceServer>,
     pub limits: Limits,
+    /// Co-host seats of the room.
+    pub seats: usize,
+    /// The last messages of the room, oldest first.
+    pub history: Vec<RoomMessage>,
+    /// The room this one is in a PK with, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pk: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +375,18 @@ pub enum ErrorCode {
     NotRunning,
     /// A bridge destination is not a valid rtmp:// URL.
     BadDestination,
+    /// Every co-host seat is taken.
+    SeatsFull,
+    /// No such participant in the room (or not in the state the request needs).
+    UnknownParticipant,
+    /// No such pending request, invitation or message.
+    NotFound,
+    /// A request or invitation for this is already pending, or the PK is already on.
+    AlreadyPending,
+    /// The room has no host right now.
+    NoHost,
+    /// The host muted this member's chat.
+    ChatMuted,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,6 +428,63 @@ pub enum ServerMessage {
         track_id: String,
         participant_id: String,
     },
+    /// Someone's role changed: promoted to a co-host seat or back to audience.
+    RoleChanged {
+        participant_id: String,
+        identity: String,
+        role: Role,
+    },
+    /// To the host: an audience member asks for a seat.
+    CohostRequest {
+        participant_id: String,
+        identity: String,
+    },
+    /// To the host and the requester: how the request ended.
+    CohostRequestEnded {
+        participant_id: String,
+        outcome: Outcome,
+    },
+    /// To an audience member: the host invites them to a seat.
+    CohostInvite {
+        from: Sender,
+    },
+    /// To the host and the invitee: how the invitation ended.
+    CohostInviteEnded {
+        participant_id: String,
+        outcome: Outcome,
+    },
+    /// A track was muted or unmuted by the host (its media stops or resumes).
+    TrackMuted {
+        track_id: String,
+        participant_id: String,
+        kind: Kind,
+        muted: bool,
+    },
+    /// A room message (chat, like, gift, join/leave, notice).
+    Message {
+        message: RoomMessage,
+    },
+    MessageDeleted {
+        message_id: u64,
+    },
+    /// To a host: the host of `room` invites this room to a PK.
+    PkInvite {
+        room: String,
+        from: Sender,
+    },
+    /// The PK with `room` started: its host's tracks are announced to this room.
+    PkStarted {
+        room: String,
+        host: Sender,
+    },
+    /// The PK invitation to `room` was declined or timed out.
+    PkDeclined {
+        room: String,
+    },
+    /// The PK with `room` ended.
+    PkEnded {
+        room: String,
+    },
     /// Sent just before the server closes the WebSocket, with the close code it will use.
     Closing {
         code: u16,
@@ -320,6 +522,7 @@ pub mod close_code {
     pub const REPLACED: u16 = 4005;
     pub const ROOM_FULL: u16 = 4006;
     pub const DEAD: u16 = 4008;
+    pub const KICKED: u16 = 4009;
     pub const RATE_LIMITED: u16 = 4029;
 }
 
