@@ -333,9 +333,8 @@ pub struct PeerFactory {
 
 impl PeerFactory {
     pub fn new(cfg: WebrtcConfig) -> Self {
-        let ports = Arc::new(
-            PortPool::new(cfg.udp_port_min, cfg.udp_port_max).probing(cfg.bind_ip),
-        );
+        let ports =
+            Arc::new(PortPool::new(cfg.udp_port_min, cfg.udp_port_max).probing(cfg.bind_ip));
         Self {
             runtime: runtime::BufferedRuntime::shared(cfg.socket_buffer_bytes),
             nat: Arc::new(NatMap::new(&cfg.public_ips)),
