@@ -196,6 +196,13 @@ pub struct BridgeSettings {
     pub reconnect_max: Duration,
     /// Give up on a destination after this many failed attempts in a row; 0 = never.
     pub reconnect_max_retries: u64,
+    /// Solo (cheap) path: while the host is alone, an output frame whose picture has not
+    /// changed is sent as a skipped picture instead of being composited and encoded.
+    pub solo_repeat: bool,
+    /// After the last co-host leaves (or a PK ends), mix every frame this long before going
+    /// back to the solo path.
+    #[serde(with = "humantime_serde_compat")]
+    pub solo_idle: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -235,6 +242,8 @@ impl Default for BridgeSettings {
             reconnect_initial: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             reconnect_max_retries: 0,
+            solo_repeat: true,
+            solo_idle: Duration::from_secs(30),
         }
     }
 }

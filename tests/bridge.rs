@@ -443,3 +443,137 @@ async fn garbage_media_from_one_publisher_does_not_break_the_bridge() {
     let (s, _) = server.get("/healthz", None).await;
     assert_eq!(s, 200);
 }
+
+/// Poll the bridge status until `pred` holds (or fail after `secs`).
+async fn wait_bridge(
+    server: &Server,
+    token: &str,
+    room: &str,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (_, body) = server
+            .get(&format!("/v1/rooms/{room}/bridge"), Some(token))
+            .await;
+        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The cheap solo path: while the host (15 fps) is alone, unchanged output frames are skipped
+/// pictures instead of encodes; a co-host switches to mixing every frame at once, and the room
+/// returns to the solo path after `bridge.solo_idle`. The whole recording is one continuous
+/// stream that ffmpeg decodes without an error, every frame showing the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn solo_path_repeats_unchanged_pictures_and_switches_to_mixing_seamlessly() {
+    let server = Server::start_with(&[("COHOST_BRIDGE__SOLO_IDLE", "1s")]).await;
+    let mut host = Client::join(&server, "solo", "host", Role::Host).await;
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/solo/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let srv = &server;
+    let token = admin.as_str();
+    let phases = async move {
+        let v = wait_bridge(srv, token, "solo", 15, "solo path repeats", |v| {
+            v["stats"]["path"] == "solo" && v["stats"]["repeated_frames"].as_u64() > Some(15)
+        })
+        .await;
+        let solo_frames = v["stats"]["video_frames"].as_u64().unwrap_or(0);
+        let solo_repeats = v["stats"]["repeated_frames"].as_u64().unwrap_or(0);
+        // A 15 fps host into 30 fps: about every other frame is a repeat, never all of them.
+        assert!(solo_repeats < solo_frames, "{v}");
+        let mut guest = Client::join(srv, "solo", "guest", Role::Cohost).await;
+        guest.publish_real((30, 30, 220), 660.0).await.unwrap();
+        let v = wait_bridge(srv, token, "solo", 15, "mixing with a co-host", |v| {
+            v["stats"]["path"] == "mixing"
+        })
+        .await;
+        let at_mixing = v["stats"]["repeated_frames"].as_u64().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let v = wait_bridge(srv, token, "solo", 5, "still mixing", |_| true).await;
+        assert_eq!(v["stats"]["path"], "mixing", "{v}");
+        assert_eq!(
+            v["stats"]["repeated_frames"].as_u64().unwrap_or(0),
+            at_mixing,
+            "every frame is encoded while mixing: {v}"
+        );
+        guest.leave().await;
+        drop(guest);
+        wait_bridge(
+            srv,
+            token,
+            "solo",
+            10,
+            "back to solo after the idle time",
+            |v| {
+                v["stats"]["path"] == "solo"
+                    && v["stats"]["repeated_frames"].as_u64().unwrap_or(0) > at_mixing + 5
+            },
+        )
+        .await;
+    };
+    let tags = read_flv_tags(server.addr, "/live/solo.flv", 14, phases).await;
+    assert_continuous(&tags, 300);
+
+    // Decode the recording with ffmpeg: no decoding error, a picture for every video tag, and
+    // the host's red in the middle of every one of them (repeats included) once the host's
+    // first picture arrived (the recording starts with the bridge, before that picture).
+    let dir = std::env::temp_dir().join(format!("cohost-solo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("rec.flv");
+    let mut flv = cohost::media::flv::header(true, true).to_vec();
+    for t in &tags {
+        cohost::media::flv::write_tag(&mut flv, t.kind, t.timestamp_ms, &t.body);
+    }
+    std::fs::write(&file, &flv).unwrap();
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&file)
+        .args([
+            "-map",
+            "0:v",
+            "-vf",
+            "scale=320:180",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-",
+        ])
+        .output()
+        .await
+        .expect("ffmpeg (Debian) must be installed");
+    let _ = std::fs::remove_dir_all(&dir);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && errors.trim().is_empty(), "{errors}");
+    let n = 320 * 180 * 3;
+    let video_tags = tags
+        .iter()
+        .filter(|t| t.kind == cohost::media::flv::TAG_VIDEO && !t.is_sequence_header())
+        .count();
+    assert_eq!(
+        out.stdout.len() / n,
+        video_tags,
+        "one picture per video tag"
+    );
+    let frames: Vec<&[u8]> = out.stdout.chunks_exact(n).collect();
+    let first = frames
+        .iter()
+        .position(|f| is_colour(pixel(f, 160, 60), (220, 30, 30)))
+        .expect("the host appears");
+    assert!(first < 60, "host shown after {first} frames");
+    for (i, f) in frames.iter().enumerate().skip(first) {
+        let p = pixel(f, 160, 60);
+        assert!(is_colour(p, (220, 30, 30)), "frame {i}: {p:?}");
+    }
+}

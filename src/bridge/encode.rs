@@ -1,12 +1,17 @@
 //! Output encoders of the bridge: H.264 (OpenH264: constrained baseline, so no B-frames, fixed
 //! GOP, target bitrate) and AAC-LC (fdk-aac, raw frames for FLV). Parameters are fixed for the
 //! encoder's lifetime, so the stream's codec configuration never changes mid-stream.
+//!
+//! The H.264 encoder can also repeat the previous picture without encoding it (a skipped P
+//! picture, see [`crate::media::h264_repeat`]); it then renumbers its later slices and keeps the
+//! GOP in output frames itself, so repeats never stretch the keyframe interval.
 
 use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod};
 use openh264::formats::YUVSlices;
 
 use super::compose::I420;
 use crate::media::h264;
+use crate::media::h264_repeat::{self, RepeatParams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
@@ -28,6 +33,16 @@ pub struct H264Encoder {
     enc: Encoder,
     pub width: u32,
     pub height: u32,
+    gop: u32,
+    /// Output pictures (encoded or repeated) since the last IDR.
+    since_idr: u32,
+    force: bool,
+    /// Set from the first IDR's parameter sets when they allow repeating.
+    repeat: Option<RepeatParams>,
+    /// Pictures repeated since the last IDR: the encoder's `frame_num`s are this far behind.
+    inserted: u32,
+    /// `frame_num` of the last picture sent (`None` before the first IDR).
+    last_frame_num: Option<u32>,
 }
 
 impl H264Encoder {
@@ -41,19 +56,56 @@ impl H264Encoder {
         let cfg = EncoderConfig::new()
             .bitrate(BitRate::from_bps(bitrate))
             .max_frame_rate(FrameRate::from_hz(fps))
-            .intra_frame_period(IntraFramePeriod::from_num_frames(gop_frames))
+            // Keyframes are forced by output frame count here (repeated pictures never reach
+            // the encoder, so its own count would drift); 0 = only the first.
+            .intra_frame_period(IntraFramePeriod::from_num_frames(0))
             // Never skip: the output frame rate must stay constant for CDNs and players.
             .skip_frames(false);
         let enc = Encoder::with_api_config(openh264::OpenH264API::from_source(), cfg)
             .map_err(|e| EncodeError::H264(e.to_string()))?;
-        Ok(Self { enc, width, height })
+        Ok(Self {
+            enc,
+            width,
+            height,
+            gop: gop_frames.max(1),
+            since_idr: 0,
+            force: false,
+            repeat: None,
+            inserted: 0,
+            last_frame_num: None,
+        })
     }
 
     pub fn force_keyframe(&mut self) {
-        self.enc.force_intra_frame();
+        self.force = true;
+    }
+
+    /// Repeat the previous picture as a skipped P picture (no encoding). `None` when that is not
+    /// possible now: before the first picture, when a keyframe is due or forced, or when the
+    /// stream's parameter sets do not allow it; the caller then encodes.
+    pub fn repeat(&mut self) -> Option<EncodedVideo> {
+        let p = self.repeat.as_ref()?;
+        let last = self.last_frame_num?;
+        if self.force || self.since_idr >= self.gop {
+            return None;
+        }
+        let f = (last + 1) % p.max_frame_num();
+        let nal = p.skip_slice(f);
+        self.last_frame_num = Some(f);
+        self.inserted += 1;
+        self.since_idr += 1;
+        Some(EncodedVideo {
+            config: None,
+            avcc: h264::to_avcc([nal.as_slice()]),
+            keyframe: false,
+        })
     }
 
     pub fn encode(&mut self, frame: &I420) -> Result<EncodedVideo, EncodeError> {
+        if self.force || self.since_idr >= self.gop || self.last_frame_num.is_none() {
+            self.enc.force_intra_frame();
+            self.force = false;
+        }
         let (w, h) = (frame.width as usize, frame.height as usize);
         let src = YUVSlices::new((&frame.y, &frame.u, &frame.v), (w, h), (w, w / 2, w / 2));
         let bs = self
@@ -69,11 +121,44 @@ impl H264Encoder {
             _ => None,
         };
         let keyframe = nals.iter().any(|n| h264::nal_type(n) == h264::NAL_IDR);
-        let avcc = h264::to_avcc(
-            nals.iter()
-                .copied()
-                .filter(|n| !matches!(h264::nal_type(n), h264::NAL_SPS | h264::NAL_PPS)),
-        );
+        if keyframe {
+            self.since_idr = 0;
+            self.inserted = 0;
+            if self.repeat.is_none()
+                && let (Some(s), Some(p)) = (sps, pps)
+            {
+                self.repeat = RepeatParams::new(s, p);
+            }
+        }
+        self.since_idr += 1;
+        let mut slices: Vec<Vec<u8>> = vec![];
+        for n in nals
+            .iter()
+            .filter(|n| !matches!(h264::nal_type(n), h264::NAL_SPS | h264::NAL_PPS))
+        {
+            let mut nal = n.to_vec();
+            if let Some(p) = self.repeat.as_ref()
+                && let Some(f) = h264_repeat::frame_num(p, n)
+            {
+                let f = (f + self.inserted) % p.max_frame_num();
+                if self.inserted > 0 {
+                    match p.renumber(n, f) {
+                        Some(r) => nal = r,
+                        None => {
+                            // Cannot keep numbering consistent: stop repeating, restart at
+                            // the next picture with a keyframe.
+                            self.repeat = None;
+                            self.force = true;
+                        }
+                    }
+                }
+                self.last_frame_num = Some(f);
+            } else if h264::nal_type(n) == h264::NAL_IDR || h264::nal_type(n) == 1 {
+                self.last_frame_num = Some(0);
+            }
+            slices.push(nal);
+        }
+        let avcc = h264::to_avcc(slices.iter().map(|n| n.as_slice()));
         Ok(EncodedVideo {
             config,
             avcc,
@@ -169,6 +254,62 @@ mod tests {
             configs.windows(2).all(|w| w[0] == w[1]),
             "SPS/PPS never change"
         );
+    }
+
+    /// Every third output picture repeated: keyframes stay every `gop` output frames, and the
+    /// stream decodes (OpenH264) with repeats equal to the picture before them.
+    #[test]
+    fn repeated_pictures_keep_the_gop_and_decode_exactly() {
+        use openh264::formats::YUVSource;
+        let mut e = H264Encoder::new(320, 192, 30.0, 500_000, 30).unwrap();
+        let mut dec = openh264::decoder::Decoder::new().unwrap();
+        let mut keys = vec![];
+        let (mut repeats, mut last): (u32, Option<Vec<u8>>) = (0, None);
+        for i in 0..95u32 {
+            let rep = if i % 3 == 2 { e.repeat() } else { None };
+            let repeated = rep.is_some();
+            let v = match rep {
+                Some(v) => v,
+                None => e
+                    .encode(&I420::new(
+                        320,
+                        192,
+                        Yuv::from_rgb(100, (i * 2 % 200) as u8, 50),
+                    ))
+                    .unwrap(),
+            };
+            if v.keyframe {
+                keys.push(i);
+            }
+            let mut au = vec![];
+            if let Some(cfg) = &v.config {
+                // SPS and PPS from the decoder configuration record.
+                let sps_len = usize::from(u16::from_be_bytes([cfg[6], cfg[7]]));
+                let sps = &cfg[8..8 + sps_len];
+                let pps = &cfg[8 + sps_len + 3..];
+                for n in [sps, pps] {
+                    au.extend_from_slice(&[0, 0, 0, 1]);
+                    au.extend_from_slice(n);
+                }
+            }
+            for n in h264::split_avcc(&v.avcc).unwrap() {
+                au.extend_from_slice(&[0, 0, 0, 1]);
+                au.extend_from_slice(n);
+            }
+            let y = dec.decode(&au).unwrap().expect("a picture").y().to_vec();
+            if repeated {
+                repeats += 1;
+                assert!(
+                    Some(&y) == last.as_ref(),
+                    "picture {i} repeats the one before"
+                );
+            } else if let Some(prev) = &last {
+                assert!(&y != prev, "picture {i} is new");
+            }
+            last = Some(y);
+        }
+        assert_eq!(keys, vec![0, 30, 60, 90], "GOP counted in output frames");
+        assert!(repeats >= 28, "{repeats}");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! [`super::sync`]), so lips and voice stay together.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::audio_in::AudioInput;
 use super::compose::{I420, Yuv};
 use super::encode::{AAC_FRAME, AacEncoder, H264Encoder};
-use super::layout::{Fit, Layout, tiles};
+use super::layout::{Fit, Layout, Rect, tiles};
 use super::mix::{Limiter, mix_into};
 use super::sync::{PlayoutBuffer, Timed, VideoQueue, show_until};
 use super::video_in::VideoInput;
@@ -53,6 +53,10 @@ pub struct BridgeConfig {
     /// Audio jitter buffer per input: playing starts once this much is buffered. Larger rides
     /// out worse networks and busier machines, at that much added latency.
     pub audio_buffer_ms: u32,
+    /// Solo path: repeat unchanged pictures as skipped pictures while the host is alone.
+    pub solo_repeat: bool,
+    /// Mixing continues this long after the last co-host or PK partner is gone.
+    pub solo_idle_ms: u64,
 }
 
 impl From<&BridgeSettings> for BridgeConfig {
@@ -66,6 +70,8 @@ impl From<&BridgeSettings> for BridgeConfig {
             audio_bitrate: s.audio_bitrate,
             fit: s.fit,
             audio_buffer_ms: s.audio_buffer.as_millis().min(1000) as u32,
+            solo_repeat: s.solo_repeat,
+            solo_idle_ms: s.solo_idle.as_millis().min(u128::from(u64::MAX)) as u64,
         }
     }
 }
@@ -120,6 +126,10 @@ pub struct BridgeStats {
     pub video_frames: u64,
     pub audio_frames: u64,
     pub inputs: u64,
+    /// Output frames sent as skipped pictures (the solo path: nothing changed on screen).
+    pub repeated_frames: u64,
+    /// `solo` (the cheap path: the host alone, unchanged pictures not encoded) or `mixing`.
+    pub path: &'static str,
     /// Input picture's last RTP packet received to the output frame showing it handed to the
     /// origin (decode, lip-sync hold, composite, encode), over the last 256 new pictures.
     pub latency_ms_p50: Option<f64>,
@@ -161,6 +171,8 @@ pub struct Bridge {
     video_frames: Arc<AtomicU64>,
     audio_frames: Arc<AtomicU64>,
     inputs: Arc<AtomicU64>,
+    repeated: Arc<AtomicU64>,
+    solo: Arc<AtomicBool>,
     latency: Arc<Mutex<LatencyWindow>>,
     pub config: BridgeConfig,
 }
@@ -194,6 +206,12 @@ impl Bridge {
             video_frames: self.video_frames.load(Ordering::Relaxed),
             audio_frames: self.audio_frames.load(Ordering::Relaxed),
             inputs: self.inputs.load(Ordering::Relaxed),
+            repeated_frames: self.repeated.load(Ordering::Relaxed),
+            path: if self.solo.load(Ordering::Relaxed) {
+                "solo"
+            } else {
+                "mixing"
+            },
             latency_ms_p50: p50,
             latency_ms_p95: p95,
         }
@@ -225,6 +243,8 @@ impl Bridge {
             video_frames: Arc::new(AtomicU64::new(0)),
             audio_frames: Arc::new(AtomicU64::new(0)),
             inputs: Arc::new(AtomicU64::new(0)),
+            repeated: Arc::new(AtomicU64::new(0)),
+            solo: Arc::new(AtomicBool::new(false)),
             latency: Arc::default(),
             config: config.clone(),
         };
@@ -250,6 +270,10 @@ impl Bridge {
             audio_frames: bridge.audio_frames.clone(),
             latency: bridge.latency.clone(),
             limiter: Limiter::default(),
+            repeated: bridge.repeated.clone(),
+            solo: bridge.solo.clone(),
+            last_multi: None,
+            last_shown: None,
         };
         std::thread::Builder::new()
             .name("cohost-bridge".into())
@@ -408,6 +432,44 @@ struct Output {
     audio_frames: Arc<AtomicU64>,
     latency: Arc<Mutex<LatencyWindow>>,
     limiter: Limiter,
+    repeated: Arc<AtomicU64>,
+    solo: Arc<AtomicBool>,
+    /// When the room last had more than its host on screen (co-hosts or a PK).
+    last_multi: Option<Instant>,
+    /// What the last output frame showed.
+    last_shown: Option<Shown>,
+}
+
+/// What one output frame shows: layout and, per tile, which picture (by identity: decoded
+/// pictures are shared `Arc`s and never modified) or a placeholder. Equal values mean equal
+/// canvases.
+#[derive(PartialEq)]
+struct Shown {
+    layout: Layout,
+    tiles: Vec<(Rect, Option<usize>)>,
+}
+
+/// The pictures of one output frame, before drawing.
+struct Frame {
+    layout: Layout,
+    tiles: Vec<(Rect, Option<Arc<I420>>)>,
+    /// Arrival times of the pictures new on it.
+    fresh: Vec<Instant>,
+    /// More than the host on screen: co-hosts or a PK partner.
+    multi: bool,
+}
+
+impl Frame {
+    fn shown(&self) -> Shown {
+        Shown {
+            layout: self.layout,
+            tiles: self
+                .tiles
+                .iter()
+                .map(|(r, p)| (*r, p.as_ref().map(|p| Arc::as_ptr(p) as usize)))
+                .collect(),
+        }
+    }
 }
 
 impl Output {
@@ -439,10 +501,9 @@ impl Output {
         }
     }
 
-    /// The canvas for now, and the arrival times of the pictures new on it.
-    fn compose(&self, now: Instant) -> (I420, Vec<Instant>) {
+    /// What the output frame for now shows.
+    fn frame(&self, now: Instant) -> Frame {
         let c = &self.config;
-        let mut canvas = I420::new(c.width, c.height, Yuv::BLACK);
         // Host first, then the PK partner's host, then co-hosts (the room decides).
         let stage = self.room.stage();
         let mut slots = lock(&self.slots);
@@ -460,18 +521,47 @@ impl Output {
         } else {
             Layout::Solo
         });
+        let mut drawn = vec![];
         for (pid, tile) in shown
             .iter()
             .zip(tiles(layout, shown.len(), c.width, c.height))
         {
             let (pic, arrived) = slots.get_mut(*pid).map_or((None, None), |s| s.picture(now));
             fresh.extend(arrived);
+            drawn.push((tile, pic));
+        }
+        Frame {
+            layout,
+            tiles: drawn,
+            fresh,
+            multi: stage.pk || shown.len() > 1,
+        }
+    }
+
+    fn draw(&self, frame: &Frame) -> I420 {
+        let c = &self.config;
+        let mut canvas = I420::new(c.width, c.height, Yuv::BLACK);
+        for (tile, pic) in &frame.tiles {
             match pic {
-                Some(pic) => canvas.draw(&pic.view(), tile, c.fit),
-                None => canvas.fill(tile, Yuv::PLACEHOLDER),
+                Some(pic) => canvas.draw(&pic.view(), *tile, c.fit),
+                None => canvas.fill(*tile, Yuv::PLACEHOLDER),
             }
         }
-        (canvas, fresh)
+        canvas
+    }
+
+    /// The solo path: the host has been alone (no co-host, no PK) for `solo_idle`.
+    fn solo_path(&mut self, now: Instant, frame: &Frame) -> bool {
+        if frame.multi {
+            self.last_multi = Some(now);
+        }
+        let idle = Duration::from_millis(self.config.solo_idle_ms);
+        let solo = self.config.solo_repeat
+            && self
+                .last_multi
+                .is_none_or(|t| now.saturating_duration_since(t) >= idle);
+        self.solo.store(solo, Ordering::Relaxed);
+        solo
     }
 
     fn mix_block(&mut self) -> Vec<i16> {
@@ -505,8 +595,25 @@ impl Output {
             let elapsed = start.elapsed();
             // Video frames due by now.
             while frames * 1_000_000 / fps <= elapsed.as_micros() as u64 {
-                let (canvas, fresh) = self.compose(Instant::now());
-                match self.video.encode(&canvas) {
+                let now = Instant::now();
+                let frame = self.frame(now);
+                let shown = frame.shown();
+                // Nothing changed on screen while the host is alone: repeat the last picture
+                // without compositing or encoding (same SPS/PPS, frame rate and timestamps).
+                let unchanged = self.last_shown.as_ref() == Some(&shown);
+                let repeat = (self.solo_path(now, &frame) && sent_headers && unchanged)
+                    .then(|| self.video.repeat())
+                    .flatten();
+                if repeat.is_some() {
+                    self.repeated.fetch_add(1, Ordering::Relaxed);
+                }
+                self.last_shown = Some(shown);
+                let fresh = frame.fresh.clone();
+                let picture = match repeat {
+                    Some(v) => Ok(v),
+                    None => self.video.encode(&self.draw(&frame)),
+                };
+                match picture {
                     Ok(v) => {
                         let ts = (frames * 1000 / fps) as u32;
                         if !sent_headers {

@@ -82,7 +82,7 @@ pub fn decoder_config(sps: &[u8], pps: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Remove emulation-prevention bytes (00 00 03 → 00 00).
-fn unescape(nal: &[u8]) -> Vec<u8> {
+pub(crate) fn unescape(nal: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(nal.len());
     let mut zeros = 0;
     for &b in nal {
@@ -96,19 +96,19 @@ fn unescape(nal: &[u8]) -> Vec<u8> {
     out
 }
 
-struct Bits<'a> {
-    data: &'a [u8],
-    pos: usize,
+pub(crate) struct Bits<'a> {
+    pub(crate) data: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl Bits<'_> {
-    fn bit(&mut self) -> Option<u32> {
+    pub(crate) fn bit(&mut self) -> Option<u32> {
         let byte = *self.data.get(self.pos / 8)?;
         let b = (byte >> (7 - self.pos % 8)) & 1;
         self.pos += 1;
         Some(u32::from(b))
     }
-    fn bits(&mut self, n: u32) -> Option<u32> {
+    pub(crate) fn bits(&mut self, n: u32) -> Option<u32> {
         let mut v = 0u32;
         for _ in 0..n {
             v = (v << 1) | self.bit()?;
@@ -116,7 +116,7 @@ impl Bits<'_> {
         Some(v)
     }
     /// Unsigned Exp-Golomb.
-    fn ue(&mut self) -> Option<u32> {
+    pub(crate) fn ue(&mut self) -> Option<u32> {
         let mut zeros = 0;
         while self.bit()? == 0 {
             zeros += 1;
@@ -126,7 +126,7 @@ impl Bits<'_> {
         }
         Some((1u32 << zeros) - 1 + self.bits(zeros)?)
     }
-    fn se(&mut self) -> Option<i32> {
+    pub(crate) fn se(&mut self) -> Option<i32> {
         let k = self.ue()?;
         Some(if k % 2 == 1 {
             k.div_ceil(2) as i32
@@ -136,7 +136,7 @@ impl Bits<'_> {
     }
 }
 
-fn skip_scaling_list(b: &mut Bits<'_>, size: usize) -> Option<()> {
+pub(crate) fn skip_scaling_list(b: &mut Bits<'_>, size: usize) -> Option<()> {
     let (mut last, mut next) = (8i32, 8i32);
     for _ in 0..size {
         if next != 0 {

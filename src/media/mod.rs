@@ -5,4 +5,5 @@ pub mod amf0;
 pub mod flv;
 pub mod goertzel;
 pub mod h264;
+pub mod h264_repeat;
 pub mod rtp_h264;
