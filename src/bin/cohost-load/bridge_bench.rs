@@ -36,6 +36,8 @@ use crate::stats::{cpu_seconds, rss_bytes};
 pub struct BridgeResult {
     pub tool: String,
     pub inputs: usize,
+    /// Frames per second each input sends.
+    pub input_fps: u32,
     /// CPU seconds (all cores) per second of output.
     pub cpu_per_output_second: f64,
     pub output_fps: f64,
@@ -51,6 +53,7 @@ async fn feed(
     clip: Arc<Clip>,
     video: Arc<TrackRouter>,
     audio: Arc<TrackRouter>,
+    input_fps: u32,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -70,7 +73,8 @@ async fn feed(
         audio.forward(p);
         aseq = aseq.wrapping_add(1);
         n += 1;
-        let due = (start.elapsed().as_micros() * u128::from(FPS) / 1_000_000) as u32;
+        // Slower senders (phones at 15 fps) send the clip's frames further apart.
+        let due = (start.elapsed().as_micros() * u128::from(input_fps) / 1_000_000) as u32;
         while frame <= due {
             let f = &clip.frames[frame as usize % clip.frames.len()];
             let last = f.payloads.len().saturating_sub(1);
@@ -78,7 +82,7 @@ async fn feed(
                 let mut p = Packet::default();
                 p.header.version = 2;
                 p.header.sequence_number = vseq;
-                p.header.timestamp = frame * (90_000 / FPS);
+                p.header.timestamp = frame * (90_000 / input_fps.max(1));
                 p.header.marker = k == last;
                 p.payload = payload.clone();
                 video.forward(p);
@@ -93,9 +97,12 @@ fn pid() -> u32 {
     std::process::id()
 }
 
+/// The bridge with `n` inputs sending `input_fps`; `solo_repeat`: the solo path's repeats.
 pub async fn cohost(
     clip: &Arc<Clip>,
     n: usize,
+    input_fps: u32,
+    solo_repeat: bool,
     warmup: Duration,
     window: Duration,
 ) -> anyhow::Result<BridgeResult> {
@@ -133,12 +140,15 @@ pub async fn cohost(
             .map_err(|e| anyhow!("publish: {e}"))?;
         r.publish(&pid, audio.clone())
             .map_err(|e| anyhow!("publish: {e}"))?;
-        tokio::spawn(feed(clip.clone(), video, audio, stop_rx.clone()));
+        tokio::spawn(feed(clip.clone(), video, audio, input_fps, stop_rx.clone()));
         keep.push((rx, kf1, kf2));
         room = Some(r);
     }
     let room = room.context("no inputs")?;
-    let config = BridgeConfig::default();
+    let config = BridgeConfig {
+        solo_repeat,
+        ..BridgeConfig::default()
+    };
     let fps = f64::from(config.fps);
     let bridge = Bridge::start(room, Origin::new(), config).map_err(|e| anyhow!(e))?;
     tokio::time::sleep(warmup).await;
@@ -160,8 +170,14 @@ pub async fn cohost(
     let cpu = (c1 - c0) / secs;
     let output_fps = (f1 - f0) as f64 / secs;
     Ok(BridgeResult {
-        tool: "cohost".into(),
+        tool: match (n, solo_repeat) {
+            (1, true) => "cohost-solo",
+            (1, false) => "cohost-encode-all",
+            _ => "cohost",
+        }
+        .into(),
         inputs: n,
+        input_fps,
         cpu_per_output_second: cpu,
         output_fps,
         fps_per_core: if cpu > 0.0 { fps / cpu } else { f64::NAN },
@@ -320,6 +336,7 @@ pub async fn ffmpeg(
     Ok(BridgeResult {
         tool: "ffmpeg".into(),
         inputs: n,
+        input_fps: FPS,
         cpu_per_output_second: cpu,
         // Progress is written about twice a second: the rate over the window is close.
         output_fps: (f1.saturating_sub(f0)) as f64 / secs,
@@ -342,7 +359,7 @@ pub async fn run(
     let mut out = vec![];
     for &n in inputs {
         eprintln!("[bridge] cohost, {n} inputs");
-        match cohost(clip, n, warmup, window).await {
+        match cohost(clip, n, FPS, true, warmup, window).await {
             Ok(r) => out.push(r),
             Err(e) => eprintln!("  failed: {e:#}"),
         }
@@ -359,17 +376,41 @@ pub async fn run(
     out
 }
 
+/// The solo path's cost: the host alone at 30 and 15 fps, with and without repeats.
+pub async fn solo(clip: &Arc<Clip>, warmup: Duration, window: Duration) -> Vec<BridgeResult> {
+    let mut out = vec![];
+    for input_fps in [FPS, FPS / 2] {
+        for repeat in [false, true] {
+            eprintln!("[bridge] solo host at {input_fps} fps, repeats {repeat}");
+            match cohost(clip, 1, input_fps, repeat, warmup, window).await {
+                Ok(r) => out.push(r),
+                Err(e) => eprintln!("  failed: {e:#}"),
+            }
+        }
+    }
+    out
+}
+
 pub fn print(results: &[BridgeResult]) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "\n{:<7} {:>6} {:>14} {:>10} {:>12} {:>9} {:>9} {:>8}",
-        "bridge", "inputs", "CPU s/out s", "out fps", "fps/core", "lat p50", "lat p95", "RSS MB"
+        "\n{:<17} {:>6} {:>6} {:>14} {:>10} {:>12} {:>9} {:>9} {:>8}",
+        "bridge",
+        "inputs",
+        "in fps",
+        "CPU s/out s",
+        "out fps",
+        "fps/core",
+        "lat p50",
+        "lat p95",
+        "RSS MB"
     );
     for r in results {
         println!(
-            "{:<7} {:>6} {:>14.3} {:>10.1} {:>12.1} {:>9} {:>9} {:>8.0}",
+            "{:<17} {:>6} {:>6} {:>14.3} {:>10.1} {:>12.1} {:>9} {:>9} {:>8.0}",
             r.tool,
             r.inputs,
+            r.input_fps,
             r.cpu_per_output_second,
             r.output_fps,
             r.fps_per_core,

@@ -40,7 +40,8 @@ struct Cli {
     #[arg(long, default_value = "both")]
     target: String,
     /// fanout, cohost, join or all (the SFU, against --target); or bridge (the bridge pipeline
-    /// in this process against ffmpeg doing the same composite)
+    /// in this process against ffmpeg doing the same composite); or solo (the bridge's solo
+    /// path: a lone host at 30 and 15 fps, with and without repeating unchanged pictures)
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Input counts for the bridge scenario.
@@ -552,15 +553,19 @@ async fn main() -> anyhow::Result<()> {
         clip.frames.iter().map(|f| f.payloads.len()).sum::<usize>() as f64
             / clip.frames.len() as f64
     );
-    if cli.scenario == "bridge" {
-        let results = bridge_bench::run(
-            &clip,
-            &cli.bridge_inputs,
-            cli.warmup,
-            cli.duration,
-            cli.target != "cohost",
-        )
-        .await;
+    if cli.scenario == "bridge" || cli.scenario == "solo" {
+        let results = if cli.scenario == "solo" {
+            bridge_bench::solo(&clip, cli.warmup, cli.duration).await
+        } else {
+            bridge_bench::run(
+                &clip,
+                &cli.bridge_inputs,
+                cli.warmup,
+                cli.duration,
+                cli.target != "cohost",
+            )
+            .await
+        };
         println!(
             "\ncohost-load bridge on {} cores, {}; window {:?} per run",
             std::thread::available_parallelism()
