@@ -1,0 +1,252 @@
+// The demo page (web/) driven through its UI in Debian's Chromium, against the real server:
+// a host goes live, an audience member asks to co-host and is approved, both see and hear each
+// other, a viewer watches the bridge's HTTP-FLV output (mpegts.js) showing both, chat reaches
+// everyone, and the removed co-host falls back to the audience. Screenshots: tests/browser/output/.
+import { describe, it, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { startServer, launchBrowser, waitFor, OUTPUT } from "./harness.mjs";
+
+mkdirSync(OUTPUT, { recursive: true });
+
+/** A fake camera for the co-host that is clearly not Chromium's green test pattern: solid blue. */
+function blueCamera(dir) {
+  const file = path.join(dir, "blue.y4m");
+  execFileSync("ffmpeg", ["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=0x2848f0:s=320x240:r=30",
+    "-t", "1", "-pix_fmt", "yuv420p", "-y", file]);
+  return file;
+}
+
+/** Enter the room through the entry form (the token comes from the development endpoint). */
+async function enter(page, addr, room, name, role, viewport = { width: 1280, height: 800 }) {
+  await page.setViewportSize(viewport);
+  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
+  await page.goto(`http://${addr}/`);
+  await page.fill("#room", room);
+  await page.fill("#name", name);
+  await page.check(role === "host" ? "#role-host" : "#role-audience");
+  await page.click("#enter");
+  await page.waitForSelector("#app:not([hidden])", { timeout: 15000 });
+  await page.evaluate(() => (window.__sameDocument = true)); // survives only without a reload
+}
+
+/** Inbound media on the page's subscriber connection, summed per kind. */
+async function inbound(page) {
+  return page.evaluate(async () => {
+    const c = window.cohostDemo.client;
+    if (!c || !c.sub) return null;
+    const out = { framesDecoded: 0, audioEnergy: 0, video: 0, audio: 0 };
+    (await c.sub.getStats()).forEach((r) => {
+      if (r.type !== "inbound-rtp") return;
+      if (r.kind === "video") {
+        out.video += 1;
+        out.framesDecoded += r.framesDecoded || 0;
+      } else {
+        out.audio += 1;
+        out.audioEnergy += r.totalAudioEnergy || 0;
+      }
+    });
+    return out;
+  });
+}
+
+async function expectMediaFlowing(page, who) {
+  const first = await waitFor(`${who}: decoded video and audio energy`, async () => {
+    const s = await inbound(page);
+    return s && s.framesDecoded > 10 && s.audioEnergy > 0 ? s : null;
+  });
+  const later = await waitFor(`${who}: frames and audio energy rising`, async () => {
+    const s = await inbound(page);
+    return s && s.framesDecoded > first.framesDecoded + 10 && s.audioEnergy > first.audioEnergy ? s : null;
+  });
+  return { first, later };
+}
+
+/** Mean RGB of a square patch of the page's FLV <video> frame, in video pixels. */
+async function flvPatch(page, cx, cy, half = 12) {
+  return page.evaluate(({ cx, cy, half }) => {
+    const v = document.getElementById("flv");
+    const c = document.createElement("canvas");
+    c.width = v.videoWidth;
+    c.height = v.videoHeight;
+    const g = c.getContext("2d", { willReadFrequently: true });
+    g.drawImage(v, 0, 0);
+    const d = g.getImageData(cx - half, cy - half, 2 * half, 2 * half).data;
+    const sum = [0, 0, 0];
+    for (let i = 0; i < d.length; i += 4) for (let k = 0; k < 3; k++) sum[k] += d[i + k];
+    const n = d.length / 4;
+    return { size: [v.videoWidth, v.videoHeight], rgb: sum.map((s) => Math.round(s / n)) };
+  }, { cx, cy, half });
+}
+
+const isBlue = ([r, g, b]) => b > 150 && b > r + 60 && b > g + 60;
+const isGreen = ([r, g, b]) => g > 60 && g > r + 40 && g > b + 40;
+
+describe("co-hosting through the demo page", () => {
+  const room = "stage";
+  let server, hostBrowser, guestBrowser, tmp, host, guest, viewer;
+
+  before(async () => {
+    tmp = mkdtempSync(path.join(tmpdir(), "cohost-demo-"));
+    server = await startServer();
+    hostBrowser = await launchBrowser(); // Chromium's green test pattern: host and viewer
+    guestBrowser = await launchBrowser({ video: blueCamera(tmp) }); // the co-host's blue camera
+  });
+
+  after(async () => {
+    await hostBrowser?.close();
+    await guestBrowser?.close();
+    await server?.stop();
+    rmSync(tmp, { recursive: true, force: true });
+  });
+
+  it("host_goes_live_from_the_page_with_camera_and_microphone", async () => {
+    host = await hostBrowser.browser.newPage();
+    await enter(host, server.addr, room, "alice", "host");
+    await host.click("#go-live");
+    await host.waitForSelector('.tile[data-participant="local"] video');
+    await waitFor("host's tracks published", () =>
+      host.evaluate(() => window.cohostDemo.client.participants.get(window.cohostDemo.client.me.id).tracks.size === 2));
+    assert.equal(await host.textContent("#state"), "connected · stage");
+  });
+
+  it("audience_request_is_approved_in_the_host_ui_and_the_guest_publishes_without_reloading", async () => {
+    guest = await guestBrowser.browser.newPage();
+    await enter(guest, server.addr, room, "bob", "audience");
+    assert.equal(await guest.isVisible("#flv-box"), true, "audience starts on the FLV player");
+    await guest.click("#ask-cohost");
+    await host.waitForSelector("#requests li:has-text('bob asks to co-host') button.approve");
+    await host.click("#requests li:has-text('bob') button.approve");
+    await guest.waitForSelector("#cohost-panel:not([hidden])");
+    await guest.waitForSelector('.tile[data-participant="local"] video');
+    await waitFor("guest's tracks published", () =>
+      guest.evaluate(() => window.cohostDemo.client.participants.get(window.cohostDemo.client.me.id).tracks.size === 2));
+    assert.equal(await guest.evaluate(() => window.__sameDocument), true, "no reload");
+    assert.equal(await guest.isVisible("#flv-box"), false, "FLV player gone once co-hosting");
+    await host.waitForSelector('#members li[data-identity="bob"] .role.cohost');
+  });
+
+  it("host_and_cohost_pages_decode_each_others_video_and_audio", async () => {
+    for (const [page, who] of [[host, "host"], [guest, "co-host"]]) {
+      const { later } = await expectMediaFlowing(page, who);
+      assert.equal(later.video, 1, `${who}: one remote video track`);
+      assert.equal(later.audio, 1, `${who}: one remote audio track`);
+    }
+    // The page's own stats table shows the remote tracks with a bitrate.
+    await waitFor("stats table rows with a bitrate", () =>
+      host.evaluate(() => [...document.querySelectorAll("#stats tbody tr")].some((tr) => /↓ bob video/.test(tr.cells[0]?.textContent) && Number(tr.cells[1].textContent) > 0)));
+    await host.screenshot({ path: path.join(OUTPUT, "host-desktop-cohosting.png") });
+    await guest.setViewportSize({ width: 390, height: 844 });
+    await guest.screenshot({ path: path.join(OUTPUT, "cohost-phone.png"), fullPage: true });
+  });
+
+  it("audience_page_plays_the_bridge_http_flv_with_host_full_frame_and_cohost_pip_tile", async () => {
+    await host.click("#bridge-start"); // no destination: the embedded origin only
+    await host.waitForSelector("#bridge-stop:not([disabled])");
+    viewer = await hostBrowser.browser.newPage();
+    await enter(viewer, server.addr, room, "carol", "audience");
+    const t0 = await waitFor("FLV playing", () =>
+      viewer.evaluate(() => {
+        const v = document.getElementById("flv");
+        return v.currentTime > 0.5 && v.videoWidth > 0 ? v.currentTime : null;
+      }));
+    await waitFor("FLV time advancing", () =>
+      viewer.evaluate((t0) => document.getElementById("flv").currentTime > t0 + 1.5, t0));
+    // pip on 1280x720: co-host tile 320x180 at the bottom right, 18 px margin.
+    const pip = await waitFor("the co-host's blue camera in the pip tile", async () => {
+      const p = await flvPatch(viewer, 1262 - 160, 702 - 90);
+      return isBlue(p.rgb) ? p : null;
+    });
+    await viewer.screenshot({ path: path.join(OUTPUT, "audience-flv-pip.png") });
+    assert.deepEqual(pip.size, [1280, 720]);
+    const main = await flvPatch(viewer, 300, 500);
+    console.log("FLV patches: pip", pip.rgb, "main", main.rgb);
+    assert.ok(isGreen(main.rgb), `host's green test pattern full frame, got ${main.rgb}`);
+    const beside = await flvPatch(viewer, 1262 - 160, 522 - 60);
+    assert.ok(isGreen(beside.rgb), `above the pip tile it is the host again, got ${beside.rgb}`);
+    // The host sees the bridge's status.
+    await host.waitForSelector("#bridge-summary:has-text('Bridge running')");
+  });
+
+  it("chat_typed_in_one_page_appears_in_the_others", async () => {
+    await viewer.fill("#chat-input", "hello from the audience");
+    await viewer.click("#chat-send");
+    for (const [page, who] of [[host, "host"], [guest, "co-host"], [viewer, "viewer"]]) {
+      await page.waitForSelector("#chat-log li.chat:has-text('carol: hello from the audience')", { timeout: 10000 })
+        .catch((e) => assert.fail(`${who} did not get the chat: ${e.message}`));
+    }
+    await guest.fill("#chat-input", "thanks!");
+    await guest.click("#chat-send");
+    await viewer.waitForSelector("#chat-log li.chat:has-text('bob: thanks!')");
+    await viewer.click("#like");
+    await host.waitForSelector("#chat-log li.like:has-text('carol')");
+  });
+
+  it("removed_cohost_page_falls_back_to_the_audience_and_the_flv_stream", async () => {
+    await host.click('#members li[data-identity="bob"] button.remove');
+    await guest.waitForSelector("#audience-panel:not([hidden])");
+    await guest.waitForSelector("#flv-box:not([hidden])");
+    assert.equal(await guest.locator(".tile").count(), 0, "no real-time tiles for the audience");
+    assert.equal(await guest.evaluate(() => window.cohostDemo.localStream), null, "camera released");
+    assert.equal(await guest.evaluate(() => window.__sameDocument), true, "no reload");
+    const t0 = await waitFor("guest's FLV playing", () =>
+      guest.evaluate(() => {
+        const v = document.getElementById("flv");
+        return v.currentTime > 0.3 ? v.currentTime : null;
+      }));
+    await waitFor("guest's FLV time advancing", () =>
+      guest.evaluate((t0) => document.getElementById("flv").currentTime > t0 + 1, t0));
+    await host.waitForSelector('#members li[data-identity="bob"] .role.audience');
+    await host.waitForSelector('.tile[data-participant]:not([data-participant="local"])', { state: "detached" });
+    await guest.screenshot({ path: path.join(OUTPUT, "removed-cohost-back-to-audience-phone.png"), fullPage: true });
+  });
+});
+
+describe("errors shown by the demo page", () => {
+  let server, b;
+  before(async () => {
+    server = await startServer({ COHOST_ROOM__MAX_PARTICIPANTS: "1" });
+    b = await launchBrowser();
+  });
+  after(async () => {
+    await b?.close();
+    await server?.stop();
+  });
+
+  it("page_shows_an_error_for_an_invalid_token", async () => {
+    const page = await b.browser.newPage();
+    await page.goto(`http://${server.addr}/`);
+    await page.click("#token-box summary");
+    await page.fill("#token", "not-a-token");
+    await page.click("#enter");
+    const text = await waitFor("error banner", async () => {
+      const t = (await page.isVisible("#error")) && (await page.textContent("#error"));
+      return t && /invalid/.test(t) ? t : null;
+    });
+    assert.match(text, /access token is invalid/);
+    assert.equal(await page.isVisible("#app"), false, "still on the entry form");
+    await page.screenshot({ path: path.join(OUTPUT, "invalid-token.png") });
+    await page.close();
+  });
+
+  it("page_shows_an_error_when_the_camera_is_denied_and_when_the_room_is_full", async () => {
+    const host = await b.browser.newPage();
+    // The browser's answer when a person blocks the camera prompt.
+    await host.addInitScript(() => {
+      navigator.mediaDevices.getUserMedia = () => Promise.reject(new DOMException("Permission denied", "NotAllowedError"));
+    });
+    await enter(host, server.addr, "tiny", "alice", "host");
+    await host.click("#go-live");
+    await host.waitForSelector("#error:has-text('Camera/microphone access was denied')");
+    const other = await b.browser.newPage();
+    await other.goto(`http://${server.addr}/`);
+    await other.fill("#room", "tiny");
+    await other.fill("#name", "dave");
+    await other.click("#enter");
+    await other.waitForSelector("#error:has-text('The room is full')");
+    await other.screenshot({ path: path.join(OUTPUT, "room-full.png") });
+  });
+});
