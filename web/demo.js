@@ -326,6 +326,7 @@ function renderTiles() {
       tiles.delete(id);
     }
   }
+  $("stage-empty").hidden = want.size > 0 || client?.me?.role === "audience";
   for (const [id, w] of want) {
     let t = tiles.get(id);
     if (!t) {

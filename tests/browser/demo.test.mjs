@@ -250,3 +250,60 @@ describe("errors shown by the demo page", () => {
     await other.screenshot({ path: path.join(OUTPUT, "room-full.png") });
   });
 });
+
+describe("connection loss and PK through the demo page", () => {
+  let server, b;
+  before(async () => {
+    server = await startServer();
+    b = await launchBrowser();
+  });
+  after(async () => {
+    await b?.close();
+    await server?.stop();
+  });
+
+  it("host_page_retries_with_backoff_after_the_server_goes_away_and_goes_live_again", async () => {
+    const host = await b.browser.newPage();
+    await enter(host, server.addr, "flaky", "alice", "host");
+    await host.click("#go-live");
+    await host.waitForSelector('.tile[data-participant="local"] video');
+    const addr = server.addr;
+    await server.stop(); // SIGTERM: the server closes the WebSocket with 1001
+    await host.waitForSelector('#state[data-state="reconnecting"]');
+    await host.waitForSelector("#error:has-text('Connection lost. Retrying in')");
+    await host.screenshot({ path: path.join(OUTPUT, "connection-lost-retrying.png") });
+    server = await startServer({}, { listen: addr });
+    await host.waitForSelector('#state[data-state="connected"]', { timeout: 20000 });
+    // Back in the room on a new connection, publishing the same camera again.
+    await waitFor("host's tracks published again", () =>
+      host.evaluate(() => {
+        const c = window.cohostDemo.client;
+        return c.participants.get(c.me.id)?.tracks.size === 2;
+      }));
+    assert.equal(await host.evaluate(() => window.__sameDocument), true, "no reload");
+    assert.equal(await host.isVisible("#error"), false, "the error is cleared");
+    await host.close();
+  });
+
+  it("two_hosts_start_a_pk_from_the_page_and_see_each_other_then_end_it", async () => {
+    const a = await b.browser.newPage();
+    const bb = await b.browser.newPage();
+    await enter(a, server.addr, "red", "ann", "host");
+    await enter(bb, server.addr, "blue", "ben", "host");
+    for (const p of [a, bb]) {
+      await p.click("#go-live");
+      await p.waitForSelector('.tile[data-participant="local"] video');
+    }
+    await a.fill("#pk-room", "blue");
+    await a.click("#pk-invite");
+    await bb.waitForSelector("#pk-invites li:has-text('ann (room red) invites you to a PK') button:text('Accept')");
+    await bb.click("#pk-invites li button:text('Accept')");
+    await a.waitForSelector(".tile .label:has-text('ben · PK (room blue)')");
+    await bb.waitForSelector(".tile .label:has-text('ann · PK (room red)')");
+    for (const [p, who] of [[a, "ann"], [bb, "ben"]]) await expectMediaFlowing(p, who);
+    await a.screenshot({ path: path.join(OUTPUT, "pk-host-desktop.png") });
+    await bb.click("#pk-end");
+    await a.waitForSelector(".tile .label:has-text('PK')", { state: "detached" });
+    await a.waitForSelector("#pk-end", { state: "hidden" });
+  });
+});

@@ -13,9 +13,11 @@ export const BIN = process.env.COHOST_BIN || path.join(targetDir, "debug", "coho
 /** Screenshots and other files for a reviewer (gitignored). */
 export const OUTPUT = path.join(root, "tests", "browser", "output");
 
-export async function startServer(env = {}) {
+/** Start the server. `env`: extra COHOST_* settings; `listen`: a fixed HTTP address (e.g. the
+ * address of a server stopped before, to test reconnecting). */
+export async function startServer(env = {}, { listen = "127.0.0.1:0" } = {}) {
   const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("COHOST_") || k === "COHOST_LOG"));
-  const proc = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--rtmp-listen", "127.0.0.1:0"], {
+  const proc = spawn(BIN, ["serve", "--listen", listen, "--rtmp-listen", "127.0.0.1:0"], {
     cwd: root,
     env: { ...clean, COHOST_LOG: process.env.COHOST_LOG || "warn", ...env },
     stdio: ["ignore", "pipe", "inherit"],
