@@ -592,7 +592,7 @@ async function renderStats() {
   const rows = await client.stats().catch(() => []);
   const body = $("stats").querySelector("tbody");
   body.replaceChildren();
-  const name = (pid) => (pid === client.me?.id ? "me" : client.participants.get(pid)?.identity || (pkHost?.participant_id === pid ? pkHost.identity : "?"));
+  const name = (pid) => (pid === client.me?.id ? "me" : client.participants.get(pid)?.identity || (pkHost && pkHost.participant_id === pid ? pkHost.identity : "?"));
   const fmt = (v, unit, digits = 0) => (v === null || v === undefined || Number.isNaN(v) ? "–" : `${v.toFixed(digits)}${unit}`);
   for (const r of rows) {
     body.append(el("tr", {},

@@ -6,11 +6,15 @@ import { describe, it, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { startServer, launchBrowser, waitFor, OUTPUT } from "./harness.mjs";
 
 mkdirSync(OUTPUT, { recursive: true });
+
+/** Uncaught exceptions in any page: the last test checks there were none. */
+const pageErrors = [];
 
 /** A fake camera for the co-host that is clearly not Chromium's green test pattern: solid blue. */
 function blueCamera(dir) {
@@ -23,7 +27,7 @@ function blueCamera(dir) {
 /** Enter the room through the entry form (the token comes from the development endpoint). */
 async function enter(page, addr, room, name, role, viewport = { width: 1280, height: 800 }) {
   await page.setViewportSize(viewport);
-  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
+  page.on("pageerror", (e) => pageErrors.push(`[${name}] ${e.stack}`));
   await page.goto(`http://${addr}/`);
   await page.fill("#room", room);
   await page.fill("#name", name);
@@ -80,6 +84,15 @@ async function flvPatch(page, cx, cy, half = 12) {
     const n = d.length / 4;
     return { size: [v.videoWidth, v.videoHeight], rgb: sum.map((s) => Math.round(s / n)) };
   }, { cx, cy, half });
+}
+
+/** A loopback TCP port with nothing listening (bound, then closed). */
+async function closedPort() {
+  const srv = createServer();
+  await new Promise((r) => srv.listen(0, "127.0.0.1", r));
+  const { port } = srv.address();
+  await new Promise((r) => srv.close(r));
+  return port;
 }
 
 const isBlue = ([r, g, b]) => b > 150 && b > r + 60 && b > g + 60;
@@ -144,8 +157,13 @@ describe("co-hosting through the demo page", () => {
   });
 
   it("audience_page_plays_the_bridge_http_flv_with_host_full_frame_and_cohost_pip_tile", async () => {
-    await host.click("#bridge-start"); // no destination: the embedded origin only
+    // A CDN destination that refuses connections: the page shows it retrying, and the embedded
+    // origin still gets the stream.
+    const dead = `rtmp://127.0.0.1:${await closedPort()}/live/stage`;
+    await host.fill("#bridge-dest", dead);
+    await host.click("#bridge-start");
     await host.waitForSelector("#bridge-stop:not([disabled])");
+    await host.waitForSelector(`#bridge-status tr.dest:has-text('${dead}') td.dest-state:text-matches('connecting|retrying|failed')`);
     viewer = await hostBrowser.browser.newPage();
     await enter(viewer, server.addr, room, "carol", "audience");
     const t0 = await waitFor("FLV playing", () =>
@@ -169,6 +187,20 @@ describe("co-hosting through the demo page", () => {
     assert.ok(isGreen(beside.rgb), `above the pip tile it is the host again, got ${beside.rgb}`);
     // The host sees the bridge's status.
     await host.waitForSelector("#bridge-summary:has-text('Bridge running')");
+  });
+
+  it("host_pins_side_by_side_in_the_page_and_the_flv_output_follows", async () => {
+    await host.selectOption("#layout", "side_by_side");
+    await host.waitForSelector("#bridge-summary:has-text('layout side_by_side')");
+    // Landscape side by side: host on the left half, co-host on the right half.
+    await waitFor("the co-host's blue camera filling the right half", async () => isBlue((await flvPatch(viewer, 960, 360)).rgb));
+    const left = await flvPatch(viewer, 160, 360);
+    assert.ok(isGreen(left.rgb), `host on the left, got ${left.rgb}`);
+    await viewer.screenshot({ path: path.join(OUTPUT, "audience-flv-side-by-side.png") });
+    await host.selectOption("#layout", ""); // back to following the room: pip
+    await host.waitForSelector("#bridge-summary:has-text('layout auto')");
+    await waitFor("pip again", async () => isGreen((await flvPatch(viewer, 960, 200)).rgb));
+    await host.screenshot({ path: path.join(OUTPUT, "host-bridge-status.png"), fullPage: true });
   });
 
   it("chat_typed_in_one_page_appears_in_the_others", async () => {
@@ -306,4 +338,8 @@ describe("connection loss and PK through the demo page", () => {
     await a.waitForSelector(".tile .label:has-text('PK')", { state: "detached" });
     await a.waitForSelector("#pk-end", { state: "hidden" });
   });
+});
+
+describe("the pages above", () => {
+  it("threw_no_uncaught_exceptions", () => assert.deepEqual(pageErrors, []));
 });
