@@ -71,6 +71,8 @@ export class CohostClient extends EventTarget {
     this.closedByUser = false;
     this.attempt = 0;
     this.localStream = null;
+    /** remote track id -> participant id (from the stream ids), PK partner tracks included. */
+    this.trackOwner = new Map();
   }
 
   emit(type, detail) {
@@ -286,6 +288,7 @@ export class CohostClient extends EventTarget {
     sub.ontrack = (e) => {
       // The server's msid is "<participant id> <track id>".
       const stream = e.streams[0] || new MediaStream([e.track]);
+      this.trackOwner.set(e.track.id, stream.id);
       this.emit("track", { track: e.track, stream, participantId: stream.id, trackId: e.track.id });
     };
     this.sub = sub;
@@ -423,7 +426,8 @@ export class CohostClient extends EventTarget {
           const got = r.packetsReceived || 0;
           const track = this.findTrack(r.trackIdentifier);
           out.push({
-            direction, kind: r.kind, trackId: r.trackIdentifier, participantId: track?.participant_id,
+            direction, kind: r.kind, trackId: r.trackIdentifier,
+            participantId: track?.participant_id || this.trackOwner.get(r.trackIdentifier),
             kbps: rate(r.id, r.bytesReceived || 0),
             lossPct: got + lost > 0 ? (lost * 100) / (got + lost) : 0,
             rttMs: pairRtt,

@@ -178,8 +178,10 @@ function wire(c) {
   c.addEventListener("closed", (e) => {
     const { code, retry } = e.detail;
     remote.clear();
-    if (!retry && code !== 1000) showError(CLOSE_TEXT[code] || `Disconnected (${code}${e.detail.reason ? ": " + e.detail.reason : ""}).`);
-    renderTiles();
+    if (retry) return renderTiles();
+    if (c !== client) return; // a failed join: enter() shows its error
+    if (code !== 1000) showError(CLOSE_TEXT[code] || `Disconnected (${code}${e.detail.reason ? ": " + e.detail.reason : ""}).`);
+    teardown(); // back to the entry form; the error stays up
   });
   c.addEventListener("reconnected", act(async (e) => {
     showError("");
@@ -540,16 +542,26 @@ $("leave-seat").addEventListener("click", act(() => client.leaveSeat()));
 $("like").addEventListener("click", act(() => client.like(1)));
 for (const id of ["gift-rose", "gift-rocket"]) $(id).addEventListener("click", act(() => client.gift($(id).dataset.gift, 1)));
 $("leave").addEventListener("click", act(async () => {
+  const c = client;
+  teardown();
+  await c?.leave();
+}));
+
+/** Leave the room view: stop media, timers and the player, show the entry form. */
+function teardown() {
   clearInterval(statsTimer);
   clearTimeout(bridgeTimer);
   stopFlv();
-  await client.leave();
   stopLocal();
   remote.clear();
+  requests.clear();
+  renderRequests();
+  pkHost = null;
   client = null;
+  renderTiles();
   $("app").hidden = true;
   $("entry").hidden = false;
-}));
+}
 
 // ---------------------------------------------------------------- chat and notices
 

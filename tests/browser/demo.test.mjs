@@ -203,6 +203,22 @@ describe("co-hosting through the demo page", () => {
     await host.screenshot({ path: path.join(OUTPUT, "host-bridge-status.png"), fullPage: true });
   });
 
+  it("host_mutes_the_cohost_camera_in_the_page_and_the_mix_shows_a_placeholder", async () => {
+    await host.click('#members li[data-identity="bob"] button.mute-video');
+    await host.waitForSelector('.tile[data-participant] .muted:text("camera muted")');
+    await host.waitForSelector('#members li[data-identity="bob"] button.mute-video:text("Unmute camera")');
+    const pipCenter = [1262 - 160, 702 - 90];
+    const placeholder = await waitFor("the pip tile no longer blue", async () => {
+      const p = await flvPatch(viewer, ...pipCenter);
+      return !isBlue(p.rgb) && !isGreen(p.rgb) ? p : null;
+    });
+    console.log("muted pip tile", placeholder.rgb);
+    await viewer.screenshot({ path: path.join(OUTPUT, "audience-flv-cohost-camera-muted.png") });
+    await host.click('#members li[data-identity="bob"] button.mute-video');
+    await waitFor("the co-host's camera back in the pip tile", async () => isBlue((await flvPatch(viewer, ...pipCenter)).rgb));
+    await host.waitForSelector('.tile[data-participant] .muted', { state: "hidden" });
+  });
+
   it("chat_typed_in_one_page_appears_in_the_others", async () => {
     await viewer.fill("#chat-input", "hello from the audience");
     await viewer.click("#chat-send");
@@ -333,10 +349,58 @@ describe("connection loss and PK through the demo page", () => {
     await a.waitForSelector(".tile .label:has-text('ben · PK (room blue)')");
     await bb.waitForSelector(".tile .label:has-text('ann · PK (room red)')");
     for (const [p, who] of [[a, "ann"], [bb, "ben"]]) await expectMediaFlowing(p, who);
+    await waitFor("PK partner named in the stats table", () =>
+      a.evaluate(() => [...document.querySelectorAll("#stats tbody tr")].some((tr) => /↓ ben video/.test(tr.cells[0]?.textContent))));
     await a.screenshot({ path: path.join(OUTPUT, "pk-host-desktop.png") });
     await bb.click("#pk-end");
     await a.waitForSelector(".tile .label:has-text('PK')", { state: "detached" });
     await a.waitForSelector("#pk-end", { state: "hidden" });
+  });
+});
+
+describe("co-host requests denied, invitations and leaving the seat in the demo page", () => {
+  let server, b;
+  before(async () => {
+    server = await startServer();
+    b = await launchBrowser();
+  });
+  after(async () => {
+    await b?.close();
+    await server?.stop();
+  });
+
+  it("denied_request_tells_the_audience_and_an_accepted_invitation_seats_them_until_they_leave", async () => {
+    const host = await b.browser.newPage();
+    const fan = await b.browser.newPage();
+    await enter(host, server.addr, "club", "hana", "host");
+    await host.click("#go-live");
+    await enter(fan, server.addr, "club", "fan1", "audience");
+    await fan.click("#ask-cohost");
+    await fan.waitForSelector("#cancel-cohost:visible");
+    await host.click("#requests li:has-text('fan1') button.deny");
+    await fan.waitForSelector("#notice:has-text('The host declined your request')");
+    await fan.waitForSelector("#ask-cohost:visible");
+    assert.equal(await fan.isVisible("#audience-panel"), true, "still audience");
+    await host.waitForSelector("#requests li.empty");
+
+    await host.click('#members li[data-identity="fan1"] button.invite');
+    await fan.waitForSelector("#invites li:has-text('hana invites you to co-host') button:text('Accept')");
+    await fan.click("#invites li button:text('Accept')");
+    await fan.waitForSelector("#cohost-panel:not([hidden])");
+    await host.waitForSelector('.tile .label:has-text("fan1 · cohost")');
+    await expectMediaFlowing(host, "host watching the invited co-host");
+
+    await fan.click("#leave-seat");
+    await fan.waitForSelector("#audience-panel:not([hidden])");
+    await fan.waitForSelector("#flv-box:not([hidden])");
+    await host.waitForSelector('.tile .label:has-text("fan1")', { state: "detached" });
+    await host.waitForSelector('#members li[data-identity="fan1"] .role.audience');
+
+    await host.click('#members li[data-identity="fan1"] button.kick');
+    await fan.waitForSelector("#error:has-text('The host removed you from the room')");
+    await fan.waitForSelector("#entry:not([hidden])");
+    await host.waitForSelector('#members li[data-identity="fan1"]', { state: "detached" });
+    await fan.screenshot({ path: path.join(OUTPUT, "kicked.png") });
   });
 });
 
