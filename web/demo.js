@@ -272,6 +272,7 @@ function renderRole() {
   $("host-panel").hidden = role !== "host";
   $("audience-panel").hidden = role !== "audience";
   $("cohost-panel").hidden = role !== "cohost";
+  $("reactions").hidden = role === "host"; // likes and gifts are for the audience and co-hosts
   $("ask-cohost").hidden = false;
   $("cancel-cohost").hidden = true;
   $("invites").replaceChildren();

@@ -352,6 +352,8 @@ describe("connection loss and PK through the demo page", () => {
     await waitFor("PK partner named in the stats table", () =>
       a.evaluate(() => [...document.querySelectorAll("#stats tbody tr")].some((tr) => /↓ ben video/.test(tr.cells[0]?.textContent))));
     await a.screenshot({ path: path.join(OUTPUT, "pk-host-desktop.png") });
+    await bb.setViewportSize({ width: 390, height: 844 });
+    await bb.screenshot({ path: path.join(OUTPUT, "pk-host-phone.png"), fullPage: true });
     await bb.click("#pk-end");
     await a.waitForSelector(".tile .label:has-text('PK')", { state: "detached" });
     await a.waitForSelector("#pk-end", { state: "hidden" });
@@ -401,6 +403,34 @@ describe("co-host requests denied, invitations and leaving the seat in the demo 
     await fan.waitForSelector("#entry:not([hidden])");
     await host.waitForSelector('#members li[data-identity="fan1"]', { state: "detached" });
     await fan.screenshot({ path: path.join(OUTPUT, "kicked.png") });
+  });
+});
+
+describe("a server without development tokens", () => {
+  let server, b;
+  before(async () => {
+    server = await startServer({ COHOST_SERVER__DEV_TOKENS: "off" });
+    b = await launchBrowser();
+  });
+  after(async () => {
+    await b?.close();
+    await server?.stop();
+  });
+
+  it("page_asks_for_a_pasted_token_and_enters_with_one", async () => {
+    const page = await b.browser.newPage();
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.goto(`http://${server.addr}/`);
+    await page.waitForSelector("#dev-hint:has-text('paste an access token')");
+    assert.equal(await page.isVisible("#token"), true, "the token box is open");
+    await page.click("#enter");
+    await page.waitForSelector("#error:has-text('does not mint tokens for the page')");
+    await page.screenshot({ path: path.join(OUTPUT, "entry-phone-no-dev-tokens.png"), fullPage: true });
+    await page.fill("#token", server.token("pasted", "zoe", "audience"));
+    await page.click("#enter");
+    await page.waitForSelector("#app:not([hidden])");
+    assert.match(await page.textContent("#who"), /zoe · audience · room pasted/);
+    assert.equal(await page.isVisible("#error"), false);
   });
 });
 
