@@ -95,12 +95,23 @@ async function closedPort() {
   return port;
 }
 
+/** The bridge's first pip tile on a landscape w x h output (src/bridge/layout.rs): a quarter
+ * of the size, at the bottom right, margin min(w, h) / 40. */
+function pipRect(w, h) {
+  const margin = Math.max(2, Math.floor(Math.min(w, h) / 40));
+  const tw = Math.floor(w / 4);
+  const th = Math.floor(h / 4);
+  const x = w - margin - tw;
+  const y = h - margin - th;
+  return { x, y, w: tw, h: th, cx: Math.round(x + tw / 2), cy: Math.round(y + th / 2) };
+}
+
 const isBlue = ([r, g, b]) => b > 150 && b > r + 60 && b > g + 60;
 const isGreen = ([r, g, b]) => g > 60 && g > r + 40 && g > b + 40;
 
 describe("co-hosting through the demo page", () => {
   const room = "stage";
-  let server, hostBrowser, guestBrowser, tmp, host, guest, viewer;
+  let server, hostBrowser, guestBrowser, tmp, host, guest, viewer, pipTile;
 
   before(async () => {
     tmp = mkdtempSync(path.join(tmpdir(), "cohost-demo-"));
@@ -173,18 +184,19 @@ describe("co-hosting through the demo page", () => {
       }));
     await waitFor("FLV time advancing", () =>
       viewer.evaluate((t0) => document.getElementById("flv").currentTime > t0 + 1.5, t0));
-    // pip on 1280x720: co-host tile 320x180 at the bottom right, 18 px margin.
+    const [w, h] = await viewer.evaluate(() => [document.getElementById("flv").videoWidth, document.getElementById("flv").videoHeight]);
+    assert.ok(w > h, `a landscape output (the bridge default), got ${w}x${h}`);
+    pipTile = pipRect(w, h);
     const pip = await waitFor("the co-host's blue camera in the pip tile", async () => {
-      const p = await flvPatch(viewer, 1262 - 160, 702 - 90);
+      const p = await flvPatch(viewer, pipTile.cx, pipTile.cy);
       return isBlue(p.rgb) ? p : null;
     });
     await viewer.screenshot({ path: path.join(OUTPUT, "audience-flv-pip.png") });
-    assert.deepEqual(pip.size, [1280, 720]);
-    const main = await flvPatch(viewer, 300, 500);
+    const main = await flvPatch(viewer, Math.round(w * 0.25), Math.round(h * 0.7));
     console.log("FLV patches: pip", pip.rgb, "main", main.rgb);
     assert.ok(isGreen(main.rgb), `host's green test pattern full frame, got ${main.rgb}`);
-    const beside = await flvPatch(viewer, 1262 - 160, 522 - 60);
-    assert.ok(isGreen(beside.rgb), `above the pip tile it is the host again, got ${beside.rgb}`);
+    const above = await flvPatch(viewer, pipTile.cx, pipTile.y - pipTile.h / 3);
+    assert.ok(isGreen(above.rgb), `above the pip tile it is the host again, got ${above.rgb}`);
     // The host sees the bridge's status.
     await host.waitForSelector("#bridge-summary:has-text('Bridge running')");
   });
@@ -193,13 +205,15 @@ describe("co-hosting through the demo page", () => {
     await host.selectOption("#layout", "side_by_side");
     await host.waitForSelector("#bridge-summary:has-text('layout side_by_side')");
     // Landscape side by side: host on the left half, co-host on the right half.
-    await waitFor("the co-host's blue camera filling the right half", async () => isBlue((await flvPatch(viewer, 960, 360)).rgb));
-    const left = await flvPatch(viewer, 160, 360);
+    const size = await viewer.evaluate(() => [document.getElementById("flv").videoWidth, document.getElementById("flv").videoHeight]);
+    await waitFor("the co-host's blue camera filling the right half", async () =>
+      isBlue((await flvPatch(viewer, Math.round(size[0] * 0.75), Math.round(size[1] / 2))).rgb));
+    const left = await flvPatch(viewer, Math.round(size[0] * 0.12), Math.round(size[1] / 2));
     assert.ok(isGreen(left.rgb), `host on the left, got ${left.rgb}`);
     await viewer.screenshot({ path: path.join(OUTPUT, "audience-flv-side-by-side.png") });
     await host.selectOption("#layout", ""); // back to following the room: pip
     await host.waitForSelector("#bridge-summary:has-text('layout auto')");
-    await waitFor("pip again", async () => isGreen((await flvPatch(viewer, 960, 200)).rgb));
+    await waitFor("pip again", async () => isGreen((await flvPatch(viewer, Math.round(size[0] * 0.75), Math.round(size[1] * 0.3))).rgb));
     await host.screenshot({ path: path.join(OUTPUT, "host-bridge-status.png"), fullPage: true });
   });
 
@@ -207,7 +221,7 @@ describe("co-hosting through the demo page", () => {
     await host.click('#members li[data-identity="bob"] button.mute-video');
     await host.waitForSelector('.tile[data-participant] .muted:text("camera muted")');
     await host.waitForSelector('#members li[data-identity="bob"] button.mute-video:text("Unmute camera")');
-    const pipCenter = [1262 - 160, 702 - 90];
+    const pipCenter = [pipTile.cx, pipTile.cy];
     const placeholder = await waitFor("the pip tile no longer blue", async () => {
       const p = await flvPatch(viewer, ...pipCenter);
       return !isBlue(p.rgb) && !isGreen(p.rgb) ? p : null;
