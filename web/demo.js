@@ -603,6 +603,8 @@ function addMessage(m) {
 async function renderStats() {
   if (!client || client.state === "closed") return;
   const rows = await client.stats().catch(() => []);
+  const pcs = [["sending", client.pub], ["receiving", client.sub]].filter(([, pc]) => pc);
+  $("media-state").textContent = pcs.length ? pcs.map(([n, pc]) => `${n}: ${pc.connectionState}`).join(" · ") : "no media connections";
   const body = $("stats").querySelector("tbody");
   body.replaceChildren();
   const name = (pid) => (pid === client.me?.id ? "me" : client.participants.get(pid)?.identity || (pkHost && pkHost.participant_id === pid ? pkHost.identity : "?"));

@@ -162,6 +162,7 @@ describe("co-hosting through the demo page", () => {
     // The page's own stats table shows the remote tracks with a bitrate.
     await waitFor("stats table rows with a bitrate", () =>
       host.evaluate(() => [...document.querySelectorAll("#stats tbody tr")].some((tr) => /↓ bob video/.test(tr.cells[0]?.textContent) && Number(tr.cells[1].textContent) > 0)));
+    await host.waitForSelector("#media-state:has-text('sending: connected · receiving: connected')");
     await host.screenshot({ path: path.join(OUTPUT, "host-desktop-cohosting.png") });
     await guest.setViewportSize({ width: 390, height: 844 });
     await guest.screenshot({ path: path.join(OUTPUT, "cohost-phone.png"), fullPage: true });
@@ -229,7 +230,11 @@ describe("co-hosting through the demo page", () => {
     console.log("muted pip tile", placeholder.rgb);
     await viewer.screenshot({ path: path.join(OUTPUT, "audience-flv-cohost-camera-muted.png") });
     await host.click('#members li[data-identity="bob"] button.mute-video');
-    await waitFor("the co-host's camera back in the pip tile", async () => isBlue((await flvPatch(viewer, ...pipCenter)).rgb));
+    let seen = null;
+    await waitFor("the co-host's camera back in the pip tile", async () => {
+      seen = (await flvPatch(viewer, ...pipCenter)).rgb;
+      return isBlue(seen);
+    }, 30000).catch((e) => assert.fail(`${e.message}; pip tile shows ${seen}`));
     await host.waitForSelector('.tile[data-participant] .muted', { state: "hidden" });
   });
 
