@@ -29,6 +29,7 @@ const requests = new Map(); // participant id -> identity (co-host requests, hos
 let pkHost = null; // {participant_id, identity, room} of the partner host during a PK
 let flv = null; // mpegts.js player
 let flvRetry = null;
+let flvWatch = null;
 let bridgeTimer = null;
 let statsTimer = null;
 
@@ -384,6 +385,16 @@ function startFlv() {
   });
   flv.on(mpegts.Events.LOADING_COMPLETE, () => retry("The stream ended. Waiting for it to come back…"));
   video.onplaying = () => (status.hidden = true);
+  // A live stream whose time stops (the origin went quiet, a network stall) gets a new player,
+  // as CDN players do; a pause by the person is left alone.
+  let lastTime = -1;
+  let still = 0;
+  flvWatch = setInterval(() => {
+    if (video.paused && video.currentTime > 0) return;
+    still = video.currentTime === lastTime ? still + 1 : 0;
+    lastTime = video.currentTime;
+    if (still >= 4) retry("The stream stalled. Reconnecting…");
+  }, 2000);
   flv.load();
   video.play().catch(() => {
     // Autoplay with sound refused: play muted, the person can unmute with the controls.
@@ -395,6 +406,8 @@ function startFlv() {
 function stopFlv(hide = true) {
   clearTimeout(flvRetry);
   flvRetry = null;
+  clearInterval(flvWatch);
+  flvWatch = null;
   if (flv) {
     try {
       flv.destroy();
