@@ -49,6 +49,9 @@ pub struct ServerConfig {
     pub rtmp_listen: String,
     /// Directory served at `/` (the demo page).
     pub web_dir: String,
+    /// The development token endpoint `POST /v1/dev/token` (the demo page's "enter" button):
+    /// `auto` enables it only on a loopback `http_listen` with the development secret.
+    pub dev_tokens: DevTokens,
     /// How long graceful shutdown waits for peers to close.
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_timeout: Duration,
@@ -205,6 +208,18 @@ pub struct BridgeSettings {
     pub solo_idle: Duration,
 }
 
+/// `server.dev_tokens`: whether `POST /v1/dev/token` mints tokens for anyone who asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DevTokens {
+    /// On only when `server.http_listen` is loopback and `auth.secret` is the development secret.
+    #[default]
+    Auto,
+    /// On (loopback `server.http_listen` only: validation refuses it elsewhere).
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum HostGone {
@@ -255,6 +270,7 @@ impl Default for ServerConfig {
             allow_dev_secret: false,
             rtmp_listen: "127.0.0.1:1935".into(),
             web_dir: "web".into(),
+            dev_tokens: DevTokens::Auto,
             shutdown_timeout: Duration::from_secs(5),
         }
     }
@@ -399,6 +415,13 @@ impl Config {
                 "webrtc.subscriber_queue must be at least 1".into(),
             ));
         }
+        if self.server.dev_tokens == DevTokens::On && !self.server.http_listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "server.dev_tokens = \"on\" needs a loopback server.http_listen (not {}): \
+                 anyone reaching the port could mint host tokens",
+                self.server.http_listen
+            )));
+        }
         for ip in &w.public_ips {
             if ip.parse::<IpAddr>().is_err() {
                 return Err(ConfigError::Invalid(format!(
@@ -407,6 +430,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Whether `POST /v1/dev/token` is served (see [`DevTokens`]).
+    pub fn dev_tokens_enabled(&self) -> bool {
+        let loopback = self.server.http_listen.ip().is_loopback();
+        match self.server.dev_tokens {
+            DevTokens::Off => false,
+            DevTokens::On => loopback,
+            DevTokens::Auto => loopback && self.auth.secret == DEV_SECRET,
+        }
     }
 
     /// True when the server would run a public address with the well-known development secret.
@@ -511,6 +544,37 @@ mod tests {
         apply_env(&mut t, vec![("COHOST_ROOM__NOPE".into(), "1".into())]).unwrap();
         let err = Config::from_table(t).unwrap_err().to_string();
         assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn dev_tokens_default_on_only_for_loopback_with_the_dev_secret() {
+        let mut cfg = Config::default();
+        assert!(cfg.dev_tokens_enabled(), "loopback + development secret");
+        cfg.auth.secret = "a-real-secret-of-some-length".into();
+        assert!(!cfg.dev_tokens_enabled(), "a real secret turns auto off");
+        cfg.server.dev_tokens = DevTokens::On;
+        assert!(cfg.dev_tokens_enabled(), "explicitly on, on loopback");
+        let mut cfg = Config::default();
+        cfg.server.http_listen = "0.0.0.0:8080".parse().unwrap();
+        assert!(!cfg.dev_tokens_enabled(), "auto is off on a public address");
+        let mut cfg = Config::default();
+        cfg.server.dev_tokens = DevTokens::Off;
+        assert!(!cfg.dev_tokens_enabled());
+    }
+
+    #[test]
+    fn dev_tokens_on_with_a_public_address_is_refused() {
+        let err = Config::from_toml_str(
+            "[server]\nhttp_listen = \"0.0.0.0:8080\"\ndev_tokens = \"on\"\n\
+             [auth]\nsecret = \"a-real-secret-of-some-length\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.dev_tokens"), "{err}");
+        let err = Config::from_toml_str("[server]\ndev_tokens = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("maybe") || err.contains("variant"), "{err}");
     }
 
     #[test]

@@ -244,3 +244,86 @@ async fn hostile_messages_never_break_the_server() {
     let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
     assert_eq!(v["status"], "ok");
 }
+
+/// POST a development token request; returns (status, JSON body).
+async fn dev_token(server: &Server, body: Value) -> (u16, Value) {
+    // The endpoint ignores Authorization; the helper always sends one.
+    let (status, text) = server
+        .send_json("POST", "/v1/dev/token", "unused", &body)
+        .await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn dev_token_endpoint_mints_room_tokens_on_loopback_but_never_admin() {
+    let server = Server::start().await;
+    let (status, body) = server.get("/v1/dev/token", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"enabled\":true"), "{body}");
+    for role in ["host", "cohost", "audience"] {
+        let (status, body) = dev_token(
+            &server,
+            json!({"room": "demo", "identity": "alice", "role": role}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let token = body["token"].as_str().expect("token");
+        let claims = server.auth.verify_for_room(token, "demo").expect("valid");
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(claims.role.as_str(), role);
+    }
+    let (status, body) = dev_token(
+        &server,
+        json!({"room": "*", "identity": "ops", "role": "admin"}),
+    )
+    .await;
+    assert_eq!(status, 400, "admin is refused: {body}");
+    assert_eq!(body["error"]["code"], "bad_request");
+    let (status, body) = dev_token(
+        &server,
+        json!({"room": "demo", "identity": "no spaces!", "role": "host"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = dev_token(&server, json!({"room": "demo"})).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn dev_token_endpoint_is_off_with_a_real_secret_or_when_configured_off() {
+    for env in [
+        [("COHOST_AUTH__SECRET", "a-real-secret-that-is-long-enough")],
+        [("COHOST_SERVER__DEV_TOKENS", "off")],
+    ] {
+        let server = Server::start_with(&env).await;
+        let (status, body) = server.get("/v1/dev/token", None).await;
+        assert_eq!(status, 200);
+        assert!(body.contains("\"enabled\":false"), "{env:?}: {body}");
+        let (status, body) = dev_token(
+            &server,
+            json!({"room": "demo", "identity": "alice", "role": "host"}),
+        )
+        .await;
+        assert_eq!(status, 404, "{env:?}: {body}");
+        assert_eq!(body["error"]["code"], "dev_tokens_off");
+        assert!(body.get("token").is_none());
+    }
+}
+
+#[tokio::test]
+async fn vendor_mpegts_says_how_to_install_it_when_missing() {
+    let empty = tempfile_dir("cohost-empty-web");
+    let dir = empty.to_string_lossy().to_string();
+    let server = Server::start_with(&[("COHOST_SERVER__WEB_DIR", &dir)]).await;
+    let (status, body) = server.get("/vendor/mpegts.js", None).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("npm ci --prefix web"), "{body}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&empty);
+}
+
+fn tempfile_dir(prefix: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

@@ -43,6 +43,8 @@ pub fn router(svc: Arc<Services>) -> Router {
                 .patch(bridge_update)
                 .delete(bridge_stop),
         )
+        .route("/v1/dev/token", get(dev_token_status).post(dev_token))
+        .route("/vendor/mpegts.js", get(vendor_mpegts))
         .fallback_service(web)
         .with_state(svc)
 }
@@ -435,6 +437,89 @@ async fn http_flv(State(svc): State<Arc<Services>>, Path(file): Path<String>) ->
         axum::body::Body::from_stream(first.chain(live)),
     )
         .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenRequest {
+    room: String,
+    identity: String,
+    role: String,
+}
+
+/// `GET /v1/dev/token`: whether the development token endpoint is on (the demo page asks).
+async fn dev_token_status(State(svc): State<Arc<Services>>) -> Response {
+    Json(json!({"enabled": svc.cfg.dev_tokens_enabled()})).into_response()
+}
+
+/// `POST /v1/dev/token` `{room, identity, role}` -> `{token}`: development only (see
+/// `server.dev_tokens`); never mints admin tokens.
+async fn dev_token(
+    State(svc): State<Arc<Services>>,
+    body: Result<Json<DevTokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !svc.cfg.dev_tokens_enabled() {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "dev_tokens_off",
+            "the development token endpoint is off (server.dev_tokens); paste a token minted by your backend or `cohost token`",
+        );
+    }
+    let Ok(Json(req)) = body else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "expected JSON {\"room\", \"identity\", \"role\"}",
+        );
+    };
+    let role = match req.role.as_str() {
+        "host" => Role::Host,
+        "cohost" => Role::Cohost,
+        "audience" => Role::Audience,
+        _ => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "role must be host, cohost or audience",
+            );
+        }
+    };
+    match svc.auth.mint(&req.room, &req.identity, role, None) {
+        Ok(token) => {
+            tracing::info!(room = %req.room, identity = %req.identity, role = role.as_str(), "development token minted");
+            Json(json!({"token": token})).into_response()
+        }
+        Err(e) => api_error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+    }
+}
+
+/// `GET /vendor/mpegts.js`: the HTTP-FLV player the demo page uses, installed from npm into
+/// `{web_dir}/node_modules` (not kept in git).
+async fn vendor_mpegts(State(svc): State<Arc<Services>>) -> Response {
+    let path =
+        std::path::Path::new(&svc.cfg.server.web_dir).join("node_modules/mpegts.js/dist/mpegts.js");
+    match tokio::fs::read(&path).await {
+        Ok(js) => (
+            [
+                (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            js,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "mpegts.js is not installed");
+            (
+                StatusCode::NOT_FOUND,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!(
+                    "mpegts.js is not installed ({}): run `npm ci --prefix web`\n",
+                    path.display()
+                ),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn ws_upgrade(

@@ -8,17 +8,24 @@ import readline from "node:readline";
 import { chromium } from "playwright-core";
 
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
-export const BIN = process.env.COHOST_BIN || path.join(root, "target", "debug", "cohost");
+const targetDir = process.env.CARGO_TARGET_DIR ? path.resolve(root, process.env.CARGO_TARGET_DIR) : path.join(root, "target");
+export const BIN = process.env.COHOST_BIN || path.join(targetDir, "debug", "cohost");
+/** Screenshots and other files for a reviewer (gitignored). */
+export const OUTPUT = path.join(root, "tests", "browser", "output");
 
-export async function startServer() {
-  const proc = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--rtmp-listen", "127.0.0.1:0"], {
+/** Start the server. `env`: extra COHOST_* settings; `listen`: a fixed HTTP address (e.g. the
+ * address of a server stopped before, to test reconnecting). */
+export async function startServer(env = {}, { listen = "127.0.0.1:0" } = {}) {
+  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("COHOST_") || k === "COHOST_LOG"));
+  const proc = spawn(BIN, ["serve", "--listen", listen, "--rtmp-listen", "127.0.0.1:0"], {
     cwd: root,
-    env: { ...process.env, COHOST_LOG: process.env.COHOST_LOG || "warn" },
+    env: { ...clean, COHOST_LOG: process.env.COHOST_LOG || "warn", ...env },
     stdio: ["ignore", "pipe", "inherit"],
   });
   const addr = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("cohost did not start")), 20000);
     proc.on("exit", (c) => reject(new Error(`cohost exited with ${c}`)));
+    proc.on("error", (e) => reject(new Error(`cannot start ${BIN}: ${e.message}`)));
     readline.createInterface({ input: proc.stdout }).on("line", (l) => {
       const m = l.match(/^cohost listening on http:\/\/(.*)$/);
       if (m) {
@@ -30,14 +37,28 @@ export async function startServer() {
   return {
     addr,
     token: (room, identity, role) =>
-      execFileSync(BIN, ["token", "--room", room, "--identity", identity, "--role", role])
+      execFileSync(BIN, ["token", "--room", room, "--identity", identity, "--role", role], { env: { ...clean, ...env } })
         .toString()
         .trim(),
-    stop: () => proc.kill("SIGTERM"),
+    /** SIGTERM, then SIGKILL if it has not exited within 10 s; resolves when it has exited. */
+    stop: () =>
+      new Promise((resolve) => {
+        if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
+        const kill = setTimeout(() => proc.kill("SIGKILL"), 10000);
+        proc.once("exit", () => {
+          clearTimeout(kill);
+          resolve();
+        });
+        proc.kill("SIGTERM");
+      }),
   };
 }
 
-export async function launchBrowser() {
+/**
+ * Launch Chromium with a fake camera and microphone. `video`: a .y4m file the fake camera
+ * plays instead of Chromium's built-in test pattern.
+ */
+export async function launchBrowser({ video } = {}) {
   const dir = mkdtempSync(path.join(tmpdir(), "cohost-chromium-"));
   const browser = await chromium.launchPersistentContext(dir, {
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -46,6 +67,8 @@ export async function launchBrowser() {
       "--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream",
       "--use-fake-ui-for-media-stream", "--disable-background-networking",
       "--disable-component-update", "--disable-sync", "--no-first-run",
+      "--autoplay-policy=no-user-gesture-required",
+      ...(video ? [`--use-file-for-fake-video-capture=${video}`] : []),
     ],
   });
   return {

@@ -1,12 +1,13 @@
 // Two Chromium participants publish their fake camera and microphone through cohost and each
-// decodes the other's video and hears the other's audio.
+// decodes the other's video and hears the other's audio. They enter the demo page with pasted
+// tokens minted by `cohost token` (the production path; demo.test.mjs uses the dev endpoint).
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { startServer, launchBrowser, waitFor } from "./harness.mjs";
 
 async function inbound(page) {
   return page.evaluate(async () => {
-    const c = window.cohostClient && window.cohostClient();
+    const c = window.cohostDemo && window.cohostDemo.client;
     if (!c || !c.sub) return null;
     const out = { framesDecoded: 0, audioEnergy: 0, video: 0, audio: 0 };
     (await c.sub.getStats()).forEach((r) => {
@@ -31,7 +32,10 @@ test("two_browsers_exchange_audio_and_video", async () => {
     for (const [id, role] of [["alice", "host"], ["bob", "cohost"]]) {
       const page = await browser.newPage();
       await page.goto(`http://${server.addr}/?token=${server.token("duo", id, role)}`);
-      await page.click("button:text('Join')");
+      await page.click("#enter");
+      await page.waitForSelector("#app:not([hidden])");
+      // The host presses "Go live"; a cohost token goes live on entering.
+      if (role === "host") await page.click("#go-live");
       pages.push(page);
     }
     for (const page of pages) {
@@ -47,24 +51,6 @@ test("two_browsers_exchange_audio_and_video", async () => {
     await waitFor("audio energy rising", async () => (await inbound(pages[0])).audioEnergy > before);
   } finally {
     await close();
-    server.stop();
-  }
-});
-
-test("invalid_token_shows_an_error", async () => {
-  const server = await startServer();
-  const { browser, close } = await launchBrowser();
-  try {
-    const page = await browser.newPage();
-    await page.goto(`http://${server.addr}/?token=not-a-token`);
-    await page.click("button:text('Join')");
-    const text = await waitFor("error message", async () => {
-      const t = await page.textContent("#status");
-      return /invalid_token/.test(t) ? t : null;
-    });
-    assert.match(text, /invalid_token/);
-  } finally {
-    await close();
-    server.stop();
+    await server.stop();
   }
 });
