@@ -128,6 +128,8 @@ pub struct BridgeStats {
     pub inputs: u64,
     /// Output frames sent as skipped pictures (the solo path: nothing changed on screen).
     pub repeated_frames: u64,
+    /// Output frames that show at least one input picture not shown before.
+    pub new_pictures: u64,
     /// `solo` (the cheap path: the host alone, unchanged pictures not encoded) or `mixing`.
     pub path: &'static str,
     /// Input picture's last RTP packet received to the output frame showing it handed to the
@@ -172,6 +174,7 @@ pub struct Bridge {
     audio_frames: Arc<AtomicU64>,
     inputs: Arc<AtomicU64>,
     repeated: Arc<AtomicU64>,
+    new_pictures: Arc<AtomicU64>,
     solo: Arc<AtomicBool>,
     latency: Arc<Mutex<LatencyWindow>>,
     pub config: BridgeConfig,
@@ -207,6 +210,7 @@ impl Bridge {
             audio_frames: self.audio_frames.load(Ordering::Relaxed),
             inputs: self.inputs.load(Ordering::Relaxed),
             repeated_frames: self.repeated.load(Ordering::Relaxed),
+            new_pictures: self.new_pictures.load(Ordering::Relaxed),
             path: if self.solo.load(Ordering::Relaxed) {
                 "solo"
             } else {
@@ -244,6 +248,7 @@ impl Bridge {
             audio_frames: Arc::new(AtomicU64::new(0)),
             inputs: Arc::new(AtomicU64::new(0)),
             repeated: Arc::new(AtomicU64::new(0)),
+            new_pictures: Arc::new(AtomicU64::new(0)),
             solo: Arc::new(AtomicBool::new(false)),
             latency: Arc::default(),
             config: config.clone(),
@@ -271,6 +276,7 @@ impl Bridge {
             latency: bridge.latency.clone(),
             limiter: Limiter::default(),
             repeated: bridge.repeated.clone(),
+            new_pictures: bridge.new_pictures.clone(),
             solo: bridge.solo.clone(),
             last_multi: None,
             last_shown: None,
@@ -433,6 +439,7 @@ struct Output {
     latency: Arc<Mutex<LatencyWindow>>,
     limiter: Limiter,
     repeated: Arc<AtomicU64>,
+    new_pictures: Arc<AtomicU64>,
     solo: Arc<AtomicBool>,
     /// When the room last had more than its host on screen (co-hosts or a PK).
     last_multi: Option<Instant>,
@@ -440,13 +447,32 @@ struct Output {
     last_shown: Option<Shown>,
 }
 
-/// What one output frame shows: layout and, per tile, which picture (by identity: decoded
-/// pictures are shared `Arc`s and never modified) or a placeholder. Equal values mean equal
-/// canvases.
-#[derive(PartialEq)]
+/// What one output frame shows: layout and, per tile, which picture or a placeholder. Decoded
+/// pictures are shared `Arc`s and never modified, so the same `Arc` means the same pixels;
+/// holding them here keeps a freed picture's address from being reused by a new one while
+/// they are compared.
 struct Shown {
     layout: Layout,
-    tiles: Vec<(Rect, Option<usize>)>,
+    tiles: Vec<(Rect, Option<Arc<I420>>)>,
+}
+
+impl PartialEq for Shown {
+    fn eq(&self, other: &Self) -> bool {
+        self.layout == other.layout
+            && self.tiles.len() == other.tiles.len()
+            && self
+                .tiles
+                .iter()
+                .zip(&other.tiles)
+                .all(|((ra, pa), (rb, pb))| {
+                    ra == rb
+                        && match (pa, pb) {
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                            (None, None) => true,
+                            _ => false,
+                        }
+                })
+    }
 }
 
 /// The pictures of one output frame, before drawing.
@@ -463,11 +489,7 @@ impl Frame {
     fn shown(&self) -> Shown {
         Shown {
             layout: self.layout,
-            tiles: self
-                .tiles
-                .iter()
-                .map(|(r, p)| (*r, p.as_ref().map(|p| Arc::as_ptr(p) as usize)))
-                .collect(),
+            tiles: self.tiles.clone(),
         }
     }
 }
@@ -609,6 +631,9 @@ impl Output {
                 }
                 self.last_shown = Some(shown);
                 let fresh = frame.fresh.clone();
+                if !fresh.is_empty() {
+                    self.new_pictures.fetch_add(1, Ordering::Relaxed);
+                }
                 let picture = match repeat {
                     Some(v) => Ok(v),
                     None => self.video.encode(&self.draw(&frame)),

@@ -43,6 +43,8 @@ pub struct BridgeResult {
     pub output_fps: f64,
     /// Output frames per second one core could sustain at this cost (fps / CPU share).
     pub fps_per_core: f64,
+    /// Share of output frames sent as repeated (skipped) pictures.
+    pub repeated_share: f64,
     pub latency_p50_ms: Option<f64>,
     pub latency_p95_ms: Option<f64>,
     pub rss_mb: f64,
@@ -152,9 +154,10 @@ pub async fn cohost(
     let fps = f64::from(config.fps);
     let bridge = Bridge::start(room, Origin::new(), config).map_err(|e| anyhow!(e))?;
     tokio::time::sleep(warmup).await;
-    let (c0, f0, t0) = (
+    let (c0, f0, r0, t0) = (
         cpu_seconds(pid()).unwrap_or(0.0),
         bridge.stats().video_frames,
+        bridge.stats().repeated_frames,
         Instant::now(),
     );
     tokio::time::sleep(window).await;
@@ -164,6 +167,10 @@ pub async fn cohost(
         t0.elapsed().as_secs_f64(),
     );
     let stats = bridge.stats();
+    eprintln!(
+        "  frames {} new pictures {} repeated {}",
+        stats.video_frames, stats.new_pictures, stats.repeated_frames
+    );
     let rss = rss_bytes(pid()).unwrap_or(0) as f64 / 1e6;
     drop(bridge);
     let _ = stop_tx.send(true);
@@ -181,6 +188,7 @@ pub async fn cohost(
         cpu_per_output_second: cpu,
         output_fps,
         fps_per_core: if cpu > 0.0 { fps / cpu } else { f64::NAN },
+        repeated_share: (stats.repeated_frames - r0) as f64 / ((f1 - f0).max(1)) as f64,
         latency_p50_ms: stats.latency_ms_p50,
         latency_p95_ms: stats.latency_ms_p95,
         rss_mb: rss,
@@ -340,6 +348,7 @@ pub async fn ffmpeg(
         cpu_per_output_second: cpu,
         // Progress is written about twice a second: the rate over the window is close.
         output_fps: (f1.saturating_sub(f0)) as f64 / secs,
+        repeated_share: 0.0,
         fps_per_core: if cpu > 0.0 { 30.0 / cpu } else { f64::NAN },
         latency_p50_ms: None,
         latency_p95_ms: None,
@@ -394,12 +403,13 @@ pub async fn solo(clip: &Arc<Clip>, warmup: Duration, window: Duration) -> Vec<B
 pub fn print(results: &[BridgeResult]) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "\n{:<17} {:>6} {:>6} {:>14} {:>10} {:>12} {:>9} {:>9} {:>8}",
+        "\n{:<17} {:>6} {:>6} {:>14} {:>10} {:>9} {:>12} {:>9} {:>9} {:>8}",
         "bridge",
         "inputs",
         "in fps",
         "CPU s/out s",
         "out fps",
+        "repeated",
         "fps/core",
         "lat p50",
         "lat p95",
@@ -407,12 +417,13 @@ pub fn print(results: &[BridgeResult]) {
     );
     for r in results {
         println!(
-            "{:<17} {:>6} {:>6} {:>14.3} {:>10.1} {:>12.1} {:>9} {:>9} {:>8.0}",
+            "{:<17} {:>6} {:>6} {:>14.3} {:>10.1} {:>8.0}% {:>12.1} {:>9} {:>9} {:>8.0}",
             r.tool,
             r.inputs,
             r.input_fps,
             r.cpu_per_output_second,
             r.output_fps,
+            r.repeated_share * 100.0,
             r.fps_per_core,
             ms(r.latency_p50_ms),
             ms(r.latency_p95_ms),
