@@ -22,6 +22,9 @@ pub struct EncodedVideo {
     /// The picture's slices in AVCC form (no parameter sets).
     pub avcc: Vec<u8>,
     pub keyframe: bool,
+    /// The encoder's output as it came (Annex B, parameter sets included on keyframes), for
+    /// RTP packetization.
+    pub annexb: Vec<u8>,
 }
 
 pub struct H264Encoder {
@@ -78,6 +81,7 @@ impl H264Encoder {
             config,
             avcc,
             keyframe,
+            annexb: bs,
         })
     }
 }

@@ -23,6 +23,7 @@ use super::compose::{I420, Yuv};
 use super::encode::{AAC_FRAME, AacEncoder, H264Encoder};
 use super::layout::{Fit, Layout, tiles};
 use super::mix::{Limiter, mix_into};
+use super::rtp_out::{RtpOut, RtpTracks};
 use super::sync::{PlayoutBuffer, Timed, VideoQueue, show_until};
 use super::video_in::VideoInput;
 use crate::config::BridgeSettings;
@@ -163,11 +164,14 @@ pub struct Bridge {
     inputs: Arc<AtomicU64>,
     latency: Arc<Mutex<LatencyWindow>>,
     pub config: BridgeConfig,
+    /// The output as RTP for WHEP viewers.
+    rtp: RtpTracks,
 }
 
 impl Drop for Bridge {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        self.rtp.close();
     }
 }
 
@@ -186,6 +190,11 @@ impl Bridge {
 
     pub fn layout(&self) -> Option<Layout> {
         *lock(&self.layout)
+    }
+
+    /// The output as RTP tracks (video H.264, audio Opus) that WHEP viewers subscribe to.
+    pub fn rtp_tracks(&self) -> (Arc<TrackRouter>, Arc<TrackRouter>) {
+        (self.rtp.video.clone(), self.rtp.audio.clone())
     }
 
     pub fn stats(&self) -> BridgeStats {
@@ -219,7 +228,9 @@ impl Bridge {
         let audio =
             AacEncoder::new(SAMPLE_RATE, true, config.audio_bitrate).map_err(|e| e.to_string())?;
         let (stop, stop_rx) = watch::channel(false);
+        let (rtp_out, rtp) = RtpOut::new(&room.name, config.fps);
         let bridge = Bridge {
+            rtp,
             stop,
             layout: Arc::new(Mutex::new(None)),
             video_frames: Arc::new(AtomicU64::new(0)),
@@ -250,6 +261,7 @@ impl Bridge {
             audio_frames: bridge.audio_frames.clone(),
             latency: bridge.latency.clone(),
             limiter: Limiter::default(),
+            rtp: rtp_out,
         };
         std::thread::Builder::new()
             .name("cohost-bridge".into())
@@ -408,6 +420,7 @@ struct Output {
     audio_frames: Arc<AtomicU64>,
     latency: Arc<Mutex<LatencyWindow>>,
     limiter: Limiter,
+    rtp: RtpOut,
 }
 
 impl Output {
@@ -506,8 +519,12 @@ impl Output {
             // Video frames due by now.
             while frames * 1_000_000 / fps <= elapsed.as_micros() as u64 {
                 let (canvas, fresh) = self.compose(Instant::now());
+                if self.rtp.keyframe_due(Instant::now()) {
+                    self.video.force_keyframe();
+                }
                 match self.video.encode(&canvas) {
                     Ok(v) => {
+                        self.rtp.video(&v, frames);
                         let ts = (frames * 1000 / fps) as u32;
                         if !sent_headers {
                             let Some(cfg) = v.config.as_ref() else {
@@ -554,6 +571,7 @@ impl Output {
             // Audio blocks due by now.
             while audio_samples * 1_000_000 / u64::from(SAMPLE_RATE) <= elapsed.as_micros() as u64 {
                 let block = self.mix_block();
+                self.rtp.audio(&block, audio_samples);
                 if let Ok(frames_out) = self.audio.push(&block) {
                     for f in frames_out {
                         encoded += 1;

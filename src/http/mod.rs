@@ -20,6 +20,8 @@ use tower_http::services::ServeDir;
 use crate::auth::Role;
 use crate::participant::{Driver, Services, WsIn, WsOut};
 
+mod whip;
+
 #[derive(Deserialize)]
 struct WsQuery {
     room: Option<String>,
@@ -43,6 +45,7 @@ pub fn router(svc: Arc<Services>) -> Router {
                 .patch(bridge_update)
                 .delete(bridge_stop),
         )
+        .merge(whip::routes())
         .fallback_service(web)
         .with_state(svc)
 }
