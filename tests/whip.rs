@@ -17,7 +17,12 @@ use cohost::bridge::compose::Yuv;
 use cohost::bridge::video_in::VideoInput;
 use cohost::media::goertzel::{left_channel, tone_power};
 use common::{Client, Server, T, ffmpeg_capture, is_colour, pixel, wait_frames};
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
@@ -620,6 +625,11 @@ async fn whep_viewer_of_one_participant_gets_that_participants_media() {
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
+struct Quiet;
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Quiet {}
+
 /// A complete sendonly (audio + video) offer from the `webrtc` crate, as a WHIP client makes.
 async fn publisher_offer() -> (Arc<dyn PeerConnection>, String) {
     let mut me = cohost::peer::media_engine().unwrap();
@@ -634,22 +644,43 @@ async fn publisher_offer() -> (Arc<dyn PeerConnection>, String) {
             .with_media_engine(me)
             .with_setting_engine(se)
             .with_interceptor_registry(reg)
+            .with_handler(Arc::new(Quiet) as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
             .build()
             .await
             .unwrap(),
     );
-    for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
-        pc.add_transceiver_from_kind(
+    for (kind, mime, clock, ch, fmtp) in [
+        (RtpCodecKind::Audio, "audio/opus", 48000, 2, "minptime=10;useinbandfec=1"),
+        (
+            RtpCodecKind::Video,
+            "video/H264",
+            90000,
+            0,
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+        ),
+    ] {
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            "studio".to_string(),
+            format!("{kind}"),
+            format!("{kind}"),
             kind,
-            Some(RTCRtpTransceiverInit {
-                direction: RTCRtpTransceiverDirection::Sendonly,
-                streams: vec![],
-                send_encodings: vec![],
-            }),
-        )
-        .await
-        .unwrap();
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(rand::random::<u32>() | 1),
+                    ..Default::default()
+                },
+                codec: RTCRtpCodec {
+                    mime_type: mime.into(),
+                    clock_rate: clock,
+                    channels: ch,
+                    sdp_fmtp_line: fmtp.into(),
+                    rtcp_feedback: vec![],
+                },
+                ..Default::default()
+            }],
+        )));
+        pc.add_track(track as Arc<dyn TrackLocal>).await.unwrap();
     }
     let offer = pc.create_offer(None).await.unwrap();
     let sdp = offer.sdp.clone();
@@ -863,7 +894,7 @@ async fn whip_and_whep_bad_input_gets_clear_errors_and_the_server_stays_healthy(
                 "/whip/bad",
                 Some(&host),
                 // Just past the 64 KiB limit (so the server reads all of it before answering).
-                &format!("{offer}{}", "a=x\r\n".repeat(12_000)),
+                &format!("{offer}{}", "a=x\r\n".repeat(14_000)),
             )
             .await,
             413,

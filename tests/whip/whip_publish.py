@@ -113,9 +113,9 @@ def post(url, token, sdp):
     )
     try:
         with urllib.request.urlopen(req, timeout=15) as r:
-            return r.status, dict(r.headers), r.read().decode()
+            return r.status, r.headers, r.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read().decode()
+        return e.code, e.headers, e.read().decode()
 
 
 async def main():
