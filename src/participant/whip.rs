@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::{Services, auto_start_bridge, forward_tasks, publish_tasks, to_kind, to_media_kind};
-use crate::auth::{AuthError, Claims};
+use crate::auth::{AuthError, Claims, Role};
 use crate::peer::{IceCandidate, LocalTrack, Peer, PeerError, PeerEvent, PeerState};
 use crate::room::{RoomError, RoomEvent, new_track_id};
 use crate::sfu::TrackRouter;
@@ -103,6 +103,8 @@ enum Command {
 
 struct Handle {
     room: String,
+    /// Who created it: DELETE / PATCH need a token of the same identity (or the room's host).
+    identity: String,
     kind: SessionKind,
     etag: String,
     ice_ufrag: Option<String>,
@@ -323,6 +325,7 @@ pub async fn publish(
         session.clone(),
         Handle {
             room: room.to_string(),
+            identity: claims.sub.clone(),
             kind: SessionKind::Whip,
             etag: etag.clone(),
             ice_ufrag: ufrag,
@@ -591,6 +594,7 @@ pub async fn subscribe(
         session.clone(),
         Handle {
             room: room.to_string(),
+            identity: claims.sub.clone(),
             kind: SessionKind::Whep,
             etag: etag.clone(),
             ice_ufrag: ufrag,
@@ -687,25 +691,28 @@ async fn whep_run(
     peer.close().await;
 }
 
-/// Look a session up; `room` must match the URL it was created under.
-fn check_session(
+/// Look a session up for DELETE / PATCH: `room` must match the URL it was created under, and
+/// the token must be valid for the room and carry the session's identity (or be the room's
+/// host's or an admin's).
+fn lookup(
     svc: &Services,
     room: &str,
     session: &str,
     kind: SessionKind,
-) -> Result<mpsc::UnboundedSender<Command>, WhipError> {
+    token: &str,
+) -> Result<(mpsc::UnboundedSender<Command>, String, Option<String>), WhipError> {
+    let claims = svc.auth.verify_for_room(token, room).map_err(auth_error)?;
     match svc.whip.map.get(session) {
-        Some(h) if h.room == room && h.kind == kind => Ok(h.cmd.clone()),
+        Some(h) if h.room == room && h.kind == kind => {
+            if h.identity != claims.sub && !matches!(claims.role, Role::Host | Role::Admin) {
+                return Err(WhipError::Forbidden(
+                    "the session belongs to another identity".into(),
+                ));
+            }
+            Ok((h.cmd.clone(), h.etag.clone(), h.ice_ufrag.clone()))
+        }
         _ => Err(WhipError::NotFound(format!("no such session {session:?}"))),
     }
-}
-
-/// DELETE and PATCH need a valid token for the session's room.
-fn check_token(svc: &Services, room: &str, token: &str) -> Result<(), WhipError> {
-    svc.auth
-        .verify_for_room(token, room)
-        .map(|_| ())
-        .map_err(auth_error)
 }
 
 /// `DELETE` on a session resource: end it (a WHIP participant leaves the room).
@@ -716,8 +723,7 @@ pub fn end(
     kind: SessionKind,
     token: &str,
 ) -> Result<(), WhipError> {
-    check_token(svc, room, token)?;
-    let cmd = check_session(svc, room, session, kind)?;
+    let (cmd, _, _) = lookup(svc, room, session, kind, token)?;
     // Gone from the map now, so a second DELETE is a 404 even before the task has finished.
     svc.whip.map.remove(session);
     let _ = cmd.send(Command::End);
@@ -735,13 +741,7 @@ pub async fn patch(
     if_match: Option<&str>,
     frag: &str,
 ) -> Result<(), WhipError> {
-    check_token(svc, room, token)?;
-    let (cmd, etag, ufrag) = match svc.whip.map.get(session) {
-        Some(h) if h.room == room && h.kind == kind => {
-            (h.cmd.clone(), h.etag.clone(), h.ice_ufrag.clone())
-        }
-        _ => return Err(WhipError::NotFound(format!("no such session {session:?}"))),
-    };
+    let (cmd, etag, ufrag) = lookup(svc, room, session, kind, token)?;
     if let Some(m) = if_match
         && m.trim() != "*"
         && m.trim() != etag
