@@ -396,14 +396,13 @@ impl PeerConnectionEventHandler for ViewerHandler {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             while let Some(ev) = track.poll().await {
-                match ev {
-                    TrackRemoteEvent::OnRtpPacket(p) => {
-                        if tx.send((kind.clone(), p)).is_err() {
-                            break;
-                        }
-                    }
+                let p = match ev {
+                    TrackRemoteEvent::OnRtpPacket(p) => p,
                     TrackRemoteEvent::OnEnded => break,
-                    _ => {}
+                    _ => continue,
+                };
+                if tx.send((kind.clone(), p)).is_err() {
+                    break;
                 }
             }
         });
