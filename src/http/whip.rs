@@ -216,7 +216,7 @@ async fn whip_post(
 async fn whep_post(
     svc: Arc<Services>,
     room: String,
-    source: WhepSource<'_>,
+    source: WhepSource,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -252,7 +252,7 @@ async fn whep_participant(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    whep_post(svc, room, WhepSource::Participant(&who), headers, body).await
+    whep_post(svc, room, WhepSource::Participant(who), headers, body).await
 }
 
 fn delete(svc: &Services, room: &str, session: &str, kind: SessionKind, h: &HeaderMap) -> Response {

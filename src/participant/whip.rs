@@ -264,7 +264,22 @@ fn peer_error(e: PeerError) -> WhipError {
 }
 
 /// `POST /whip/{room}`: publish into the room as the token's identity and role.
+///
+/// Runs in its own task: a client that goes away mid-request must not leave a member in the
+/// room with nobody to end it (the session then ends on its connect timeout).
 pub async fn publish(
+    svc: &Arc<Services>,
+    room: &str,
+    token: &str,
+    offer: String,
+) -> Result<Created, WhipError> {
+    let (svc, room, token) = (svc.clone(), room.to_string(), token.to_string());
+    tokio::spawn(async move { publish_now(&svc, &room, &token, offer).await })
+        .await
+        .unwrap_or_else(|e| Err(WhipError::Unavailable(format!("publish failed: {e}"))))
+}
+
+async fn publish_now(
     svc: &Arc<Services>,
     room: &str,
     token: &str,
@@ -497,11 +512,11 @@ async fn add_candidates(peer: &Peer, cands: Vec<IceCandidate>) -> Result<(), Whi
 }
 
 /// What a WHEP viewer asks for.
-pub enum WhepSource<'a> {
+pub enum WhepSource {
     /// The room's mixed bridge output.
     Mix,
     /// One participant, by participant id or identity.
-    Participant(&'a str),
+    Participant(String),
 }
 
 /// `POST /whep/{room}` and `POST /whep/{room}/{participant}`: receive the bridge's mixed
@@ -509,7 +524,21 @@ pub enum WhepSource<'a> {
 pub async fn subscribe(
     svc: &Arc<Services>,
     room: &str,
-    source: WhepSource<'_>,
+    source: WhepSource,
+    token: &str,
+    offer: String,
+) -> Result<Created, WhipError> {
+    // In its own task, like `publish`: the answer's session must not be half made.
+    let (svc, room, token) = (svc.clone(), room.to_string(), token.to_string());
+    tokio::spawn(async move { subscribe_now(&svc, &room, source, &token, offer).await })
+        .await
+        .unwrap_or_else(|e| Err(WhipError::Unavailable(format!("subscribe failed: {e}"))))
+}
+
+async fn subscribe_now(
+    svc: &Arc<Services>,
+    room: &str,
+    source: WhepSource,
     token: &str,
     offer: String,
 ) -> Result<Created, WhipError> {
