@@ -609,25 +609,29 @@ async fn whep_viewer_of_one_participant_gets_that_participants_media() {
     let server = Server::start().await;
     let mut host = Client::join(&server, "wp", "host", Role::Host).await;
     let mut guest = Client::join(&server, "wp", "guest", Role::Cohost).await;
-    host.publish_real((220, 30, 30), 440.0).await.unwrap();
-    guest.publish_real((30, 200, 30), 660.0).await.unwrap();
-    let token = server.token("wp", "fan", Role::Audience);
-    // Wait until the guest's tracks are in the room.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, body) = server
-            .get(
-                "/v1/rooms/wp",
-                Some(&server.auth.mint("*", "ops", Role::Admin, None).unwrap()),
-            )
-            .await;
-        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
-        if v["tracks"].as_array().map_or(0, |t| t.len()) >= 4 {
-            break;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let wait_tracks = |n: usize| {
+        let (server, admin) = (&server, admin.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (_, body) = server.get("/v1/rooms/wp", Some(&admin)).await;
+                let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+                if v["tracks"].as_array().map_or(0, |t| t.len()) >= n {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "tracks not published: {body}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-        assert!(Instant::now() < deadline, "tracks not published: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    // One after the other: each publisher's negotiation settles before the next one's
+    // tracks renegotiate its subscriber connection.
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    wait_tracks(2).await;
+    guest.publish_real((30, 200, 30), 660.0).await.unwrap();
+    wait_tracks(4).await;
+    let token = server.token("wp", "fan", Role::Audience);
     // By identity: the guest's green and 660 Hz, not the host's.
     let mut v = whep(&server, "/whep/wp/guest", &token)
         .await
@@ -760,8 +764,13 @@ async fn whip_trickle_patch_cors_preflight_and_ice_restart_refusal() {
     assert_eq!(r.header("accept-post"), Some("application/sdp"));
     let token = server.token("tr", "studio", Role::Host);
     let (_pc, sdp) = publisher_offer().await;
+    let asked = Instant::now();
     let r = post_sdp(&server, "/whip/tr", Some(&token), &sdp).await;
     assert_eq!(r.status, 201, "{}", r.body);
+    eprintln!(
+        "WHIP POST -> 201 with a complete answer: {:?}",
+        asked.elapsed()
+    );
     // Every response exposes the headers a page needs to read.
     let exposed = r.header("access-control-expose-headers").unwrap();
     for h in ["Location", "ETag", "Link"] {
