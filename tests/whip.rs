@@ -788,6 +788,7 @@ async fn whip_trickle_patch_cors_preflight_and_ice_restart_refusal() {
     );
     let location = r.header("location").unwrap().to_string();
     let etag = r.header("etag").unwrap().to_string();
+    assert_eq!(server.metric("cohost_whip_sessions").await, 1.0);
     let ufrag = sdp
         .lines()
         .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
@@ -849,6 +850,12 @@ async fn whip_trickle_patch_cors_preflight_and_ice_restart_refusal() {
     assert_eq!(r.status, 404, "{}", r.body);
     let r = delete(&server, &location, &token).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    server
+        .wait_metrics("no WHIP session left", |m| {
+            m.get("cohost_whip_sessions") == Some(&0.0)
+                && m.get("cohost_participants") == Some(&0.0)
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,6 +121,29 @@ impl Sessions {
     pub fn count(&self, kind: SessionKind) -> usize {
         self.map.iter().filter(|h| h.kind == kind).count()
     }
+
+    /// Prometheus gauges: live WHIP publishers and WHEP viewers.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        for (name, help, kind) in [
+            (
+                "cohost_whip_sessions",
+                "Live WHIP publishing sessions.",
+                SessionKind::Whip,
+            ),
+            (
+                "cohost_whep_sessions",
+                "Live WHEP viewing sessions.",
+                SessionKind::Whep,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}\n",
+                self.count(kind)
+            ));
+        }
+        out
+    }
 }
 
 fn new_session_id() -> String {
