@@ -91,6 +91,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         metrics: Arc::new(Metrics::default()),
         origin: crate::rtmp::origin::Origin::new(),
         bridges: dashmap::DashMap::new(),
+        whip: Default::default(),
         shutdown: shutdown_rx.clone(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.server.http_listen)

@@ -27,6 +27,9 @@ pub struct EncodedVideo {
     /// The picture's slices in AVCC form (no parameter sets).
     pub avcc: Vec<u8>,
     pub keyframe: bool,
+    /// The encoder's output as it came (Annex B, parameter sets included on keyframes), for
+    /// RTP packetization.
+    pub annexb: Vec<u8>,
 }
 
 pub struct H264Encoder {
@@ -98,6 +101,7 @@ impl H264Encoder {
             config: None,
             avcc: h264::to_avcc([nal.as_slice()]),
             keyframe: false,
+            annexb: annexb([nal.as_slice()]),
         })
     }
 
@@ -159,12 +163,34 @@ impl H264Encoder {
             slices.push(nal);
         }
         let avcc = h264::to_avcc(slices.iter().map(|n| n.as_slice()));
+        // RTP viewers get the same pictures as the FLV (renumbered slices, parameter sets
+        // before keyframes).
+        let params: Vec<&[u8]> = if keyframe {
+            sps.into_iter().chain(pps).map(|n| *n).collect()
+        } else {
+            vec![]
+        };
+        let annexb = annexb(
+            params
+                .into_iter()
+                .chain(slices.iter().map(|n| n.as_slice())),
+        );
         Ok(EncodedVideo {
             config,
             avcc,
             keyframe,
+            annexb,
         })
     }
+}
+
+fn annexb<'a>(nals: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = vec![];
+    for n in nals {
+        out.extend_from_slice(&[0, 0, 0, 1]);
+        out.extend_from_slice(n);
+    }
+    out
 }
 
 /// AAC-LC encoder taking interleaved stereo i16 at 48 kHz, producing raw 1024-sample frames.

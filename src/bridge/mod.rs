@@ -9,5 +9,6 @@ pub mod encode;
 pub mod layout;
 pub mod mix;
 pub mod pipeline;
+pub mod rtp_out;
 pub mod sync;
 pub mod video_in;

@@ -23,6 +23,7 @@ use super::compose::{I420, Yuv};
 use super::encode::{AAC_FRAME, AacEncoder, H264Encoder};
 use super::layout::{Fit, Layout, Rect, tiles};
 use super::mix::{Limiter, mix_into};
+use super::rtp_out::{RtpOut, RtpTracks};
 use super::sync::{PlayoutBuffer, Timed, VideoQueue, show_until};
 use super::video_in::VideoInput;
 use crate::config::BridgeSettings;
@@ -178,11 +179,14 @@ pub struct Bridge {
     solo: Arc<AtomicBool>,
     latency: Arc<Mutex<LatencyWindow>>,
     pub config: BridgeConfig,
+    /// The output as RTP for WHEP viewers.
+    rtp: RtpTracks,
 }
 
 impl Drop for Bridge {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        self.rtp.close();
     }
 }
 
@@ -201,6 +205,11 @@ impl Bridge {
 
     pub fn layout(&self) -> Option<Layout> {
         *lock(&self.layout)
+    }
+
+    /// The output as RTP tracks (video H.264, audio Opus) that WHEP viewers subscribe to.
+    pub fn rtp_tracks(&self) -> (Arc<TrackRouter>, Arc<TrackRouter>) {
+        (self.rtp.video.clone(), self.rtp.audio.clone())
     }
 
     pub fn stats(&self) -> BridgeStats {
@@ -241,7 +250,9 @@ impl Bridge {
         let audio =
             AacEncoder::new(SAMPLE_RATE, true, config.audio_bitrate).map_err(|e| e.to_string())?;
         let (stop, stop_rx) = watch::channel(false);
+        let (rtp_out, rtp) = RtpOut::new(&room.name, config.fps);
         let bridge = Bridge {
+            rtp,
             stop,
             layout: Arc::new(Mutex::new(None)),
             video_frames: Arc::new(AtomicU64::new(0)),
@@ -280,6 +291,7 @@ impl Bridge {
             solo: bridge.solo.clone(),
             last_multi: None,
             last_shown: None,
+            rtp: rtp_out,
         };
         std::thread::Builder::new()
             .name("cohost-bridge".into())
@@ -445,6 +457,7 @@ struct Output {
     last_multi: Option<Instant>,
     /// What the last output frame showed.
     last_shown: Option<Shown>,
+    rtp: RtpOut,
 }
 
 /// What one output frame shows: layout and, per tile, which picture or a placeholder. Decoded
@@ -618,6 +631,9 @@ impl Output {
             // Video frames due by now.
             while frames * 1_000_000 / fps <= elapsed.as_micros() as u64 {
                 let now = Instant::now();
+                if self.rtp.keyframe_due(now) {
+                    self.video.force_keyframe();
+                }
                 let frame = self.frame(now);
                 let shown = frame.shown();
                 // Nothing changed on screen while the host is alone: repeat the last picture
@@ -640,6 +656,7 @@ impl Output {
                 };
                 match picture {
                     Ok(v) => {
+                        self.rtp.video(&v, frames);
                         let ts = (frames * 1000 / fps) as u32;
                         if !sent_headers {
                             let Some(cfg) = v.config.as_ref() else {
@@ -686,6 +703,7 @@ impl Output {
             // Audio blocks due by now.
             while audio_samples * 1_000_000 / u64::from(SAMPLE_RATE) <= elapsed.as_micros() as u64 {
                 let block = self.mix_block();
+                self.rtp.audio(&block, audio_samples);
                 if let Ok(frames_out) = self.audio.push(&block) {
                     for f in frames_out {
                         encoded += 1;

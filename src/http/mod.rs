@@ -20,6 +20,8 @@ use tower_http::services::ServeDir;
 use crate::auth::Role;
 use crate::participant::{Driver, Services, WsIn, WsOut};
 
+mod whip;
+
 #[derive(Deserialize)]
 struct WsQuery {
     room: Option<String>,
@@ -45,6 +47,7 @@ pub fn router(svc: Arc<Services>) -> Router {
         )
         .route("/v1/dev/token", get(dev_token_status).post(dev_token))
         .route("/vendor/mpegts.js", get(vendor_mpegts))
+        .merge(whip::routes())
         .fallback_service(web)
         .with_state(svc)
 }
@@ -56,7 +59,7 @@ async fn healthz() -> impl IntoResponse {
 async fn metrics(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        svc.metrics.render(&svc.rooms, &svc.peers),
+        svc.metrics.render(&svc.rooms, &svc.peers) + &svc.whip.render_metrics(),
     )
 }
 

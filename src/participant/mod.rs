@@ -28,6 +28,8 @@ use crate::signaling::protocol::{
 };
 use crate::signaling::session::{Action, MAX_TICK, Session};
 
+pub mod whip;
+
 /// Everything a connection needs from the server.
 pub struct Services {
     pub cfg: Arc<Config>,
@@ -39,6 +41,8 @@ pub struct Services {
     pub origin: Arc<crate::rtmp::origin::Origin>,
     /// Running bridges by room name.
     pub bridges: dashmap::DashMap<String, crate::bridge::control::BridgeHandle>,
+    /// WHIP publishers and WHEP viewers by session id.
+    pub whip: whip::Sessions,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -116,14 +120,14 @@ async fn recv_opt<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
     }
 }
 
-fn to_kind(k: MediaKind) -> Kind {
+pub(crate) fn to_kind(k: MediaKind) -> Kind {
     match k {
         MediaKind::Audio => Kind::Audio,
         MediaKind::Video => Kind::Video,
     }
 }
 
-fn to_media_kind(k: Kind) -> MediaKind {
+pub(crate) fn to_media_kind(k: Kind) -> MediaKind {
     match k {
         Kind::Audio => MediaKind::Audio,
         Kind::Video => MediaKind::Video,
@@ -579,25 +583,8 @@ impl Driver {
 
     /// `bridge.auto_start`: the host's first published track starts the room's bridge.
     fn auto_start_bridge(&self) {
-        let Some(j) = self.joined.as_ref() else {
-            return;
-        };
-        let cfg = &self.svc.cfg.bridge;
-        if !cfg.auto_start
-            || j.claims.role != Role::Host
-            || self.svc.bridges.contains_key(&j.room.name)
-        {
-            return;
-        }
-        let req = crate::bridge::control::BridgeRequest {
-            destinations: cfg.auto_destinations.clone(),
-            ..Default::default()
-        };
-        match crate::bridge::control::start(&self.svc.bridge_ctl(), &j.room.name, req) {
-            Ok(()) => info!(room = %j.room.name, "bridge started automatically"),
-            // Raced with another start: it is running, which is what we wanted.
-            Err(crate::bridge::control::ControlError::AlreadyRunning) => {}
-            Err(e) => warn!(room = %j.room.name, "automatic bridge start failed: {e}"),
+        if let Some(j) = self.joined.as_ref() {
+            auto_start_bridge(&self.svc, &j.room.name, j.claims.role);
         }
     }
 
@@ -885,7 +872,7 @@ impl Driver {
             return;
         };
         let track_id = new_track_id();
-        let (router, mut kf_rx) = TrackRouter::new(
+        let (router, kf_rx) = TrackRouter::new(
             track_id.clone(),
             j.pid.clone(),
             to_kind(t.kind),
@@ -902,62 +889,24 @@ impl Driver {
         };
         info!(room = %j.room.name, participant = %j.pid, track = %track_id,
             codec = %t.codec.mime_type, "track published");
-        // Reader: publisher packets into the router.
-        let r = router.clone();
         let done = self.internal_tx.clone();
         let tid = track_id.clone();
-        let requester = t.keyframe_requester();
         let ssrc = t.ssrc;
-        let reader = tokio::spawn(async move {
-            while let Some(inbound) = t.recv().await {
-                let mut p = match inbound {
-                    Inbound::Rtp(p) => p,
-                    Inbound::SenderReport(sr) => {
-                        if r.sender_report().is_none() {
-                            debug!(track = %r.id, "first sender report");
-                        }
-                        r.set_sender_report(sr);
-                        continue;
-                    }
-                };
-                // Header extensions carry ids negotiated with this publisher only; every
-                // subscriber leg drops them, so drop them once here and keep the per-subscriber
-                // clones allocation-free.
-                p.header.extension = false;
-                p.header.extension_profile = 0;
-                p.header.extensions.clear();
-                r.forward(p);
-            }
-            let _ = done.send(Internal::TrackEnded(tid));
-        });
-        // Keyframe requests from subscribers, throttled, out to the publisher as PLI.
-        let interval = self.svc.cfg.webrtc.keyframe_request_interval;
-        let metrics = self.svc.metrics.clone();
-        let pli_track = track_id.clone();
-        let pli = tokio::spawn(async move {
-            let mut throttle = KeyframeThrottle::new(interval);
-            while kf_rx.recv().await.is_some() {
-                match throttle.request(Instant::now()) {
-                    Decision::SendNow => {}
-                    Decision::SendAt(at) => {
-                        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await
-                    }
-                    Decision::Coalesced => continue,
-                }
-                debug!(track = %pli_track, "PLI to publisher");
-                if requester.send_pli().await.is_err() {
-                    break;
-                }
-                metrics.plis_sent.fetch_add(1, Ordering::Relaxed);
-                throttle.sent(Instant::now());
-            }
-        });
+        let tasks = publish_tasks(
+            t,
+            router.clone(),
+            kf_rx,
+            &self.svc,
+            Box::new(move || {
+                let _ = done.send(Internal::TrackEnded(tid));
+            }),
+        );
         j.published.insert(
             track_id,
             Published {
                 router: router.clone(),
                 ssrc,
-                tasks: vec![reader, pli],
+                tasks,
             },
         );
         self.send(ServerMessage::TrackPublished { track: info })
@@ -1030,35 +979,13 @@ impl Driver {
                 return;
             }
         };
-        let mut sub = router.subscribe(self.svc.cfg.webrtc.subscriber_queue);
-        let l = local.clone();
-        let writer = tokio::spawn(async move {
-            // Drain what has queued up per wake-up: fewer task switches under fan-out.
-            let mut batch = Vec::with_capacity(32);
-            while sub.rx.recv_many(&mut batch, 32).await > 0 {
-                for p in batch.drain(..) {
-                    // Errors before negotiation completes are expected; the packet is dropped.
-                    let _ = l.write(p).await;
-                }
-            }
-        });
-        let l = local.clone();
-        let r = router.clone();
-        let feedback = tokio::spawn(async move {
-            loop {
-                match l.feedback().await {
-                    Some(Feedback::KeyframeRequest) => r.request_keyframe(),
-                    // Not bound to the transport yet (negotiation pending): look again soon.
-                    None => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
+        let tasks = forward_tasks(&local, &router, self.svc.cfg.webrtc.subscriber_queue);
         j.sub_tracks.insert(
             router.id.clone(),
             SubTrack {
                 local,
                 router: router.clone(),
-                tasks: vec![writer, feedback],
+                tasks,
             },
         );
         j.kf_unoffered.push(router);
@@ -1226,4 +1153,114 @@ impl Driver {
             p.close().await;
         }
     }
+}
+
+/// `bridge.auto_start`: a host's first published track starts the room's bridge.
+pub(crate) fn auto_start_bridge(svc: &Services, room: &str, role: Role) {
+    let cfg = &svc.cfg.bridge;
+    if !cfg.auto_start || role != Role::Host || svc.bridges.contains_key(room) {
+        return;
+    }
+    let req = crate::bridge::control::BridgeRequest {
+        destinations: cfg.auto_destinations.clone(),
+        ..Default::default()
+    };
+    match crate::bridge::control::start(&svc.bridge_ctl(), room, req) {
+        Ok(()) => info!(%room, "bridge started automatically"),
+        // Raced with another start: it is running, which is what we wanted.
+        Err(crate::bridge::control::ControlError::AlreadyRunning) => {}
+        Err(e) => warn!(%room, "automatic bridge start failed: {e}"),
+    }
+}
+
+/// The tasks behind one published track: a reader that feeds the publisher's packets (and
+/// sender reports) into `router`, and a keyframe task that turns subscribers' requests into
+/// throttled PLIs to the publisher. `on_end` runs when the publisher's track ends.
+pub(crate) fn publish_tasks(
+    t: RemoteTrack,
+    router: Arc<TrackRouter>,
+    mut kf_rx: mpsc::Receiver<()>,
+    svc: &Services,
+    on_end: Box<dyn FnOnce() + Send>,
+) -> Vec<JoinHandle<()>> {
+    let r = router.clone();
+    let requester = t.keyframe_requester();
+    let reader = tokio::spawn(async move {
+        while let Some(inbound) = t.recv().await {
+            let mut p = match inbound {
+                Inbound::Rtp(p) => p,
+                Inbound::SenderReport(sr) => {
+                    if r.sender_report().is_none() {
+                        debug!(track = %r.id, "first sender report");
+                    }
+                    r.set_sender_report(sr);
+                    continue;
+                }
+            };
+            // Header extensions carry ids negotiated with this publisher only; every
+            // subscriber leg drops them, so drop them once here and keep the per-subscriber
+            // clones allocation-free.
+            p.header.extension = false;
+            p.header.extension_profile = 0;
+            p.header.extensions.clear();
+            r.forward(p);
+        }
+        on_end();
+    });
+    // Keyframe requests from subscribers, throttled, out to the publisher as PLI.
+    let interval = svc.cfg.webrtc.keyframe_request_interval;
+    let metrics = svc.metrics.clone();
+    let pli_track = router.id.clone();
+    let pli = tokio::spawn(async move {
+        let mut throttle = KeyframeThrottle::new(interval);
+        while kf_rx.recv().await.is_some() {
+            match throttle.request(Instant::now()) {
+                Decision::SendNow => {}
+                Decision::SendAt(at) => {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await
+                }
+                Decision::Coalesced => continue,
+            }
+            debug!(track = %pli_track, "PLI to publisher");
+            if requester.send_pli().await.is_err() {
+                break;
+            }
+            metrics.plis_sent.fetch_add(1, Ordering::Relaxed);
+            throttle.sent(Instant::now());
+        }
+    });
+    vec![reader, pli]
+}
+
+/// The tasks behind one subscription: a writer that forwards `router`'s packets to `local`,
+/// and a feedback reader that turns the subscriber's PLI/FIR into keyframe requests.
+pub(crate) fn forward_tasks(
+    local: &Arc<LocalTrack>,
+    router: &Arc<TrackRouter>,
+    queue: usize,
+) -> Vec<JoinHandle<()>> {
+    let mut sub = router.subscribe(queue);
+    let l = local.clone();
+    let writer = tokio::spawn(async move {
+        // Drain what has queued up per wake-up: fewer task switches under fan-out.
+        let mut batch = Vec::with_capacity(32);
+        while sub.rx.recv_many(&mut batch, 32).await > 0 {
+            for p in batch.drain(..) {
+                // Errors before negotiation completes are expected; the packet is dropped.
+                let _ = l.write(p).await;
+            }
+        }
+    });
+    let l = local.clone();
+    let r = router.clone();
+    let feedback = tokio::spawn(async move {
+        loop {
+            match l.feedback().await {
+                Some(Feedback::KeyframeRequest) => r.request_keyframe(),
+                // Not bound to the transport yet (negotiation pending): look again soon.
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    vec![writer, feedback]
 }

@@ -462,16 +462,36 @@ impl Drop for Peer {
 impl Peer {
     /// Apply a client offer and return our answer (publisher connection).
     pub async fn answer(&self, offer_sdp: String) -> Result<String, PeerError> {
+        self.apply_offer(offer_sdp).await?;
+        self.create_answer().await
+    }
+
+    /// Apply a client offer without answering yet: tracks added now attach to the offer's
+    /// transceivers of their kind (how a WHEP viewer's recvonly offer gets our tracks).
+    pub async fn apply_offer(&self, offer_sdp: String) -> Result<(), PeerError> {
         let offer = RTCSessionDescription::offer(offer_sdp)
             .map_err(|e| PeerError::BadSdp(e.to_string()))?;
         self.pc
             .set_remote_description(offer)
             .await
-            .map_err(|e| PeerError::BadSdp(e.to_string()))?;
+            .map_err(|e| PeerError::BadSdp(e.to_string()))
+    }
+
+    /// Create and apply the answer to the offer applied with [`Peer::apply_offer`].
+    pub async fn create_answer(&self) -> Result<String, PeerError> {
         let answer = self.pc.create_answer(None).await.map_err(werr)?;
         let sdp = self.nat.sdp(&answer.sdp);
         self.pc.set_local_description(answer).await.map_err(werr)?;
         Ok(sdp)
+    }
+
+    /// The local description with every candidate gathered so far (`a=candidate` lines), for
+    /// clients that do not trickle (WHIP/WHEP): call it once gathering is complete.
+    pub async fn local_sdp(&self) -> Option<String> {
+        self.pc
+            .local_description()
+            .await
+            .map(|d| self.nat.sdp(&d.sdp))
     }
 
     /// Create and apply an offer (subscriber connection).

@@ -1,0 +1,849 @@
+//! WHIP publishers (RFC 9725) and WHEP viewers: participants whose whole signaling is one HTTP
+//! offer/answer exchange plus a resource URL to end (DELETE) or trickle to (PATCH).
+//!
+//! A WHIP session is a normal room member: it joins with its token's identity and role, its
+//! tracks are published into the room as [`TrackRouter`]s exactly like a WebSocket publisher's
+//! (others subscribe through their usual renegotiation, the bridge mixes them), and it leaves
+//! when the resource is deleted, its media connection fails, it is kicked or replaced, or the
+//! server shuts down.
+//!
+//! A WHEP session is a viewer, not a room member (like an HTTP-FLV viewer): it receives either
+//! one participant's current tracks or the bridge's mixed output (the bridge's RTP routers), and
+//! ends when those tracks end, its connection fails or the resource is deleted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{Services, auto_start_bridge, forward_tasks, publish_tasks, to_kind, to_media_kind};
+use crate::auth::{AuthError, Claims, Role};
+use crate::peer::{IceCandidate, LocalTrack, Peer, PeerError, PeerEvent, PeerState};
+use crate::room::{RoomError, RoomEvent, new_track_id};
+use crate::sfu::TrackRouter;
+use crate::signaling::protocol::{Kind, LeaveReason};
+
+/// How long the server gathers its ICE candidates before answering (host candidates on the
+/// configured address come at once; this only bounds a misconfigured machine).
+const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
+/// A session whose media connection never comes up is removed after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What went wrong, in terms an HTTP layer maps to a status code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WhipError {
+    /// Missing, malformed, forged or expired token (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Valid token, but not for this room or role (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The offer or SDP fragment cannot be used (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such session, participant or bridge (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The room refuses it right now: full, too many publishers, nothing to watch (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// `If-Match` names another ICE session (412).
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// A PATCH asking for something this server does not do (ICE restart) (422).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Server-side failure (no free port, ...) (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+fn auth_error(e: AuthError) -> WhipError {
+    match e {
+        AuthError::WrongRoom => WhipError::Forbidden("the token is for another room".into()),
+        e => WhipError::Unauthorized(e.to_string()),
+    }
+}
+
+fn room_error(e: RoomError) -> WhipError {
+    match e {
+        RoomError::Forbidden(_) | RoomError::NotHost | RoomError::WrongRole(_) => {
+            WhipError::Forbidden(e.to_string())
+        }
+        e => WhipError::Conflict(e.to_string()),
+    }
+}
+
+/// A new session: its id (the last segment of the resource URL), our answer, the ETag of its
+/// ICE session.
+#[derive(Debug)]
+pub struct Created {
+    pub session: String,
+    pub answer: String,
+    pub etag: String,
+    /// For a WHIP session: the participant id others see.
+    pub participant_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    Whip,
+    Whep,
+}
+
+enum Command {
+    Candidates(Vec<IceCandidate>, oneshot::Sender<Result<(), WhipError>>),
+    End,
+}
+
+struct Handle {
+    room: String,
+    /// Who created it: DELETE / PATCH need a token of the same identity (or the room's host).
+    identity: String,
+    kind: SessionKind,
+    etag: String,
+    ice_ufrag: Option<String>,
+    cmd: mpsc::UnboundedSender<Command>,
+}
+
+/// Live WHIP and WHEP sessions by id.
+#[derive(Default)]
+pub struct Sessions {
+    map: DashMap<String, Handle>,
+}
+
+impl Sessions {
+    pub fn count(&self, kind: SessionKind) -> usize {
+        self.map.iter().filter(|h| h.kind == kind).count()
+    }
+
+    /// Prometheus gauges: live WHIP publishers and WHEP viewers.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        for (name, help, kind) in [
+            (
+                "cohost_whip_sessions",
+                "Live WHIP publishing sessions.",
+                SessionKind::Whip,
+            ),
+            (
+                "cohost_whep_sessions",
+                "Live WHEP viewing sessions.",
+                SessionKind::Whep,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}\n",
+                self.count(kind)
+            ));
+        }
+        out
+    }
+}
+
+fn new_session_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Reject what is clearly not an SDP offer before any peer connection is built.
+fn check_offer(sdp: &str) -> Result<(), WhipError> {
+    if !sdp.trim_start().starts_with("v=0") {
+        return Err(WhipError::BadRequest(
+            "malformed SDP: an offer starts with \"v=0\"".into(),
+        ));
+    }
+    if !sdp
+        .lines()
+        .any(|l| l.starts_with("m=audio") || l.starts_with("m=video"))
+    {
+        return Err(WhipError::BadRequest(
+            "the offer has no audio or video section".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The first `a=ice-ufrag` of an SDP (with bundle, the one ICE session).
+fn ice_ufrag(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+        .map(str::to_string)
+}
+
+/// Which media kinds the offer asks to receive (a WHEP viewer's `recvonly` sections).
+fn receiving_kinds(sdp: &str) -> Vec<Kind> {
+    let mut out = vec![];
+    let mut cur: Option<(Kind, bool)> = None;
+    let flush = |c: Option<(Kind, bool)>, out: &mut Vec<Kind>| {
+        if let Some((k, true)) = c {
+            out.push(k);
+        }
+    };
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if let Some(m) = line.strip_prefix("m=") {
+            flush(cur.take(), &mut out);
+            let port_zero = m.split_whitespace().nth(1) == Some("0");
+            cur = match m.split_whitespace().next() {
+                Some("audio") => Some((Kind::Audio, !port_zero)),
+                Some("video") => Some((Kind::Video, !port_zero)),
+                _ => None,
+            };
+        } else if let Some((_, recv)) = cur.as_mut()
+            && matches!(line, "a=sendonly" | "a=inactive")
+        {
+            *recv = false;
+        }
+    }
+    flush(cur, &mut out);
+    out
+}
+
+/// Parse a `application/trickle-ice-sdpfrag` body (RFC 8840): candidates per media section
+/// (`a=mid`), and the ICE credentials if it carries any.
+pub fn parse_sdpfrag(frag: &str) -> Result<(Option<String>, Vec<IceCandidate>), WhipError> {
+    let mut ufrag = None;
+    let mut mid: Option<String> = None;
+    let mut mline: Option<u16> = None;
+    let mut out = vec![];
+    for line in frag.lines() {
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with("m=") {
+            mline = Some(mline.map_or(0, |i| i + 1));
+            mid = None;
+        } else if let Some(m) = line.strip_prefix("a=mid:") {
+            mid = Some(m.to_string());
+        } else if let Some(u) = line.strip_prefix("a=ice-ufrag:") {
+            ufrag = Some(u.to_string());
+        } else if let Some(c) = line.strip_prefix("a=candidate:") {
+            if c.split_whitespace().count() < 8 {
+                return Err(WhipError::BadRequest(format!(
+                    "malformed candidate line: {line}"
+                )));
+            }
+            out.push(IceCandidate {
+                candidate: format!("candidate:{c}"),
+                sdp_mid: mid.clone(),
+                sdp_mline_index: mline,
+                username_fragment: None,
+            });
+        } else if line == "a=end-of-candidates"
+            || line.starts_with("a=ice-pwd:")
+            || line.starts_with("a=ice-options:")
+            || line.starts_with("a=group:")
+        {
+        } else if !line.starts_with("a=") && !line.starts_with("c=") {
+            return Err(WhipError::BadRequest(format!(
+                "not an SDP fragment line: {}",
+                line.chars().take(80).collect::<String>()
+            )));
+        }
+    }
+    for c in &mut out {
+        c.username_fragment = ufrag.clone();
+        if c.sdp_mid.is_none() && c.sdp_mline_index.is_none() {
+            c.sdp_mline_index = Some(0);
+        }
+    }
+    Ok((ufrag, out))
+}
+
+/// Answer an offer on a fresh peer and wait for our candidates, so the answer is complete
+/// (WHIP/WHEP clients such as OBS do not expect the server to trickle). Returns the answer,
+/// and the events that arrived meanwhile for the session task.
+async fn answer_complete(
+    peer: &Peer,
+    rx: &mut mpsc::UnboundedReceiver<PeerEvent>,
+) -> Result<(String, Vec<PeerEvent>), WhipError> {
+    let mut early = vec![];
+    let deadline = tokio::time::Instant::now() + GATHER_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(PeerEvent::Candidate(None))) | Err(_) | Ok(None) => break,
+            Ok(Some(PeerEvent::Candidate(Some(_)))) => {}
+            Ok(Some(ev)) => early.push(ev),
+        }
+    }
+    let sdp = peer
+        .local_sdp()
+        .await
+        .ok_or_else(|| WhipError::Unavailable("no local description".into()))?;
+    Ok((sdp, early))
+}
+
+fn peer_error(e: PeerError) -> WhipError {
+    match e {
+        PeerError::BadSdp(e) => WhipError::BadRequest(format!("offer not usable: {e}")),
+        e => WhipError::Unavailable(e.to_string()),
+    }
+}
+
+/// `POST /whip/{room}`: publish into the room as the token's identity and role.
+///
+/// Runs in its own task: a client that goes away mid-request must not leave a member in the
+/// room with nobody to end it (the session then ends on its connect timeout).
+pub async fn publish(
+    svc: &Arc<Services>,
+    room: &str,
+    token: &str,
+    offer: String,
+) -> Result<Created, WhipError> {
+    let (svc, room, token) = (svc.clone(), room.to_string(), token.to_string());
+    tokio::spawn(async move { publish_now(&svc, &room, &token, offer).await })
+        .await
+        .unwrap_or_else(|e| Err(WhipError::Unavailable(format!("publish failed: {e}"))))
+}
+
+async fn publish_now(
+    svc: &Arc<Services>,
+    room: &str,
+    token: &str,
+    offer: String,
+) -> Result<Created, WhipError> {
+    let claims = svc.auth.verify_for_room(token, room).map_err(auth_error)?;
+    if !claims.role.may_publish() {
+        return Err(WhipError::Forbidden(format!(
+            "role {} may not publish",
+            claims.role.as_str()
+        )));
+    }
+    check_offer(&offer)?;
+    let (room_tx, room_rx) = mpsc::unbounded_channel();
+    let (r, snap) = svc
+        .rooms
+        .join(&claims.room, &claims.sub, claims.role, room_tx)
+        .map_err(|e| {
+            svc.metrics.join_failures.fetch_add(1, Ordering::Relaxed);
+            room_error(e)
+        })?;
+    let pid = snap.participant.id.clone();
+    let leave = |reason| {
+        svc.rooms.leave(&r, &pid, reason);
+    };
+    if let Err(e) = r.check_publish(&pid, false) {
+        leave(LeaveReason::Left);
+        return Err(room_error(e));
+    }
+    let (peer, mut peer_rx) = match svc.peers.create().await {
+        Ok(p) => p,
+        Err(e) => {
+            svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
+            leave(LeaveReason::Left);
+            return Err(WhipError::Unavailable(e.to_string()));
+        }
+    };
+    let ufrag = ice_ufrag(&offer);
+    let answered = match peer.answer(offer).await {
+        Ok(_) => answer_complete(&peer, &mut peer_rx).await,
+        Err(e) => Err(peer_error(e)),
+    };
+    let (answer, early) = match answered {
+        Ok(a) => a,
+        Err(e) => {
+            peer.close().await;
+            leave(LeaveReason::Left);
+            return Err(e);
+        }
+    };
+    svc.metrics.joins.fetch_add(1, Ordering::Relaxed);
+    let session = new_session_id();
+    let etag = format!("\"{}\"", &new_session_id()[..16]);
+    info!(room = %r.name, participant = %pid, identity = %claims.sub,
+        role = claims.role.as_str(), "WHIP publisher joined");
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    svc.whip.map.insert(
+        session.clone(),
+        Handle {
+            room: room.to_string(),
+            identity: claims.sub.clone(),
+            kind: SessionKind::Whip,
+            etag: etag.clone(),
+            ice_ufrag: ufrag,
+            cmd: cmd_tx,
+        },
+    );
+    let task = WhipTask {
+        svc: svc.clone(),
+        session: session.clone(),
+        room: r,
+        pid: pid.clone(),
+        claims,
+        peer,
+        published: HashMap::new(),
+    };
+    tokio::spawn(task.run(peer_rx, room_rx, cmd_rx, early));
+    Ok(Created {
+        session,
+        answer,
+        etag,
+        participant_id: Some(pid),
+    })
+}
+
+struct WhipTask {
+    svc: Arc<Services>,
+    session: String,
+    room: Arc<crate::room::Room>,
+    pid: String,
+    claims: Claims,
+    peer: Peer,
+    published: HashMap<String, (Arc<TrackRouter>, Vec<JoinHandle<()>>)>,
+}
+
+impl WhipTask {
+    async fn run(
+        mut self,
+        mut peer_rx: mpsc::UnboundedReceiver<PeerEvent>,
+        mut room_rx: mpsc::UnboundedReceiver<RoomEvent>,
+        mut cmd_rx: mpsc::UnboundedReceiver<Command>,
+        early: Vec<PeerEvent>,
+    ) {
+        let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
+        let mut shutdown = self.svc.shutdown.clone();
+        let mut connected = false;
+        let connect_deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut reason = None;
+        for ev in early {
+            if let Some(r) = self.on_peer_event(ev, &ended_tx, &mut connected) {
+                reason = Some(r);
+            }
+        }
+        while reason.is_none() {
+            tokio::select! {
+                c = cmd_rx.recv() => match c {
+                    Some(Command::Candidates(cands, reply)) => {
+                        let _ = reply.send(add_candidates(&self.peer, cands).await);
+                    }
+                    Some(Command::End) | None => reason = Some(LeaveReason::Left),
+                },
+                ev = peer_rx.recv() => match ev {
+                    Some(ev) => reason = self.on_peer_event(ev, &ended_tx, &mut connected),
+                    None => reason = Some(LeaveReason::Disconnected),
+                },
+                ev = room_rx.recv() => match ev {
+                    Some(RoomEvent::Removed(r)) => reason = Some(r),
+                    // The seat is gone: a WHIP publisher has nothing else to do in the room.
+                    Some(RoomEvent::Demoted) => reason = Some(LeaveReason::Kicked),
+                    Some(_) => {}
+                    None => reason = Some(LeaveReason::Left),
+                },
+                Some(track_id) = ended_rx.recv() => {
+                    if let Some((_, tasks)) = self.published.remove(&track_id) {
+                        for t in tasks {
+                            t.abort();
+                        }
+                        self.room.unpublish(&self.pid, &track_id);
+                    }
+                }
+                _ = tokio::time::sleep_until(connect_deadline), if !connected => {
+                    warn!(session = %self.session, "WHIP media connection never came up");
+                    reason = Some(LeaveReason::Disconnected);
+                }
+                _ = shutdown.changed() => reason = Some(LeaveReason::ServerShutdown),
+            }
+        }
+        self.teardown(reason.unwrap_or(LeaveReason::Left)).await;
+    }
+
+    fn on_peer_event(
+        &mut self,
+        ev: PeerEvent,
+        ended_tx: &mpsc::UnboundedSender<String>,
+        connected: &mut bool,
+    ) -> Option<LeaveReason> {
+        match ev {
+            PeerEvent::Candidate(_) => None,
+            PeerEvent::State(PeerState::Connected) => {
+                *connected = true;
+                None
+            }
+            PeerEvent::State(PeerState::Failed | PeerState::Closed) => {
+                self.svc
+                    .metrics
+                    .ice_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(session = %self.session, "WHIP media connection failed; participant leaves");
+                Some(LeaveReason::Disconnected)
+            }
+            PeerEvent::State(_) => None,
+            PeerEvent::Track(t) => {
+                let track_id = new_track_id();
+                let (router, kf_rx) = TrackRouter::new(
+                    track_id.clone(),
+                    self.pid.clone(),
+                    to_kind(t.kind),
+                    t.codec.clone(),
+                );
+                if let Err(e) = self.room.publish(&self.pid, router.clone()) {
+                    warn!(session = %self.session, "WHIP track not published: {e}");
+                    return None;
+                }
+                info!(room = %self.room.name, participant = %self.pid, track = %track_id,
+                    codec = %t.codec.mime_type, "WHIP track published");
+                let done = ended_tx.clone();
+                let tid = track_id.clone();
+                let tasks = publish_tasks(
+                    t,
+                    router.clone(),
+                    kf_rx,
+                    &self.svc,
+                    Box::new(move || {
+                        let _ = done.send(tid);
+                    }),
+                );
+                self.published.insert(track_id, (router, tasks));
+                auto_start_bridge(&self.svc, &self.room.name, self.claims.role);
+                None
+            }
+        }
+    }
+
+    async fn teardown(mut self, reason: LeaveReason) {
+        self.svc.whip.map.remove(&self.session);
+        info!(room = %self.room.name, participant = %self.pid, ?reason, "WHIP session ended");
+        self.svc.rooms.leave(&self.room, &self.pid, reason);
+        if self.svc.rooms.get(&self.room.name).is_none()
+            && self.svc.bridges.remove(&self.room.name).is_some()
+        {
+            info!(room = %self.room.name, "room ended; bridge stopped");
+        }
+        for (_, (router, tasks)) in self.published.drain() {
+            router.close();
+            for t in tasks {
+                t.abort();
+            }
+        }
+        self.peer.close().await;
+    }
+}
+
+async fn add_candidates(peer: &Peer, cands: Vec<IceCandidate>) -> Result<(), WhipError> {
+    for c in cands {
+        peer.add_candidate(c)
+            .await
+            .map_err(|e| WhipError::BadRequest(format!("candidate refused: {e}")))?;
+    }
+    Ok(())
+}
+
+/// What a WHEP viewer asks for.
+pub enum WhepSource {
+    /// The room's mixed bridge output.
+    Mix,
+    /// One participant, by participant id or identity.
+    Participant(String),
+}
+
+/// `POST /whep/{room}` and `POST /whep/{room}/{participant}`: receive the bridge's mixed
+/// output or one participant's tracks. Any role of the room may watch.
+pub async fn subscribe(
+    svc: &Arc<Services>,
+    room: &str,
+    source: WhepSource,
+    token: &str,
+    offer: String,
+) -> Result<Created, WhipError> {
+    // In its own task, like `publish`: the answer's session must not be half made.
+    let (svc, room, token) = (svc.clone(), room.to_string(), token.to_string());
+    tokio::spawn(async move { subscribe_now(&svc, &room, source, &token, offer).await })
+        .await
+        .unwrap_or_else(|e| Err(WhipError::Unavailable(format!("subscribe failed: {e}"))))
+}
+
+async fn subscribe_now(
+    svc: &Arc<Services>,
+    room: &str,
+    source: WhepSource,
+    token: &str,
+    offer: String,
+) -> Result<Created, WhipError> {
+    let claims = svc.auth.verify_for_room(token, room).map_err(auth_error)?;
+    check_offer(&offer)?;
+    let (stream_id, routers) = match source {
+        WhepSource::Mix => {
+            let Some(h) = svc.bridges.get(room) else {
+                return Err(WhipError::NotFound(format!(
+                    "no bridge is running for room {room:?} (start one with POST /v1/rooms/{room}/bridge)"
+                )));
+            };
+            let (v, a) = h.bridge.rtp_tracks();
+            (format!("{room}-mix"), vec![v, a])
+        }
+        WhepSource::Participant(who) => {
+            let r = svc
+                .rooms
+                .get(room)
+                .ok_or_else(|| WhipError::NotFound(format!("room {room:?} has nobody in it")))?;
+            let p = r
+                .participants()
+                .into_iter()
+                .find(|p| p.id == who || p.identity == who)
+                .ok_or_else(|| {
+                    WhipError::NotFound(format!("no participant {who:?} in room {room:?}"))
+                })?;
+            let routers: Vec<_> = r
+                .tracks()
+                .into_iter()
+                .filter(|t| t.participant_id == p.id)
+                .collect();
+            if routers.is_empty() {
+                return Err(WhipError::Conflict(format!(
+                    "participant {who:?} publishes nothing yet"
+                )));
+            }
+            (p.id, routers)
+        }
+    };
+    let wanted = receiving_kinds(&offer);
+    let routers: Vec<_> = routers
+        .into_iter()
+        .filter(|r| wanted.contains(&r.kind))
+        .collect();
+    if routers.is_empty() {
+        return Err(WhipError::BadRequest(
+            "the offer receives neither audio nor video (WHEP offers are recvonly)".into(),
+        ));
+    }
+    let (peer, mut peer_rx) = svc.peers.create().await.map_err(|e| {
+        svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
+        WhipError::Unavailable(e.to_string())
+    })?;
+    let ufrag = ice_ufrag(&offer);
+    let setup = async {
+        peer.apply_offer(offer).await.map_err(peer_error)?;
+        let mut locals = vec![];
+        for r in &routers {
+            let l = peer
+                .add_local_track(&stream_id, &r.id, to_media_kind(r.kind), &r.codec)
+                .await
+                .map_err(peer_error)?;
+            locals.push((Arc::new(l), r.clone()));
+        }
+        peer.create_answer().await.map_err(peer_error)?;
+        let (answer, early) = answer_complete(&peer, &mut peer_rx).await?;
+        Ok::<_, WhipError>((locals, answer, early))
+    };
+    let (locals, answer, early) = match setup.await {
+        Ok(x) => x,
+        Err(e) => {
+            peer.close().await;
+            return Err(e);
+        }
+    };
+    let session = new_session_id();
+    let etag = format!("\"{}\"", &new_session_id()[..16]);
+    info!(%room, viewer = %claims.sub, stream = %stream_id, "WHEP viewer attached");
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    svc.whip.map.insert(
+        session.clone(),
+        Handle {
+            room: room.to_string(),
+            identity: claims.sub.clone(),
+            kind: SessionKind::Whep,
+            etag: etag.clone(),
+            ice_ufrag: ufrag,
+            cmd: cmd_tx,
+        },
+    );
+    let queue = svc.cfg.webrtc.subscriber_queue;
+    let tasks: Vec<JoinHandle<()>> = locals
+        .iter()
+        .flat_map(|(l, r)| forward_tasks(l, r, queue))
+        .collect();
+    tokio::spawn(whep_run(
+        svc.clone(),
+        session.clone(),
+        peer,
+        peer_rx,
+        cmd_rx,
+        locals,
+        tasks,
+        early,
+    ));
+    Ok(Created {
+        session,
+        answer,
+        etag,
+        participant_id: None,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn whep_run(
+    svc: Arc<Services>,
+    session: String,
+    peer: Peer,
+    mut peer_rx: mpsc::UnboundedReceiver<PeerEvent>,
+    mut cmd_rx: mpsc::UnboundedReceiver<Command>,
+    locals: Vec<(Arc<LocalTrack>, Arc<TrackRouter>)>,
+    tasks: Vec<JoinHandle<()>>,
+    early: Vec<PeerEvent>,
+) {
+    let mut shutdown = svc.shutdown.clone();
+    let mut connected = false;
+    let connect_deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    let mut pending: std::collections::VecDeque<PeerEvent> = early.into();
+    let why = loop {
+        let ev = match pending.pop_front() {
+            Some(ev) => Some(ev),
+            None => tokio::select! {
+                c = cmd_rx.recv() => match c {
+                    Some(Command::Candidates(cands, reply)) => {
+                        let _ = reply.send(add_candidates(&peer, cands).await);
+                        continue;
+                    }
+                    Some(Command::End) | None => break "deleted",
+                },
+                ev = peer_rx.recv() => match ev {
+                    Some(ev) => Some(ev),
+                    None => break "peer gone",
+                },
+                _ = every.tick() => {
+                    // The tracks ended (participant left, bridge stopped): nothing more to show.
+                    if locals.iter().all(|(_, r)| r.is_closed()) {
+                        break "source ended";
+                    }
+                    None
+                }
+                _ = tokio::time::sleep_until(connect_deadline), if !connected => {
+                    break "media connection never came up";
+                }
+                _ = shutdown.changed() => break "server shutting down",
+            },
+        };
+        match ev {
+            Some(PeerEvent::State(PeerState::Connected)) => {
+                connected = true;
+                // Start the viewer on a keyframe.
+                for (_, r) in &locals {
+                    r.request_keyframe();
+                }
+            }
+            Some(PeerEvent::State(PeerState::Failed | PeerState::Closed)) => {
+                break "media connection failed";
+            }
+            _ => {}
+        }
+    };
+    svc.whip.map.remove(&session);
+    debug!(%session, "WHEP session ended: {why}");
+    for t in tasks {
+        t.abort();
+    }
+    drop(locals);
+    peer.close().await;
+}
+
+/// Look a session up for DELETE / PATCH: `room` must match the URL it was created under, and
+/// the token must be valid for the room and carry the session's identity (or be the room's
+/// host's or an admin's).
+fn lookup(
+    svc: &Services,
+    room: &str,
+    session: &str,
+    kind: SessionKind,
+    token: &str,
+) -> Result<(mpsc::UnboundedSender<Command>, String, Option<String>), WhipError> {
+    let claims = svc.auth.verify_for_room(token, room).map_err(auth_error)?;
+    match svc.whip.map.get(session) {
+        Some(h) if h.room == room && h.kind == kind => {
+            if h.identity != claims.sub && !matches!(claims.role, Role::Host | Role::Admin) {
+                return Err(WhipError::Forbidden(
+                    "the session belongs to another identity".into(),
+                ));
+            }
+            Ok((h.cmd.clone(), h.etag.clone(), h.ice_ufrag.clone()))
+        }
+        _ => Err(WhipError::NotFound(format!("no such session {session:?}"))),
+    }
+}
+
+/// `DELETE` on a session resource: end it (a WHIP participant leaves the room).
+pub fn end(
+    svc: &Services,
+    room: &str,
+    session: &str,
+    kind: SessionKind,
+    token: &str,
+) -> Result<(), WhipError> {
+    let (cmd, _, _) = lookup(svc, room, session, kind, token)?;
+    // Gone from the map now, so a second DELETE is a 404 even before the task has finished.
+    svc.whip.map.remove(session);
+    let _ = cmd.send(Command::End);
+    Ok(())
+}
+
+/// `PATCH` with an `application/trickle-ice-sdpfrag` body: add the client's trickled
+/// candidates. An ICE restart (new credentials) is refused with [`WhipError::Unsupported`].
+pub async fn patch(
+    svc: &Services,
+    room: &str,
+    session: &str,
+    kind: SessionKind,
+    token: &str,
+    if_match: Option<&str>,
+    frag: &str,
+) -> Result<(), WhipError> {
+    let (cmd, etag, ufrag) = lookup(svc, room, session, kind, token)?;
+    if let Some(m) = if_match
+        && m.trim() != "*"
+        && m.trim() != etag
+    {
+        return Err(WhipError::PreconditionFailed(format!(
+            "If-Match {m} does not name this ICE session ({etag})"
+        )));
+    }
+    let (frag_ufrag, cands) = parse_sdpfrag(frag)?;
+    if let (Some(new), Some(old)) = (&frag_ufrag, &ufrag)
+        && new != old
+    {
+        return Err(WhipError::Unsupported(
+            "ICE restart is not supported: end the session (DELETE) and publish again".into(),
+        ));
+    }
+    let (tx, rx) = oneshot::channel();
+    cmd.send(Command::Candidates(cands, tx))
+        .map_err(|_| WhipError::NotFound("the session has ended".into()))?;
+    rx.await
+        .map_err(|_| WhipError::NotFound("the session has ended".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sdpfrag_candidates_take_mid_and_ufrag() {
+        let frag = "a=ice-ufrag:EsAw\r\na=ice-pwd:P2uYro0UCOQ4zxjKXaWCBui1\r\n\
+                    m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n\
+                    a=candidate:1387637174 1 udp 2122260223 127.0.0.1 61764 typ host generation 0\r\n\
+                    a=end-of-candidates\r\n";
+        let (u, c) = parse_sdpfrag(frag).unwrap();
+        assert_eq!(u.as_deref(), Some("EsAw"));
+        assert_eq!(c.len(), 1);
+        assert!(c[0].candidate.starts_with("candidate:1387637174 1 udp"));
+        assert_eq!(c[0].sdp_mid.as_deref(), Some("0"));
+        assert_eq!(c[0].username_fragment.as_deref(), Some("EsAw"));
+        assert!(parse_sdpfrag("a=candidate:1 1 udp\r\n").is_err());
+        assert!(parse_sdpfrag("hello world").is_err());
+    }
+
+    #[test]
+    fn offers_are_checked_before_any_peer_is_built() {
+        assert!(check_offer("garbage").is_err());
+        assert!(check_offer("v=0\r\ns=-\r\n").is_err());
+        assert!(check_offer("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n").is_ok());
+        let whep = "v=0\r\nm=audio 9 X 111\r\na=recvonly\r\nm=video 9 X 96\r\na=sendonly\r\n\
+                    m=video 0 X 96\r\na=recvonly\r\n";
+        assert_eq!(receiving_kinds(whep), vec![Kind::Audio]);
+    }
+}

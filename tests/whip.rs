@@ -1,0 +1,1069 @@
+//! WHIP ingest and WHEP playback end to end: the real server binary, aiortc (an independent
+//! WebRTC stack, H.264 via libx264 + Opus) publishing over WHIP, WebSocket participants of the
+//! room receiving it, the bridge mixing it (HTTP-FLV decoded by ffmpeg), and WHEP viewers built
+//! on the `webrtc` crate decoding what they receive (OpenH264, libopus).
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cohost::auth::Role;
+use cohost::bridge::audio_in::AudioInput;
+use cohost::bridge::compose::Yuv;
+use cohost::bridge::video_in::VideoInput;
+use cohost::media::goertzel::{left_channel, tone_power};
+use common::{Client, Server, T, ffmpeg_capture, is_colour, pixel, wait_frames};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceGatheringState, RTCSessionDescription, SettingEngineBuilder,
+};
+use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+
+/// Power of `freq` in mono 48 kHz audio: the median over 100 ms windows, so that a gap or a
+/// concealed packet (a phase jump) in a loaded test run does not hide a tone that is there.
+/// About 0.5 for a clean tone, near 0 when it is absent.
+fn tone(samples: &[f32], freq: f32) -> f32 {
+    let mut p: Vec<f32> = samples
+        .chunks_exact(4800)
+        .map(|w| tone_power(w, 48000.0, freq))
+        .collect();
+    if p.is_empty() {
+        return 0.0;
+    }
+    p.sort_by(f32::total_cmp);
+    p[p.len() / 2]
+}
+
+// ---- HTTP ----
+
+struct Resp {
+    status: u16,
+    headers: HashMap<String, Vec<String>>,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+}
+
+/// One HTTP/1.1 request over a fresh loopback connection.
+async fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        server.addr,
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    // The server may answer (413) before reading a large body: ignore a reset on write.
+    let _ = s.write_all(&bytes).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            map.entry(k.trim().to_ascii_lowercase())
+                .or_default()
+                .push(v.trim().to_string());
+        }
+    }
+    Resp {
+        status,
+        headers: map,
+        body: body.to_string(),
+    }
+}
+
+async fn post_sdp(server: &Server, path: &str, token: Option<&str>, sdp: &str) -> Resp {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut h = vec![("Content-Type", "application/sdp")];
+    if let Some(a) = &auth {
+        h.push(("Authorization", a.as_str()));
+    }
+    http(server, "POST", path, &h, sdp.as_bytes()).await
+}
+
+async fn delete(server: &Server, location: &str, token: &str) -> Resp {
+    let auth = format!("Bearer {token}");
+    http(server, "DELETE", location, &[("Authorization", &auth)], b"").await
+}
+
+// ---- aiortc over WHIP ----
+
+/// The aiortc publisher (tests/whip/whip_publish.py), killed by PID when dropped.
+struct Aiortc {
+    child: tokio::process::Child,
+    lines: mpsc::UnboundedReceiver<Value>,
+}
+
+impl Aiortc {
+    async fn publish(server: &Server, room: &str, token: &str, rgb: (u8, u8, u8)) -> Aiortc {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/whip");
+        let python = dir.join(".venv/bin/python");
+        assert!(
+            python.exists(),
+            "{} missing: run .ci/setup (installs aiortc into tests/whip/.venv)",
+            python.display()
+        );
+        let mut child = tokio::process::Command::new(python)
+            .arg(dir.join("whip_publish.py"))
+            .args(["--url", &format!("http://{}/whip/{room}", server.addr)])
+            .args(["--token", token])
+            .args(["--rgb", &format!("{},{},{}", rgb.0, rgb.1, rgb.2)])
+            .args(["--tone", "440"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start aiortc publisher");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<Value>(&l) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        Aiortc { child, lines: rx }
+    }
+
+    async fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let r = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(v) = self.lines.recv().await {
+                if pred(&v) {
+                    return Some(v);
+                }
+                if v["event"] == "error" {
+                    panic!("aiortc publisher failed: {v}");
+                }
+            }
+            None
+        })
+        .await;
+        match r {
+            Ok(Some(v)) => v,
+            Ok(None) => panic!("aiortc publisher exited waiting for {what}"),
+            Err(_) => panic!("timed out waiting for aiortc {what}"),
+        }
+    }
+}
+
+impl Drop for Aiortc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Wait until `client` has received `n` packets of each kind from participant `pid`.
+async fn wait_media_from(client: &Client, pid: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got: Vec<(String, u64)> = {
+            let r = client.received.lock().unwrap();
+            r.values()
+                .filter(|e| e.stream_id == pid)
+                .map(|e| (e.kind.clone(), e.packets))
+                .collect()
+        };
+        let of = |k: &str| {
+            got.iter()
+                .filter(|(kind, _)| kind == k)
+                .map(|(_, p)| *p)
+                .sum::<u64>()
+        };
+        if of("video") >= n && of("audio") >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "media from {pid} not received: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_whip_publisher_is_a_room_participant_and_in_the_bridge_output() {
+    let server = Server::start().await;
+    let mut watcher = Client::join(&server, "wr", "watcher", Role::Audience).await;
+    let token = server.token("wr", "obs", Role::Host);
+    let mut pubr = Aiortc::publish(&server, "wr", &token, (30, 30, 220)).await;
+    let created = pubr.wait_event("201", |v| v["event"] == "created").await;
+    assert_eq!(created["status"], 201);
+    assert_eq!(created["content_type"], "application/sdp");
+    let location = created["location"].as_str().unwrap().to_string();
+    assert!(location.starts_with("/whip/wr/"), "{location}");
+    assert!(created["etag"].as_str().is_some_and(|e| e.starts_with('"')));
+    // The room sees a participant with the token's identity and role join ...
+    let joined = watcher
+        .sig
+        .wait_for("participant_joined", |v| {
+            v["type"] == "participant_joined" && v["participant"]["identity"] == "obs"
+        })
+        .await;
+    assert_eq!(joined["participant"]["role"], "host");
+    let pid = joined["participant"]["id"].as_str().unwrap().to_string();
+    pubr.wait_event("connected", |v| v["state"] == "connected")
+        .await;
+    // ... publish H.264 and Opus, and a WebRTC subscriber receives both.
+    let mut kinds = std::collections::HashSet::new();
+    while kinds.len() < 2 {
+        let t = watcher
+            .sig
+            .wait_for("track_published", |v| {
+                v["type"] == "track_published" && v["track"]["participant_id"] == pid.as_str()
+            })
+            .await;
+        kinds.insert(t["track"]["kind"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(
+        kinds.contains("video") && kinds.contains("audio"),
+        "{kinds:?}"
+    );
+    wait_media_from(&watcher, &pid, 30).await;
+    let (_, room) = server
+        .get(
+            "/v1/rooms/wr",
+            Some(&server.auth.mint("*", "ops", Role::Admin, None).unwrap()),
+        )
+        .await;
+    let room: Value = serde_json::from_str(room.trim()).unwrap();
+    let codecs: Vec<&str> = room["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["codec"].as_str())
+        .collect();
+    assert!(
+        codecs.iter().any(|c| c.eq_ignore_ascii_case("video/H264"))
+            && codecs.iter().any(|c| c.eq_ignore_ascii_case("audio/opus")),
+        "{codecs:?}"
+    );
+    // The bridge mixes it like any other input: its colour and its tone in the FLV output.
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/wr/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    wait_frames(&server, &admin, "wr", 45).await;
+    let dir = std::env::temp_dir().join(format!("cohost-whip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (video, audio) = ffmpeg_capture(&format!("http://{}/live/wr.flv", server.addr), &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let n = 320 * 180 * 3;
+    assert!(video.len() >= n * 10, "decoded {} bytes", video.len());
+    let last = &video[video.len() - n..];
+    let p = pixel(last, 160, 90);
+    assert!(
+        is_colour(p, (30, 30, 220)),
+        "WHIP publisher's blue fills the solo frame: {p:?}"
+    );
+    let mid = &audio[audio.len() / 4..];
+    let (p440, p1000) = (tone(mid, 440.0), tone(mid, 1000.0));
+    let windows: Vec<(f32, f32)> = mid
+        .chunks_exact(4800)
+        .map(|w| {
+            let rms = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
+            (rms, tone_power(w, 48000.0, 440.0))
+        })
+        .collect();
+    assert!(
+        p440 > 0.1 && p440 > 10.0 * p1000,
+        "its 440 Hz tone: {p440} (1 kHz: {p1000}); per 100 ms (rms, 440 Hz): {windows:?}"
+    );
+    drop(pubr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_delete_ends_the_session_and_the_room_sees_the_participant_leave() {
+    let server = Server::start().await;
+    let mut watcher = Client::join(&server, "wd", "watcher", Role::Audience).await;
+    let token = server.token("wd", "encoder", Role::Cohost);
+    let mut pubr = Aiortc::publish(&server, "wd", &token, (200, 200, 40)).await;
+    let created = pubr.wait_event("201", |v| v["event"] == "created").await;
+    let location = created["location"].as_str().unwrap().to_string();
+    let joined = watcher
+        .sig
+        .wait_for("participant_joined", |v| {
+            v["type"] == "participant_joined" && v["participant"]["identity"] == "encoder"
+        })
+        .await;
+    let pid = joined["participant"]["id"].as_str().unwrap().to_string();
+    wait_media_from(&watcher, &pid, 10).await;
+    // DELETE needs a token of the room, of the session's identity (or the host's).
+    let r = delete(&server, &location, "garbage").await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let other = server.token("wd", "watcher", Role::Audience);
+    let r = delete(&server, &location, &other).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = delete(
+        &server,
+        &location,
+        &server.token("elsewhere", "encoder", Role::Cohost),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = delete(&server, &location, &token).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for _ in 0..2 {
+        watcher
+            .sig
+            .wait_for("track_unpublished", |v| {
+                v["type"] == "track_unpublished" && v["participant_id"] == pid.as_str()
+            })
+            .await;
+    }
+    let left = watcher
+        .sig
+        .wait_for("participant_left", |v| {
+            v["type"] == "participant_left" && v["participant_id"] == pid.as_str()
+        })
+        .await;
+    assert_eq!(left["identity"], "encoder");
+    assert_eq!(left["reason"], "left");
+    // The resource is gone.
+    let r = delete(&server, &location, &token).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    // The room goes on: the watcher is still in it, alone.
+    let (_, room) = server
+        .get(
+            "/v1/rooms/wd",
+            Some(&server.auth.mint("*", "ops", Role::Admin, None).unwrap()),
+        )
+        .await;
+    let room: Value = serde_json::from_str(room.trim()).unwrap();
+    assert_eq!(room["participants"].as_array().unwrap().len(), 1, "{room}");
+}
+
+// ---- WHEP viewers (webrtc crate) ----
+
+struct ViewerHandler {
+    tx: mpsc::UnboundedSender<(String, rtc::rtp::Packet)>,
+    gathered: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for ViewerHandler {
+    async fn on_ice_gathering_state_change(&self, s: RTCIceGatheringState) {
+        if s == RTCIceGatheringState::Complete {
+            self.gathered.store(true, Ordering::SeqCst);
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let kind = format!("{}", track.kind().await).to_lowercase();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = track.poll().await {
+                let p = match ev {
+                    TrackRemoteEvent::OnRtpPacket(p) => p,
+                    TrackRemoteEvent::OnEnded => break,
+                    _ => continue,
+                };
+                if tx.send((kind.clone(), p)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+struct Viewer {
+    pc: Arc<dyn PeerConnection>,
+    rx: mpsc::UnboundedReceiver<(String, rtc::rtp::Packet)>,
+    location: String,
+}
+
+/// A recvonly (audio + video) offer with every candidate gathered.
+async fn viewer_offer() -> (
+    Arc<dyn PeerConnection>,
+    String,
+    mpsc::UnboundedReceiver<(String, rtc::rtp::Packet)>,
+) {
+    let mut me = cohost::peer::media_engine().unwrap();
+    let reg = cohost::peer::interceptors(&mut me).unwrap();
+    let se = SettingEngineBuilder::new()
+        .with_ice_connection_attempts(Some(Duration::from_millis(50)), Some(100))
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_include_loopback_candidate(true)
+        .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
+        .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
+        .build();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let gathered = Arc::new(AtomicBool::new(false));
+    let pc: Arc<dyn PeerConnection> = Arc::new(
+        PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(me)
+            .with_setting_engine(se)
+            .with_interceptor_registry(reg)
+            .with_handler(Arc::new(ViewerHandler {
+                tx,
+                gathered: gathered.clone(),
+            }) as Arc<dyn PeerConnectionEventHandler>)
+            .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+            .build()
+            .await
+            .unwrap(),
+    );
+    for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
+        pc.add_transceiver_from_kind(
+            kind,
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Recvonly,
+                streams: vec![],
+                send_encodings: vec![],
+            }),
+        )
+        .await
+        .unwrap();
+    }
+    let offer = pc.create_offer(None).await.unwrap();
+    pc.set_local_description(offer).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gathered.load(Ordering::SeqCst) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sdp = pc.local_description().await.unwrap().sdp;
+    (pc, sdp, rx)
+}
+
+async fn whep(server: &Server, path: &str, token: &str) -> Result<Viewer, Resp> {
+    let (pc, sdp, rx) = viewer_offer().await;
+    let r = post_sdp(server, path, Some(token), &sdp).await;
+    if r.status != 201 {
+        return Err(r);
+    }
+    assert_eq!(r.header("content-type"), Some("application/sdp"));
+    let location = r.header("location").unwrap().to_string();
+    pc.set_remote_description(RTCSessionDescription::answer(r.body.clone()).unwrap())
+        .await
+        .unwrap();
+    Ok(Viewer { pc, rx, location })
+}
+
+/// Decode what the viewer receives until it has shown a picture whose centre is `rgb` and
+/// `secs_audio` seconds of audio; returns the audio (interleaved stereo).
+async fn decode_until(v: &mut Viewer, rgb: (u8, u8, u8), audio_secs: f32) -> Vec<i16> {
+    let want = Yuv::from_rgb(rgb.0, rgb.1, rgb.2);
+    let mut video = VideoInput::new().unwrap();
+    let mut audio_in = AudioInput::new().unwrap();
+    let mut pcm = vec![];
+    let mut seen: Option<(u8, u8, u8)> = None;
+    let mut matched = false;
+    let begun = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !(matched && pcm.len() as f32 >= audio_secs * 96_000.0) {
+        let Ok(Some((kind, p))) = tokio::time::timeout_at(deadline, v.rx.recv()).await else {
+            panic!(
+                "WHEP media: picture {seen:?} (want {want:?}), {} audio samples",
+                pcm.len()
+            );
+        };
+        if kind == "video" {
+            let r = video.push(
+                p.header.sequence_number,
+                p.header.timestamp,
+                p.header.marker,
+                &p.payload,
+            );
+            if r.new_picture
+                && let Some(pic) = video.latest()
+            {
+                let (w, h) = (pic.width as usize, pic.height as usize);
+                let (y, u, vv) = (
+                    pic.y[(h / 2) * w + w / 2],
+                    pic.u[(h / 4) * (w / 2) + w / 4],
+                    pic.v[(h / 4) * (w / 2) + w / 4],
+                );
+                seen = Some((y, u, vv));
+                let close = |a: u8, b: u8| a.abs_diff(b) < 25;
+                if !matched && close(y, want.0) && close(u, want.1) && close(vv, want.2) {
+                    matched = true;
+                    eprintln!(
+                        "WHEP: first {rgb:?} picture decoded {:?} after the answer",
+                        begun.elapsed()
+                    );
+                }
+            }
+        } else {
+            let (_, samples) =
+                audio_in.push(p.header.sequence_number, p.header.timestamp, &p.payload);
+            pcm.extend(samples);
+        }
+    }
+    pcm
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_viewer_receives_and_decodes_the_mixed_bridge_output() {
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "wm", "host", Role::Host).await;
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    let viewer_token = server.token("wm", "fan", Role::Audience);
+    // Before the bridge runs there is no mixed output to watch.
+    let r = whep(&server, "/whep/wm", &viewer_token)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("no bridge"), "{}", r.body);
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/wm/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    wait_frames(&server, &admin, "wm", 30).await;
+    let started = Instant::now();
+    let mut v = whep(&server, "/whep/wm", &viewer_token)
+        .await
+        .map_err(|r| format!("{} {}", r.status, r.body))
+        .unwrap();
+    assert!(v.location.starts_with("/whep/wm/"), "{}", v.location);
+    // The host's red, mixed, encoded by the bridge, packetized, decoded here.
+    let pcm = decode_until(&mut v, (220, 30, 30), 1.0).await;
+    let first_picture = started.elapsed();
+    let left = left_channel(&pcm[pcm.len() / 2..]);
+    let (p440, p1000) = (tone(&left, 440.0), tone(&left, 1000.0));
+    assert!(
+        p440 > 0.1 && p440 > 10.0 * p1000,
+        "the host's 440 Hz in the mixed Opus: {p440} (1 kHz {p1000})"
+    );
+    eprintln!("WHEP mixed output: matching picture + 1 s of audio {first_picture:?} after POST");
+    // Stopping the bridge ends the viewer's session: its resource goes away with it.
+    let (s, _) = server
+        .send_json("DELETE", "/v1/rooms/wm/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 204);
+    let auth = format!("Bearer {viewer_token}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // An empty trickle fragment: 204 while the session lives, 404 once it is gone.
+        let r = http(
+            &server,
+            "PATCH",
+            &v.location,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/trickle-ice-sdpfrag"),
+            ],
+            b"a=end-of-candidates\r\n",
+        )
+        .await;
+        if r.status == 404 {
+            break;
+        }
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert!(
+            Instant::now() < deadline,
+            "WHEP session outlived the bridge"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = v.pc.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_viewer_of_one_participant_gets_that_participants_media() {
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "wp", "host", Role::Host).await;
+    let mut guest = Client::join(&server, "wp", "guest", Role::Cohost).await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let wait_tracks = |n: usize| {
+        let (server, admin) = (&server, admin.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (_, body) = server.get("/v1/rooms/wp", Some(&admin)).await;
+                let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+                if v["tracks"].as_array().map_or(0, |t| t.len()) >= n {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "tracks not published: {body}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // One after the other: each publisher's negotiation settles before the next one's
+    // tracks renegotiate its subscriber connection.
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    wait_tracks(2).await;
+    guest.publish_real((30, 200, 30), 660.0).await.unwrap();
+    wait_tracks(4).await;
+    let token = server.token("wp", "fan", Role::Audience);
+    // By identity: the guest's green and 660 Hz, not the host's.
+    let mut v = whep(&server, "/whep/wp/guest", &token)
+        .await
+        .map_err(|r| format!("{} {}", r.status, r.body))
+        .unwrap();
+    let pcm = decode_until(&mut v, (30, 200, 30), 1.0).await;
+    let left = left_channel(&pcm[pcm.len() / 2..]);
+    let (p660, p440) = (tone(&left, 660.0), tone(&left, 440.0));
+    assert!(
+        p660 > 0.1 && p660 > 10.0 * p440,
+        "the guest's voice only: 660 Hz {p660}, 440 Hz {p440}"
+    );
+    let r = delete(&server, &v.location, &token).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let _ = v.pc.close().await;
+    // By participant id too.
+    let mut v = whep(&server, &format!("/whep/wp/{}", host.pid), &token)
+        .await
+        .map_err(|r| format!("{} {}", r.status, r.body))
+        .unwrap();
+    decode_until(&mut v, (220, 30, 30), 0.2).await;
+    let _ = v.pc.close().await;
+    // Nobody by that name.
+    let r = whep(&server, "/whep/wp/nobody", &token)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+}
+
+struct Quiet;
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Quiet {}
+
+/// A complete sendonly (audio + video) offer from the `webrtc` crate, as a WHIP client makes.
+async fn publisher_offer() -> (Arc<dyn PeerConnection>, String) {
+    let mut me = cohost::peer::media_engine().unwrap();
+    let reg = cohost::peer::interceptors(&mut me).unwrap();
+    let se = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_include_loopback_candidate(true)
+        .build();
+    let pc: Arc<dyn PeerConnection> = Arc::new(
+        PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(me)
+            .with_setting_engine(se)
+            .with_interceptor_registry(reg)
+            .with_handler(Arc::new(Quiet) as Arc<dyn PeerConnectionEventHandler>)
+            .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+            .build()
+            .await
+            .unwrap(),
+    );
+    for (kind, mime, clock, ch, fmtp) in [
+        (
+            RtpCodecKind::Audio,
+            "audio/opus",
+            48000,
+            2,
+            "minptime=10;useinbandfec=1",
+        ),
+        (
+            RtpCodecKind::Video,
+            "video/H264",
+            90000,
+            0,
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+        ),
+    ] {
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            "studio".to_string(),
+            format!("{kind}"),
+            format!("{kind}"),
+            kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(rand::random::<u32>() | 1),
+                    ..Default::default()
+                },
+                codec: RTCRtpCodec {
+                    mime_type: mime.into(),
+                    clock_rate: clock,
+                    channels: ch,
+                    sdp_fmtp_line: fmtp.into(),
+                    rtcp_feedback: vec![],
+                },
+                ..Default::default()
+            }],
+        )));
+        pc.add_track(track as Arc<dyn TrackLocal>).await.unwrap();
+    }
+    let offer = pc.create_offer(None).await.unwrap();
+    let sdp = offer.sdp.clone();
+    pc.set_local_description(offer).await.unwrap();
+    (pc, sdp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_trickle_patch_cors_preflight_and_ice_restart_refusal() {
+    let server = Server::start().await;
+    // Preflight from a browser page on another origin.
+    let r = http(
+        &server,
+        "OPTIONS",
+        "/whip/tr",
+        &[
+            ("Origin", "https://studio.example"),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            ),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    let methods = r.header("access-control-allow-methods").unwrap();
+    for m in ["POST", "PATCH", "DELETE"] {
+        assert!(methods.contains(m), "{methods}");
+    }
+    let allowed = r
+        .header("access-control-allow-headers")
+        .unwrap()
+        .to_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"));
+    assert_eq!(r.header("accept-post"), Some("application/sdp"));
+    let token = server.token("tr", "studio", Role::Host);
+    let (_pc, sdp) = publisher_offer().await;
+    let asked = Instant::now();
+    let r = post_sdp(&server, "/whip/tr", Some(&token), &sdp).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    eprintln!(
+        "WHIP POST -> 201 with a complete answer: {:?}",
+        asked.elapsed()
+    );
+    // Every response exposes the headers a page needs to read.
+    let exposed = r.header("access-control-expose-headers").unwrap();
+    for h in ["Location", "ETag", "Link"] {
+        assert!(exposed.contains(h), "{exposed}");
+    }
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(
+        r.header("accept-patch"),
+        Some("application/trickle-ice-sdpfrag")
+    );
+    assert!(
+        r.body.contains("a=candidate:"),
+        "the answer carries the server's candidates (no server trickle): {}",
+        r.body
+    );
+    let location = r.header("location").unwrap().to_string();
+    let etag = r.header("etag").unwrap().to_string();
+    assert_eq!(server.metric("cohost_whip_sessions").await, 1.0);
+    let ufrag = sdp
+        .lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let auth = format!("Bearer {token}");
+    let frag = format!(
+        "a=ice-ufrag:{ufrag}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n\
+         a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\na=end-of-candidates\r\n"
+    );
+    let patch = |if_match: &'static str, ct: &'static str, body: String| {
+        let (server, location, auth) = (&server, location.clone(), auth.clone());
+        async move {
+            http(
+                server,
+                "PATCH",
+                &location,
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", ct),
+                    ("If-Match", if_match),
+                ],
+                body.as_bytes(),
+            )
+            .await
+        }
+    };
+    const FRAG: &str = "application/trickle-ice-sdpfrag";
+    // Trickled candidate: 204.
+    let r = patch("*", FRAG, frag.clone()).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    // With the ETag of this ICE session too.
+    let etag: &'static str = Box::leak(etag.into_boxed_str());
+    let r = patch(etag, FRAG, frag.clone()).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    // Another ICE session's ETag: 412.
+    let r = patch("\"not-this-one\"", FRAG, frag.clone()).await;
+    assert_eq!(r.status, 412, "{}", r.body);
+    // New credentials = ICE restart: not supported, said so.
+    let restart = frag.replace(&ufrag, "NEWUFRAG");
+    let r = patch("*", FRAG, restart).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(r.body.contains("ICE restart"), "{}", r.body);
+    // Wrong content type, garbage fragment.
+    let r = patch("*", "application/sdp", frag.clone()).await;
+    assert_eq!(r.status, 415, "{}", r.body);
+    let r = patch("*", FRAG, "this is not sdp".into()).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    // Unknown session.
+    let r = http(
+        &server,
+        "PATCH",
+        "/whip/tr/0000",
+        &[("Authorization", &auth), ("Content-Type", FRAG)],
+        frag.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = delete(&server, &location, &token).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    server
+        .wait_metrics("no WHIP session left", |m| {
+            m.get("cohost_whip_sessions") == Some(&0.0)
+                && m.get("cohost_participants") == Some(&0.0)
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_and_whep_bad_input_gets_clear_errors_and_the_server_stays_healthy() {
+    let server = Server::start().await;
+    let _host = Client::join(&server, "bad", "host", Role::Host).await;
+    let (_pc, offer) = publisher_offer().await;
+    let host = server.token("bad", "studio", Role::Host);
+    let cases: Vec<(&str, Resp, u16, &str)> = vec![
+        (
+            "no token",
+            post_sdp(&server, "/whip/bad", None, &offer).await,
+            401,
+            "bearer",
+        ),
+        (
+            "forged token",
+            post_sdp(&server, "/whip/bad", Some("abc.def.ghi"), &offer).await,
+            401,
+            "invalid token",
+        ),
+        (
+            "expired token",
+            post_sdp(
+                &server,
+                "/whip/bad",
+                Some(&server.expired_token("bad", "studio")),
+                &offer,
+            )
+            .await,
+            401,
+            "expired",
+        ),
+        (
+            "token for another room",
+            post_sdp(
+                &server,
+                "/whip/bad",
+                Some(&server.token("other", "studio", Role::Host)),
+                &offer,
+            )
+            .await,
+            403,
+            "another room",
+        ),
+        (
+            "audience may not publish",
+            post_sdp(
+                &server,
+                "/whip/bad",
+                Some(&server.token("bad", "fan", Role::Audience)),
+                &offer,
+            )
+            .await,
+            403,
+            "may not publish",
+        ),
+        (
+            "wrong content type",
+            http(
+                &server,
+                "POST",
+                "/whip/bad",
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Authorization", &format!("Bearer {host}")),
+                ],
+                offer.as_bytes(),
+            )
+            .await,
+            415,
+            "application/sdp",
+        ),
+        (
+            "no content type",
+            http(
+                &server,
+                "POST",
+                "/whip/bad",
+                &[("Authorization", &format!("Bearer {host}"))],
+                offer.as_bytes(),
+            )
+            .await,
+            415,
+            "application/sdp",
+        ),
+        (
+            "oversized body",
+            post_sdp(
+                &server,
+                "/whip/bad",
+                Some(&host),
+                // Just past the 64 KiB limit (so the server reads all of it before answering).
+                &format!("{offer}{}", "a=x\r\n".repeat(14_000)),
+            )
+            .await,
+            413,
+            "larger than",
+        ),
+        (
+            "garbage SDP",
+            post_sdp(&server, "/whip/bad", Some(&host), "hello, this is not SDP").await,
+            400,
+            "malformed SDP",
+        ),
+        (
+            "SDP without media",
+            post_sdp(
+                &server,
+                "/whip/bad",
+                Some(&host),
+                "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n",
+            )
+            .await,
+            400,
+            "no audio or video",
+        ),
+        (
+            "truncated SDP",
+            post_sdp(
+                &server,
+                "/whip/bad",
+                Some(&host),
+                &offer[..offer.find("m=video").unwrap() + 12],
+            )
+            .await,
+            400,
+            "offer not usable",
+        ),
+        (
+            "binary body",
+            http(
+                &server,
+                "POST",
+                "/whip/bad",
+                &[
+                    ("Content-Type", "application/sdp"),
+                    ("Authorization", &format!("Bearer {host}")),
+                ],
+                &[0xff, 0xfe, 0x00, 0x80, 0x81],
+            )
+            .await,
+            400,
+            "UTF-8",
+        ),
+        (
+            "unknown WHIP session",
+            delete(&server, "/whip/bad/ffffffff", &host).await,
+            404,
+            "no such session",
+        ),
+        (
+            "WHEP without a bridge",
+            post_sdp(&server, "/whep/bad", Some(&host), &offer).await,
+            404,
+            "no bridge",
+        ),
+        (
+            "WHEP of a participant without tracks",
+            post_sdp(&server, "/whep/bad/host", Some(&host), &offer).await,
+            409,
+            "publishes nothing",
+        ),
+        (
+            "WHEP without a token",
+            post_sdp(&server, "/whep/bad/host", None, &offer).await,
+            401,
+            "bearer",
+        ),
+        (
+            "WHEP token for another room",
+            post_sdp(
+                &server,
+                "/whep/bad/host",
+                Some(&server.token("other", "fan", Role::Audience)),
+                &offer,
+            )
+            .await,
+            403,
+            "another room",
+        ),
+    ];
+    for (what, r, status, text) in &cases {
+        assert_eq!(r.status, *status, "{what}: {}", r.body);
+        assert!(
+            r.body.to_lowercase().contains(&text.to_lowercase()),
+            "{what}: {:?} should say {text:?}",
+            r.body
+        );
+        assert!(
+            r.header("content-type")
+                .is_some_and(|c| c.starts_with("text/plain")),
+            "{what}: {:?}",
+            r.header("content-type")
+        );
+        assert_eq!(r.header("access-control-allow-origin"), Some("*"), "{what}");
+        if *status == 401 {
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"), "{what}");
+        }
+    }
+    // Nobody was left behind in the room by the refused publishers; the server is healthy and
+    // a correct WHIP publish still works.
+    let (s, body) = server.get("/healthz", None).await;
+    assert_eq!(s, 200, "{body}");
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (_, room) = server.get("/v1/rooms/bad", Some(&admin)).await;
+    let room: Value = serde_json::from_str(room.trim()).unwrap();
+    assert_eq!(room["participants"].as_array().unwrap().len(), 1, "{room}");
+    let r = post_sdp(&server, "/whip/bad", Some(&host), &offer).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
