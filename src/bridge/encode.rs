@@ -166,7 +166,7 @@ impl H264Encoder {
         // RTP viewers get the same pictures as the FLV (renumbered slices, parameter sets
         // before keyframes).
         let params: Vec<&[u8]> = if keyframe {
-            sps.into_iter().chain(pps).map(|n| *n).collect()
+            sps.into_iter().chain(pps).copied().collect()
         } else {
             vec![]
         };
