@@ -625,6 +625,9 @@ pub struct Client {
     pub publisher: Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
     pub publication: Option<Publication>,
     pub offers_answered: Arc<AtomicU64>,
+    /// Server candidates for the publisher connection that arrived before its answer was
+    /// applied (the server trickles them as soon as it has them); added after the answer.
+    pending_pub: Arc<Mutex<Vec<RTCIceCandidateInit>>>,
     auto: tokio::task::JoinHandle<()>,
 }
 
@@ -671,6 +674,8 @@ impl Client {
         // Answer server offers and apply server candidates in the background, in order.
         let sub = subscriber.clone();
         let pubc = publisher.clone();
+        let pending_pub: Arc<Mutex<Vec<RTCIceCandidateInit>>> = Default::default();
+        let pending = pending_pub.clone();
         let ws = sig.tx.clone();
         let answered = offers_answered.clone();
         let auto = tokio::spawn(async move {
@@ -699,13 +704,17 @@ impl Client {
                             sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|x| x as u16),
                             ..Default::default()
                         };
-                        let pc = if v["target"] == "subscriber" {
-                            Some(sub.clone())
+                        if v["target"] == "subscriber" {
+                            let _ = sub.add_ice_candidate(init).await;
                         } else {
-                            pubc.lock().unwrap().clone()
-                        };
-                        if let Some(pc) = pc {
-                            let _ = pc.add_ice_candidate(init).await;
+                            let pc = pubc.lock().unwrap().clone();
+                            let added = match pc {
+                                Some(pc) => pc.add_ice_candidate(init.clone()).await.is_ok(),
+                                None => false,
+                            };
+                            if !added {
+                                pending.lock().unwrap().push(init);
+                            }
                         }
                     }
                     _ => {}
@@ -731,6 +740,7 @@ impl Client {
             publisher,
             publication: None,
             offers_answered,
+            pending_pub,
             auto,
         })
     }
@@ -827,6 +837,7 @@ impl Client {
             RTCSessionDescription::answer(resp["result"]["sdp"].as_str().unwrap().to_string())
                 .unwrap();
         pc.set_remote_description(answer).await.expect("srd");
+        self.add_pending_candidates(&pc).await;
         let pt = |s: &Arc<dyn RtpSender>| {
             let s = s.clone();
             async move { s.get_parameters().await.unwrap().rtp_parameters.codecs[0].payload_type }
@@ -913,6 +924,15 @@ impl Client {
             stop,
         });
         Ok(())
+    }
+
+    /// Apply the server candidates that arrived before the publisher's answer.
+    async fn add_pending_candidates(&self, pc: &Arc<dyn PeerConnection>) {
+        let pending: Vec<RTCIceCandidateInit> =
+            std::mem::take(&mut *self.pending_pub.lock().unwrap());
+        for c in pending {
+            let _ = pc.add_ice_candidate(c).await;
+        }
     }
 
     /// Remove the video track from the publisher connection and renegotiate.
