@@ -35,6 +35,37 @@ pub struct Config {
     pub room: RoomConfig,
     pub signaling: SignalingConfig,
     pub bridge: BridgeSettings,
+    pub origin: OriginConfig,
+}
+
+/// The embedded origin's application `live` (RTMP `rtmp://HOST/live/...`, HTTP-FLV
+/// `/live/{stream}.flv`): signed URLs against hotlinking and RTMP ingest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginConfig {
+    /// Players (RTMP play and HTTP-FLV) need `?sign=...&expires=...`.
+    pub sign_play: bool,
+    /// RTMP publishers need `?sign=...&expires=...` besides a valid stream key.
+    pub sign_publish: bool,
+    /// HMAC-SHA256 secret of signed URLs (at least 16 bytes when signing is on).
+    pub sign_secret: String,
+    /// Accept RTMP publishing with stream keys (`cohost token --stream-key`).
+    pub ingest: bool,
+    /// Default lifetime of stream keys and signed URLs minted by `cohost token` / the API.
+    #[serde(with = "humantime_serde_compat")]
+    pub key_ttl: Duration,
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        Self {
+            sign_play: false,
+            sign_publish: false,
+            sign_secret: String::new(),
+            ingest: true,
+            key_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -388,6 +419,12 @@ impl Config {
         if w.subscriber_queue == 0 {
             return Err(ConfigError::Invalid(
                 "webrtc.subscriber_queue must be at least 1".into(),
+            ));
+        }
+        let o = &self.origin;
+        if (o.sign_play || o.sign_publish) && o.sign_secret.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "origin.sign_secret must be at least 16 bytes when origin.sign_play or origin.sign_publish is on".into(),
             ));
         }
         for ip in &w.public_ips {

@@ -96,6 +96,9 @@ fn main() -> std::process::ExitCode {
         Cmd::CheckConfig => {
             let mut shown = cfg.clone();
             shown.auth.secret = "<redacted>".into();
+            if !shown.origin.sign_secret.is_empty() {
+                shown.origin.sign_secret = "<redacted>".into();
+            }
             match toml::to_string_pretty(&shown) {
                 Ok(s) => {
                     println!("{s}");
