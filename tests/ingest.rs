@@ -379,6 +379,9 @@ impl RtmpPublisher {
             if published {
                 return Ok(Self { sock, session });
             }
+            if !out.is_empty() {
+                continue;
+            }
             assert!(Instant::now() < deadline, "publish timed out");
             let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
                 .await
@@ -485,7 +488,9 @@ async fn garbage_on_the_rtmp_port_closes_only_that_connection() {
         let mut body = vec![0x17u8, 1, 0, 0, 0];
         body.extend_from_slice(&junk[i * 97..i * 97 + 300]);
         p.video(&body, i as u32 * 33).await;
-        p.audio(&junk[i * 50..i * 50 + 40], i as u32 * 33).await;
+        let mut aac = vec![0xaf, if i == 0 { 0 } else { 1 }];
+        aac.extend_from_slice(&junk[i * 50..i * 50 + 40]);
+        p.audio(&aac, i as u32 * 33).await;
     }
     let _ = p.sock.write_all(&junk).await;
     drain(p.sock).await;

@@ -622,7 +622,9 @@ async fn on_event(
         ServerSessionEvent::VideoDataReceived {
             data, timestamp, ..
         } => {
-            if let Some(i) = conn.ingest.as_mut() {
+            if let Some(i) = conn.ingest.as_mut()
+                && !i.closing
+            {
                 i.on_video(&data, timestamp.value);
             }
             vec![]
@@ -630,7 +632,9 @@ async fn on_event(
         ServerSessionEvent::AudioDataReceived {
             data, timestamp, ..
         } => {
-            if let Some(i) = conn.ingest.as_mut() {
+            if let Some(i) = conn.ingest.as_mut()
+                && !i.closing
+            {
                 i.on_audio(&data, timestamp.value);
             }
             vec![]
