@@ -198,9 +198,10 @@ pub struct SignalingConfig {
 pub struct BridgeSettings {
     /// Start a room's bridge when its host first publishes.
     pub auto_start: bool,
-    /// CDN destinations (rtmp:// URLs) of automatically started bridges. The embedded origin
-    /// always gets the stream.
-    pub auto_destinations: Vec<String>,
+    /// CDN destinations of automatically started bridges: rtmp:// URLs, or tables
+    /// `{url = "rtmp://...", sign = {scheme = "tx_secret", key = "..."}}` for URLs the bridge
+    /// signs itself. The embedded origin always gets the stream.
+    pub auto_destinations: Vec<crate::rtmp::push::Destination>,
     /// Output resolution (even numbers; 720x1280 for portrait).
     pub width: u32,
     pub height: u32,

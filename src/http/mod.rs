@@ -286,7 +286,7 @@ struct BridgeUpdate {
     #[serde(default, with = "double_option")]
     layout: Option<Option<crate::bridge::layout::Layout>>,
     #[serde(default)]
-    add_destinations: Vec<String>,
+    add_destinations: Vec<crate::rtmp::push::Destination>,
     #[serde(default)]
     remove_destinations: Vec<String>,
 }
