@@ -37,7 +37,11 @@ async fn cli_stream_key(room: &str, identity: &str, env: &[(&str, &str)]) -> (St
         cmd.env(k, v);
     }
     let out = cmd.output().await.expect("cohost token");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let field = |name: &str| {
         text.lines()
@@ -55,8 +59,24 @@ fn ffmpeg_push(url: &str, secs: u32) -> Child {
         .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
         .args(["-t", &secs.to_string()])
-        .args(["-c:v", "libx264", "-profile:v", "baseline", "-bf", "0", "-g", "30"])
-        .args(["-pix_fmt", "yuv420p", "-preset", "ultrafast", "-tune", "zerolatency"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-profile:v",
+            "baseline",
+            "-bf",
+            "0",
+            "-g",
+            "30",
+        ])
+        .args([
+            "-pix_fmt",
+            "yuv420p",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ])
         .args(["-c:a", "aac", "-b:a", "96k", "-f", "flv", url])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -110,14 +130,22 @@ async fn rtmp_publisher_with_a_stream_key_is_seen_and_heard_by_webrtc_subscriber
     assert!(url.ends_with(&format!("/live/{key}")), "{url}");
     let mut ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{key}"), 6);
     // The publisher is a participant under the key's identity.
-    wait_until("the RTMP publisher in the room", Duration::from_secs(15), async || {
-        room_identities(&server, "obsroom").await.contains(&"obs".to_string())
-    })
+    wait_until(
+        "the RTMP publisher in the room",
+        Duration::from_secs(15),
+        async || {
+            room_identities(&server, "obsroom")
+                .await
+                .contains(&"obs".to_string())
+        },
+    )
     .await;
     // Enough media reaches the WebRTC subscriber: about 3 s of video and audio.
-    wait_until("media at the subscriber", Duration::from_secs(20), async || {
-        raw_of(&viewer, "video").len() >= 150 && raw_of(&viewer, "audio").len() >= 150
-    })
+    wait_until(
+        "media at the subscriber",
+        Duration::from_secs(20),
+        async || raw_of(&viewer, "video").len() >= 150 && raw_of(&viewer, "audio").len() >= 150,
+    )
     .await;
     // Video: depacketize (RFC 6184) and decode with OpenH264.
     let video = raw_of(&viewer, "video");
@@ -136,7 +164,11 @@ async fn rtmp_publisher_with_a_stream_key_is_seen_and_heard_by_webrtc_subscriber
             }
         }
     }
-    assert!(decoded >= 30, "decoded {decoded} pictures of {} packets", video.len());
+    assert!(
+        decoded >= 30,
+        "decoded {decoded} pictures of {} packets",
+        video.len()
+    );
     assert!(keyframes >= 1);
     assert_eq!(size, Some((320, 240)));
     // Audio: Opus packets that decode to the 440 Hz tone, 20 ms each.
@@ -162,9 +194,15 @@ async fn rtmp_publisher_with_a_stream_key_is_seen_and_heard_by_webrtc_subscriber
         .expect("ffmpeg finished")
         .unwrap();
     assert!(status.success());
-    wait_until("the publisher to leave", Duration::from_secs(10), async || {
-        !room_identities(&server, "obsroom").await.contains(&"obs".to_string())
-    })
+    wait_until(
+        "the publisher to leave",
+        Duration::from_secs(10),
+        async || {
+            !room_identities(&server, "obsroom")
+                .await
+                .contains(&"obs".to_string())
+        },
+    )
     .await;
 }
 
@@ -174,9 +212,14 @@ async fn invalid_and_expired_stream_keys_are_refused_at_connect() {
     let rtmp = server.rtmp.expect("rtmp listener");
     let secret = DEV_SECRET.as_bytes();
     let expired = sign::mint_stream_key(secret, "keys", "obs", Role::Host, now() - 60).unwrap();
-    let forged =
-        sign::mint_stream_key(b"somebody-elses-secret", "keys", "obs", Role::Host, now() + 600)
-            .unwrap();
+    let forged = sign::mint_stream_key(
+        b"somebody-elses-secret",
+        "keys",
+        "obs",
+        Role::Host,
+        now() + 600,
+    )
+    .unwrap();
     let jwt = server.token("keys", "obs", Role::Host);
     for (key, why) in [
         (expired.as_str(), "expired"),
@@ -192,8 +235,14 @@ async fn invalid_and_expired_stream_keys_are_refused_at_connect() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{why}: ffmpeg must fail");
         assert!(err.contains(why), "{why}: {err}");
-        assert!(started.elapsed() < Duration::from_secs(4), "refused at once, not after the stream");
-        assert!(room_identities(&server, "keys").await.is_empty(), "nobody joined");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "refused at once, not after the stream"
+        );
+        assert!(
+            room_identities(&server, "keys").await.is_empty(),
+            "nobody joined"
+        );
     }
     // A signed publish URL is required when origin.sign_publish is on: the key alone is refused.
     let env = [
@@ -212,9 +261,15 @@ async fn invalid_and_expired_stream_keys_are_refused_at_connect() {
     // With the printed URL's signature it is accepted.
     let query = url.split_once('?').expect("signed url").1;
     let mut ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{key}?{query}"), 3);
-    wait_until("the signed publisher", Duration::from_secs(15), async || {
-        room_identities(&server, "keys").await.contains(&"obs".to_string())
-    })
+    wait_until(
+        "the signed publisher",
+        Duration::from_secs(15),
+        async || {
+            room_identities(&server, "keys")
+                .await
+                .contains(&"obs".to_string())
+        },
+    )
     .await;
     let _ = ff.kill().await;
 }
@@ -228,7 +283,11 @@ async fn cli_sign_url(stream: &str, rtmp: &str, http: &str) -> (String, String) 
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut lines = text.lines();
     let r = lines.next().unwrap().replace("127.0.0.1:1935", rtmp);
@@ -254,14 +313,19 @@ async fn ffprobe_ok(url: &str) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    (out.status.success() && text.contains("codec_name=h264"), text)
+    (
+        out.status.success() && text.contains("codec_name=h264"),
+        text,
+    )
 }
 
 /// Until the room's bridge has encoded a second of output.
 async fn wait_bridge(server: &Server, room: &str) {
     let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
     wait_until("the bridge output", Duration::from_secs(30), async || {
-        let (_, body) = server.get(&format!("/v1/rooms/{room}/bridge"), Some(&admin)).await;
+        let (_, body) = server
+            .get(&format!("/v1/rooms/{room}/bridge"), Some(&admin))
+            .await;
         let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
         v["stats"]["video_frames"].as_u64().unwrap_or(0) >= 15
     })
@@ -290,7 +354,8 @@ async fn signed_play_urls_refuse_missing_and_bad_signatures_and_play_valid_ones(
     let rtmp = server.rtmp.expect("rtmp listener");
     let (key, _) = cli_stream_key("signed", "obs", &[]).await;
     let _ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{key}"), 30);
-    let (rtmp_url, flv_url) = cli_sign_url("signed", &rtmp.to_string(), &server.addr.to_string()).await;
+    let (rtmp_url, flv_url) =
+        cli_sign_url("signed", &rtmp.to_string(), &server.addr.to_string()).await;
     // The RTMP host's bridge output is on the origin under the room's name.
     wait_bridge(&server, "signed").await;
     // HTTP-FLV: no signature, a bad one, an expired one: 403; the signed URL plays.
@@ -359,17 +424,21 @@ impl RtmpPublisher {
         loop {
             for r in std::mem::take(&mut out) {
                 match r {
-                    ClientSessionResult::OutboundResponse(p) => sock.write_all(&p.bytes).await.unwrap(),
-                    ClientSessionResult::RaisedEvent(ClientSessionEvent::ConnectionRequestAccepted) => {
+                    ClientSessionResult::OutboundResponse(p) => {
+                        sock.write_all(&p.bytes).await.unwrap()
+                    }
+                    ClientSessionResult::RaisedEvent(
+                        ClientSessionEvent::ConnectionRequestAccepted,
+                    ) => {
                         out.push(
                             session
                                 .request_publishing(key.into(), PublishRequestType::Live)
                                 .unwrap(),
                         );
                     }
-                    ClientSessionResult::RaisedEvent(ClientSessionEvent::PublishRequestAccepted) => {
-                        published = true
-                    }
+                    ClientSessionResult::RaisedEvent(
+                        ClientSessionEvent::PublishRequestAccepted,
+                    ) => published = true,
                     ClientSessionResult::RaisedEvent(
                         ClientSessionEvent::ConnectionRequestRejected { description },
                     ) => return Err(description),
@@ -390,14 +459,17 @@ impl RtmpPublisher {
             if n == 0 {
                 return Err("closed".into());
             }
-            out = session.handle_input(&buf[..n]).map_err(|e| format!("{e:?}"))?;
+            out = session
+                .handle_input(&buf[..n])
+                .map_err(|e| format!("{e:?}"))?;
         }
     }
 
     async fn video(&mut self, body: &[u8], ms: u32) {
         let ts = rml_rtmp::time::RtmpTimestamp::new(ms);
-        if let Ok(rml_rtmp::sessions::ClientSessionResult::OutboundResponse(p)) =
-            self.session.publish_video_data(Bytes::copy_from_slice(body), ts, false)
+        if let Ok(rml_rtmp::sessions::ClientSessionResult::OutboundResponse(p)) = self
+            .session
+            .publish_video_data(Bytes::copy_from_slice(body), ts, false)
         {
             let _ = self.sock.write_all(&p.bytes).await;
         }
@@ -405,8 +477,9 @@ impl RtmpPublisher {
 
     async fn audio(&mut self, body: &[u8], ms: u32) {
         let ts = rml_rtmp::time::RtmpTimestamp::new(ms);
-        if let Ok(rml_rtmp::sessions::ClientSessionResult::OutboundResponse(p)) =
-            self.session.publish_audio_data(Bytes::copy_from_slice(body), ts, false)
+        if let Ok(rml_rtmp::sessions::ClientSessionResult::OutboundResponse(p)) = self
+            .session
+            .publish_audio_data(Bytes::copy_from_slice(body), ts, false)
         {
             let _ = self.sock.write_all(&p.bytes).await;
         }
@@ -466,7 +539,9 @@ async fn garbage_on_the_rtmp_port_closes_only_that_connection() {
     drop(s);
     // A huge chunk size, then a chunk claiming a 16 MB message that never comes.
     let mut s = handshaken(rtmp).await;
-    let _ = s.write_all(&control(1, &0x7fff_ffffu32.to_be_bytes())).await;
+    let _ = s
+        .write_all(&control(1, &0x7fff_ffffu32.to_be_bytes()))
+        .await;
     let mut big = vec![0x03, 0, 0, 0, 0xff, 0xff, 0xff, 0x14, 0, 0, 0, 0];
     big.extend(std::iter::repeat_n(0x41u8, 100_000));
     let _ = s.write_all(&big).await;
@@ -479,7 +554,9 @@ async fn garbage_on_the_rtmp_port_closes_only_that_connection() {
     // A second publisher with a valid key whose media is garbage after publish: a baseline
     // sequence header, then random "frames" and audio, and finally raw junk bytes.
     let (key2, _) = cli_stream_key("sturdy", "garbler", &[]).await;
-    let mut p = RtmpPublisher::connect(rtmp, &key2).await.expect("valid key accepted");
+    let mut p = RtmpPublisher::connect(rtmp, &key2)
+        .await
+        .expect("valid key accepted");
     let header = cohost::media::flv::avc_sequence_header(&[
         1, 66, 0, 30, 0xff, 0xe1, 0, 4, 0x67, 66, 0, 30, 1, 0, 1, 0x68,
     ]);
@@ -497,7 +574,11 @@ async fn garbage_on_the_rtmp_port_closes_only_that_connection() {
     // The server is healthy, the first publisher is still in the room, and a player works.
     let (s, body) = server.get("/healthz", None).await;
     assert_eq!(s, 200, "{body}");
-    assert!(room_identities(&server, "sturdy").await.contains(&"obs".to_string()));
+    assert!(
+        room_identities(&server, "sturdy")
+            .await
+            .contains(&"obs".to_string())
+    );
     let (ok, text) = ffprobe_ok(&format!("rtmp://{rtmp}/live/sturdy")).await;
     assert!(ok, "a player still works: {text}");
 }

@@ -63,7 +63,10 @@ fn mac(secret: &[u8]) -> HmacSha256 {
 }
 
 fn key_message(room: &str, identity: &str, role: Role, expiry: u64) -> String {
-    format!("{KEY_DOMAIN}\n{room}\n{identity}\n{}\n{expiry}", role.as_str())
+    format!(
+        "{KEY_DOMAIN}\n{room}\n{identity}\n{}\n{expiry}",
+        role.as_str()
+    )
 }
 
 /// What a verified stream key grants.
@@ -156,7 +159,10 @@ pub fn sign_path(secret: &[u8], path: &str, expires: u64) -> String {
 
 /// The query string (`sign=...&expires=...`) for `path`.
 pub fn signed_query(secret: &[u8], path: &str, expires: u64) -> String {
-    format!("sign={}&expires={expires}", sign_path(secret, path, expires))
+    format!(
+        "sign={}&expires={expires}",
+        sign_path(secret, path, expires)
+    )
 }
 
 /// Split `name?query` into the name and the query's `key=value` pairs (no percent-decoding is
@@ -217,7 +223,14 @@ pub fn tx_secret(key: &str, stream: &str, expiry: u64) -> (String, String) {
 /// Alibaba-style push signing: the `auth_key` value
 /// `{timestamp}-{rand}-{uid}-md5("/{app}/{stream}-{timestamp}-{rand}-{uid}-{key}")`, where
 /// `timestamp` is the expiry (Unix seconds).
-pub fn auth_key(app: &str, stream: &str, timestamp: u64, rand: &str, uid: &str, key: &str) -> String {
+pub fn auth_key(
+    app: &str,
+    stream: &str,
+    timestamp: u64,
+    rand: &str,
+    uid: &str,
+    key: &str,
+) -> String {
     let hash = md5_hex(&format!("/{app}/{stream}-{timestamp}-{rand}-{uid}-{key}"));
     format!("{timestamp}-{rand}-{uid}-{hash}")
 }
@@ -260,7 +273,12 @@ mod tests {
                 "{forged}"
             );
         }
-        for bad in ["", "a~b", "r~i~host~1~zz", "r~i~boss~1~00112233445566778899aabbccddeeff"] {
+        for bad in [
+            "",
+            "a~b",
+            "r~i~host~1~zz",
+            "r~i~boss~1~00112233445566778899aabbccddeeff",
+        ] {
             assert_eq!(verify_stream_key(S, bad, 0), Err(SignError::MalformedKey));
         }
         assert!(mint_stream_key(S, "r", "viewer", Role::Audience, 1).is_err());
@@ -292,7 +310,10 @@ mod tests {
             verify_signed(S, "/live/room2", &pairs, 4_000),
             Err(SignError::BadSignature)
         );
-        assert_eq!(verify_signed(S, "/live/room1", &[], 0), Err(SignError::Missing));
+        assert_eq!(
+            verify_signed(S, "/live/room1", &[], 0),
+            Err(SignError::Missing)
+        );
         // Computed independently (Python's hmac) over "/live/room1\n5000".
         let want = "c69090662d94b9bd7613b60b889e752d4e417ec7996fb3423fb19eb27a7f4c34";
         assert_eq!(sign_path(S, "/live/room1", 5_000), want);

@@ -18,7 +18,7 @@ use super::{api_error, authorize};
 use crate::auth::{Role, now_secs, sign, valid_name};
 use crate::participant::Services;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct KeyRequest {
     identity: String,
@@ -81,16 +81,6 @@ fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T,
             &format!("invalid JSON body: {e}"),
         ))
     })
-}
-
-impl Default for KeyRequest {
-    fn default() -> Self {
-        Self {
-            identity: String::new(),
-            role: None,
-            ttl: None,
-        }
-    }
 }
 
 pub(super) async fn mint_stream_key(
@@ -201,7 +191,11 @@ pub(super) async fn signed_url(
 }
 
 /// HTTP-FLV play: the signature check when `origin.sign_play` is on.
-pub(super) fn check_play(svc: &Services, stream: &str, query: Option<&str>) -> Result<(), Response> {
+pub(super) fn check_play(
+    svc: &Services,
+    stream: &str,
+    query: Option<&str>,
+) -> Result<(), Box<Response>> {
     if !svc.cfg.origin.sign_play {
         return Ok(());
     }
@@ -215,6 +209,10 @@ pub(super) fn check_play(svc: &Services, stream: &str, query: Option<&str>) -> R
     )
     .map_err(|e| {
         tracing::warn!(%stream, "http-flv play refused: URL signature: {e}");
-        api_error(StatusCode::FORBIDDEN, e.code(), &format!("play URL signature: {e}"))
+        Box::new(api_error(
+            StatusCode::FORBIDDEN,
+            e.code(),
+            &format!("play URL signature: {e}"),
+        ))
     })
 }

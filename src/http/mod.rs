@@ -423,7 +423,7 @@ async fn http_flv(
         return api_error(StatusCode::NOT_FOUND, "not_found", "use /live/{stream}.flv");
     };
     if let Err(r) = ingest::check_play(&svc, name, uri.query()) {
-        return r;
+        return *r;
     }
     let player = match svc.origin.play(name) {
         Ok(p) => p,

@@ -616,7 +616,10 @@ mod tests {
         assert_eq!(snap_b.others.len(), 1);
         assert!(matches!(next_event(&mut rx_a), Some(RoomEvent::Joined(p)) if p.identity == "bob"));
         r.leave(&room, &snap_b.participant.id, LeaveReason::Left);
-        assert!(matches!(next_event(&mut rx_a), Some(RoomEvent::Left { .. })));
+        assert!(matches!(
+            next_event(&mut rx_a),
+            Some(RoomEvent::Left { .. })
+        ));
         assert_eq!(r.room_count(), 1);
         r.leave(&room, &snap_a.participant.id, LeaveReason::Left);
         assert_eq!(r.room_count(), 0);

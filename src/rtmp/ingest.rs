@@ -34,7 +34,8 @@ pub const VIDEO_MTU: usize = 1200;
 pub const H264_PT: u8 = 125;
 pub const OPUS_PT: u8 = 111;
 /// What the video track announces: constrained baseline, what browsers and OpenH264 decode.
-pub const H264_FMTP: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
+pub const H264_FMTP: &str =
+    "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
 /// Samples per channel in one 20 ms Opus frame at 48 kHz.
 const OPUS_FRAME: usize = 960;
 /// Largest PCM frame fdk-aac may return (8 channels x 2048 samples, HE-AAC doubles).
@@ -65,8 +66,11 @@ fn read_u16(b: &[u8], i: usize) -> Option<usize> {
     Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]) as usize)
 }
 
+/// SPS list, PPS list and NAL length size of an AVCDecoderConfigurationRecord.
+pub type AvcConfig = (Vec<Vec<u8>>, Vec<Vec<u8>>, usize);
+
 /// SPS and PPS NAL units of an AVCDecoderConfigurationRecord and its NAL length size.
-pub fn parse_avc_config(rec: &[u8]) -> Option<(Vec<Vec<u8>>, Vec<Vec<u8>>, usize)> {
+pub fn parse_avc_config(rec: &[u8]) -> Option<AvcConfig> {
     if rec.len() < 7 || rec[0] != 1 {
         return None;
     }
@@ -384,10 +388,7 @@ impl AudioIngest {
             .ts_base
             .wrapping_add(start.wrapping_mul(48))
             .wrapping_add(self.samples_out as u32);
-        (
-            rtp,
-            f64::from(start) + self.samples_out as f64 / 48.0,
-        )
+        (rtp, f64::from(start) + self.samples_out as f64 / 48.0)
     }
 
     /// One FLV audio tag body at `flv_ms`: Opus RTP packets (and the last one's FLV time).
@@ -516,7 +517,10 @@ mod tests {
                 enc.force_intra_frame();
             }
             let yuv = vec![(i * 20 % 256) as u8; w * h * 3 / 2];
-            let bs = enc.encode(&YUVBuffer::from_vec(yuv, w, h)).unwrap().to_vec();
+            let bs = enc
+                .encode(&YUVBuffer::from_vec(yuv, w, h))
+                .unwrap()
+                .to_vec();
             let nals = split_annexb(&bs);
             if out.is_empty() {
                 let sps = nals.iter().find(|n| nal_type(n) == NAL_SPS).unwrap();
@@ -584,19 +588,30 @@ mod tests {
         let mut b = stream[1].clone();
         b[4] = 66;
         let e = v.push(&b, 33).unwrap_err();
-        assert!(matches!(&e, IngestError::Unsupported(m) if m.contains("B-frames")), "{e}");
+        assert!(
+            matches!(&e, IngestError::Unsupported(m) if m.contains("B-frames")),
+            "{e}"
+        );
         // A high-profile SPS in the sequence header.
         let sps = [0x67, 100, 0, 0x1f, 0xac];
         let pps = [0x68, 0xce];
         let hdr = flv::avc_sequence_header(&decoder_config(&sps, &pps).unwrap());
         let e = VideoIngest::default().push(&hdr, 0).unwrap_err();
-        assert!(matches!(&e, IngestError::Unsupported(m) if m.contains("baseline")), "{e}");
+        assert!(
+            matches!(&e, IngestError::Unsupported(m) if m.contains("baseline")),
+            "{e}"
+        );
         // VP6 (codec id 4).
-        let e = VideoIngest::default().push(&[0x14, 0, 0, 0, 0], 0).unwrap_err();
+        let e = VideoIngest::default()
+            .push(&[0x14, 0, 0, 0, 0], 0)
+            .unwrap_err();
         assert!(matches!(e, IngestError::Unsupported(_)));
         // MP3 audio (format 2).
         let mut a = AudioIngest::new(1, 0, 0).unwrap();
-        assert!(matches!(a.push(&[0x2f, 1, 2], 0), Err(IngestError::Unsupported(_))));
+        assert!(matches!(
+            a.push(&[0x2f, 1, 2], 0),
+            Err(IngestError::Unsupported(_))
+        ));
     }
 
     #[test]
@@ -613,7 +628,12 @@ mod tests {
         let mut asm = Assembler::new();
         let mut got = None;
         for p in out.packets {
-            for o in asm.push(p.header.sequence_number, p.header.timestamp, p.header.marker, &p.payload) {
+            for o in asm.push(
+                p.header.sequence_number,
+                p.header.timestamp,
+                p.header.marker,
+                &p.payload,
+            ) {
                 if let Output::Frame(au) = o {
                     got = Some(au);
                 }
@@ -630,12 +650,18 @@ mod tests {
 
     /// AAC-LC at `rate` Hz mono from fdk-aac: (AudioSpecificConfig, raw frames) of a sine.
     fn aac_stream(rate: u32, channels: u8, frames: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
-        use fdk_aac::enc::{AudioObjectType, BitRate, ChannelMode, Encoder, EncoderParams, Transport};
+        use fdk_aac::enc::{
+            AudioObjectType, BitRate, ChannelMode, Encoder, EncoderParams, Transport,
+        };
         let enc = Encoder::new(EncoderParams {
             bit_rate: BitRate::Cbr(64_000),
             sample_rate: rate,
             transport: Transport::Raw,
-            channels: if channels == 1 { ChannelMode::Mono } else { ChannelMode::Stereo },
+            channels: if channels == 1 {
+                ChannelMode::Mono
+            } else {
+                ChannelMode::Stereo
+            },
             audio_object_type: AudioObjectType::Mpeg4LowComplexity,
         })
         .unwrap();
@@ -672,12 +698,18 @@ mod tests {
         for (i, f) in frames.iter().enumerate() {
             let mut body = vec![0xaf, 1];
             body.extend_from_slice(f);
-            packets.extend(a.push(&body, 500 + (i as u32 * 1024 * 1000 / 44_100)).unwrap());
+            packets.extend(
+                a.push(&body, 500 + (i as u32 * 1024 * 1000 / 44_100))
+                    .unwrap(),
+            );
         }
         // 100 frames of 1024 samples at 44.1 kHz = 2.32 s = about 116 Opus frames.
         assert!((110..=117).contains(&packets.len()), "{}", packets.len());
         for w in packets.windows(2) {
-            assert_eq!(w[1].header.timestamp.wrapping_sub(w[0].header.timestamp), 960);
+            assert_eq!(
+                w[1].header.timestamp.wrapping_sub(w[0].header.timestamp),
+                960
+            );
             assert_eq!(w[1].header.sequence_number, w[0].header.sequence_number + 1);
         }
         assert_eq!(packets[0].header.timestamp, 1000 + 500 * 48);
@@ -698,7 +730,9 @@ mod tests {
     fn resampler_keeps_rate_and_phase() {
         let mut r = Resampler::new(44_100);
         let mut out = vec![];
-        let ramp: Vec<i16> = (0..44_100).flat_map(|i| [(i / 2) as i16, -((i / 2) as i16)]).collect();
+        let ramp: Vec<i16> = (0..44_100)
+            .flat_map(|i| [(i / 2) as i16, -((i / 2) as i16)])
+            .collect();
         for chunk in ramp.chunks(1024 * 2) {
             r.process(chunk, &mut out);
         }

@@ -174,7 +174,9 @@ impl Destination {
 
     /// Check the URL and signing settings without connecting.
     pub fn validate(&self) -> Result<(), String> {
-        self.signed_url(0, "0").and_then(|u| RtmpUrl::parse(&u)).map(|_| ())
+        self.signed_url(0, "0")
+            .and_then(|u| RtmpUrl::parse(&u))
+            .map(|_| ())
     }
 }
 
@@ -580,7 +582,10 @@ mod tests {
             "rtmp://push.example.com/live/room1?vhost=v&auth_key=1546300800-0-0-815338df2d2d7e4016256b04ad01ecb7"
         );
         assert_eq!(d.url(), "rtmp://push.example.com/live/room1?vhost=v");
-        assert!(!format!("{d:?}").contains("mykey"), "keys are never printed");
+        assert!(
+            !format!("{d:?}").contains("mykey"),
+            "keys are never printed"
+        );
         // Plain strings still work; bad schemes and URLs are refused.
         let d: Destination = serde_json::from_value(serde_json::json!("rtmp://h/live/k")).unwrap();
         assert_eq!(d.signed_url(5, "0").unwrap(), "rtmp://h/live/k");

@@ -36,6 +36,9 @@ use crate::sfu::{CodecSpec, TrackRouter};
 use crate::signaling::protocol::{Kind, LeaveReason};
 use tokio::sync::mpsc;
 
+/// Called with (room, role) when an RTMP publisher's first track is published.
+pub type OnPublished = Arc<dyn Fn(&str, Role) + Send + Sync>;
+
 /// What the RTMP server needs from the rest of the server.
 pub struct RtmpContext {
     pub origin: Arc<Origin>,
@@ -45,7 +48,7 @@ pub struct RtmpContext {
     pub cfg: OriginConfig,
     /// Called when an RTMP publisher's first track is published (room, role): the server
     /// starts the room's bridge when `bridge.auto_start` says so.
-    pub on_published: Option<Arc<dyn Fn(&str, Role) + Send + Sync>>,
+    pub on_published: Option<OnPublished>,
 }
 
 /// Bytes a client may send before it plays or publishes (handshake excluded).
@@ -308,7 +311,7 @@ struct Ingest {
     ntp_base: u64,
     bad_tags: u32,
     audio_packets: u64,
-    on_published: Option<Arc<dyn Fn(&str, Role) + Send + Sync>>,
+    on_published: Option<OnPublished>,
     /// Set when the stream must end (unsupported media, too many bad tags).
     closing: bool,
 }
@@ -421,7 +424,7 @@ impl Ingest {
                 }
                 if let (Some(r), Some(a)) = (&self.audio_router, &self.audio) {
                     for p in packets {
-                        if self.audio_packets % 50 == 0
+                        if self.audio_packets.is_multiple_of(50)
                             && let Some(sr) = a.sender_report(self.ntp_base)
                         {
                             r.set_sender_report(sr);
