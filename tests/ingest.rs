@@ -582,3 +582,123 @@ async fn garbage_on_the_rtmp_port_closes_only_that_connection() {
     let (ok, text) = ffprobe_ok(&format!("rtmp://{rtmp}/live/sturdy")).await;
     assert!(ok, "a player still works: {text}");
 }
+
+/// A one-shot RTMP server that records the stream key (with its query) a client publishes to.
+async fn capture_publish_key(listener: tokio::net::TcpListener) -> String {
+    use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+    use rml_rtmp::sessions::{
+        ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult,
+    };
+    let (mut sock, _) = listener.accept().await.unwrap();
+    let mut hs = Handshake::new(PeerType::Server);
+    let mut buf = vec![0u8; 8192];
+    let leftover = loop {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        match hs.process_bytes(&buf[..n]).unwrap() {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                sock.write_all(&response_bytes).await.unwrap()
+            }
+            HandshakeProcessResult::Completed {
+                response_bytes,
+                remaining_bytes,
+            } => {
+                sock.write_all(&response_bytes).await.unwrap();
+                break remaining_bytes;
+            }
+        }
+    };
+    let (mut session, mut out) = ServerSession::new(ServerSessionConfig::new()).unwrap();
+    out.extend(session.handle_input(&leftover).unwrap());
+    loop {
+        let mut more = vec![];
+        for r in out {
+            match r {
+                ServerSessionResult::OutboundResponse(p) => sock.write_all(&p.bytes).await.unwrap(),
+                ServerSessionResult::RaisedEvent(ServerSessionEvent::ConnectionRequested {
+                    request_id,
+                    ..
+                }) => more.extend(session.accept_request(request_id).unwrap()),
+                ServerSessionResult::RaisedEvent(ServerSessionEvent::PublishStreamRequested {
+                    stream_key,
+                    ..
+                }) => return stream_key,
+                _ => {}
+            }
+        }
+        if !more.is_empty() {
+            out = more;
+            continue;
+        }
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before publishing");
+        out = session.handle_input(&buf[..n]).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_signs_cdn_destination_urls_itself_at_connect() {
+    let server = bridged_server(&[("COHOST_BRIDGE__AUTO_START", "false")]).await;
+    let _host = Client::join(&server, "cdn", "host", Role::Host).await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    // A bad scheme is refused before anything starts.
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/cdn/bridge",
+            &admin,
+            &json!({"destinations": [{"url": "rtmp://127.0.0.1:1/live/x",
+                                      "sign": {"scheme": "nope", "key": "k"}}]}),
+        )
+        .await;
+    // (axum's JSON rejection: 422 naming the field.)
+    assert_eq!(s, 422, "{body}");
+    assert!(body.contains("destinations[0]"), "{body}");
+    // tx_secret: the CDN stand-in sees txSecret = md5(key + stream + txTime).
+    let cdn = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = cdn.local_addr().unwrap().port();
+    let captured = tokio::spawn(capture_publish_key(cdn));
+    let url = format!("rtmp://127.0.0.1:{port}/live/cdnroom");
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/cdn/bridge",
+            &admin,
+            &json!({"destinations": [{"url": url,
+                    "sign": {"scheme": "tx_secret", "key": "cdn-key", "ttl_secs": 3600}}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let key = tokio::time::timeout(Duration::from_secs(20), captured)
+        .await
+        .expect("the bridge connected")
+        .unwrap();
+    let (stream, query) = sign::split_query(&key);
+    assert_eq!(stream, "cdnroom");
+    let get = |k: &str| {
+        query
+            .iter()
+            .find(|(q, _)| *q == k)
+            .map(|(_, v)| v.to_string())
+    };
+    let tx_time = get("txTime").expect("txTime");
+    let expiry = u64::from_str_radix(&tx_time, 16).unwrap();
+    assert!(
+        expiry.abs_diff(now() + 3600) < 60,
+        "expiry about an hour ahead"
+    );
+    assert_eq!(
+        get("txSecret"),
+        Some(sign::tx_secret("cdn-key", "cdnroom", expiry).0)
+    );
+    // The status shows the URL without the signature, and never the key.
+    let (_, body) = server.get("/v1/rooms/cdn/bridge", Some(&admin)).await;
+    assert!(
+        body.contains(&format!("rtmp://127.0.0.1:{port}/live/cdnroom")),
+        "{body}"
+    );
+    assert!(
+        !body.contains("txSecret") && !body.contains("cdn-key"),
+        "{body}"
+    );
+}
