@@ -702,3 +702,80 @@ async fn bridge_signs_cdn_destination_urls_itself_at_connect() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_keys_and_signed_urls_come_from_the_rest_api() {
+    let server = Server::start().await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/api1/stream-keys",
+            &admin,
+            &json!({"identity": "obs", "role": "cohost", "ttl": "2h"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let v: Value = serde_json::from_str(body.trim()).unwrap();
+    let key = v["stream_key"].as_str().unwrap();
+    let g = sign::verify_stream_key(DEV_SECRET.as_bytes(), key, now()).expect("a valid key");
+    assert_eq!(
+        (g.room.as_str(), g.identity.as_str(), g.role),
+        ("api1", "obs", Role::Cohost)
+    );
+    assert!(g.expiry.abs_diff(now() + 7200) < 60);
+    assert!(
+        v["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/live/{key}")),
+        "{v}"
+    );
+    // Refused: no token, a viewer's token, a role that may not publish, a bad ttl.
+    let viewer = server.token("api1", "v", Role::Audience);
+    let (s, _) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/api1/stream-keys",
+            &viewer,
+            &json!({"identity": "x"}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = server.get("/v1/rooms/api1/stream-keys", None).await;
+    assert!(s == 405 || s == 401, "{s}");
+    for bad in [
+        json!({"identity": "x", "role": "audience"}),
+        json!({"identity": "x", "ttl": "soon"}),
+        json!({"identity": "bad name"}),
+        json!({"identity": "x", "extra": 1}),
+    ] {
+        let (s, body) = server
+            .send_json("POST", "/v1/rooms/api1/stream-keys", &admin, &bad)
+            .await;
+        assert_eq!(s, 400, "{bad}: {body}");
+    }
+    // Signed URLs need a configured secret.
+    let (s, body) = server
+        .send_json("POST", "/v1/streams/api1/signed-url", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 409, "{body}");
+    let server = Server::start_with(&[("COHOST_ORIGIN__SIGN_SECRET", SIGN_SECRET)]).await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/streams/api1/signed-url",
+            &admin,
+            &json!({"ttl": "5m"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(body.trim()).unwrap();
+    let flv = v["flv"].as_str().unwrap();
+    let (_, q) = sign::split_query(flv);
+    assert_eq!(
+        sign::verify_signed(SIGN_SECRET.as_bytes(), "/live/api1", &q, now()),
+        Ok(())
+    );
+}
