@@ -779,3 +779,60 @@ async fn stream_keys_and_signed_urls_come_from_the_rest_api() {
         Ok(())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kicked_rtmp_publisher_is_disconnected() {
+    let server = Server::start().await;
+    let rtmp = server.rtmp.expect("rtmp listener");
+    let _host = Client::join(&server, "kick", "host", Role::Host).await;
+    let key = sign::mint_stream_key(
+        DEV_SECRET.as_bytes(),
+        "kick",
+        "obs",
+        Role::Cohost,
+        now() + 600,
+    )
+    .unwrap();
+    let mut ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{key}"), 30);
+    wait_until(
+        "the RTMP publisher in the room",
+        Duration::from_secs(15),
+        async || {
+            room_identities(&server, "kick")
+                .await
+                .contains(&"obs".to_string())
+        },
+    )
+    .await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (_, body) = server.get("/v1/rooms/kick", Some(&admin)).await;
+    let v: Value = serde_json::from_str(body.trim()).unwrap();
+    let pid = v["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["identity"] == "obs")
+        .and_then(|p| p["id"].as_str())
+        .unwrap()
+        .to_string();
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/kick/actions",
+            &admin,
+            &json!({"type": "kick", "participant_id": pid}),
+        )
+        .await;
+    assert_eq!(s, 204, "{body}");
+    // ffmpeg loses its connection long before its 30 s are up.
+    let status = tokio::time::timeout(Duration::from_secs(10), ff.wait())
+        .await
+        .expect("ffmpeg disconnected")
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        !room_identities(&server, "kick")
+            .await
+            .contains(&"obs".to_string())
+    );
+}
