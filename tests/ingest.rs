@@ -125,7 +125,7 @@ fn raw_of(c: &Client, kind: &str) -> Vec<(u16, u32, bool, Bytes)> {
 async fn rtmp_publisher_with_a_stream_key_is_seen_and_heard_by_webrtc_subscribers() {
     let server = Server::start().await;
     let rtmp = server.rtmp.expect("rtmp listener");
-    let viewer = Client::join(&server, "obsroom", "viewer", Role::Audience).await;
+    let mut viewer = Client::join(&server, "obsroom", "viewer", Role::Audience).await;
     let (key, url) = cli_stream_key("obsroom", "obs", &[]).await;
     assert!(url.ends_with(&format!("/live/{key}")), "{url}");
     let mut ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{key}"), 6);
@@ -140,6 +140,23 @@ async fn rtmp_publisher_with_a_stream_key_is_seen_and_heard_by_webrtc_subscriber
         },
     )
     .await;
+    // The viewer is told over signaling, like for any member: the join, then both tracks.
+    viewer
+        .sig
+        .wait_for("participant_joined", |v| {
+            v["type"] == "participant_joined" && v["participant"]["identity"] == "obs"
+        })
+        .await;
+    let mut kinds = vec![];
+    while kinds.len() < 2 {
+        let v = viewer
+            .sig
+            .wait_for("track_published", |v| v["type"] == "track_published")
+            .await;
+        kinds.push(v["track"]["kind"].as_str().unwrap_or("").to_string());
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["audio", "video"]);
     // Enough media reaches the WebRTC subscriber: about 3 s of video and audio.
     wait_until(
         "media at the subscriber",
