@@ -78,6 +78,37 @@ async fn room_deadlines(svc: Arc<Services>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
+/// The RTMP server's view of the services; an RTMP host's first track starts the room's bridge
+/// when `bridge.auto_start` is on, like a WebRTC host's does.
+fn rtmp_context(svc: &Arc<Services>) -> Arc<crate::rtmp::server::RtmpContext> {
+    let weak = Arc::downgrade(svc);
+    let on_published = move |room: &str, role: crate::auth::Role| {
+        let Some(svc) = weak.upgrade() else {
+            return;
+        };
+        let cfg = &svc.cfg.bridge;
+        if !cfg.auto_start || role != crate::auth::Role::Host || svc.bridges.contains_key(room) {
+            return;
+        }
+        let req = crate::bridge::control::BridgeRequest {
+            destinations: cfg.auto_destinations.clone(),
+            ..Default::default()
+        };
+        match crate::bridge::control::start(&svc.bridge_ctl(), room, req) {
+            Ok(()) => info!(%room, "bridge started automatically (rtmp host)"),
+            Err(crate::bridge::control::ControlError::AlreadyRunning) => {}
+            Err(e) => tracing::warn!(%room, "automatic bridge start failed: {e}"),
+        }
+    };
+    Arc::new(crate::rtmp::server::RtmpContext {
+        origin: svc.origin.clone(),
+        rooms: svc.rooms.clone(),
+        key_secret: svc.cfg.auth.secret.as_bytes().to_vec(),
+        cfg: svc.cfg.origin.clone(),
+        on_published: Some(Arc::new(on_published)),
+    })
+}
+
 pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     check_secret(&cfg)?;
     let cfg = Arc::new(cfg);
@@ -107,7 +138,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         let a = l.local_addr()?;
         tokio::spawn(crate::rtmp::server::serve(
             l,
-            services.origin.clone(),
+            rtmp_context(&services),
             shutdown_rx.clone(),
         ));
         Some(a)

@@ -35,6 +35,37 @@ pub struct Config {
     pub room: RoomConfig,
     pub signaling: SignalingConfig,
     pub bridge: BridgeSettings,
+    pub origin: OriginConfig,
+}
+
+/// The embedded origin's application `live` (RTMP `rtmp://HOST/live/...`, HTTP-FLV
+/// `/live/{stream}.flv`): signed URLs against hotlinking and RTMP ingest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginConfig {
+    /// Players (RTMP play and HTTP-FLV) need `?sign=...&expires=...`.
+    pub sign_play: bool,
+    /// RTMP publishers need `?sign=...&expires=...` besides a valid stream key.
+    pub sign_publish: bool,
+    /// HMAC-SHA256 secret of signed URLs (at least 16 bytes when signing is on).
+    pub sign_secret: String,
+    /// Accept RTMP publishing with stream keys (`cohost token --stream-key`).
+    pub ingest: bool,
+    /// Default lifetime of stream keys and signed URLs minted by `cohost token` / the API.
+    #[serde(with = "humantime_serde_compat")]
+    pub key_ttl: Duration,
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        Self {
+            sign_play: false,
+            sign_publish: false,
+            sign_secret: String::new(),
+            ingest: true,
+            key_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,9 +201,10 @@ pub struct SignalingConfig {
 pub struct BridgeSettings {
     /// Start a room's bridge when its host first publishes.
     pub auto_start: bool,
-    /// CDN destinations (rtmp:// URLs) of automatically started bridges. The embedded origin
-    /// always gets the stream.
-    pub auto_destinations: Vec<String>,
+    /// CDN destinations of automatically started bridges: rtmp:// URLs, or tables
+    /// `{url = "rtmp://...", sign = {scheme = "tx_secret", key = "..."}}` for URLs the bridge
+    /// signs itself. The embedded origin always gets the stream.
+    pub auto_destinations: Vec<crate::rtmp::push::Destination>,
     /// Output resolution (even numbers; 720x1280 for portrait).
     pub width: u32,
     pub height: u32,
@@ -421,6 +453,12 @@ impl Config {
                  anyone reaching the port could mint host tokens",
                 self.server.http_listen
             )));
+        }
+        let o = &self.origin;
+        if (o.sign_play || o.sign_publish) && o.sign_secret.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "origin.sign_secret must be at least 16 bytes when origin.sign_play or origin.sign_publish is on".into(),
+            ));
         }
         for ip in &w.public_ips {
             if ip.parse::<IpAddr>().is_err() {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use cohost::auth::{Authenticator, Role};
+use cohost::auth::{Authenticator, Role, sign};
 use cohost::config::Config;
 
 #[derive(Parser)]
@@ -38,9 +38,27 @@ enum Cmd {
         /// host, cohost, audience or admin
         #[arg(long)]
         role: Role,
-        /// Lifetime, e.g. 30m, 1h, 7d (default: auth.token_ttl).
+        /// Lifetime, e.g. 30m, 1h, 7d (default: auth.token_ttl; origin.key_ttl for stream keys).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
+        /// Print an RTMP stream key (OBS/ffmpeg ingest) and the full publish URL instead of a JWT.
+        #[arg(long)]
+        stream_key: bool,
+        /// Host (and port) put in the printed RTMP URL (default: server.rtmp_listen).
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Print signed play URLs (RTMP and HTTP-FLV) of an origin stream (origin.sign_secret).
+    SignUrl {
+        /// Stream name (the room name for a room's bridge output).
+        #[arg(long)]
+        stream: String,
+        /// Lifetime, e.g. 30m, 1h (default: origin.key_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Host put in the URLs (default: the listen addresses).
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Validate the configuration and print the effective values (secrets redacted).
     CheckConfig,
@@ -74,6 +92,69 @@ fn main() -> std::process::ExitCode {
             identity,
             role,
             ttl,
+            stream_key: true,
+            host,
+        } => {
+            let ttl = ttl.unwrap_or(cfg.origin.key_ttl);
+            let expires = cohost::auth::now_secs().saturating_add(ttl.as_secs());
+            match sign::mint_stream_key(cfg.auth.secret.as_bytes(), &room, &identity, role, expires)
+            {
+                Ok(key) => {
+                    let host = host.unwrap_or_else(|| cfg.server.rtmp_listen.clone());
+                    let mut url = format!("rtmp://{host}/live/{key}");
+                    if cfg.origin.sign_publish {
+                        let q = sign::signed_query(
+                            cfg.origin.sign_secret.as_bytes(),
+                            &format!("/live/{key}"),
+                            expires,
+                        );
+                        url = format!("{url}?{q}");
+                    }
+                    println!("stream key: {key}");
+                    println!("server:     rtmp://{host}/live");
+                    println!("url:        {url}");
+                    println!("expires:    {expires}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cohost: {e}");
+                    std::process::ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::SignUrl { stream, ttl, host } => {
+            if cfg.origin.sign_secret.is_empty() {
+                eprintln!("cohost: origin.sign_secret is not configured");
+                return std::process::ExitCode::from(2);
+            }
+            if !cohost::auth::valid_name(&stream) {
+                eprintln!("cohost: stream must be 1-64 chars of [A-Za-z0-9._-]");
+                return std::process::ExitCode::from(2);
+            }
+            let ttl = ttl.unwrap_or(cfg.origin.key_ttl);
+            let expires = cohost::auth::now_secs().saturating_add(ttl.as_secs());
+            let q = sign::signed_query(
+                cfg.origin.sign_secret.as_bytes(),
+                &format!("/live/{stream}"),
+                expires,
+            );
+            let (rtmp, http) = match host {
+                Some(h) => (h.clone(), h),
+                None => (
+                    cfg.server.rtmp_listen.clone(),
+                    cfg.server.http_listen.to_string(),
+                ),
+            };
+            println!("rtmp://{rtmp}/live/{stream}?{q}");
+            println!("http://{http}/live/{stream}.flv?{q}");
+            std::process::ExitCode::SUCCESS
+        }
+        Cmd::Token {
+            room,
+            identity,
+            role,
+            ttl,
+            ..
         } => {
             let auth = match Authenticator::new(&cfg.auth) {
                 Ok(a) => a,
@@ -96,6 +177,9 @@ fn main() -> std::process::ExitCode {
         Cmd::CheckConfig => {
             let mut shown = cfg.clone();
             shown.auth.secret = "<redacted>".into();
+            if !shown.origin.sign_secret.is_empty() {
+                shown.origin.sign_secret = "<redacted>".into();
+            }
             match toml::to_string_pretty(&shown) {
                 Ok(s) => {
                     println!("{s}");

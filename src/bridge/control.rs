@@ -12,7 +12,7 @@ use super::pipeline::{Bridge, BridgeConfig};
 use crate::config::BridgeSettings;
 use crate::room::Registry;
 use crate::rtmp::origin::Origin;
-use crate::rtmp::push::{self, Backoff, Push};
+use crate::rtmp::push::{self, Backoff, Destination, Push};
 
 /// A room's bridge and its CDN destinations.
 pub struct BridgeHandle {
@@ -44,8 +44,9 @@ pub struct BridgeRequest {
     pub video_bitrate: Option<u32>,
     #[serde(default)]
     pub fit: Option<Fit>,
+    /// `rtmp://` URLs, or `{"url": ..., "sign": {...}}` for URLs the bridge signs itself.
     #[serde(default)]
-    pub destinations: Vec<String>,
+    pub destinations: Vec<Destination>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,14 +63,15 @@ pub enum ControlError {
     BadDestination(String),
 }
 
-fn start_push(svc: &Bridges<'_>, room: &str, url: &str) -> Result<Push, ControlError> {
+fn start_push(svc: &Bridges<'_>, room: &str, dest: &Destination) -> Result<Push, ControlError> {
     let d = svc.defaults;
     let backoff = Backoff {
         initial: d.reconnect_initial,
         max: d.reconnect_max,
         max_retries: (d.reconnect_max_retries > 0).then_some(d.reconnect_max_retries),
     };
-    push::start(svc.origin.clone(), room, url, backoff).map_err(ControlError::BadDestination)
+    push::start_destination(svc.origin.clone(), room, dest, backoff)
+        .map_err(ControlError::BadDestination)
 }
 
 pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), ControlError> {
@@ -89,14 +91,14 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
     crate::config::check_output(cfg.width, cfg.height, cfg.fps)
         .map_err(ControlError::BadRequest)?;
     // Check every destination before starting anything.
-    for url in &req.destinations {
-        push::RtmpUrl::parse(url).map_err(ControlError::BadDestination)?;
+    for d in &req.destinations {
+        d.validate().map_err(ControlError::BadDestination)?;
     }
     let bridge = Bridge::start(r, svc.origin.clone(), cfg).map_err(ControlError::BadRequest)?;
     bridge.set_layout(req.layout);
     let mut destinations = vec![];
-    for url in &req.destinations {
-        destinations.push((url.clone(), start_push(svc, room, url)?));
+    for d in &req.destinations {
+        destinations.push((d.url().to_string(), start_push(svc, room, d)?));
     }
     svc.running.insert(
         room.to_string(),
@@ -122,18 +124,18 @@ pub fn set_layout(
 pub fn update_destinations(
     svc: &Bridges<'_>,
     room: &str,
-    add: &[String],
+    add: &[Destination],
     remove: &[String],
 ) -> Result<(), ControlError> {
-    for url in add {
-        push::RtmpUrl::parse(url).map_err(ControlError::BadDestination)?;
+    for d in add {
+        d.validate().map_err(ControlError::BadDestination)?;
     }
     let mut h = svc.running.get_mut(room).ok_or(ControlError::NotRunning)?;
     h.destinations.retain(|(url, _)| !remove.contains(url));
-    for url in add {
-        if !h.destinations.iter().any(|(u, _)| u == url) {
-            let p = start_push(svc, room, url)?;
-            h.destinations.push((url.clone(), p));
+    for d in add {
+        if !h.destinations.iter().any(|(u, _)| u == d.url()) {
+            let p = start_push(svc, room, d)?;
+            h.destinations.push((d.url().to_string(), p));
         }
     }
     Ok(())

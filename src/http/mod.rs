@@ -1,6 +1,8 @@
 //! The HTTP surface: WebSocket signaling at `/ws`, health, metrics, the REST API and the demo
 //! page. Handlers translate between HTTP and the services; room rules live elsewhere.
 
+mod ingest;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -38,6 +40,14 @@ pub fn router(svc: Arc<Services>) -> Router {
         .route("/v1/rooms/{room}/messages", get(room_messages))
         .route("/v1/rooms/{room}/actions", axum::routing::post(room_action))
         .route("/live/{file}", get(http_flv))
+        .route(
+            "/v1/rooms/{room}/stream-keys",
+            axum::routing::post(ingest::mint_stream_key),
+        )
+        .route(
+            "/v1/streams/{stream}/signed-url",
+            axum::routing::post(ingest::signed_url),
+        )
         .route(
             "/v1/rooms/{room}/bridge",
             get(bridge_status)
@@ -281,7 +291,7 @@ struct BridgeUpdate {
     #[serde(default, with = "double_option")]
     layout: Option<Option<crate::bridge::layout::Layout>>,
     #[serde(default)]
-    add_destinations: Vec<String>,
+    add_destinations: Vec<crate::rtmp::push::Destination>,
     #[serde(default)]
     remove_destinations: Vec<String>,
 }
@@ -409,10 +419,17 @@ async fn bridge_stop(
 /// HTTP-FLV from the embedded origin: `GET /live/{stream}.flv`. The body starts with the FLV
 /// header, metadata, sequence headers and the cached GOP, then follows the live stream until it
 /// ends or the client goes away.
-async fn http_flv(State(svc): State<Arc<Services>>, Path(file): Path<String>) -> Response {
+async fn http_flv(
+    State(svc): State<Arc<Services>>,
+    Path(file): Path<String>,
+    uri: axum::http::Uri,
+) -> Response {
     let Some(name) = file.strip_suffix(".flv") else {
         return api_error(StatusCode::NOT_FOUND, "not_found", "use /live/{stream}.flv");
     };
+    if let Err(r) = ingest::check_play(&svc, name, uri.query()) {
+        return *r;
+    }
     let player = match svc.origin.play(name) {
         Ok(p) => p,
         Err(e) => return api_error(StatusCode::NOT_FOUND, "not_found", &e.to_string()),

@@ -455,7 +455,7 @@ impl Driver {
             } => {
                 let req = crate::bridge::control::BridgeRequest {
                     layout,
-                    destinations,
+                    destinations: destinations.into_iter().map(Into::into).collect(),
                     ..Default::default()
                 };
                 self.bridge_ctl(id, |svc, room| {

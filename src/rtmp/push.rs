@@ -13,7 +13,7 @@ use rml_rtmp::sessions::{
     ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult, PublishRequestType,
 };
 use rml_rtmp::time::RtmpTimestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -67,6 +67,116 @@ impl RtmpUrl {
     pub fn redacted(&self) -> String {
         let key = self.key.split('?').next().unwrap_or("");
         format!("rtmp://{}:{}/{}/{}", self.host, self.port, self.app, key)
+    }
+}
+
+/// How the bridge signs a destination's URL itself, at every (re)connect, from a key the CDN
+/// gave the operator (instead of a pasted URL that expires).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "scheme", rename_all = "snake_case")]
+pub enum CdnSigning {
+    /// Tencent-style: `?txSecret=md5(key + stream + txTime)&txTime={expiry as hex}`.
+    TxSecret {
+        key: String,
+        /// Lifetime of each signature, seconds (default 86400).
+        #[serde(default = "default_sign_ttl")]
+        ttl_secs: u64,
+    },
+    /// Alibaba-style: `?auth_key={expiry}-{rand}-{uid}-md5("/{app}/{stream}-{expiry}-{rand}-{uid}-{key}")`.
+    AuthKey {
+        key: String,
+        #[serde(default = "default_sign_ttl")]
+        ttl_secs: u64,
+        /// User id field of the signature (default "0").
+        #[serde(default = "default_uid")]
+        uid: String,
+    },
+}
+
+fn default_sign_ttl() -> u64 {
+    86_400
+}
+
+fn default_uid() -> String {
+    "0".into()
+}
+
+impl std::fmt::Debug for CdnSigning {
+    // Never print keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CdnSigning::TxSecret { ttl_secs, .. } => write!(f, "TxSecret(ttl {ttl_secs}s)"),
+            CdnSigning::AuthKey { ttl_secs, .. } => write!(f, "AuthKey(ttl {ttl_secs}s)"),
+        }
+    }
+}
+
+/// A CDN destination: a plain `rtmp://` URL, or a URL plus a signing scheme the bridge applies
+/// at each connect. In JSON either `"rtmp://..."` or `{"url": "rtmp://...", "sign": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Destination {
+    Url(String),
+    Signed { url: String, sign: CdnSigning },
+}
+
+impl From<String> for Destination {
+    fn from(url: String) -> Self {
+        Destination::Url(url)
+    }
+}
+
+impl From<&str> for Destination {
+    fn from(url: &str) -> Self {
+        Destination::Url(url.to_string())
+    }
+}
+
+impl Destination {
+    /// The configured URL (without any signature the bridge adds); identifies the destination.
+    pub fn url(&self) -> &str {
+        match self {
+            Destination::Url(u) | Destination::Signed { url: u, .. } => u,
+        }
+    }
+
+    /// The URL to connect to at Unix time `now` (`rand` is the auth_key nonce).
+    pub fn signed_url(&self, now: u64, rand: &str) -> Result<String, String> {
+        let Destination::Signed { url, sign } = self else {
+            return Ok(self.url().to_string());
+        };
+        let u = RtmpUrl::parse(url)?;
+        let stream = u.key.split('?').next().unwrap_or("");
+        let query = match sign {
+            CdnSigning::TxSecret { key, ttl_secs } => {
+                let (secret, time) =
+                    crate::auth::sign::tx_secret(key, stream, now.saturating_add(*ttl_secs));
+                format!("txSecret={secret}&txTime={time}")
+            }
+            CdnSigning::AuthKey { key, ttl_secs, uid } => {
+                if uid.contains('-') || uid.is_empty() {
+                    return Err("auth_key uid must be non-empty without '-'".into());
+                }
+                let v = crate::auth::sign::auth_key(
+                    &u.app,
+                    stream,
+                    now.saturating_add(*ttl_secs),
+                    rand,
+                    uid,
+                    key,
+                );
+                format!("auth_key={v}")
+            }
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        Ok(format!("{url}{sep}{query}"))
+    }
+
+    /// Check the URL and signing settings without connecting.
+    pub fn validate(&self) -> Result<(), String> {
+        self.signed_url(0, "0")
+            .and_then(|u| RtmpUrl::parse(&u))
+            .map(|_| ())
     }
 }
 
@@ -152,7 +262,26 @@ pub fn start(
     url: &str,
     backoff: Backoff,
 ) -> Result<Push, String> {
-    let target = RtmpUrl::parse(url)?;
+    start_destination(origin, stream, &Destination::from(url), backoff)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Start pushing origin stream `stream` to `dest`, signing its URL at every connect.
+pub fn start_destination(
+    origin: Arc<Origin>,
+    stream: &str,
+    dest: &Destination,
+    backoff: Backoff,
+) -> Result<Push, String> {
+    dest.validate()?;
+    let dest = dest.clone();
+    let target = RtmpUrl::parse(dest.url())?;
     let status = Arc::new(Mutex::new(PushStatus {
         url: target.redacted(),
         state: PushState::Connecting,
@@ -169,8 +298,18 @@ pub fn start(
         loop {
             update(&st, |s| s.state = PushState::Connecting);
             let started = Instant::now();
+            // A fresh signature for every connection (signed URLs expire).
+            let nonce = format!("{:016x}", rand::random::<u64>());
+            let attempt_target = dest
+                .signed_url(unix_now(), &nonce)
+                .and_then(|u| RtmpUrl::parse(&u));
             let result = tokio::select! {
-                r = run_once(&origin, &stream, &target, &st) => r,
+                r = async {
+                    match &attempt_target {
+                        Ok(t) => run_once(&origin, &stream, t, &st).await,
+                        Err(e) => Err(e.clone()),
+                    }
+                } => r,
                 _ = stop.changed() => Ok(()),
             };
             if *stop.borrow() {
@@ -418,6 +557,52 @@ mod tests {
         assert!(RtmpUrl::parse("http://x/live/a").is_err());
         assert!(RtmpUrl::parse("rtmp://x:99999/live/a").is_err());
         assert!(RtmpUrl::parse("rtmp://x/live").is_err());
+    }
+
+    #[test]
+    fn signed_destinations_get_a_fresh_signature_in_the_query() {
+        let d: Destination = serde_json::from_value(serde_json::json!({
+            "url": "rtmp://push.example.com/live/room1",
+            "sign": {"scheme": "tx_secret", "key": "mykey", "ttl_secs": 0}
+        }))
+        .unwrap();
+        // txTime 5C2AAD80 = 1546300800; txSecret = md5("mykeyroom15C2AAD80") (by hand, Python).
+        assert_eq!(
+            d.signed_url(1_546_300_800, "x").unwrap(),
+            "rtmp://push.example.com/live/room1?txSecret=fa8b25e408640aa32c627665c8f948a5&txTime=5C2AAD80"
+        );
+        let d: Destination = serde_json::from_value(serde_json::json!({
+            "url": "rtmp://push.example.com/live/room1?vhost=v",
+            "sign": {"scheme": "auth_key", "key": "mykey", "ttl_secs": 100}
+        }))
+        .unwrap();
+        // md5("/live/room1-1546300800-0-0-mykey") by hand (Python).
+        assert_eq!(
+            d.signed_url(1_546_300_700, "0").unwrap(),
+            "rtmp://push.example.com/live/room1?vhost=v&auth_key=1546300800-0-0-815338df2d2d7e4016256b04ad01ecb7"
+        );
+        assert_eq!(d.url(), "rtmp://push.example.com/live/room1?vhost=v");
+        assert!(
+            !format!("{d:?}").contains("mykey"),
+            "keys are never printed"
+        );
+        // Plain strings still work; bad schemes and URLs are refused.
+        let d: Destination = serde_json::from_value(serde_json::json!("rtmp://h/live/k")).unwrap();
+        assert_eq!(d.signed_url(5, "0").unwrap(), "rtmp://h/live/k");
+        assert!(
+            serde_json::from_value::<Destination>(serde_json::json!({
+                "url": "rtmp://h/live/k", "sign": {"scheme": "nope", "key": "k"}
+            }))
+            .is_err()
+        );
+        let bad = Destination::Signed {
+            url: "http://h/live/k".into(),
+            sign: CdnSigning::TxSecret {
+                key: "k".into(),
+                ttl_secs: 1,
+            },
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]

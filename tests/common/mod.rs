@@ -51,6 +51,8 @@ pub fn init_logs() {
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The RTMP listener (origin play and ingest).
+    pub rtmp: Option<SocketAddr>,
     pub auth: Authenticator,
 }
 
@@ -93,11 +95,22 @@ impl Server {
         })
         .await
         .expect("server start timeout");
+        // The RTMP line follows at once when RTMP is enabled.
+        let rtmp = tokio::time::timeout(Duration::from_secs(2), lines.next_line())
+            .await
+            .ok()
+            .and_then(|l| l.ok().flatten())
+            .and_then(|l| {
+                l.strip_prefix("cohost rtmp on rtmp://")
+                    .and_then(|r| r.strip_suffix("/live"))
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+            });
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Server {
             child,
             addr,
+            rtmp,
             auth: Authenticator::new(&AuthConfig::default()).expect("auth"),
         }
     }
@@ -407,7 +420,12 @@ pub struct Received {
     pub seqs: Vec<u16>,
     pub first_at: Option<Instant>,
     pub pattern_ids: HashSet<u32>,
+    /// The first RAW_KEPT packets as received (sequence, timestamp, marker, payload), for tests
+    /// that depacketize and decode real media.
+    pub raw: Vec<(u16, u32, bool, Bytes)>,
 }
+
+pub const RAW_KEPT: usize = 4000;
 
 /// Payload pattern: [tag u32][counter u32][bytes derived from both]. Lets a receiver check the
 /// bytes arrived intact without knowing anything else.
@@ -481,6 +499,14 @@ impl PeerConnectionEventHandler for ClientHandler {
                         e.packets += 1;
                         e.first_at.get_or_insert_with(Instant::now);
                         e.seqs.push(p.header.sequence_number);
+                        if e.raw.len() < RAW_KEPT {
+                            e.raw.push((
+                                p.header.sequence_number,
+                                p.header.timestamp,
+                                p.header.marker,
+                                p.payload.clone(),
+                            ));
+                        }
                         match check_payload(&p.payload) {
                             Some(tag) => {
                                 e.pattern_ids.insert(tag);

@@ -1,0 +1,218 @@
+//! REST endpoints of RTMP ingest and signed origin URLs, and the HTTP-FLV signature check.
+//!
+//! - `POST /v1/rooms/{room}/stream-keys` mints a stream key (OBS: `rtmp://HOST:1935/live` +
+//!   the key).
+//! - `POST /v1/streams/{stream}/signed-url` signs play URLs of the embedded origin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, body::Bytes};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{api_error, authorize};
+use crate::auth::{Role, now_secs, sign, valid_name};
+use crate::participant::Services;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KeyRequest {
+    identity: String,
+    #[serde(default)]
+    role: Option<Role>,
+    /// Lifetime, e.g. "2h" (default `origin.key_ttl`).
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SignRequest {
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+fn ttl_of(svc: &Services, ttl: Option<&str>) -> Result<Duration, Box<Response>> {
+    match ttl {
+        None => Ok(svc.cfg.origin.key_ttl),
+        Some(t) => humantime::parse_duration(t).map_err(|e| {
+            Box::new(api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("ttl: {e}"),
+            ))
+        }),
+    }
+}
+
+/// `HOST` of the request (without its port), for the URLs shown back.
+fn host_of(headers: &HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|h| match h.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
+            _ => h.to_string(),
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "HOST".into())
+}
+
+fn rtmp_port(svc: &Services) -> String {
+    svc.cfg
+        .server
+        .rtmp_listen
+        .rsplit_once(':')
+        .map_or("1935".into(), |(_, p)| p.to_string())
+}
+
+fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, Box<Response>> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("invalid JSON body: {e}"),
+        ))
+    })
+}
+
+pub(super) async fn mint_stream_key(
+    State(svc): State<Arc<Services>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
+        return *r;
+    }
+    let req: KeyRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    if !valid_name(&room) || !valid_name(&req.identity) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "room and identity must be 1-64 chars of [A-Za-z0-9._-]",
+        );
+    }
+    let ttl = match ttl_of(&svc, req.ttl.as_deref()) {
+        Ok(t) => t,
+        Err(r) => return *r,
+    };
+    let expires = now_secs().saturating_add(ttl.as_secs());
+    let role = req.role.unwrap_or(Role::Host);
+    match sign::mint_stream_key(
+        svc.cfg.auth.secret.as_bytes(),
+        &room,
+        &req.identity,
+        role,
+        expires,
+    ) {
+        Ok(key) => {
+            let server = format!("rtmp://{}:{}/live", host_of(&headers), rtmp_port(&svc));
+            let mut url = format!("{server}/{key}");
+            if svc.cfg.origin.sign_publish {
+                let q = sign::signed_query(
+                    svc.cfg.origin.sign_secret.as_bytes(),
+                    &format!("/live/{key}"),
+                    expires,
+                );
+                url = format!("{url}?{q}");
+            }
+            (
+                StatusCode::CREATED,
+                Json(json!({
+                    "room": room,
+                    "identity": req.identity,
+                    "role": role,
+                    "stream_key": key,
+                    "server": server,
+                    "url": url,
+                    "expires": expires,
+                })),
+            )
+                .into_response()
+        }
+        Err(e) => api_error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+    }
+}
+
+pub(super) async fn signed_url(
+    State(svc): State<Arc<Services>>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&svc, &headers, None) {
+        return *r;
+    }
+    let req: SignRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    if !valid_name(&stream) {
+        return api_error(StatusCode::BAD_REQUEST, "bad_request", "bad stream name");
+    }
+    if svc.cfg.origin.sign_secret.is_empty() {
+        return api_error(
+            StatusCode::CONFLICT,
+            "signing_disabled",
+            "origin.sign_secret is not configured",
+        );
+    }
+    let ttl = match ttl_of(&svc, req.ttl.as_deref()) {
+        Ok(t) => t,
+        Err(r) => return *r,
+    };
+    let expires = now_secs().saturating_add(ttl.as_secs());
+    let q = sign::signed_query(
+        svc.cfg.origin.sign_secret.as_bytes(),
+        &format!("/live/{stream}"),
+        expires,
+    );
+    let host = host_of(&headers);
+    let http_port = svc.cfg.server.http_listen.port();
+    Json(json!({
+        "stream": stream,
+        "expires": expires,
+        "query": q,
+        "rtmp": format!("rtmp://{host}:{}/live/{stream}?{q}", rtmp_port(&svc)),
+        "flv": format!("http://{host}:{http_port}/live/{stream}.flv?{q}"),
+    }))
+    .into_response()
+}
+
+/// HTTP-FLV play: the signature check when `origin.sign_play` is on.
+pub(super) fn check_play(
+    svc: &Services,
+    stream: &str,
+    query: Option<&str>,
+) -> Result<(), Box<Response>> {
+    if !svc.cfg.origin.sign_play {
+        return Ok(());
+    }
+    let q = format!("?{}", query.unwrap_or(""));
+    let (_, pairs) = sign::split_query(&q);
+    sign::verify_signed(
+        svc.cfg.origin.sign_secret.as_bytes(),
+        &format!("/live/{stream}"),
+        &pairs,
+        now_secs(),
+    )
+    .map_err(|e| {
+        tracing::warn!(%stream, "http-flv play refused: URL signature: {e}");
+        Box::new(api_error(
+            StatusCode::FORBIDDEN,
+            e.code(),
+            &format!("play URL signature: {e}"),
+        ))
+    })
+}
