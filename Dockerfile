@@ -18,11 +18,13 @@
 FROM rust:1-bookworm AS build
 # cmake and nasm build the Opus and OpenH264 libraries the bridge will use.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends cmake nasm \
+    && apt-get install -y --no-install-recommends cmake nasm npm \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked
+# The demo page's HTTP-FLV player (mpegts.js) comes from npm.
+RUN npm ci --prefix web --no-audit --no-fund
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -30,13 +32,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --no-create-home --home-dir /opt/cohost cohost
 COPY --from=build /src/target/release/cohost /usr/local/bin/cohost
-COPY web/ /opt/cohost/web/
+COPY --from=build /src/web/ /opt/cohost/web/
 COPY config/cohost.toml /etc/cohost/cohost.toml
 WORKDIR /opt/cohost
 ENV COHOST_CONFIG=/etc/cohost/cohost.toml \
+    COHOST_SERVER__RTMP_LISTEN=0.0.0.0:1935 \
     COHOST_SERVER__HTTP_LISTEN=0.0.0.0:8080 \
     COHOST_WEBRTC__BIND_IP=0.0.0.0
-# 8080: HTTP + WebSocket signaling; 1935: RTMP (upcoming); 50000-50999: WebRTC media.
+# 8080: HTTP + WebSocket signaling; 1935: RTMP (play, ingest); 50000-50999: WebRTC media.
 EXPOSE 8080/tcp 1935/tcp 50000-50999/udp
 USER cohost
 ENTRYPOINT ["cohost"]

@@ -542,7 +542,8 @@ async fn main() -> anyhow::Result<()> {
     let clip = Arc::new(
         tokio::task::spawn_blocking({
             let b = cli.video_bitrate;
-            move || media::make_clip(b, 4)
+            let bridge = cli.scenario == "bridge" || cli.scenario == "solo";
+            move || media::make_clip(b, 4, bridge)
         })
         .await??,
     );

@@ -35,11 +35,17 @@ pub struct Clip {
 }
 
 /// Encode `seconds` of 1280x720 video at `bitrate` bps with a 2 s GOP, plus Opus 20 ms frames.
-pub fn make_clip(bitrate: u32, seconds: u32) -> anyhow::Result<Clip> {
+///
+/// `every_frame`: forbid the encoder to skip frames. OpenH264 holds its bitrate by skipping
+/// (an empty output for that frame) when the noisy pattern needs more bits: fine for the SFU
+/// scenarios, which measure packets, but the bridge scenarios need a picture in every frame
+/// (with skipping, only about 6 of 30 frames per second carried one), at a higher bitrate.
+pub fn make_clip(bitrate: u32, seconds: u32, every_frame: bool) -> anyhow::Result<Clip> {
     let (w, h) = (1280usize, 720usize);
     let config = EncoderConfig::new()
         .bitrate(BitRate::from_bps(bitrate))
         .max_frame_rate(FrameRate::from_hz(FPS as f32))
+        .skip_frames(!every_frame)
         .intra_frame_period(IntraFramePeriod::from_num_frames(FPS * 2));
     let mut enc = Encoder::with_api_config(openh264::OpenH264API::from_source(), config)?;
     let mut payloader = H264Payloader::default();
