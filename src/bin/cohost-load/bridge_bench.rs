@@ -430,7 +430,7 @@ pub fn print(results: &[BridgeResult]) {
             r.rss_mb
         );
     }
-    for c in results.iter().filter(|r| r.tool == "cohost") {
+    for c in results.iter().filter(|r| r.tool.starts_with("cohost")) {
         if let Some(f) = results
             .iter()
             .find(|r| r.tool == "ffmpeg" && r.inputs == c.inputs)
