@@ -45,7 +45,7 @@ async fn two_publishers_mixed_into_pip_with_both_voices() {
             "-v",
             "error",
             "-show_entries",
-            "stream=codec_name,width,height,sample_rate,channels",
+            "stream=codec_name,width,height,sample_rate,channels,color_space,color_range",
             "-of",
             "default=nw=1",
             &url,
@@ -58,6 +58,9 @@ async fn two_publishers_mixed_into_pip_with_both_voices() {
         "codec_name=h264",
         "width=1280",
         "height=720",
+        // BT.601 limited range is signalled, so players do not guess BT.709 for HD.
+        "color_space=smpte170m",
+        "color_range=tv",
         "codec_name=aac",
         "sample_rate=48000",
         "channels=2",

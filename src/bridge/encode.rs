@@ -6,7 +6,7 @@
 //! picture, see [`crate::media::h264_repeat`]); it then renumbers its later slices and keeps the
 //! GOP in output frames itself, so repeats never stretch the keyframe interval.
 
-use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod};
+use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, VuiConfig};
 use openh264::formats::YUVSlices;
 
 use super::compose::I420;
@@ -63,7 +63,11 @@ impl H264Encoder {
             // the encoder, so its own count would drift); 0 = only the first.
             .intra_frame_period(IntraFramePeriod::from_num_frames(0))
             // Never skip: the output frame rate must stay constant for CDNs and players.
-            .skip_frames(false);
+            .skip_frames(false)
+            // Pictures are BT.601 limited range (WebRTC decoders output it; the compositor's
+            // colours use it). Without saying so in the SPS, players guess BT.709 for HD
+            // sizes, and greens come out visibly darker than over WebRTC.
+            .vui(VuiConfig::bt601());
         let enc = Encoder::with_api_config(openh264::OpenH264API::from_source(), cfg)
             .map_err(|e| EncodeError::H264(e.to_string()))?;
         Ok(Self {
