@@ -10,7 +10,7 @@ use cohost::auth::Role;
 use cohost::media::goertzel::tone_power;
 use common::{
     Client, Server, assert_continuous, ffmpeg_capture, is_colour, last_frame, pixel, read_flv_tags,
-    wait_frames,
+    wait_bridge, wait_frames,
 };
 use serde_json::{Value, json};
 
@@ -445,29 +445,6 @@ async fn garbage_media_from_one_publisher_does_not_break_the_bridge() {
     assert!(!is_colour(tile, (220, 30, 30)), "junk tile {tile:?}");
     let (s, _) = server.get("/healthz", None).await;
     assert_eq!(s, 200);
-}
-
-/// Poll the bridge status until `pred` holds (or fail after `secs`).
-async fn wait_bridge(
-    server: &Server,
-    token: &str,
-    room: &str,
-    secs: u64,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let (_, body) = server
-            .get(&format!("/v1/rooms/{room}/bridge"), Some(token))
-            .await;
-        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
-        if pred(&v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The cheap solo path: while the host (15 fps) is alone, unchanged output frames are skipped

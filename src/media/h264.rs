@@ -147,8 +147,22 @@ pub(crate) fn skip_scaling_list(b: &mut Bits<'_>, size: usize) -> Option<()> {
     Some(())
 }
 
-/// Coded picture size (width, height) after cropping, from an SPS NAL unit.
-pub fn sps_dimensions(sps: &[u8]) -> Option<(u32, u32)> {
+/// The SPS fields this crate needs (ITU-T H.264 §7.3.2.1.1), up to the cropping window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sps {
+    pub sps_id: u32,
+    pub chroma_format_idc: u32,
+    pub log2_max_frame_num: u32,
+    pub poc_type: u32,
+    pub w_mbs: u32,
+    pub h_map_units: u32,
+    pub frame_mbs_only: bool,
+    /// Cropping offsets: left, right, top, bottom.
+    pub crop: (u32, u32, u32, u32),
+}
+
+/// Parse an SPS NAL unit (`None` if it is not one or does not parse).
+pub(crate) fn parse_sps(sps: &[u8]) -> Option<Sps> {
     if nal_type(sps) != NAL_SPS {
         return None;
     }
@@ -159,7 +173,7 @@ pub fn sps_dimensions(sps: &[u8]) -> Option<(u32, u32)> {
     };
     let profile = b.bits(8)?;
     b.bits(16)?; // constraint flags + level
-    b.ue()?; // seq_parameter_set_id
+    let sps_id = b.ue()?;
     let mut chroma_format_idc = 1;
     if matches!(
         profile,
@@ -180,7 +194,7 @@ pub fn sps_dimensions(sps: &[u8]) -> Option<(u32, u32)> {
             }
         }
     }
-    b.ue()?; // log2_max_frame_num_minus4
+    let log2_max_frame_num = b.ue()?.checked_add(4)?;
     let poc_type = b.ue()?;
     if poc_type == 0 {
         b.ue()?;
@@ -198,30 +212,49 @@ pub fn sps_dimensions(sps: &[u8]) -> Option<(u32, u32)> {
     }
     b.ue()?; // max_num_ref_frames
     b.bit()?; // gaps_in_frame_num_value_allowed_flag
-    let w_mbs = b.ue()? + 1;
-    let h_map_units = b.ue()? + 1;
-    let frame_mbs_only = b.bit()?;
-    if frame_mbs_only == 0 {
+    let w_mbs = b.ue()?.checked_add(1)?;
+    let h_map_units = b.ue()?.checked_add(1)?;
+    let frame_mbs_only = b.bit()? == 1;
+    if !frame_mbs_only {
         b.bit()?; // mb_adaptive_frame_field_flag
     }
     b.bit()?; // direct_8x8_inference_flag
-    let (mut cl, mut cr, mut ct, mut cb) = (0, 0, 0, 0);
+    let mut crop = (0, 0, 0, 0);
     if b.bit()? == 1 {
-        cl = b.ue()?;
-        cr = b.ue()?;
-        ct = b.ue()?;
-        cb = b.ue()?;
+        crop = (b.ue()?, b.ue()?, b.ue()?, b.ue()?);
     }
-    let (sub_w, sub_h) = match chroma_format_idc {
+    Some(Sps {
+        sps_id,
+        chroma_format_idc,
+        log2_max_frame_num,
+        poc_type,
+        w_mbs,
+        h_map_units,
+        frame_mbs_only,
+        crop,
+    })
+}
+
+/// Coded picture size (width, height) after cropping, from an SPS NAL unit.
+pub fn sps_dimensions(sps: &[u8]) -> Option<(u32, u32)> {
+    let s = parse_sps(sps)?;
+    let (cl, cr, ct, cb) = s.crop;
+    let (sub_w, sub_h) = match s.chroma_format_idc {
         0 | 3 => (1, 1),
         2 => (2, 1),
         _ => (2, 2),
     };
+    let field = if s.frame_mbs_only { 1 } else { 2 };
     let crop_x = sub_w;
-    let crop_y = sub_h * (2 - frame_mbs_only);
-    let width = (w_mbs * 16).checked_sub((cl + cr).checked_mul(crop_x)?)?;
-    let height =
-        (h_map_units * 16 * (2 - frame_mbs_only)).checked_sub((ct + cb).checked_mul(crop_y)?)?;
+    let crop_y = sub_h * field;
+    let width = s
+        .w_mbs
+        .checked_mul(16)?
+        .checked_sub(cl.checked_add(cr)?.checked_mul(crop_x)?)?;
+    let height = s
+        .h_map_units
+        .checked_mul(16 * field)?
+        .checked_sub(ct.checked_add(cb)?.checked_mul(crop_y)?)?;
     Some((width, height))
 }
 

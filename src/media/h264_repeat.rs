@@ -16,7 +16,7 @@
 //! weighted prediction, no redundant pictures); anything else gets `None` and the caller encodes
 //! as usual. Pure functions over bytes; malformed input yields `None`, never a panic.
 
-use super::h264::{Bits, NAL_PPS, NAL_SPS, nal_type, skip_scaling_list, unescape};
+use super::h264::{Bits, NAL_PPS, NAL_SPS, nal_type, parse_sps, unescape};
 
 /// What the inserted slice and the renumbering need from the SPS and PPS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,48 +33,14 @@ impl RepeatParams {
         if nal_type(sps) != NAL_SPS || nal_type(pps) != NAL_PPS {
             return None;
         }
-        let rbsp = unescape(sps.get(1..)?);
-        let mut b = Bits {
-            data: &rbsp,
-            pos: 0,
-        };
-        let profile = b.bits(8)?;
-        b.bits(16)?;
-        let sps_id = b.ue()?;
-        if matches!(
-            profile,
-            100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135
-        ) {
-            let chroma = b.ue()?;
-            if chroma == 3 {
-                b.bit()?;
-            }
-            b.ue()?;
-            b.ue()?;
-            b.bit()?;
-            if b.bit()? == 1 {
-                for i in 0..if chroma == 3 { 12 } else { 8 } {
-                    if b.bit()? == 1 {
-                        skip_scaling_list(&mut b, if i < 6 { 16 } else { 64 })?;
-                    }
-                }
-            }
-        }
-        let log2_max_frame_num = b.ue()?.checked_add(4)?;
-        if log2_max_frame_num > 16 {
+        let sps = parse_sps(sps)?;
+        let log2_max_frame_num = sps.log2_max_frame_num;
+        // pic_order_cnt_type 0/1 would need POC fields rewritten too; fields are not handled.
+        if log2_max_frame_num > 16 || sps.poc_type != 2 || !sps.frame_mbs_only {
             return None;
         }
-        if b.ue()? != 2 {
-            return None; // pic_order_cnt_type 0/1 would need POC fields rewritten too
-        }
-        b.ue()?; // max_num_ref_frames
-        b.bit()?; // gaps_in_frame_num_value_allowed_flag
-        let w = b.ue()?.checked_add(1)?;
-        let h = b.ue()?.checked_add(1)?;
-        if b.bit()? != 1 {
-            return None; // fields
-        }
-        let mbs = w.checked_mul(h)?;
+        let sps_id = sps.sps_id;
+        let mbs = sps.w_mbs.checked_mul(sps.h_map_units)?;
 
         let rbsp = unescape(pps.get(1..)?);
         let mut b = Bits {

@@ -1248,20 +1248,35 @@ pub async fn read_flv_tags(
     tags
 }
 
-/// Poll the bridge status until `video_frames` reaches `frames`.
-pub async fn wait_frames(server: &Server, token: &str, room: &str, frames: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Poll the bridge status until `pred` holds (or fail after `secs`, saying `what`).
+pub async fn wait_bridge(
+    server: &Server,
+    token: &str,
+    room: &str,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let (_, body) = server
             .get(&format!("/v1/rooms/{room}/bridge"), Some(token))
             .await;
         let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
-        if v["stats"]["video_frames"].as_u64().unwrap_or(0) >= frames {
+        if pred(&v) {
             return v;
         }
-        assert!(Instant::now() < deadline, "bridge not producing: {body}");
+        assert!(Instant::now() < deadline, "{what}: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Poll the bridge status until `video_frames` reaches `frames`.
+pub async fn wait_frames(server: &Server, token: &str, room: &str, frames: u64) -> Value {
+    wait_bridge(server, token, room, 20, "bridge not producing", |v| {
+        v["stats"]["video_frames"].as_u64().unwrap_or(0) >= frames
+    })
+    .await
 }
 
 /// The last decoded 320x180 frame of `secs` of the room's HTTP-FLV output.
