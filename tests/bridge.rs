@@ -519,17 +519,8 @@ async fn solo_path_repeats_unchanged_pictures_and_switches_to_mixing_seamlessly(
     let out = tokio::process::Command::new("ffmpeg")
         .args(["-v", "error", "-i"])
         .arg(&file)
-        .args([
-            "-map",
-            "0:v",
-            "-vf",
-            "scale=320:180",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "-",
-        ])
+        .args(common::RAW_RGB_320X180)
+        .arg("-")
         .output()
         .await
         .expect("ffmpeg (Debian) must be installed");

@@ -17,15 +17,11 @@ use cohost::bridge::compose::Yuv;
 use cohost::bridge::video_in::VideoInput;
 use cohost::media::goertzel::{left_channel, tone_power};
 use common::{Client, Server, T, ffmpeg_capture, is_colour, pixel, wait_frames};
-use rtc::media_stream::MediaStreamTrack;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use webrtc::media_stream::track_local::TrackLocal;
-use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
@@ -703,26 +699,15 @@ async fn publisher_offer() -> (Arc<dyn PeerConnection>, String) {
             "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
         ),
     ] {
-        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            "studio".to_string(),
-            format!("{kind}"),
-            format!("{kind}"),
+        let track = common::local_track(
+            "studio",
             kind,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters {
-                    ssrc: Some(rand::random::<u32>() | 1),
-                    ..Default::default()
-                },
-                codec: RTCRtpCodec {
-                    mime_type: mime.into(),
-                    clock_rate: clock,
-                    channels: ch,
-                    sdp_fmtp_line: fmtp.into(),
-                    rtcp_feedback: vec![],
-                },
-                ..Default::default()
-            }],
-        )));
+            rand::random::<u32>() | 1,
+            mime,
+            clock,
+            ch,
+            fmtp,
+        );
         pc.add_track(track as Arc<dyn TrackLocal>).await.unwrap();
     }
     let offer = pc.create_offer(None).await.unwrap();

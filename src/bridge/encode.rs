@@ -44,7 +44,7 @@ pub struct H264Encoder {
     repeat: Option<RepeatParams>,
     /// Pictures repeated since the last IDR: the encoder's `frame_num`s are this far behind.
     inserted: u32,
-    /// `frame_num` of the last picture sent (`None` before the first IDR).
+    /// `frame_num` of the last picture sent (`None` until one was, or when repeating is off).
     last_frame_num: Option<u32>,
 }
 
@@ -110,7 +110,8 @@ impl H264Encoder {
     }
 
     pub fn encode(&mut self, frame: &I420) -> Result<EncodedVideo, EncodeError> {
-        if self.force || self.since_idr >= self.gop || self.last_frame_num.is_none() {
+        // (An encoder's first picture is always an IDR.)
+        if self.force || self.since_idr >= self.gop {
             self.enc.force_intra_frame();
             self.force = false;
         }
@@ -161,8 +162,6 @@ impl H264Encoder {
                     }
                 }
                 self.last_frame_num = Some(f);
-            } else if h264::nal_type(n) == h264::NAL_IDR || h264::nal_type(n) == 1 {
-                self.last_frame_num = Some(0);
             }
             slices.push(nal);
         }

@@ -634,7 +634,7 @@ impl Output {
                 if self.rtp.keyframe_due(now) {
                     self.video.force_keyframe();
                 }
-                let frame = self.frame(now);
+                let mut frame = self.frame(now);
                 let shown = frame.shown();
                 // Nothing changed on screen while the host is alone: repeat the last picture
                 // without compositing or encoding (same SPS/PPS, frame rate and timestamps).
@@ -646,7 +646,7 @@ impl Output {
                     self.repeated.fetch_add(1, Ordering::Relaxed);
                 }
                 self.last_shown = Some(shown);
-                let fresh = frame.fresh.clone();
+                let fresh = std::mem::take(&mut frame.fresh);
                 if !fresh.is_empty() {
                     self.new_pictures.fetch_add(1, Ordering::Relaxed);
                 }

@@ -137,12 +137,18 @@ impl RepeatParams {
     }
 }
 
+/// Bytes of a slice NAL unit that always hold the fields up to `frame_num` (three Exp-Golomb
+/// codes of at most 65 bits each, 16 bits of `frame_num`, emulation-prevention bytes).
+const HEADER_BYTES: usize = 48;
+
 /// The `frame_num` a slice NAL unit carries (`None` for other NAL units or bad headers).
 pub fn frame_num(p: &RepeatParams, nal: &[u8]) -> Option<u32> {
     if !matches!(nal_type(nal), 1 | 5) {
         return None;
     }
-    let rbsp = unescape(nal.get(1..)?);
+    // The header fields up to frame_num fit in a few bytes: unescape only those, not the
+    // whole slice (this runs for every output picture).
+    let rbsp = unescape(nal.get(1..nal.len().min(HEADER_BYTES))?);
     let mut b = Bits {
         data: &rbsp,
         pos: 0,

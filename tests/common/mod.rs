@@ -628,6 +628,50 @@ async fn build_pc(
     Arc::new(pc)
 }
 
+/// A local RTP track with a fixed SSRC and codec, for test publishers.
+pub fn local_track(
+    stream_id: &str,
+    kind: RtpCodecKind,
+    ssrc: u32,
+    mime: &str,
+    clock_rate: u32,
+    channels: u16,
+    fmtp: &str,
+) -> Arc<TrackLocalStaticRTP> {
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        stream_id.to_string(),
+        format!("{mime}-{ssrc}"),
+        "label".to_string(),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec: RTCRtpCodec {
+                mime_type: mime.into(),
+                clock_rate,
+                channels,
+                sdp_fmtp_line: fmtp.into(),
+                rtcp_feedback: vec![],
+            },
+            ..Default::default()
+        }],
+    )))
+}
+
+/// ffmpeg output options: video scaled to 320x180 raw RGB (what [`pixel`] reads).
+pub const RAW_RGB_320X180: [&str; 8] = [
+    "-map",
+    "0:v",
+    "-vf",
+    "scale=320:180",
+    "-f",
+    "rawvideo",
+    "-pix_fmt",
+    "rgb24",
+];
+
 pub struct Publication {
     pub audio: Arc<TrackLocalStaticRTP>,
     pub video: Arc<TrackLocalStaticRTP>,
@@ -806,27 +850,9 @@ impl Client {
         .await;
         *self.publisher.lock().unwrap() = Some(pc.clone());
         let (a_ssrc, v_ssrc) = (rand::random::<u32>() | 1, rand::random::<u32>() | 1);
+        let stream = format!("stream-{}", self.pid);
         let track = |kind, ssrc, mime: &str, clock, ch, fmtp: &str| {
-            Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-                format!("stream-{}", self.pid),
-                format!("{mime}-{ssrc}"),
-                "label".to_string(),
-                kind,
-                vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters {
-                        ssrc: Some(ssrc),
-                        ..Default::default()
-                    },
-                    codec: RTCRtpCodec {
-                        mime_type: mime.into(),
-                        clock_rate: clock,
-                        channels: ch,
-                        sdp_fmtp_line: fmtp.into(),
-                        rtcp_feedback: vec![],
-                    },
-                    ..Default::default()
-                }],
-            )))
+            local_track(&stream, kind, ssrc, mime, clock, ch, fmtp)
         };
         let audio = track(
             RtpCodecKind::Audio,
@@ -1154,16 +1180,7 @@ pub async fn ffmpeg_capture(url: &str, dir: &std::path::Path) -> (Vec<u8>, Vec<f
         Duration::from_secs(30),
         tokio::process::Command::new("ffmpeg")
             .args(["-v", "error", "-y", "-i", url, "-t", "3"])
-            .args([
-                "-map",
-                "0:v",
-                "-vf",
-                "scale=320:180",
-                "-f",
-                "rawvideo",
-                "-pix_fmt",
-                "rgb24",
-            ])
+            .args(RAW_RGB_320X180)
             .arg(&v)
             // Output options apply to the next output only: the audio output needs its own -t.
             .args([
