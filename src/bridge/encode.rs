@@ -6,7 +6,10 @@
 //! picture, see [`crate::media::h264_repeat`]); it then renumbers its later slices and keeps the
 //! GOP in output frames itself, so repeats never stretch the keyframe interval.
 
-use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, VuiConfig};
+use openh264::encoder::{
+    BitRate, Complexity, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, RateControlMode,
+    VuiConfig,
+};
 use openh264::formats::YUVSlices;
 
 use super::compose::I420;
@@ -30,6 +33,37 @@ pub struct EncodedVideo {
     /// The encoder's output as it came (Annex B, parameter sets included on keyframes), for
     /// RTP packetization.
     pub annexb: Vec<u8>,
+}
+
+/// OpenH264 settings of the bridge's output, chosen with `cohost-load --scenario codec` (see
+/// BENCHMARKS.md), which measures each option's CPU per picture, bitrate and PSNR.
+pub fn output_config(bitrate: u32, fps: f32) -> EncoderConfig {
+    EncoderConfig::new()
+        .bitrate(BitRate::from_bps(bitrate))
+        .max_frame_rate(FrameRate::from_hz(fps))
+        // Bitrate mode: on pictures that need more bits than the target it overshoots less
+        // than the quality mode (17 against 21 Mbit/s for 2.5 asked on pure noise). Neither
+        // holds such content without skipping frames, which the output must not do: a known
+        // limit (BENCHMARKS.md); camera pictures come out at the target in both.
+        .rate_control_mode(RateControlMode::Bitrate)
+        // Keyframes are forced by output frame count here (repeated pictures never reach
+        // the encoder, so its own count would drift); 0 = only the first.
+        .intra_frame_period(IntraFramePeriod::from_num_frames(0))
+        // Never skip: the output frame rate must stay constant for CDNs and players.
+        .skip_frames(false)
+        // A scene change would make the encoder insert an IDR of its own and break the fixed
+        // GOP (the compositor "changes scene" at every layout change). Background detection
+        // stays on: it skips still regions cheaply, which halved the cost on a desk camera.
+        .scene_change_detect(false)
+        // Low complexity: 10-15 % less CPU per picture in every run, for 0.05 dB of PSNR.
+        .complexity(Complexity::Low)
+        // One thread: with one slice per picture more threads only add hand-offs, and the
+        // bridge runs one encoder per room, so rooms already spread over the cores.
+        .num_threads(1)
+        // Pictures are BT.601 limited range (WebRTC decoders output it; the compositor's
+        // colours use it). Without saying so in the SPS, players guess BT.709 for HD
+        // sizes, and greens come out visibly darker than over WebRTC.
+        .vui(VuiConfig::bt601())
 }
 
 pub struct H264Encoder {
@@ -56,18 +90,7 @@ impl H264Encoder {
         bitrate: u32,
         gop_frames: u32,
     ) -> Result<Self, EncodeError> {
-        let cfg = EncoderConfig::new()
-            .bitrate(BitRate::from_bps(bitrate))
-            .max_frame_rate(FrameRate::from_hz(fps))
-            // Keyframes are forced by output frame count here (repeated pictures never reach
-            // the encoder, so its own count would drift); 0 = only the first.
-            .intra_frame_period(IntraFramePeriod::from_num_frames(0))
-            // Never skip: the output frame rate must stay constant for CDNs and players.
-            .skip_frames(false)
-            // Pictures are BT.601 limited range (WebRTC decoders output it; the compositor's
-            // colours use it). Without saying so in the SPS, players guess BT.709 for HD
-            // sizes, and greens come out visibly darker than over WebRTC.
-            .vui(VuiConfig::bt601());
+        let cfg = output_config(bitrate, fps);
         let enc = Encoder::with_api_config(openh264::OpenH264API::from_source(), cfg)
             .map_err(|e| EncodeError::H264(e.to_string()))?;
         Ok(Self {
@@ -299,11 +322,13 @@ mod tests {
             let repeated = rep.is_some();
             let v = match rep {
                 Some(v) => v,
+                // Steps of 9 in green (about 4 in luma): smaller changes of a flat picture
+                // are legitimately coded as "no change" by the encoder's background detection.
                 None => e
                     .encode(&I420::new(
                         320,
                         192,
-                        Yuv::from_rgb(100, (i * 2 % 200) as u8, 50),
+                        Yuv::from_rgb(100, (i * 9 % 200) as u8, 50),
                     ))
                     .unwrap(),
             };

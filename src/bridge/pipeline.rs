@@ -573,16 +573,30 @@ impl Output {
         }
     }
 
-    fn draw(&self, frame: &Frame) -> I420 {
+    fn draw(&self, frame: &Frame) -> Arc<I420> {
         let c = &self.config;
-        let mut canvas = I420::new(c.width, c.height, Yuv::BLACK);
-        for (tile, pic) in &frame.tiles {
+        let full = Rect::new(0, 0, c.width, c.height);
+        // The host's picture usually has the output size and fills the canvas (solo, pip):
+        // then it is the canvas as it is (solo) or the start of one (pip), which saves
+        // filling 1.4 MB with black and copying it row by row on every frame.
+        let (mut canvas, rest) = match frame.tiles.split_first() {
+            Some(((tile, Some(pic)), rest))
+                if *tile == full && (pic.width, pic.height) == (c.width, c.height) =>
+            {
+                if rest.is_empty() {
+                    return pic.clone();
+                }
+                (I420::clone(pic), rest)
+            }
+            _ => (I420::new(c.width, c.height, Yuv::BLACK), &frame.tiles[..]),
+        };
+        for (tile, pic) in rest {
             match pic {
                 Some(pic) => canvas.draw(&pic.view(), *tile, c.fit),
                 None => canvas.fill(*tile, Yuv::PLACEHOLDER),
             }
         }
-        canvas
+        Arc::new(canvas)
     }
 
     /// The solo path: the host has been alone (no co-host, no PK) for `solo_idle`.

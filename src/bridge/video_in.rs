@@ -59,18 +59,22 @@ impl VideoInput {
                         // Copy out of the decoder's buffer (reused by the next decode), with
                         // even dimensions for the 4:2:0 compositor.
                         let (w, h) = (w & !1, h & !1);
-                        let mut f = I420::new(w as u32, h as u32, super::compose::Yuv::BLACK);
-                        for row in 0..h {
-                            f.y[row * w..row * w + w]
-                                .copy_from_slice(&pic.y()[row * ys..row * ys + w]);
-                        }
                         let (w2, h2) = (w / 2, h / 2);
-                        for row in 0..h2 {
-                            f.u[row * w2..row * w2 + w2]
-                                .copy_from_slice(&pic.u()[row * us..row * us + w2]);
-                            f.v[row * w2..row * w2 + w2]
-                                .copy_from_slice(&pic.v()[row * vs..row * vs + w2]);
-                        }
+                        // Rows appended into reserved planes: no fill pass before the copy.
+                        let plane = |src: &[u8], stride: usize, w: usize, h: usize| {
+                            let mut p = Vec::with_capacity(w * h);
+                            for row in 0..h {
+                                p.extend_from_slice(&src[row * stride..row * stride + w]);
+                            }
+                            p
+                        };
+                        let f = I420 {
+                            width: w as u32,
+                            height: h as u32,
+                            y: plane(pic.y(), ys, w, h),
+                            u: plane(pic.u(), us, w2, h2),
+                            v: plane(pic.v(), vs, w2, h2),
+                        };
                         self.latest = Some(std::sync::Arc::new(f));
                         self.latest_ts = Some(au.rtp_timestamp);
                         self.frames_decoded += 1;

@@ -48,6 +48,9 @@ pub struct BridgeResult {
     pub latency_p50_ms: Option<f64>,
     pub latency_p95_ms: Option<f64>,
     pub rss_mb: f64,
+    /// FLV output (audio + video tag bodies) over the window, Mbit/s: both sides are asked for
+    /// 2.5 Mbit/s of video and 128 kbit/s of audio, and this shows they delivered it.
+    pub output_mbit: f64,
 }
 
 /// Feed one participant's tracks in real time until `stop`.
@@ -152,8 +155,18 @@ pub async fn cohost(
         ..BridgeConfig::default()
     };
     let fps = f64::from(config.fps);
-    let bridge = Bridge::start(room, Origin::new(), config).map_err(|e| anyhow!(e))?;
+    let origin = Origin::new();
+    let bridge = Bridge::start(room, origin.clone(), config).map_err(|e| anyhow!(e))?;
     tokio::time::sleep(warmup).await;
+    // Count what a player of the origin receives during the window.
+    let mut player = origin.play(&name).map_err(|e| anyhow!("play: {e}"))?;
+    let counted = tokio::spawn(async move {
+        let mut bytes = 0usize;
+        while let Some(tag) = player.rx.recv().await {
+            bytes += tag.body.len();
+        }
+        bytes
+    });
     let (c0, f0, r0, t0) = (
         cpu_seconds(pid()).unwrap_or(0.0),
         bridge.stats().video_frames,
@@ -174,6 +187,7 @@ pub async fn cohost(
     let rss = rss_bytes(pid()).unwrap_or(0) as f64 / 1e6;
     drop(bridge);
     let _ = stop_tx.send(true);
+    let output_mbit = counted.await.unwrap_or(0) as f64 * 8.0 / secs / 1e6;
     let cpu = (c1 - c0) / secs;
     let output_fps = (f1 - f0) as f64 / secs;
     Ok(BridgeResult {
@@ -192,6 +206,7 @@ pub async fn cohost(
         latency_p50_ms: stats.latency_ms_p50,
         latency_p95_ms: stats.latency_ms_p95,
         rss_mb: rss,
+        output_mbit,
     })
 }
 
@@ -245,12 +260,13 @@ fn pip_graph(n: usize) -> String {
     g
 }
 
-/// The last `frame=` value ffmpeg wrote to its progress file.
-fn progress_frames(path: &Path) -> Option<u64> {
+/// The last `key=` value ffmpeg wrote to its progress file (`frame`, `total_size`).
+fn progress_value(path: &Path, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
+    let prefix = format!("{key}=");
     text.lines()
         .rev()
-        .find_map(|l| l.strip_prefix("frame="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.trim().parse().ok())
 }
 
@@ -324,15 +340,17 @@ pub async fn ffmpeg(
     let mut child = cmd.spawn().context("ffmpeg (Debian's, with libx264)")?;
     let fpid = child.id().context("ffmpeg pid")?;
     tokio::time::sleep(warmup).await;
-    let (c0, f0, t0) = (
+    let (c0, f0, b0, t0) = (
         cpu_seconds(fpid).unwrap_or(0.0),
-        progress_frames(&progress).unwrap_or(0),
+        progress_value(&progress, "frame").unwrap_or(0),
+        progress_value(&progress, "total_size").unwrap_or(0),
         Instant::now(),
     );
     tokio::time::sleep(window).await;
-    let (c1, f1, secs) = (
+    let (c1, f1, b1, secs) = (
         cpu_seconds(fpid).unwrap_or(0.0),
-        progress_frames(&progress).unwrap_or(0),
+        progress_value(&progress, "frame").unwrap_or(0),
+        progress_value(&progress, "total_size").unwrap_or(0),
         t0.elapsed().as_secs_f64(),
     );
     let rss = rss_bytes(fpid).unwrap_or(0) as f64 / 1e6;
@@ -353,6 +371,8 @@ pub async fn ffmpeg(
         latency_p50_ms: None,
         latency_p95_ms: None,
         rss_mb: rss,
+        // FLV file size (tag headers included: about 1 % more than the tag bodies).
+        output_mbit: b1.saturating_sub(b0) as f64 * 8.0 / secs / 1e6,
     })
 }
 
@@ -403,7 +423,7 @@ pub async fn solo(clip: &Arc<Clip>, warmup: Duration, window: Duration) -> Vec<B
 pub fn print(results: &[BridgeResult]) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "\n{:<17} {:>6} {:>6} {:>14} {:>10} {:>9} {:>12} {:>9} {:>9} {:>8}",
+        "\n{:<17} {:>6} {:>6} {:>14} {:>10} {:>9} {:>12} {:>9} {:>9} {:>8} {:>8}",
         "bridge",
         "inputs",
         "in fps",
@@ -413,11 +433,12 @@ pub fn print(results: &[BridgeResult]) {
         "fps/core",
         "lat p50",
         "lat p95",
-        "RSS MB"
+        "RSS MB",
+        "out Mb/s"
     );
     for r in results {
         println!(
-            "{:<17} {:>6} {:>6} {:>14.3} {:>10.1} {:>8.0}% {:>12.1} {:>9} {:>9} {:>8.0}",
+            "{:<17} {:>6} {:>6} {:>14.3} {:>10.1} {:>8.0}% {:>12.1} {:>9} {:>9} {:>8.0} {:>8.2}",
             r.tool,
             r.inputs,
             r.input_fps,
@@ -427,7 +448,8 @@ pub fn print(results: &[BridgeResult]) {
             r.fps_per_core,
             ms(r.latency_p50_ms),
             ms(r.latency_p95_ms),
-            r.rss_mb
+            r.rss_mb,
+            r.output_mbit
         );
     }
     for c in results.iter().filter(|r| r.tool.starts_with("cohost")) {

@@ -6,6 +6,7 @@
 //! Loopback only; bounded run time; it starts and stops the servers itself.
 
 mod bridge_bench;
+mod codec_bench;
 mod cohost_target;
 mod janus;
 mod media;
@@ -41,9 +42,15 @@ struct Cli {
     target: String,
     /// fanout, cohost, join or all (the SFU, against --target); or bridge (the bridge pipeline
     /// in this process against ffmpeg doing the same composite); or solo (the bridge's solo
-    /// path: a lone host at 30 and 15 fps, with and without repeating unchanged pictures)
+    /// path: a lone host at 30 and 15 fps, with and without repeating unchanged pictures); or
+    /// codec (OpenH264's cost per 720p picture: decoding the clips, encoding with each option)
     #[arg(long, default_value = "all")]
     scenario: String,
+    /// Content of the synthetic clip: camera (a desk camera; default for bridge, solo and
+    /// codec), handheld (the same, panning) or noise (default for the SFU scenarios; the
+    /// bridge's worst case).
+    #[arg(long, value_enum)]
+    clip: Option<media::Content>,
     /// Input counts for the bridge scenario.
     #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
     bridge_inputs: Vec<usize>,
@@ -535,25 +542,33 @@ async fn main() -> anyhow::Result<()> {
             .to_string_lossy()
             .into_owned(),
     };
-    eprintln!(
-        "encoding the synthetic clip ({} bit/s)...",
-        cli.video_bitrate
-    );
-    let clip = Arc::new(
-        tokio::task::spawn_blocking({
-            let b = cli.video_bitrate;
-            let bridge = cli.scenario == "bridge" || cli.scenario == "solo";
-            move || media::make_clip(b, 4, bridge)
-        })
-        .await??,
-    );
-    eprintln!(
-        "clip: {} frames, {:.2} Mbit/s, {:.1} packets/frame",
-        clip.frames.len(),
-        clip.video_bps / 1e6,
-        clip.frames.iter().map(|f| f.payloads.len()).sum::<usize>() as f64
-            / clip.frames.len() as f64
-    );
+    let bridge = matches!(cli.scenario.as_str(), "bridge" | "solo" | "codec");
+    let content = cli.clip.unwrap_or(if bridge {
+        media::Content::Camera
+    } else {
+        media::Content::Noise
+    });
+    let clip = load_clip(content, cli.video_bitrate, bridge).await?;
+    if cli.scenario == "codec" {
+        // Decoding is measured on every kind of clip; encoding on `--clip`'s pictures.
+        let mut clips = vec![];
+        for c in [
+            media::Content::Camera,
+            media::Content::Handheld,
+            media::Content::Noise,
+        ] {
+            clips.push((
+                c,
+                if c == content {
+                    clip.clone()
+                } else {
+                    load_clip(c, cli.video_bitrate, true).await?
+                },
+            ));
+        }
+        let b = cli.video_bitrate;
+        return tokio::task::spawn_blocking(move || codec_bench::run(&clips, content, b)).await?;
+    }
     if cli.scenario == "bridge" || cli.scenario == "solo" {
         let results = if cli.scenario == "solo" {
             bridge_bench::solo(&clip, cli.warmup, cli.duration).await
@@ -608,6 +623,28 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
     }
     Ok(())
+}
+
+/// Encode the synthetic clip (`every_frame`: a picture in every frame, for the bridge).
+async fn load_clip(
+    content: media::Content,
+    bitrate: u32,
+    every_frame: bool,
+) -> anyhow::Result<Arc<Clip>> {
+    eprintln!("encoding the synthetic clip ({content:?}, {bitrate} bit/s asked)...");
+    let clip =
+        tokio::task::spawn_blocking(move || media::make_clip(content, bitrate, 4, every_frame))
+            .await??;
+    let pictures = clip.frames.iter().filter(|f| !f.annexb.is_empty()).count();
+    eprintln!(
+        "clip: {} frames ({} with a picture), {:.2} Mbit/s, {:.1} packets/frame",
+        clip.frames.len(),
+        pictures,
+        clip.video_bps / 1e6,
+        clip.frames.iter().map(|f| f.payloads.len()).sum::<usize>() as f64
+            / clip.frames.len() as f64
+    );
+    Ok(Arc::new(clip))
 }
 
 fn chrono_like_now() -> String {

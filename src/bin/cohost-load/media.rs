@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod};
+use openh264::encoder::{
+    BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, RateControlMode,
+};
 use openh264::formats::YUVBuffer;
 use rtc::rtp::codec::h264::H264Payloader;
 use rtc::rtp::packetizer::Payloader;
@@ -34,41 +36,127 @@ pub struct Clip {
     pub video_bps: f64,
 }
 
+/// What the synthetic clip shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Content {
+    /// A desk camera: a still, smooth background, a textured "head" that sways, and faint
+    /// sensor noise everywhere; encoded in OpenH264's bitrate mode, a picture in every frame,
+    /// so it comes out near the requested bitrate like a browser's sender.
+    Camera,
+    /// The same scene from a hand-held phone: the background pans a pixel per frame, so
+    /// almost nothing can be skipped (costlier to encode and decode than `camera`).
+    Handheld,
+    /// A moving gradient under strong per-pixel noise that changes every frame: nothing can be
+    /// predicted, so it costs every decoder the most (about 12 Mbit/s when no frame may be
+    /// skipped, whatever the requested bitrate). The SFU scenarios use it with frame skipping
+    /// on, where its packet rate is what they measure.
+    Noise,
+}
+
+/// One 1280x720 I420 picture of `content` at frame `i`.
+pub fn picture(content: Content, i: usize) -> Vec<u8> {
+    let (w, h) = (1280usize, 720usize);
+    let mut yuv = vec![0u8; w * h * 3 / 2];
+    let mut seed = (i as u32).wrapping_mul(2_654_435_761) | 1;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed
+    };
+    match content {
+        Content::Noise => {
+            for y in 0..h {
+                for x in 0..w {
+                    yuv[y * w + x] = ((x + y + i * 4) % 256) as u8 ^ (rnd() as u8 & 0x1f);
+                }
+            }
+            for (k, v) in yuv[w * h..].iter_mut().enumerate() {
+                *v = ((k / 7 + i * 2) % 256) as u8;
+            }
+        }
+        Content::Camera | Content::Handheld => {
+            // Head swaying on a slow sine; the hand-held background pans 1 px per frame.
+            let pan = if content == Content::Handheld { i } else { 0 };
+            let (cx, cy) = (
+                640.0 + 60.0 * (i as f64 / 25.0).sin(),
+                380.0 + 15.0 * (i as f64 / 11.0).sin(),
+            );
+            let (rx, ry) = (190.0f64, 250.0f64);
+            // The background's terms are separable: per column and per row tables.
+            let col: Vec<(f64, f64, f64)> = (0..w)
+                .map(|x| {
+                    let bx = (x + pan) as f64;
+                    ((bx / 97.0).sin(), (bx / 23.0).sin(), (bx / 23.0).cos())
+                })
+                .collect();
+            for y in 0..h {
+                let (c71, s41, c41) = (
+                    (y as f64 / 71.0).cos(),
+                    (y as f64 / 41.0).sin(),
+                    (y as f64 / 41.0).cos(),
+                );
+                for x in 0..w {
+                    let (s97, s23, c23) = col[x];
+                    // sin(a + b) = sin a cos b + cos a sin b
+                    let bg = 120.0 + 50.0 * s97 * c71 + 20.0 * (s23 * c41 + c23 * s41);
+                    let (dx, dy) = ((x as f64 - cx) / rx, (y as f64 - cy) / ry);
+                    let v = if dx * dx + dy * dy < 1.0 {
+                        // Texture fixed to the head, so motion search finds it.
+                        let (tx, ty) = ((dx * rx) as i64, (dy * ry) as i64);
+                        let t = (tx.wrapping_mul(31) ^ ty.wrapping_mul(17)) & 15;
+                        170.0 + 25.0 * (dy * 9.0).sin() + t as f64
+                    } else {
+                        bg
+                    };
+                    // Faint sensor noise (±2).
+                    let n = (rnd() % 5) as f64 - 2.0;
+                    yuv[y * w + x] = (v + n).clamp(16.0, 235.0) as u8;
+                }
+            }
+            let (cw, ch) = (w / 2, h / 2);
+            for y in 0..ch {
+                for x in 0..cw {
+                    let u = 128.0 + 20.0 * (((x + pan / 2) as f64) / 60.0).sin();
+                    let v = 128.0 + 15.0 * ((y as f64) / 50.0).cos();
+                    yuv[w * h + y * cw + x] = u as u8;
+                    yuv[w * h + cw * ch + y * cw + x] = v as u8;
+                }
+            }
+        }
+    }
+    yuv
+}
+
 /// Encode `seconds` of 1280x720 video at `bitrate` bps with a 2 s GOP, plus Opus 20 ms frames.
 ///
 /// `every_frame`: forbid the encoder to skip frames. OpenH264 holds its bitrate by skipping
-/// (an empty output for that frame) when the noisy pattern needs more bits: fine for the SFU
-/// scenarios, which measure packets, but the bridge scenarios need a picture in every frame
-/// (with skipping, only about 6 of 30 frames per second carried one); without skipping the
-/// noisy pattern comes out near 12 Mbit/s whatever `bitrate` says.
-pub fn make_clip(bitrate: u32, seconds: u32, every_frame: bool) -> anyhow::Result<Clip> {
+/// (an empty output for that frame) when the picture needs more bits than the budget: fine for
+/// the SFU scenarios, which measure packets, but the bridge scenarios need a picture in every
+/// frame. With `every_frame` the encoder runs in bitrate mode, which raises the quantiser
+/// instead of skipping (the noise content still cannot be held to the bitrate).
+pub fn make_clip(
+    content: Content,
+    bitrate: u32,
+    seconds: u32,
+    every_frame: bool,
+) -> anyhow::Result<Clip> {
     let (w, h) = (1280usize, 720usize);
-    let config = EncoderConfig::new()
+    let mut config = EncoderConfig::new()
         .bitrate(BitRate::from_bps(bitrate))
         .max_frame_rate(FrameRate::from_hz(FPS as f32))
         .skip_frames(!every_frame)
         .intra_frame_period(IntraFramePeriod::from_num_frames(FPS * 2));
+    if every_frame {
+        config = config.rate_control_mode(RateControlMode::Bitrate);
+    }
     let mut enc = Encoder::with_api_config(openh264::OpenH264API::from_source(), config)?;
     let mut payloader = H264Payloader::default();
     let mut frames = vec![];
     let mut total = 0usize;
     let n = (FPS * seconds) as usize;
     for i in 0..n {
-        // A moving diagonal gradient with noise so the encoder has real work and real sizes.
-        let mut yuv = vec![0u8; w * h * 3 / 2];
-        let mut seed = (i as u32).wrapping_mul(2_654_435_761);
-        for y in 0..h {
-            for x in 0..w {
-                seed ^= seed << 13;
-                seed ^= seed >> 17;
-                seed ^= seed << 5;
-                yuv[y * w + x] = ((x + y + i * 4) % 256) as u8 ^ (seed as u8 & 0x1f);
-            }
-        }
-        for (k, v) in yuv[w * h..].iter_mut().enumerate() {
-            *v = ((k / 7 + i * 2) % 256) as u8;
-        }
-        let buf = YUVBuffer::from_vec(yuv, w, h);
+        let buf = YUVBuffer::from_vec(picture(content, i), w, h);
         let bs = enc.encode(&buf)?;
         let annexb = Bytes::from(bs.to_vec());
         total += annexb.len();
