@@ -210,6 +210,27 @@ pub async fn cohost(
     })
 }
 
+/// ffmpeg's video encoder in the comparison: libx264 as live encoders run it (no lookahead,
+/// no B-frames), at the bridge's bitrate and GOP.
+pub const X264: [&str; 16] = [
+    "-c:v",
+    "libx264",
+    "-preset",
+    "veryfast",
+    "-tune",
+    "zerolatency",
+    "-b:v",
+    "2500k",
+    "-maxrate",
+    "2500k",
+    "-bufsize",
+    "5000k",
+    "-g",
+    "60",
+    "-bf",
+    "0",
+];
+
 /// A mono 16-bit WAV of a tone, for ffmpeg's audio inputs.
 fn write_wav(path: &Path, hz: f64, secs: u32) -> std::io::Result<()> {
     let rate = 48_000u32;
@@ -322,16 +343,8 @@ pub async fn ffmpeg(
         "-map",
         "[a]",
     ])
-    .args([
-        "-c:v",
-        "libx264",
-        "-preset",
-        "veryfast",
-        "-tune",
-        "zerolatency",
-    ])
-    .args(["-b:v", "2500k", "-maxrate", "2500k", "-bufsize", "5000k"])
-    .args(["-g", "60", "-bf", "0", "-pix_fmt", "yuv420p", "-r", "30"])
+    .args(X264)
+    .args(["-pix_fmt", "yuv420p", "-r", "30"])
     .args(["-c:a", "aac", "-b:a", "128k", "-ar", "48000", "-ac", "2"])
     .arg("-progress")
     .arg(&progress)

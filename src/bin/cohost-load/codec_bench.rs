@@ -232,29 +232,11 @@ pub fn run(
     let raw = [
         "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", "1280x720", "-r", "30", "-i",
     ];
-    let x264 = [
-        "-threads",
-        "1",
-        "-c:v",
-        "libx264",
-        "-preset",
-        "veryfast",
-        "-tune",
-        "zerolatency",
-        "-b:v",
-        "2500k",
-        "-maxrate",
-        "2500k",
-        "-bufsize",
-        "5000k",
-        "-g",
-        "60",
-        "-bf",
-        "0",
-        "-f",
-        "null",
-        "-",
-    ];
+    let x264: Vec<&str> = ["-threads", "1"]
+        .into_iter()
+        .chain(crate::bridge_bench::X264)
+        .chain(["-f", "null", "-"])
+        .collect();
     let ms = ffmpeg_cpu(&raw, &dir.join("camera.yuv"), &x264)?;
     println!(
         "  libx264 veryfast zerolatency encode   {:>7.2}",
