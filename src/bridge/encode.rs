@@ -33,6 +33,8 @@ pub struct EncodedVideo {
     /// The encoder's output as it came (Annex B, parameter sets included on keyframes), for
     /// RTP packetization.
     pub annexb: Vec<u8>,
+    /// The rate control dropped the picture given to `encode`: this repeats the previous one.
+    pub rate_skipped: bool,
 }
 
 /// OpenH264 settings of the bridge's output, chosen with `cohost-load --scenario codec` (see
@@ -41,16 +43,16 @@ pub fn output_config(bitrate: u32, fps: f32) -> EncoderConfig {
     EncoderConfig::new()
         .bitrate(BitRate::from_bps(bitrate))
         .max_frame_rate(FrameRate::from_hz(fps))
-        // Bitrate mode: on pictures that need more bits than the target it overshoots less
-        // than the quality mode (17 against 21 Mbit/s for 2.5 asked on pure noise). Neither
-        // holds such content without skipping frames, which the output must not do: a known
-        // limit (BENCHMARKS.md); camera pictures come out at the target in both.
+        // Bitrate mode with frame skipping: the only way OpenH264 holds the target on
+        // pictures that need more bits than it (noise-like content: 17 Mbit/s came out for
+        // 2.5 asked without skipping, 3 with). `encode` sends a dropped picture as a repeat
+        // of the previous one, so the output frame rate stays constant for CDNs and players.
+        // Camera pictures at the target bitrate had no picture dropped (BENCHMARKS.md).
         .rate_control_mode(RateControlMode::Bitrate)
+        .skip_frames(true)
         // Keyframes are forced by output frame count here (repeated pictures never reach
         // the encoder, so its own count would drift); 0 = only the first.
         .intra_frame_period(IntraFramePeriod::from_num_frames(0))
-        // Never skip: the output frame rate must stay constant for CDNs and players.
-        .skip_frames(false)
         // A scene change would make the encoder insert an IDR of its own and break the fixed
         // GOP (the compositor "changes scene" at every layout change). Background detection
         // stays on: it skips still regions cheaply, which halved the cost on a desk camera.
@@ -114,11 +116,16 @@ impl H264Encoder {
     /// possible now: before the first picture, when a keyframe is due or forced, or when the
     /// stream's parameter sets do not allow it; the caller then encodes.
     pub fn repeat(&mut self) -> Option<EncodedVideo> {
-        let p = self.repeat.as_ref()?;
-        let last = self.last_frame_num?;
         if self.force || self.since_idr >= self.gop {
             return None;
         }
+        self.repeat_previous()
+    }
+
+    /// The skipped P picture itself, keyframe or not due.
+    fn repeat_previous(&mut self) -> Option<EncodedVideo> {
+        let p = self.repeat.as_ref()?;
+        let last = self.last_frame_num?;
         let f = (last + 1) % p.max_frame_num();
         let nal = p.skip_slice(f);
         self.last_frame_num = Some(f);
@@ -129,12 +136,14 @@ impl H264Encoder {
             avcc: h264::to_avcc([nal.as_slice()]),
             keyframe: false,
             annexb: annexb([nal.as_slice()]),
+            rate_skipped: false,
         })
     }
 
     pub fn encode(&mut self, frame: &I420) -> Result<EncodedVideo, EncodeError> {
         // (An encoder's first picture is always an IDR.)
-        if self.force || self.since_idr >= self.gop {
+        let want_key = self.force || self.since_idr >= self.gop;
+        if want_key {
             self.enc.force_intra_frame();
             self.force = false;
         }
@@ -145,6 +154,17 @@ impl H264Encoder {
             .encode(&src)
             .map_err(|e| EncodeError::H264(e.to_string()))?
             .to_vec();
+        if bs.is_empty() {
+            // The rate control dropped the picture: it needs more bits than the budget has
+            // (noise-like content). Show the previous one again, so the frame rate stays
+            // constant; a keyframe that was due comes with the next picture instead.
+            self.force |= want_key;
+            let mut v = self.repeat_previous().ok_or_else(|| {
+                EncodeError::H264("the encoder dropped a picture before its first one".into())
+            })?;
+            v.rate_skipped = true;
+            return Ok(v);
+        }
         let nals = h264::split_annexb(&bs);
         let sps = nals.iter().find(|n| h264::nal_type(n) == h264::NAL_SPS);
         let pps = nals.iter().find(|n| h264::nal_type(n) == h264::NAL_PPS);
@@ -206,6 +226,7 @@ impl H264Encoder {
             avcc,
             keyframe,
             annexb,
+            rate_skipped: false,
         })
     }
 }
@@ -364,6 +385,49 @@ mod tests {
         }
         assert_eq!(keys, vec![0, 30, 60, 90], "GOP counted in output frames");
         assert!(repeats >= 28, "{repeats}");
+    }
+
+    #[test]
+    fn dropped_pictures_become_repeats_and_the_bitrate_holds() {
+        use openh264::decoder::Decoder;
+        let (w, h, target) = (640u32, 360u32, 500_000u32);
+        let mut e = H264Encoder::new(w, h, 30.0, target, 60).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let mut seed = 0x9e37_79b9u32;
+        let (mut bytes, mut dropped, mut keys) = (0usize, 0u32, vec![]);
+        for i in 0..150u32 {
+            // Fresh noise in every picture: nothing to predict, far more bits than the target
+            // (about 1.2 Mbit/s at the highest quantiser without dropping pictures).
+            let mut f = I420::new(w, h, Yuv::BLACK);
+            for p in [&mut f.y, &mut f.u, &mut f.v] {
+                for v in p.iter_mut() {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    *v = 80 + (seed as u8 & 0x3f);
+                }
+            }
+            let v = e.encode(&f).unwrap();
+            dropped += u32::from(v.rate_skipped);
+            if v.keyframe {
+                keys.push(i);
+            }
+            bytes += v.avcc.len();
+            // Every output frame decodes to a picture, repeats included.
+            assert!(
+                dec.decode(&v.annexb).unwrap().is_some(),
+                "frame {i} gave no picture"
+            );
+        }
+        let bps = bytes as f64 * 8.0 * 30.0 / 150.0;
+        assert!(dropped > 0, "no picture was dropped");
+        assert!(bps < 1.5 * f64::from(target), "{bps} bit/s for {target}");
+        // Keyframes keep the GOP, one frame later at most when one was due on a dropped picture.
+        assert_eq!(keys[0], 0);
+        for k in keys.windows(2) {
+            assert!((60..=62).contains(&(k[1] - k[0])), "keyframes at {keys:?}");
+        }
+        assert!(keys.len() >= 3, "keyframes at {keys:?}");
     }
 
     #[test]

@@ -131,6 +131,9 @@ pub struct BridgeStats {
     pub repeated_frames: u64,
     /// Output frames that show at least one input picture not shown before.
     pub new_pictures: u64,
+    /// Pictures the encoder's rate control dropped (they needed more bits than the bitrate
+    /// allows), each sent as a repeat of the previous picture.
+    pub dropped_pictures: u64,
     /// `solo` (the cheap path: the host alone, unchanged pictures not encoded) or `mixing`.
     pub path: &'static str,
     /// Input picture's last RTP packet received to the output frame showing it handed to the
@@ -175,6 +178,7 @@ pub struct Bridge {
     audio_frames: Arc<AtomicU64>,
     inputs: Arc<AtomicU64>,
     repeated: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
     new_pictures: Arc<AtomicU64>,
     solo: Arc<AtomicBool>,
     latency: Arc<Mutex<LatencyWindow>>,
@@ -219,6 +223,7 @@ impl Bridge {
             audio_frames: self.audio_frames.load(Ordering::Relaxed),
             inputs: self.inputs.load(Ordering::Relaxed),
             repeated_frames: self.repeated.load(Ordering::Relaxed),
+            dropped_pictures: self.dropped.load(Ordering::Relaxed),
             new_pictures: self.new_pictures.load(Ordering::Relaxed),
             path: if self.solo.load(Ordering::Relaxed) {
                 "solo"
@@ -259,6 +264,7 @@ impl Bridge {
             audio_frames: Arc::new(AtomicU64::new(0)),
             inputs: Arc::new(AtomicU64::new(0)),
             repeated: Arc::new(AtomicU64::new(0)),
+            dropped: Arc::new(AtomicU64::new(0)),
             new_pictures: Arc::new(AtomicU64::new(0)),
             solo: Arc::new(AtomicBool::new(false)),
             latency: Arc::default(),
@@ -287,6 +293,7 @@ impl Bridge {
             latency: bridge.latency.clone(),
             limiter: Limiter::default(),
             repeated: bridge.repeated.clone(),
+            dropped: bridge.dropped.clone(),
             new_pictures: bridge.new_pictures.clone(),
             solo: bridge.solo.clone(),
             last_multi: None,
@@ -451,6 +458,7 @@ struct Output {
     latency: Arc<Mutex<LatencyWindow>>,
     limiter: Limiter,
     repeated: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
     new_pictures: Arc<AtomicU64>,
     solo: Arc<AtomicBool>,
     /// When the room last had more than its host on screen (co-hosts or a PK).
@@ -670,6 +678,12 @@ impl Output {
                 };
                 match picture {
                     Ok(v) => {
+                        if v.rate_skipped {
+                            // The output still shows the picture before: encode the next
+                            // frame even if nothing changes on screen.
+                            self.dropped.fetch_add(1, Ordering::Relaxed);
+                            self.last_shown = None;
+                        }
                         self.rtp.video(&v, frames);
                         let ts = (frames * 1000 / fps) as u32;
                         if !sent_headers {

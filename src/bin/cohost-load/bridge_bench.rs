@@ -181,8 +181,8 @@ pub async fn cohost(
     );
     let stats = bridge.stats();
     eprintln!(
-        "  frames {} new pictures {} repeated {}",
-        stats.video_frames, stats.new_pictures, stats.repeated_frames
+        "  frames {} new pictures {} repeated {} dropped by the rate control {}",
+        stats.video_frames, stats.new_pictures, stats.repeated_frames, stats.dropped_pictures
     );
     let rss = rss_bytes(pid()).unwrap_or(0) as f64 / 1e6;
     drop(bridge);
