@@ -62,6 +62,30 @@ impl I420 {
         }
     }
 
+    /// A tightly packed copy of a decoder's picture (whose planes have strides and are reused
+    /// by the next decode), cut to even dimensions for 4:2:0.
+    pub fn from_yuv(pic: &impl openh264::formats::YUVSource) -> Self {
+        let (w, h) = pic.dimensions();
+        let (ys, us, vs) = pic.strides();
+        let (w, h) = (w & !1, h & !1);
+        let (w2, h2) = (w / 2, h / 2);
+        // Rows appended into reserved planes: no fill pass before the copy.
+        let plane = |src: &[u8], stride: usize, w: usize, h: usize| {
+            let mut p = Vec::with_capacity(w * h);
+            for row in 0..h {
+                p.extend_from_slice(&src[row * stride..row * stride + w]);
+            }
+            p
+        };
+        Self {
+            width: w as u32,
+            height: h as u32,
+            y: plane(pic.y(), ys, w, h),
+            u: plane(pic.u(), us, w2, h2),
+            v: plane(pic.v(), vs, w2, h2),
+        }
+    }
+
     pub fn view(&self) -> I420Ref<'_> {
         I420Ref {
             width: self.width,

@@ -34,7 +34,7 @@ pub struct EncodedVideo {
     /// RTP packetization.
     pub annexb: Vec<u8>,
     /// The rate control dropped the picture given to `encode`: this repeats the previous one.
-    pub rate_skipped: bool,
+    pub dropped: bool,
 }
 
 /// OpenH264 settings of the bridge's output, chosen with `cohost-load --scenario codec` (see
@@ -136,7 +136,7 @@ impl H264Encoder {
             avcc: h264::to_avcc([nal.as_slice()]),
             keyframe: false,
             annexb: annexb([nal.as_slice()]),
-            rate_skipped: false,
+            dropped: false,
         })
     }
 
@@ -162,7 +162,7 @@ impl H264Encoder {
             let mut v = self.repeat_previous().ok_or_else(|| {
                 EncodeError::H264("the encoder dropped a picture before its first one".into())
             })?;
-            v.rate_skipped = true;
+            v.dropped = true;
             return Ok(v);
         }
         let nals = h264::split_annexb(&bs);
@@ -226,7 +226,7 @@ impl H264Encoder {
             avcc,
             keyframe,
             annexb,
-            rate_skipped: false,
+            dropped: false,
         })
     }
 }
@@ -408,7 +408,7 @@ mod tests {
                 }
             }
             let v = e.encode(&f).unwrap();
-            dropped += u32::from(v.rate_skipped);
+            dropped += u32::from(v.dropped);
             if v.keyframe {
                 keys.push(i);
             }

@@ -678,7 +678,7 @@ impl Output {
                 };
                 match picture {
                     Ok(v) => {
-                        if v.rate_skipped {
+                        if v.dropped {
                             // The output still shows the picture before: encode the next
                             // frame even if nothing changes on screen.
                             self.dropped.fetch_add(1, Ordering::Relaxed);

@@ -4,7 +4,6 @@
 
 use bytes::Bytes;
 use openh264::decoder::Decoder;
-use openh264::formats::YUVSource;
 
 use super::compose::I420;
 use crate::media::rtp_h264::{Assembler, Output};
@@ -54,27 +53,8 @@ impl VideoInput {
                 Output::NeedKeyframe => r.need_keyframe = true,
                 Output::Frame(au) => match self.decoder.decode(&au.annexb) {
                     Ok(Some(pic)) => {
-                        let (w, h) = pic.dimensions();
-                        let (ys, us, vs) = pic.strides();
-                        // Copy out of the decoder's buffer (reused by the next decode), with
-                        // even dimensions for the 4:2:0 compositor.
-                        let (w, h) = (w & !1, h & !1);
-                        let (w2, h2) = (w / 2, h / 2);
-                        // Rows appended into reserved planes: no fill pass before the copy.
-                        let plane = |src: &[u8], stride: usize, w: usize, h: usize| {
-                            let mut p = Vec::with_capacity(w * h);
-                            for row in 0..h {
-                                p.extend_from_slice(&src[row * stride..row * stride + w]);
-                            }
-                            p
-                        };
-                        let f = I420 {
-                            width: w as u32,
-                            height: h as u32,
-                            y: plane(pic.y(), ys, w, h),
-                            u: plane(pic.u(), us, w2, h2),
-                            v: plane(pic.v(), vs, w2, h2),
-                        };
+                        // Copied out: the decoder reuses its buffer for the next picture.
+                        let f = I420::from_yuv(&pic);
                         self.latest = Some(std::sync::Arc::new(f));
                         self.latest_ts = Some(au.rtp_timestamp);
                         self.frames_decoded += 1;

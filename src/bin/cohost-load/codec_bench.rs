@@ -6,11 +6,12 @@
 
 use std::time::Instant;
 
+use cohost::bridge::compose::I420;
 use openh264::decoder::Decoder;
 use openh264::encoder::{
     BitRate, Complexity, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, RateControlMode,
 };
-use openh264::formats::{YUVBuffer, YUVSource};
+use openh264::formats::YUVBuffer;
 
 use crate::media::{Clip, Content, FPS, picture};
 
@@ -83,9 +84,7 @@ fn encode_cost(
     })
 }
 
-/// The encoding alone (its own function so callgrind can count just it): the stream, CPU and
-/// wall seconds.
-#[inline(never)]
+/// The encoding alone, timed without the PSNR check: the stream, CPU and wall seconds.
 fn encode_pictures(
     config: EncoderConfig,
     pictures: &[Vec<u8>],
@@ -111,18 +110,12 @@ fn encode_pictures(
 
 /// Mean luma PSNR of the decoded stream against its source pictures.
 fn psnr_y(stream: &[Vec<u8>], pictures: &[Vec<u8>]) -> anyhow::Result<f64> {
-    let (w, h) = (1280usize, 720usize);
     let mut dec = Decoder::new()?;
     let (mut sum, mut n) = (0.0, 0usize);
     for (bs, src) in stream.iter().zip(pictures) {
         if let Some(img) = dec.decode(bs)? {
-            let (sy, _, _) = img.strides();
-            let y = img.y();
-            let mut plane = Vec::with_capacity(w * h);
-            for row in 0..h {
-                plane.extend_from_slice(&y[row * sy..row * sy + w]);
-            }
-            sum += psnr(&plane, &src[..w * h]);
+            let y = I420::from_yuv(&img).y;
+            sum += psnr(&y, &src[..y.len()]);
             n += 1;
         }
     }
@@ -148,7 +141,7 @@ pub fn run(
         .collect();
     let dir = std::env::temp_dir().join(format!("cohost-codec-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("camera.yuv"), pictures.concat())?;
+    std::fs::write(dir.join("pictures.yuv"), pictures.concat())?;
     for (c, clip) in clips {
         let all: Vec<u8> = clip.frames.iter().flat_map(|f| f.annexb.to_vec()).collect();
         std::fs::write(dir.join(format!("{c:?}.h264")), all)?;
@@ -186,17 +179,9 @@ pub fn run(
     );
     // This machine's timings wander by ±25 % from run to run: run every variant several times,
     // interleaved, and keep each one's fastest round.
-    // COHOST_CODEC_VARIANT=k: encode with variant k only, once (for counting instructions
-    // under `valgrind --tool=callgrind`, which is repeatable where timings are not).
-    let only: Option<usize> = std::env::var("COHOST_CODEC_VARIANT")
-        .ok()
-        .and_then(|v| v.parse().ok());
     let mut best: Vec<Option<EncodeResult>> = variants.iter().map(|_| None).collect();
-    for _ in 0..if only.is_some() { 1 } else { ROUNDS } {
+    for _ in 0..ROUNDS {
         for (k, (_, cfg)) in variants.iter().enumerate() {
-            if only.is_some_and(|o| o != k) {
-                continue;
-            }
             let r = encode_cost(*cfg, &pictures, bitrate)?;
             if best[k]
                 .as_ref()
@@ -212,10 +197,6 @@ pub fn run(
             "  {name:<46} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8}",
             r.ms_per_picture, r.wall_ms_per_picture, r.mbit, r.psnr_y, r.skipped
         );
-    }
-    if only.is_some() {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Ok(());
     }
     // The same work by ffmpeg's components (the bridge benchmark's peer), one thread each so
     // that thread overhead does not count against it.
@@ -239,13 +220,13 @@ pub fn run(
         .chain(crate::bridge_bench::X264)
         .chain(["-f", "null", "-"])
         .collect();
-    let ms = ffmpeg_cpu(&raw, &dir.join("camera.yuv"), &x264)?;
+    let ms = ffmpeg_cpu(&raw, &dir.join("pictures.yuv"), &x264)?;
     println!(
         "  libx264 veryfast zerolatency encode   {:>7.2}",
         ms * 1e3 / n
     );
     let null = ["-f", "null", "-"];
-    let ms = ffmpeg_cpu(&raw, &dir.join("camera.yuv"), &null)?;
+    let ms = ffmpeg_cpu(&raw, &dir.join("pictures.yuv"), &null)?;
     println!(
         "  (reading the raw pictures alone)      {:>7.2}",
         ms * 1e3 / n

@@ -47,7 +47,7 @@ pub enum Content {
     /// almost nothing can be skipped (costlier to encode and decode than `camera`).
     Handheld,
     /// A moving gradient under strong per-pixel noise that changes every frame: nothing can be
-    /// predicted, so it costs every decoder the most (about 12 Mbit/s when no frame may be
+    /// predicted, so it costs every decoder the most (12-18 Mbit/s when no frame may be
     /// skipped, whatever the requested bitrate). The SFU scenarios use it with frame skipping
     /// on, where its packet rate is what they measure.
     Noise,
