@@ -3,6 +3,7 @@ pub mod app;
 pub mod auth;
 pub mod bridge;
 pub mod config;
+pub mod conn_limit;
 pub mod http;
 pub mod media;
 pub mod metrics;
