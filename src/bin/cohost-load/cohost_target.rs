@@ -198,12 +198,13 @@ impl Target for CohostTarget {
             pending: Default::default(),
             next: Mutex::new(0),
         });
-        let (sub, sub_events) = new_pc_on(Some(sink), self.media_ip).await?;
+        let who = format!("{room}/{identity}");
+        let (sub, sub_events) = new_pc_on(&who, Some(sink), self.media_ip).await?;
         let pubpc: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Default::default();
         let cand_sub = forward_candidates(sub_events, "subscriber", tx.clone());
         // Reader: responses to their requests; offers and candidates applied in order.
         let pending = sig.pending.clone();
-        let (sub2, pub2, tx2) = (sub.clone(), pubpc.clone(), tx.clone());
+        let (sub2, pub2, tx2, who2) = (sub.clone(), pubpc.clone(), tx.clone(), who.clone());
         let reader = tokio::spawn(async move {
             while let Some(Ok(m)) = wstream.next().await {
                 let Message::Text(t) = m else { continue };
@@ -216,6 +217,9 @@ impl Target for CohostTarget {
                             && let Some(s) = pending.lock().ok().and_then(|mut p| p.remove(&id))
                         {
                             let _ = s.send(v);
+                        } else if v["type"] == "error" {
+                            // Errors to messages without an id (candidates): never silent.
+                            eprintln!("  server error for {who2}: {}", v["error"]);
                         }
                     }
                     Some("offer") => {
@@ -253,8 +257,10 @@ impl Target for CohostTarget {
                         } else {
                             pub2.lock().ok().and_then(|p| p.clone())
                         };
-                        if let Some(pc) = pc {
-                            let _ = pc.add_ice_candidate(init).await;
+                        if let Some(pc) = pc
+                            && let Err(e) = pc.add_ice_candidate(init).await
+                        {
+                            eprintln!("  {who2}: {} candidate dropped: {e}", v["target"]);
                         }
                     }
                     _ => {}
@@ -266,7 +272,7 @@ impl Target for CohostTarget {
         let mut pcs = vec![sub.clone()];
         let mut pts = None;
         if let Some(m) = media {
-            let (pc, events) = new_pc_on(None, self.media_ip).await?;
+            let (pc, events) = new_pc_on(&who, None, self.media_ip).await?;
             *pubpc.lock().map_err(|_| anyhow!("lock"))? = Some(pc.clone());
             let a = pc.add_track(m.audio.clone() as Arc<dyn TrackLocal>).await?;
             let v = pc.add_track(m.video.clone() as Arc<dyn TrackLocal>).await?;
