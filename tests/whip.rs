@@ -1080,7 +1080,11 @@ fn assert_refused(r: &Resp, status: u16, code: &str) {
     assert!(r.header("retry-after").is_some(), "{code}: no Retry-After");
     let v: Value = serde_json::from_str(r.body.trim()).unwrap();
     assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1132,7 +1136,12 @@ async fn whep_sessions_are_capped_per_identity() {
         match open("capa", fan.clone()).await {
             Ok(_) => break,
             Err(r) => {
-                assert!(Instant::now() < deadline, "slot not freed: {} {}", r.status, r.body);
+                assert!(
+                    Instant::now() < deadline,
+                    "slot not freed: {} {}",
+                    r.status,
+                    r.body
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -1161,7 +1170,11 @@ async fn publisher_can_still_publish_when_whep_viewers_fill_their_share() {
         assert!(viewers.len() <= 10, "viewers were never refused");
     };
     assert_refused(&refused, 503, "media_ports_exhausted");
-    assert_eq!(viewers.len(), 5, "10 ports - the host's - 4 kept for publishers");
+    assert_eq!(
+        viewers.len(),
+        5,
+        "10 ports - the host's - 4 kept for publishers"
+    );
     assert_eq!(server.metric("cohost_udp_ports_in_use").await, 6.0);
     // A co-host still publishes, over WHIP and over the WebSocket.
     let (_pc, offer) = publisher_offer().await;

@@ -674,9 +674,12 @@ async fn subscribe_now(
 ) -> Result<Created, WhipError> {
     let claims = svc.auth.verify_for_room(token, room).map_err(auth_error)?;
     check_offer(&offer)?;
-    let slot = svc.whip.admit_whep(&svc.cfg.whip, room, &claims.sub).inspect_err(|e| {
-        warn!(%room, identity = %claims.sub, "WHEP session refused: {e}");
-    })?;
+    let slot = svc
+        .whip
+        .admit_whep(&svc.cfg.whip, room, &claims.sub)
+        .inspect_err(|e| {
+            warn!(%room, identity = %claims.sub, "WHEP session refused: {e}");
+        })?;
     let (stream_id, routers) = match source {
         WhepSource::Mix => {
             let Some(h) = svc.bridges.get(room) else {
@@ -723,15 +726,11 @@ async fn subscribe_now(
         ));
     }
     // A viewer: it may not take the ports kept for publishers.
-    let (peer, mut peer_rx) = svc
-        .peers
-        .create_for(PortUse::Viewer)
-        .await
-        .map_err(|e| {
-            svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
-            warn!(%room, identity = %claims.sub, "WHEP session refused: {e}");
-            peer_error(e)
-        })?;
+    let (peer, mut peer_rx) = svc.peers.create_for(PortUse::Viewer).await.map_err(|e| {
+        svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
+        warn!(%room, identity = %claims.sub, "WHEP session refused: {e}");
+        peer_error(e)
+    })?;
     let ufrag = ice_ufrag(&offer);
     let setup = async {
         peer.apply_offer(offer).await.map_err(peer_error)?;

@@ -705,8 +705,7 @@ impl Subscriber {
         let (pc, new_events) = match existing {
             Some(pc) => (pc, None),
             None => {
-                let (pc, ev) =
-                    new_pc_on(&self.who, Some(self.sink.clone()), self.media_ip).await?;
+                let (pc, ev) = new_pc_on(&self.who, Some(self.sink.clone()), self.media_ip).await?;
                 *self.pc.lock().map_err(|_| anyhow!("lock"))? = Some(pc.clone());
                 (pc, Some(ev))
             }
