@@ -1249,3 +1249,34 @@ async fn whep_session_without_ice_is_reaped() {
     let v = whep(&server, "/whep/reap/host", &fan).await;
     assert!(v.is_ok(), "the reaped session's slot was not given back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_publishes_of_one_identity_replace_each_other() {
+    let server = Server::start().await;
+    let _host = Client::join(&server, "dup", "host", Role::Host).await;
+    let studio = server.token("dup", "studio", Role::Cohost);
+    let ports_before = server.metric("cohost_udp_ports_in_use").await;
+    // The same identity publishing five times holds one session, one seat and one port.
+    let mut pcs = vec![];
+    for _ in 0..5 {
+        let (pc, offer) = publisher_offer().await;
+        let r = post_sdp(&server, "/whip/dup", Some(&studio), &offer).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        pcs.push(pc);
+    }
+    server
+        .wait_metrics("one WHIP session left", |m| {
+            m["cohost_whip_sessions"] == 1.0 && m["cohost_udp_ports_in_use"] == ports_before + 1.0
+        })
+        .await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (_, room) = server.get("/v1/rooms/dup", Some(&admin)).await;
+    let room: Value = serde_json::from_str(room.trim()).unwrap();
+    let studios = room["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["identity"] == "studio")
+        .count();
+    assert_eq!(studios, 1, "{room}");
+}

@@ -863,7 +863,8 @@ async fn whep_run(
     }
     drop(locals);
     peer.close().await;
-    // Counted until the port is given back.
+    // Counted until the port is given back (the lease goes with the peer).
+    drop(peer);
     drop(slot);
 }
 
