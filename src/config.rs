@@ -36,6 +36,36 @@ pub struct Config {
     pub signaling: SignalingConfig,
     pub bridge: BridgeSettings,
     pub origin: OriginConfig,
+    pub whip: WhipConfig,
+}
+
+/// WHIP publishing and WHEP playback sessions (`POST /whip/...`, `POST /whep/...`). A WHEP
+/// viewer is not a room member, so these caps are what bounds how many media connections
+/// (each one UDP port) viewers can make the server hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WhipConfig {
+    /// A WHIP or WHEP session whose media connection (ICE and DTLS) is not up this long after
+    /// the answer is ended and its port freed.
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    /// WHEP sessions one token identity may hold at once, all rooms together (429 beyond).
+    pub whep_max_per_identity: usize,
+    /// WHEP sessions per room (503 beyond).
+    pub whep_max_per_room: usize,
+    /// WHEP sessions in the whole server (503 beyond).
+    pub whep_max_sessions: usize,
+}
+
+impl Default for WhipConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(15),
+            whep_max_per_identity: 4,
+            whep_max_per_room: 100,
+            whep_max_sessions: 400,
+        }
+    }
 }
 
 /// The embedded origin's application `live` (RTMP `rtmp://HOST/live/...`, HTTP-FLV
@@ -136,6 +166,11 @@ pub struct WebrtcConfig {
     /// dropped (it recovers through NACK or a keyframe request) so one slow subscriber never
     /// holds back the others.
     pub subscriber_queue: usize,
+    /// Ports of the range kept for publishing connections: a viewer's connection (a WHEP
+    /// session, an audience member's subscriber connection) is refused while no more than this
+    /// many ports are free, so viewers can never take the ports a co-host needs to publish.
+    /// At most half the range is kept, whatever the value.
+    pub publisher_port_reserve: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -334,6 +369,7 @@ impl Default for WebrtcConfig {
             keyframe_request_interval: Duration::from_millis(250),
             socket_buffer_bytes: 4 * 1024 * 1024,
             subscriber_queue: 512,
+            publisher_port_reserve: 100,
         }
     }
 }
@@ -458,6 +494,11 @@ impl Config {
         if (o.sign_play || o.sign_publish) && o.sign_secret.len() < 16 {
             return Err(ConfigError::Invalid(
                 "origin.sign_secret must be at least 16 bytes when origin.sign_play or origin.sign_publish is on".into(),
+            ));
+        }
+        if self.whip.connect_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "whip.connect_timeout must be > 0".into(),
             ));
         }
         for ip in &w.public_ips {

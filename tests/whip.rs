@@ -1052,3 +1052,231 @@ async fn whip_and_whep_bad_input_gets_clear_errors_and_the_server_stays_healthy(
     let r = post_sdp(&server, "/whip/bad", Some(&host), &offer).await;
     assert_eq!(r.status, 201, "{}", r.body);
 }
+
+// ---- limits: WHEP caps, the publishers' port reserve, reaping sessions without ICE ----
+
+/// A WebSocket host publishing synthetic media into `room`; returns once the room lists its
+/// two tracks (so `/whep/{room}/host` has something to watch).
+async fn publishing_host(server: &Server, room: &str) -> Client {
+    let mut host = Client::join(server, room, "host", Role::Host).await;
+    host.publish(None).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, body) = server.get(&format!("/v1/rooms/{room}"), Some(&admin)).await;
+        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        if v["tracks"].as_array().map_or(0, |t| t.len()) >= 2 {
+            return host;
+        }
+        assert!(Instant::now() < deadline, "tracks not published: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A limit refusal: `status`, a JSON body with `code`, and `Retry-After`.
+fn assert_refused(r: &Resp, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"), "{code}");
+    assert!(r.header("retry-after").is_some(), "{code}: no Retry-After");
+    let v: Value = serde_json::from_str(r.body.trim()).unwrap();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_sessions_are_capped_per_identity() {
+    let server = Server::start_with(&[
+        ("COHOST_WHIP__WHEP_MAX_PER_IDENTITY", "2"),
+        ("COHOST_WHIP__WHEP_MAX_PER_ROOM", "3"),
+        ("COHOST_WHIP__WHEP_MAX_SESSIONS", "4"),
+    ])
+    .await;
+    let _a = publishing_host(&server, "capa").await;
+    let _b = publishing_host(&server, "capb").await;
+    let fan = server.token("capa", "fan", Role::Audience);
+    let open = |room: &'static str, token: String| {
+        let server = &server;
+        async move { whep(server, &format!("/whep/{room}/host"), &token).await }
+    };
+    let v1 = open("capa", fan.clone()).await.map_err(|r| r.body).unwrap();
+    let _v2 = open("capa", fan.clone()).await.map_err(|r| r.body).unwrap();
+    // One token identity: its third session is refused, for it alone.
+    let r = open("capa", fan.clone()).await.err().unwrap();
+    assert_refused(&r, 429, "whep_identity_limit");
+    // Other identities fill the room, then the server.
+    let _v3 = open("capa", server.token("capa", "fan2", Role::Audience))
+        .await
+        .map_err(|r| r.body)
+        .unwrap();
+    let r = open("capa", server.token("capa", "fan3", Role::Audience))
+        .await
+        .err()
+        .unwrap();
+    assert_refused(&r, 503, "whep_room_full");
+    let _v4 = open("capb", server.token("capb", "fan4", Role::Audience))
+        .await
+        .map_err(|r| r.body)
+        .unwrap();
+    let r = open("capb", server.token("capb", "fan5", Role::Audience))
+        .await
+        .err()
+        .unwrap();
+    assert_refused(&r, 503, "whep_server_full");
+    assert_eq!(server.metric("cohost_whep_sessions").await, 4.0);
+    // Ending a session gives its slot back: the identity may watch again.
+    let r = delete(&server, &v1.location, &fan).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let _ = v1.pc.close().await;
+    let deadline = Instant::now() + T;
+    loop {
+        match open("capa", fan.clone()).await {
+            Ok(_) => break,
+            Err(r) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "slot not freed: {} {}",
+                    r.status,
+                    r.body
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_can_still_publish_when_whep_viewers_fill_their_share() {
+    // 10 ports, 4 kept for publishers; no WHEP cap gets in the way first.
+    let server = Server::start_with(&[
+        ("COHOST_WEBRTC__UDP_PORT_MIN", "47400"),
+        ("COHOST_WEBRTC__UDP_PORT_MAX", "47409"),
+        ("COHOST_WEBRTC__PUBLISHER_PORT_RESERVE", "4"),
+        ("COHOST_WHIP__WHEP_MAX_PER_IDENTITY", "100"),
+    ])
+    .await;
+    let _host = publishing_host(&server, "res").await;
+    let fan = server.token("res", "fan", Role::Audience);
+    // One audience token opens viewers until it is refused.
+    let mut viewers = vec![];
+    let refused = loop {
+        match whep(&server, "/whep/res/host", &fan).await {
+            Ok(v) => viewers.push(v),
+            Err(r) => break r,
+        }
+        assert!(viewers.len() <= 10, "viewers were never refused");
+    };
+    assert_refused(&refused, 503, "media_ports_exhausted");
+    assert_eq!(
+        viewers.len(),
+        5,
+        "10 ports - the host's - 4 kept for publishers"
+    );
+    assert_eq!(server.metric("cohost_udp_ports_in_use").await, 6.0);
+    // A co-host still publishes, over WHIP and over the WebSocket.
+    let (_pc, offer) = publisher_offer().await;
+    let r = post_sdp(
+        &server,
+        "/whip/res",
+        Some(&server.token("res", "studio", Role::Cohost)),
+        &offer,
+    )
+    .await;
+    assert_eq!(r.status, 201, "WHIP publish refused: {}", r.body);
+    let mut guest = Client::join(&server, "res", "guest", Role::Cohost).await;
+    guest.publish(None).await.unwrap();
+}
+
+/// `sdp` without its ICE candidates: a client whose connectivity checks never come.
+fn without_candidates(sdp: &str) -> String {
+    sdp.split_inclusive('\n')
+        .filter(|l| !l.starts_with("a=candidate") && !l.starts_with("a=end-of-candidates"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_session_without_ice_is_reaped() {
+    let server = Server::start_with(&[
+        ("COHOST_WHIP__CONNECT_TIMEOUT", "2s"),
+        ("COHOST_WHIP__WHEP_MAX_PER_IDENTITY", "1"),
+    ])
+    .await;
+    let _host = publishing_host(&server, "reap").await;
+    let ports_before = server.metric("cohost_udp_ports_in_use").await;
+    let fan = server.token("reap", "fan", Role::Audience);
+    let (pc, offer, _rx) = viewer_offer().await;
+    let _ = pc.close().await;
+    let ghost_viewer = without_candidates(&offer);
+    let r = post_sdp(&server, "/whep/reap/host", Some(&fan), &ghost_viewer).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // A WHIP publisher that never connects either: a member of the room until reaped.
+    let (pc, offer) = publisher_offer().await;
+    let _ = pc.close().await;
+    let r = post_sdp(
+        &server,
+        "/whip/reap",
+        Some(&server.token("reap", "ghost", Role::Cohost)),
+        &without_candidates(&offer),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let m = server.metrics().await;
+    assert_eq!(m["cohost_whep_sessions"], 1.0, "{m:?}");
+    assert_eq!(m["cohost_whip_sessions"], 1.0, "{m:?}");
+    assert_eq!(m["cohost_udp_ports_in_use"], ports_before + 2.0, "{m:?}");
+    let started = Instant::now();
+    // Both are ended after whip.connect_timeout (2 s), long before the old fixed 30 s, and
+    // their ports and the viewer's slot come back.
+    server
+        .wait_metrics("sessions without ICE reaped", |m| {
+            m["cohost_whep_sessions"] == 0.0
+                && m["cohost_whip_sessions"] == 0.0
+                && m["cohost_udp_ports_in_use"] == ports_before
+        })
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (_, room) = server.get("/v1/rooms/reap", Some(&admin)).await;
+    let room: Value = serde_json::from_str(room.trim()).unwrap();
+    assert_eq!(room["participants"].as_array().unwrap().len(), 1, "{room}");
+    let v = whep(&server, "/whep/reap/host", &fan).await;
+    assert!(v.is_ok(), "the reaped session's slot was not given back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_publishes_of_one_identity_replace_each_other() {
+    let server = Server::start().await;
+    let _host = Client::join(&server, "dup", "host", Role::Host).await;
+    let studio = server.token("dup", "studio", Role::Cohost);
+    let ports_before = server.metric("cohost_udp_ports_in_use").await;
+    // The same identity publishing five times holds one session, one seat and one port.
+    let mut pcs = vec![];
+    for _ in 0..5 {
+        let (pc, offer) = publisher_offer().await;
+        let r = post_sdp(&server, "/whip/dup", Some(&studio), &offer).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        pcs.push(pc);
+    }
+    server
+        .wait_metrics("one WHIP session left", |m| {
+            m["cohost_whip_sessions"] == 1.0 && m["cohost_udp_ports_in_use"] == ports_before + 1.0
+        })
+        .await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (_, room) = server.get("/v1/rooms/dup", Some(&admin)).await;
+    let room: Value = serde_json::from_str(room.trim()).unwrap();
+    let studios = room["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["identity"] == "studio")
+        .count();
+    assert_eq!(studios, 1, "{room}");
+}

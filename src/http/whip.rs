@@ -102,7 +102,23 @@ fn error(e: WhipError) -> Response {
         WhipError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
         WhipError::Unsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
         WhipError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        WhipError::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
+        WhipError::Full(..) => StatusCode::SERVICE_UNAVAILABLE,
     };
+    if let Some(code) = e.code() {
+        // Limit refusals carry a machine-readable code (the REST API's error shape), so a
+        // client can tell "you hold too many" from "the server is full" and back off.
+        let body = serde_json::json!({"error": {"code": code, "message": e.to_string()}});
+        return (
+            status,
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::RETRY_AFTER, "5"),
+            ],
+            body.to_string(),
+        )
+            .into_response();
+    }
     let mut r = text(status, e.to_string());
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut()

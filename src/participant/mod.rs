@@ -944,7 +944,14 @@ impl Driver {
             return;
         }
         if j.subscriber.is_none() {
-            match self.svc.peers.create().await {
+            // An audience member only watches: like a WHEP viewer, it may not take the ports
+            // kept for publishers. Members who may publish keep their place in the reserve.
+            let use_ = if j.claims.role.may_publish() {
+                crate::peer::PortUse::Publisher
+            } else {
+                crate::peer::PortUse::Viewer
+            };
+            match self.svc.peers.create_for(use_).await {
                 Ok((p, rx)) => {
                     j.subscriber = Some(p);
                     self.sub_rx = Some(rx);

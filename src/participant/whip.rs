@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::{Services, auto_start_bridge, forward_tasks, publish_tasks, to_kind, to_media_kind};
 use crate::auth::{AuthError, Claims, Role};
-use crate::peer::{IceCandidate, LocalTrack, Peer, PeerError, PeerEvent, PeerState};
+use crate::peer::{IceCandidate, LocalTrack, Peer, PeerError, PeerEvent, PeerState, PortUse};
 use crate::room::{RoomError, RoomEvent, new_track_id};
 use crate::sfu::TrackRouter;
 use crate::signaling::protocol::{Kind, LeaveReason};
@@ -31,8 +31,6 @@ use crate::signaling::protocol::{Kind, LeaveReason};
 /// How long the server gathers its ICE candidates before answering (host candidates on the
 /// configured address come at once; this only bounds a misconfigured machine).
 const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
-/// A session whose media connection never comes up is removed after this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What went wrong, in terms an HTTP layer maps to a status code.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,9 +56,26 @@ pub enum WhipError {
     /// A PATCH asking for something this server does not do (ICE restart) (422).
     #[error("{0}")]
     Unsupported(String),
-    /// Server-side failure (no free port, ...) (503).
+    /// Server-side failure (the WebRTC stack failed, ...) (503).
     #[error("{0}")]
     Unavailable(String),
+    /// The caller holds too many sessions: `whep_identity_limit` (429, JSON error body).
+    #[error("{1}")]
+    TooMany(&'static str, String),
+    /// A capacity limit of the room or server: `whep_room_full`, `whep_server_full`,
+    /// `media_ports_exhausted` (503, JSON error body).
+    #[error("{1}")]
+    Full(&'static str, String),
+}
+
+impl WhipError {
+    /// The machine-readable code of a limit refusal (documented in docs/api.md).
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::TooMany(c, _) | Self::Full(c, _) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 fn auth_error(e: AuthError) -> WhipError {
@@ -115,9 +130,97 @@ struct Handle {
 #[derive(Default)]
 pub struct Sessions {
     map: DashMap<String, Handle>,
+    /// WHEP sessions admitted (being set up or live), for the `[whip]` caps.
+    whep: Arc<std::sync::Mutex<WhepCounts>>,
+}
+
+#[derive(Default)]
+struct WhepCounts {
+    total: usize,
+    per_room: HashMap<String, usize>,
+    per_identity: HashMap<String, usize>,
+}
+
+/// One admitted WHEP session, counted against the caps until dropped: taken before the peer
+/// connection is built (so concurrent POSTs cannot overshoot), held by the session's task.
+pub struct WhepSlot {
+    counts: Arc<std::sync::Mutex<WhepCounts>>,
+    room: String,
+    identity: String,
+}
+
+fn lock_counts(m: &std::sync::Mutex<WhepCounts>) -> std::sync::MutexGuard<'_, WhepCounts> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Drop for WhepSlot {
+    fn drop(&mut self) {
+        let mut guard = lock_counts(&self.counts);
+        let c = &mut *guard;
+        c.total = c.total.saturating_sub(1);
+        for (map, key) in [
+            (&mut c.per_room, &self.room),
+            (&mut c.per_identity, &self.identity),
+        ] {
+            if let Some(n) = map.get_mut(key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+    }
 }
 
 impl Sessions {
+    /// Count a new WHEP session of `identity` in `room` against the caps, or refuse it. The
+    /// identity's own cap is checked first: one greedy viewer gets 429 for itself before the
+    /// room or server is full for everyone.
+    pub fn admit_whep(
+        &self,
+        cfg: &crate::config::WhipConfig,
+        room: &str,
+        identity: &str,
+    ) -> Result<WhepSlot, WhipError> {
+        let mut c = lock_counts(&self.whep);
+        if c.per_identity.get(identity).copied().unwrap_or(0) >= cfg.whep_max_per_identity {
+            return Err(WhipError::TooMany(
+                "whep_identity_limit",
+                format!(
+                    "this identity already holds {} WHEP sessions (whip.whep_max_per_identity): \
+                     end one (DELETE its Location) first",
+                    cfg.whep_max_per_identity
+                ),
+            ));
+        }
+        if c.per_room.get(room).copied().unwrap_or(0) >= cfg.whep_max_per_room {
+            return Err(WhipError::Full(
+                "whep_room_full",
+                format!(
+                    "room {room:?} has {} WHEP viewers (whip.whep_max_per_room)",
+                    cfg.whep_max_per_room
+                ),
+            ));
+        }
+        if c.total >= cfg.whep_max_sessions {
+            return Err(WhipError::Full(
+                "whep_server_full",
+                format!(
+                    "the server has {} WHEP viewers (whip.whep_max_sessions)",
+                    cfg.whep_max_sessions
+                ),
+            ));
+        }
+        c.total += 1;
+        *c.per_room.entry(room.to_string()).or_default() += 1;
+        *c.per_identity.entry(identity.to_string()).or_default() += 1;
+        Ok(WhepSlot {
+            counts: self.whep.clone(),
+            room: room.to_string(),
+            identity: identity.to_string(),
+        })
+    }
+
     pub fn count(&self, kind: SessionKind) -> usize {
         self.map.iter().filter(|h| h.kind == kind).count()
     }
@@ -282,6 +385,9 @@ async fn answer_complete(
 fn peer_error(e: PeerError) -> WhipError {
     match e {
         PeerError::BadSdp(e) => WhipError::BadRequest(format!("offer not usable: {e}")),
+        e @ (PeerError::NoPort(..) | PeerError::PortsReserved(_)) => {
+            WhipError::Full("media_ports_exhausted", e.to_string())
+        }
         e => WhipError::Unavailable(e.to_string()),
     }
 }
@@ -337,7 +443,7 @@ async fn publish_now(
         Err(e) => {
             svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
             leave(LeaveReason::Left);
-            return Err(WhipError::Unavailable(e.to_string()));
+            return Err(peer_error(e));
         }
     };
     let ufrag = ice_ufrag(&offer);
@@ -409,7 +515,8 @@ impl WhipTask {
         let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
         let mut shutdown = self.svc.shutdown.clone();
         let mut connected = false;
-        let connect_deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        // A publisher whose ICE never completes would hold a seat and a port until then.
+        let connect_deadline = tokio::time::Instant::now() + self.svc.cfg.whip.connect_timeout;
         let mut reason = None;
         for ev in early {
             if let Some(r) = self.on_peer_event(ev, &ended_tx, &mut connected) {
@@ -567,6 +674,12 @@ async fn subscribe_now(
 ) -> Result<Created, WhipError> {
     let claims = svc.auth.verify_for_room(token, room).map_err(auth_error)?;
     check_offer(&offer)?;
+    let slot = svc
+        .whip
+        .admit_whep(&svc.cfg.whip, room, &claims.sub)
+        .inspect_err(|e| {
+            warn!(%room, identity = %claims.sub, "WHEP session refused: {e}");
+        })?;
     let (stream_id, routers) = match source {
         WhepSource::Mix => {
             let Some(h) = svc.bridges.get(room) else {
@@ -612,9 +725,11 @@ async fn subscribe_now(
             "the offer receives neither audio nor video (WHEP offers are recvonly)".into(),
         ));
     }
-    let (peer, mut peer_rx) = svc.peers.create().await.map_err(|e| {
+    // A viewer: it may not take the ports kept for publishers.
+    let (peer, mut peer_rx) = svc.peers.create_for(PortUse::Viewer).await.map_err(|e| {
         svc.metrics.peer_failures.fetch_add(1, Ordering::Relaxed);
-        WhipError::Unavailable(e.to_string())
+        warn!(%room, identity = %claims.sub, "WHEP session refused: {e}");
+        peer_error(e)
     })?;
     let ufrag = ice_ufrag(&offer);
     let setup = async {
@@ -661,6 +776,7 @@ async fn subscribe_now(
     tokio::spawn(whep_run(
         svc.clone(),
         session.clone(),
+        slot,
         peer,
         peer_rx,
         cmd_rx,
@@ -680,6 +796,7 @@ async fn subscribe_now(
 async fn whep_run(
     svc: Arc<Services>,
     session: String,
+    slot: WhepSlot,
     peer: Peer,
     mut peer_rx: mpsc::UnboundedReceiver<PeerEvent>,
     mut cmd_rx: mpsc::UnboundedReceiver<Command>,
@@ -689,7 +806,8 @@ async fn whep_run(
 ) {
     let mut shutdown = svc.shutdown.clone();
     let mut connected = false;
-    let connect_deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    // Reap a viewer whose ICE never completes: it would hold a port and a slot of the caps.
+    let connect_deadline = tokio::time::Instant::now() + svc.cfg.whip.connect_timeout;
     let mut every = tokio::time::interval(Duration::from_millis(500));
     let mut pending: std::collections::VecDeque<PeerEvent> = early.into();
     let why = loop {
@@ -735,12 +853,19 @@ async fn whep_run(
         }
     };
     svc.whip.map.remove(&session);
-    debug!(%session, "WHEP session ended: {why}");
+    if connected {
+        debug!(%session, "WHEP session ended: {why}");
+    } else {
+        info!(%session, "WHEP session ended before its media connection came up: {why}");
+    }
     for t in tasks {
         t.abort();
     }
     drop(locals);
     peer.close().await;
+    // Counted until the port is given back (the lease goes with the peer).
+    drop(peer);
+    drop(slot);
 }
 
 /// Look a session up for DELETE / PATCH: `room` must match the URL it was created under, and

@@ -38,7 +38,7 @@ use webrtc::rtp_transceiver::RtpSender;
 use crate::config::WebrtcConfig;
 use crate::sfu::{CodecSpec, Packet, SenderReport};
 
-pub use ports::PortPool;
+pub use ports::{PortPool, PortUse};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -46,6 +46,9 @@ pub enum PeerError {
     BadSdp(String),
     #[error("no free UDP port in {0}-{1}")]
     NoPort(u16, u16),
+    /// Only the ports kept for publishers (`webrtc.publisher_port_reserve`) are free.
+    #[error("no UDP port left for viewers: the last {0} free ports are kept for publishers")]
+    PortsReserved(usize),
     #[error("webrtc: {0}")]
     Webrtc(String),
 }
@@ -333,8 +336,11 @@ pub struct PeerFactory {
 
 impl PeerFactory {
     pub fn new(cfg: WebrtcConfig) -> Self {
-        let ports =
-            Arc::new(PortPool::new(cfg.udp_port_min, cfg.udp_port_max).probing(cfg.bind_ip));
+        let ports = Arc::new(
+            PortPool::new(cfg.udp_port_min, cfg.udp_port_max)
+                .with_reserve(cfg.publisher_port_reserve)
+                .probing(cfg.bind_ip),
+        );
         Self {
             runtime: runtime::BufferedRuntime::shared(cfg.socket_buffer_bytes),
             nat: Arc::new(NatMap::new(&cfg.public_ips)),
@@ -348,15 +354,29 @@ impl PeerFactory {
         &self.ports
     }
 
-    /// Create a peer connection bound to one port of the configured range.
+    /// Create a peer connection bound to one port of the configured range (a publisher's:
+    /// it may take any free port, the reserve included).
     pub async fn create(&self) -> Result<(Peer, mpsc::UnboundedReceiver<PeerEvent>), PeerError> {
+        self.create_for(PortUse::Publisher).await
+    }
+
+    /// Create a peer connection for `use_`: a viewer's is refused with
+    /// [`PeerError::PortsReserved`] when only the publishers' reserve is left.
+    pub async fn create_for(
+        &self,
+        use_: PortUse,
+    ) -> Result<(Peer, mpsc::UnboundedReceiver<PeerEvent>), PeerError> {
         let (tx, rx) = mpsc::unbounded_channel();
         // Try a handful of ports: another process may hold some of the range.
         let attempts = 16.min(self.ports.capacity());
         let mut last_err = PeerError::NoPort(self.cfg.udp_port_min, self.cfg.udp_port_max);
         for _ in 0..attempts {
-            let Some(lease) = self.ports.lease() else {
-                break;
+            let lease = match self.ports.lease_for(use_) {
+                Ok(l) => l,
+                Err(ports::NoLease::Reserved) => {
+                    return Err(PeerError::PortsReserved(self.ports.reserve()));
+                }
+                Err(ports::NoLease::Exhausted) => break,
             };
             let connected = Arc::new(AtomicBool::new(false));
             match self

@@ -5,9 +5,31 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
+/// Who a port is for. Viewers (WHEP sessions, audience subscriber connections) cannot take
+/// the last [`PortPool::reserve`] free ports: however many viewers arrive, a co-host can still
+/// publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortUse {
+    /// A connection that publishes media, or a room member's connection with a seat.
+    Publisher,
+    /// A connection that only watches.
+    Viewer,
+}
+
+/// Why no port was leased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoLease {
+    /// Every port of the range is in use (or held by another process).
+    Exhausted,
+    /// Only the ports kept for publishers are left.
+    Reserved,
+}
+
 pub struct PortPool {
     min: u16,
     max: u16,
+    /// Free ports only publishers may take (at most half the range).
+    reserve: usize,
     /// Where leased ports will be bound: a port another process holds there is skipped.
     probe: Option<std::net::IpAddr>,
     inner: Mutex<Inner>,
@@ -28,6 +50,7 @@ impl PortPool {
         Self {
             min,
             max,
+            reserve: 0,
             probe: None,
             inner: Mutex::new(Inner {
                 used: BTreeSet::new(),
@@ -41,6 +64,17 @@ impl PortPool {
     pub fn probing(mut self, ip: std::net::IpAddr) -> Self {
         self.probe = Some(ip);
         self
+    }
+
+    /// Keep `ports` free ports for publishers (capped at half the range, so a small test range
+    /// or a misjudged value never leaves viewers with nothing).
+    pub fn with_reserve(mut self, ports: usize) -> Self {
+        self.reserve = ports.min(self.capacity() / 2);
+        self
+    }
+
+    pub fn reserve(&self) -> usize {
+        self.reserve
     }
 
     fn free_on_host(&self, port: u16) -> bool {
@@ -64,20 +98,29 @@ impl PortPool {
     }
 
     pub fn lease(self: &Arc<Self>) -> Option<PortLease> {
+        self.lease_for(PortUse::Publisher).ok()
+    }
+
+    pub fn lease_for(self: &Arc<Self>, use_: PortUse) -> Result<PortLease, NoLease> {
         let mut g = self.lock();
         let cap = self.capacity();
+        // Counted under the same lock as the lease, so concurrent viewers cannot together
+        // overshoot into the reserve.
+        if use_ == PortUse::Viewer && cap.saturating_sub(g.used.len()) <= self.reserve {
+            return Err(NoLease::Reserved);
+        }
         for _ in 0..cap {
             let p = g.cursor;
             g.cursor = if p >= self.max { self.min } else { p + 1 };
             if !g.used.contains(&p) && self.free_on_host(p) {
                 g.used.insert(p);
-                return Some(PortLease {
+                return Ok(PortLease {
                     pool: self.clone(),
                     port: p,
                 });
             }
         }
-        None
+        Err(NoLease::Exhausted)
     }
 
     fn release(&self, port: u16) {
@@ -119,6 +162,31 @@ mod tests {
         drop(b);
         assert_eq!(pool.in_use(), 2);
         assert!(pool.lease().is_some());
+    }
+
+    #[test]
+    fn viewers_cannot_take_the_publishers_reserve() {
+        let pool = Arc::new(PortPool::new(40000, 40003).with_reserve(2));
+        let v1 = pool.lease_for(PortUse::Viewer).unwrap();
+        let _v2 = pool.lease_for(PortUse::Viewer).unwrap();
+        assert_eq!(
+            pool.lease_for(PortUse::Viewer).err(),
+            Some(NoLease::Reserved)
+        );
+        let _p1 = pool.lease_for(PortUse::Publisher).unwrap();
+        let _p2 = pool.lease_for(PortUse::Publisher).unwrap();
+        assert_eq!(
+            pool.lease_for(PortUse::Publisher).err(),
+            Some(NoLease::Exhausted)
+        );
+        drop(v1);
+        assert_eq!(
+            pool.lease_for(PortUse::Viewer).err(),
+            Some(NoLease::Reserved),
+            "one free port is within the reserve"
+        );
+        // The reserve never exceeds half the range.
+        assert_eq!(PortPool::new(1, 4).with_reserve(100).reserve(), 2);
     }
 
     #[test]

@@ -198,12 +198,21 @@ impl Target for CohostTarget {
             pending: Default::default(),
             next: Mutex::new(0),
         });
-        let (sub, sub_events) = new_pc_on(Some(sink), self.media_ip).await?;
+        let who = format!("{room}/{identity}");
+        let (sub, sub_events) = new_pc_on(&who, Some(sink), self.media_ip).await?;
         let pubpc: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Default::default();
+        // The server trickles its publisher candidates right after the `publish` response,
+        // and this reader gets them before the joining task has applied the answer (it only
+        // wakes up once the response is handed over); a candidate added before the remote
+        // description is refused by the stack. They wait here until the answer is applied.
+        // `None` once it is: candidates are then added as they come.
+        let pub_early: Arc<Mutex<Option<Vec<RTCIceCandidateInit>>>> =
+            Arc::new(Mutex::new(Some(vec![])));
         let cand_sub = forward_candidates(sub_events, "subscriber", tx.clone());
         // Reader: responses to their requests; offers and candidates applied in order.
         let pending = sig.pending.clone();
-        let (sub2, pub2, tx2) = (sub.clone(), pubpc.clone(), tx.clone());
+        let (sub2, pub2, tx2, who2) = (sub.clone(), pubpc.clone(), tx.clone(), who.clone());
+        let early2 = pub_early.clone();
         let reader = tokio::spawn(async move {
             while let Some(Ok(m)) = wstream.next().await {
                 let Message::Text(t) = m else { continue };
@@ -216,6 +225,9 @@ impl Target for CohostTarget {
                             && let Some(s) = pending.lock().ok().and_then(|mut p| p.remove(&id))
                         {
                             let _ = s.send(v);
+                        } else if v["type"] == "error" {
+                            // Errors to messages without an id (candidates): never silent.
+                            eprintln!("  server error for {who2}: {}", v["error"]);
                         }
                     }
                     Some("offer") => {
@@ -251,10 +263,19 @@ impl Target for CohostTarget {
                         let pc = if v["target"] == "subscriber" {
                             Some(sub2.clone())
                         } else {
-                            pub2.lock().ok().and_then(|p| p.clone())
+                            let mut early = early2.lock().unwrap_or_else(|p| p.into_inner());
+                            match early.as_mut() {
+                                Some(q) => {
+                                    q.push(init);
+                                    continue;
+                                }
+                                None => pub2.lock().ok().and_then(|p| p.clone()),
+                            }
                         };
-                        if let Some(pc) = pc {
-                            let _ = pc.add_ice_candidate(init).await;
+                        if let Some(pc) = pc
+                            && let Err(e) = pc.add_ice_candidate(init).await
+                        {
+                            eprintln!("  {who2}: {} candidate dropped: {e}", v["target"]);
                         }
                     }
                     _ => {}
@@ -266,14 +287,13 @@ impl Target for CohostTarget {
         let mut pcs = vec![sub.clone()];
         let mut pts = None;
         if let Some(m) = media {
-            let (pc, events) = new_pc_on(None, self.media_ip).await?;
+            let (pc, events) = new_pc_on(&who, None, self.media_ip).await?;
             *pubpc.lock().map_err(|_| anyhow!("lock"))? = Some(pc.clone());
             let a = pc.add_track(m.audio.clone() as Arc<dyn TrackLocal>).await?;
             let v = pc.add_track(m.video.clone() as Arc<dyn TrackLocal>).await?;
             let offer = pc.create_offer(None).await?;
             let sdp = offer.sdp.clone();
             pc.set_local_description(offer).await?;
-            tasks.push(forward_candidates(events, "publisher", tx.clone()));
             let r = sig.request(json!({"type":"publish","sdp":sdp})).await?;
             let answer = r["result"]["sdp"]
                 .as_str()
@@ -281,6 +301,20 @@ impl Target for CohostTarget {
                 .to_string();
             pc.set_remote_description(RTCSessionDescription::answer(answer)?)
                 .await?;
+            let early = pub_early
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_default();
+            for c in early {
+                if let Err(e) = pc.add_ice_candidate(c).await {
+                    eprintln!("  {who}: publisher candidate dropped: {e}");
+                }
+            }
+            // Our candidates only now: sent before the `publish` message they reached a server
+            // with no publisher connection yet, which refuses them ("no publisher connection
+            // yet"). Gathering started with the offer; the channel kept them.
+            tasks.push(forward_candidates(events, "publisher", tx.clone()));
             let apt = a.get_parameters().await?.rtp_parameters.codecs[0].payload_type;
             let vpt = v.get_parameters().await?.rtp_parameters.codecs[0].payload_type;
             pts = Some((apt, vpt));

@@ -617,6 +617,8 @@ struct Subscriber {
     /// The subscriber handle.
     handle: u64,
     own_id: u64,
+    /// room/identity, naming its connection in the failed-connection count.
+    who: String,
     sink: Arc<Sink>,
     media_ip: IpAddr,
     /// Shared with [`JanusJoined`] so leaving closes it.
@@ -703,7 +705,7 @@ impl Subscriber {
         let (pc, new_events) = match existing {
             Some(pc) => (pc, None),
             None => {
-                let (pc, ev) = new_pc_on(Some(self.sink.clone()), self.media_ip).await?;
+                let (pc, ev) = new_pc_on(&self.who, Some(self.sink.clone()), self.media_ip).await?;
                 *self.pc.lock().map_err(|_| anyhow!("lock"))? = Some(pc.clone());
                 (pc, Some(ev))
             }
@@ -816,7 +818,8 @@ impl Target for JanusTarget {
             let mut pts = None;
             let joined = match media {
                 Some(m) => {
-                    let (pc, mut pc_events) = new_pc_on(None, self.media_ip).await?;
+                    let who = format!("{room}/{identity}");
+                    let (pc, mut pc_events) = new_pc_on(&who, None, self.media_ip).await?;
                     let a = pc.add_track(m.audio.clone() as Arc<dyn TrackLocal>).await?;
                     let v = pc.add_track(m.video.clone() as Arc<dyn TrackLocal>).await?;
                     let offer = pc.create_offer(None).await?;
@@ -879,6 +882,7 @@ impl Target for JanusTarget {
                 participant,
                 handle: sub_handle,
                 own_id,
+                who: format!("{room}/{identity}"),
                 sink,
                 media_ip: self.media_ip,
                 pc: sub_pc.clone(),

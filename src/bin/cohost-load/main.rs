@@ -112,6 +112,27 @@ struct Result_ {
     cpu_cores: f64,
     rss_mib: f64,
     rss_kib_per_participant: f64,
+    /// Client connections whose negotiation started, and those that never connected or
+    /// failed later (by the end of the measurement window).
+    connections: usize,
+    failed_connections: usize,
+    /// Participants (room/identity) with at least one failed connection.
+    failed_participants: Vec<String>,
+    /// False when any participant failed to connect: the numbers are then not comparable
+    /// (fewer streams were forwarded) and the run is not a benchmark result.
+    valid: bool,
+}
+
+impl Result_ {
+    /// Record which connections of this scenario failed (see [`pc::connection_report`]).
+    fn with_connections(mut self) -> Self {
+        let c = pc::connection_report();
+        self.connections = c.connections;
+        self.failed_connections = c.failed_connections;
+        self.failed_participants = c.failed_participants;
+        self.valid = self.failed_connections == 0;
+        self
+    }
 }
 
 fn tracks(id: u32) -> (PublishTracks, (u32, u32)) {
@@ -290,6 +311,7 @@ async fn fanout(
     cli: &Cli,
 ) -> anyhow::Result<Result_> {
     let room = format!("fanout{subs}");
+    pc::reset_tracking();
     let rss_base = rss_bytes(t.pid()).unwrap_or(0);
     let publisher = join_publisher(t, clip, &room, "pub", 1, Arc::new(Sink::new())).await?;
     let mut sinks = vec![];
@@ -311,7 +333,7 @@ async fn fanout(
     }
     let (p50, p95) = pcts(first_video(&sinks, Duration::from_secs(30)).await);
     tokio::time::sleep(cli.warmup).await;
-    let mut r = measure(t, &sinks, cli, rss_base).await;
+    let mut r = measure(t, &sinks, cli, rss_base).await.with_connections();
     r.rss_kib_per_participant /= (subs + 1) as f64;
     r.scenario = "fanout".into();
     r.publishers = 1;
@@ -332,6 +354,7 @@ async fn cohost_rooms(
     rooms: usize,
     cli: &Cli,
 ) -> anyhow::Result<Result_> {
+    pc::reset_tracking();
     let rss_base = rss_bytes(t.pid()).unwrap_or(0);
     let mut pubs = vec![];
     let mut sinks = vec![];
@@ -356,7 +379,7 @@ async fn cohost_rooms(
     let (p50, p95) = pcts(first_video(&sinks, Duration::from_secs(30)).await);
     tokio::time::sleep(cli.warmup).await;
     let n = rooms * 4;
-    let mut r = measure(t, &sinks, cli, rss_base).await;
+    let mut r = measure(t, &sinks, cli, rss_base).await.with_connections();
     r.rss_kib_per_participant /= n as f64;
     r.scenario = "cohost".into();
     r.publishers = n;
@@ -371,6 +394,7 @@ async fn cohost_rooms(
 }
 
 async fn join_scenario(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> anyhow::Result<Result_> {
+    pc::reset_tracking();
     let rss_base = rss_bytes(t.pid()).unwrap_or(0);
     let rooms = cli.joins.div_ceil(10).max(1);
     let mut pubs = vec![];
@@ -415,7 +439,8 @@ async fn join_scenario(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> anyhow::R
         },
         rss_base,
     )
-    .await;
+    .await
+    .with_connections();
     r.scenario = "join".into();
     r.publishers = rooms;
     r.subscribers = cli.joins;
@@ -432,7 +457,14 @@ async fn join_scenario(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> anyhow::R
     Ok(r)
 }
 
-async fn run_all(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> Vec<Result_> {
+/// Run the scenarios `cli` asks for; a scenario that could not finish (a join refused, ...) is
+/// named in `errors`.
+async fn run_all(
+    t: &dyn Target,
+    clip: &Arc<Clip>,
+    cli: &Cli,
+    errors: &mut Vec<String>,
+) -> Vec<Result_> {
     let mut out = vec![];
     let all = cli.scenario == "all";
     if all || cli.scenario == "fanout" {
@@ -440,7 +472,10 @@ async fn run_all(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> Vec<Result_> {
             eprintln!("[{}] fanout, {s} subscribers", t.name());
             match fanout(t, clip, s, cli).await {
                 Ok(r) => out.push(r),
-                Err(e) => eprintln!("  failed: {e:#}"),
+                Err(e) => {
+                    eprintln!("  failed: {e:#}");
+                    errors.push(format!("{} fanout {s}: {e:#}", t.name()));
+                }
             }
         }
     }
@@ -448,7 +483,10 @@ async fn run_all(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> Vec<Result_> {
         eprintln!("[{}] cohost, {} rooms of 4", t.name(), cli.rooms);
         match cohost_rooms(t, clip, cli.rooms, cli).await {
             Ok(r) => out.push(r),
-            Err(e) => eprintln!("  failed: {e:#}"),
+            Err(e) => {
+                eprintln!("  failed: {e:#}");
+                errors.push(format!("{} cohost: {e:#}", t.name()));
+            }
         }
     }
     if all || cli.scenario == "join" {
@@ -460,7 +498,10 @@ async fn run_all(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> Vec<Result_> {
         );
         match join_scenario(t, clip, cli).await {
             Ok(r) => out.push(r),
-            Err(e) => eprintln!("  failed: {e:#}"),
+            Err(e) => {
+                eprintln!("  failed: {e:#}");
+                errors.push(format!("{} join: {e:#}", t.name()));
+            }
         }
     }
     out
@@ -468,7 +509,7 @@ async fn run_all(t: &dyn Target, clip: &Arc<Clip>, cli: &Cli) -> Vec<Result_> {
 
 fn print(results: &[Result_]) {
     println!(
-        "{:<7} {:<7} {:>5} {:>9} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>8}",
+        "{:<7} {:<7} {:>5} {:>9} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>8} {:>7}",
         "target",
         "scen",
         "subs",
@@ -484,11 +525,12 @@ fn print(results: &[Result_]) {
         "join p95",
         "cpu µs/p",
         "cores",
-        "KiB/part"
+        "KiB/part",
+        "failed"
     );
     for r in results {
         println!(
-            "{:<7} {:<7} {:>5} {:>9.0} {:>7.1} {:>6.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2} {:>6.2} {:>8.0}",
+            "{:<7} {:<7} {:>5} {:>9.0} {:>7.1} {:>6.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2} {:>6.2} {:>8.0} {:>7}",
             r.target,
             r.scenario,
             r.subscribers,
@@ -504,9 +546,38 @@ fn print(results: &[Result_]) {
             r.join_first_video_p95_ms,
             r.cpu_us_per_packet,
             r.cpu_cores,
-            r.rss_kib_per_participant
+            r.rss_kib_per_participant,
+            format!("{}/{}", r.failed_participants.len(), r.participants)
         );
     }
+}
+
+/// Say loudly which runs are not benchmark results: any participant that failed to connect,
+/// or a scenario that could not finish. Returns whether every run is valid.
+fn print_validity(results: &[Result_], errors: &[String]) -> bool {
+    let mut valid = errors.is_empty();
+    for r in results.iter().filter(|r| !r.valid) {
+        valid = false;
+        println!(
+            "\nNOT A VALID BENCHMARK RESULT: {} {} ({} subs): {} of {} participants failed to \
+             connect ({} of {} connections): {}",
+            r.target,
+            r.scenario,
+            r.subscribers,
+            r.failed_participants.len(),
+            r.participants,
+            r.failed_connections,
+            r.connections,
+            r.failed_participants.join(", ")
+        );
+    }
+    for e in errors {
+        println!("\nNOT A VALID BENCHMARK RESULT: scenario did not finish: {e}");
+    }
+    if valid {
+        println!("\nall participants connected: valid benchmark result");
+    }
+    valid
 }
 
 fn print_ratios(results: &[Result_]) {
@@ -597,14 +668,15 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut results = vec![];
+    let mut errors = vec![];
     if cli.target == "cohost" || cli.target == "both" {
         let t = cohost_target::CohostTarget::start(&cohost_bin, cli.media_ip).await?;
-        results.extend(run_all(&t, &clip, &cli).await);
+        results.extend(run_all(&t, &clip, &cli, &mut errors).await);
         t.shutdown().await;
     }
     if cli.target == "janus" || cli.target == "both" {
         let t = janus::JanusTarget::start(&cli.janus_bin, cli.media_ip).await?;
-        results.extend(run_all(&t, &clip, &cli).await);
+        results.extend(run_all(&t, &clip, &cli, &mut errors).await);
         t.shutdown().await;
     }
     println!(
@@ -619,8 +691,13 @@ async fn main() -> anyhow::Result<()> {
     if results.iter().any(|r| r.target == "janus") && results.iter().any(|r| r.target == "cohost") {
         print_ratios(&results);
     }
+    let valid = print_validity(&results, &errors);
     if let Some(p) = &cli.json {
         std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
+    }
+    if !valid {
+        // Scripts comparing runs must not take this one for a result.
+        std::process::exit(2);
     }
     Ok(())
 }

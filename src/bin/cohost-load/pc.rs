@@ -2,7 +2,8 @@
 //! server (so NACK/RTCP behave as in production), loopback only, fast ICE.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -25,6 +26,68 @@ pub enum PcEvent {
 struct Handler {
     tx: mpsc::UnboundedSender<PcEvent>,
     sink: Option<Arc<Sink>>,
+    watch: Arc<Watch>,
+}
+
+/// What became of one client connection, for the failed-connection count every scenario
+/// reports: a run where any participant failed to connect is not a valid benchmark result.
+#[derive(Debug)]
+struct Watch {
+    /// The participant (room/identity) the connection belongs to.
+    who: String,
+    /// ICE started (both descriptions set): from here on it must connect.
+    started: AtomicBool,
+    connected: AtomicBool,
+    failed: AtomicBool,
+}
+
+/// Every connection made since the last [`reset_tracking`].
+static TRACKED: Mutex<Vec<Arc<Watch>>> = Mutex::new(Vec::new());
+
+fn tracked() -> std::sync::MutexGuard<'static, Vec<Arc<Watch>>> {
+    TRACKED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Forget the connections of earlier scenarios.
+pub fn reset_tracking() {
+    tracked().clear();
+}
+
+/// Connections and participants since the last [`reset_tracking`] that failed to connect:
+/// negotiation started but the connection never reached `connected`, or it failed later.
+#[derive(Debug, Clone, Default)]
+pub struct ConnReport {
+    pub connections: usize,
+    pub failed_connections: usize,
+    pub participants: usize,
+    /// Participants with at least one failed connection (room/identity).
+    pub failed_participants: Vec<String>,
+}
+
+pub fn connection_report() -> ConnReport {
+    let all = tracked();
+    let mut r = ConnReport::default();
+    let mut who: Vec<&str> = vec![];
+    let mut failed: Vec<String> = vec![];
+    for w in all.iter() {
+        if !who.contains(&w.who.as_str()) {
+            who.push(&w.who);
+        }
+        if !w.started.load(Ordering::Relaxed) {
+            // Never negotiated (a lone publisher's unused subscriber connection).
+            continue;
+        }
+        r.connections += 1;
+        if !w.connected.load(Ordering::Relaxed) || w.failed.load(Ordering::Relaxed) {
+            r.failed_connections += 1;
+            if !failed.contains(&w.who) {
+                failed.push(w.who.clone());
+            }
+        }
+    }
+    r.participants = who.len();
+    r.failed_participants = failed;
+    r
 }
 
 #[async_trait::async_trait]
@@ -46,6 +109,20 @@ impl PeerConnectionEventHandler for Handler {
     }
 
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let w = &self.watch;
+        match state {
+            RTCPeerConnectionState::Connecting => w.started.store(true, Ordering::Relaxed),
+            RTCPeerConnectionState::Connected => {
+                w.started.store(true, Ordering::Relaxed);
+                w.connected.store(true, Ordering::Relaxed);
+            }
+            RTCPeerConnectionState::Failed => {
+                w.started.store(true, Ordering::Relaxed);
+                w.failed.store(true, Ordering::Relaxed);
+                eprintln!("  connection of {} failed", w.who);
+            }
+            _ => {}
+        }
         let _ = self.tx.send(PcEvent::State(state));
     }
 
@@ -65,10 +142,12 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
-/// Build a client connection bound to `ip` (127.0.0.1, or the benchmark namespace's dummy
-/// interface, see bench/sfu-vs-janus.sh). Received media goes to `sink` (if any); candidates
-/// and state changes come out of the returned channel.
+/// Build a client connection of participant `who` bound to `ip` (127.0.0.1, or the benchmark
+/// namespace's dummy interface, see bench/sfu-vs-janus.sh). Received media goes to `sink` (if
+/// any); candidates and state changes come out of the returned channel; whether it connected
+/// is tracked for [`connection_report`].
 pub async fn new_pc_on(
+    who: &str,
     sink: Option<Arc<Sink>>,
     ip: IpAddr,
 ) -> anyhow::Result<(Arc<dyn PeerConnection>, mpsc::UnboundedReceiver<PcEvent>)> {
@@ -82,6 +161,13 @@ pub async fn new_pc_on(
         .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
         .build();
     let (tx, rx) = mpsc::unbounded_channel();
+    let watch = Arc::new(Watch {
+        who: who.to_string(),
+        started: AtomicBool::new(false),
+        connected: AtomicBool::new(false),
+        failed: AtomicBool::new(false),
+    });
+    tracked().push(watch.clone());
     let mut builder = PeerConnectionBuilder::new();
     // Same large socket buffers as the server: receivers must not be where bursts are lost.
     if let Some(rt) = cohost::peer::runtime::BufferedRuntime::shared(4 * 1024 * 1024) {
@@ -92,7 +178,7 @@ pub async fn new_pc_on(
         .with_media_engine(me)
         .with_setting_engine(se)
         .with_interceptor_registry(reg)
-        .with_handler(Arc::new(Handler { tx, sink }) as Arc<dyn PeerConnectionEventHandler>)
+        .with_handler(Arc::new(Handler { tx, sink, watch }) as Arc<dyn PeerConnectionEventHandler>)
         .with_udp_addrs(vec![SocketAddr::new(ip, 0).to_string()])
         .build()
         .await
