@@ -204,7 +204,7 @@ pub struct BridgeSettings {
     /// CDN destinations of automatically started bridges: rtmp:// URLs, or tables
     /// `{url = "rtmp://...", sign = {scheme = "tx_secret", key = "..."}}` for URLs the bridge
     /// signs itself. The embedded origin always gets the stream.
-    pub auto_destinations: Vec<crate::rtmp::push::Destination>,
+    pub auto_destinations: Vec<Destination>,
     /// Output resolution (even numbers; 720x1280 for portrait).
     pub width: u32,
     pub height: u32,
@@ -220,7 +220,7 @@ pub struct BridgeSettings {
     /// AAC-LC bitrate, bits per second (48 kHz stereo).
     pub audio_bitrate: u32,
     /// A picture whose aspect differs from its tile: `crop` or `letterbox`.
-    pub fit: crate::signaling::protocol::Fit,
+    pub fit: Fit,
     /// Audio jitter buffer per input (added latency; rides out network and scheduling jitter).
     #[serde(with = "humantime_serde_compat")]
     pub audio_buffer: Duration,
@@ -238,6 +238,88 @@ pub struct BridgeSettings {
     /// back to the solo path.
     #[serde(with = "humantime_serde_compat")]
     pub solo_idle: Duration,
+}
+
+/// How a picture whose aspect ratio differs from its tile is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Fit {
+    /// Fill the tile, cutting the overflow (no bars).
+    #[default]
+    Crop,
+    /// Show the whole picture, with bars.
+    Letterbox,
+}
+
+/// How the bridge signs a destination's URL itself, at every (re)connect, from a key the CDN
+/// gave the operator (instead of a pasted URL that expires).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "scheme", rename_all = "snake_case")]
+pub enum CdnSigning {
+    /// Tencent-style: `?txSecret=md5(key + stream + txTime)&txTime={expiry as hex}`.
+    TxSecret {
+        key: String,
+        /// Lifetime of each signature, seconds (default 86400).
+        #[serde(default = "default_sign_ttl")]
+        ttl_secs: u64,
+    },
+    /// Alibaba-style: `?auth_key={expiry}-{rand}-{uid}-md5("/{app}/{stream}-{expiry}-{rand}-{uid}-{key}")`.
+    AuthKey {
+        key: String,
+        #[serde(default = "default_sign_ttl")]
+        ttl_secs: u64,
+        /// User id field of the signature (default "0").
+        #[serde(default = "default_uid")]
+        uid: String,
+    },
+}
+
+fn default_sign_ttl() -> u64 {
+    86_400
+}
+
+fn default_uid() -> String {
+    "0".into()
+}
+
+impl std::fmt::Debug for CdnSigning {
+    // Never print keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CdnSigning::TxSecret { ttl_secs, .. } => write!(f, "TxSecret(ttl {ttl_secs}s)"),
+            CdnSigning::AuthKey { ttl_secs, .. } => write!(f, "AuthKey(ttl {ttl_secs}s)"),
+        }
+    }
+}
+
+/// A CDN destination: a plain `rtmp://` URL, or a URL plus a signing scheme the bridge applies
+/// at each connect. In JSON either `"rtmp://..."` or `{"url": "rtmp://...", "sign": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Destination {
+    Url(String),
+    Signed { url: String, sign: CdnSigning },
+}
+
+impl From<String> for Destination {
+    fn from(url: String) -> Self {
+        Destination::Url(url)
+    }
+}
+
+impl From<&str> for Destination {
+    fn from(url: &str) -> Self {
+        Destination::Url(url.to_string())
+    }
+}
+
+impl Destination {
+    /// The configured URL (without any signature the bridge adds); identifies the destination.
+    pub fn url(&self) -> &str {
+        match self {
+            Destination::Url(u) | Destination::Signed { url: u, .. } => u,
+        }
+    }
 }
 
 /// `server.dev_tokens`: whether `POST /v1/dev/token` mints tokens for anyone who asks.

@@ -13,13 +13,14 @@ use rml_rtmp::sessions::{
     ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult, PublishRequestType,
 };
 use rml_rtmp::time::RtmpTimestamp;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::origin::Origin;
+pub use crate::config::{CdnSigning, Destination};
 use crate::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,76 +71,9 @@ impl RtmpUrl {
     }
 }
 
-/// How the bridge signs a destination's URL itself, at every (re)connect, from a key the CDN
-/// gave the operator (instead of a pasted URL that expires).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "scheme", rename_all = "snake_case")]
-pub enum CdnSigning {
-    /// Tencent-style: `?txSecret=md5(key + stream + txTime)&txTime={expiry as hex}`.
-    TxSecret {
-        key: String,
-        /// Lifetime of each signature, seconds (default 86400).
-        #[serde(default = "default_sign_ttl")]
-        ttl_secs: u64,
-    },
-    /// Alibaba-style: `?auth_key={expiry}-{rand}-{uid}-md5("/{app}/{stream}-{expiry}-{rand}-{uid}-{key}")`.
-    AuthKey {
-        key: String,
-        #[serde(default = "default_sign_ttl")]
-        ttl_secs: u64,
-        /// User id field of the signature (default "0").
-        #[serde(default = "default_uid")]
-        uid: String,
-    },
-}
-
-fn default_sign_ttl() -> u64 {
-    86_400
-}
-
-fn default_uid() -> String {
-    "0".into()
-}
-
-impl std::fmt::Debug for CdnSigning {
-    // Never print keys.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CdnSigning::TxSecret { ttl_secs, .. } => write!(f, "TxSecret(ttl {ttl_secs}s)"),
-            CdnSigning::AuthKey { ttl_secs, .. } => write!(f, "AuthKey(ttl {ttl_secs}s)"),
-        }
-    }
-}
-
-/// A CDN destination: a plain `rtmp://` URL, or a URL plus a signing scheme the bridge applies
-/// at each connect. In JSON either `"rtmp://..."` or `{"url": "rtmp://...", "sign": {...}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Destination {
-    Url(String),
-    Signed { url: String, sign: CdnSigning },
-}
-
-impl From<String> for Destination {
-    fn from(url: String) -> Self {
-        Destination::Url(url)
-    }
-}
-
-impl From<&str> for Destination {
-    fn from(url: &str) -> Self {
-        Destination::Url(url.to_string())
-    }
-}
-
+// The plain types live in config (operators write them in `bridge.auto_destinations`); what
+// needs the RTMP URL parser and the signing functions stays here.
 impl Destination {
-    /// The configured URL (without any signature the bridge adds); identifies the destination.
-    pub fn url(&self) -> &str {
-        match self {
-            Destination::Url(u) | Destination::Signed { url: u, .. } => u,
-        }
-    }
-
     /// The URL to connect to at Unix time `now` (`rand` is the auth_key nonce).
     pub fn signed_url(&self, now: u64, rand: &str) -> Result<String, String> {
         let Destination::Signed { url, sign } = self else {
