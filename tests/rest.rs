@@ -171,7 +171,12 @@ fn now() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_key_ttl_is_capped() {
-    let server = Server::start_with(&[("COHOST_ORIGIN__KEY_MAX_TTL", "1h")]).await;
+    let server = Server::start_with(&[
+        ("COHOST_ORIGIN__KEY_MAX_TTL", "1h"),
+        ("COHOST_ORIGIN__KEY_TTL", "30m"),
+        ("COHOST_ORIGIN__SIGN_SECRET", "test-origin-sign-secret"),
+    ])
+    .await;
     // A host token valid for 60 s asks for a key valid for 100 years.
     let host = server
         .auth
@@ -204,7 +209,8 @@ async fn stream_key_ttl_is_capped() {
         )
         .await;
     assert_eq!(s, 400, "{body}");
-    // Within the cap (the default ttl, 1 day, is above this server's cap: refused too).
+    assert_eq!(error_code(&body), "key_ttl_too_long");
+    // Within the cap.
     let (s, body) = server
         .send_json(
             "POST",
