@@ -290,11 +290,15 @@ impl Cidr {
         let ip = canonical_ip(ip);
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -320,7 +324,10 @@ impl std::str::FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr = canonical_ip(a.parse().map_err(|_| format!("{s:?} is not a CIDR range"))?);
+        let addr = canonical_ip(
+            a.parse()
+                .map_err(|_| format!("{s:?} is not a CIDR range"))?,
+        );
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match p {
             Some(p) => p
@@ -475,8 +482,18 @@ impl BridgeSettings {
             ("width", "max_width", width, self.max_width),
             ("height", "max_height", height, self.max_height),
             ("fps", "max_fps", fps, self.max_fps),
-            ("video_bitrate", "max_video_bitrate", video_bitrate, self.max_video_bitrate),
-            ("audio_bitrate", "max_audio_bitrate", audio_bitrate, self.max_audio_bitrate),
+            (
+                "video_bitrate",
+                "max_video_bitrate",
+                video_bitrate,
+                self.max_video_bitrate,
+            ),
+            (
+                "audio_bitrate",
+                "max_audio_bitrate",
+                audio_bitrate,
+                self.max_audio_bitrate,
+            ),
         ];
         for (what, key, value, max) in caps {
             if value > max {

@@ -496,8 +496,14 @@ async fn bridge_parameters_above_operator_caps_are_refused() {
         (json!({"width": 3840, "height": 3840}), "bridge.max_width"),
         (json!({"height": 2160}), "bridge.max_height"),
         (json!({"fps": 60}), "bridge.max_fps"),
-        (json!({"video_bitrate": 4_000_000_000u32}), "bridge.max_video_bitrate"),
-        (json!({"audio_bitrate": 1_000_000}), "bridge.max_audio_bitrate"),
+        (
+            json!({"video_bitrate": 4_000_000_000u32}),
+            "bridge.max_video_bitrate",
+        ),
+        (
+            json!({"audio_bitrate": 1_000_000}),
+            "bridge.max_audio_bitrate",
+        ),
     ] {
         let (s, body) = server
             .send_json("POST", "/v1/rooms/caps/bridge", &host, &req)
@@ -508,7 +514,10 @@ async fn bridge_parameters_above_operator_caps_are_refused() {
             "{req}: {body}"
         );
     }
-    assert_eq!(server.get("/v1/rooms/caps/bridge", Some(&host)).await.0, 404);
+    assert_eq!(
+        server.get("/v1/rooms/caps/bridge", Some(&host)).await.0,
+        404
+    );
     // Within the caps it starts.
     let (s, body) = server
         .send_json(

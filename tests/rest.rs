@@ -94,7 +94,10 @@ async fn unauthenticated_requests_get_401_before_body_parsing() {
                 );
                 // Nothing about the schema leaks to a caller without a token.
                 for field in ["add_destinations", "width", "identity", "variant", "line"] {
-                    assert!(!resp.contains(field), "{method} {path} leaks {field}: {resp}");
+                    assert!(
+                        !resp.contains(field),
+                        "{method} {path} leaks {field}: {resp}"
+                    );
                 }
             }
         }
@@ -143,7 +146,14 @@ async fn unauthenticated_requests_get_401_before_body_parsing() {
     assert_eq!(s, 400, "{resp}");
     assert_eq!(error_code(&resp), "bad_request");
     // The public message feed answers a bad query in the same format.
-    let (s, resp) = raw(server.addr, "GET", "/v1/rooms/r1/messages?since=x", None, "").await;
+    let (s, resp) = raw(
+        server.addr,
+        "GET",
+        "/v1/rooms/r1/messages?since=x",
+        None,
+        "",
+    )
+    .await;
     assert_eq!(s, 400, "{resp}");
     assert_eq!(error_code(&resp), "bad_request");
     // Bodies over the limit: 413 in the API's format, after the token check.
@@ -225,7 +235,15 @@ async fn stream_key_ttl_is_capped() {
     assert!(expires <= now() + 1800 + 5, "{v}");
     // The CLI refuses too.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cohost"))
-        .args(["token", "--room", "cap", "--identity", "obs", "--role", "host"])
+        .args([
+            "token",
+            "--room",
+            "cap",
+            "--identity",
+            "obs",
+            "--role",
+            "host",
+        ])
         .args(["--stream-key", "--ttl", "36500days"])
         .env_remove("COHOST_CONFIG")
         .stdout(Stdio::piped())
@@ -303,7 +321,15 @@ fn ffmpeg_push(url: &str, secs: u32) -> tokio::process::Child {
         .args(["-f", "lavfi", "-i", "testsrc=size=160x120:rate=15"])
         .args(["-t", &secs.to_string()])
         .args(["-c:v", "libx264", "-profile:v", "baseline", "-bf", "0"])
-        .args(["-pix_fmt", "yuv420p", "-preset", "ultrafast", "-f", "flv", url])
+        .args([
+            "-pix_fmt",
+            "yuv420p",
+            "-preset",
+            "ultrafast",
+            "-f",
+            "flv",
+            url,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -142,8 +142,8 @@ mod tests {
             Err(SignError::TooLong)
         );
         let now = 1_000_000_000;
-        let long =
-            sign::mint_stream_key_at(S, "r", "obs", Role::Host, now, now + 100 * 365 * DAY).unwrap();
+        let long = sign::mint_stream_key_at(S, "r", "obs", Role::Host, now, now + 100 * 365 * DAY)
+            .unwrap();
         assert_eq!(k.verify(S, &long, now), Err(SignError::TooLong));
         let ok = sign::mint_stream_key_at(S, "r", "obs", Role::Host, now, now + DAY).unwrap();
         assert!(k.verify(S, &ok, now).is_ok());
@@ -174,7 +174,10 @@ mod tests {
         );
         assert!(r.is_ok(), "a live publisher hears of the revocation");
         assert_eq!(k.verify(S, &old, now), Err(SignError::Revoked));
-        assert!(k.verify(S, &other, now).is_ok(), "other rooms are untouched");
+        assert!(
+            k.verify(S, &other, now).is_ok(),
+            "other rooms are untouched"
+        );
         // A key minted after the revocation, even in the same second, works.
         let issued = k.issue_time("r", now);
         assert!(issued > now);

@@ -176,7 +176,11 @@ pub(super) async fn revoke_stream_keys(
             tracing::info!(%room, by = %claims.sub, role = claims.role.as_str(), "stream keys revoked");
             Json(json!({"room": room, "revoked_before": at})).into_response()
         }
-        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()),
+        Err(e) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
     }
 }
 

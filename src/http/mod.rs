@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -455,8 +455,7 @@ async fn bridge_start(
         Ok(r) => r,
         Err(r) => return *r,
     };
-    if let Err(e) = crate::bridge::control::start(&svc.bridge_ctl(Some(claims.role)), &room, req)
-    {
+    if let Err(e) = crate::bridge::control::start(&svc.bridge_ctl(Some(claims.role)), &room, req) {
         return control_error(&e);
     }
     let admin = claims.role == Role::Admin;

@@ -54,12 +54,8 @@ const BUILTIN_DENY: &[&str] = &[
     "ff00::/8",
 ];
 
-static BUILTIN: LazyLock<Vec<Cidr>> = LazyLock::new(|| {
-    BUILTIN_DENY
-        .iter()
-        .filter_map(|c| c.parse().ok())
-        .collect()
-});
+static BUILTIN: LazyLock<Vec<Cidr>> =
+    LazyLock::new(|| BUILTIN_DENY.iter().filter_map(|c| c.parse().ok()).collect());
 
 /// The operator's rules for destinations of non-admin callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,7 +214,13 @@ mod tests {
         ] {
             assert!(denied(&p, ip), "{ip} must be denied");
         }
-        for ip in ["8.8.8.8", "172.32.0.1", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for ip in [
+            "8.8.8.8",
+            "172.32.0.1",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(!denied(&p, ip), "{ip} must be allowed");
         }
     }
@@ -236,7 +238,10 @@ mod tests {
         assert!(denied(&p, "10.9.9.1"), "deny wins over allow");
         assert!(denied(&p, "10.8.1.1"), "rest of 10/8 still denied");
         assert!(denied(&p, "203.0.114.7"), "operator's extra range");
-        assert!(denied(&p, "::ffff:203.0.114.7"), "mapped address judged as IPv4");
+        assert!(
+            denied(&p, "::ffff:203.0.114.7"),
+            "mapped address judged as IPv4"
+        );
     }
 
     #[test]
@@ -269,7 +274,11 @@ mod tests {
         assert!(p.check_url("rtmp://8.8.8.8/live/k").is_err());
         // Trusted callers skip all of it.
         assert!(Guard::Trusted.check_url("rtmp://127.0.0.1:1/a/b").is_ok());
-        assert!(Guard::Trusted.check_addr("10.0.0.1".parse().unwrap()).is_ok());
+        assert!(
+            Guard::Trusted
+                .check_addr("10.0.0.1".parse().unwrap())
+                .is_ok()
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use rml_rtmp::sessions::{
 };
 use rml_rtmp::time::RtmpTimestamp;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
@@ -447,12 +447,14 @@ async fn connect(target: &RtmpUrl, guard: &Guard) -> Result<TcpStream, PushError
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(&target.host);
-    let addrs: Vec<SocketAddr> =
-        tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host, target.port)))
-            .await
-            .map_err(|_| PushError::Timeout("resolving the host"))?
-            .map_err(|e| PushError::Resolve(e.to_string()))?
-            .collect();
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::lookup_host((host, target.port)),
+    )
+    .await
+    .map_err(|_| PushError::Timeout("resolving the host"))?
+    .map_err(|e| PushError::Resolve(e.to_string()))?
+    .collect();
     let mut refused = None;
     let mut last = None;
     for addr in addrs {
@@ -757,7 +759,10 @@ mod tests {
         let stall = Duration::from_millis(0);
         let mut p = Progress::new();
         p.since_ack = 10 * u64::from(ACK_WINDOW);
-        assert!(!p.stalled(stall), "a peer that never acked: write timeouts only");
+        assert!(
+            !p.stalled(stall),
+            "a peer that never acked: write timeouts only"
+        );
         p.on_ack(100);
         assert!(!p.stalled(stall), "just acked");
         p.since_ack = 3 * u64::from(ACK_WINDOW);
