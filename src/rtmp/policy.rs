@@ -227,12 +227,14 @@ mod tests {
 
     #[test]
     fn operator_allow_and_deny_ranges() {
-        let mut b = BridgeSettings::default();
-        b.destination_allow = vec!["10.9.0.0/16".parse().unwrap()];
-        b.destination_deny = vec![
-            "10.9.9.0/24".parse().unwrap(),
-            "203.0.114.0/24".parse().unwrap(),
-        ];
+        let b = BridgeSettings {
+            destination_allow: vec!["10.9.0.0/16".parse().unwrap()],
+            destination_deny: vec![
+                "10.9.9.0/24".parse().unwrap(),
+                "203.0.114.0/24".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
         let p = DestinationPolicy::from_settings(&b);
         assert!(!denied(&p, "10.9.1.1"), "allowed exception");
         assert!(denied(&p, "10.9.9.1"), "deny wins over allow");
@@ -264,8 +266,10 @@ mod tests {
             p.check_url("rtmps://live.example.com/app/key"),
             Err(PolicyError::Scheme(_))
         ));
-        let mut b = BridgeSettings::default();
-        b.destination_hosts = vec!["*.cdn.example.com".into(), "push.example.net".into()];
+        let b = BridgeSettings {
+            destination_hosts: vec!["*.cdn.example.com".into(), "push.example.net".into()],
+            ..Default::default()
+        };
         let p = DestinationPolicy::from_settings(&b);
         assert!(p.check_url("rtmp://a.cdn.example.com/live/k").is_ok());
         assert!(p.check_url("rtmp://PUSH.example.net.:1935/live/k").is_ok());
