@@ -94,7 +94,7 @@ fn rtmp_context(svc: &Arc<Services>) -> Arc<crate::rtmp::server::RtmpContext> {
             destinations: cfg.auto_destinations.clone(),
             ..Default::default()
         };
-        match crate::bridge::control::start(&svc.bridge_ctl(), room, req) {
+        match crate::bridge::control::start(&svc.bridge_ctl(None), room, req) {
             Ok(()) => info!(%room, "bridge started automatically (rtmp host)"),
             Err(crate::bridge::control::ControlError::AlreadyRunning) => {}
             Err(e) => tracing::warn!(%room, "automatic bridge start failed: {e}"),
@@ -123,6 +123,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         origin: crate::rtmp::origin::Origin::new(),
         bridges: dashmap::DashMap::new(),
         whip: Default::default(),
+        stream_keys: Arc::new(crate::auth::keys::StreamKeys::new(cfg.origin.key_max_ttl)),
         shutdown: shutdown_rx.clone(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.server.http_listen)

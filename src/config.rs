@@ -84,6 +84,11 @@ pub struct OriginConfig {
     /// Default lifetime of stream keys and signed URLs minted by `cohost token` / the API.
     #[serde(with = "humantime_serde_compat")]
     pub key_ttl: Duration,
+    /// Longest lifetime a stream key may have: minting a longer one is refused (400), and a
+    /// key whose expiry is further away than this is refused at publish time (keys minted
+    /// before the cap existed, or under a larger one).
+    #[serde(with = "humantime_serde_compat")]
+    pub key_max_ttl: Duration,
 }
 
 impl Default for OriginConfig {
@@ -94,6 +99,7 @@ impl Default for OriginConfig {
             sign_secret: String::new(),
             ingest: true,
             key_ttl: Duration::from_secs(24 * 3600),
+            key_max_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -239,7 +245,7 @@ pub struct BridgeSettings {
     /// CDN destinations of automatically started bridges: rtmp:// URLs, or tables
     /// `{url = "rtmp://...", sign = {scheme = "tx_secret", key = "..."}}` for URLs the bridge
     /// signs itself. The embedded origin always gets the stream.
-    pub auto_destinations: Vec<crate::rtmp::push::Destination>,
+    pub auto_destinations: Vec<Destination>,
     /// Output resolution (even numbers; 720x1280 for portrait).
     pub width: u32,
     pub height: u32,
@@ -255,7 +261,7 @@ pub struct BridgeSettings {
     /// AAC-LC bitrate, bits per second (48 kHz stereo).
     pub audio_bitrate: u32,
     /// A picture whose aspect differs from its tile: `crop` or `letterbox`.
-    pub fit: crate::signaling::protocol::Fit,
+    pub fit: Fit,
     /// Audio jitter buffer per input (added latency; rides out network and scheduling jitter).
     #[serde(with = "humantime_serde_compat")]
     pub audio_buffer: Duration,
@@ -273,6 +279,196 @@ pub struct BridgeSettings {
     /// back to the solo path.
     #[serde(with = "humantime_serde_compat")]
     pub solo_idle: Duration,
+    /// Operator caps on what a start request (REST or signaling) may ask for: a request above
+    /// one is refused (400 `over_limit`, the message names the key). The defaults above must
+    /// fit within them.
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_fps: u32,
+    pub max_video_bitrate: u32,
+    pub max_audio_bitrate: u32,
+    /// CDN destinations per bridge (`auto_destinations` count too).
+    pub max_destinations: usize,
+    /// A connected destination that takes no bytes for this long (a frozen CDN: the write
+    /// blocks once the socket buffers are full) is reported `stalled` and reconnected.
+    #[serde(with = "humantime_serde_compat")]
+    pub stall_timeout: Duration,
+    /// URL schemes callers may push to (only `rtmp` is implemented).
+    pub destination_schemes: Vec<String>,
+    /// When non-empty, the only host names non-admin callers may push to: exact names, or
+    /// `*.example.com` for any name under example.com.
+    pub destination_hosts: Vec<String>,
+    /// Address ranges (CIDR) refused to non-admin callers besides the built-in ones (loopback,
+    /// private, link-local, shared, unspecified, multicast, broadcast, documentation).
+    pub destination_deny: Vec<Cidr>,
+    /// Address ranges (CIDR) allowed to non-admin callers even though a built-in rule denies
+    /// them (e.g. a CDN edge on the private network). `destination_deny` still wins.
+    pub destination_allow: Vec<Cidr>,
+    /// Admin callers (admin tokens, REST or signaling) skip the destination policy, like
+    /// `auto_destinations` do. The caps above apply to everyone.
+    pub admin_destinations_trusted: bool,
+}
+
+/// An address range in CIDR notation (`10.0.0.0/8`, `fd00::/8`; a bare address is a /32 or
+/// /128). In the config file and the API it is a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range. IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) count as
+    /// their IPv4 address, so a mapped address cannot slip past an IPv4 rule.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`; everything else as it is.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr = canonical_ip(
+            a.parse()
+                .map_err(|_| format!("{s:?} is not a CIDR range"))?,
+        );
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0-{max}"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        format!("{}/{}", c.addr, c.prefix)
+    }
+}
+
+/// How a picture whose aspect ratio differs from its tile is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Fit {
+    /// Fill the tile, cutting the overflow (no bars).
+    #[default]
+    Crop,
+    /// Show the whole picture, with bars.
+    Letterbox,
+}
+
+/// How the bridge signs a destination's URL itself, at every (re)connect, from a key the CDN
+/// gave the operator (instead of a pasted URL that expires).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "scheme", rename_all = "snake_case")]
+pub enum CdnSigning {
+    /// Tencent-style: `?txSecret=md5(key + stream + txTime)&txTime={expiry as hex}`.
+    TxSecret {
+        key: String,
+        /// Lifetime of each signature, seconds (default 86400).
+        #[serde(default = "default_sign_ttl")]
+        ttl_secs: u64,
+    },
+    /// Alibaba-style: `?auth_key={expiry}-{rand}-{uid}-md5("/{app}/{stream}-{expiry}-{rand}-{uid}-{key}")`.
+    AuthKey {
+        key: String,
+        #[serde(default = "default_sign_ttl")]
+        ttl_secs: u64,
+        /// User id field of the signature (default "0").
+        #[serde(default = "default_uid")]
+        uid: String,
+    },
+}
+
+fn default_sign_ttl() -> u64 {
+    86_400
+}
+
+fn default_uid() -> String {
+    "0".into()
+}
+
+impl std::fmt::Debug for CdnSigning {
+    // Never print keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CdnSigning::TxSecret { ttl_secs, .. } => write!(f, "TxSecret(ttl {ttl_secs}s)"),
+            CdnSigning::AuthKey { ttl_secs, .. } => write!(f, "AuthKey(ttl {ttl_secs}s)"),
+        }
+    }
+}
+
+/// A CDN destination: a plain `rtmp://` URL, or a URL plus a signing scheme the bridge applies
+/// at each connect. In JSON either `"rtmp://..."` or `{"url": "rtmp://...", "sign": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Destination {
+    Url(String),
+    Signed { url: String, sign: CdnSigning },
+}
+
+impl From<String> for Destination {
+    fn from(url: String) -> Self {
+        Destination::Url(url)
+    }
+}
+
+impl From<&str> for Destination {
+    fn from(url: &str) -> Self {
+        Destination::Url(url.to_string())
+    }
+}
+
+impl Destination {
+    /// The configured URL (without any signature the bridge adds); identifies the destination.
+    pub fn url(&self) -> &str {
+        match self {
+            Destination::Url(u) | Destination::Signed { url: u, .. } => u,
+        }
+    }
 }
 
 /// `server.dev_tokens`: whether `POST /v1/dev/token` mints tokens for anyone who asks.
@@ -307,6 +503,44 @@ pub fn check_output(width: u32, height: u32, fps: u32) -> Result<(), String> {
     }
 }
 
+impl BridgeSettings {
+    /// Check output parameters against the operator's caps (`max_*`); the error names the key.
+    pub fn check_caps(
+        &self,
+        width: u32,
+        height: u32,
+        fps: u32,
+        video_bitrate: u32,
+        audio_bitrate: u32,
+    ) -> Result<(), String> {
+        let caps = [
+            ("width", "max_width", width, self.max_width),
+            ("height", "max_height", height, self.max_height),
+            ("fps", "max_fps", fps, self.max_fps),
+            (
+                "video_bitrate",
+                "max_video_bitrate",
+                video_bitrate,
+                self.max_video_bitrate,
+            ),
+            (
+                "audio_bitrate",
+                "max_audio_bitrate",
+                audio_bitrate,
+                self.max_audio_bitrate,
+            ),
+        ];
+        for (what, key, value, max) in caps {
+            if value > max {
+                return Err(format!(
+                    "{what} {value} is above the operator's limit bridge.{key} ({max})"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for BridgeSettings {
     fn default() -> Self {
         Self {
@@ -326,6 +560,18 @@ impl Default for BridgeSettings {
             reconnect_max_retries: 0,
             solo_repeat: true,
             solo_idle: Duration::from_secs(30),
+            max_width: 1920,
+            max_height: 1920,
+            max_fps: 60,
+            max_video_bitrate: 8_000_000,
+            max_audio_bitrate: 320_000,
+            max_destinations: 5,
+            stall_timeout: Duration::from_secs(5),
+            destination_schemes: vec!["rtmp".into()],
+            destination_hosts: vec![],
+            destination_deny: vec![],
+            destination_allow: vec![],
+            admin_destinations_trusted: true,
         }
     }
 }
@@ -477,6 +723,32 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "bridge.gop and bridge.reconnect_initial must be > 0, bridge.audio_buffer at most 1s".into(),
             ));
+        }
+        b.check_caps(b.width, b.height, b.fps, b.video_bitrate, b.audio_bitrate)
+            .map_err(|e| ConfigError::Invalid(format!("bridge defaults: {e}")))?;
+        if b.max_destinations == 0 || b.auto_destinations.len() > b.max_destinations {
+            return Err(ConfigError::Invalid(format!(
+                "bridge.max_destinations ({}) must be at least 1 and cover bridge.auto_destinations ({})",
+                b.max_destinations,
+                b.auto_destinations.len()
+            )));
+        }
+        if b.stall_timeout < Duration::from_millis(500) {
+            return Err(ConfigError::Invalid(
+                "bridge.stall_timeout must be at least 500ms".into(),
+            ));
+        }
+        if let Some(s) = b.destination_schemes.iter().find(|s| s.as_str() != "rtmp") {
+            return Err(ConfigError::Invalid(format!(
+                "bridge.destination_schemes: {s:?} is not supported (only \"rtmp\")"
+            )));
+        }
+        if self.origin.key_ttl.is_zero() || self.origin.key_ttl > self.origin.key_max_ttl {
+            return Err(ConfigError::Invalid(format!(
+                "origin.key_ttl ({}) must be > 0 and at most origin.key_max_ttl ({})",
+                humantime::format_duration(self.origin.key_ttl),
+                humantime::format_duration(self.origin.key_max_ttl)
+            )));
         }
         if w.subscriber_queue == 0 {
             return Err(ConfigError::Invalid(

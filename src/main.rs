@@ -96,6 +96,14 @@ fn main() -> std::process::ExitCode {
             host,
         } => {
             let ttl = ttl.unwrap_or(cfg.origin.key_ttl);
+            if ttl > cfg.origin.key_max_ttl {
+                eprintln!(
+                    "cohost: --ttl {} is above origin.key_max_ttl ({})",
+                    humantime::format_duration(ttl),
+                    humantime::format_duration(cfg.origin.key_max_ttl)
+                );
+                return std::process::ExitCode::from(2);
+            }
             let expires = cohost::auth::now_secs().saturating_add(ttl.as_secs());
             match sign::mint_stream_key(cfg.auth.secret.as_bytes(), &room, &identity, role, expires)
             {
@@ -132,6 +140,14 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(2);
             }
             let ttl = ttl.unwrap_or(cfg.origin.key_ttl);
+            if ttl > cfg.origin.key_max_ttl {
+                eprintln!(
+                    "cohost: --ttl {} is above origin.key_max_ttl ({})",
+                    humantime::format_duration(ttl),
+                    humantime::format_duration(cfg.origin.key_max_ttl)
+                );
+                return std::process::ExitCode::from(2);
+            }
             let expires = cohost::auth::now_secs().saturating_add(ttl.as_secs());
             let q = sign::signed_query(
                 cfg.origin.sign_secret.as_bytes(),

@@ -668,8 +668,8 @@ async fn bridge_signs_cdn_destination_urls_itself_at_connect() {
                                       "sign": {"scheme": "nope", "key": "k"}}]}),
         )
         .await;
-    // (axum's JSON rejection: 422 naming the field.)
-    assert_eq!(s, 422, "{body}");
+    // 400 in the API's error format, naming the field.
+    assert_eq!(s, 400, "{body}");
     assert!(body.contains("destinations[0]"), "{body}");
     // tx_secret: the CDN stand-in sees txSecret = md5(key + stream + txTime).
     let cdn = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

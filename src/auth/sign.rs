@@ -1,11 +1,14 @@
 //! Signatures that are not JWTs: RTMP stream keys, signed origin URLs (anti-hotlinking) and the
 //! URL signing schemes CDNs expect on push URLs. Pure functions: the caller passes the time.
 //!
-//! - Stream key: `{room}~{identity}~{role}~{expiry}~{mac}`, `mac` = the first 16 bytes (hex) of
-//!   HMAC-SHA256(auth secret, "cohost-stream-key\n{room}\n{identity}\n{role}\n{expiry}"). The
-//!   domain prefix keeps a stream key from ever verifying as anything else (and a JWT access
-//!   token is never a stream key), so a key leaked from an OBS screen only lets someone publish
-//!   as that identity until it expires.
+//! - Stream key: `{room}~{identity}~{role}~{issued}~{expiry}~{mac}`, `mac` = the first 16 bytes
+//!   (hex) of HMAC-SHA256(auth secret,
+//!   "cohost-stream-key-v2\n{room}\n{identity}\n{role}\n{issued}\n{expiry}"). The domain prefix
+//!   keeps a stream key from ever verifying as anything else (and a JWT access token is never a
+//!   stream key), so a key leaked from an OBS screen only lets someone publish as that identity
+//!   until it expires or the room's keys are revoked. `issued` is what revocation compares
+//!   (keys issued at or before a room's revocation time are refused, see `auth::keys`); keys of
+//!   the first format (no `issued`) are refused as malformed.
 //! - Signed URL: `?sign=...&expires=UNIX` with `sign` = HMAC-SHA256(secret, "{path}\n{expires}")
 //!   in hex or base64url (unpadded), `path` = `/{app}/{stream}` (the same for RTMP and HTTP-FLV:
 //!   `/live/room1.flv` is signed as `/live/room1`).
@@ -25,7 +28,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of the stream key MAC kept (128 bits).
 const KEY_MAC_BYTES: usize = 16;
-const KEY_DOMAIN: &str = "cohost-stream-key";
+const KEY_DOMAIN: &str = "cohost-stream-key-v2";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignError {
@@ -39,6 +42,12 @@ pub enum SignError {
     Missing,
     #[error("{0}")]
     BadGrant(String),
+    /// The room's keys were revoked after this one was issued.
+    #[error("the room's stream keys were revoked")]
+    Revoked,
+    /// The key lives longer than `origin.key_max_ttl` allows.
+    #[error("lifetime above the server's limit (origin.key_max_ttl)")]
+    TooLong,
 }
 
 impl SignError {
@@ -50,6 +59,8 @@ impl SignError {
             SignError::Expired => "expired",
             SignError::Missing => "signature_required",
             SignError::BadGrant(_) => "bad_grant",
+            SignError::Revoked => "key_revoked",
+            SignError::TooLong => "key_ttl_too_long",
         }
     }
 }
@@ -62,9 +73,9 @@ fn mac(secret: &[u8]) -> HmacSha256 {
     }
 }
 
-fn key_message(room: &str, identity: &str, role: Role, expiry: u64) -> String {
+fn key_message(room: &str, identity: &str, role: Role, issued: u64, expiry: u64) -> String {
     format!(
-        "{KEY_DOMAIN}\n{room}\n{identity}\n{}\n{expiry}",
+        "{KEY_DOMAIN}\n{room}\n{identity}\n{}\n{issued}\n{expiry}",
         role.as_str()
     )
 }
@@ -75,15 +86,31 @@ pub struct StreamGrant {
     pub room: String,
     pub identity: String,
     pub role: Role,
+    /// When the key was minted (Unix seconds): revocation compares this.
+    pub issued: u64,
     pub expiry: u64,
 }
 
-/// Mint a stream key for publishing into `room` as `identity` until `expiry` (Unix seconds).
+/// Mint a stream key for publishing into `room` as `identity` until `expiry` (Unix seconds),
+/// issued now.
 pub fn mint_stream_key(
     secret: &[u8],
     room: &str,
     identity: &str,
     role: Role,
+    expiry: u64,
+) -> Result<String, SignError> {
+    let issued = super::now_secs().min(expiry);
+    mint_stream_key_at(secret, room, identity, role, issued, expiry)
+}
+
+/// [`mint_stream_key`] with an explicit issue time.
+pub fn mint_stream_key_at(
+    secret: &[u8],
+    room: &str,
+    identity: &str,
+    role: Role,
+    issued: u64,
     expiry: u64,
 ) -> Result<String, SignError> {
     if !valid_name(room) || !valid_name(identity) {
@@ -97,30 +124,36 @@ pub fn mint_stream_key(
             role.as_str()
         )));
     }
+    if issued > expiry {
+        return Err(SignError::BadGrant("issued after it expires".into()));
+    }
     let mut m = mac(secret);
-    m.update(key_message(room, identity, role, expiry).as_bytes());
+    m.update(key_message(room, identity, role, issued, expiry).as_bytes());
     let tag = m.finalize().into_bytes();
     Ok(format!(
-        "{room}~{identity}~{}~{expiry}~{}",
+        "{room}~{identity}~{}~{issued}~{expiry}~{}",
         role.as_str(),
         hex::encode(&tag[..KEY_MAC_BYTES])
     ))
 }
 
-/// Check a stream key's MAC and expiry at `now` (Unix seconds).
+/// Check a stream key's MAC and expiry at `now` (Unix seconds). The lifetime cap and
+/// revocations are checked by `auth::keys::StreamKeys::verify`, which callers should use.
 pub fn verify_stream_key(secret: &[u8], key: &str, now: u64) -> Result<StreamGrant, SignError> {
-    let parts: Vec<&str> = key.split('~').collect();
-    let [room, identity, role, expiry, sig] = parts[..] else {
+    // At most 7 parts are looked at, so a key made of thousands of `~` costs nothing.
+    let parts: Vec<&str> = key.splitn(7, '~').collect();
+    let [room, identity, role, issued, expiry, sig] = parts[..] else {
         return Err(SignError::MalformedKey);
     };
     if !valid_name(room) || !valid_name(identity) || sig.len() != KEY_MAC_BYTES * 2 {
         return Err(SignError::MalformedKey);
     }
     let role: Role = role.parse().map_err(|_| SignError::MalformedKey)?;
+    let issued: u64 = issued.parse().map_err(|_| SignError::MalformedKey)?;
     let expiry: u64 = expiry.parse().map_err(|_| SignError::MalformedKey)?;
     let sig = hex::decode(sig).map_err(|_| SignError::MalformedKey)?;
     let mut m = mac(secret);
-    m.update(key_message(room, identity, role, expiry).as_bytes());
+    m.update(key_message(room, identity, role, issued, expiry).as_bytes());
     m.verify_truncated_left(&sig)
         .map_err(|_| SignError::BadSignature)?;
     if expiry < now {
@@ -133,6 +166,7 @@ pub fn verify_stream_key(secret: &[u8], key: &str, now: u64) -> Result<StreamGra
         room: room.to_string(),
         identity: identity.to_string(),
         role,
+        issued,
         expiry,
     })
 }
@@ -243,8 +277,8 @@ mod tests {
 
     #[test]
     fn stream_key_roundtrip_expiry_and_tampering() {
-        let k = mint_stream_key(S, "room1", "obs", Role::Host, 2_000).unwrap();
-        assert!(k.starts_with("room1~obs~host~2000~"));
+        let k = mint_stream_key_at(S, "room1", "obs", Role::Host, 500, 2_000).unwrap();
+        assert!(k.starts_with("room1~obs~host~500~2000~"));
         let g = verify_stream_key(S, &k, 1_000).unwrap();
         assert_eq!(
             g,
@@ -252,6 +286,7 @@ mod tests {
                 room: "room1".into(),
                 identity: "obs".into(),
                 role: Role::Host,
+                issued: 500,
                 expiry: 2_000
             }
         );
@@ -266,6 +301,7 @@ mod tests {
             k.replace("~obs~", "~eve~"),
             k.replace("~host~", "~cohost~"),
             k.replace("~2000~", "~9000~"),
+            k.replace("~500~", "~900~"),
         ] {
             assert_eq!(
                 verify_stream_key(S, &forged, 1_000),
@@ -276,23 +312,26 @@ mod tests {
         for bad in [
             "",
             "a~b",
-            "r~i~host~1~zz",
-            "r~i~boss~1~00112233445566778899aabbccddeeff",
+            "r~i~host~0~1~zz",
+            "r~i~boss~0~1~00112233445566778899aabbccddeeff",
+            // The first format (no issue time) is not accepted any more.
+            "r~i~host~1~00112233445566778899aabbccddeeff",
         ] {
             assert_eq!(verify_stream_key(S, bad, 0), Err(SignError::MalformedKey));
         }
         assert!(mint_stream_key(S, "r", "viewer", Role::Audience, 1).is_err());
         assert!(mint_stream_key(S, "bad room", "x", Role::Host, 1).is_err());
+        assert!(mint_stream_key_at(S, "r", "x", Role::Host, 2, 1).is_err());
         assert_eq!(key_for_log(&k), "room1~obs~…");
         assert!(!key_for_log(&k).contains(&k[k.len() - 8..]));
     }
 
     #[test]
     fn stream_key_mac_is_hmac_sha256_of_the_documented_message() {
-        let k = mint_stream_key(S, "r", "i", Role::Cohost, 42).unwrap();
-        // HMAC-SHA256(S, "cohost-stream-key\nr\ni\ncohost\n42"), first 16 bytes, computed
-        // independently (Python's hmac).
-        assert_eq!(k, "r~i~cohost~42~2d10e7d12b96a8320bc125770536fcab");
+        let k = mint_stream_key_at(S, "r", "i", Role::Cohost, 40, 42).unwrap();
+        // HMAC-SHA256(S, "cohost-stream-key-v2\nr\ni\ncohost\n40\n42"), first 16 bytes,
+        // computed independently (Python's hmac).
+        assert_eq!(k, "r~i~cohost~40~42~1b5ecb9b19bc71aa619795ec1e994df6");
     }
 
     #[test]

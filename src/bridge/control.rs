@@ -12,7 +12,8 @@ use super::pipeline::{Bridge, BridgeConfig};
 use crate::config::BridgeSettings;
 use crate::room::Registry;
 use crate::rtmp::origin::Origin;
-use crate::rtmp::push::{self, Backoff, Destination, Push};
+use crate::rtmp::policy::{DestinationPolicy, Guard};
+use crate::rtmp::push::{self, Backoff, Destination, Push, PushOptions};
 
 /// A room's bridge and its CDN destinations.
 pub struct BridgeHandle {
@@ -26,6 +27,9 @@ pub struct Bridges<'a> {
     pub rooms: &'a Registry,
     pub origin: &'a Arc<Origin>,
     pub running: &'a DashMap<String, BridgeHandle>,
+    /// The caller's destinations skip the destination policy: the operator's own
+    /// (`auto_destinations`) and admins when `bridge.admin_destinations_trusted`.
+    pub trusted: bool,
 }
 
 /// Options for starting a bridge (every field optional).
@@ -42,6 +46,8 @@ pub struct BridgeRequest {
     pub fps: Option<u32>,
     #[serde(default)]
     pub video_bitrate: Option<u32>,
+    #[serde(default)]
+    pub audio_bitrate: Option<u32>,
     #[serde(default)]
     pub fit: Option<Fit>,
     /// `rtmp://` URLs, or `{"url": ..., "sign": {...}}` for URLs the bridge signs itself.
@@ -61,6 +67,37 @@ pub enum ControlError {
     BadRequest(String),
     #[error("bad destination: {0}")]
     BadDestination(String),
+    /// Above one of the operator's caps (`bridge.max_*`); the message names the key.
+    #[error("{0}")]
+    OverLimit(String),
+    #[error("a bridge has at most {0} destinations (bridge.max_destinations)")]
+    TooManyDestinations(usize),
+    /// The destination policy refuses it (`bridge.destination_*`).
+    #[error("destination refused: {0}")]
+    DestinationRefused(String),
+}
+
+impl Bridges<'_> {
+    fn guard(&self) -> Guard {
+        if self.trusted {
+            Guard::Trusted
+        } else {
+            Guard::Checked(Arc::new(DestinationPolicy::from_settings(self.defaults)))
+        }
+    }
+
+    /// Check destinations before anything starts: URL syntax, then the policy on what the URL
+    /// says (the resolved addresses are checked again at every connect).
+    fn check_destinations(&self, dests: &[Destination]) -> Result<(), ControlError> {
+        let guard = self.guard();
+        for d in dests {
+            d.validate().map_err(ControlError::BadDestination)?;
+            guard
+                .check_url(d.url())
+                .map_err(|e| ControlError::DestinationRefused(e.to_string()))?;
+        }
+        Ok(())
+    }
 }
 
 fn start_push(svc: &Bridges<'_>, room: &str, dest: &Destination) -> Result<Push, ControlError> {
@@ -70,7 +107,12 @@ fn start_push(svc: &Bridges<'_>, room: &str, dest: &Destination) -> Result<Push,
         max: d.reconnect_max,
         max_retries: (d.reconnect_max_retries > 0).then_some(d.reconnect_max_retries),
     };
-    push::start_destination(svc.origin.clone(), room, dest, backoff)
+    let opts = PushOptions {
+        backoff,
+        guard: svc.guard(),
+        stall_timeout: d.stall_timeout,
+    };
+    push::start_destination(svc.origin.clone(), room, dest, opts)
         .map_err(ControlError::BadDestination)
 }
 
@@ -85,20 +127,42 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
         height: req.height.unwrap_or(d.height),
         fps: req.fps.unwrap_or(d.fps),
         video_bitrate: req.video_bitrate.unwrap_or(d.video_bitrate),
+        audio_bitrate: req.audio_bitrate.unwrap_or(d.audio_bitrate),
         fit: req.fit.unwrap_or(d.fit),
         ..d
     };
     crate::config::check_output(cfg.width, cfg.height, cfg.fps)
         .map_err(ControlError::BadRequest)?;
-    // Check every destination before starting anything.
-    for d in &req.destinations {
-        d.validate().map_err(ControlError::BadDestination)?;
+    svc.defaults
+        .check_caps(
+            cfg.width,
+            cfg.height,
+            cfg.fps,
+            cfg.video_bitrate,
+            cfg.audio_bitrate,
+        )
+        .map_err(ControlError::OverLimit)?;
+    if cfg.video_bitrate == 0 || cfg.audio_bitrate == 0 {
+        return Err(ControlError::BadRequest(
+            "video_bitrate and audio_bitrate must be > 0".into(),
+        ));
     }
+    let max = svc.defaults.max_destinations;
+    let mut urls: Vec<&str> = req.destinations.iter().map(|d| d.url()).collect();
+    urls.sort_unstable();
+    urls.dedup();
+    if urls.len() > max {
+        return Err(ControlError::TooManyDestinations(max));
+    }
+    // Check every destination before starting anything.
+    svc.check_destinations(&req.destinations)?;
     let bridge = Bridge::start(r, svc.origin.clone(), cfg).map_err(ControlError::BadRequest)?;
     bridge.set_layout(req.layout);
     let mut destinations = vec![];
     for d in &req.destinations {
-        destinations.push((d.url().to_string(), start_push(svc, room, d)?));
+        if !destinations.iter().any(|(u, _)| u == d.url()) {
+            destinations.push((d.url().to_string(), start_push(svc, room, d)?));
+        }
     }
     svc.running.insert(
         room.to_string(),
@@ -127,10 +191,22 @@ pub fn update_destinations(
     add: &[Destination],
     remove: &[String],
 ) -> Result<(), ControlError> {
-    for d in add {
-        d.validate().map_err(ControlError::BadDestination)?;
-    }
+    svc.check_destinations(add)?;
     let mut h = svc.running.get_mut(room).ok_or(ControlError::NotRunning)?;
+    // The cap counts what the bridge would have after this update; refused as a whole.
+    let mut after: Vec<&str> = h
+        .destinations
+        .iter()
+        .map(|(u, _)| u.as_str())
+        .filter(|u| !remove.iter().any(|r| r == u))
+        .chain(add.iter().map(|d| d.url()))
+        .collect();
+    after.sort_unstable();
+    after.dedup();
+    let max = svc.defaults.max_destinations;
+    if after.len() > max {
+        return Err(ControlError::TooManyDestinations(max));
+    }
     h.destinations.retain(|(url, _)| !remove.contains(url));
     for d in add {
         if !h.destinations.iter().any(|(u, _)| u == d.url()) {

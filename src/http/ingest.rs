@@ -2,19 +2,24 @@
 //!
 //! - `POST /v1/rooms/{room}/stream-keys` mints a stream key (OBS: `rtmp://HOST:1935/live` +
 //!   the key).
+//! - `DELETE /v1/rooms/{room}/stream-keys` revokes every key of the room issued so far.
 //! - `POST /v1/streams/{stream}/signed-url` signs play URLs of the embedded origin.
+//!
+//! Every handler checks the token before it parses its path or body.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, body::Bytes};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{api_error, authorize};
+use super::{api_error, authenticate, json_body, path_param, permit, room_access};
 use crate::auth::{Role, now_secs, sign, valid_name};
 use crate::participant::Services;
 
@@ -24,7 +29,7 @@ struct KeyRequest {
     identity: String,
     #[serde(default)]
     role: Option<Role>,
-    /// Lifetime, e.g. "2h" (default `origin.key_ttl`).
+    /// Lifetime, e.g. "2h" (default `origin.key_ttl`, at most `origin.key_max_ttl`).
     #[serde(default)]
     ttl: Option<String>,
 }
@@ -36,17 +41,31 @@ struct SignRequest {
     ttl: Option<String>,
 }
 
+/// The requested lifetime, capped by `origin.key_max_ttl` (a longer one is refused, not
+/// shortened: the caller would otherwise hand out a key that dies earlier than it thinks).
 fn ttl_of(svc: &Services, ttl: Option<&str>) -> Result<Duration, Box<Response>> {
-    match ttl {
-        None => Ok(svc.cfg.origin.key_ttl),
+    let ttl = match ttl {
+        None => svc.cfg.origin.key_ttl,
         Some(t) => humantime::parse_duration(t).map_err(|e| {
             Box::new(api_error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &format!("ttl: {e}"),
             ))
-        }),
-    }
+        })?,
+    };
+    svc.stream_keys.check_ttl(ttl).map_err(|e| {
+        Box::new(api_error(
+            StatusCode::BAD_REQUEST,
+            e.code(),
+            &format!(
+                "ttl {} is above the server's limit origin.key_max_ttl ({})",
+                humantime::format_duration(ttl),
+                humantime::format_duration(svc.cfg.origin.key_max_ttl)
+            ),
+        ))
+    })?;
+    Ok(ttl)
 }
 
 /// `HOST` of the request (without its port), for the URLs shown back.
@@ -70,29 +89,17 @@ fn rtmp_port(svc: &Services) -> String {
         .map_or("1935".into(), |(_, p)| p.to_string())
 }
 
-fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, Box<Response>> {
-    if body.is_empty() {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body).map_err(|e| {
-        Box::new(api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("invalid JSON body: {e}"),
-        ))
-    })
-}
-
 pub(super) async fn mint_stream_key(
     State(svc): State<Arc<Services>>,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
-        return *r;
-    }
-    let req: KeyRequest = match parse_body(&body) {
+    let room = match room_access(&svc, &headers, room) {
+        Ok((_, r)) => r,
+        Err(r) => return *r,
+    };
+    let req: KeyRequest = match json_body(body).await {
         Ok(r) => r,
         Err(r) => return *r,
     };
@@ -107,13 +114,17 @@ pub(super) async fn mint_stream_key(
         Ok(t) => t,
         Err(r) => return *r,
     };
-    let expires = now_secs().saturating_add(ttl.as_secs());
+    let now = now_secs();
+    // After any revocation of the room, even one in this same second.
+    let issued = svc.stream_keys.issue_time(&room, now);
+    let expires = now.saturating_add(ttl.as_secs());
     let role = req.role.unwrap_or(Role::Host);
-    match sign::mint_stream_key(
+    match sign::mint_stream_key_at(
         svc.cfg.auth.secret.as_bytes(),
         &room,
         &req.identity,
         role,
+        issued,
         expires,
     ) {
         Ok(key) => {
@@ -145,16 +156,48 @@ pub(super) async fn mint_stream_key(
     }
 }
 
+/// `DELETE /v1/rooms/{room}/stream-keys`: every key of the room issued until now stops
+/// working (RTMP publishers using one are refused, and live ones disconnected). Keys minted
+/// afterwards work. In memory: a restart forgets revocations (see docs/api.md).
+pub(super) async fn revoke_stream_keys(
+    State(svc): State<Arc<Services>>,
+    room: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let (claims, room) = match room_access(&svc, &headers, room) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    if !valid_name(&room) {
+        return api_error(StatusCode::BAD_REQUEST, "bad_request", "bad room name");
+    }
+    match svc.stream_keys.revoke(&room, now_secs()) {
+        Ok(at) => {
+            tracing::info!(%room, by = %claims.sub, role = claims.role.as_str(), "stream keys revoked");
+            Json(json!({"room": room, "revoked_before": at})).into_response()
+        }
+        Err(e) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
 pub(super) async fn signed_url(
     State(svc): State<Arc<Services>>,
-    Path(stream): Path<String>,
+    stream: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    if let Err(r) = authorize(&svc, &headers, None) {
-        return *r;
-    }
-    let req: SignRequest = match parse_body(&body) {
+    let stream = match authenticate(&svc, &headers).and_then(|c| {
+        permit(&c, None)?;
+        path_param(stream)
+    }) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let req: SignRequest = match json_body(body).await {
         Ok(r) => r,
         Err(r) => return *r,
     };

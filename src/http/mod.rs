@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -19,7 +21,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tower_http::services::ServeDir;
 
-use crate::auth::Role;
+use crate::auth::{Claims, Role};
 use crate::participant::{Driver, Services, WsIn, WsOut};
 
 mod whip;
@@ -42,7 +44,7 @@ pub fn router(svc: Arc<Services>) -> Router {
         .route("/live/{file}", get(http_flv))
         .route(
             "/v1/rooms/{room}/stream-keys",
-            axum::routing::post(ingest::mint_stream_key),
+            axum::routing::post(ingest::mint_stream_key).delete(ingest::revoke_stream_keys),
         )
         .route(
             "/v1/streams/{stream}/signed-url",
@@ -81,8 +83,10 @@ fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-/// REST calls need a bearer token with role admin (any room with `*`) or host of the room.
-fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<(), Box<Response>> {
+/// The bearer token's claims, or 401. Every authenticated endpoint calls this before it looks
+/// at its path, query or body, so a caller without a valid token learns nothing about what
+/// the endpoint would accept.
+fn authenticate(svc: &Services, headers: &HeaderMap) -> Result<Claims, Box<Response>> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -94,13 +98,17 @@ fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<
                 "missing bearer token",
             )
         })?;
-    let claims = svc.auth.verify(token).map_err(|e| {
+    svc.auth.verify(token.trim()).map_err(|e| {
         Box::new(api_error(
             StatusCode::UNAUTHORIZED,
             e.code(),
             &e.to_string(),
         ))
-    })?;
+    })
+}
+
+/// REST calls need role admin (any room with `*`) or host of the room: 403 otherwise.
+fn permit(claims: &Claims, room: Option<&str>) -> Result<(), Box<Response>> {
     let ok = match (claims.role, room) {
         (Role::Admin, _) if claims.room == "*" => true,
         (Role::Admin | Role::Host, Some(r)) => claims.room == r,
@@ -117,6 +125,58 @@ fn authorize(svc: &Services, headers: &HeaderMap, room: Option<&str>) -> Result<
     }
 }
 
+/// [`authenticate`] then [`permit`].
+fn authorize(
+    svc: &Services,
+    headers: &HeaderMap,
+    room: Option<&str>,
+) -> Result<Claims, Box<Response>> {
+    let claims = authenticate(svc, headers)?;
+    permit(&claims, room)?;
+    Ok(claims)
+}
+
+/// A path parameter, or 400 in our error format (axum's rejection is plain text).
+fn path_param<T>(p: Result<Path<T>, PathRejection>) -> Result<T, Box<Response>> {
+    p.map(|Path(v)| v).map_err(|e| {
+        Box::new(api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("bad path: {}", e.body_text()),
+        ))
+    })
+}
+
+/// Largest JSON body of the REST API.
+const MAX_JSON_BODY: usize = 64 * 1024;
+
+/// Read and parse a JSON body, after authentication (the body is taken as a raw `Body`
+/// so that no extractor parses it before the handler has checked the token). Empty means
+/// `T::default()`. Errors are 413 or 400 in our error format, never axum's rejection text.
+async fn json_body<T: serde::de::DeserializeOwned + Default>(
+    body: Body,
+) -> Result<T, Box<Response>> {
+    let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
+        .await
+        .map_err(|_| {
+            Box::new(api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!("the body is larger than {MAX_JSON_BODY} bytes or was cut off"),
+            ))
+        })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    let bad = |msg: String| Box::new(api_error(StatusCode::BAD_REQUEST, "bad_request", &msg));
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let v = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| bad(format!("invalid JSON body at {}: {}", e.path(), e.inner())))?;
+    de.end()
+        .map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    Ok(v)
+}
+
 #[derive(Deserialize)]
 struct FeedQuery {
     #[serde(default)]
@@ -130,9 +190,20 @@ struct FeedQuery {
 /// room's messages after `since`, waiting up to `wait` seconds for one if there is none yet.
 async fn room_messages(
     State(svc): State<Arc<Services>>,
-    Path(room): Path<String>,
-    Query(q): Query<FeedQuery>,
+    room: Result<Path<String>, PathRejection>,
+    q: Result<Query<FeedQuery>, QueryRejection>,
 ) -> Response {
+    let room = match path_param(room) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    let Ok(Query(q)) = q else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "since and wait must be non-negative integers",
+        );
+    };
     let Some(r) = svc.rooms.get(&room) else {
         return api_error(StatusCode::NOT_FOUND, "not_found", "no such room");
     };
@@ -156,23 +227,29 @@ async fn room_messages(
 /// `mute_chat`, `delete_message`, `pk_end`) with the same JSON body.
 async fn room_action(
     State(svc): State<Arc<Services>>,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Result<
-        Json<crate::signaling::protocol::ClientMessage>,
-        axum::extract::rejection::JsonRejection,
-    >,
+    body: Body,
 ) -> Response {
     use crate::signaling::protocol::ClientMessage as M;
-    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
-        return *r;
-    }
-    let Ok(Json(msg)) = body else {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "expected a host action as JSON",
-        );
+    let room = match authenticate(&svc, &headers).and_then(|c| {
+        let room = path_param(room)?;
+        permit(&c, Some(&room))?;
+        Ok(room)
+    }) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    let msg: M = match json_body::<Option<M>>(body).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "expected a host action as JSON",
+            );
+        }
+        Err(r) => return *r,
     };
     let Some(r) = svc.rooms.get(&room) else {
         return api_error(StatusCode::NOT_FOUND, "not_found", "no such room");
@@ -247,12 +324,13 @@ async fn list_rooms(State(svc): State<Arc<Services>>, headers: HeaderMap) -> Res
 
 async fn get_room(
     State(svc): State<Arc<Services>>,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
-        return *r;
-    }
+    let room = match room_access(&svc, &headers, room) {
+        Ok((_, r)) => r,
+        Err(r) => return *r,
+    };
     let Some(r) = svc.rooms.get(&room) else {
         return api_error(StatusCode::NOT_FOUND, "not_found", "no such room");
     };
@@ -291,7 +369,7 @@ struct BridgeUpdate {
     #[serde(default, with = "double_option")]
     layout: Option<Option<crate::bridge::layout::Layout>>,
     #[serde(default)]
-    add_destinations: Vec<crate::rtmp::push::Destination>,
+    add_destinations: Vec<crate::config::Destination>,
     #[serde(default)]
     remove_destinations: Vec<String>,
 }
@@ -306,7 +384,25 @@ mod double_option {
     }
 }
 
-fn bridge_json(name: &str, h: &crate::bridge::control::BridgeHandle) -> serde_json::Value {
+/// Token (401), then the room in the path (400), then whether the token may act on it (403).
+fn room_access(
+    svc: &Services,
+    headers: &HeaderMap,
+    room: Result<Path<String>, PathRejection>,
+) -> Result<(Claims, String), Box<Response>> {
+    let claims = authenticate(svc, headers)?;
+    let room = path_param(room)?;
+    permit(&claims, Some(&room))?;
+    Ok((claims, room))
+}
+
+/// `admin`: show each destination's full last error (OS error, address); hosts see the code
+/// only (see `rtmp::push::PushError`).
+fn bridge_json(
+    name: &str,
+    h: &crate::bridge::control::BridgeHandle,
+    admin: bool,
+) -> serde_json::Value {
     json!({
         "room": name,
         "config": h.bridge.config,
@@ -316,7 +412,17 @@ fn bridge_json(name: &str, h: &crate::bridge::control::BridgeHandle) -> serde_js
             "http_flv": format!("/live/{name}.flv"),
             "rtmp": format!("rtmp://HOST/live/{name}"),
         },
-        "destinations": h.destinations.iter().map(|(_, p)| p.status()).collect::<Vec<_>>(),
+        "destinations": h
+            .destinations
+            .iter()
+            .map(|(_, p)| {
+                let mut s = p.status();
+                if !admin {
+                    s.last_error_detail = None;
+                }
+                s
+            })
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -327,6 +433,9 @@ fn control_error(e: &crate::bridge::control::ControlError) -> Response {
         E::AlreadyRunning => (StatusCode::CONFLICT, "already_running"),
         E::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
         E::BadDestination(_) => (StatusCode::BAD_REQUEST, "bad_destination"),
+        E::OverLimit(_) => (StatusCode::BAD_REQUEST, "over_limit"),
+        E::TooManyDestinations(_) => (StatusCode::BAD_REQUEST, "too_many_destinations"),
+        E::DestinationRefused(_) => (StatusCode::BAD_REQUEST, "destination_refused"),
     };
     api_error(status, code, &e.to_string())
 }
@@ -334,33 +443,39 @@ fn control_error(e: &crate::bridge::control::ControlError) -> Response {
 /// `POST /v1/rooms/{room}/bridge`: start mixing the room into one stream.
 async fn bridge_start(
     State(svc): State<Arc<Services>>,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Option<Json<crate::bridge::control::BridgeRequest>>,
+    body: Body,
 ) -> Response {
-    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
-        return *r;
-    }
-    let req = body.map(|b| b.0).unwrap_or_default();
-    if let Err(e) = crate::bridge::control::start(&svc.bridge_ctl(), &room, req) {
+    let (claims, room) = match room_access(&svc, &headers, room) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let req: crate::bridge::control::BridgeRequest = match json_body(body).await {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    if let Err(e) = crate::bridge::control::start(&svc.bridge_ctl(Some(claims.role)), &room, req) {
         return control_error(&e);
     }
+    let admin = claims.role == Role::Admin;
     match svc.bridges.get(&room) {
-        Some(h) => (StatusCode::CREATED, Json(bridge_json(&room, &h))).into_response(),
+        Some(h) => (StatusCode::CREATED, Json(bridge_json(&room, &h, admin))).into_response(),
         None => control_error(&crate::bridge::control::ControlError::NotRunning),
     }
 }
 
 async fn bridge_status(
     State(svc): State<Arc<Services>>,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
-        return *r;
-    }
+    let (claims, room) = match room_access(&svc, &headers, room) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
     match svc.bridges.get(&room) {
-        Some(h) => Json(bridge_json(&room, &h)).into_response(),
+        Some(h) => Json(bridge_json(&room, &h, claims.role == Role::Admin)).into_response(),
         None => api_error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -371,41 +486,46 @@ async fn bridge_status(
 
 async fn bridge_update(
     State(svc): State<Arc<Services>>,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    Json(req): Json<BridgeUpdate>,
+    body: Body,
 ) -> Response {
     use crate::bridge::control;
-    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
-        return *r;
-    }
-    if let Some(layout) = req.layout
-        && let Err(e) = control::set_layout(&svc.bridge_ctl(), &room, layout)
+    let (claims, room) = match room_access(&svc, &headers, room) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let req: BridgeUpdate = match json_body(body).await {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    let ctl = svc.bridge_ctl(Some(claims.role));
+    // Destinations first: a refused update (policy, cap) changes nothing, layout included.
+    if let Err(e) =
+        control::update_destinations(&ctl, &room, &req.add_destinations, &req.remove_destinations)
     {
         return control_error(&e);
     }
-    if let Err(e) = control::update_destinations(
-        &svc.bridge_ctl(),
-        &room,
-        &req.add_destinations,
-        &req.remove_destinations,
-    ) {
+    if let Some(layout) = req.layout
+        && let Err(e) = control::set_layout(&ctl, &room, layout)
+    {
         return control_error(&e);
     }
     match svc.bridges.get(&room) {
-        Some(h) => Json(bridge_json(&room, &h)).into_response(),
+        Some(h) => Json(bridge_json(&room, &h, claims.role == Role::Admin)).into_response(),
         None => control_error(&control::ControlError::NotRunning),
     }
 }
 
 async fn bridge_stop(
     State(svc): State<Arc<Services>>,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&svc, &headers, Some(&room)) {
-        return *r;
-    }
+    let room = match room_access(&svc, &headers, room) {
+        Ok((_, r)) => r,
+        Err(r) => return *r,
+    };
     match svc.bridges.remove(&room) {
         Some(_) => StatusCode::NO_CONTENT.into_response(),
         None => api_error(

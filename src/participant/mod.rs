@@ -43,17 +43,28 @@ pub struct Services {
     pub bridges: dashmap::DashMap<String, crate::bridge::control::BridgeHandle>,
     /// WHIP publishers and WHEP viewers by session id.
     pub whip: whip::Sessions,
+    /// Stream-key lifetime cap and per-room revocations (RTMP ingest verifies keys here).
+    pub stream_keys: Arc<crate::auth::keys::StreamKeys>,
     pub shutdown: watch::Receiver<bool>,
 }
 
 impl Services {
     /// The view of the server bridge control works on.
-    pub fn bridge_ctl(&self) -> crate::bridge::control::Bridges<'_> {
+    /// `role` is the caller's: admins are trusted with any destination when
+    /// `bridge.admin_destinations_trusted`; `None` is the server itself (auto start with the
+    /// operator's `auto_destinations`), always trusted.
+    pub fn bridge_ctl(&self, role: Option<Role>) -> crate::bridge::control::Bridges<'_> {
+        let trusted = match role {
+            None => true,
+            Some(Role::Admin) => self.cfg.bridge.admin_destinations_trusted,
+            Some(_) => false,
+        };
         crate::bridge::control::Bridges {
             defaults: &self.cfg.bridge,
             rooms: &self.rooms,
             origin: &self.origin,
             running: &self.bridges,
+            trusted,
         }
     }
 }
@@ -611,14 +622,16 @@ impl Driver {
             return;
         }
         let room = j.room.name.clone();
-        match f(&self.svc.bridge_ctl(), &room) {
+        match f(&self.svc.bridge_ctl(Some(j.claims.role)), &room) {
             Ok(()) => self.reply(id, ResponseResult::Empty {}).await,
             Err(e) => {
                 let code = match e {
                     E::AlreadyRunning => ErrorCode::AlreadyRunning,
                     E::NotRunning | E::NoRoom => ErrorCode::NotRunning,
-                    E::BadDestination(_) => ErrorCode::BadDestination,
-                    E::BadRequest(_) => ErrorCode::BadRequest,
+                    E::BadDestination(_) | E::DestinationRefused(_) => ErrorCode::BadDestination,
+                    E::BadRequest(_) | E::OverLimit(_) | E::TooManyDestinations(_) => {
+                        ErrorCode::BadRequest
+                    }
                 };
                 self.error(id, code, e.to_string()).await;
             }
@@ -1172,7 +1185,7 @@ pub(crate) fn auto_start_bridge(svc: &Services, room: &str, role: Role) {
         destinations: cfg.auto_destinations.clone(),
         ..Default::default()
     };
-    match crate::bridge::control::start(&svc.bridge_ctl(), room, req) {
+    match crate::bridge::control::start(&svc.bridge_ctl(None), room, req) {
         Ok(()) => info!(%room, "bridge started automatically"),
         // Raced with another start: it is running, which is what we wanted.
         Err(crate::bridge::control::ControlError::AlreadyRunning) => {}

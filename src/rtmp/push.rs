@@ -13,13 +13,17 @@ use rml_rtmp::sessions::{
     ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult, PublishRequestType,
 };
 use rml_rtmp::time::RtmpTimestamp;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::origin::Origin;
+use super::policy::{Guard, PolicyError};
+pub use crate::config::{CdnSigning, Destination};
 use crate::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,76 +74,9 @@ impl RtmpUrl {
     }
 }
 
-/// How the bridge signs a destination's URL itself, at every (re)connect, from a key the CDN
-/// gave the operator (instead of a pasted URL that expires).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "scheme", rename_all = "snake_case")]
-pub enum CdnSigning {
-    /// Tencent-style: `?txSecret=md5(key + stream + txTime)&txTime={expiry as hex}`.
-    TxSecret {
-        key: String,
-        /// Lifetime of each signature, seconds (default 86400).
-        #[serde(default = "default_sign_ttl")]
-        ttl_secs: u64,
-    },
-    /// Alibaba-style: `?auth_key={expiry}-{rand}-{uid}-md5("/{app}/{stream}-{expiry}-{rand}-{uid}-{key}")`.
-    AuthKey {
-        key: String,
-        #[serde(default = "default_sign_ttl")]
-        ttl_secs: u64,
-        /// User id field of the signature (default "0").
-        #[serde(default = "default_uid")]
-        uid: String,
-    },
-}
-
-fn default_sign_ttl() -> u64 {
-    86_400
-}
-
-fn default_uid() -> String {
-    "0".into()
-}
-
-impl std::fmt::Debug for CdnSigning {
-    // Never print keys.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CdnSigning::TxSecret { ttl_secs, .. } => write!(f, "TxSecret(ttl {ttl_secs}s)"),
-            CdnSigning::AuthKey { ttl_secs, .. } => write!(f, "AuthKey(ttl {ttl_secs}s)"),
-        }
-    }
-}
-
-/// A CDN destination: a plain `rtmp://` URL, or a URL plus a signing scheme the bridge applies
-/// at each connect. In JSON either `"rtmp://..."` or `{"url": "rtmp://...", "sign": {...}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Destination {
-    Url(String),
-    Signed { url: String, sign: CdnSigning },
-}
-
-impl From<String> for Destination {
-    fn from(url: String) -> Self {
-        Destination::Url(url)
-    }
-}
-
-impl From<&str> for Destination {
-    fn from(url: &str) -> Self {
-        Destination::Url(url.to_string())
-    }
-}
-
+// The plain types live in config (operators write them in `bridge.auto_destinations`); what
+// needs the RTMP URL parser and the signing functions stays here.
 impl Destination {
-    /// The configured URL (without any signature the bridge adds); identifies the destination.
-    pub fn url(&self) -> &str {
-        match self {
-            Destination::Url(u) | Destination::Signed { url: u, .. } => u,
-        }
-    }
-
     /// The URL to connect to at Unix time `now` (`rand` is the auth_key nonce).
     pub fn signed_url(&self, now: u64, rand: &str) -> Result<String, String> {
         let Destination::Signed { url, sign } = self else {
@@ -190,13 +127,72 @@ pub enum PushState {
     Failed,
 }
 
+/// Why a push attempt ended. The API shows a host only [`PushError::code`]: the details (OS
+/// errors, addresses, what the far end said) would let a host map networks through the
+/// server, so they go to the server log and to admin callers only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    #[error("refused by the destination policy: {0}")]
+    Refused(#[from] PolicyError),
+    #[error("resolving the host: {0}")]
+    Resolve(String),
+    #[error("connect to {addr}: {detail}")]
+    Connect { addr: String, detail: String },
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("RTMP: {0}")]
+    Protocol(String),
+    #[error("rejected by the server: {0}")]
+    Rejected(String),
+    #[error("no bytes accepted for {0:?}: the destination is stalled")]
+    Stalled(Duration),
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+    #[error("bad destination: {0}")]
+    BadUrl(String),
+    #[error("{0}")]
+    Stream(String),
+}
+
+impl PushError {
+    /// Stable code shown in the status (`last_error`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            PushError::Refused(_) => "refused_by_policy",
+            PushError::Resolve(_) => "resolve_failed",
+            PushError::Connect { .. } => "connect_failed",
+            PushError::Timeout(_) => "timeout",
+            PushError::Protocol(_) => "protocol_error",
+            PushError::Rejected(_) => "rejected",
+            PushError::Stalled(_) => "stalled",
+            PushError::Disconnected(_) => "disconnected",
+            PushError::BadUrl(_) => "bad_destination",
+            PushError::Stream(_) => "stream_interrupted",
+        }
+    }
+}
+
+fn proto(e: impl std::fmt::Debug) -> PushError {
+    PushError::Protocol(format!("{e:?}"))
+}
+
+fn io(e: std::io::Error) -> PushError {
+    PushError::Disconnected(e.to_string())
+}
+
 /// What the API shows about a destination.
 #[derive(Debug, Clone, Serialize)]
 pub struct PushStatus {
     pub url: String,
     pub state: PushState,
+    /// A [`PushError::code`].
     pub last_error: Option<String>,
+    /// The full error (OS error text, address): only for admin callers, see [`PushError`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_detail: Option<String>,
     pub retries: u64,
+    /// Times the destination stopped taking bytes while connected (`stalled`).
+    pub stalls: u64,
     pub bytes_sent: u64,
     /// Unix time (s) of the current connection, if connected.
     pub connected_since: Option<u64>,
@@ -224,6 +220,77 @@ impl Backoff {
     pub fn delay(&self, attempt: u64) -> Duration {
         let factor = 1u32 << attempt.min(16) as u32;
         self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// How a destination connects: reconnect policy, who may be connected to, and when a
+/// connected destination that takes no bytes counts as stalled.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub backoff: Backoff,
+    pub guard: Guard,
+    pub stall_timeout: Duration,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff::default(),
+            guard: Guard::Trusted,
+            stall_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The socket's kernel send buffer. Small on purpose: with the default autotuning (up to
+/// 4 MiB) a frozen CDN swallows many seconds of stream into buffers before a write blocks,
+/// and a blocked write is how a stall shows. 256 KiB (the kernel doubles it) is about 0.5 s of
+/// the largest allowed bitrate, and covers the bandwidth-delay product of 8 Mbit/s at 200 ms.
+const PUSH_SNDBUF: u32 = 256 * 1024;
+
+/// The RTMP acknowledgement window we ask the destination for: it acknowledges every this
+/// many bytes it has read (RTMP "Window Acknowledgement Size"). Acks are what shows that the
+/// far end's application, not just its kernel, takes the stream: a frozen CDN's kernel keeps
+/// accepting bytes into its receive buffer (megabytes, tens of seconds of a quiet stream), but
+/// its acks stop at once.
+const ACK_WINDOW: u32 = 32 * 1024;
+
+/// How often a connected destination's progress is checked.
+const PROGRESS_CHECK: Duration = Duration::from_millis(250);
+
+/// Whether the far end still reads what we send, judged by its RTMP acknowledgements.
+/// Destinations that never acknowledge are judged by write timeouts only.
+struct Progress {
+    /// Last acknowledged byte count, once the destination has acknowledged anything.
+    acked: Option<u32>,
+    /// Bytes written since the acknowledged count last changed.
+    since_ack: u64,
+    last_change: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            acked: None,
+            since_ack: 0,
+            last_change: Instant::now(),
+        }
+    }
+
+    fn on_ack(&mut self, bytes_received: u32) {
+        if self.acked != Some(bytes_received) {
+            self.acked = Some(bytes_received);
+            self.since_ack = 0;
+            self.last_change = Instant::now();
+        }
+    }
+
+    /// Stalled: it acknowledges normally, yet more than two windows went out (one window plus
+    /// as much again in flight) without any acknowledgement for `stall`.
+    fn stalled(&self, stall: Duration) -> bool {
+        self.acked.is_some()
+            && self.since_ack > 2 * u64::from(ACK_WINDOW)
+            && self.last_change.elapsed() > stall
     }
 }
 
@@ -255,14 +322,18 @@ fn update(status: &Mutex<PushStatus>, f: impl FnOnce(&mut PushStatus)) {
     }
 }
 
-/// Start pushing origin stream `stream` to `url`.
+/// Start pushing origin stream `stream` to `url` (trusted: no destination policy).
 pub fn start(
     origin: Arc<Origin>,
     stream: &str,
     url: &str,
     backoff: Backoff,
 ) -> Result<Push, String> {
-    start_destination(origin, stream, &Destination::from(url), backoff)
+    let opts = PushOptions {
+        backoff,
+        ..Default::default()
+    };
+    start_destination(origin, stream, &Destination::from(url), opts)
 }
 
 fn unix_now() -> u64 {
@@ -277,22 +348,28 @@ pub fn start_destination(
     origin: Arc<Origin>,
     stream: &str,
     dest: &Destination,
-    backoff: Backoff,
+    opts: PushOptions,
 ) -> Result<Push, String> {
     dest.validate()?;
+    opts.guard
+        .check_url(dest.url())
+        .map_err(|e| e.to_string())?;
     let dest = dest.clone();
     let target = RtmpUrl::parse(dest.url())?;
     let status = Arc::new(Mutex::new(PushStatus {
         url: target.redacted(),
         state: PushState::Connecting,
         last_error: None,
+        last_error_detail: None,
         retries: 0,
+        stalls: 0,
         bytes_sent: 0,
         connected_since: None,
     }));
     let (stop_tx, mut stop) = watch::channel(false);
     let st = status.clone();
     let stream = stream.to_string();
+    let backoff = opts.backoff;
     tokio::spawn(async move {
         let mut attempt = 0u64;
         loop {
@@ -306,8 +383,8 @@ pub fn start_destination(
             let result = tokio::select! {
                 r = async {
                     match &attempt_target {
-                        Ok(t) => run_once(&origin, &stream, t, &st).await,
-                        Err(e) => Err(e.clone()),
+                        Ok(t) => run_once(&origin, &stream, t, &st, &opts).await,
+                        Err(e) => Err(PushError::BadUrl(e.clone())),
                     }
                 } => r,
                 _ = stop.changed() => Ok(()),
@@ -320,22 +397,28 @@ pub fn start_destination(
                 attempt = 0;
             }
             let err = match result {
-                Ok(()) => "stream ended".to_string(),
+                Ok(()) => PushError::Stream("stream ended".into()),
                 Err(e) => e,
             };
-            warn!(url = %target.redacted(), "push interrupted: {err}");
+            // The full error only here and for admins; see PushError.
+            warn!(url = %target.redacted(), code = err.code(), "push interrupted: {err}");
+            let stalled = matches!(err, PushError::Stalled(_));
             if backoff.max_retries.is_some_and(|m| attempt >= m) {
                 update(&st, |s| {
                     s.state = PushState::Failed;
-                    s.last_error = Some(err);
+                    s.last_error = Some(err.code().into());
+                    s.last_error_detail = Some(err.to_string());
                     s.connected_since = None;
+                    s.stalls += u64::from(stalled);
                 });
                 return;
             }
             update(&st, |s| {
                 s.state = PushState::Retrying;
-                s.last_error = Some(err);
+                s.last_error = Some(err.code().into());
+                s.last_error_detail = Some(err.to_string());
                 s.retries += 1;
+                s.stalls += u64::from(stalled);
                 s.connected_since = None;
             });
             let delay = backoff.delay(attempt);
@@ -356,16 +439,76 @@ pub fn start_destination(
     })
 }
 
+/// Resolve the destination's host now and connect to the first address the guard allows.
+/// Denied addresses are never connected to, whatever DNS said when the destination was added.
+async fn connect(target: &RtmpUrl, guard: &Guard) -> Result<TcpStream, PushError> {
+    let host = target
+        .host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(&target.host);
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::lookup_host((host, target.port)),
+    )
+    .await
+    .map_err(|_| PushError::Timeout("resolving the host"))?
+    .map_err(|e| PushError::Resolve(e.to_string()))?
+    .collect();
+    let mut refused = None;
+    let mut last = None;
+    for addr in addrs {
+        if let Err(e) = guard.check_addr(addr.ip()) {
+            warn!(url = %target.redacted(), %addr, "push destination address refused by policy");
+            refused = Some(e);
+            continue;
+        }
+        match connect_addr(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .or(refused.map(PushError::Refused))
+        .unwrap_or_else(|| PushError::Resolve("no address".into())))
+}
+
+async fn connect_addr(addr: SocketAddr) -> Result<TcpStream, PushError> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    let err = |e: std::io::Error| PushError::Connect {
+        addr: addr.to_string(),
+        detail: e.to_string(),
+    };
+    let sock = sock.map_err(err)?;
+    sock.set_send_buffer_size(PUSH_SNDBUF).map_err(err)?;
+    sock.set_nodelay(true).map_err(err)?;
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
+        .await
+        .map_err(|_| PushError::Timeout("connect"))?
+        .map_err(err)
+}
+
+/// Write with a deadline: a destination that takes no bytes for `stall` is stalled.
+async fn write(sock: &mut TcpStream, bytes: &[u8], stall: Duration) -> Result<(), PushError> {
+    tokio::time::timeout(stall, sock.write_all(bytes))
+        .await
+        .map_err(|_| PushError::Stalled(stall))?
+        .map_err(io)
+}
+
 async fn send_results(
     sock: &mut TcpStream,
     results: Vec<ClientSessionResult>,
     events: &mut Vec<ClientSessionEvent>,
-) -> Result<(), String> {
+    stall: Duration,
+) -> Result<(), PushError> {
     for r in results {
         match r {
-            ClientSessionResult::OutboundResponse(p) => {
-                sock.write_all(&p.bytes).await.map_err(|e| e.to_string())?
-            }
+            ClientSessionResult::OutboundResponse(p) => write(sock, &p.bytes, stall).await?,
             ClientSessionResult::RaisedEvent(e) => events.push(e),
             ClientSessionResult::UnhandleableMessageReceived(_) => {}
         }
@@ -378,25 +521,23 @@ async fn wait_for(
     sock: &mut TcpStream,
     session: &mut ClientSession,
     want: fn(&ClientSessionEvent) -> bool,
-) -> Result<(), String> {
+) -> Result<(), PushError> {
     let mut buf = vec![0u8; 8192];
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     loop {
         let n = tokio::time::timeout_at(deadline, sock.read(&mut buf))
             .await
-            .map_err(|_| "timeout waiting for the server".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| PushError::Timeout("waiting for the server"))?
+            .map_err(io)?;
         if n == 0 {
-            return Err("connection closed by the server".into());
+            return Err(PushError::Disconnected("closed by the server".into()));
         }
-        let results = session
-            .handle_input(&buf[..n])
-            .map_err(|e| format!("{e:?}"))?;
+        let results = session.handle_input(&buf[..n]).map_err(proto)?;
         let mut events = vec![];
-        send_results(sock, results, &mut events).await?;
+        send_results(sock, results, &mut events, CONNECT_TIMEOUT).await?;
         for e in events {
             if let ClientSessionEvent::ConnectionRequestRejected { description } = &e {
-                return Err(format!("connect rejected: {description}"));
+                return Err(PushError::Rejected(description.clone()));
             }
             if want(&e) {
                 return Ok(());
@@ -410,105 +551,111 @@ async fn run_once(
     stream: &str,
     target: &RtmpUrl,
     status: &Mutex<PushStatus>,
-) -> Result<(), String> {
-    let mut player = origin.play(stream).map_err(|e| e.to_string())?;
-    let addr = format!("{}:{}", target.host, target.port);
-    let mut sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
-        .await
-        .map_err(|_| format!("connect to {addr} timed out"))?
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
-    sock.set_nodelay(true).map_err(|e| e.to_string())?;
+    opts: &PushOptions,
+) -> Result<(), PushError> {
+    let mut player = origin
+        .play(stream)
+        .map_err(|e| PushError::Stream(e.to_string()))?;
+    let mut sock = connect(target, &opts.guard).await?;
+    let stall = opts.stall_timeout;
     // Handshake.
     let mut hs = Handshake::new(PeerType::Client);
-    let p0p1 = hs
-        .generate_outbound_p0_and_p1()
-        .map_err(|e| format!("{e:?}"))?;
-    sock.write_all(&p0p1).await.map_err(|e| e.to_string())?;
+    let p0p1 = hs.generate_outbound_p0_and_p1().map_err(proto)?;
+    write(&mut sock, &p0p1, CONNECT_TIMEOUT).await?;
     let mut buf = vec![0u8; 8192];
     let leftover = loop {
         let n = tokio::time::timeout(CONNECT_TIMEOUT, sock.read(&mut buf))
             .await
-            .map_err(|_| "handshake timeout".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| PushError::Timeout("RTMP handshake"))?
+            .map_err(io)?;
         if n == 0 {
-            return Err("closed during handshake".into());
+            return Err(PushError::Disconnected("closed during handshake".into()));
         }
-        match hs.process_bytes(&buf[..n]).map_err(|e| format!("{e:?}"))? {
+        match hs.process_bytes(&buf[..n]).map_err(proto)? {
             HandshakeProcessResult::InProgress { response_bytes } => {
-                sock.write_all(&response_bytes)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                write(&mut sock, &response_bytes, CONNECT_TIMEOUT).await?;
             }
             HandshakeProcessResult::Completed {
                 response_bytes,
                 remaining_bytes,
             } => {
-                sock.write_all(&response_bytes)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                write(&mut sock, &response_bytes, CONNECT_TIMEOUT).await?;
                 break remaining_bytes;
             }
         }
     };
     let mut config = ClientSessionConfig::new();
+    config.window_ack_size = ACK_WINDOW;
     config.tc_url = Some(format!(
         "rtmp://{}:{}/{}",
         target.host, target.port, target.app
     ));
-    let (mut session, initial) = ClientSession::new(config).map_err(|e| format!("{e:?}"))?;
+    let (mut session, initial) = ClientSession::new(config).map_err(proto)?;
     let mut events = vec![];
-    send_results(&mut sock, initial, &mut events).await?;
+    send_results(&mut sock, initial, &mut events, CONNECT_TIMEOUT).await?;
     if !leftover.is_empty() {
-        let r = session
-            .handle_input(&leftover)
-            .map_err(|e| format!("{e:?}"))?;
-        send_results(&mut sock, r, &mut events).await?;
+        let r = session.handle_input(&leftover).map_err(proto)?;
+        send_results(&mut sock, r, &mut events, CONNECT_TIMEOUT).await?;
     }
     let r = session
         .request_connection(target.app.clone())
-        .map_err(|e| format!("{e:?}"))?;
-    send_results(&mut sock, vec![r], &mut events).await?;
+        .map_err(proto)?;
+    send_results(&mut sock, vec![r], &mut events, CONNECT_TIMEOUT).await?;
     wait_for(&mut sock, &mut session, |e| {
         matches!(e, ClientSessionEvent::ConnectionRequestAccepted)
     })
     .await?;
     let r = session
         .request_publishing(target.key.clone(), PublishRequestType::Live)
-        .map_err(|e| format!("{e:?}"))?;
-    send_results(&mut sock, vec![r], &mut events).await?;
+        .map_err(proto)?;
+    send_results(&mut sock, vec![r], &mut events, CONNECT_TIMEOUT).await?;
     wait_for(&mut sock, &mut session, |e| {
         matches!(e, ClientSessionEvent::PublishRequestAccepted)
     })
     .await?;
     info!(url = %target.redacted(), stream, "push connected");
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = unix_now();
     update(status, |s| {
         s.state = PushState::Connected;
         s.connected_since = Some(now);
     });
+    let mut progress = Progress::new();
     // Metadata, sequence headers and the GOP first, then live tags.
     for tag in std::mem::take(&mut player.initial) {
-        send_tag(&mut sock, &mut session, &tag, status).await?;
+        progress.since_ack += send_tag(&mut sock, &mut session, &tag, status, stall).await?;
     }
+    let mut check = tokio::time::interval(PROGRESS_CHECK);
     loop {
         tokio::select! {
             n = sock.read(&mut buf) => {
-                let n = n.map_err(|e| e.to_string())?;
+                let n = n.map_err(io)?;
                 if n == 0 {
-                    return Err("connection closed by the server".into());
+                    return Err(PushError::Disconnected("closed by the server".into()));
                 }
-                // Acknowledgements and pings; nothing here needs our attention.
-                let r = session.handle_input(&buf[..n]).map_err(|e| format!("{e:?}"))?;
+                // Acknowledgements and pings.
+                let r = session.handle_input(&buf[..n]).map_err(proto)?;
                 let mut ev = vec![];
-                send_results(&mut sock, r, &mut ev).await?;
+                send_results(&mut sock, r, &mut ev, stall).await?;
+                for e in ev {
+                    if let ClientSessionEvent::AcknowledgementReceived { bytes_received } = e {
+                        progress.on_ack(bytes_received);
+                    }
+                }
+            }
+            _ = check.tick() => {
+                if progress.stalled(stall) {
+                    return Err(PushError::Stalled(stall));
+                }
             }
             tag = player.rx.recv() => match tag {
-                Some(tag) => send_tag(&mut sock, &mut session, &tag, status).await?,
+                Some(tag) => {
+                    progress.since_ack +=
+                        send_tag(&mut sock, &mut session, &tag, status, stall).await?;
+                }
                 None if origin.is_live(stream) => {
-                    return Err("fell behind the stream; restarting at a keyframe".into())
+                    return Err(PushError::Stream(
+                        "fell behind the stream; restarting at a keyframe".into(),
+                    ))
                 }
                 None => return Ok(()),
             },
@@ -521,7 +668,8 @@ async fn send_tag(
     session: &mut ClientSession,
     tag: &Tag,
     status: &Mutex<PushStatus>,
-) -> Result<(), String> {
+    stall: Duration,
+) -> Result<u64, PushError> {
     let ts = RtmpTimestamp::new(tag.timestamp_ms);
     let data = Bytes::copy_from_slice(&tag.body);
     let r = match tag.kind {
@@ -529,17 +677,18 @@ async fn send_tag(
         TAG_AUDIO => session.publish_audio_data(data, ts, false),
         TAG_SCRIPT => match super::server::metadata_from(tag) {
             Some(m) => session.publish_metadata(&m),
-            None => return Ok(()),
+            None => return Ok(0),
         },
-        _ => return Ok(()),
+        _ => return Ok(0),
     }
-    .map_err(|e| format!("{e:?}"))?;
+    .map_err(proto)?;
     if let ClientSessionResult::OutboundResponse(p) = r {
-        sock.write_all(&p.bytes).await.map_err(|e| e.to_string())?;
+        write(sock, &p.bytes, stall).await?;
         let n = p.bytes.len() as u64;
         update(status, |s| s.bytes_sent += n);
+        return Ok(n);
     }
-    Ok(())
+    Ok(0)
 }
 
 #[cfg(test)]
@@ -603,6 +752,26 @@ mod tests {
             },
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn progress_is_judged_by_acknowledgements() {
+        let stall = Duration::from_millis(0);
+        let mut p = Progress::new();
+        p.since_ack = 10 * u64::from(ACK_WINDOW);
+        assert!(
+            !p.stalled(stall),
+            "a peer that never acked: write timeouts only"
+        );
+        p.on_ack(100);
+        assert!(!p.stalled(stall), "just acked");
+        p.since_ack = 3 * u64::from(ACK_WINDOW);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(p.stalled(stall), "three windows out, no ack");
+        p.on_ack(100);
+        assert!(p.stalled(stall), "the same count again is no progress");
+        p.on_ack(200);
+        assert!(!p.stalled(stall));
     }
 
     #[test]

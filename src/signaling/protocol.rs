@@ -189,16 +189,7 @@ pub enum Layout {
     Grid,
 }
 
-/// How a picture whose aspect ratio differs from its tile is fitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Fit {
-    /// Fill the tile, cutting the overflow (no bars).
-    #[default]
-    Crop,
-    /// Show the whole picture, with bars.
-    Letterbox,
-}
+pub use crate::config::Fit;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
