@@ -1,15 +1,18 @@
 //! RTMP server for the embedded origin: players pull `rtmp://HOST:PORT/live/{stream}` and get
 //! the same GOP-cached stream HTTP-FLV serves (with `?sign=...&expires=...` when
 //! `origin.sign_play` is on). Publishers (OBS, ffmpeg) push to `rtmp://HOST:PORT/live/{stream
-//! key}`: a valid key makes the connection a participant of the key's room (see
-//! [`super::ingest`] for the media conversion); an invalid or expired key is refused with a
-//! `NetStream.Publish.Denied` status and the connection closed.
+//! key}`: [`RtmpContext::publishers`] checks the key and takes the media (a room participant,
+//! `crate::participant::rtmp`, which uses [`super::ingest`] for the media conversion); an
+//! invalid or expired key is refused with a `NetStream.Publish.Denied` status and the
+//! connection closed.
 //!
 //! Protocol work is `rml_rtmp`'s (handshake, chunking, the session state machine); this file
-//! only moves bytes and maps events to the origin and the rooms. Every error closes that one
+//! only moves bytes and maps events to the origin and the publishers. Every error closes that one
 //! connection.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,39 +27,54 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::ingest::{AudioIngest, H264_FMTP, IngestError, VideoIngest, ntp_at, ntp_now};
 use super::origin::{Origin, Player};
 use crate::auth::sign::{self, SignError};
-use crate::auth::{Role, now_secs};
+use crate::auth::now_secs;
 use crate::config::OriginConfig;
 use crate::media::amf0::{self, Value};
 use crate::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
-use crate::room::{Registry, Room, RoomEvent, new_track_id};
-use crate::sfu::{CodecSpec, TrackRouter};
-use crate::signaling::protocol::{Kind, LeaveReason};
-use tokio::sync::mpsc;
 
-/// Called with (room, role) when an RTMP publisher's first track is published.
-pub type OnPublished = Arc<dyn Fn(&str, Role) + Send + Sync>;
+/// A publisher's media on its way into the rest of the server (a room participant: see
+/// `crate::participant::rtmp`). The RTMP server only hands it the publisher's tags and closes
+/// the connection when it says so; rooms are none of `rtmp/`'s business.
+pub trait Ingest: Send {
+    /// One FLV video tag body at `ms` on the publisher's timeline.
+    fn on_video(&mut self, data: &[u8], ms: u32);
+    /// One FLV audio tag body.
+    fn on_audio(&mut self, data: &[u8], ms: u32);
+    /// The publisher ended its stream (closeStream / deleteStream).
+    fn finish(&mut self);
+    /// The stream must end (unsupported media, too many bad tags, finished).
+    fn closing(&self) -> bool;
+    /// Resolves when the other side ends this publication (kicked, lost its seat, room gone).
+    /// Cancel-safe: the server polls a fresh one on each turn of its loop.
+    fn ended(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// Admits RTMP publishers (checks the stream key and makes them participants).
+pub trait Publishers: Send + Sync {
+    /// `stream_key` as the client sent it (with any `?query`); `app_query` the connect app's
+    /// name with its query. `Err` is the description sent with `NetStream.Publish.Denied`.
+    fn publish(
+        &self,
+        stream_key: &str,
+        app_query: &str,
+        peer: SocketAddr,
+    ) -> Result<Box<dyn Ingest>, String>;
+}
 
 /// What the RTMP server needs from the rest of the server.
 pub struct RtmpContext {
     pub origin: Arc<Origin>,
-    pub rooms: Arc<Registry>,
-    /// HMAC secret of stream keys (the auth secret).
-    pub key_secret: Vec<u8>,
     pub cfg: OriginConfig,
-    /// Called when an RTMP publisher's first track is published (room, role): the server
-    /// starts the room's bridge when `bridge.auto_start` says so.
-    pub on_published: Option<OnPublished>,
+    /// Where publishers go.
+    pub publishers: Arc<dyn Publishers>,
 }
 
 /// Bytes a client may send before it plays or publishes (handshake excluded).
 const SETUP_MAX_BYTES: usize = 1 << 20;
 /// A publisher that sends nothing for this long is gone.
 const PUBLISH_IDLE: Duration = Duration::from_secs(30);
-/// Malformed tags in a row after which a publisher is disconnected.
-const MAX_BAD_TAGS: u32 = 50;
 
 /// The RTMP application name players use (`rtmp://host/live/...`).
 pub const APP: &str = "live";
@@ -211,7 +229,7 @@ async fn connection(
                 ServerSessionResult::UnhandleableMessageReceived(_) => {}
             }
         }
-        if conn.ingest.as_ref().is_some_and(|i| i.closing) {
+        if conn.ingest.as_ref().is_some_and(|i| i.closing()) {
             return Ok(());
         }
         if !pending.is_empty() {
@@ -225,9 +243,9 @@ async fn connection(
                 None => std::future::pending().await,
             }
         };
-        let room_event = async {
+        let ended = async {
             match conn.ingest.as_mut() {
-                Some(i) => i.events.recv().await,
+                Some(i) => i.ended().await,
                 None => std::future::pending().await,
             }
         };
@@ -263,18 +281,7 @@ async fn connection(
                     return Ok(());
                 }
             },
-            ev = room_event => match ev {
-                Some(RoomEvent::Removed(reason)) => {
-                    info!(%peer, ?reason, "rtmp publisher removed from the room");
-                    return Ok(());
-                }
-                Some(RoomEvent::Demoted) => {
-                    info!(%peer, "rtmp publisher lost its seat; disconnecting");
-                    return Ok(());
-                }
-                Some(_) => {}
-                None => return Ok(()),
-            },
+            _ = ended => return Ok(()),
             _ = tokio::time::sleep_until(setup_deadline), if waiting => {
                 return Err(ConnError::Timeout);
             }
@@ -291,156 +298,14 @@ async fn connection(
 struct Conn {
     peer: SocketAddr,
     player: Option<(u32, Player)>,
-    ingest: Option<Ingest>,
+    ingest: Option<Box<dyn Ingest>>,
     /// A query string the client put on the app name (`rtmp://h/live?sign=...`), used when the
     /// stream name has none.
     app_query: String,
 }
 
-/// An RTMP publisher in a room. Dropping it leaves the room (its tracks end).
-struct Ingest {
-    rooms: Arc<Registry>,
-    room: Arc<Room>,
-    pid: String,
-    role: Role,
-    events: mpsc::UnboundedReceiver<RoomEvent>,
-    video: VideoIngest,
-    audio: Option<AudioIngest>,
-    video_router: Option<Arc<TrackRouter>>,
-    audio_router: Option<Arc<TrackRouter>>,
-    ntp_base: u64,
-    bad_tags: u32,
-    audio_packets: u64,
-    on_published: Option<OnPublished>,
-    /// Set when the stream must end (unsupported media, too many bad tags).
-    closing: bool,
-}
-
-impl Drop for Ingest {
-    fn drop(&mut self) {
-        info!(room = %self.room.name, participant = %self.pid, "rtmp publisher left");
-        self.rooms.leave(&self.room, &self.pid, LeaveReason::Left);
-    }
-}
-
-impl Ingest {
-    fn publish_track(&mut self, kind: Kind) -> Option<Arc<TrackRouter>> {
-        let codec = match kind {
-            Kind::Video => CodecSpec {
-                mime_type: "video/H264".into(),
-                clock_rate: 90_000,
-                channels: 0,
-                fmtp: H264_FMTP.into(),
-            },
-            Kind::Audio => CodecSpec {
-                mime_type: "audio/opus".into(),
-                clock_rate: 48_000,
-                channels: 2,
-                fmtp: "minptime=10;useinbandfec=1".into(),
-            },
-        };
-        // Keyframe requests cannot reach an RTMP encoder; receivers wait for its next IDR.
-        let (router, _keyframe_requests) =
-            TrackRouter::new(new_track_id(), self.pid.clone(), kind, codec);
-        match self.room.publish(&self.pid, router.clone()) {
-            Ok(_) => {
-                info!(room = %self.room.name, participant = %self.pid, track = %router.id,
-                    ?kind, "rtmp track published");
-                if let Some(f) = &self.on_published {
-                    f(&self.room.name, self.role);
-                }
-                Some(router)
-            }
-            Err(e) => {
-                warn!(room = %self.room.name, participant = %self.pid, "rtmp track not published: {e}");
-                self.closing = true;
-                None
-            }
-        }
-    }
-
-    fn failed(&mut self, what: &str, e: IngestError) {
-        match e {
-            IngestError::Unsupported(msg) => {
-                warn!(room = %self.room.name, participant = %self.pid,
-                    "rtmp publisher disconnected: {what}: {msg}");
-                self.closing = true;
-            }
-            IngestError::Malformed(m) => {
-                self.bad_tags += 1;
-                debug!(room = %self.room.name, "rtmp {what} tag dropped: malformed {m}");
-                if self.bad_tags > MAX_BAD_TAGS {
-                    warn!(room = %self.room.name, participant = %self.pid,
-                        "rtmp publisher disconnected: {MAX_BAD_TAGS} malformed tags in a row");
-                    self.closing = true;
-                }
-            }
-        }
-    }
-
-    fn on_video(&mut self, data: &[u8], ms: u32) {
-        match self.video.push(data, ms) {
-            Ok(out) => {
-                self.bad_tags = 0;
-                if out.sps_changed {
-                    info!(room = %self.room.name, participant = %self.pid,
-                        "rtmp publisher changed its SPS; the next IDR carries the new one");
-                }
-                if out.configured && self.video_router.is_none() {
-                    self.video_router = self.publish_track(Kind::Video);
-                }
-                if let Some(r) = &self.video_router {
-                    if out.keyframe {
-                        r.set_sender_report(crate::sfu::SenderReport {
-                            ntp_time: ntp_at(self.ntp_base, f64::from(ms)),
-                            rtp_time: self.video.rtp_timestamp(ms),
-                        });
-                    }
-                    for p in out.packets {
-                        r.forward(p);
-                    }
-                }
-            }
-            Err(e) => self.failed("video", e),
-        }
-    }
-
-    fn on_audio(&mut self, data: &[u8], ms: u32) {
-        if self.audio.is_none() {
-            match AudioIngest::new(rand::random(), rand::random(), rand::random()) {
-                Ok(a) => self.audio = Some(a),
-                Err(e) => return self.failed("audio", e),
-            }
-        }
-        let Some(a) = self.audio.as_mut() else {
-            return;
-        };
-        let is_config = data.get(1) == Some(&0);
-        match a.push(data, ms) {
-            Ok(packets) => {
-                self.bad_tags = 0;
-                if is_config && self.audio_router.is_none() {
-                    self.audio_router = self.publish_track(Kind::Audio);
-                }
-                if let (Some(r), Some(a)) = (&self.audio_router, &self.audio) {
-                    for p in packets {
-                        if self.audio_packets.is_multiple_of(50)
-                            && let Some(sr) = a.sender_report(self.ntp_base)
-                        {
-                            r.set_sender_report(sr);
-                        }
-                        self.audio_packets += 1;
-                        r.forward(p);
-                    }
-                }
-            }
-            Err(e) => self.failed("audio", e),
-        }
-    }
-}
-
 /// Check `?sign=&expires=` of `name` (`stream?query`) for `/live/{stream}` when `required`.
-fn check_signature(
+pub(crate) fn check_signature(
     cfg: &OriginConfig,
     required: bool,
     stream: &str,
@@ -455,63 +320,6 @@ fn check_signature(
         query,
         now_secs(),
     )
-}
-
-fn publish_request(
-    ctx: &RtmpContext,
-    stream_key: &str,
-    app_query: &str,
-    peer: SocketAddr,
-) -> Result<Ingest, String> {
-    if !ctx.cfg.ingest {
-        return Err("RTMP ingest is disabled on this server (origin.ingest)".into());
-    }
-    let (key, mut query) = sign::split_query(stream_key);
-    if query.is_empty() {
-        query = sign::split_query(app_query).1;
-    }
-    let logged = sign::key_for_log(key);
-    check_signature(&ctx.cfg, ctx.cfg.sign_publish, key, &query).map_err(|e| {
-        warn!(%peer, key = %logged, "rtmp publish refused: URL signature: {e}");
-        format!("publish URL signature: {e} ({})", e.code())
-    })?;
-    let grant = sign::verify_stream_key(&ctx.key_secret, key, now_secs()).map_err(|e| {
-        warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
-        format!("invalid stream key: {e} ({})", e.code())
-    })?;
-    let (tx, events) = mpsc::unbounded_channel();
-    let (room, snap) = ctx
-        .rooms
-        .join(&grant.room, &grant.identity, grant.role, tx)
-        .map_err(|e| {
-            warn!(%peer, room = %grant.room, "rtmp publish refused: {e}");
-            format!("cannot join room {}: {e}", grant.room)
-        })?;
-    let pid = snap.participant.id.clone();
-    let ingest = Ingest {
-        rooms: ctx.rooms.clone(),
-        room,
-        pid,
-        role: grant.role,
-        events,
-        video: VideoIngest::default(),
-        audio: None,
-        video_router: None,
-        audio_router: None,
-        ntp_base: ntp_now(),
-        bad_tags: 0,
-        audio_packets: 0,
-        on_published: ctx.on_published.clone(),
-        closing: false,
-    };
-    // Dropping `ingest` on refusal leaves the room again.
-    ingest.room.check_publish(&ingest.pid, false).map_err(|e| {
-        warn!(%peer, room = %ingest.room.name, "rtmp publish refused: {e}");
-        format!("may not publish: {e}")
-    })?;
-    info!(%peer, room = %ingest.room.name, identity = %grant.identity, participant = %ingest.pid,
-        "rtmp publisher joined");
-    Ok(ingest)
 }
 
 async fn on_event(
@@ -602,7 +410,7 @@ async fn on_event(
                     )
                     .map_err(serr);
             }
-            match publish_request(ctx, &stream_key, &conn.app_query, peer) {
+            match ctx.publishers.publish(&stream_key, &conn.app_query, peer) {
                 Ok(ingest) => {
                     conn.ingest = Some(ingest);
                     session.accept_request(request_id).map_err(serr)?
@@ -626,7 +434,7 @@ async fn on_event(
             data, timestamp, ..
         } => {
             if let Some(i) = conn.ingest.as_mut()
-                && !i.closing
+                && !i.closing()
             {
                 i.on_video(&data, timestamp.value);
             }
@@ -636,7 +444,7 @@ async fn on_event(
             data, timestamp, ..
         } => {
             if let Some(i) = conn.ingest.as_mut()
-                && !i.closing
+                && !i.closing()
             {
                 i.on_audio(&data, timestamp.value);
             }
@@ -644,7 +452,7 @@ async fn on_event(
         }
         ServerSessionEvent::PublishStreamFinished { .. } => {
             if let Some(i) = conn.ingest.as_mut() {
-                i.closing = true;
+                i.finish();
             }
             vec![]
         }
