@@ -18,19 +18,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
-use rml_rtmp::sessions::{
-    ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult, StreamMetadata,
-};
+use rml_rtmp::sessions::{ServerSessionEvent, ServerSessionResult, StreamMetadata};
 use rml_rtmp::time::RtmpTimestamp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::guard::Limits;
 use super::origin::{Origin, Player};
-use crate::auth::sign::{self, SignError};
+use super::session::{Session, SessionError, quiet_catch};
 use crate::auth::now_secs;
+use crate::auth::sign::{self, SignError};
 use crate::config::OriginConfig;
+use crate::conn_limit::ConnLimiter;
 use crate::media::amf0::{self, Value};
 use crate::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
 
@@ -81,20 +82,42 @@ pub const APP: &str = "live";
 /// Time a client has to finish the handshake and ask to play.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// At most one warning a this often about refused connections (a flood must not flood the log).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("handshake: {0:?}")]
     Handshake(String),
-    #[error("rtmp: {0}")]
-    Session(String),
+    #[error("{0}")]
+    Session(#[from] SessionError),
+    #[error("{0}")]
+    Closed(String),
     #[error("setup timeout")]
     Timeout,
+    #[error("write timed out")]
+    WriteTimeout,
 }
 
-fn serr(e: impl std::fmt::Debug) -> ConnError {
-    ConnError::Session(format!("{e:?}"))
+impl ConnError {
+    /// Worth a warning: the client sent what the guard refuses or what made `rml_rtmp` panic.
+    /// Everything else (a client going away, a timeout) is ordinary.
+    fn is_hostile(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Session(SessionError::Refused(_) | SessionError::Panicked(_))
+        )
+    }
+}
+
+/// Writes all of `bytes` within `timeout`: a peer that stops reading cannot hold the task.
+async fn send(sock: &mut TcpStream, bytes: &[u8], timeout: Duration) -> Result<(), ConnError> {
+    tokio::time::timeout(timeout, sock.write_all(bytes))
+        .await
+        .map_err(|_| ConnError::WriteTimeout)??;
+    Ok(())
 }
 
 /// Accept connections until `shutdown` flips.
@@ -103,15 +126,40 @@ pub async fn serve(
     ctx: Arc<RtmpContext>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let limiter = ConnLimiter::new(
+        ctx.cfg.rtmp_max_connections,
+        ctx.cfg.rtmp_max_connections_per_ip,
+    );
+    let mut refusals_logged = 0u64;
+    let mut last_refusal_log: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((sock, peer)) => {
+                    let permit = match limiter.try_acquire(peer.ip()) {
+                        Ok(p) => p,
+                        Err(why) => {
+                            // Closed at once, before the handshake.
+                            drop(sock);
+                            let now = tokio::time::Instant::now();
+                            if last_refusal_log.is_none_or(|t| now - t >= REFUSAL_LOG_EVERY) {
+                                let total = limiter.refused.load(std::sync::atomic::Ordering::Relaxed);
+                                warn!(%peer, "rtmp connection refused: {why} ({} refused since the last warning)",
+                                    total - refusals_logged);
+                                refusals_logged = total;
+                                last_refusal_log = Some(now);
+                            }
+                            continue;
+                        }
+                    };
                     let ctx = ctx.clone();
                     let stop = shutdown.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = connection(sock, peer, ctx, stop).await {
-                            debug!(%peer, "rtmp connection closed: {e}");
+                        let _permit = permit;
+                        match connection(sock, peer, ctx, stop).await {
+                            Err(e) if e.is_hostile() => warn!(%peer, "rtmp connection closed: {e}"),
+                            Err(e) => debug!(%peer, "rtmp connection closed: {e}"),
+                            Ok(()) => {}
                         }
                     });
                 }
@@ -125,7 +173,7 @@ pub async fn serve(
     }
 }
 
-async fn handshake(sock: &mut TcpStream) -> Result<Vec<u8>, ConnError> {
+async fn handshake(sock: &mut TcpStream, write_timeout: Duration) -> Result<Vec<u8>, ConnError> {
     let mut hs = Handshake::new(PeerType::Server);
     let mut buf = vec![0u8; 4096];
     loop {
@@ -133,18 +181,19 @@ async fn handshake(sock: &mut TcpStream) -> Result<Vec<u8>, ConnError> {
         if n == 0 {
             return Err(ConnError::Handshake("closed during handshake".into()));
         }
-        match hs
-            .process_bytes(&buf[..n])
-            .map_err(|e| ConnError::Handshake(format!("{e:?}")))?
-        {
+        // rml_rtmp's handshake is not known to panic; caught anyway, like every call into it.
+        let step = quiet_catch(|| hs.process_bytes(&buf[..n]))
+            .map_err(|p| ConnError::Session(SessionError::Panicked(p)))?
+            .map_err(|e| ConnError::Handshake(format!("{e:?}")))?;
+        match step {
             HandshakeProcessResult::InProgress { response_bytes } => {
-                sock.write_all(&response_bytes).await?;
+                send(sock, &response_bytes, write_timeout).await?;
             }
             HandshakeProcessResult::Completed {
                 response_bytes,
                 remaining_bytes,
             } => {
-                sock.write_all(&response_bytes).await?;
+                send(sock, &response_bytes, write_timeout).await?;
                 return Ok(remaining_bytes);
             }
         }
@@ -173,21 +222,17 @@ pub(crate) fn metadata_from(tag: &Tag) -> Option<StreamMetadata> {
 
 /// Serialize one origin tag for the player on `stream_id`.
 fn packet_for(
-    session: &mut ServerSession,
+    session: &mut Session,
     stream_id: u32,
     tag: &Tag,
 ) -> Result<Option<Vec<u8>>, ConnError> {
     let ts = RtmpTimestamp::new(tag.timestamp_ms);
     let data = Bytes::copy_from_slice(&tag.body);
     let p = match tag.kind {
-        TAG_VIDEO => session
-            .send_video_data(stream_id, data, ts, false)
-            .map_err(serr)?,
-        TAG_AUDIO => session
-            .send_audio_data(stream_id, data, ts, false)
-            .map_err(serr)?,
+        TAG_VIDEO => session.send_video_data(stream_id, data, ts)?,
+        TAG_AUDIO => session.send_audio_data(stream_id, data, ts)?,
         TAG_SCRIPT => match metadata_from(tag) {
-            Some(m) => session.send_metadata(stream_id, &m).map_err(serr)?,
+            Some(m) => session.send_metadata(stream_id, &m)?,
             None => return Ok(None),
         },
         _ => return Ok(None),
@@ -202,17 +247,23 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     sock.set_nodelay(true)?;
-    let leftover = tokio::time::timeout(SETUP_TIMEOUT, handshake(&mut sock))
+    let wt = ctx.cfg.rtmp_write_timeout;
+    let leftover = tokio::time::timeout(SETUP_TIMEOUT, handshake(&mut sock, wt))
         .await
         .map_err(|_| ConnError::Timeout)??;
-    let (mut session, initial) = ServerSession::new(ServerSessionConfig::new()).map_err(serr)?;
+    let limits = Limits {
+        max_message_bytes: ctx.cfg.rtmp_max_message_bytes,
+        ..Limits::default()
+    };
+    let (mut session, initial) = Session::new(limits)?;
     let mut pending: Vec<ServerSessionResult> = initial;
-    pending.extend(session.handle_input(&leftover).map_err(serr)?);
+    pending.extend(session.handle_input(&leftover)?);
     let mut conn = Conn {
         peer,
         player: None,
         ingest: None,
         app_query: String::new(),
+        write_timeout: wt,
     };
     let mut buf = vec![0u8; 8192];
     let setup_deadline = tokio::time::Instant::now() + SETUP_TIMEOUT;
@@ -222,7 +273,7 @@ async fn connection(
         // Act on what the session produced.
         for r in std::mem::take(&mut pending) {
             match r {
-                ServerSessionResult::OutboundResponse(p) => sock.write_all(&p.bytes).await?,
+                ServerSessionResult::OutboundResponse(p) => send(&mut sock, &p.bytes, wt).await?,
                 ServerSessionResult::RaisedEvent(ev) => {
                     pending.extend(on_event(&mut session, &ctx, ev, &mut conn, &mut sock).await?);
                 }
@@ -258,17 +309,17 @@ async fn connection(
                 if waiting {
                     setup_bytes += n;
                     if setup_bytes > SETUP_MAX_BYTES {
-                        return Err(ConnError::Session("too much data before play/publish".into()));
+                        return Err(ConnError::Closed("too much data before play/publish".into()));
                     }
                 }
                 idle_deadline = tokio::time::Instant::now() + PUBLISH_IDLE;
-                pending = session.handle_input(&buf[..n]).map_err(serr)?;
+                pending = session.handle_input(&buf[..n])?;
             }
             tag = live => match tag {
                 Some(tag) => {
                     let id = conn.player.as_ref().map_or(0, |(id, _)| *id);
                     if let Some(bytes) = packet_for(&mut session, id, &tag)? {
-                        sock.write_all(&bytes).await?;
+                        send(&mut sock, &bytes, wt).await?;
                     }
                 }
                 None => {
@@ -276,7 +327,7 @@ async fn connection(
                     if let Some((id, _)) = conn.player.take()
                         && let Ok(p) = session.finish_playing(id)
                     {
-                        let _ = sock.write_all(&p.bytes).await;
+                        let _ = send(&mut sock, &p.bytes, wt).await;
                     }
                     return Ok(());
                 }
@@ -302,6 +353,7 @@ struct Conn {
     /// A query string the client put on the app name (`rtmp://h/live?sign=...`), used when the
     /// stream name has none.
     app_query: String,
+    write_timeout: Duration,
 }
 
 /// Check `?sign=&expires=` of `name` (`stream?query`) for `/live/{stream}` when `required`.
@@ -323,13 +375,14 @@ pub(crate) fn check_signature(
 }
 
 async fn on_event(
-    session: &mut ServerSession,
+    session: &mut Session,
     ctx: &RtmpContext,
     ev: ServerSessionEvent,
     conn: &mut Conn,
     sock: &mut TcpStream,
 ) -> Result<Vec<ServerSessionResult>, ConnError> {
     let peer = conn.peer;
+    let wt = conn.write_timeout;
     Ok(match ev {
         ServerSessionEvent::ConnectionRequested {
             request_id,
@@ -338,16 +391,14 @@ async fn on_event(
             let (app, _) = sign::split_query(&app_name);
             if app == APP {
                 conn.app_query = app_name.clone();
-                session.accept_request(request_id).map_err(serr)?
+                session.accept_request(request_id)?
             } else {
                 debug!(%peer, "rtmp connect to unknown app refused");
-                session
-                    .reject_request(
-                        request_id,
-                        "NetConnection.Connect.Rejected",
-                        "unknown application",
-                    )
-                    .map_err(serr)?
+                session.reject_request(
+                    request_id,
+                    "NetConnection.Connect.Rejected",
+                    "unknown application",
+                )?
             }
         }
         ServerSessionEvent::PlayStreamRequested {
@@ -368,21 +419,21 @@ async fn on_event(
                         "NetStream.Play.Failed",
                         &format!("play URL signature: {e} ({})", e.code()),
                     )
-                    .map_err(serr);
+                    .map_err(ConnError::from);
             }
             match ctx.origin.play(name) {
                 Ok(p) => {
                     info!(%peer, stream = %name, "rtmp play");
-                    let mut out = session.accept_request(request_id).map_err(serr)?;
+                    let mut out = session.accept_request(request_id)?;
                     // Flush the acceptance, then the GOP cache, before any live tag.
                     for r in out.drain(..) {
                         if let ServerSessionResult::OutboundResponse(pk) = r {
-                            sock.write_all(&pk.bytes).await?;
+                            send(sock, &pk.bytes, wt).await?;
                         }
                     }
                     for tag in &p.initial {
                         if let Some(bytes) = packet_for(session, stream_id, tag)? {
-                            sock.write_all(&bytes).await?;
+                            send(sock, &bytes, wt).await?;
                         }
                     }
                     conn.player = Some((stream_id, p));
@@ -390,9 +441,11 @@ async fn on_event(
                 }
                 Err(e) => {
                     debug!(%peer, stream = %name, "rtmp play refused: {e}");
-                    session
-                        .reject_request(request_id, "NetStream.Play.StreamNotFound", &e.to_string())
-                        .map_err(serr)?
+                    session.reject_request(
+                        request_id,
+                        "NetStream.Play.StreamNotFound",
+                        &e.to_string(),
+                    )?
                 }
             }
         }
@@ -408,25 +461,24 @@ async fn on_event(
                         "NetStream.Publish.Denied",
                         "this connection already plays or publishes",
                     )
-                    .map_err(serr);
+                    .map_err(ConnError::from);
             }
             match ctx.publishers.publish(&stream_key, &conn.app_query, peer) {
                 Ok(ingest) => {
                     conn.ingest = Some(ingest);
-                    session.accept_request(request_id).map_err(serr)?
+                    session.accept_request(request_id)?
                 }
                 Err(msg) => {
-                    let out = session
-                        .reject_request(request_id, "NetStream.Publish.Denied", &msg)
-                        .map_err(serr)?;
+                    let out =
+                        session.reject_request(request_id, "NetStream.Publish.Denied", &msg)?;
                     // Send the status, then close: a refused publisher has nothing else to do.
                     for r in out {
                         if let ServerSessionResult::OutboundResponse(pk) = r {
-                            let _ = sock.write_all(&pk.bytes).await;
+                            let _ = send(sock, &pk.bytes, wt).await;
                         }
                     }
-                    let _ = sock.flush().await;
-                    return Err(ConnError::Session(format!("publish refused: {msg}")));
+                    let _ = tokio::time::timeout(wt, sock.flush()).await;
+                    return Err(ConnError::Closed(format!("publish refused: {msg}")));
                 }
             }
         }
