@@ -102,10 +102,13 @@ fn rtmp_context(svc: &Arc<Services>) -> Arc<crate::rtmp::server::RtmpContext> {
     };
     Arc::new(crate::rtmp::server::RtmpContext {
         origin: svc.origin.clone(),
-        rooms: svc.rooms.clone(),
-        key_secret: svc.cfg.auth.secret.as_bytes().to_vec(),
         cfg: svc.cfg.origin.clone(),
-        on_published: Some(Arc::new(on_published)),
+        publishers: Arc::new(crate::participant::rtmp::RtmpRooms {
+            rooms: svc.rooms.clone(),
+            key_secret: svc.cfg.auth.secret.as_bytes().to_vec(),
+            cfg: svc.cfg.origin.clone(),
+            on_published: Some(Arc::new(on_published)),
+        }),
     })
 }
 

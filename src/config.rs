@@ -89,6 +89,19 @@ pub struct OriginConfig {
     /// before the cap existed, or under a larger one).
     #[serde(with = "humantime_serde_compat")]
     pub key_max_ttl: Duration,
+
+    /// RTMP connections (players and publishers) open at once; more are closed at accept.
+    /// 0: no limit.
+    pub rtmp_max_connections: usize,
+    /// RTMP connections open at once from one client IP. 0: no limit.
+    pub rtmp_max_connections_per_ip: usize,
+    /// Longest a write to an RTMP client may take (a player that stops reading, a publisher
+    /// that never reads our acknowledgements); the connection is closed after it.
+    #[serde(with = "humantime_serde_compat")]
+    pub rtmp_write_timeout: Duration,
+    /// Largest RTMP message (a video frame) a client may send, in bytes; larger ones close the
+    /// connection. At most 16777215 (the protocol's 24-bit length).
+    pub rtmp_max_message_bytes: usize,
 }
 
 impl Default for OriginConfig {
@@ -100,6 +113,11 @@ impl Default for OriginConfig {
             ingest: true,
             key_ttl: Duration::from_secs(24 * 3600),
             key_max_ttl: Duration::from_secs(7 * 24 * 3600),
+
+            rtmp_max_connections: 1000,
+            rtmp_max_connections_per_ip: 64,
+            rtmp_write_timeout: Duration::from_secs(10),
+            rtmp_max_message_bytes: 8 << 20,
         }
     }
 }
@@ -772,6 +790,18 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "whip.connect_timeout must be > 0".into(),
             ));
+        }
+
+        if o.rtmp_write_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "origin.rtmp_write_timeout must be more than zero".into(),
+            ));
+        }
+        if !(64 * 1024..=0xff_ffff).contains(&o.rtmp_max_message_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "origin.rtmp_max_message_bytes must be 65536..=16777215, not {}",
+                o.rtmp_max_message_bytes
+            )));
         }
         for ip in &w.public_ips {
             if ip.parse::<IpAddr>().is_err() {

@@ -28,6 +28,7 @@ use crate::signaling::protocol::{
 };
 use crate::signaling::session::{Action, MAX_TICK, Session};
 
+pub mod rtmp;
 pub mod whip;
 
 /// Everything a connection needs from the server.

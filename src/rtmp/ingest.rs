@@ -1,5 +1,7 @@
 //! RTMP ingest, the sans-IO part: FLV video and audio tag bodies from an RTMP publisher (OBS,
-//! ffmpeg) become RTP packets for the room's [`TrackRouter`](crate::sfu::TrackRouter)s.
+//! ffmpeg) become RTP packets for the room's [`TrackRouter`](crate::sfu::TrackRouter)s. The
+//! room side (joining, publishing the tracks) is `crate::participant::rtmp`; this file is pure
+//! media conversion and knows nothing of rooms.
 //!
 //! Video: H.264 is passed through, not transcoded. WebRTC receivers play frames in arrival
 //! order and cannot reorder, so only streams without B-frames are accepted: the sequence

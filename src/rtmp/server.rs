@@ -1,67 +1,89 @@
 //! RTMP server for the embedded origin: players pull `rtmp://HOST:PORT/live/{stream}` and get
 //! the same GOP-cached stream HTTP-FLV serves (with `?sign=...&expires=...` when
 //! `origin.sign_play` is on). Publishers (OBS, ffmpeg) push to `rtmp://HOST:PORT/live/{stream
-//! key}`: a valid key makes the connection a participant of the key's room (see
-//! [`super::ingest`] for the media conversion); an invalid or expired key is refused with a
-//! `NetStream.Publish.Denied` status and the connection closed.
+//! key}`: [`RtmpContext::publishers`] checks the key and takes the media (a room participant,
+//! `crate::participant::rtmp`, which uses [`super::ingest`] for the media conversion); an
+//! invalid or expired key is refused with a `NetStream.Publish.Denied` status and the
+//! connection closed.
 //!
 //! Protocol work is `rml_rtmp`'s (handshake, chunking, the session state machine); this file
-//! only moves bytes and maps events to the origin and the rooms. Every error closes that one
+//! only moves bytes and maps events to the origin and the publishers. Every error closes that one
 //! connection.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
-use rml_rtmp::sessions::{
-    ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult, StreamMetadata,
-};
+use rml_rtmp::sessions::{ServerSessionEvent, ServerSessionResult, StreamMetadata};
 use rml_rtmp::time::RtmpTimestamp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::ingest::{AudioIngest, H264_FMTP, IngestError, VideoIngest, ntp_at, ntp_now};
+use super::guard::Limits;
 use super::origin::{Origin, Player};
+use super::session::{Session, SessionError, quiet_catch};
+use crate::auth::now_secs;
 use crate::auth::sign::{self, SignError};
-use crate::auth::{Role, now_secs};
 use crate::config::OriginConfig;
+use crate::conn_limit::ConnLimiter;
 use crate::media::amf0::{self, Value};
 use crate::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
-use crate::room::{Registry, Room, RoomEvent, new_track_id};
-use crate::sfu::{CodecSpec, TrackRouter};
-use crate::signaling::protocol::{Kind, LeaveReason};
-use tokio::sync::mpsc;
 
-/// Called with (room, role) when an RTMP publisher's first track is published.
-pub type OnPublished = Arc<dyn Fn(&str, Role) + Send + Sync>;
+/// A publisher's media on its way into the rest of the server (a room participant: see
+/// `crate::participant::rtmp`). The RTMP server only hands it the publisher's tags and closes
+/// the connection when it says so; rooms are none of `rtmp/`'s business.
+pub trait Ingest: Send {
+    /// One FLV video tag body at `ms` on the publisher's timeline.
+    fn on_video(&mut self, data: &[u8], ms: u32);
+    /// One FLV audio tag body.
+    fn on_audio(&mut self, data: &[u8], ms: u32);
+    /// The publisher ended its stream (closeStream / deleteStream).
+    fn finish(&mut self);
+    /// The stream must end (unsupported media, too many bad tags, finished).
+    fn closing(&self) -> bool;
+    /// Resolves when the other side ends this publication (kicked, lost its seat, room gone).
+    /// Cancel-safe: the server polls a fresh one on each turn of its loop.
+    fn ended(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// Admits RTMP publishers (checks the stream key and makes them participants).
+pub trait Publishers: Send + Sync {
+    /// `stream_key` as the client sent it (with any `?query`); `app_query` the connect app's
+    /// name with its query. `Err` is the description sent with `NetStream.Publish.Denied`.
+    fn publish(
+        &self,
+        stream_key: &str,
+        app_query: &str,
+        peer: SocketAddr,
+    ) -> Result<Box<dyn Ingest>, String>;
+}
 
 /// What the RTMP server needs from the rest of the server.
 pub struct RtmpContext {
     pub origin: Arc<Origin>,
-    pub rooms: Arc<Registry>,
-    /// HMAC secret of stream keys (the auth secret).
-    pub key_secret: Vec<u8>,
     pub cfg: OriginConfig,
-    /// Called when an RTMP publisher's first track is published (room, role): the server
-    /// starts the room's bridge when `bridge.auto_start` says so.
-    pub on_published: Option<OnPublished>,
+    /// Where publishers go.
+    pub publishers: Arc<dyn Publishers>,
 }
 
 /// Bytes a client may send before it plays or publishes (handshake excluded).
 const SETUP_MAX_BYTES: usize = 1 << 20;
 /// A publisher that sends nothing for this long is gone.
 const PUBLISH_IDLE: Duration = Duration::from_secs(30);
-/// Malformed tags in a row after which a publisher is disconnected.
-const MAX_BAD_TAGS: u32 = 50;
 
 /// The RTMP application name players use (`rtmp://host/live/...`).
 pub const APP: &str = "live";
 /// Time a client has to finish the handshake and ask to play.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most one warning a this often about refused connections (a flood must not flood the log).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -69,14 +91,33 @@ enum ConnError {
     Io(#[from] std::io::Error),
     #[error("handshake: {0:?}")]
     Handshake(String),
-    #[error("rtmp: {0}")]
-    Session(String),
+    #[error("{0}")]
+    Session(#[from] SessionError),
+    #[error("{0}")]
+    Closed(String),
     #[error("setup timeout")]
     Timeout,
+    #[error("write timed out")]
+    WriteTimeout,
 }
 
-fn serr(e: impl std::fmt::Debug) -> ConnError {
-    ConnError::Session(format!("{e:?}"))
+impl ConnError {
+    /// Worth a warning: the client sent what the guard refuses or what made `rml_rtmp` panic.
+    /// Everything else (a client going away, a timeout) is ordinary.
+    fn is_hostile(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Session(SessionError::Refused(_) | SessionError::Panicked(_))
+        )
+    }
+}
+
+/// Writes all of `bytes` within `timeout`: a peer that stops reading cannot hold the task.
+async fn send(sock: &mut TcpStream, bytes: &[u8], timeout: Duration) -> Result<(), ConnError> {
+    tokio::time::timeout(timeout, sock.write_all(bytes))
+        .await
+        .map_err(|_| ConnError::WriteTimeout)??;
+    Ok(())
 }
 
 /// Accept connections until `shutdown` flips.
@@ -85,15 +126,40 @@ pub async fn serve(
     ctx: Arc<RtmpContext>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let limiter = ConnLimiter::new(
+        ctx.cfg.rtmp_max_connections,
+        ctx.cfg.rtmp_max_connections_per_ip,
+    );
+    let mut refusals_logged = 0u64;
+    let mut last_refusal_log: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((sock, peer)) => {
+                    let permit = match limiter.try_acquire(peer.ip()) {
+                        Ok(p) => p,
+                        Err(why) => {
+                            // Closed at once, before the handshake.
+                            drop(sock);
+                            let now = tokio::time::Instant::now();
+                            if last_refusal_log.is_none_or(|t| now - t >= REFUSAL_LOG_EVERY) {
+                                let total = limiter.refused.load(std::sync::atomic::Ordering::Relaxed);
+                                warn!(%peer, "rtmp connection refused: {why} ({} refused since the last warning)",
+                                    total - refusals_logged);
+                                refusals_logged = total;
+                                last_refusal_log = Some(now);
+                            }
+                            continue;
+                        }
+                    };
                     let ctx = ctx.clone();
                     let stop = shutdown.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = connection(sock, peer, ctx, stop).await {
-                            debug!(%peer, "rtmp connection closed: {e}");
+                        let _permit = permit;
+                        match connection(sock, peer, ctx, stop).await {
+                            Err(e) if e.is_hostile() => warn!(%peer, "rtmp connection closed: {e}"),
+                            Err(e) => debug!(%peer, "rtmp connection closed: {e}"),
+                            Ok(()) => {}
                         }
                     });
                 }
@@ -107,7 +173,7 @@ pub async fn serve(
     }
 }
 
-async fn handshake(sock: &mut TcpStream) -> Result<Vec<u8>, ConnError> {
+async fn handshake(sock: &mut TcpStream, write_timeout: Duration) -> Result<Vec<u8>, ConnError> {
     let mut hs = Handshake::new(PeerType::Server);
     let mut buf = vec![0u8; 4096];
     loop {
@@ -115,18 +181,19 @@ async fn handshake(sock: &mut TcpStream) -> Result<Vec<u8>, ConnError> {
         if n == 0 {
             return Err(ConnError::Handshake("closed during handshake".into()));
         }
-        match hs
-            .process_bytes(&buf[..n])
-            .map_err(|e| ConnError::Handshake(format!("{e:?}")))?
-        {
+        // rml_rtmp's handshake is not known to panic; caught anyway, like every call into it.
+        let step = quiet_catch(|| hs.process_bytes(&buf[..n]))
+            .map_err(|p| ConnError::Session(SessionError::Panicked(p)))?
+            .map_err(|e| ConnError::Handshake(format!("{e:?}")))?;
+        match step {
             HandshakeProcessResult::InProgress { response_bytes } => {
-                sock.write_all(&response_bytes).await?;
+                send(sock, &response_bytes, write_timeout).await?;
             }
             HandshakeProcessResult::Completed {
                 response_bytes,
                 remaining_bytes,
             } => {
-                sock.write_all(&response_bytes).await?;
+                send(sock, &response_bytes, write_timeout).await?;
                 return Ok(remaining_bytes);
             }
         }
@@ -155,21 +222,17 @@ pub(crate) fn metadata_from(tag: &Tag) -> Option<StreamMetadata> {
 
 /// Serialize one origin tag for the player on `stream_id`.
 fn packet_for(
-    session: &mut ServerSession,
+    session: &mut Session,
     stream_id: u32,
     tag: &Tag,
 ) -> Result<Option<Vec<u8>>, ConnError> {
     let ts = RtmpTimestamp::new(tag.timestamp_ms);
     let data = Bytes::copy_from_slice(&tag.body);
     let p = match tag.kind {
-        TAG_VIDEO => session
-            .send_video_data(stream_id, data, ts, false)
-            .map_err(serr)?,
-        TAG_AUDIO => session
-            .send_audio_data(stream_id, data, ts, false)
-            .map_err(serr)?,
+        TAG_VIDEO => session.send_video_data(stream_id, data, ts)?,
+        TAG_AUDIO => session.send_audio_data(stream_id, data, ts)?,
         TAG_SCRIPT => match metadata_from(tag) {
-            Some(m) => session.send_metadata(stream_id, &m).map_err(serr)?,
+            Some(m) => session.send_metadata(stream_id, &m)?,
             None => return Ok(None),
         },
         _ => return Ok(None),
@@ -184,17 +247,23 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     sock.set_nodelay(true)?;
-    let leftover = tokio::time::timeout(SETUP_TIMEOUT, handshake(&mut sock))
+    let wt = ctx.cfg.rtmp_write_timeout;
+    let leftover = tokio::time::timeout(SETUP_TIMEOUT, handshake(&mut sock, wt))
         .await
         .map_err(|_| ConnError::Timeout)??;
-    let (mut session, initial) = ServerSession::new(ServerSessionConfig::new()).map_err(serr)?;
+    let limits = Limits {
+        max_message_bytes: ctx.cfg.rtmp_max_message_bytes,
+        ..Limits::default()
+    };
+    let (mut session, initial) = Session::new(limits)?;
     let mut pending: Vec<ServerSessionResult> = initial;
-    pending.extend(session.handle_input(&leftover).map_err(serr)?);
+    pending.extend(session.handle_input(&leftover)?);
     let mut conn = Conn {
         peer,
         player: None,
         ingest: None,
         app_query: String::new(),
+        write_timeout: wt,
     };
     let mut buf = vec![0u8; 8192];
     let setup_deadline = tokio::time::Instant::now() + SETUP_TIMEOUT;
@@ -204,14 +273,14 @@ async fn connection(
         // Act on what the session produced.
         for r in std::mem::take(&mut pending) {
             match r {
-                ServerSessionResult::OutboundResponse(p) => sock.write_all(&p.bytes).await?,
+                ServerSessionResult::OutboundResponse(p) => send(&mut sock, &p.bytes, wt).await?,
                 ServerSessionResult::RaisedEvent(ev) => {
                     pending.extend(on_event(&mut session, &ctx, ev, &mut conn, &mut sock).await?);
                 }
                 ServerSessionResult::UnhandleableMessageReceived(_) => {}
             }
         }
-        if conn.ingest.as_ref().is_some_and(|i| i.closing) {
+        if conn.ingest.as_ref().is_some_and(|i| i.closing()) {
             return Ok(());
         }
         if !pending.is_empty() {
@@ -225,9 +294,9 @@ async fn connection(
                 None => std::future::pending().await,
             }
         };
-        let room_event = async {
+        let ended = async {
             match conn.ingest.as_mut() {
-                Some(i) => i.events.recv().await,
+                Some(i) => i.ended().await,
                 None => std::future::pending().await,
             }
         };
@@ -240,17 +309,17 @@ async fn connection(
                 if waiting {
                     setup_bytes += n;
                     if setup_bytes > SETUP_MAX_BYTES {
-                        return Err(ConnError::Session("too much data before play/publish".into()));
+                        return Err(ConnError::Closed("too much data before play/publish".into()));
                     }
                 }
                 idle_deadline = tokio::time::Instant::now() + PUBLISH_IDLE;
-                pending = session.handle_input(&buf[..n]).map_err(serr)?;
+                pending = session.handle_input(&buf[..n])?;
             }
             tag = live => match tag {
                 Some(tag) => {
                     let id = conn.player.as_ref().map_or(0, |(id, _)| *id);
                     if let Some(bytes) = packet_for(&mut session, id, &tag)? {
-                        sock.write_all(&bytes).await?;
+                        send(&mut sock, &bytes, wt).await?;
                     }
                 }
                 None => {
@@ -258,23 +327,12 @@ async fn connection(
                     if let Some((id, _)) = conn.player.take()
                         && let Ok(p) = session.finish_playing(id)
                     {
-                        let _ = sock.write_all(&p.bytes).await;
+                        let _ = send(&mut sock, &p.bytes, wt).await;
                     }
                     return Ok(());
                 }
             },
-            ev = room_event => match ev {
-                Some(RoomEvent::Removed(reason)) => {
-                    info!(%peer, ?reason, "rtmp publisher removed from the room");
-                    return Ok(());
-                }
-                Some(RoomEvent::Demoted) => {
-                    info!(%peer, "rtmp publisher lost its seat; disconnecting");
-                    return Ok(());
-                }
-                Some(_) => {}
-                None => return Ok(()),
-            },
+            _ = ended => return Ok(()),
             _ = tokio::time::sleep_until(setup_deadline), if waiting => {
                 return Err(ConnError::Timeout);
             }
@@ -291,156 +349,15 @@ async fn connection(
 struct Conn {
     peer: SocketAddr,
     player: Option<(u32, Player)>,
-    ingest: Option<Ingest>,
+    ingest: Option<Box<dyn Ingest>>,
     /// A query string the client put on the app name (`rtmp://h/live?sign=...`), used when the
     /// stream name has none.
     app_query: String,
-}
-
-/// An RTMP publisher in a room. Dropping it leaves the room (its tracks end).
-struct Ingest {
-    rooms: Arc<Registry>,
-    room: Arc<Room>,
-    pid: String,
-    role: Role,
-    events: mpsc::UnboundedReceiver<RoomEvent>,
-    video: VideoIngest,
-    audio: Option<AudioIngest>,
-    video_router: Option<Arc<TrackRouter>>,
-    audio_router: Option<Arc<TrackRouter>>,
-    ntp_base: u64,
-    bad_tags: u32,
-    audio_packets: u64,
-    on_published: Option<OnPublished>,
-    /// Set when the stream must end (unsupported media, too many bad tags).
-    closing: bool,
-}
-
-impl Drop for Ingest {
-    fn drop(&mut self) {
-        info!(room = %self.room.name, participant = %self.pid, "rtmp publisher left");
-        self.rooms.leave(&self.room, &self.pid, LeaveReason::Left);
-    }
-}
-
-impl Ingest {
-    fn publish_track(&mut self, kind: Kind) -> Option<Arc<TrackRouter>> {
-        let codec = match kind {
-            Kind::Video => CodecSpec {
-                mime_type: "video/H264".into(),
-                clock_rate: 90_000,
-                channels: 0,
-                fmtp: H264_FMTP.into(),
-            },
-            Kind::Audio => CodecSpec {
-                mime_type: "audio/opus".into(),
-                clock_rate: 48_000,
-                channels: 2,
-                fmtp: "minptime=10;useinbandfec=1".into(),
-            },
-        };
-        // Keyframe requests cannot reach an RTMP encoder; receivers wait for its next IDR.
-        let (router, _keyframe_requests) =
-            TrackRouter::new(new_track_id(), self.pid.clone(), kind, codec);
-        match self.room.publish(&self.pid, router.clone()) {
-            Ok(_) => {
-                info!(room = %self.room.name, participant = %self.pid, track = %router.id,
-                    ?kind, "rtmp track published");
-                if let Some(f) = &self.on_published {
-                    f(&self.room.name, self.role);
-                }
-                Some(router)
-            }
-            Err(e) => {
-                warn!(room = %self.room.name, participant = %self.pid, "rtmp track not published: {e}");
-                self.closing = true;
-                None
-            }
-        }
-    }
-
-    fn failed(&mut self, what: &str, e: IngestError) {
-        match e {
-            IngestError::Unsupported(msg) => {
-                warn!(room = %self.room.name, participant = %self.pid,
-                    "rtmp publisher disconnected: {what}: {msg}");
-                self.closing = true;
-            }
-            IngestError::Malformed(m) => {
-                self.bad_tags += 1;
-                debug!(room = %self.room.name, "rtmp {what} tag dropped: malformed {m}");
-                if self.bad_tags > MAX_BAD_TAGS {
-                    warn!(room = %self.room.name, participant = %self.pid,
-                        "rtmp publisher disconnected: {MAX_BAD_TAGS} malformed tags in a row");
-                    self.closing = true;
-                }
-            }
-        }
-    }
-
-    fn on_video(&mut self, data: &[u8], ms: u32) {
-        match self.video.push(data, ms) {
-            Ok(out) => {
-                self.bad_tags = 0;
-                if out.sps_changed {
-                    info!(room = %self.room.name, participant = %self.pid,
-                        "rtmp publisher changed its SPS; the next IDR carries the new one");
-                }
-                if out.configured && self.video_router.is_none() {
-                    self.video_router = self.publish_track(Kind::Video);
-                }
-                if let Some(r) = &self.video_router {
-                    if out.keyframe {
-                        r.set_sender_report(crate::sfu::SenderReport {
-                            ntp_time: ntp_at(self.ntp_base, f64::from(ms)),
-                            rtp_time: self.video.rtp_timestamp(ms),
-                        });
-                    }
-                    for p in out.packets {
-                        r.forward(p);
-                    }
-                }
-            }
-            Err(e) => self.failed("video", e),
-        }
-    }
-
-    fn on_audio(&mut self, data: &[u8], ms: u32) {
-        if self.audio.is_none() {
-            match AudioIngest::new(rand::random(), rand::random(), rand::random()) {
-                Ok(a) => self.audio = Some(a),
-                Err(e) => return self.failed("audio", e),
-            }
-        }
-        let Some(a) = self.audio.as_mut() else {
-            return;
-        };
-        let is_config = data.get(1) == Some(&0);
-        match a.push(data, ms) {
-            Ok(packets) => {
-                self.bad_tags = 0;
-                if is_config && self.audio_router.is_none() {
-                    self.audio_router = self.publish_track(Kind::Audio);
-                }
-                if let (Some(r), Some(a)) = (&self.audio_router, &self.audio) {
-                    for p in packets {
-                        if self.audio_packets.is_multiple_of(50)
-                            && let Some(sr) = a.sender_report(self.ntp_base)
-                        {
-                            r.set_sender_report(sr);
-                        }
-                        self.audio_packets += 1;
-                        r.forward(p);
-                    }
-                }
-            }
-            Err(e) => self.failed("audio", e),
-        }
-    }
+    write_timeout: Duration,
 }
 
 /// Check `?sign=&expires=` of `name` (`stream?query`) for `/live/{stream}` when `required`.
-fn check_signature(
+pub(crate) fn check_signature(
     cfg: &OriginConfig,
     required: bool,
     stream: &str,
@@ -457,71 +374,15 @@ fn check_signature(
     )
 }
 
-fn publish_request(
-    ctx: &RtmpContext,
-    stream_key: &str,
-    app_query: &str,
-    peer: SocketAddr,
-) -> Result<Ingest, String> {
-    if !ctx.cfg.ingest {
-        return Err("RTMP ingest is disabled on this server (origin.ingest)".into());
-    }
-    let (key, mut query) = sign::split_query(stream_key);
-    if query.is_empty() {
-        query = sign::split_query(app_query).1;
-    }
-    let logged = sign::key_for_log(key);
-    check_signature(&ctx.cfg, ctx.cfg.sign_publish, key, &query).map_err(|e| {
-        warn!(%peer, key = %logged, "rtmp publish refused: URL signature: {e}");
-        format!("publish URL signature: {e} ({})", e.code())
-    })?;
-    let grant = sign::verify_stream_key(&ctx.key_secret, key, now_secs()).map_err(|e| {
-        warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
-        format!("invalid stream key: {e} ({})", e.code())
-    })?;
-    let (tx, events) = mpsc::unbounded_channel();
-    let (room, snap) = ctx
-        .rooms
-        .join(&grant.room, &grant.identity, grant.role, tx)
-        .map_err(|e| {
-            warn!(%peer, room = %grant.room, "rtmp publish refused: {e}");
-            format!("cannot join room {}: {e}", grant.room)
-        })?;
-    let pid = snap.participant.id.clone();
-    let ingest = Ingest {
-        rooms: ctx.rooms.clone(),
-        room,
-        pid,
-        role: grant.role,
-        events,
-        video: VideoIngest::default(),
-        audio: None,
-        video_router: None,
-        audio_router: None,
-        ntp_base: ntp_now(),
-        bad_tags: 0,
-        audio_packets: 0,
-        on_published: ctx.on_published.clone(),
-        closing: false,
-    };
-    // Dropping `ingest` on refusal leaves the room again.
-    ingest.room.check_publish(&ingest.pid, false).map_err(|e| {
-        warn!(%peer, room = %ingest.room.name, "rtmp publish refused: {e}");
-        format!("may not publish: {e}")
-    })?;
-    info!(%peer, room = %ingest.room.name, identity = %grant.identity, participant = %ingest.pid,
-        "rtmp publisher joined");
-    Ok(ingest)
-}
-
 async fn on_event(
-    session: &mut ServerSession,
+    session: &mut Session,
     ctx: &RtmpContext,
     ev: ServerSessionEvent,
     conn: &mut Conn,
     sock: &mut TcpStream,
 ) -> Result<Vec<ServerSessionResult>, ConnError> {
     let peer = conn.peer;
+    let wt = conn.write_timeout;
     Ok(match ev {
         ServerSessionEvent::ConnectionRequested {
             request_id,
@@ -530,16 +391,14 @@ async fn on_event(
             let (app, _) = sign::split_query(&app_name);
             if app == APP {
                 conn.app_query = app_name.clone();
-                session.accept_request(request_id).map_err(serr)?
+                session.accept_request(request_id)?
             } else {
                 debug!(%peer, "rtmp connect to unknown app refused");
-                session
-                    .reject_request(
-                        request_id,
-                        "NetConnection.Connect.Rejected",
-                        "unknown application",
-                    )
-                    .map_err(serr)?
+                session.reject_request(
+                    request_id,
+                    "NetConnection.Connect.Rejected",
+                    "unknown application",
+                )?
             }
         }
         ServerSessionEvent::PlayStreamRequested {
@@ -560,21 +419,21 @@ async fn on_event(
                         "NetStream.Play.Failed",
                         &format!("play URL signature: {e} ({})", e.code()),
                     )
-                    .map_err(serr);
+                    .map_err(ConnError::from);
             }
             match ctx.origin.play(name) {
                 Ok(p) => {
                     info!(%peer, stream = %name, "rtmp play");
-                    let mut out = session.accept_request(request_id).map_err(serr)?;
+                    let mut out = session.accept_request(request_id)?;
                     // Flush the acceptance, then the GOP cache, before any live tag.
                     for r in out.drain(..) {
                         if let ServerSessionResult::OutboundResponse(pk) = r {
-                            sock.write_all(&pk.bytes).await?;
+                            send(sock, &pk.bytes, wt).await?;
                         }
                     }
                     for tag in &p.initial {
                         if let Some(bytes) = packet_for(session, stream_id, tag)? {
-                            sock.write_all(&bytes).await?;
+                            send(sock, &bytes, wt).await?;
                         }
                     }
                     conn.player = Some((stream_id, p));
@@ -582,9 +441,11 @@ async fn on_event(
                 }
                 Err(e) => {
                     debug!(%peer, stream = %name, "rtmp play refused: {e}");
-                    session
-                        .reject_request(request_id, "NetStream.Play.StreamNotFound", &e.to_string())
-                        .map_err(serr)?
+                    session.reject_request(
+                        request_id,
+                        "NetStream.Play.StreamNotFound",
+                        &e.to_string(),
+                    )?
                 }
             }
         }
@@ -600,25 +461,24 @@ async fn on_event(
                         "NetStream.Publish.Denied",
                         "this connection already plays or publishes",
                     )
-                    .map_err(serr);
+                    .map_err(ConnError::from);
             }
-            match publish_request(ctx, &stream_key, &conn.app_query, peer) {
+            match ctx.publishers.publish(&stream_key, &conn.app_query, peer) {
                 Ok(ingest) => {
                     conn.ingest = Some(ingest);
-                    session.accept_request(request_id).map_err(serr)?
+                    session.accept_request(request_id)?
                 }
                 Err(msg) => {
-                    let out = session
-                        .reject_request(request_id, "NetStream.Publish.Denied", &msg)
-                        .map_err(serr)?;
+                    let out =
+                        session.reject_request(request_id, "NetStream.Publish.Denied", &msg)?;
                     // Send the status, then close: a refused publisher has nothing else to do.
                     for r in out {
                         if let ServerSessionResult::OutboundResponse(pk) = r {
-                            let _ = sock.write_all(&pk.bytes).await;
+                            let _ = send(sock, &pk.bytes, wt).await;
                         }
                     }
-                    let _ = sock.flush().await;
-                    return Err(ConnError::Session(format!("publish refused: {msg}")));
+                    let _ = tokio::time::timeout(wt, sock.flush()).await;
+                    return Err(ConnError::Closed(format!("publish refused: {msg}")));
                 }
             }
         }
@@ -626,7 +486,7 @@ async fn on_event(
             data, timestamp, ..
         } => {
             if let Some(i) = conn.ingest.as_mut()
-                && !i.closing
+                && !i.closing()
             {
                 i.on_video(&data, timestamp.value);
             }
@@ -636,7 +496,7 @@ async fn on_event(
             data, timestamp, ..
         } => {
             if let Some(i) = conn.ingest.as_mut()
-                && !i.closing
+                && !i.closing()
             {
                 i.on_audio(&data, timestamp.value);
             }
@@ -644,7 +504,7 @@ async fn on_event(
         }
         ServerSessionEvent::PublishStreamFinished { .. } => {
             if let Some(i) = conn.ingest.as_mut() {
-                i.closing = true;
+                i.finish();
             }
             vec![]
         }
