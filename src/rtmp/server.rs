@@ -34,7 +34,6 @@ use crate::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
 use crate::room::{Registry, Room, RoomEvent, new_track_id};
 use crate::sfu::{CodecSpec, TrackRouter};
 use crate::signaling::protocol::{Kind, LeaveReason};
-use tokio::sync::mpsc;
 
 /// Called with (room, role) when an RTMP publisher's first track is published.
 pub type OnPublished = Arc<dyn Fn(&str, Role) + Send + Sync>;
@@ -303,7 +302,7 @@ struct Ingest {
     room: Arc<Room>,
     pid: String,
     role: Role,
-    events: mpsc::UnboundedReceiver<RoomEvent>,
+    events: crate::room::EventRx,
     video: VideoIngest,
     audio: Option<AudioIngest>,
     video_router: Option<Arc<TrackRouter>>,
@@ -479,7 +478,7 @@ fn publish_request(
         warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
         format!("invalid stream key: {e} ({})", e.code())
     })?;
-    let (tx, events) = mpsc::unbounded_channel();
+    let (tx, events) = crate::room::event_channel();
     let (room, snap) = ctx
         .rooms
         .join(&grant.room, &grant.identity, grant.role, tx)

@@ -117,7 +117,7 @@ pub async fn cohost(
     let mut keep = vec![];
     let mut room = None;
     for i in 0..n {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = cohost::room::event_channel();
         let role = if i == 0 { Role::Host } else { Role::Cohost };
         let (r, snap) = registry
             .join(&name, &format!("p{i}"), role, tx)
