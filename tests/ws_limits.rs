@@ -69,7 +69,11 @@ async fn join_then_stop_reading(
 /// A request the server answers with an error that echoes its 60 KB request id.
 fn big_error_request(i: usize) -> Message {
     let id = format!("{i:06}{}", "x".repeat(60_000));
-    Message::Text(json!({"id": id, "type": "no_such_message"}).to_string().into())
+    Message::Text(
+        json!({"id": id, "type": "no_such_message"})
+            .to_string()
+            .into(),
+    )
 }
 
 async fn participants(server: &Server, room: &str) -> Vec<String> {
@@ -93,7 +97,11 @@ async fn participants(server: &Server, room: &str) -> Vec<String> {
 async fn wait_gone(server: &Server, room: &str, identity: &str, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
-        if !participants(server, room).await.iter().any(|p| p == identity) {
+        if !participants(server, room)
+            .await
+            .iter()
+            .any(|p| p == identity)
+        {
             return start.elapsed();
         }
         assert!(

@@ -216,7 +216,10 @@ mod tests {
         // Over the byte limit now.
         assert!(!tx.push(WsOut::Text("y".into())));
         assert!(tx.is_slow());
-        assert!(matches!(rx.next().await, Next::Abort(close_code::SLOW_READER)));
+        assert!(matches!(
+            rx.next().await,
+            Next::Abort(close_code::SLOW_READER)
+        ));
         assert_eq!(m.ws_slow_readers.load(Ordering::Relaxed), 1);
         drop(rx);
         assert_eq!(m.ws_outbox_bytes.load(Ordering::Relaxed), 0);

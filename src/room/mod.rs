@@ -145,8 +145,11 @@ impl MemberTx {
             return;
         };
         if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(ev) {
-            tracing::warn!(participant = pid, queue = EVENT_QUEUE,
-                "room events not read: queue full; cutting the member off as a slow reader");
+            tracing::warn!(
+                participant = pid,
+                queue = EVENT_QUEUE,
+                "room events not read: queue full; cutting the member off as a slow reader"
+            );
             *slot = None;
         }
     }
@@ -472,9 +475,7 @@ impl Registry {
                     .members
                     .values()
                     .any(|(_, m)| m.role == Role::Host && m.identity != identity);
-                let other_in_grace = st
-                    .host_grace_until
-                    .is_some_and(|d| d > Instant::now())
+                let other_in_grace = st.host_grace_until.is_some_and(|d| d > Instant::now())
                     && st.grace_host.as_deref().is_some_and(|h| h != identity);
                 if other_live || other_in_grace {
                     drop(st);

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use cohost::auth::Role;
 use cohost::bridge::pipeline::{Bridge, BridgeConfig};
