@@ -252,6 +252,16 @@ pub struct SignalingConfig {
     pub answer_timeout: Duration,
     /// Requests per second a connection may send (burst of twice that).
     pub rate_limit_per_sec: u32,
+    /// Longest time one WebSocket write (a message, ping or close frame) may take; a client
+    /// that does not read for this long is disconnected as a slow reader (close code 4010).
+    #[serde(with = "humantime_serde_compat")]
+    pub write_timeout: Duration,
+    /// Messages queued for one client at most; more means a slow reader (4010).
+    pub send_queue_messages: usize,
+    /// Bytes of messages queued for one client at most; more means a slow reader (4010).
+    pub send_queue_bytes: usize,
+    /// ICE candidates a client may trickle per peer connection; more get `bad_request`.
+    pub max_candidates: usize,
 }
 
 /// Defaults of every room's bridge (a start request may override the output parameters).
@@ -663,6 +673,10 @@ impl Default for SignalingConfig {
             join_timeout: Duration::from_secs(10),
             answer_timeout: Duration::from_secs(10),
             rate_limit_per_sec: 50,
+            write_timeout: Duration::from_secs(10),
+            send_queue_messages: 1024,
+            send_queue_bytes: 1024 * 1024,
+            max_candidates: 100,
         }
     }
 }
@@ -729,6 +743,17 @@ impl Config {
         if self.signaling.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "signaling.max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        let sg = &self.signaling;
+        if sg.write_timeout.is_zero()
+            || sg.send_queue_messages < 16
+            || sg.send_queue_bytes < sg.max_message_bytes
+        {
+            return Err(ConfigError::Invalid(
+                "signaling.write_timeout must be > 0, signaling.send_queue_messages at least 16 \
+                 and signaling.send_queue_bytes at least signaling.max_message_bytes"
+                    .into(),
             ));
         }
         let b = &self.bridge;

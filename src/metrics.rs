@@ -14,6 +14,10 @@ use crate::signaling::protocol::Kind;
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub ws_connections: AtomicU64,
+    /// Bytes queued for signaling clients and not yet handed to their sockets.
+    pub ws_outbox_bytes: AtomicU64,
+    /// Signaling connections closed because the client did not read (close code 4010).
+    pub ws_slow_readers: AtomicU64,
     pub joins: AtomicU64,
     pub join_failures: AtomicU64,
     pub signaling_errors: AtomicU64,
@@ -96,6 +100,18 @@ impl Metrics {
                 "gauge",
                 "Open signaling WebSockets.",
                 g(&self.ws_connections),
+            ),
+            (
+                "cohost_ws_outbox_bytes",
+                "gauge",
+                "Bytes queued for signaling clients, not yet written to their sockets.",
+                g(&self.ws_outbox_bytes),
+            ),
+            (
+                "cohost_ws_slow_readers_total",
+                "counter",
+                "Signaling connections closed because the client did not read (4010).",
+                g(&self.ws_slow_readers),
             ),
             (
                 "cohost_tasks_alive",

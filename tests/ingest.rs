@@ -570,7 +570,15 @@ async fn garbage_on_the_rtmp_port_closes_only_that_connection() {
     drain(s).await;
     // A second publisher with a valid key whose media is garbage after publish: a baseline
     // sequence header, then random "frames" and audio, and finally raw junk bytes.
-    let (key2, _) = cli_stream_key("sturdy", "garbler", &[]).await;
+    // (A co-host key: a host key of another identity is refused while obs hosts the room.)
+    let key2 = sign::mint_stream_key(
+        DEV_SECRET.as_bytes(),
+        "sturdy",
+        "garbler",
+        Role::Cohost,
+        now() + 600,
+    )
+    .unwrap();
     let mut p = RtmpPublisher::connect(rtmp, &key2)
         .await
         .expect("valid key accepted");

@@ -73,7 +73,7 @@ async fn exhausted_port_range_is_a_clear_error_not_a_crash() {
     .await;
     let mut a = Client::join(&server, "ports", "a", Role::Host).await;
     a.publish(None).await.unwrap();
-    let mut b = Client::join(&server, "ports", "b", Role::Host).await;
+    let mut b = Client::join(&server, "ports", "b", Role::Cohost).await;
     let err = b.publish(None).await.expect_err("no port left");
     assert_eq!(err["error"]["code"], "internal", "{err}");
     assert!(

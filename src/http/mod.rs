@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tower_http::services::ServeDir;
 
 use crate::auth::{Claims, Role};
-use crate::participant::{Driver, Services, WsIn, WsOut};
+use crate::participant::{Driver, Next, Services, WsIn, WsOut, outbox};
 
 mod whip;
 
@@ -679,36 +679,77 @@ async fn ws_upgrade(
 
 async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>) {
     svc.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
+    let sig = &svc.cfg.signaling;
+    let (max_bytes, write_timeout) = (sig.max_message_bytes, sig.write_timeout);
     let (mut sink, mut stream) = socket.split();
-    let (in_tx, in_rx) = mpsc::channel::<WsIn>(64);
-    let (out_tx, mut out_rx) = mpsc::channel::<WsOut>(256);
+    // Small: the reader waits when the driver is busy, which pushes back on the client through
+    // TCP; each queued text is at most max_message_bytes (larger ones are reduced to their
+    // length below).
+    let (in_tx, in_rx) = mpsc::channel::<WsIn>(16);
+    // Bounded in messages and bytes, and never awaited by the driver (see `Outbox`).
+    let (out_tx, mut out_rx) = outbox(
+        sig.send_queue_messages,
+        sig.send_queue_bytes,
+        svc.metrics.clone(),
+    );
     let mut driver = tokio::spawn(Driver::new(svc.clone(), room, out_tx).run(in_rx));
+    // Every write has a deadline: a client that stops reading cannot hold the writer (or, via
+    // a full queue, the driver) forever. `send` flushes, so the socket layer buffers at most
+    // the message being written.
     let mut writer = tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            let res = match m {
-                WsOut::Text(t) => sink.send(Message::Text(t.into())).await,
-                WsOut::Ping => sink.send(Message::Ping(Vec::new().into())).await,
-                WsOut::Close(code, reason) => {
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        })))
-                        .await;
+        loop {
+            let (msg, last) = match out_rx.next().await {
+                Next::Send(WsOut::Text(t)) => (Message::Text(t.into()), false),
+                Next::Send(WsOut::Ping) => (Message::Ping(Vec::new().into()), false),
+                Next::Send(WsOut::Close(code, reason)) => (
+                    Message::Close(Some(CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    })),
+                    true,
+                ),
+                Next::Abort(code) => {
+                    // Nothing is half-written here, so a close frame may still get through;
+                    // the socket is dropped right after either way.
+                    let frame = Message::Close(Some(CloseFrame {
+                        code,
+                        reason: "slow reader".into(),
+                    }));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await;
                     break;
                 }
+                Next::End => break,
             };
-            if res.is_err() {
+            tokio::select! {
+                r = tokio::time::timeout(write_timeout, sink.send(msg)) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!("websocket write: {e}");
+                        break;
+                    }
+                    Err(_) => {
+                        out_rx.stalled();
+                        break;
+                    }
+                },
+                // The driver gave up on this client mid-write: drop the connection.
+                _ = out_rx.aborted() => break,
+            }
+            if last {
                 break;
             }
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     });
     let mut driver_done = false;
     loop {
         tokio::select! {
             m = stream.next() => {
                 let ev = match m {
+                    Some(Ok(Message::Text(t))) if t.len() > max_bytes => WsIn::TooLarge(
+                        t.len(),
+                        crate::signaling::session::request_id_of(t.as_str()),
+                    ),
                     Some(Ok(Message::Text(t))) => WsIn::Text(t.to_string()),
                     Some(Ok(Message::Binary(b))) => WsIn::Binary(b.len()),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => WsIn::Activity,
@@ -729,8 +770,9 @@ async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>)
     if !driver_done {
         let _ = (&mut driver).await;
     }
-    // Give the writer a moment to flush the close frame, then drop the socket regardless.
-    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+    // The writer ends by itself within write_timeout (+1 s for the close); this only guards
+    // against a bug.
+    if tokio::time::timeout(write_timeout + Duration::from_secs(2), &mut writer)
         .await
         .is_err()
     {

@@ -19,7 +19,7 @@ use crate::peer::{
     Feedback, IceCandidate, Inbound, LocalTrack, MediaKind, Peer, PeerError, PeerEvent,
     PeerFactory, PeerState, RemoteTrack,
 };
-use crate::room::{Actor, Registry, Room, RoomError, RoomEvent, new_track_id};
+use crate::room::{Actor, EventRx, Registry, Room, RoomError, RoomEvent, new_track_id};
 use crate::sfu::TrackRouter;
 use crate::sfu::keyframe::{Decision, KeyframeThrottle};
 use crate::signaling::protocol::{
@@ -29,7 +29,11 @@ use crate::signaling::protocol::{
 use crate::signaling::session::{Action, MAX_TICK, Session};
 
 pub mod rtmp;
+
+mod outbox;
 pub mod whip;
+
+pub use outbox::{Next, Outbox, OutboxRx, outbox};
 
 /// Everything a connection needs from the server.
 pub struct Services {
@@ -73,7 +77,11 @@ impl Services {
 /// What the WebSocket layer hands the driver.
 #[derive(Debug)]
 pub enum WsIn {
+    /// A text frame within `signaling.max_message_bytes`.
     Text(String),
+    /// A text frame over the limit: only its length and request id are kept, so the queue to
+    /// the driver holds at most that many bytes per message.
+    TooLarge(usize, Option<RequestId>),
     Binary(usize),
     /// Ping or pong frame: proof of life only.
     Activity,
@@ -112,6 +120,9 @@ struct Joined {
     subscriber: Option<Peer>,
     sub_connected: bool,
     sub_tracks: HashMap<String, SubTrack>,
+    /// Candidates the client trickled to the publisher and subscriber connection (each goes
+    /// into the ICE agent's candidate list, which has no bound of its own).
+    candidates: [usize; 2],
     /// Offer in flight: id and deadline for the answer.
     negotiating: Option<(u64, Instant)>,
     /// The subscriber track set changed since the last offer.
@@ -126,6 +137,14 @@ struct Joined {
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The room's events; `None` once the room has cut this member off (see [`EventRx`]).
+async fn recv_room(rx: &mut Option<EventRx>) -> Option<RoomEvent> {
     match rx {
         Some(r) => r.recv().await,
         None => std::future::pending().await,
@@ -173,6 +192,7 @@ fn me<'a>(a: Actor<'a>) -> &'a str {
 fn room_error(e: &RoomError) -> (ErrorCode, u16) {
     let close = match e {
         RoomError::Full(_) | RoomError::SeatsFull(_) => close_code::ROOM_FULL,
+        RoomError::HostPresent(_) => close_code::HOST_PRESENT,
         _ => 0,
     };
     (e.code(), close)
@@ -181,10 +201,11 @@ fn room_error(e: &RoomError) -> (ErrorCode, u16) {
 pub struct Driver {
     svc: Arc<Services>,
     session: Session,
-    out: mpsc::Sender<WsOut>,
+    /// Never awaited: a client that does not read fills it and is disconnected.
+    out: Outbox,
     joined: Option<Joined>,
     // Kept outside `Joined` so the select loop can wait on all of them at once.
-    room_rx: Option<mpsc::UnboundedReceiver<RoomEvent>>,
+    room_rx: Option<EventRx>,
     pub_rx: Option<mpsc::UnboundedReceiver<PeerEvent>>,
     sub_rx: Option<mpsc::UnboundedReceiver<PeerEvent>>,
     internal_tx: mpsc::UnboundedSender<Internal>,
@@ -201,7 +222,7 @@ pub struct Driver {
 const STATS_INTERVAL: Duration = Duration::from_secs(2);
 
 impl Driver {
-    pub fn new(svc: Arc<Services>, url_room: Option<String>, out: mpsc::Sender<WsOut>) -> Self {
+    pub fn new(svc: Arc<Services>, url_room: Option<String>, out: Outbox) -> Self {
         let session = Session::new(
             svc.cfg.signaling.clone(),
             svc.auth.clone(),
@@ -239,7 +260,8 @@ impl Driver {
                 m.join_failures.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let _ = self.out.send(WsOut::Text(msg.to_json())).await;
+        // Never waits (see `Outbox::push`); a full queue ends the connection as a slow reader.
+        self.out.push(WsOut::Text(msg.to_json()));
     }
 
     /// Results are sent whether or not the request carried an id: a client that omits ids
@@ -262,6 +284,9 @@ impl Driver {
     pub async fn run(mut self, mut inbound: mpsc::Receiver<WsIn>) {
         let mut shutdown = self.svc.shutdown.clone();
         loop {
+            if self.out.is_slow() && self.ending.is_none() {
+                self.ending = Some(LeaveReason::SlowReader);
+            }
             if self.ending.is_some() || self.session.is_closed() {
                 break;
             }
@@ -270,6 +295,10 @@ impl Driver {
                 m = inbound.recv() => match m {
                     Some(WsIn::Text(t)) => {
                         let acts = self.session.on_text(Instant::now(), &t);
+                        self.apply(acts).await;
+                    }
+                    Some(WsIn::TooLarge(n, id)) => {
+                        let acts = self.session.on_too_large(Instant::now(), n, id);
                         self.apply(acts).await;
                     }
                     Some(WsIn::Binary(n)) => {
@@ -281,8 +310,23 @@ impl Driver {
                         self.ending = Some(LeaveReason::Left);
                     }
                 },
-                ev = recv_opt(&mut self.room_rx) => {
-                    if let Some(ev) = ev { self.on_room_event(ev).await; }
+                ev = recv_room(&mut self.room_rx) => match ev {
+                    Some(ev) => self.on_room_event(ev).await,
+                    None => {
+                        // The room cut us off: our event queue was full.
+                        self.room_rx = None;
+                        self.close_with(
+                            close_code::SLOW_READER,
+                            "too many room events not read",
+                            LeaveReason::SlowReader,
+                        )
+                        .await;
+                    }
+                },
+                _ = self.out.stalled() => {
+                    // The writer gave up: a socket write took longer than write_timeout.
+                    warn!("websocket write timed out; disconnecting a slow reader");
+                    self.ending = Some(LeaveReason::SlowReader);
                 }
                 ev = recv_opt(&mut self.pub_rx) => {
                     if let Some(ev) = ev { self.on_peer_event(Target::Publisher, ev).await; }
@@ -328,10 +372,10 @@ impl Driver {
             match a {
                 Action::Send(m) => self.send(m).await,
                 Action::Ping => {
-                    let _ = self.out.send(WsOut::Ping).await;
+                    self.out.push(WsOut::Ping);
                 }
                 Action::Close { code, reason } => {
-                    let _ = self.out.send(WsOut::Close(code, reason)).await;
+                    self.out.push(WsOut::Close(code, reason));
                     if self.ending.is_none() {
                         self.ending = Some(if code == close_code::DEAD {
                             LeaveReason::Disconnected
@@ -362,7 +406,7 @@ impl Driver {
     }
 
     async fn join(&mut self, id: Option<RequestId>, claims: Claims) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = crate::room::event_channel();
         let rooms = self.svc.rooms.clone();
         match rooms.join(&claims.room, &claims.sub, claims.role, tx) {
             Err(e) => {
@@ -417,6 +461,7 @@ impl Driver {
                     subscriber: None,
                     sub_connected: false,
                     sub_tracks: HashMap::new(),
+                    candidates: [0, 0],
                     negotiating: None,
                     dirty: false,
                     next_offer_id: 1,
@@ -657,6 +702,7 @@ impl Driver {
             match self.svc.peers.create().await {
                 Ok((p, rx)) => {
                     j.publisher = Some(p);
+                    j.candidates[0] = 0;
                     self.pub_rx = Some(rx);
                 }
                 Err(e) => {
@@ -731,6 +777,26 @@ impl Driver {
     }
 
     async fn candidate(&mut self, id: Option<RequestId>, target: Target, c: Candidate) {
+        let max = self.svc.cfg.signaling.max_candidates;
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        let slot = match target {
+            Target::Publisher => 0,
+            Target::Subscriber => 1,
+        };
+        let connected = match target {
+            Target::Publisher => j.publisher.is_some(),
+            Target::Subscriber => j.subscriber.is_some(),
+        };
+        if connected && !c.candidate.is_empty() {
+            if j.candidates[slot] >= max {
+                let msg = format!("at most {max} candidates per connection");
+                self.error(id, ErrorCode::BadRequest, msg).await;
+                return;
+            }
+            j.candidates[slot] += 1;
+        }
         let Some(j) = self.joined.as_ref() else {
             return;
         };
@@ -801,6 +867,7 @@ impl Driver {
                         (close_code::REPLACED, "replaced by a newer connection")
                     }
                     LeaveReason::Kicked => (close_code::KICKED, "removed by the host"),
+                    LeaveReason::SlowReader => (close_code::SLOW_READER, "slow reader"),
                     _ => (close_code::NORMAL, "removed"),
                 };
                 // A replaced member is already out of the room (teardown's leave is then a
@@ -968,6 +1035,7 @@ impl Driver {
             match self.svc.peers.create_for(use_).await {
                 Ok((p, rx)) => {
                     j.subscriber = Some(p);
+                    j.candidates[1] = 0;
                     self.sub_rx = Some(rx);
                 }
                 Err(e) => {
@@ -1140,7 +1208,11 @@ impl Driver {
     }
 
     async fn teardown(&mut self) {
-        let reason = self.ending.unwrap_or(LeaveReason::Left);
+        let reason = if self.out.is_slow() {
+            LeaveReason::SlowReader
+        } else {
+            self.ending.unwrap_or(LeaveReason::Left)
+        };
         if let Some(j) = self.joined.take() {
             self.svc.rooms.leave(&j.room, &j.pid, reason);
             // The last one out ends the room, and with it the room's bridge (a bridge of an

@@ -59,7 +59,7 @@ struct RoomIngest {
     room: Arc<Room>,
     pid: String,
     role: Role,
-    events: mpsc::UnboundedReceiver<RoomEvent>,
+    events: crate::room::EventRx,
     video: VideoIngest,
     audio: Option<AudioIngest>,
     video_router: Option<Arc<TrackRouter>>,
@@ -256,7 +256,7 @@ fn publish_request(
         warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
         format!("invalid stream key: {e} ({})", e.code())
     })?;
-    let (tx, events) = mpsc::unbounded_channel();
+    let (tx, events) = crate::room::event_channel();
     let (room, snap) = ctx
         .rooms
         .join(&grant.room, &grant.identity, grant.role, tx)

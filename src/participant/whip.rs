@@ -422,7 +422,7 @@ async fn publish_now(
         )));
     }
     check_offer(&offer)?;
-    let (room_tx, room_rx) = mpsc::unbounded_channel();
+    let (room_tx, room_rx) = crate::room::event_channel();
     let (r, snap) = svc
         .rooms
         .join(&claims.room, &claims.sub, claims.role, room_tx)
@@ -508,7 +508,7 @@ impl WhipTask {
     async fn run(
         mut self,
         mut peer_rx: mpsc::UnboundedReceiver<PeerEvent>,
-        mut room_rx: mpsc::UnboundedReceiver<RoomEvent>,
+        mut room_rx: crate::room::EventRx,
         mut cmd_rx: mpsc::UnboundedReceiver<Command>,
         early: Vec<PeerEvent>,
     ) {

@@ -91,21 +91,21 @@ impl Room {
 
     fn send_to(st: &State, pid: &str, ev: RoomEvent) {
         if let Some(m) = Self::member(st, pid) {
-            let _ = m.tx.send(ev);
+            m.tx.send(ev, pid);
         }
     }
 
     fn to_hosts(st: &State, msg: &ServerMessage) {
-        for (_, m) in st.members.values() {
+        for (id, m) in st.members.values() {
             if m.role == Role::Host {
-                let _ = m.tx.send(RoomEvent::Notify(msg.clone()));
+                m.tx.send(RoomEvent::Notify(msg.clone()), id);
             }
         }
     }
 
     fn to_all(st: &State, msg: &ServerMessage) {
-        for (_, m) in st.members.values() {
-            let _ = m.tx.send(RoomEvent::Notify(msg.clone()));
+        for (id, m) in st.members.values() {
+            m.tx.send(RoomEvent::Notify(msg.clone()), id);
         }
     }
 
@@ -499,7 +499,7 @@ impl Room {
 
     /// Bookkeeping after `pid` (with `role`) left: its requests end, and a host leaving with
     /// co-hosts seated starts the grace period.
-    pub(super) fn after_leave(&self, st: &mut State, pid: &str, role: Role) {
+    pub(super) fn after_leave(&self, st: &mut State, pid: &str, role: Role, identity: &str) {
         Self::end_request(st, pid, Outcome::Gone);
         Self::end_invite(st, pid, Outcome::Gone);
         let host_left =
@@ -507,6 +507,7 @@ impl Room {
         if host_left && Self::seats_taken(st) > 0 {
             let grace = self.cfg.host_grace;
             st.host_grace_until = Some(Instant::now() + grace);
+            st.grace_host = Some(identity.to_string());
             self.notice(
                 st,
                 format!(
@@ -538,6 +539,7 @@ impl Room {
         }
         if st.host_grace_until.is_some_and(|d| d <= now) {
             st.host_grace_until = None;
+            st.grace_host = None;
             let seated: Vec<String> = st
                 .members
                 .values()

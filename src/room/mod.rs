@@ -54,6 +54,8 @@ pub enum RoomError {
     RateLimited(u32),
     #[error("at most {0} characters")]
     TooLong(usize),
+    #[error("the room already has a host ({0}); a room has one host")]
+    HostPresent(&'static str),
 }
 
 impl RoomError {
@@ -76,6 +78,7 @@ impl RoomError {
             RoomError::ChatMuted => ErrorCode::ChatMuted,
             RoomError::RateLimited(_) => ErrorCode::RateLimited,
             RoomError::TooLong(_) => ErrorCode::MessageTooLarge,
+            RoomError::HostPresent(_) => ErrorCode::HostPresent,
         }
     }
 }
@@ -102,6 +105,56 @@ pub enum RoomEvent {
     Demoted,
 }
 
+/// How many room events may wait for one member. Events are small (joins, leaves, publishes,
+/// room messages; media never goes through here) and every owner drains its queue in its event
+/// loop without waiting on its client, so a full queue means the owner is stuck: the member is
+/// then cut off (see [`MemberTx`]) instead of the room blocking or the queue growing without
+/// bound. 1024 covers a burst of every member of a full room joining and chatting at once.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// The sending side of a member's room events (held by the room).
+pub type EventTx = mpsc::Sender<RoomEvent>;
+/// The receiving side of a member's room events (held by the member's connection). `None`
+/// from `recv` while still a member means the room cut this member off because its queue
+/// was full: its owner must disconnect it (reason `slow_reader`).
+pub type EventRx = mpsc::Receiver<RoomEvent>;
+
+/// A bounded channel for one member's room events: pass the sender to [`Registry::join`].
+pub fn event_channel() -> (EventTx, EventRx) {
+    mpsc::channel(EVENT_QUEUE)
+}
+
+/// A member's event sender. The room never waits on a member: a full queue drops the event and
+/// closes the channel, so the owner sees the end of its event stream once it has drained what
+/// was queued, and disconnects the member as a slow reader. (The lock is only ever taken under
+/// the room's state lock; it exists because events are sent while the state is borrowed
+/// shared.)
+struct MemberTx(Mutex<Option<EventTx>>);
+
+impl MemberTx {
+    fn new(tx: EventTx) -> Self {
+        Self(Mutex::new(Some(tx)))
+    }
+
+    fn send(&self, ev: RoomEvent, pid: &str) {
+        let mut slot = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let Some(tx) = slot.as_ref() else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(ev) {
+            tracing::warn!(
+                participant = pid,
+                queue = EVENT_QUEUE,
+                "room events not read: queue full; cutting the member off as a slow reader"
+            );
+            *slot = None;
+        }
+    }
+}
+
 struct Member {
     identity: String,
     role: Role,
@@ -110,9 +163,8 @@ struct Member {
     /// Holds a publisher slot: set when its first publish offer is accepted, so two newcomers
     /// negotiating at once cannot both pass the publisher limit.
     publishing: bool,
-    // Unbounded: room events are few and small (joins, leaves, publishes); media never goes
-    // through here.
-    tx: mpsc::UnboundedSender<RoomEvent>,
+    /// Where this member's events go; see [`MemberTx`].
+    tx: MemberTx,
     joined_at: Instant,
     /// Connection statistics the member's driver refreshes (opaque here: RTT, loss, jitter).
     media_stats: serde_json::Value,
@@ -137,6 +189,8 @@ struct State {
     next_message_id: u64,
     /// The host left with co-hosts seated: their seats last until then.
     host_grace_until: Option<Instant>,
+    /// The identity of that host: only it may join as host during the grace period.
+    grace_host: Option<String>,
     /// The room this one is in a PK with, and the partner host's tracks shown here.
     pk: Option<Arc<Room>>,
     foreign: BTreeMap<String, Arc<TrackRouter>>,
@@ -201,7 +255,7 @@ impl Room {
     fn broadcast(st: &State, except: &str, ev: &RoomEvent) {
         for (id, m) in st.members.values() {
             if id != except {
-                let _ = m.tx.send(ev.clone());
+                m.tx.send(ev.clone(), id);
             }
         }
     }
@@ -389,7 +443,7 @@ impl Registry {
         room: &str,
         identity: &str,
         role: Role,
-        tx: mpsc::UnboundedSender<RoomEvent>,
+        tx: EventTx,
     ) -> Result<(Arc<Room>, JoinSnapshot), RoomError> {
         loop {
             let r = self
@@ -412,6 +466,27 @@ impl Registry {
                 self.rooms.remove_if(room, |_, v| Arc::ptr_eq(v, &r));
                 continue;
             }
+            // One host per room: a host token of another identity is refused while the host
+            // is in the room or within its grace period, so nobody can take over (and kick the
+            // host off) a live room with a second host token. The same identity rejoining
+            // replaces its old connection below; operators act through the REST API.
+            if role == Role::Host {
+                let other_live = st
+                    .members
+                    .values()
+                    .any(|(_, m)| m.role == Role::Host && m.identity != identity);
+                let other_in_grace = st.host_grace_until.is_some_and(|d| d > Instant::now())
+                    && st.grace_host.as_deref().is_some_and(|h| h != identity);
+                if other_live || other_in_grace {
+                    drop(st);
+                    tracing::info!(%room, %identity, "host join refused: the room has a host");
+                    return Err(RoomError::HostPresent(if other_live {
+                        "in the room"
+                    } else {
+                        "within its grace period"
+                    }));
+                }
+            }
             // Replace a member with the same identity.
             let ghost = st
                 .members
@@ -422,7 +497,7 @@ impl Registry {
                 && let Some((_, m)) = st.members.remove(&seq)
             {
                 {
-                    let _ = m.tx.send(RoomEvent::Removed(LeaveReason::Replaced));
+                    m.tx.send(RoomEvent::Removed(LeaveReason::Replaced), &ghost_id);
                     for t in &m.tracks {
                         if let Some(router) = st.tracks.remove(t) {
                             router.close();
@@ -467,7 +542,7 @@ impl Registry {
                 role,
                 tracks: vec![],
                 publishing: false,
-                tx,
+                tx: MemberTx::new(tx),
                 joined_at: Instant::now(),
                 media_stats: serde_json::Value::Null,
                 chat_muted: false,
@@ -494,6 +569,7 @@ impl Registry {
             st.members.insert(seq, (pid, member));
             r.post(&mut st, Some(sender), MessageBody::Joined { role });
             if role == Role::Host && st.host_grace_until.take().is_some() {
+                st.grace_host = None;
                 r.post(
                     &mut st,
                     None,
@@ -554,7 +630,7 @@ impl Registry {
                 identity: m.identity.clone(),
             };
             room.post(&mut st, Some(sender), MessageBody::Left { reason });
-            room.after_leave(&mut st, pid, m.role);
+            room.after_leave(&mut st, pid, m.role, &m.identity);
         }
         let host_left = !st.members.values().any(|(_, m)| m.role == Role::Host);
         drop(st);
@@ -586,7 +662,7 @@ mod tests {
     use crate::signaling::protocol::Kind;
 
     /// The next event that is not a room message (joins and leaves also post chat notices).
-    fn next_event(rx: &mut mpsc::UnboundedReceiver<RoomEvent>) -> Option<RoomEvent> {
+    fn next_event(rx: &mut EventRx) -> Option<RoomEvent> {
         loop {
             match rx.try_recv() {
                 Ok(RoomEvent::Notify(_)) => continue,
@@ -608,10 +684,10 @@ mod tests {
     #[test]
     fn join_leave_lifecycle_and_events() {
         let r = reg(3);
-        let (tx_a, mut rx_a) = mpsc::unbounded_channel();
+        let (tx_a, mut rx_a) = event_channel();
         let (room, snap_a) = r.join("x", "alice", Role::Host, tx_a).unwrap();
         assert!(snap_a.others.is_empty());
-        let (tx_b, _rx_b) = mpsc::unbounded_channel();
+        let (tx_b, _rx_b) = event_channel();
         let (_, snap_b) = r.join("x", "bob", Role::Cohost, tx_b).unwrap();
         assert_eq!(snap_b.others.len(), 1);
         assert!(matches!(next_event(&mut rx_a), Some(RoomEvent::Joined(p)) if p.identity == "bob"));
@@ -628,11 +704,11 @@ mod tests {
     #[test]
     fn limits_and_roles() {
         let r = reg(2);
-        let (tx, _rx1) = mpsc::unbounded_channel();
+        let (tx, _rx1) = event_channel();
         let (room, a) = r.join("x", "a", Role::Host, tx).unwrap();
-        let (tx, _rx2) = mpsc::unbounded_channel();
+        let (tx, _rx2) = event_channel();
         let (_, b) = r.join("x", "b", Role::Audience, tx).unwrap();
-        let (tx, _rx3) = mpsc::unbounded_channel();
+        let (tx, _rx3) = event_channel();
         assert_eq!(
             r.join("x", "c", Role::Cohost, tx).err(),
             Some(RoomError::Full(2))
@@ -659,14 +735,77 @@ mod tests {
     #[test]
     fn same_identity_replaces_ghost() {
         let r = reg(5);
-        let (tx, mut rx_old) = mpsc::unbounded_channel();
+        let (tx, mut rx_old) = event_channel();
         r.join("x", "a", Role::Host, tx).unwrap();
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tx, _rx) = event_channel();
         let (room, _) = r.join("x", "a", Role::Host, tx).unwrap();
         assert!(matches!(
             next_event(&mut rx_old),
             Some(RoomEvent::Removed(LeaveReason::Replaced))
         ));
         assert_eq!(room.participant_count(), 1);
+    }
+
+    #[test]
+    fn a_second_host_is_refused_while_the_host_is_present_or_in_grace() {
+        let r = reg(5);
+        let (tx, _rx_a) = event_channel();
+        let (room, a) = r.join("x", "alice", Role::Host, tx).unwrap();
+        let (tx, _rx) = event_channel();
+        assert_eq!(
+            r.join("x", "mallory", Role::Host, tx).err(),
+            Some(RoomError::HostPresent("in the room"))
+        );
+        assert_eq!(RoomError::HostPresent("").code(), ErrorCode::HostPresent);
+        // Another identity as co-host is fine; alice is still the one host.
+        let (tx, _rx_c) = event_channel();
+        r.join("x", "carol", Role::Cohost, tx).unwrap();
+        assert_eq!(room.participant_count(), 2);
+        // Alice drops with a co-host seated: her grace period keeps the room hers.
+        r.leave(&room, &a.participant.id, LeaveReason::Disconnected);
+        let (tx, _rx) = event_channel();
+        assert_eq!(
+            r.join("x", "mallory", Role::Host, tx).err(),
+            Some(RoomError::HostPresent("within its grace period"))
+        );
+        let (tx, _rx_a2) = event_channel();
+        r.join("x", "alice", Role::Host, tx).unwrap();
+        // The same identity replaces its own connection as before.
+        let (tx, _rx_a3) = event_channel();
+        r.join("x", "alice", Role::Host, tx).unwrap();
+        assert_eq!(room.participant_count(), 2);
+    }
+
+    #[test]
+    fn a_member_that_does_not_read_its_events_is_cut_off_not_buffered() {
+        let r = reg(5);
+        let (tx, mut rx_slow) = event_channel();
+        let (room, _) = r.join("x", "slow", Role::Audience, tx).unwrap();
+        let (tx, mut rx_ok) = event_channel();
+        r.join("x", "ok", Role::Audience, tx).unwrap();
+        // Far more events than the queue holds (each visit: joined, left and two room
+        // messages); the room never blocks.
+        for i in 0..EVENT_QUEUE {
+            let (tx, _rx) = event_channel();
+            let (_, v) = r.join("x", &format!("v{i}"), Role::Audience, tx).unwrap();
+            r.leave(&room, &v.participant.id, LeaveReason::Left);
+            // The reader that keeps up is never cut off.
+            while rx_ok.try_recv().is_ok() {}
+        }
+        // The slow member's queue holds at most EVENT_QUEUE events, then ends: its owner
+        // disconnects it as a slow reader.
+        let mut queued = 0;
+        loop {
+            match rx_slow.try_recv() {
+                Ok(_) => queued += 1,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => panic!("channel not closed"),
+            }
+        }
+        assert!(queued <= EVENT_QUEUE, "{queued}");
+        assert!(matches!(
+            rx_ok.try_recv(),
+            Err(mpsc::error::TryRecvError::Empty)
+        ));
     }
 }

@@ -232,6 +232,9 @@ pub enum LeaveReason {
     ServerShutdown,
     /// The host (or an operator) removed them.
     Kicked,
+    /// The server could not deliver to them fast enough: their connection stopped reading
+    /// (a socket write timed out or their outgoing queue filled up) and was closed.
+    SlowReader,
 }
 
 /// Who sent a room message.
@@ -378,6 +381,9 @@ pub enum ErrorCode {
     NoHost,
     /// The host muted this member's chat.
     ChatMuted,
+    /// A join with role host while another identity is the room's host (or within its grace
+    /// period): a room has one host.
+    HostPresent,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -514,6 +520,10 @@ pub mod close_code {
     pub const ROOM_FULL: u16 = 4006;
     pub const DEAD: u16 = 4008;
     pub const KICKED: u16 = 4009;
+    /// The client did not read what the server sent (write timeout or full outgoing queue).
+    pub const SLOW_READER: u16 = 4010;
+    /// A host token was refused because the room already has another host.
+    pub const HOST_PRESENT: u16 = 4011;
     pub const RATE_LIMITED: u16 = 4029;
 }
 

@@ -139,6 +139,16 @@ impl Session {
         ))]
     }
 
+    /// A text frame over `max_message_bytes`, already dropped by the transport, which kept
+    /// only its length and request id.
+    pub fn on_too_large(&mut self, now: Instant, len: usize, id: Option<RequestId>) -> Vec<Action> {
+        self.on_activity(now);
+        if self.state == State::Closed {
+            return vec![];
+        }
+        vec![Action::Send(too_large(id, len, self.cfg.max_message_bytes))]
+    }
+
     pub fn on_text(&mut self, now: Instant, text: &str) -> Vec<Action> {
         self.on_activity(now);
         if self.state == State::Closed {
@@ -347,7 +357,7 @@ fn too_large(id: Option<RequestId>, len: usize, max: usize) -> ServerMessage {
 
 /// Best effort: recover the request id of a message that failed to parse as a whole, so the
 /// client can match the error to its request.
-fn request_id_of(text: &str) -> Option<RequestId> {
+pub fn request_id_of(text: &str) -> Option<RequestId> {
     #[derive(serde::Deserialize)]
     struct IdOnly {
         id: Option<RequestId>,

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use cohost::auth::Role;
 use cohost::bridge::pipeline::{Bridge, BridgeConfig};
@@ -117,7 +116,7 @@ pub async fn cohost(
     let mut keep = vec![];
     let mut room = None;
     for i in 0..n {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = cohost::room::event_channel();
         let role = if i == 0 { Role::Host } else { Role::Cohost };
         let (r, snap) = registry
             .join(&name, &format!("p{i}"), role, tx)
