@@ -46,8 +46,16 @@ impl ConnLimiter {
     /// `max_total` and `max_per_ip` of 0 mean no limit.
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
         Arc::new(Self {
-            max_total: if max_total == 0 { usize::MAX } else { max_total },
-            max_per_ip: if max_per_ip == 0 { usize::MAX } else { max_per_ip },
+            max_total: if max_total == 0 {
+                usize::MAX
+            } else {
+                max_total
+            },
+            max_per_ip: if max_per_ip == 0 {
+                usize::MAX
+            } else {
+                max_per_ip
+            },
             open: Mutex::new(Open::default()),
             refused: AtomicU64::new(0),
         })
@@ -84,11 +92,7 @@ impl ConnLimiter {
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
-        let mut open = self
-            .limiter
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut open = self.limiter.open.lock().unwrap_or_else(|p| p.into_inner());
         open.total = open.total.saturating_sub(1);
         if let Some(n) = open.per_ip.get_mut(&self.ip) {
             *n -= 1;
