@@ -111,6 +111,10 @@ pub struct ServerConfig {
     /// HTTP: connections open at once from one client IP. Behind a reverse proxy every client
     /// has the proxy's IP: raise this to about `max_connections` there. 0 = no limit.
     pub max_connections_per_ip: usize,
+    /// HTTP: largest request head (request line and headers), in bytes; also the size of a
+    /// connection's read buffer, so the memory a slowloris connection can hold (431 above it).
+    /// At least 8192.
+    pub max_header_bytes: usize,
     /// HTTP: largest request body of the REST API, in bytes (413 above it). WHIP/WHEP SDP
     /// bodies have their own 64 KiB limit.
     pub max_body_bytes: usize,
@@ -342,6 +346,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_connections_per_ip: 256,
+            max_header_bytes: 64 * 1024,
             max_body_bytes: 64 * 1024,
             max_flv_players: 1000,
             max_flv_players_per_stream: 500,
@@ -505,9 +510,9 @@ impl Config {
                 "server.header_read_timeout, idle_timeout, write_timeout and request_timeout must be > 0".into(),
             ));
         }
-        if sv.max_body_bytes < 1024 {
+        if sv.max_body_bytes < 1024 || sv.max_header_bytes < 8192 {
             return Err(ConfigError::Invalid(
-                "server.max_body_bytes must be at least 1024".into(),
+                "server.max_body_bytes must be at least 1024 and server.max_header_bytes at least 8192".into(),
             ));
         }
         let o = &self.origin;

@@ -282,6 +282,33 @@ async fn oversized_rest_body_is_refused_with_413() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_head_gets_431() {
+    let server = start(|c| c.server.max_header_bytes = 16 * 1024).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut head = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..40 {
+        head.push_str(&format!("X-Big-{i}: {}\r\n", "a".repeat(1000)));
+    }
+    head.push_str("\r\n");
+    let _ = s.write_all(head.as_bytes()).await;
+    let r = read_response(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    // A head under the limit is served.
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Ok: {}\r\n\r\n",
+            "a".repeat(8000)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    server.shutdown().await;
+}
+
 fn video(ts: u32, body: Vec<u8>) -> Tag {
     Tag {
         kind: flv::TAG_VIDEO,

@@ -53,13 +53,14 @@ use crate::config::ServerConfig;
 use crate::conn_limit::{ConnLimiter, ConnPermit};
 use crate::metrics::Metrics;
 
-/// The timeouts of one connection (from `[server]`).
+/// The limits of one connection (from `[server]`).
 #[derive(Debug, Clone, Copy)]
 struct Timeouts {
     header: Duration,
     idle: Duration,
     write: Duration,
     request: Duration,
+    max_header_bytes: usize,
 }
 
 impl Timeouts {
@@ -69,6 +70,7 @@ impl Timeouts {
             idle: cfg.idle_timeout,
             write: cfg.write_timeout,
             request: cfg.request_timeout,
+            max_header_bytes: cfg.max_header_bytes,
         }
     }
 }
@@ -206,6 +208,8 @@ async fn connection(
     builder
         .timer(TokioTimer::new())
         .keep_alive(true)
+        // Bounds the request head (431 above it) and so the memory a connection holds.
+        .max_buf_size(t.max_header_bytes)
         // Backstop only: never before the watchdog's own deadlines (see the module doc).
         .header_read_timeout(t.idle + t.header + Duration::from_secs(1));
     let conn = builder
