@@ -149,18 +149,20 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     };
     tokio::spawn(room_deadlines(services.clone(), shutdown_rx.clone()));
     let app = crate::http::router(services.clone());
-    let mut stop = shutdown_rx;
     let svc = services.clone();
     let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|v| *v).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!("http server: {e}");
-        }
+        let signalled = crate::http::serve::serve(
+            listener,
+            app,
+            svc.cfg.server.clone(),
+            svc.metrics.clone(),
+            shutdown_rx,
+        )
+        .await;
         // Connections got the shutdown signal; give them time to close their peers and to
-        // flush their close frames (a WebSocket counts until its writer has finished).
-        let deadline = tokio::time::Instant::now() + svc.cfg.server.shutdown_timeout;
+        // flush their close frames (a WebSocket counts until its writer has finished). The
+        // budget counts from the signal, HTTP connections' drain included.
+        let deadline = signalled + svc.cfg.server.shutdown_timeout;
         let busy = || {
             svc.rooms.room_count() > 0
                 || svc

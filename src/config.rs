@@ -140,6 +140,42 @@ pub struct ServerConfig {
     /// How long graceful shutdown waits for peers to close.
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_timeout: Duration,
+    /// HTTP: a request's head (request line and headers) must arrive within this time, counted
+    /// from its first byte (or from the accept, for a connection's first request). Bounds
+    /// slowloris clients that never finish their headers.
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+    /// HTTP: a keep-alive connection with no request in progress and no byte received is
+    /// closed after this time. Behind a reverse proxy that pools upstream connections, keep it
+    /// above the proxy's upstream keep-alive timeout.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// HTTP, WebSocket and HTTP-FLV: a socket write that makes no progress for this long (the
+    /// client stopped reading) closes the connection.
+    #[serde(with = "humantime_serde_compat")]
+    pub write_timeout: Duration,
+    /// HTTP: longest time a handler may take to produce its response, reading the request
+    /// body included (408 after it). Streaming bodies (HTTP-FLV) and WebSockets are not
+    /// bounded by it once their response has started.
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+    /// HTTP: connections open at once on `http_listen` (WebSockets and HTTP-FLV players
+    /// included); more are closed as soon as they are accepted. 0 = no limit.
+    pub max_connections: usize,
+    /// HTTP: connections open at once from one client IP. Behind a reverse proxy every client
+    /// has the proxy's IP: raise this to about `max_connections` there. 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// HTTP: largest request head (request line and headers), in bytes; also the size of a
+    /// connection's read buffer, so the memory a slowloris connection can hold (431 above it).
+    /// At least 8192.
+    pub max_header_bytes: usize,
+    /// HTTP: largest request body of the REST API, in bytes (413 above it). WHIP/WHEP SDP
+    /// bodies have their own 64 KiB limit.
+    pub max_body_bytes: usize,
+    /// HTTP-FLV players (`GET /live/{stream}.flv`) at once, in total and per stream
+    /// (503 `too_many_players` above). 0 = no limit.
+    pub max_flv_players: usize,
+    pub max_flv_players_per_stream: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -613,6 +649,16 @@ impl Default for ServerConfig {
             web_dir: "web".into(),
             dev_tokens: DevTokens::Auto,
             shutdown_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            write_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 64 * 1024,
+            max_flv_players: 1000,
+            max_flv_players_per_stream: 500,
         }
     }
 }
@@ -804,6 +850,21 @@ impl Config {
                  anyone reaching the port could mint host tokens",
                 self.server.http_listen
             )));
+        }
+        let sv = &self.server;
+        if sv.header_read_timeout.is_zero()
+            || sv.idle_timeout.is_zero()
+            || sv.write_timeout.is_zero()
+            || sv.request_timeout.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "server.header_read_timeout, idle_timeout, write_timeout and request_timeout must be > 0".into(),
+            ));
+        }
+        if sv.max_body_bytes < 1024 || sv.max_header_bytes < 8192 {
+            return Err(ConfigError::Invalid(
+                "server.max_body_bytes must be at least 1024 and server.max_header_bytes at least 8192".into(),
+            ));
         }
         let o = &self.origin;
         if (o.sign_play || o.sign_publish) && o.sign_secret.len() < 16 {

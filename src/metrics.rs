@@ -24,6 +24,14 @@ pub struct Metrics {
     pub peer_failures: AtomicU64,
     pub ice_failures: AtomicU64,
     pub plis_sent: AtomicU64,
+    /// HTTP listener (`src/http/serve.rs`): connections open now (WebSockets and HTTP-FLV
+    /// players included), refused by the connection caps, and closed by a timeout.
+    pub http_connections: AtomicU64,
+    pub http_connections_refused: AtomicU64,
+    pub http_timeouts: AtomicU64,
+    /// HTTP-FLV players playing now, and refused by `server.max_flv_players*`.
+    pub flv_players: AtomicU64,
+    pub flv_players_refused: AtomicU64,
 }
 
 fn g(a: &AtomicU64) -> u64 {
@@ -112,6 +120,36 @@ impl Metrics {
                 "counter",
                 "Signaling connections closed because the client did not read (4010).",
                 g(&self.ws_slow_readers),
+            ),
+            (
+                "cohost_http_connections",
+                "gauge",
+                "Open connections on the HTTP listener (WebSockets and HTTP-FLV included).",
+                g(&self.http_connections),
+            ),
+            (
+                "cohost_http_connections_refused_total",
+                "counter",
+                "HTTP connections closed at accept by server.max_connections(_per_ip).",
+                g(&self.http_connections_refused),
+            ),
+            (
+                "cohost_http_timeouts_total",
+                "counter",
+                "HTTP connections or requests ended by a header, idle, request or write timeout.",
+                g(&self.http_timeouts),
+            ),
+            (
+                "cohost_flv_players",
+                "gauge",
+                "HTTP-FLV players playing.",
+                g(&self.flv_players),
+            ),
+            (
+                "cohost_flv_players_refused_total",
+                "counter",
+                "HTTP-FLV requests refused by server.max_flv_players(_per_stream).",
+                g(&self.flv_players_refused),
             ),
             (
                 "cohost_tasks_alive",

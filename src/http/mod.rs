@@ -1,7 +1,9 @@
 //! The HTTP surface: WebSocket signaling at `/ws`, health, metrics, the REST API and the demo
 //! page. Handlers translate between HTTP and the services; room rules live elsewhere.
 
+mod flv;
 mod ingest;
+pub mod serve;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -41,7 +43,14 @@ pub fn router(svc: Arc<Services>) -> Router {
         .route("/v1/rooms/{room}", get(get_room))
         .route("/v1/rooms/{room}/messages", get(room_messages))
         .route("/v1/rooms/{room}/actions", axum::routing::post(room_action))
-        .route("/live/{file}", get(http_flv))
+        .route(
+            "/live/{file}",
+            get(flv::http_flv).layer(axum::Extension(flv::FlvPlayers::new(
+                svc.cfg.server.max_flv_players,
+                svc.cfg.server.max_flv_players_per_stream,
+                svc.metrics.clone(),
+            ))),
+        )
         .route(
             "/v1/rooms/{room}/stream-keys",
             axum::routing::post(ingest::mint_stream_key).delete(ingest::revoke_stream_keys),
@@ -61,6 +70,11 @@ pub fn router(svc: Arc<Services>) -> Router {
         .route("/vendor/mpegts.js", get(vendor_mpegts))
         .merge(whip::routes())
         .fallback_service(web)
+        // Every body-reading extractor (Json, Bytes) is bounded; WHIP/WHEP routes set their
+        // own (inner, so it wins) limit for SDP.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            svc.cfg.server.max_body_bytes,
+        ))
         .with_state(svc)
 }
 
@@ -210,8 +224,15 @@ async fn room_messages(
     let mut watch = r.message_watch();
     let mut messages = r.messages_since(q.since);
     if messages.is_empty() && q.wait > 0 {
-        let wait = Duration::from_secs(q.wait.min(30));
-        let _ = tokio::time::timeout(wait, watch.wait_for(|last| *last > q.since)).await;
+        // A waiting poll holds its connection (bounded by the HTTP connection caps): at most
+        // 30 s, and well within server.request_timeout so it answers rather than times out.
+        let wait = Duration::from_secs(q.wait.min(30)).min(svc.cfg.server.request_timeout / 2);
+        let mut stop = svc.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::timeout(wait, watch.wait_for(|last| *last > q.since)) => {}
+            // Shutting down: answer now so the connection can close.
+            Ok(_) = stop.wait_for(|v| *v) => {}
+        }
         messages = r.messages_since(q.since);
     }
     let next = messages.last().map_or(q.since, |m| m.id);
@@ -534,49 +555,6 @@ async fn bridge_stop(
             "no bridge for this room",
         ),
     }
-}
-
-/// HTTP-FLV from the embedded origin: `GET /live/{stream}.flv`. The body starts with the FLV
-/// header, metadata, sequence headers and the cached GOP, then follows the live stream until it
-/// ends or the client goes away.
-async fn http_flv(
-    State(svc): State<Arc<Services>>,
-    Path(file): Path<String>,
-    uri: axum::http::Uri,
-) -> Response {
-    let Some(name) = file.strip_suffix(".flv") else {
-        return api_error(StatusCode::NOT_FOUND, "not_found", "use /live/{stream}.flv");
-    };
-    if let Err(r) = ingest::check_play(&svc, name, uri.query()) {
-        return *r;
-    }
-    let player = match svc.origin.play(name) {
-        Ok(p) => p,
-        Err(e) => return api_error(StatusCode::NOT_FOUND, "not_found", &e.to_string()),
-    };
-    let mut head = crate::media::flv::header(player.has_audio, player.has_video).to_vec();
-    for t in &player.initial {
-        crate::media::flv::write_tag(&mut head, t.kind, t.timestamp_ms, &t.body);
-    }
-    let first = futures::stream::once(async move {
-        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(head))
-    });
-    let live = futures::stream::unfold(player.rx, |mut rx| async move {
-        let t = rx.recv().await?;
-        let mut b = Vec::with_capacity(t.body.len() + 15);
-        crate::media::flv::write_tag(&mut b, t.kind, t.timestamp_ms, &t.body);
-        Some((Ok(bytes::Bytes::from(b)), rx))
-    });
-    (
-        [
-            (header::CONTENT_TYPE, "video/x-flv"),
-            (header::CACHE_CONTROL, "no-cache"),
-            // Players (flv.js, mpegts.js) on other origins fetch this cross-origin.
-            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
-        ],
-        axum::body::Body::from_stream(first.chain(live)),
-    )
-        .into_response()
 }
 
 #[derive(Deserialize)]
