@@ -140,7 +140,13 @@ pub(crate) fn skip_scaling_list(b: &mut Bits<'_>, size: usize) -> Option<()> {
     let (mut last, mut next) = (8i32, 8i32);
     for _ in 0..size {
         if next != 0 {
-            next = (last + b.se()? + 256) % 256;
+            // delta_scale is in -128..=127 (§7.4.2.1.1.1); anything else is a broken SPS and
+            // would overflow the sum below (found by the h264_parsers fuzz target).
+            let delta = b.se()?;
+            if !(-128..=127).contains(&delta) {
+                return None;
+            }
+            next = (last + delta + 256) % 256;
         }
         last = if next == 0 { last } else { next };
     }
@@ -261,6 +267,29 @@ pub fn sps_dimensions(sps: &[u8]) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_range_scaling_delta_is_rejected() {
+        // Found by the h264_parsers fuzz target: a High-profile SPS whose scaling list carries
+        // a delta_scale of 2^31 - 1 overflowed `last + delta`.
+        let mut b = Bits {
+            // se() of k = 2^32 - 3 (i32::MAX): 31 zero bits, a one, then 2^31 - 2 in 31 bits.
+            data: &[0, 0, 0, 1, 0xff, 0xff, 0xff, 0xfc],
+            pos: 0,
+        };
+        assert_eq!(skip_scaling_list(&mut b, 16), None);
+        let crash = [
+            0x7a, 0x00, 0x00, 0xff, 0x00, 0x00, 0x00, 0x01, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00,
+            0x01, 0x00, 0x00, 0x01, 0x00, 0x04,
+        ];
+        for nal in split_annexb(&crash) {
+            let _ = sps_dimensions(nal);
+        }
+        let mut sps = vec![0x67];
+        sps.extend_from_slice(&crash);
+        let _ = sps_dimensions(&sps);
+        let _ = decoder_config(&sps, &crash);
+    }
 
     #[test]
     fn annexb_avcc_roundtrip() {

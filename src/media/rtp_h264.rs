@@ -29,9 +29,33 @@ pub enum Output {
     NeedKeyframe,
 }
 
+/// RTP payload types the checks below look at (RFC 6184 §5.4).
+const STAP_A: u8 = 24;
+const FU_A: u8 = 28;
+const FU_END: u8 = 0x40;
+
+/// Whether a STAP-A payload's aggregated units fit in it exactly. `rtc`'s depacketizer (0.21.1)
+/// reads a unit's 2-byte size without checking that both bytes are there and panics (index out
+/// of bounds) on a payload whose last unit leaves one byte, e.g. `18 00 01 65 00`; found by the
+/// rtp_h264 fuzz target. A publisher controls these bytes, so they are checked here first.
+fn stap_a_well_formed(payload: &[u8]) -> bool {
+    let mut at = 1;
+    while at < payload.len() {
+        let Some(size) = payload.get(at..at + 2) else {
+            return false;
+        };
+        at += 2 + (usize::from(size[0]) << 8 | usize::from(size[1]));
+    }
+    at == payload.len()
+}
+
 #[derive(Default)]
 pub struct Assembler {
     depacketizer: H264Packet,
+    /// Bytes of FU-A fragments the depacketizer holds for an unfinished NAL unit. It buffers
+    /// them without limit until a fragment with the end bit arrives, so the assembler counts
+    /// them and starts over past [`MAX_ACCESS_UNIT`].
+    fragment_bytes: usize,
     current: Vec<u8>,
     current_ts: Option<u32>,
     last_seq: Option<u16>,
@@ -106,6 +130,35 @@ impl Assembler {
         if self.current_ts.is_none() {
             self.current_ts = Some(timestamp);
         }
+        let nal_type = payload.first().map_or(0, |b| b & 0x1f);
+        if nal_type == STAP_A && !stap_a_well_formed(payload) {
+            tracing::debug!(len = payload.len(), "malformed STAP-A payload dropped");
+            self.broken = true;
+        } else if nal_type == FU_A
+            && payload.get(1).is_some_and(|b| b & FU_END == 0)
+            && self.fragment_bytes + payload.len() > MAX_ACCESS_UNIT
+        {
+            tracing::debug!("FU-A NAL unit larger than {MAX_ACCESS_UNIT} bytes dropped");
+            self.depacketizer = H264Packet::default();
+            self.fragment_bytes = 0;
+            self.broken = true;
+        } else {
+            self.depacketize(nal_type, payload);
+        }
+        if marker {
+            self.finish(&mut out);
+        }
+        out
+    }
+
+    fn depacketize(&mut self, nal_type: u8, payload: &Bytes) {
+        if nal_type == FU_A {
+            if payload.get(1).is_some_and(|b| b & FU_END != 0) {
+                self.fragment_bytes = 0;
+            } else {
+                self.fragment_bytes += payload.len();
+            }
+        }
         match self.depacketizer.depacketize(payload) {
             Ok(nals) => {
                 if self.current.len() + nals.len() <= MAX_ACCESS_UNIT {
@@ -116,10 +169,6 @@ impl Assembler {
             }
             Err(_) => self.broken = true,
         }
-        if marker {
-            self.finish(&mut out);
-        }
-        out
     }
 }
 
@@ -224,5 +273,30 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|k| (seed >> (k % 24)) as u8).collect();
             let _ = a.push(i, u32::from(i / 3), i % 3 == 2, &Bytes::from(payload));
         }
+    }
+
+    #[test]
+    fn truncated_stap_a_is_dropped_not_a_panic() {
+        // Found by the rtp_h264 fuzz target: the last aggregated unit's size field has one of
+        // its two bytes, and rtc's depacketizer indexed past the end.
+        let mut a = Assembler::new();
+        let _ = a.push(1, 0, false, &Bytes::from_static(&[0x18, 0x00, 0x01, 0x65, 0x00]));
+        let _ = a.push(2, 0, true, &Bytes::from_static(&[0x18, 0x00]));
+        assert!(stap_a_well_formed(&[0x18, 0x00, 0x01, 0x65, 0x00, 0x00]));
+        assert!(!stap_a_well_formed(&[0x18, 0x00, 0x05, 0x65]));
+    }
+
+    #[test]
+    fn endless_fu_a_fragments_are_bounded() {
+        // FU-A start and middle fragments, never an end: the depacketizer would buffer them all.
+        let mut a = Assembler::new();
+        let mut frag = vec![0x7c, 0x85];
+        frag.resize(1200, 0xab);
+        let frag = Bytes::from(frag);
+        for seq in 0..(2 * MAX_ACCESS_UNIT / 1200) as u16 {
+            let _ = a.push(seq, 0, false, &frag);
+            assert!(a.fragment_bytes <= MAX_ACCESS_UNIT);
+        }
+        assert!(a.broken);
     }
 }
