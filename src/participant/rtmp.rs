@@ -121,22 +121,22 @@ impl Ingest for RoomIngest {
 impl RoomIngest {
     /// Resolves when the room ends this publication (removed, lost its seat, room gone).
     async fn room_ended(room: &str, pid: &str, events: &mut crate::room::EventRx) {
-            loop {
-                match events.recv().await {
-                    Some(RoomEvent::Removed(reason)) => {
-                        info!(%room, participant = %pid, ?reason,
+        loop {
+            match events.recv().await {
+                Some(RoomEvent::Removed(reason)) => {
+                    info!(%room, participant = %pid, ?reason,
                             "rtmp publisher removed from the room");
-                        return;
-                    }
-                    Some(RoomEvent::Demoted) => {
-                        info!(%room, participant = %pid,
-                            "rtmp publisher lost its seat; disconnecting");
-                        return;
-                    }
-                    Some(_) => {}
-                    None => return,
+                    return;
                 }
+                Some(RoomEvent::Demoted) => {
+                    info!(%room, participant = %pid,
+                            "rtmp publisher lost its seat; disconnecting");
+                    return;
+                }
+                Some(_) => {}
+                None => return,
             }
+        }
     }
 }
 
@@ -274,10 +274,13 @@ fn publish_request(
         warn!(%peer, key = %logged, "rtmp publish refused: URL signature: {e}");
         format!("publish URL signature: {e} ({})", e.code())
     })?;
-    let grant = ctx.stream_keys.verify(&ctx.key_secret, key, now_secs()).map_err(|e| {
-        warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
-        format!("invalid stream key: {e} ({})", e.code())
-    })?;
+    let grant = ctx
+        .stream_keys
+        .verify(&ctx.key_secret, key, now_secs())
+        .map_err(|e| {
+            warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
+            format!("invalid stream key: {e} ({})", e.code())
+        })?;
     let (tx, events) = crate::room::event_channel();
     let (room, snap) = ctx
         .rooms
