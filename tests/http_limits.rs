@@ -268,11 +268,18 @@ async fn request_body_sent_too_slowly_gets_408() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_rest_body_is_refused_with_413() {
     let server = start(|c| c.server.max_body_bytes = 4096).await;
+    // A valid host token: the token is checked before the body (issue 11, defect 9), so
+    // without one the answer would be 401 whatever the body.
+    let token = server
+        .services
+        .auth
+        .mint("r", "host", cohost::auth::Role::Host, None)
+        .expect("token");
     let mut s = TcpStream::connect(server.addr).await.unwrap();
     let body = vec![b'a'; 10_000];
     let head = format!(
         "POST /v1/rooms/r/stream-keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n",
+         Authorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await.unwrap();

@@ -99,7 +99,7 @@ pub(super) async fn mint_stream_key(
         Ok((_, r)) => r,
         Err(r) => return *r,
     };
-    let req: KeyRequest = match json_body(body).await {
+    let req: KeyRequest = match json_body(body, svc.cfg.server.max_body_bytes).await {
         Ok(r) => r,
         Err(r) => return *r,
     };
@@ -197,7 +197,7 @@ pub(super) async fn signed_url(
         Ok(s) => s,
         Err(r) => return *r,
     };
-    let req: SignRequest = match json_body(body).await {
+    let req: SignRequest = match json_body(body, svc.cfg.server.max_body_bytes).await {
         Ok(r) => r,
         Err(r) => return *r,
     };

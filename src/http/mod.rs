@@ -162,23 +162,24 @@ fn path_param<T>(p: Result<Path<T>, PathRejection>) -> Result<T, Box<Response>> 
 }
 
 /// Largest JSON body of the REST API.
-const MAX_JSON_BODY: usize = 64 * 1024;
-
 /// Read and parse a JSON body, after authentication (the body is taken as a raw `Body`
 /// so that no extractor parses it before the handler has checked the token). Empty means
 /// `T::default()`. Errors are 413 or 400 in our error format, never axum's rejection text.
+/// `limit` is `server.max_body_bytes`: a raw `Body` is not bounded by the router's
+/// `DefaultBodyLimit`, so the limit is applied here.
 async fn json_body<T: serde::de::DeserializeOwned + Default>(
     body: Body,
+    limit: usize,
 ) -> Result<T, Box<Response>> {
-    let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
-        .await
-        .map_err(|_| {
-            Box::new(api_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                &format!("the body is larger than {MAX_JSON_BODY} bytes or was cut off"),
-            ))
-        })?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        Box::new(api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!(
+                "the body is larger than {limit} bytes (server.max_body_bytes) or was cut off"
+            ),
+        ))
+    })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -261,7 +262,7 @@ async fn room_action(
         Ok(r) => r,
         Err(r) => return *r,
     };
-    let msg: M = match json_body::<Option<M>>(body).await {
+    let msg: M = match json_body::<Option<M>>(body, svc.cfg.server.max_body_bytes).await {
         Ok(Some(m)) => m,
         Ok(None) => {
             return api_error(
@@ -472,10 +473,11 @@ async fn bridge_start(
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let req: crate::bridge::control::BridgeRequest = match json_body(body).await {
-        Ok(r) => r,
-        Err(r) => return *r,
-    };
+    let req: crate::bridge::control::BridgeRequest =
+        match json_body(body, svc.cfg.server.max_body_bytes).await {
+            Ok(r) => r,
+            Err(r) => return *r,
+        };
     if let Err(e) = crate::bridge::control::start(&svc.bridge_ctl(Some(claims.role)), &room, req) {
         return control_error(&e);
     }
@@ -516,7 +518,7 @@ async fn bridge_update(
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let req: BridgeUpdate = match json_body(body).await {
+    let req: BridgeUpdate = match json_body(body, svc.cfg.server.max_body_bytes).await {
         Ok(r) => r,
         Err(r) => return *r,
     };
