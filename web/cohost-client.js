@@ -464,7 +464,7 @@ export class CohostClient extends EventTarget {
 }
 
 /** Protocol error codes after which reconnecting with the same token cannot help. */
-const FINAL_CLOSE_CODES = new Set(["invalid_token", "token_expired", "wrong_room", "room_full", "seats_full"]);
+const FINAL_CLOSE_CODES = new Set(["invalid_token", "token_expired", "wrong_room", "room_full", "seats_full", "host_present"]);
 
 // The bridge (the mixed RTMP/HTTP-FLV output) decodes H.264, not VP8, and browsers offer VP8
 // first unless told otherwise: put H.264 (constrained baseline, packetization-mode=1 first)

@@ -55,6 +55,8 @@ const CLOSE_TEXT = {
   4006: "The room is full.",
   4008: "The connection went silent or the media connection failed.",
   4009: "The host removed you from the room.",
+  4010: "The connection was too slow to keep up: the server closed it.",
+  4011: "This room already has a host.",
   4029: "Too many messages: the server closed the connection.",
 };
 
@@ -74,6 +76,7 @@ function describe(err) {
     token_expired: "The access token has expired: get a new one.",
     wrong_room: "The token is for another room.",
     room_full: "The room is full: try again later.",
+    host_present: "This room already has a host: join as audience, or wait until the host leaves.",
     seats_full: "Every co-host seat is taken.",
     connect_failed: `Cannot reach the server (${wsUrl}).`,
     connection_lost: "The connection to the server was lost.",

@@ -115,7 +115,11 @@ describe("co-hosting through the demo page", () => {
 
   before(async () => {
     tmp = mkdtempSync(path.join(tmpdir(), "cohost-demo-"));
-    server = await startServer();
+    server = await startServer({
+      // The page pushes to a dead CDN on loopback: hosts may not push to loopback by default
+      // (bridge destination policy), the operator allows it here.
+      COHOST_BRIDGE__DESTINATION_ALLOW: '["127.0.0.0/8"]',
+    });
     hostBrowser = await launchBrowser(); // Chromium's green test pattern: host and viewer
     guestBrowser = await launchBrowser({ video: blueCamera(tmp) }); // the co-host's blue camera
   });
@@ -312,6 +316,8 @@ describe("errors shown by the demo page", () => {
     await other.goto(`http://${server.addr}/`);
     await other.fill("#room", "tiny");
     await other.fill("#name", "dave");
+    // As audience: a second host would be refused for another reason (one host per room).
+    await other.check("#role-audience");
     await other.click("#enter");
     await other.waitForSelector("#error:has-text('The room is full')");
     await other.screenshot({ path: path.join(OUTPUT, "room-full.png") });
