@@ -51,13 +51,8 @@ pub mod flv_reader {
         let mut r = Reader::new();
         for chunk in data.chunks(split) {
             r.push(chunk);
-            loop {
-                match r.next_tag() {
-                    Ok(Some(t)) => {
-                        let _ = (t.is_video_keyframe(), t.is_sequence_header());
-                    }
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(t)) = r.next_tag() {
+                let _ = (t.is_video_keyframe(), t.is_sequence_header());
             }
         }
     }

@@ -107,6 +107,7 @@ fn rtmp_context(svc: &Arc<Services>) -> Arc<crate::rtmp::server::RtmpContext> {
             rooms: svc.rooms.clone(),
             key_secret: svc.cfg.auth.secret.as_bytes().to_vec(),
             cfg: svc.cfg.origin.clone(),
+            stream_keys: svc.stream_keys.clone(),
             on_published: Some(Arc::new(on_published)),
         }),
     })

@@ -338,11 +338,9 @@ fn ffmpeg_push(url: &str, secs: u32) -> tokio::process::Child {
         .expect("ffmpeg")
 }
 
-/// Needs RTMP ingest to verify keys with `Services::stream_keys.verify` and to select on
-/// `stream_keys.revoked(&grant)` (the ingest code is moving to src/participant/; hooked at
-/// merge). Run with `--ignored` once hooked.
+/// A revoked key is refused at publish, and a publisher live on a key that gets revoked is
+/// disconnected (RTMP ingest selects on `StreamKeys::revoked`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the revocation hook in RTMP ingest (merge of h/rtmp and h/bridge)"]
 async fn revoked_stream_key_cannot_publish_and_live_publisher_is_dropped() {
     let server = Server::start().await;
     let rtmp = server.rtmp.expect("rtmp listener");

@@ -813,6 +813,24 @@ async fn whip_trickle_patch_cors_preflight_and_ice_restart_refusal() {
     // Another ICE session's ETag: 412.
     let r = patch("\"not-this-one\"", FRAG, frag.clone()).await;
     assert_eq!(r.status, 412, "{}", r.body);
+    // A flood of trickled candidates: the session keeps at most signaling.max_candidates (100).
+    let flood: String = (0..150)
+        .map(|i| {
+            format!(
+                "a=candidate:{i} 1 udp 2130706431 127.0.0.1 {} typ host\r\n",
+                10000 + i
+            )
+        })
+        .collect();
+    let big =
+        format!("a=ice-ufrag:{ufrag}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n{flood}");
+    let r = patch("*", FRAG, big).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("too many trickled candidates"),
+        "{}",
+        r.body
+    );
     // New credentials = ICE restart: not supported, said so.
     let restart = frag.replace(&ufrag, "NEWUFRAG");
     let r = patch("*", FRAG, restart).await;

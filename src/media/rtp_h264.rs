@@ -280,7 +280,12 @@ mod tests {
         // Found by the rtp_h264 fuzz target: the last aggregated unit's size field has one of
         // its two bytes, and rtc's depacketizer indexed past the end.
         let mut a = Assembler::new();
-        let _ = a.push(1, 0, false, &Bytes::from_static(&[0x18, 0x00, 0x01, 0x65, 0x00]));
+        let _ = a.push(
+            1,
+            0,
+            false,
+            &Bytes::from_static(&[0x18, 0x00, 0x01, 0x65, 0x00]),
+        );
         let _ = a.push(2, 0, true, &Bytes::from_static(&[0x18, 0x00]));
         assert!(stap_a_well_formed(&[0x18, 0x00, 0x01, 0x65, 0x00, 0x00]));
         assert!(!stap_a_well_formed(&[0x18, 0x00, 0x05, 0x65]));

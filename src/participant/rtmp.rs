@@ -14,9 +14,10 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::auth::keys::StreamKeys;
+use crate::auth::sign::StreamGrant;
 use crate::auth::{Role, now_secs, sign};
 use crate::config::OriginConfig;
 use crate::room::{Registry, Room, RoomEvent, new_track_id};
@@ -37,6 +38,8 @@ pub struct RtmpRooms {
     /// HMAC secret of stream keys (the auth secret).
     pub key_secret: Vec<u8>,
     pub cfg: OriginConfig,
+    /// Lifetime cap and revocations of stream keys (shared with the REST API that revokes).
+    pub stream_keys: Arc<StreamKeys>,
     /// Called when an RTMP publisher's first track is published (room, role): the server
     /// starts the room's bridge when `bridge.auto_start` says so.
     pub on_published: Option<OnPublished>,
@@ -59,6 +62,9 @@ struct RoomIngest {
     room: Arc<Room>,
     pid: String,
     role: Role,
+    /// The key it published with, and the store that may revoke it while it is live.
+    grant: StreamGrant,
+    stream_keys: Arc<StreamKeys>,
     events: crate::room::EventRx,
     video: VideoIngest,
     audio: Option<AudioIngest>,
@@ -98,23 +104,39 @@ impl Ingest for RoomIngest {
 
     fn ended(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            loop {
-                match self.events.recv().await {
-                    Some(RoomEvent::Removed(reason)) => {
-                        info!(room = %self.room.name, participant = %self.pid, ?reason,
-                            "rtmp publisher removed from the room");
-                        return;
-                    }
-                    Some(RoomEvent::Demoted) => {
-                        info!(room = %self.room.name, participant = %self.pid,
-                            "rtmp publisher lost its seat; disconnecting");
-                        return;
-                    }
-                    Some(_) => {}
-                    None => return,
+            let revoked = self.stream_keys.clone();
+            let grant = self.grant.clone();
+            let (room, pid) = (self.room.name.clone(), self.pid.clone());
+            tokio::select! {
+                _ = revoked.revoked(&grant) => {
+                    info!(%room, participant = %pid,
+                        "rtmp publisher's stream key was revoked; disconnecting");
                 }
+                _ = Self::room_ended(&room, &pid, &mut self.events) => {}
             }
         })
+    }
+}
+
+impl RoomIngest {
+    /// Resolves when the room ends this publication (removed, lost its seat, room gone).
+    async fn room_ended(room: &str, pid: &str, events: &mut crate::room::EventRx) {
+        loop {
+            match events.recv().await {
+                Some(RoomEvent::Removed(reason)) => {
+                    info!(%room, participant = %pid, ?reason,
+                            "rtmp publisher removed from the room");
+                    return;
+                }
+                Some(RoomEvent::Demoted) => {
+                    info!(%room, participant = %pid,
+                            "rtmp publisher lost its seat; disconnecting");
+                    return;
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
     }
 }
 
@@ -252,10 +274,13 @@ fn publish_request(
         warn!(%peer, key = %logged, "rtmp publish refused: URL signature: {e}");
         format!("publish URL signature: {e} ({})", e.code())
     })?;
-    let grant = sign::verify_stream_key(&ctx.key_secret, key, now_secs()).map_err(|e| {
-        warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
-        format!("invalid stream key: {e} ({})", e.code())
-    })?;
+    let grant = ctx
+        .stream_keys
+        .verify(&ctx.key_secret, key, now_secs())
+        .map_err(|e| {
+            warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
+            format!("invalid stream key: {e} ({})", e.code())
+        })?;
     let (tx, events) = crate::room::event_channel();
     let (room, snap) = ctx
         .rooms
@@ -270,6 +295,8 @@ fn publish_request(
         room,
         pid,
         role: grant.role,
+        grant: grant.clone(),
+        stream_keys: ctx.stream_keys.clone(),
         events,
         video: VideoIngest::default(),
         audio: None,

@@ -515,6 +515,7 @@ impl WhipTask {
         let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
         let mut shutdown = self.svc.shutdown.clone();
         let mut connected = false;
+        let mut trickled = 0usize;
         // A publisher whose ICE never completes would hold a seat and a port until then.
         let connect_deadline = tokio::time::Instant::now() + self.svc.cfg.whip.connect_timeout;
         let mut reason = None;
@@ -527,7 +528,10 @@ impl WhipTask {
             tokio::select! {
                 c = cmd_rx.recv() => match c {
                     Some(Command::Candidates(cands, reply)) => {
-                        let _ = reply.send(add_candidates(&self.peer, cands).await);
+                        let max = self.svc.cfg.signaling.max_candidates;
+                        let _ = reply.send(
+                            add_candidates(&self.peer, cands, &mut trickled, max).await,
+                        );
                     }
                     Some(Command::End) | None => reason = Some(LeaveReason::Left),
                 },
@@ -632,7 +636,21 @@ impl WhipTask {
     }
 }
 
-async fn add_candidates(peer: &Peer, cands: Vec<IceCandidate>) -> Result<(), WhipError> {
+/// Add trickled candidates (`PATCH`) to a session's peer. The ICE agent keeps and pairs every
+/// remote candidate it is given, so a session takes at most `signaling.max_candidates` of
+/// them in all (the same cap as a WebSocket peer connection); beyond, the PATCH is refused.
+async fn add_candidates(
+    peer: &Peer,
+    cands: Vec<IceCandidate>,
+    added: &mut usize,
+    max: usize,
+) -> Result<(), WhipError> {
+    if added.saturating_add(cands.len()) > max {
+        return Err(WhipError::BadRequest(format!(
+            "too many trickled candidates for this session (at most {max}, signaling.max_candidates)"
+        )));
+    }
+    *added += cands.len();
     for c in cands {
         peer.add_candidate(c)
             .await
@@ -806,6 +824,7 @@ async fn whep_run(
 ) {
     let mut shutdown = svc.shutdown.clone();
     let mut connected = false;
+    let mut trickled = 0usize;
     // Reap a viewer whose ICE never completes: it would hold a port and a slot of the caps.
     let connect_deadline = tokio::time::Instant::now() + svc.cfg.whip.connect_timeout;
     let mut every = tokio::time::interval(Duration::from_millis(500));
@@ -816,7 +835,8 @@ async fn whep_run(
             None => tokio::select! {
                 c = cmd_rx.recv() => match c {
                     Some(Command::Candidates(cands, reply)) => {
-                        let _ = reply.send(add_candidates(&peer, cands).await);
+                        let max = svc.cfg.signaling.max_candidates;
+                        let _ = reply.send(add_candidates(&peer, cands, &mut trickled, max).await);
                         continue;
                     }
                     Some(Command::End) | None => break "deleted",

@@ -82,7 +82,7 @@ pub const APP: &str = "live";
 /// Time a client has to finish the handshake and ask to play.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// At most one warning a this often about refused connections (a flood must not flood the log).
+/// At most one warning this often about refused connections (a flood must not flood the log).
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]

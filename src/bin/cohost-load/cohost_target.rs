@@ -51,6 +51,8 @@ impl CohostTarget {
             .env("COHOST_ROOM__MAX_PARTICIPANTS", "1000")
             .env("COHOST_ROOM__MAX_PUBLISHERS", "100")
             .env("COHOST_SIGNALING__RATE_LIMIT_PER_SEC", "1000")
+            // Every simulated client connects from this one machine: no per-IP cap.
+            .env("COHOST_SERVER__MAX_CONNECTIONS_PER_IP", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
