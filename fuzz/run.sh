@@ -20,7 +20,7 @@ while getopts "t:j:h" o; do
   case $o in
     t) secs=$OPTARG ;;
     j) par=$OPTARG ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    *) sed -n '2,/^set /{/^#/p}' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -75,6 +75,8 @@ run_one() {
   [ -f "dicts/$t.dict" ] && dict=("-dict=dicts/$t.dict")
   local log="logs/$t.log"
   local start=$SECONDS
+  # Crashes are counted from the artifacts written after this mark (older ones may be kept).
+  touch "logs/$t.start"
   # cargo fuzz exits non-zero when a crash is found; the summary reports it.
   nice -n "$nice_n" cargo +nightly fuzz run "$t" "corpus/$t" "${seeds[@]}" -- \
     -max_total_time="$secs" -rss_limit_mb="$rss" -timeout="$tmo" -print_final_stats=1 \
@@ -95,6 +97,9 @@ else
   wait
 fi
 
+summary=logs/summary-$(date -u +%Y%m%dT%H%M%S).md
+echo "| target | finished (UTC) | seconds | executions | exec/s | cov | ft | corpus | crashes |" >"$summary"
+echo "|---|---|---|---|---|---|---|---|---|" >>"$summary"
 printf '\n%-18s %8s %12s %8s %8s %8s %8s %s\n' target secs execs exec/s cov ft corpus crashes
 for t in "${targets[@]}"; do
   log="logs/$t.log"
@@ -105,12 +110,19 @@ for t in "${targets[@]}"; do
   cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
   ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
   corp=$(sed -n 's/.* corp: \([0-9]*\).*/\1/p' <<<"$last")
-  crashes=$(find "artifacts/$t" -type f \( -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' -o -name 'leak-*' \) | wc -l)
+  crashes=$(find "artifacts/$t" -type f -newer "logs/$t.start" \
+    \( -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' -o -name 'leak-*' \) | wc -l)
   dur=$(cut -d' ' -f2 "logs/$t.time" 2>/dev/null || echo "?")
   printf '%-18s %8s %12s %8s %8s %8s %8s %s\n' "$t" "$dur" "${execs:-?}" "${eps:-?}" \
     "${cov:-?}" "${ft:-?}" "${corp:-?}" "$crashes"
+  echo "| $t | $(date -u -r "$log" '+%Y-%m-%d %H:%M') | $dur | ${execs:-?} | ${eps:-?} | ${cov:-?} | ${ft:-?} | ${corp:-?} | $crashes |" >>"$summary"
+  if [ -z "$execs" ]; then
+    echo "    $t did not run to the end: see fuzz/$log"
+  fi
   if [ "$crashes" -gt 0 ]; then
-    find "artifacts/$t" -type f | sed 's/^/    /'
+    find "artifacts/$t" -type f -newer "logs/$t.start" | sed 's/^/    /'
     grep -m3 -E '^(==[0-9]+==ERROR|thread .* panicked|SUMMARY)' "$log" | sed 's/^/    /' || true
   fi
 done
+echo
+echo "markdown table: fuzz/$summary"

@@ -158,7 +158,7 @@ pub mod ws_frames {
     use cohost::auth::{Authenticator, Role};
     use cohost::config::{AuthConfig, SignalingConfig};
     use cohost::signaling::protocol::{ErrorCode, close_code};
-    use cohost::signaling::session::{Action, Session};
+    use cohost::signaling::session::{Action, Session, request_id_of};
     use tungstenite::protocol::{Role as WsRole, WebSocket, WebSocketConfig};
     use tungstenite::{Error, Message};
 
@@ -213,6 +213,7 @@ pub mod ws_frames {
             return;
         };
         let cfg = SignalingConfig::default();
+        let max_bytes = cfg.max_message_bytes;
         // Same limits as ws_upgrade: 16x the protocol limit, at least 1 MiB.
         let hard = (cfg.max_message_bytes * 16).max(1 << 20);
         let ws_cfg = WebSocketConfig::default()
@@ -239,6 +240,11 @@ pub mod ws_frames {
         for i in 0..10_000u64 {
             let t = now + Duration::from_millis(i * 7);
             let actions = match ws.read() {
+                // As ws_session in src/http/mod.rs: an oversized text is reduced to its length and
+                // request id before it reaches the session.
+                Ok(Message::Text(text)) if text.len() > max_bytes => {
+                    s.on_too_large(t, text.len(), request_id_of(text.as_str()))
+                }
                 Ok(Message::Text(text)) => s.on_text(t, &text.replace("$T", &token)),
                 Ok(Message::Binary(b)) => s.on_binary(t, b.len()),
                 Ok(Message::Ping(_) | Message::Pong(_)) => {
@@ -362,6 +368,22 @@ pub mod whip_sdp {
                     ..Default::default()
                 });
             }
+        }
+    }
+}
+
+pub mod rtmp_session {
+    use cohost::rtmp::session::SessionError;
+
+    /// Bytes a client sends after the RTMP handshake, into the server's guarded session: the
+    /// guard (`cohost::rtmp::guard`) and a real `rml_rtmp` server session with its AMF0 decoder,
+    /// accepting every connect/publish/play request (`cohost::rtmp::drive_server_session`). The
+    /// first byte picks the read size. Errors are fine (the server closes that connection); a
+    /// crash is not, and neither is a panic inside `rml_rtmp` that only `catch_unwind` stopped:
+    /// the guard is meant to refuse every input that makes `rml_rtmp` panic.
+    pub fn run(data: &[u8]) {
+        if let Err(SessionError::Panicked(msg)) = cohost::rtmp::drive_server_session(data) {
+            panic!("rml_rtmp panicked behind the guard: {msg}");
         }
     }
 }

@@ -17,6 +17,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("rtp_h264", targets::rtp_h264::run),
     ("rtmp_ingest", targets::rtmp_ingest::run),
     ("origin_signatures", targets::origin_signatures::run),
+    ("rtmp_session", targets::rtmp_session::run),
     ("ws_frames", targets::ws_frames::run),
     ("whip_sdp", targets::whip_sdp::run),
 ];

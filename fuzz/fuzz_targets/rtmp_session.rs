@@ -4,13 +4,10 @@
 //! first byte picks the read size. Errors are fine (the server closes that connection); a
 //! crash is not, and neither is a panic inside `rml_rtmp` that only `catch_unwind` stopped:
 //! the guard is meant to refuse every input that makes `rml_rtmp` panic.
+//! Body: `rtmp_session::run` in fuzz/targets.rs (replayed by tests/fuzz_regressions.rs).
 #![no_main]
 
-use cohost::rtmp::session::SessionError;
-use libfuzzer_sys::fuzz_target;
+#[path = "../targets.rs"]
+mod targets;
 
-fuzz_target!(|data: &[u8]| {
-    if let Err(SessionError::Panicked(msg)) = cohost::rtmp::drive_server_session(data) {
-        panic!("rml_rtmp panicked behind the guard: {msg}");
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| targets::rtmp_session::run(data));
