@@ -68,9 +68,13 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("COHOST_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,webrtc=warn,rtc=warn,rtc_dtls=error")
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // RtcNoise turns rtc's per-packet SRTP warnings into counters (peer/noise.rs).
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(cohost::peer::noise::RtcNoise)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::peer::PeerFactory;
 use crate::peer::keyframe_interceptor::RTCP;
+use crate::peer::noise;
 use crate::room::Registry;
 use crate::sfu::TOTALS;
 use crate::signaling::protocol::Kind;
@@ -228,6 +229,18 @@ impl Metrics {
                 "counter",
                 "Keyframe requests sent to publishers after throttling.",
                 g(&self.plis_sent),
+            ),
+            (
+                "cohost_srtp_packets_before_keys_total",
+                "counter",
+                "Packets that arrived before their connection's SRTP keys (DTLS still running); dropped, counted instead of logged.",
+                g(&noise::SRTP_BEFORE_KEYS),
+            ),
+            (
+                "cohost_srtp_read_errors_total",
+                "counter",
+                "Packets that failed SRTP/SRTCP decryption or parsing; dropped, counted instead of logged.",
+                g(&noise::SRTP_READ_ERRORS),
             ),
             (
                 "cohost_rtcp_nacks_received_total",

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,10 +15,12 @@ use cohost::bridge::audio_in::AudioInput;
 use cohost::bridge::compose::Yuv;
 use cohost::bridge::video_in::VideoInput;
 use cohost::media::goertzel::{left_channel, tone_power};
-use common::{Client, Server, T, ffmpeg_capture, is_colour, pixel, wait_frames};
+use common::{
+    Client, Resp, Server, T, ffmpeg_capture, http, is_colour, pixel, post_sdp, wait_frames,
+};
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -45,77 +46,6 @@ fn tone(samples: &[f32], freq: f32) -> f32 {
 }
 
 // ---- HTTP ----
-
-struct Resp {
-    status: u16,
-    headers: HashMap<String, Vec<String>>,
-    body: String,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .and_then(|v| v.first())
-            .map(String::as_str)
-    }
-}
-
-/// One HTTP/1.1 request over a fresh loopback connection.
-async fn http(
-    server: &Server,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Resp {
-    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        server.addr,
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body);
-    // The server may answer (413) before reading a large body: ignore a reset on write.
-    let _ = s.write_all(&bytes).await;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(T, s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let mut map: HashMap<String, Vec<String>> = HashMap::new();
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            map.entry(k.trim().to_ascii_lowercase())
-                .or_default()
-                .push(v.trim().to_string());
-        }
-    }
-    Resp {
-        status,
-        headers: map,
-        body: body.to_string(),
-    }
-}
-
-async fn post_sdp(server: &Server, path: &str, token: Option<&str>, sdp: &str) -> Resp {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut h = vec![("Content-Type", "application/sdp")];
-    if let Some(a) = &auth {
-        h.push(("Authorization", a.as_str()));
-    }
-    http(server, "POST", path, &h, sdp.as_bytes()).await
-}
 
 async fn delete(server: &Server, location: &str, token: &str) -> Resp {
     let auth = format!("Bearer {token}");
@@ -503,6 +433,7 @@ async fn decode_until(v: &mut Viewer, rgb: (u8, u8, u8), audio_secs: f32) -> Vec
                 p.header.timestamp,
                 p.header.marker,
                 &p.payload,
+                Instant::now(),
             );
             if r.new_picture
                 && let Some(pic) = video.latest()

@@ -55,11 +55,17 @@ impl AudioInput {
             if gap == 0 || gap > 0x8000 {
                 return out; // duplicate or late
             }
-            for _ in 0..(gap - 1).min(MAX_CONCEAL) {
-                // An empty packet asks libopus for loss concealment.
+            let missing = (gap - 1).min(MAX_CONCEAL);
+            for k in 0..missing {
+                // The frame just before this packet may be in this packet's in-band FEC
+                // (publishers that honour `useinbandfec=1` add it when they see loss); libopus
+                // recovers it from there, or conceals it like the others (an empty packet asks
+                // for loss concealment).
+                let fec = k + 1 == missing && gap - 1 <= MAX_CONCEAL;
+                let data: &[u8] = if fec { payload } else { &[] };
                 if let Ok(n) = self
                     .decoder
-                    .decode(&[], &mut buf[..self.frame_samples * 2], false)
+                    .decode(data, &mut buf[..self.frame_samples * 2], fec)
                 {
                     out.extend_from_slice(&buf[..n * 2]);
                     self.concealed += 1;

@@ -25,10 +25,11 @@ use super::layout::{Fit, Layout, Rect, tiles};
 use super::mix::{Limiter, mix_into};
 use super::rtp_out::{RtpOut, RtpTracks};
 use super::sync::{PlayoutBuffer, Timed, VideoQueue, show_until};
-use super::video_in::VideoInput;
+use super::video_in::{VideoInput, VideoInputStats};
 use crate::config::BridgeSettings;
 use crate::media::amf0::{self, Value};
 use crate::media::flv::{self, Tag};
+use crate::media::jitter::{Packet as JitterPacket, Reorder, ReorderConfig};
 use crate::room::Room;
 use crate::rtmp::origin::{Origin, Publisher};
 use crate::sfu::TrackRouter;
@@ -89,6 +90,8 @@ struct InputSlot {
     audio_track: Option<Arc<TrackRouter>>,
     video: VideoQueue<Arc<I420>>,
     video_track: Option<Arc<TrackRouter>>,
+    /// The video input's counters, refreshed by its task a few times a second.
+    video_stats: Option<VideoInputStats>,
 }
 
 impl InputSlot {
@@ -98,6 +101,7 @@ impl InputSlot {
             audio_track: None,
             video: VideoQueue::new(VIDEO_QUEUE),
             video_track: None,
+            video_stats: None,
         }
     }
 
@@ -140,6 +144,17 @@ pub struct BridgeStats {
     /// origin (decode, lip-sync hold, composite, encode), over the last 256 new pictures.
     pub latency_ms_p50: Option<f64>,
     pub latency_ms_p95: Option<f64>,
+    /// Per video input: decoding, reordering buffer (jitter, hold, recovered/lost packets)
+    /// and keyframe requests.
+    pub video_inputs: Vec<VideoInputReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VideoInputReport {
+    pub participant_id: String,
+    pub track_id: String,
+    #[serde(flatten)]
+    pub stats: VideoInputStats,
 }
 
 /// The last few latency samples, in microseconds.
@@ -182,6 +197,7 @@ pub struct Bridge {
     new_pictures: Arc<AtomicU64>,
     solo: Arc<AtomicBool>,
     latency: Arc<Mutex<LatencyWindow>>,
+    slots: Slots,
     pub config: BridgeConfig,
     /// The output as RTP for WHEP viewers.
     rtp: RtpTracks,
@@ -232,6 +248,16 @@ impl Bridge {
             },
             latency_ms_p50: p50,
             latency_ms_p95: p95,
+            video_inputs: lock(&self.slots)
+                .iter()
+                .filter_map(|(pid, slot)| {
+                    Some(VideoInputReport {
+                        participant_id: pid.clone(),
+                        track_id: slot.video_track.as_ref()?.id.clone(),
+                        stats: slot.video_stats.clone()?,
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -256,6 +282,7 @@ impl Bridge {
             AacEncoder::new(SAMPLE_RATE, true, config.audio_bitrate).map_err(|e| e.to_string())?;
         let (stop, stop_rx) = watch::channel(false);
         let (rtp_out, rtp) = RtpOut::new(&room.name, config.fps);
+        let slots: Slots = Arc::default();
         let bridge = Bridge {
             rtp,
             stop,
@@ -268,9 +295,9 @@ impl Bridge {
             new_pictures: Arc::new(AtomicU64::new(0)),
             solo: Arc::new(AtomicBool::new(false)),
             latency: Arc::default(),
+            slots: slots.clone(),
             config: config.clone(),
         };
-        let slots: Slots = Arc::default();
         // Inputs follow the room's tracks.
         let buffer = (SAMPLE_RATE * config.audio_buffer_ms / 1000) as usize;
         tokio::spawn(follow_tracks(
@@ -325,7 +352,6 @@ async fn follow_tracks(
                     t.id.clone(),
                     tokio::spawn(input_task(t.clone(), slots.clone(), audio_buffer)),
                 );
-                count.fetch_add(1, Ordering::Relaxed);
             }
         }
         running.retain(|id, h| {
@@ -335,6 +361,8 @@ async fn follow_tracks(
             }
             keep
         });
+        // The inputs followed now (not a running total).
+        count.store(running.len() as u64, Ordering::Relaxed);
         // Participants whose tracks are all gone leave the layout.
         {
             let live: Vec<String> = tracks.iter().map(|t| t.participant_id.clone()).collect();
@@ -368,6 +396,17 @@ impl Drop for Detach {
                 Kind::Video => slot.video_track = None,
             }
         }
+    }
+}
+
+/// How often an input task copies its counters into the bridge stats.
+const STATS_EVERY: Duration = Duration::from_millis(500);
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -405,27 +444,54 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
             let Ok(mut input) = VideoInput::new() else {
                 return;
             };
-            while let Some(p) = sub.rx.recv().await {
-                let arrived = Instant::now();
-                let r = input.push(
-                    p.header.sequence_number,
-                    p.header.timestamp,
-                    p.header.marker,
-                    &p.payload,
-                );
+            let mut stats_at = Instant::now();
+            loop {
+                // Wake for the next packet, or when the reordering buffer gives up a hole
+                // (or a keyframe request is due again) with no packet coming.
+                let deadline = input.deadline();
+                let (r, arrived) = tokio::select! {
+                    p = sub.rx.recv() => {
+                        let Some(p) = p else { break };
+                        let arrived = Instant::now();
+                        input.set_rtt(router.stats.rtt());
+                        let r = input.push(
+                            p.header.sequence_number,
+                            p.header.timestamp,
+                            p.header.marker,
+                            &p.payload,
+                            arrived,
+                        );
+                        (r, arrived)
+                    }
+                    _ = sleep_until_opt(deadline) => {
+                        let now = Instant::now();
+                        (input.poll(now), now)
+                    }
+                };
                 if r.need_keyframe {
                     router.request_keyframe();
                 }
-                if r.new_picture
-                    && let (Some(pic), Some(rtp)) = (input.latest(), input.latest_rtp_timestamp())
-                {
-                    let picture = pic.clone();
-                    if let Some(slot) = lock(&slots).get_mut(&pid) {
-                        slot.video.push(Timed {
-                            picture,
-                            rtp,
-                            arrived,
-                        });
+                let publish_stats = arrived >= stats_at;
+                if publish_stats {
+                    stats_at = arrived + STATS_EVERY;
+                }
+                let picture = r
+                    .new_picture
+                    .then(|| input.latest().cloned().zip(input.latest_rtp_timestamp()))
+                    .flatten();
+                if picture.is_some() || publish_stats {
+                    let mut s = lock(&slots);
+                    if let Some(slot) = s.get_mut(&pid) {
+                        if let Some((picture, rtp)) = picture {
+                            slot.video.push(Timed {
+                                picture,
+                                rtp,
+                                arrived,
+                            });
+                        }
+                        if publish_stats {
+                            slot.video_stats = Some(input.stats());
+                        }
                     }
                 }
             }
@@ -434,11 +500,32 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
             let Ok(mut input) = AudioInput::new() else {
                 return;
             };
-            while let Some(p) = sub.rx.recv().await {
-                let (rtp, pcm) =
-                    input.push(p.header.sequence_number, p.header.timestamp, &p.payload);
-                if let Some(buf) = lock(&slots).get_mut(&pid).and_then(|s| s.audio.as_mut()) {
-                    buf.push(rtp, &pcm);
+            // Reordered packets are put back in order before decoding (a late one would be
+            // concealed and then dropped); the wait is short, the playout buffer is behind it.
+            let mut reorder = Reorder::new(ReorderConfig::audio(), 48_000);
+            loop {
+                let now = tokio::select! {
+                    p = sub.rx.recv() => {
+                        let Some(p) = p else { break };
+                        let now = Instant::now();
+                        reorder.push(
+                            JitterPacket {
+                                seq: p.header.sequence_number,
+                                timestamp: p.header.timestamp,
+                                marker: p.header.marker,
+                                payload: p.payload,
+                            },
+                            now,
+                        );
+                        now
+                    }
+                    _ = sleep_until_opt(reorder.deadline()) => Instant::now(),
+                };
+                while let Some(p) = reorder.pop(now) {
+                    let (rtp, pcm) = input.push(p.seq, p.timestamp, &p.payload);
+                    if let Some(buf) = lock(&slots).get_mut(&pid).and_then(|s| s.audio.as_mut()) {
+                        buf.push(rtp, &pcm);
+                    }
                 }
             }
         }

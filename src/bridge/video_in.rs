@@ -1,12 +1,25 @@
 //! One participant's video for the compositor: RTP packets in, the latest decoded picture out.
 //! Keeps the last good picture when the input stalls or breaks, follows resolution changes
 //! (WebRTC senders scale down under bandwidth pressure) and says when a keyframe is needed.
+//!
+//! Packets go through a reordering buffer first ([`Reorder`]): on a phone's link packets arrive
+//! out of order and lost ones come back as retransmissions after later ones, and the H.264
+//! assembler needs them in order. A hole the buffer gives up on breaks the frame; decoding then
+//! waits for an IDR, asks for one once, and asks again only if none has come after
+//! [`KEYFRAME_RETRY`] (a keyframe can be lost too).
+
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use openh264::decoder::Decoder;
+use serde::Serialize;
 
 use super::compose::I420;
+use crate::media::jitter::{Packet, Reorder, ReorderConfig};
 use crate::media::rtp_h264::{Assembler, Output};
+
+/// While decoding waits for an IDR, the keyframe request is repeated this often.
+pub const KEYFRAME_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VideoInError {
@@ -14,18 +27,43 @@ pub enum VideoInError {
     Decoder(String),
 }
 
+/// What one video input did so far (bridge stats, per input).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct VideoInputStats {
+    pub frames_decoded: u64,
+    pub decode_errors: u64,
+    /// Keyframe requests this input made (before the publisher-side throttle).
+    pub keyframe_requests: u64,
+    /// Packets that arrived after a later one and were still used (reordered, retransmitted).
+    pub packets_recovered: u64,
+    /// Packets waited for and given up.
+    pub packets_lost: u64,
+    /// Packets that arrived after they were given up, or twice.
+    pub packets_late: u64,
+    /// Delay the reordering buffer added to the last packet / the largest so far, and how long
+    /// it waits for a missing packet now (follows RTT and jitter, bounded).
+    pub hold_ms: f64,
+    pub max_hold_ms: f64,
+    pub wait_ms: f64,
+    /// RFC 3550 interarrival jitter of the input, milliseconds.
+    pub jitter_ms: f64,
+}
+
 pub struct VideoInput {
+    reorder: Reorder,
     assembler: Assembler,
     decoder: Decoder,
     /// Shared with the compositor's queue without copying the picture again.
     latest: Option<std::sync::Arc<I420>>,
     /// RTP timestamp of `latest`.
     latest_ts: Option<u32>,
-    pub frames_decoded: u64,
-    pub decode_errors: u64,
+    /// Decoding waits for an IDR since / the last keyframe request went out at.
+    waiting_since: Option<Instant>,
+    last_request: Option<Instant>,
+    stats: VideoInputStats,
 }
 
-/// What one packet produced.
+/// What one packet (or one poll) produced.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Pushed {
     /// A new picture replaced the latest one.
@@ -36,41 +74,142 @@ pub struct Pushed {
 
 impl VideoInput {
     pub fn new() -> Result<Self, VideoInError> {
+        Self::with_config(ReorderConfig::default())
+    }
+
+    pub fn with_config(reorder: ReorderConfig) -> Result<Self, VideoInError> {
         Ok(Self {
+            reorder: Reorder::new(reorder, 90_000),
             assembler: Assembler::new(),
             decoder: Decoder::new().map_err(|e| VideoInError::Decoder(e.to_string()))?,
             latest: None,
             latest_ts: None,
-            frames_decoded: 0,
-            decode_errors: 0,
+            waiting_since: None,
+            last_request: None,
+            stats: VideoInputStats::default(),
         })
     }
 
-    pub fn push(&mut self, seq: u16, ts: u32, marker: bool, payload: &Bytes) -> Pushed {
+    /// The publisher connection's round trip, when measured: how long a retransmission takes.
+    pub fn set_rtt(&mut self, rtt: Option<Duration>) {
+        self.reorder.set_rtt(rtt);
+    }
+
+    /// Feed one RTP packet that arrived at `now`.
+    pub fn push(
+        &mut self,
+        seq: u16,
+        ts: u32,
+        marker: bool,
+        payload: &Bytes,
+        now: Instant,
+    ) -> Pushed {
+        self.reorder.push(
+            Packet {
+                seq,
+                timestamp: ts,
+                marker,
+                payload: payload.clone(),
+            },
+            now,
+        );
+        self.poll(now)
+    }
+
+    /// When [`poll`](Self::poll) has something to do without a new packet: a hole to give up,
+    /// or a keyframe request to repeat.
+    pub fn deadline(&self) -> Option<Instant> {
+        let retry = self.waiting_since.map(|_| {
+            self.last_request
+                .map_or_else(Instant::now, |t| t + KEYFRAME_RETRY)
+        });
+        match (self.reorder.deadline(), retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Release what the reordering buffer lets go at `now`, decode it, and repeat an
+    /// unanswered keyframe request.
+    pub fn poll(&mut self, now: Instant) -> Pushed {
         let mut r = Pushed::default();
-        for out in self.assembler.push(seq, ts, marker, payload) {
-            match out {
-                Output::NeedKeyframe => r.need_keyframe = true,
-                Output::Frame(au) => match self.decoder.decode(&au.annexb) {
-                    Ok(Some(pic)) => {
-                        // Copied out: the decoder reuses its buffer for the next picture.
-                        let f = I420::from_yuv(&pic);
-                        self.latest = Some(std::sync::Arc::new(f));
-                        self.latest_ts = Some(au.rtp_timestamp);
-                        self.frames_decoded += 1;
-                        r.new_picture = true;
-                    }
-                    Ok(None) => {}
-                    Err(_) => {
-                        // A picture the decoder rejects: keep showing the last good one and
-                        // get a fresh keyframe.
-                        self.decode_errors += 1;
+        while let Some(p) = self.reorder.pop(now) {
+            for out in self
+                .assembler
+                .push(p.seq, p.timestamp, p.marker, &p.payload)
+            {
+                match out {
+                    Output::NeedKeyframe => {
+                        self.waiting_since.get_or_insert(now);
                         r.need_keyframe = true;
                     }
-                },
+                    Output::Frame(au) => {
+                        tracing::trace!(
+                            rtp_timestamp = au.rtp_timestamp,
+                            keyframe = au.keyframe,
+                            bytes = au.annexb.len(),
+                            "frame"
+                        );
+                        if au.keyframe {
+                            self.waiting_since = None;
+                        }
+                        self.decode(&au.annexb, au.rtp_timestamp, &mut r, now);
+                    }
+                }
             }
         }
+        if !r.need_keyframe
+            && self.waiting_since.is_some()
+            && self.last_request.is_some_and(|t| now >= t + KEYFRAME_RETRY)
+        {
+            // Still no IDR: the one sent may have been lost on the way.
+            r.need_keyframe = true;
+        }
+        if r.need_keyframe {
+            self.last_request = Some(now);
+            self.stats.keyframe_requests += 1;
+        }
         r
+    }
+
+    fn decode(&mut self, annexb: &[u8], ts: u32, r: &mut Pushed, now: Instant) {
+        match self.decoder.decode(annexb) {
+            Ok(Some(pic)) => {
+                // Copied out: the decoder reuses its buffer for the next picture.
+                let f = I420::from_yuv(&pic);
+                self.latest = Some(std::sync::Arc::new(f));
+                self.latest_ts = Some(ts);
+                self.stats.frames_decoded += 1;
+                r.new_picture = true;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // A picture the decoder rejects: keep showing the last good one and get a
+                // fresh keyframe.
+                tracing::debug!(
+                    rtp_timestamp = ts,
+                    bytes = annexb.len(),
+                    "picture not decoded: {e}"
+                );
+                self.stats.decode_errors += 1;
+                self.waiting_since.get_or_insert(now);
+                r.need_keyframe = true;
+            }
+        }
+    }
+
+    pub fn stats(&self) -> VideoInputStats {
+        let q = self.reorder.stats();
+        VideoInputStats {
+            packets_recovered: q.recovered,
+            packets_lost: q.lost,
+            packets_late: q.late + q.duplicates,
+            hold_ms: q.delay_ms,
+            max_hold_ms: q.max_delay_ms,
+            wait_ms: self.reorder.wait().as_secs_f64() * 1000.0,
+            jitter_ms: q.jitter_ms,
+            ..self.stats.clone()
+        }
     }
 
     /// The latest good picture, if any arrived yet.
@@ -93,6 +232,9 @@ mod tests {
     use rtc::rtp::codec::h264::H264Payloader;
     use rtc::rtp::packetizer::Payloader;
 
+    /// Longer than the reordering buffer's start wait.
+    const START: Duration = Duration::from_millis(20);
+
     fn solid(w: usize, h: usize, c: Yuv) -> YUVBuffer {
         let mut v = vec![c.0; w * h];
         v.extend(std::iter::repeat_n(c.1, w * h / 4));
@@ -110,11 +252,14 @@ mod tests {
             let p = pay.payload(1200, &Bytes::from(bs)).unwrap();
             let last = p.len() - 1;
             let mut got = Pushed::default();
+            let t = Instant::now();
             for (k, pl) in p.into_iter().enumerate() {
-                let r = input.push(seq, ts, k == last, &pl);
+                let r = input.push(seq, ts, k == last, &pl, t);
                 got.new_picture |= r.new_picture;
                 seq = seq.wrapping_add(1);
             }
+            // Past the reordering buffer's start wait.
+            got.new_picture |= input.poll(t + START).new_picture;
             got
         };
         let mut enc = Encoder::new().unwrap();
@@ -135,6 +280,121 @@ mod tests {
         assert!(feed(&mut input, bs, 5 * 3000).new_picture);
         let f = input.latest().unwrap();
         assert_eq!((f.width, f.height), (320, 180));
-        assert_eq!(input.decode_errors, 0);
+        assert_eq!(input.stats().decode_errors, 0);
+    }
+
+    /// (seq, ts, marker, payload) of `n` 160x120 frames whose brightness changes; one IDR,
+    /// the first.
+    fn stream(n: u32) -> Vec<(u16, u32, bool, Bytes)> {
+        // No frame skipping: every picture is in the stream.
+        let cfg = openh264::encoder::EncoderConfig::new()
+            .skip_frames(false)
+            .bitrate(openh264::encoder::BitRate::from_bps(2_000_000))
+            // The only IDR is the first (a brightness change is no scene change here).
+            .intra_frame_period(openh264::encoder::IntraFramePeriod::from_num_frames(0))
+            .scene_change_detect(false);
+        let mut enc = Encoder::with_api_config(openh264::OpenH264API::from_source(), cfg).unwrap();
+        let mut pay = H264Payloader::default();
+        let mut out = vec![];
+        let mut seq = 100u16;
+        for i in 0..n {
+            let c = Yuv(((i * 7) % 200 + 20) as u8, 128, 128);
+            let bs = enc.encode(&solid(160, 120, c)).unwrap().to_vec();
+            let p = pay.payload(100, &Bytes::from(bs)).unwrap();
+            let last = p.len() - 1;
+            for (k, pl) in p.into_iter().enumerate() {
+                out.push((seq, i * 3000, k == last, pl));
+                seq = seq.wrapping_add(1);
+            }
+        }
+        out
+    }
+
+    fn run(input: &mut VideoInput, packets: &[(u16, u32, bool, Bytes)], t: Instant) -> (u64, u64) {
+        // Pictures decoded (one push may release several frames), keyframe requests.
+        let (before, mut requests) = (input.stats().frames_decoded, 0);
+        for (s, ts, m, p) in packets {
+            let r = input.push(*s, *ts, *m, p, t);
+            requests += u64::from(r.need_keyframe);
+        }
+        // Past the reordering buffer's start wait (the first packet waits for reordered ones).
+        requests += u64::from(input.poll(t + START).need_keyframe);
+        (input.stats().frames_decoded - before, requests)
+    }
+
+    #[test]
+    fn reordered_packets_lose_no_picture() {
+        let mut pk = stream(30);
+        // Swap neighbours all along the stream, as jitter on a phone's link does.
+        for i in (1..pk.len() - 1).step_by(3) {
+            pk.swap(i, i + 1);
+        }
+        let mut input = VideoInput::new().unwrap();
+        let (pictures, requests) = run(&mut input, &pk, Instant::now());
+        assert_eq!(pictures, 30, "{:?}", input.stats());
+        assert_eq!(requests, 1, "only the one asked when attaching");
+        assert!(input.stats().packets_recovered > 5);
+        assert_eq!(input.stats().packets_lost, 0);
+    }
+
+    /// Index of the second packet of the first frame from frame 5 on that has several.
+    fn victim(pk: &[(u16, u32, bool, Bytes)]) -> usize {
+        (1..pk.len())
+            .find(|&i| pk[i].1 >= 5 * 3000 && pk[i].1 == pk[i - 1].1)
+            .expect("a frame of several packets")
+    }
+
+    #[test]
+    fn a_retransmitted_packet_repairs_the_frame_without_a_keyframe_request() {
+        let pk = stream(20);
+        let victim = victim(&pk);
+        let mut input = VideoInput::new().unwrap();
+        input.set_rtt(Some(Duration::from_millis(60)));
+        let t = Instant::now();
+        let mut held = pk.clone();
+        let lost = held.remove(victim);
+        // Everything up to a few packets after the hole, then the retransmission 80 ms later.
+        let (a, b) = held.split_at((victim + 4).min(held.len()));
+        let (p1, r1) = run(&mut input, a, t);
+        assert!(input.deadline().is_some(), "waits for the hole");
+        let later = t + Duration::from_millis(80);
+        let (p2, r2) = run(&mut input, &[lost], later);
+        let (p3, r3) = run(&mut input, b, later);
+        assert_eq!(p1 + p2 + p3, 20);
+        assert_eq!(r1 + r2 + r3, 1, "only the one asked when attaching");
+        assert_eq!(input.stats().packets_recovered, 1);
+        assert!(input.stats().max_hold_ms >= 79.0);
+    }
+
+    #[test]
+    fn an_unrepaired_loss_asks_once_then_again_only_after_the_retry_interval() {
+        let pk = stream(20);
+        let victim = victim(&pk);
+        let before = u64::from(pk[victim].1 / 3000);
+        let mut input = VideoInput::new().unwrap();
+        let t = Instant::now();
+        let mut held = pk.clone();
+        held.remove(victim);
+        let (pictures, requests) = run(&mut input, &held, t);
+        assert_eq!(
+            pictures, before,
+            "frames before the hole; the rest are held"
+        );
+        assert_eq!(requests, 1);
+        // The hole is given up at its deadline: frames after it need an IDR, asked for once.
+        let deadline = input.deadline().unwrap();
+        let r = input.poll(deadline);
+        assert!(r.need_keyframe && !r.new_picture);
+        assert_eq!(input.stats().packets_lost, 1);
+        // No IDR comes: nothing more until the retry interval, then one more request.
+        assert!(
+            !input
+                .poll(deadline + Duration::from_millis(500))
+                .need_keyframe
+        );
+        let retry = input.deadline().unwrap();
+        assert_eq!(retry, deadline + KEYFRAME_RETRY);
+        assert!(input.poll(retry).need_keyframe);
+        assert_eq!(input.stats().keyframe_requests, 3);
     }
 }

@@ -1,4 +1,4 @@
-//! Pure codec and container helpers: no I/O, no clocks, no async. The bridge and the RTMP
+//! Pure codec and container helpers: no I/O, no clocks (time comes in as arguments), no async. The bridge and the RTMP
 //! origin build on these; each parser here is fuzzed (see `fuzz/`).
 pub mod aac;
 pub mod amf0;
@@ -6,4 +6,5 @@ pub mod flv;
 pub mod goertzel;
 pub mod h264;
 pub mod h264_repeat;
+pub mod jitter;
 pub mod rtp_h264;

@@ -1168,6 +1168,9 @@ impl Driver {
             let last = self.last_bytes.insert(id.clone(), bytes).unwrap_or(bytes);
             let bps = (bytes.saturating_sub(last) as f64 * 8.0 / elapsed) as u64;
             p.router.stats.bitrate_bps.store(bps, Ordering::Relaxed);
+            p.router
+                .stats
+                .set_rtt_ms(publisher.as_ref().and_then(|s| s.rtt_ms));
             if let Some(s) = publisher
                 .as_ref()
                 .and_then(|s| s.inbound.iter().find(|i| i.ssrc == p.ssrc))

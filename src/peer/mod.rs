@@ -4,6 +4,7 @@
 //! client) as small types the rest of the server uses without seeing any webrtc type.
 
 pub mod keyframe_interceptor;
+pub mod noise;
 mod ports;
 pub mod runtime;
 
@@ -12,9 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rtc::interceptor::{Registry, Slot};
+use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+};
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
 };
@@ -36,6 +39,7 @@ use webrtc::peer_connection::{
 use webrtc::rtp_transceiver::RtpSender;
 
 use crate::config::WebrtcConfig;
+use crate::media::jitter::{NACK_INTERVAL, NACK_MAX_PER_PACKET};
 use crate::sfu::{CodecSpec, Packet, SenderReport};
 
 pub use ports::{PortPool, PortUse};
@@ -302,9 +306,24 @@ pub fn media_engine() -> Result<MediaEngine, PeerError> {
 }
 
 /// Interceptors: NACK generator + responder (retransmission both ways), RTCP reports, TWCC,
-/// then keyframe-request delivery to the application.
+/// then keyframe-request delivery to the application. This is `rtc`'s default set
+/// (`register_default_interceptors`) with the NACK generator tuned: the default asks every
+/// 100 ms, and without limit, for every missing packet, so a retransmission came too late for
+/// a receiver's reordering buffer, and a packet the sender no longer had was asked for again
+/// and again until it left the 512-packet log. The codecs above carry the `nack` feedback.
 pub fn interceptors(me: &mut MediaEngine) -> Result<Registry, PeerError> {
-    let reg = register_default_interceptors(Registry::new(), me).map_err(werr)?;
+    let reg = Registry::new()
+        .with(Slot::NackResponder, NackResponderBuilder::new().build())
+        .with(
+            Slot::NackGenerator,
+            NackGeneratorBuilder::new()
+                .with_interval(NACK_INTERVAL)
+                .with_max_nacks_per_packet(NACK_MAX_PER_PACKET)
+                .build(),
+        );
+    configure_simulcast_extension_headers(me).map_err(werr)?;
+    let reg = configure_twcc_receiver_only(reg, me).map_err(werr)?;
+    let reg = configure_rtcp_reports(reg);
     Ok(reg
         .with(
             Slot::from(keyframe_interceptor::COUNTER_SLOT),

@@ -61,6 +61,25 @@ pub struct TrackStats {
     pub bitrate_bps: AtomicU64,
     /// Packets the publisher's connection reported lost (RTCP receiver statistics).
     pub packets_lost: AtomicU64,
+    /// Round trip to the publisher in microseconds (0: not measured yet), refreshed with
+    /// `bitrate_bps`: how long a retransmission takes, for receivers' reordering buffers.
+    pub rtt_us: AtomicU64,
+}
+
+impl TrackStats {
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        match self.rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(std::time::Duration::from_micros(us)),
+        }
+    }
+
+    pub fn set_rtt_ms(&self, ms: Option<f64>) {
+        let us = ms
+            .filter(|m| m.is_finite() && *m > 0.0)
+            .map_or(0, |m| (m * 1000.0) as u64);
+        self.rtt_us.store(us, Ordering::Relaxed);
+    }
 }
 
 /// The latest RTCP sender report of a published track: which RTP timestamp the sender's

@@ -34,6 +34,8 @@ use webrtc::rtp_transceiver::RtpSender;
 use cohost::auth::{Authenticator, Claims, Role};
 use cohost::config::AuthConfig;
 
+pub mod impair;
+
 pub const T: Duration = Duration::from_secs(15);
 
 pub fn init_logs() {
@@ -1345,4 +1347,77 @@ pub fn assert_continuous(tags: &[cohost::media::flv::Tag], min_video: usize) {
         );
         assert!(w[1].timestamp_ms - w[0].timestamp_ms <= 22, "audio gap");
     }
+}
+
+// ---- Raw HTTP (WHIP/WHEP and other non-JSON endpoints) ----
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: HashMap<String, Vec<String>>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+}
+
+/// One HTTP/1.1 request over a fresh loopback connection.
+pub async fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        server.addr,
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    // The server may answer (413) before reading a large body: ignore a reset on write.
+    let _ = s.write_all(&bytes).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            map.entry(k.trim().to_ascii_lowercase())
+                .or_default()
+                .push(v.trim().to_string());
+        }
+    }
+    Resp {
+        status,
+        headers: map,
+        body: body.to_string(),
+    }
+}
+
+pub async fn post_sdp(server: &Server, path: &str, token: Option<&str>, sdp: &str) -> Resp {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut h = vec![("Content-Type", "application/sdp")];
+    if let Some(a) = &auth {
+        h.push(("Authorization", a.as_str()));
+    }
+    http(server, "POST", path, &h, sdp.as_bytes()).await
 }
