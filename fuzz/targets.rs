@@ -90,21 +90,48 @@ pub mod h264_parsers {
 }
 
 pub mod rtp_h264 {
+    use std::time::{Duration, Instant};
+
     use bytes::Bytes;
+    use cohost::media::jitter::{Packet, Reorder, ReorderConfig};
     use cohost::media::rtp_h264::Assembler;
 
-    /// Arbitrary RTP payloads, sequence numbers and timestamps into the H.264 frame assembler.
+    /// Arbitrary RTP payloads, sequence numbers, timestamps and arrival times through the
+    /// reordering buffer into the H.264 frame assembler, as a bridge video input takes them.
     pub fn run(data: &[u8]) {
+        let config = ReorderConfig::default();
+        let mut r = Reorder::new(config, 90_000);
         let mut a = Assembler::new();
-        // Records: [seq hi, seq lo, ts byte, flags, len, payload...]
+        let mut now = Instant::now();
+        // Records: [seq hi, seq lo, ts byte, flags, len, payload...]; flags bit 0 is the
+        // marker, bits 1-7 the milliseconds since the previous packet.
         let mut rest = data;
         while rest.len() >= 5 {
             let seq = u16::from_be_bytes([rest[0], rest[1]]);
-            let ts = u32::from(rest[2]) * 3000;
+            let timestamp = u32::from(rest[2]) * 3000;
             let marker = rest[3] & 1 == 1;
+            now += Duration::from_millis(u64::from(rest[3] >> 1));
             let len = usize::from(rest[4]).min(rest.len() - 5);
             let payload = Bytes::copy_from_slice(&rest[5..5 + len]);
-            let _ = a.push(seq, ts, marker, &payload);
+            r.push(
+                Packet {
+                    seq,
+                    timestamp,
+                    marker,
+                    payload,
+                },
+                now,
+            );
+            assert!(
+                r.len() <= config.capacity,
+                "the reordering buffer is bounded"
+            );
+            if let Some(d) = r.deadline() {
+                assert!(d <= now + config.max_wait, "the wait is bounded");
+            }
+            while let Some(p) = r.pop(now) {
+                let _ = a.push(p.seq, p.timestamp, p.marker, &p.payload);
+            }
             rest = &rest[5 + len..];
         }
     }

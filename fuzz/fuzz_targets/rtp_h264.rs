@@ -1,4 +1,5 @@
-//! Arbitrary RTP payloads, sequence numbers and timestamps into the H.264 frame assembler.
+//! Arbitrary RTP packets and arrival times through the reordering buffer into the H.264
+//! frame assembler.
 //! Body: `rtp_h264::run` in fuzz/targets.rs (replayed by tests/fuzz_regressions.rs).
 #![no_main]
 
