@@ -400,6 +400,25 @@ async fn cohost_through(up: Impairment, room: &str, seed: u64) -> (TileReport, V
         .and_then(|a| a.iter().find(|p| p["identity"] == "phone"))
         .map(|p| p["id"].clone())
         .unwrap_or(json!(null));
+    // A WHIP publisher reports like a WebSocket member: its connection's statistics and its
+    // tracks' bitrate and round trip.
+    let me = r["participants"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["identity"] == "phone").cloned())
+        .unwrap_or(json!(null));
+    assert!(
+        me["media"]["publisher"]["rtt_ms"].as_f64().is_some(),
+        "WHIP connection stats: {me}"
+    );
+    let video_bps = r["tracks"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|t| t["participant_id"] == phone && t["kind"] == "video")
+        })
+        .and_then(|t| t["bitrate_bps"].as_u64())
+        .unwrap_or(0);
+    assert!(video_bps > 50_000, "WHIP video bitrate {video_bps}: {body}");
     let input = v["stats"]["video_inputs"]
         .as_array()
         .and_then(|a| a.iter().find(|i| i["participant_id"] == phone).cloned())

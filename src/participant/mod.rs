@@ -19,6 +19,8 @@ use crate::peer::{
     Feedback, IceCandidate, Inbound, LocalTrack, MediaKind, Peer, PeerError, PeerEvent,
     PeerFactory, PeerState, RemoteTrack,
 };
+use stats::{PublishedTrack, STATS_INTERVAL, StatsRefresher};
+
 use crate::room::{Actor, EventRx, Registry, Room, RoomError, RoomEvent, new_track_id};
 use crate::sfu::TrackRouter;
 use crate::sfu::keyframe::{Decision, KeyframeThrottle};
@@ -31,6 +33,7 @@ use crate::signaling::session::{Action, MAX_TICK, Session};
 pub mod rtmp;
 
 mod outbox;
+pub mod stats;
 pub mod whip;
 
 pub use outbox::{Next, Outbox, OutboxRx, outbox};
@@ -214,12 +217,9 @@ pub struct Driver {
     ending: Option<LeaveReason>,
     /// Next refresh of connection statistics and track bitrates.
     stats_at: Instant,
-    /// bytes_in per published track at the last refresh.
-    last_bytes: HashMap<String, u64>,
+    /// Track counters and connection statistics (shared with WHIP, participant/stats.rs).
+    stats: StatsRefresher,
 }
-
-/// How often connection statistics and bitrates are refreshed.
-const STATS_INTERVAL: Duration = Duration::from_secs(2);
 
 impl Driver {
     pub fn new(svc: Arc<Services>, url_room: Option<String>, out: Outbox) -> Self {
@@ -242,7 +242,7 @@ impl Driver {
             internal_rx,
             ending: None,
             stats_at: Instant::now() + STATS_INTERVAL,
-            last_bytes: HashMap::new(),
+            stats: StatsRefresher::default(),
         }
     }
 
@@ -1150,42 +1150,28 @@ impl Driver {
 
     /// Refresh track bitrates and the connection statistics the REST API shows.
     async fn refresh_stats(&mut self) {
-        let elapsed = STATS_INTERVAL.as_secs_f64();
         self.stats_at = Instant::now() + STATS_INTERVAL;
         let Some(j) = self.joined.as_ref() else {
             return;
         };
-        let publisher = match &j.publisher {
-            Some(p) => Some(p.stats().await),
-            None => None,
-        };
-        let subscriber = match &j.subscriber {
-            Some(p) => Some(p.stats().await),
-            None => None,
-        };
-        for (id, p) in &j.published {
-            let bytes = p.router.stats.bytes_in.load(Ordering::Relaxed);
-            let last = self.last_bytes.insert(id.clone(), bytes).unwrap_or(bytes);
-            let bps = (bytes.saturating_sub(last) as f64 * 8.0 / elapsed) as u64;
-            p.router.stats.bitrate_bps.store(bps, Ordering::Relaxed);
-            p.router
-                .stats
-                .set_rtt_ms(publisher.as_ref().and_then(|s| s.rtt_ms));
-            if let Some(s) = publisher
-                .as_ref()
-                .and_then(|s| s.inbound.iter().find(|i| i.ssrc == p.ssrc))
-            {
-                p.router
-                    .stats
-                    .packets_lost
-                    .store(s.packets_lost, Ordering::Relaxed);
-            }
-        }
-        self.last_bytes.retain(|id, _| j.published.contains_key(id));
-        j.room.set_media_stats(
-            &j.pid,
-            serde_json::json!({ "publisher": publisher, "subscriber": subscriber }),
-        );
+        let published: Vec<PublishedTrack<'_>> = j
+            .published
+            .iter()
+            .map(|(id, p)| PublishedTrack {
+                id,
+                router: &p.router,
+                ssrc: p.ssrc,
+            })
+            .collect();
+        self.stats
+            .refresh(
+                &j.room,
+                &j.pid,
+                j.publisher.as_ref(),
+                j.subscriber.as_ref(),
+                &published,
+            )
+            .await;
     }
 
     async fn check_answer_timeout(&mut self) {

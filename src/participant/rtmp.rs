@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
+use super::stats::{PublishedTrack, StatsRefresher};
 use crate::auth::keys::StreamKeys;
 use crate::auth::sign::StreamGrant;
 use crate::auth::{Role, now_secs, sign};
@@ -76,6 +77,8 @@ struct RoomIngest {
     on_published: Option<OnPublished>,
     /// Set when the stream must end (unsupported media, too many bad tags).
     closing: bool,
+    /// Track bitrates (no connection statistics: RTMP has none to give).
+    stats: StatsRefresher,
 }
 
 impl Drop for RoomIngest {
@@ -88,10 +91,12 @@ impl Drop for RoomIngest {
 impl Ingest for RoomIngest {
     fn on_video(&mut self, data: &[u8], ms: u32) {
         self.video_tag(data, ms);
+        self.refresh_stats();
     }
 
     fn on_audio(&mut self, data: &[u8], ms: u32) {
         self.audio_tag(data, ms);
+        self.refresh_stats();
     }
 
     fn finish(&mut self) {
@@ -141,6 +146,22 @@ impl RoomIngest {
 }
 
 impl RoomIngest {
+    fn refresh_stats(&mut self) {
+        if !self.stats.due(std::time::Instant::now()) {
+            return;
+        }
+        let published: Vec<PublishedTrack<'_>> = [&self.video_router, &self.audio_router]
+            .into_iter()
+            .flatten()
+            .map(|r| PublishedTrack {
+                id: &r.id,
+                router: r,
+                ssrc: 0,
+            })
+            .collect();
+        self.stats.tracks(&published, None);
+    }
+
     fn publish_track(&mut self, kind: Kind) -> Option<Arc<TrackRouter>> {
         let codec = match kind {
             Kind::Video => CodecSpec {
@@ -307,6 +328,7 @@ fn publish_request(
         audio_packets: 0,
         on_published: ctx.on_published.clone(),
         closing: false,
+        stats: StatsRefresher::default(),
     };
     // Dropping `ingest` on refusal leaves the room again.
     ingest.room.check_publish(&ingest.pid, false).map_err(|e| {

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::stats::{PublishedTrack, STATS_INTERVAL, StatsRefresher};
 use super::{Services, auto_start_bridge, forward_tasks, publish_tasks, to_kind, to_media_kind};
 use crate::auth::{AuthError, Claims, Role};
 use crate::peer::{IceCandidate, LocalTrack, Peer, PeerError, PeerEvent, PeerState, PortUse};
@@ -484,6 +485,7 @@ async fn publish_now(
         claims,
         peer,
         published: HashMap::new(),
+        stats: StatsRefresher::default(),
     };
     tokio::spawn(task.run(peer_rx, room_rx, cmd_rx, early));
     Ok(Created {
@@ -494,6 +496,9 @@ async fn publish_now(
     })
 }
 
+/// A published track: router, the SSRC the publisher sends it with, reader tasks.
+type WhipTrack = (Arc<TrackRouter>, u32, Vec<JoinHandle<()>>);
+
 struct WhipTask {
     svc: Arc<Services>,
     session: String,
@@ -501,7 +506,8 @@ struct WhipTask {
     pid: String,
     claims: Claims,
     peer: Peer,
-    published: HashMap<String, (Arc<TrackRouter>, Vec<JoinHandle<()>>)>,
+    published: HashMap<String, WhipTrack>,
+    stats: StatsRefresher,
 }
 
 impl WhipTask {
@@ -519,6 +525,8 @@ impl WhipTask {
         // A publisher whose ICE never completes would hold a seat and a port until then.
         let connect_deadline = tokio::time::Instant::now() + self.svc.cfg.whip.connect_timeout;
         let mut reason = None;
+        let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for ev in early {
             if let Some(r) = self.on_peer_event(ev, &ended_tx, &mut connected) {
                 reason = Some(r);
@@ -547,7 +555,7 @@ impl WhipTask {
                     None => reason = Some(LeaveReason::Left),
                 },
                 Some(track_id) = ended_rx.recv() => {
-                    if let Some((_, tasks)) = self.published.remove(&track_id) {
+                    if let Some((_, _, tasks)) = self.published.remove(&track_id) {
                         for t in tasks {
                             t.abort();
                         }
@@ -558,6 +566,7 @@ impl WhipTask {
                     warn!(session = %self.session, "WHIP media connection never came up");
                     reason = Some(LeaveReason::Disconnected);
                 }
+                _ = stats_tick.tick() => self.refresh_stats().await,
                 _ = shutdown.changed() => reason = Some(LeaveReason::ServerShutdown),
             }
         }
@@ -601,6 +610,7 @@ impl WhipTask {
                     codec = %t.codec.mime_type, "WHIP track published");
                 let done = ended_tx.clone();
                 let tid = track_id.clone();
+                let ssrc = t.ssrc;
                 let tasks = publish_tasks(
                     t,
                     router.clone(),
@@ -610,11 +620,28 @@ impl WhipTask {
                         let _ = done.send(tid);
                     }),
                 );
-                self.published.insert(track_id, (router, tasks));
+                self.published.insert(track_id, (router, ssrc, tasks));
                 auto_start_bridge(&self.svc, &self.room.name, self.claims.role);
                 None
             }
         }
+    }
+
+    /// Bitrate, loss and round trip of the published tracks, and the connection's statistics
+    /// in the room, like a WebSocket member's.
+    async fn refresh_stats(&mut self) {
+        let published: Vec<PublishedTrack<'_>> = self
+            .published
+            .iter()
+            .map(|(id, (router, ssrc, _))| PublishedTrack {
+                id,
+                router,
+                ssrc: *ssrc,
+            })
+            .collect();
+        self.stats
+            .refresh(&self.room, &self.pid, Some(&self.peer), None, &published)
+            .await;
     }
 
     async fn teardown(mut self, reason: LeaveReason) {
@@ -626,7 +653,7 @@ impl WhipTask {
         {
             info!(room = %self.room.name, "room ended; bridge stopped");
         }
-        for (_, (router, tasks)) in self.published.drain() {
+        for (_, (router, _, tasks)) in self.published.drain() {
             router.close();
             for t in tasks {
                 t.abort();
