@@ -219,6 +219,10 @@ pub struct WebrtcConfig {
     /// Minimum time between two keyframe requests sent to one publisher track.
     #[serde(with = "humantime_serde_compat")]
     pub keyframe_request_interval: Duration,
+    /// A published track that delivers no RTP for this long is reported stalled (log,
+    /// `cohost_media_stalls_total`, `track_stalled` to the room) until its media resumes.
+    #[serde(with = "humantime_serde_compat")]
+    pub media_stall_timeout: Duration,
     /// Kernel send and receive buffer of every media socket, in bytes (capped by the kernel's
     /// net.core.rmem_max / wmem_max). Large buffers absorb keyframe bursts; 0 keeps the OS default.
     pub socket_buffer_bytes: usize,
@@ -687,6 +691,7 @@ impl Default for WebrtcConfig {
             ice_failed_timeout: Duration::from_secs(5),
             ice_check_interval: Duration::from_millis(50),
             keyframe_request_interval: Duration::from_millis(250),
+            media_stall_timeout: Duration::from_secs(5),
             socket_buffer_bytes: 4 * 1024 * 1024,
             subscriber_queue: 512,
             publisher_port_reserve: 100,

@@ -225,6 +225,12 @@ impl Metrics {
                 g(&TOTALS.keyframe_requests),
             ),
             (
+                "cohost_media_stalls_total",
+                "counter",
+                "Published tracks whose media stopped (no RTP for webrtc.media_stall_timeout) while their connection was up.",
+                g(&TOTALS.media_stalls),
+            ),
+            (
                 "cohost_plis_sent_total",
                 "counter",
                 "Keyframe requests sent to publishers after throttling.",

@@ -478,3 +478,60 @@ async fn ten_percent_loss_keeps_the_cohost_moving() {
     assert!(r.longest_freeze_ms <= 3000.0, "{r:?}");
     assert!(plis <= 20, "keyframe requests: {plis}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_media_that_stops_is_reported_and_its_return_too() {
+    let server = Server::start_with(&[("COHOST_WEBRTC__MEDIA_STALL_TIMEOUT", "1s")]).await;
+    let mut host = Client::join(&server, "stall", "host", Role::Host).await;
+    let cohost = Cohost::publish(&server, "stall", Impairment::clean(), 4).await;
+    let video = host
+        .sig
+        .wait_for("the co-host's video", |v| {
+            v["type"] == "track_published" && v["track"]["kind"] == "video"
+        })
+        .await;
+    let track = video["track"]["id"].as_str().unwrap().to_string();
+    // Media flows, then the co-host's uplink dies (its ICE connection is still up for 3 s).
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = server.get("/v1/rooms/stall", Some(&admin)).await;
+        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        let packets = v["tracks"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["id"] == track.as_str()))
+            .and_then(|t| t["packets_in"].as_u64())
+            .unwrap_or(0);
+        if packets > 50 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no media from the co-host: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = server.metric("cohost_media_stalls_total").await;
+    cohost.relay.cut.store(true, Ordering::Relaxed);
+    let cut_at = Instant::now();
+    let stalled = host
+        .sig
+        .wait_for("track_stalled", |v| {
+            v["type"] == "track_stalled" && v["track_id"] == track.as_str() && v["stalled"] == true
+        })
+        .await;
+    eprintln!(
+        "stall reported {:?} after the uplink was cut: {stalled}",
+        cut_at.elapsed()
+    );
+    assert!(cut_at.elapsed() < Duration::from_secs(3));
+    assert!(server.metric("cohost_media_stalls_total").await >= before + 1.0);
+    let (_, body) = server.get("/v1/rooms/stall", Some(&admin)).await;
+    assert!(body.contains("\"stalled\":true"), "{body}");
+    cohost.relay.cut.store(false, Ordering::Relaxed);
+    host.sig
+        .wait_for("track_stalled (resumed)", |v| {
+            v["type"] == "track_stalled" && v["track_id"] == track.as_str() && v["stalled"] == false
+        })
+        .await;
+}

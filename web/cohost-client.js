@@ -16,7 +16,7 @@
 //
 // Events (CustomEvent, payload in `detail`):
 //   every server event by its protocol type, with the raw message as detail: participant_joined,
-//     participant_left, track_published, track_unpublished, track_muted, role_changed,
+//     participant_left, track_published, track_unpublished, track_muted, track_stalled, role_changed,
 //     cohost_request, cohost_request_ended, cohost_invite, cohost_invite_ended, message,
 //     message_deleted, pk_invite, pk_declined, pk_started, pk_ended, closing, error (an error
 //     without a request id)
@@ -256,6 +256,12 @@ export class CohostClient extends EventTarget {
       case "track_muted": {
         const t = ps.get(m.participant_id)?.tracks.get(m.track_id);
         if (t) t.muted = m.muted;
+        break;
+      }
+      case "track_stalled": {
+        // The publisher's media stopped (or resumed) while its connection is up.
+        const t = ps.get(m.participant_id)?.tracks.get(m.track_id);
+        if (t) t.stalled = m.stalled;
         break;
       }
       case "role_changed": {

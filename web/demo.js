@@ -321,6 +321,7 @@ function renderTiles() {
     for (const p of client.participants.values()) {
       if (p.id === client.me.id || !remote.has(p.id) || p.tracks.size === 0) continue;
       const off = [...p.tracks.values()].filter((t) => t.muted).map((t) => (t.kind === "audio" ? "mic muted" : "camera muted"));
+      if ([...p.tracks.values()].some((t) => t.stalled && !t.muted)) off.push("reconnecting…");
       want.set(p.id, { stream: remote.get(p.id), label: `${p.identity} · ${p.role}`, muted: false, flags: off.join(", ") });
     }
     if (pkHost && remote.has(pkHost.participant_id)) {

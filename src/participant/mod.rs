@@ -978,6 +978,7 @@ impl Driver {
             router.clone(),
             kf_rx,
             &self.svc,
+            j.room.clone(),
             Box::new(move || {
                 let _ = done.send(Internal::TrackEnded(tid));
             }),
@@ -1263,12 +1264,38 @@ pub(crate) fn publish_tasks(
     router: Arc<TrackRouter>,
     mut kf_rx: mpsc::Receiver<()>,
     svc: &Services,
+    room: Arc<Room>,
     on_end: Box<dyn FnOnce() + Send>,
 ) -> Vec<JoinHandle<()>> {
     let r = router.clone();
     let requester = t.keyframe_requester();
+    let stall_after = svc.cfg.webrtc.media_stall_timeout;
     let reader = tokio::spawn(async move {
-        while let Some(inbound) = t.recv().await {
+        loop {
+            // Media that stops while the connection stays up (the publisher's encoder died,
+            // packets are lost or dropped somewhere) must not go unnoticed: a bridge would
+            // show a frozen tile and nobody would know why.
+            let inbound = match tokio::time::timeout(stall_after, t.recv()).await {
+                Ok(Some(inbound)) => inbound,
+                Ok(None) => break,
+                Err(_) => {
+                    if !r.stats.stalled.swap(true, Ordering::Relaxed) {
+                        crate::sfu::TOTALS
+                            .media_stalls
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(room = %room.name, participant = %r.participant_id, track = %r.id,
+                            kind = ?r.kind, "publisher media stopped: no RTP for {stall_after:?}");
+                        room.track_stalled(&r, true);
+                    }
+                    continue;
+                }
+            };
+            if matches!(inbound, Inbound::Rtp(_)) && r.stats.stalled.swap(false, Ordering::Relaxed)
+            {
+                info!(room = %room.name, participant = %r.participant_id, track = %r.id,
+                    "publisher media resumed");
+                room.track_stalled(&r, false);
+            }
             let mut p = match inbound {
                 Inbound::Rtp(p) => p,
                 Inbound::SenderReport(sr) => {

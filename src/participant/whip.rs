@@ -616,6 +616,7 @@ impl WhipTask {
                     router.clone(),
                     kf_rx,
                     &self.svc,
+                    self.room.clone(),
                     Box::new(move || {
                         let _ = done.send(tid);
                     }),

@@ -372,6 +372,21 @@ impl Room {
         Ok(())
     }
 
+    /// Tell everyone that a published track stopped delivering media while its connection is
+    /// up (`stalled`), or that it resumed.
+    pub fn track_stalled(&self, track: &crate::sfu::TrackRouter, stalled: bool) {
+        let st = self.lock();
+        Self::to_all(
+            &st,
+            &ServerMessage::TrackStalled {
+                track_id: track.id.clone(),
+                participant_id: track.participant_id.clone(),
+                kind: track.kind,
+                stalled,
+            },
+        );
+    }
+
     /// Tell a member it is removed; its connection leaves the room with reason `kicked`.
     pub fn kick(&self, actor: Actor<'_>, pid: &str) -> Result<(), RoomError> {
         let mut st = self.lock();

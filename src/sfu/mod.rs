@@ -35,6 +35,8 @@ pub struct Totals {
     pub bytes_out: AtomicU64,
     pub dropped: AtomicU64,
     pub keyframe_requests: AtomicU64,
+    /// Published tracks whose media stopped while their connection was up.
+    pub media_stalls: AtomicU64,
 }
 
 pub static TOTALS: Totals = Totals {
@@ -44,6 +46,7 @@ pub static TOTALS: Totals = Totals {
     bytes_out: AtomicU64::new(0),
     dropped: AtomicU64::new(0),
     keyframe_requests: AtomicU64::new(0),
+    media_stalls: AtomicU64::new(0),
 };
 
 /// Counters for one published track; read by metrics and room stats.
@@ -61,6 +64,8 @@ pub struct TrackStats {
     pub bitrate_bps: AtomicU64,
     /// Packets the publisher's connection reported lost (RTCP receiver statistics).
     pub packets_lost: AtomicU64,
+    /// No RTP from the publisher for `webrtc.media_stall_timeout` (until the next packet).
+    pub stalled: AtomicBool,
     /// Round trip to the publisher in microseconds (0: not measured yet), refreshed with
     /// `bitrate_bps`: how long a retransmission takes, for receivers' reordering buffers.
     pub rtt_us: AtomicU64,

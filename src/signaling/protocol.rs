@@ -457,6 +457,14 @@ pub enum ServerMessage {
         kind: Kind,
         muted: bool,
     },
+    /// A published track stopped delivering media while its connection was up (`stalled`),
+    /// or resumed.
+    TrackStalled {
+        track_id: String,
+        participant_id: String,
+        kind: Kind,
+        stalled: bool,
+    },
     /// A room message (chat, like, gift, join/leave, notice).
     Message {
         message: RoomMessage,

@@ -13,7 +13,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -75,6 +75,8 @@ pub struct Relay {
     pub up: Arc<Counters>,
     /// Server to client.
     pub down: Arc<Counters>,
+    /// While set, everything the client sends is dropped (the uplink is dead).
+    pub cut: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -213,10 +215,17 @@ impl Relay {
         ];
         // Client to server: remember who the client is.
         let (f, c) = (front.clone(), client.clone());
+        let cut = Arc::new(AtomicBool::new(false));
+        let (cut2, up_c2) = (cut.clone(), up_c.clone());
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = f.recv_from(&mut buf).await {
                 *c.lock().await = Some(from);
+                if cut2.load(Ordering::Relaxed) {
+                    up_c2.packets.fetch_add(1, Ordering::Relaxed);
+                    up_c2.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if up_tx
                     .send((buf[..n].to_vec(), Instant::now()))
                     .await
@@ -247,6 +256,7 @@ impl Relay {
             addr,
             up: up_c,
             down: down_c,
+            cut,
             tasks,
         }
     }
