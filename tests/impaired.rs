@@ -425,7 +425,9 @@ async fn cohost_through(up: Impairment, room: &str, seed: u64) -> (TileReport, V
         .unwrap_or(json!(null));
     eprintln!(
         "{room}: {report:?}; PLIs to the co-host in 17 s: {keyframes_asked}; NACKs sent: \
-         {nacks}; relay up: {}; bridge input: {input}",
+         {nacks}; bridge latency p50/p95 ms: {}/{}; relay up: {}; bridge input: {input}",
+        v["stats"]["latency_ms_p50"],
+        v["stats"]["latency_ms_p95"],
         cohost.relay.up.summary()
     );
     drop(host);
@@ -441,6 +443,16 @@ fn jittery(loss: f64) -> Impairment {
         reorder: true,
         duplicate: 0.0,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_link_cohost_is_live_in_the_mix() {
+    let (r, input, plis) = cohost_through(Impairment::clean(), "clean", 5).await;
+    assert!(r.frames >= 300, "{r:?}");
+    assert_eq!(r.placeholder, 0, "{r:?}");
+    assert!(r.changed * 3 >= r.frames, "the tile keeps moving: {r:?}");
+    assert_eq!(input["packets_lost"], 0, "{input}");
+    assert!(plis <= 3, "keyframe requests: {plis}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
