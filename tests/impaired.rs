@@ -547,3 +547,103 @@ async fn publisher_media_that_stops_is_reported_and_its_return_too() {
         })
         .await;
 }
+
+/// The relay itself: what it is told to do, it does (loss rate, bursts, delay, reordering).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impairment_relay_drops_delays_and_reorders_as_configured() {
+    async fn send_through(imp: Impairment, n: u16) -> (Vec<(u16, Duration)>, u64, u64) {
+        let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay::start(sink.local_addr().unwrap(), imp, Impairment::clean(), 7).await;
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let start = Instant::now();
+        let mut got = vec![];
+        let mut buf = [0u8; 64];
+        for i in 0..n {
+            client.send_to(&i.to_be_bytes(), relay.addr).await.unwrap();
+            if !imp.jitter.is_zero() {
+                // Packets 1 ms apart, so that +-10 ms of jitter can reorder them.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            } else if i % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+            while let Ok(Ok((len, _))) =
+                tokio::time::timeout(Duration::ZERO, sink.recv_from(&mut buf)).await
+            {
+                if len == 2 {
+                    got.push((u16::from_be_bytes([buf[0], buf[1]]), start.elapsed()));
+                }
+            }
+        }
+        while let Ok(Ok((_, _))) =
+            tokio::time::timeout(Duration::from_millis(300), sink.recv_from(&mut buf)).await
+        {
+            got.push((u16::from_be_bytes([buf[0], buf[1]]), start.elapsed()));
+        }
+        let up = &relay.up;
+        (
+            got,
+            up.dropped.load(Ordering::Relaxed),
+            up.reordered.load(Ordering::Relaxed),
+        )
+    }
+    let inversions = |got: &[(u16, Duration)]| got.windows(2).filter(|w| w[1].0 < w[0].0).count();
+    // 10 % independent loss.
+    let (got, dropped, _) = send_through(
+        Impairment {
+            loss: 0.10,
+            burst: 1.0,
+            ..Impairment::clean()
+        },
+        2000,
+    )
+    .await;
+    assert!((140..=260).contains(&dropped), "dropped {dropped} of 2000");
+    assert_eq!(got.len() as u64, 2000 - dropped);
+    // 10 % loss in bursts of 4 on average: the same rate, longer runs.
+    let (got, dropped, _) = send_through(
+        Impairment {
+            loss: 0.10,
+            burst: 4.0,
+            ..Impairment::clean()
+        },
+        2000,
+    )
+    .await;
+    assert!((100..=320).contains(&dropped), "dropped {dropped} of 2000");
+    let received: std::collections::HashSet<u16> = got.iter().map(|g| g.0).collect();
+    let longest = (0..2000u16)
+        .fold((0, 0), |(run, best), i| {
+            if received.contains(&i) {
+                (0, best)
+            } else {
+                (run + 1, best.max(run + 1))
+            }
+        })
+        .1;
+    assert!(longest >= 4, "bursty loss: longest run {longest}");
+    // Delay with jitter that reorders, and without reordering.
+    let jitter = Impairment {
+        delay: Duration::from_millis(30),
+        jitter: Duration::from_millis(10),
+        reorder: true,
+        ..Impairment::clean()
+    };
+    let (got, _, reordered) = send_through(jitter, 500).await;
+    assert_eq!(got.len(), 500);
+    assert!(
+        reordered > 20 && inversions(&got) > 20,
+        "{reordered} reordered"
+    );
+    let (got, _, reordered) = send_through(
+        Impairment {
+            reorder: false,
+            ..jitter
+        },
+        500,
+    )
+    .await;
+    assert_eq!((reordered, inversions(&got)), (0, 0));
+    // Every packet waited at least delay - jitter (20 ms) after it was sent (1 ms apart).
+    let first = got.iter().find(|g| g.0 == 0).unwrap().1;
+    assert!(first >= Duration::from_millis(19), "{first:?}");
+}
