@@ -18,19 +18,10 @@ use bytes::Bytes;
 use cohost::auth::Role;
 use common::impair::{Impairment, Relay, server_candidate, via_relay};
 use common::{Client, Server, post_sdp, wait_bridge};
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde_json::{Value, json};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
-use webrtc::peer_connection::{
-    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCSessionDescription, SettingEngineBuilder,
-};
-
-struct Quiet;
-
-#[async_trait::async_trait]
-impl PeerConnectionEventHandler for Quiet {}
+use webrtc::peer_connection::{PeerConnection, RTCSessionDescription};
 
 /// Width and height of the co-host's camera, and its frame interval (15 fps).
 const W: usize = 320;
@@ -96,55 +87,11 @@ fn payload_type(sdp: &str, codec: &str) -> u8 {
 
 impl Cohost {
     async fn publish(server: &Server, room: &str, up: Impairment, seed: u64) -> Cohost {
-        let mut me = cohost::peer::media_engine().unwrap();
-        let reg = cohost::peer::interceptors(&mut me).unwrap();
-        let se = SettingEngineBuilder::new()
-            .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-            .with_include_loopback_candidate(true)
-            .build();
-        let pc: Arc<dyn PeerConnection> = Arc::new(
-            PeerConnectionBuilder::new()
-                .with_configuration(RTCConfigurationBuilder::new().build())
-                .with_media_engine(me)
-                .with_setting_engine(se)
-                .with_interceptor_registry(reg)
-                .with_handler(Arc::new(Quiet) as Arc<dyn PeerConnectionEventHandler>)
-                .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
-                .build()
-                .await
-                .unwrap(),
-        );
         let (a_ssrc, v_ssrc) = (0x0a0a_0001u32, 0x0b0b_0001u32);
-        let audio = common::local_track(
-            "phone",
-            RtpCodecKind::Audio,
-            a_ssrc,
-            "audio/opus",
-            48000,
-            2,
-            "minptime=10;useinbandfec=1",
-        );
-        let video = common::local_track(
-            "phone",
-            RtpCodecKind::Video,
-            v_ssrc,
-            "video/H264",
-            90000,
-            0,
-            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
-        );
-        pc.add_track(audio.clone() as Arc<dyn TrackLocal>)
-            .await
-            .unwrap();
-        pc.add_track(video.clone() as Arc<dyn TrackLocal>)
-            .await
-            .unwrap();
-        let offer = pc.create_offer(None).await.unwrap();
-        pc.set_local_description(offer.clone()).await.unwrap();
+        let (pc, audio, video, offer) = common::whip_publisher(a_ssrc, v_ssrc).await;
         // No client candidates: the server can only learn the relay's address (from the
         // connectivity checks that come through it), so every packet takes the impaired path.
         let sdp: String = offer
-            .sdp
             .split_inclusive('\n')
             .filter(|l| !l.starts_with("a=candidate:"))
             .collect();
@@ -221,22 +168,8 @@ async fn pump(
     let mut last_plis = 0;
     while !stop.load(Ordering::SeqCst) {
         tick.tick().await;
-        let pcm: Vec<i16> = (0..960)
-            .map(|k| {
-                let t = (audio_n * 960 + k) as f32 / 48000.0;
-                ((t * 660.0 * std::f32::consts::TAU).sin() * 8000.0) as i16
-            })
-            .collect();
-        let mut out = vec![0u8; 400];
-        let len = opus_enc.encode(&pcm, &mut out).unwrap();
-        out.truncate(len);
-        let mut p = rtc::rtp::Packet::default();
-        p.header.version = 2;
-        p.header.ssrc = a_ssrc;
-        p.header.payload_type = apt;
-        p.header.sequence_number = aseq;
-        p.header.timestamp = audio_n * 960;
-        p.payload = Bytes::from(out);
+        let frame = common::opus_tone_frame(&mut opus_enc, audio_n, 660.0, 8000.0);
+        let p = common::rtp_packet(a_ssrc, apt, aseq, audio_n * 960, false, frame);
         aseq = aseq.wrapping_add(1);
         audio_n += 1;
         if a.write_rtp(p).await.is_err() {
@@ -258,14 +191,7 @@ async fn pump(
         };
         let last = pkts.len().saturating_sub(1);
         for (k, pl) in pkts.into_iter().enumerate() {
-            let mut p = rtc::rtp::Packet::default();
-            p.header.version = 2;
-            p.header.ssrc = v_ssrc;
-            p.header.payload_type = vpt;
-            p.header.sequence_number = vseq;
-            p.header.timestamp = ts;
-            p.header.marker = k == last;
-            p.payload = pl;
+            let p = common::rtp_packet(v_ssrc, vpt, vseq, ts, k == last, pl);
             vseq = vseq.wrapping_add(1);
             let _ = v.write_rtp(p).await;
         }

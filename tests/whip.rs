@@ -22,7 +22,6 @@ use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
-use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
@@ -589,61 +588,10 @@ async fn whep_viewer_of_one_participant_gets_that_participants_media() {
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
-struct Quiet;
-
-#[async_trait::async_trait]
-impl PeerConnectionEventHandler for Quiet {}
-
 /// A complete sendonly (audio + video) offer from the `webrtc` crate, as a WHIP client makes.
 async fn publisher_offer() -> (Arc<dyn PeerConnection>, String) {
-    let mut me = cohost::peer::media_engine().unwrap();
-    let reg = cohost::peer::interceptors(&mut me).unwrap();
-    let se = SettingEngineBuilder::new()
-        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-        .with_include_loopback_candidate(true)
-        .build();
-    let pc: Arc<dyn PeerConnection> = Arc::new(
-        PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_media_engine(me)
-            .with_setting_engine(se)
-            .with_interceptor_registry(reg)
-            .with_handler(Arc::new(Quiet) as Arc<dyn PeerConnectionEventHandler>)
-            .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
-            .build()
-            .await
-            .unwrap(),
-    );
-    for (kind, mime, clock, ch, fmtp) in [
-        (
-            RtpCodecKind::Audio,
-            "audio/opus",
-            48000,
-            2,
-            "minptime=10;useinbandfec=1",
-        ),
-        (
-            RtpCodecKind::Video,
-            "video/H264",
-            90000,
-            0,
-            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
-        ),
-    ] {
-        let track = common::local_track(
-            "studio",
-            kind,
-            rand::random::<u32>() | 1,
-            mime,
-            clock,
-            ch,
-            fmtp,
-        );
-        pc.add_track(track as Arc<dyn TrackLocal>).await.unwrap();
-    }
-    let offer = pc.create_offer(None).await.unwrap();
-    let sdp = offer.sdp.clone();
-    pc.set_local_description(offer).await.unwrap();
+    let (pc, _, _, sdp) =
+        common::whip_publisher(rand::random::<u32>() | 1, rand::random::<u32>() | 1).await;
     (pc, sdp)
 }
 

@@ -1119,22 +1119,8 @@ async fn real_pump(
         tick.tick().await;
         let (rgb, tone, amplitude) = pattern.at(n);
         // Audio: one 20 ms Opus frame per tick.
-        let pcm: Vec<i16> = (0..960)
-            .map(|k| {
-                let t = (n * 960 + k) as f32 / 48000.0;
-                ((t * tone * std::f32::consts::TAU).sin() * amplitude) as i16
-            })
-            .collect();
-        let mut out = vec![0u8; 400];
-        let len = opus_enc.encode(&pcm, &mut out).unwrap();
-        out.truncate(len);
-        let mut p = rtc::rtp::Packet::default();
-        p.header.version = 2;
-        p.header.ssrc = a_ssrc;
-        p.header.payload_type = apt;
-        p.header.sequence_number = aseq;
-        p.header.timestamp = n * 960;
-        p.payload = Bytes::from(out);
+        let frame = opus_tone_frame(&mut opus_enc, n, tone, amplitude);
+        let p = rtp_packet(a_ssrc, apt, aseq, n * 960, false, frame);
         aseq = aseq.wrapping_add(1);
         if a.write_rtp(p).await.is_err() {
             return;
@@ -1157,14 +1143,7 @@ async fn real_pump(
             let pkts = pay.payload(1200, &Bytes::from(bs)).unwrap();
             let last = pkts.len().saturating_sub(1);
             for (k, pl) in pkts.into_iter().enumerate() {
-                let mut p = rtc::rtp::Packet::default();
-                p.header.version = 2;
-                p.header.ssrc = v_ssrc;
-                p.header.payload_type = vpt;
-                p.header.sequence_number = vseq;
-                p.header.timestamp = n * 1800;
-                p.header.marker = k == last;
-                p.payload = pl;
+                let p = rtp_packet(v_ssrc, vpt, vseq, n * 1800, k == last, pl);
                 vseq = vseq.wrapping_add(1);
                 let _ = v.write_rtp(p).await;
             }
@@ -1347,6 +1326,106 @@ pub fn assert_continuous(tags: &[cohost::media::flv::Tag], min_video: usize) {
         );
         assert!(w[1].timestamp_ms - w[0].timestamp_ms <= 22, "audio gap");
     }
+}
+
+/// One 20 ms Opus frame (48 kHz mono) of a `tone` Hz sine at `amplitude`, tick `n` of a
+/// continuous signal.
+pub fn opus_tone_frame(enc: &mut opus::Encoder, n: u32, tone: f32, amplitude: f32) -> Bytes {
+    let pcm: Vec<i16> = (0..960)
+        .map(|k| {
+            let t = (n * 960 + k) as f32 / 48000.0;
+            ((t * tone * std::f32::consts::TAU).sin() * amplitude) as i16
+        })
+        .collect();
+    let mut out = vec![0u8; 400];
+    let len = enc.encode(&pcm, &mut out).unwrap();
+    out.truncate(len);
+    Bytes::from(out)
+}
+
+/// An RTP packet for a test publisher's local track.
+pub fn rtp_packet(
+    ssrc: u32,
+    pt: u8,
+    seq: u16,
+    ts: u32,
+    marker: bool,
+    payload: Bytes,
+) -> rtc::rtp::Packet {
+    let mut p = rtc::rtp::Packet::default();
+    p.header.version = 2;
+    p.header.ssrc = ssrc;
+    p.header.payload_type = pt;
+    p.header.sequence_number = seq;
+    p.header.timestamp = ts;
+    p.header.marker = marker;
+    p.payload = payload;
+    p
+}
+
+struct QuietHandler;
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for QuietHandler {}
+
+/// A WHIP client's peer connection on the `webrtc` crate (cohost's codecs and interceptors),
+/// with an Opus and an H.264 sending track of the given SSRCs, and its complete offer (set as
+/// its local description).
+pub async fn whip_publisher(
+    a_ssrc: u32,
+    v_ssrc: u32,
+) -> (
+    Arc<dyn PeerConnection>,
+    Arc<TrackLocalStaticRTP>,
+    Arc<TrackLocalStaticRTP>,
+    String,
+) {
+    let mut me = cohost::peer::media_engine().unwrap();
+    let reg = cohost::peer::interceptors(&mut me).unwrap();
+    let se = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_include_loopback_candidate(true)
+        .build();
+    let pc: Arc<dyn PeerConnection> = Arc::new(
+        PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(me)
+            .with_setting_engine(se)
+            .with_interceptor_registry(reg)
+            .with_handler(Arc::new(QuietHandler) as Arc<dyn PeerConnectionEventHandler>)
+            .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+            .build()
+            .await
+            .unwrap(),
+    );
+    let audio = local_track(
+        "studio",
+        RtpCodecKind::Audio,
+        a_ssrc,
+        "audio/opus",
+        48000,
+        2,
+        "minptime=10;useinbandfec=1",
+    );
+    let video = local_track(
+        "studio",
+        RtpCodecKind::Video,
+        v_ssrc,
+        "video/H264",
+        90000,
+        0,
+        "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+    );
+    pc.add_track(audio.clone() as Arc<dyn TrackLocal>)
+        .await
+        .unwrap();
+    pc.add_track(video.clone() as Arc<dyn TrackLocal>)
+        .await
+        .unwrap();
+    let offer = pc.create_offer(None).await.unwrap();
+    let sdp = offer.sdp.clone();
+    pc.set_local_description(offer).await.unwrap();
+    (pc, audio, video, sdp)
 }
 
 // ---- Raw HTTP (WHIP/WHEP and other non-JSON endpoints) ----
