@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -281,9 +281,9 @@ async fn second_host_is_refused_while_the_host_is_live() {
     let offer = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
                  m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=sendonly\r\n\
                  a=rtpmap:111 opus/48000/2\r\n";
-    let (status, body) = whip_post(&server, "/whip/one", &token, offer).await;
-    assert_eq!(status, 409, "{body}");
-    assert!(body.contains("already has a host"), "{body}");
+    let r = common::post_sdp(&server, "/whip/one", Some(&token), offer).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("already has a host"), "{}", r.body);
     // Alice is unaffected: still the one host, and her host actions work.
     assert_eq!(participants(&server, "one").await, vec!["alice", "fan"]);
     let kicked = alice
@@ -304,24 +304,4 @@ async fn second_host_is_refused_while_the_host_is_live() {
     let pong = again.sig.request(json!({"type": "ping"})).await;
     assert_eq!(pong["type"], "response", "{pong}");
     assert_eq!(participants(&server, "one").await, vec!["alice"]);
-}
-
-async fn whip_post(server: &Server, path: &str, token: &str, sdp: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(server.addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/sdp\r\n\
-         Authorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{sdp}",
-        server.addr,
-        sdp.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(T, s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
 }
