@@ -336,15 +336,24 @@ async fn cohost_through(up: Impairment, room: &str, seed: u64) -> (TileReport, V
         me["media"]["publisher"]["rtt_ms"].as_f64().is_some(),
         "WHIP connection stats: {me}"
     );
-    let video_bps = r["tracks"]
+    let video = r["tracks"]
         .as_array()
         .and_then(|a| {
             a.iter()
                 .find(|t| t["participant_id"] == phone && t["kind"] == "video")
         })
-        .and_then(|t| t["bitrate_bps"].as_u64())
-        .unwrap_or(0);
+        .cloned()
+        .unwrap_or(json!(null));
+    let video_bps = video["bitrate_bps"].as_u64().unwrap_or(0);
     assert!(video_bps > 50_000, "WHIP video bitrate {video_bps}: {body}");
+    if up.loss > 0.0 {
+        // Per-track feedback: the NACKs sent to this publisher and the packets they asked for.
+        assert!(
+            video["nacks_sent"].as_u64().unwrap_or(0) > 0
+                && video["nacked_packets"].as_u64().unwrap_or(0) > 0,
+            "NACKs per track: {video}"
+        );
+    }
     let input = v["stats"]["video_inputs"]
         .as_array()
         .and_then(|a| a.iter().find(|i| i["participant_id"] == phone).cloned())

@@ -373,6 +373,8 @@ async fn get_room(
                 "bitrate_bps": t.stats.bitrate_bps.load(Ordering::Relaxed),
                 "packets_lost": t.stats.packets_lost.load(Ordering::Relaxed),
                 "keyframe_requests": t.stats.keyframe_requests.load(Ordering::Relaxed),
+                "nacks_sent": t.stats.nacks_sent.load(Ordering::Relaxed),
+                "nacked_packets": t.stats.nacked_packets.load(Ordering::Relaxed),
                 "stalled": t.stats.stalled.load(Ordering::Relaxed),
             })
         })

@@ -86,6 +86,12 @@ impl StatsRefresher {
                 publisher.and_then(|s| s.inbound.iter().find(|i| t.ssrc != 0 && i.ssrc == t.ssrc))
             {
                 stats.packets_lost.store(s.packets_lost, Ordering::Relaxed);
+                stats
+                    .nacks_sent
+                    .store(s.feedback_sent.nacks, Ordering::Relaxed);
+                stats
+                    .nacked_packets
+                    .store(s.feedback_sent.nacked_packets, Ordering::Relaxed);
             }
         }
         self.last_bytes

@@ -11,8 +11,9 @@
 //! destination SSRC. So each wanted packet goes up on its own, and a sender report loses its
 //! reception report blocks (their SSRCs are ours, not the sender's track).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rtc::interceptor::{
@@ -50,11 +51,97 @@ pub static RTCP: RtcpTotals = RtcpTotals {
     firs_received: AtomicU64::new(0),
 };
 
-/// Counts NACK, PLI and FIR in both directions; passes everything through unchanged.
+/// Feedback about one media stream (SSRC) of a connection: what we asked of a publisher
+/// (`*_sent`, its SSRC) or what a subscriber asked of us (`*_received`, the SSRC we send).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FeedbackCounts {
+    /// RTCP NACK messages, and the packets they asked to be retransmitted.
+    pub nacks: u64,
+    pub nacked_packets: u64,
+    pub plis: u64,
+    pub firs: u64,
+}
+
+/// Per-SSRC feedback counts of one connection, shared between its interceptor chain and the
+/// connection's statistics. Only streams bound to the connection are counted, so a peer that
+/// names made-up SSRCs cannot grow the map.
+#[derive(Debug, Clone, Default)]
+pub struct FeedbackBySsrc(Arc<Mutex<HashMap<u32, FeedbackCounts>>>);
+
+impl FeedbackBySsrc {
+    fn with<R>(&self, f: impl FnOnce(&mut HashMap<u32, FeedbackCounts>) -> R) -> R {
+        match self.0.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    pub fn get(&self, ssrc: u32) -> Option<FeedbackCounts> {
+        self.with(|m| m.get(&ssrc).copied())
+    }
+
+    fn bind(&self, ssrc: u32) {
+        self.with(|m| {
+            m.entry(ssrc).or_default();
+        });
+    }
+
+    fn unbind(&self, ssrc: u32) {
+        self.with(|m| m.remove(&ssrc));
+    }
+
+    fn add(&self, ssrc: u32, f: impl FnOnce(&mut FeedbackCounts)) {
+        self.with(|m| {
+            if let Some(c) = m.get_mut(&ssrc) {
+                f(c);
+            }
+        });
+    }
+}
+
+/// Counts NACK, PLI and FIR in both directions, in total and per stream; passes everything
+/// through unchanged.
 #[derive(Default)]
 pub struct RtcpCounter {
     read_queue: VecDeque<TaggedPacket>,
     write_queue: VecDeque<TaggedPacket>,
+    /// Outgoing feedback, by the remote stream it is about (publisher's SSRC).
+    pub sent: FeedbackBySsrc,
+    /// Incoming feedback, by the local stream it is about (the SSRC we send).
+    pub received: FeedbackBySsrc,
+}
+
+impl RtcpCounter {
+    pub fn new(sent: FeedbackBySsrc, received: FeedbackBySsrc) -> Self {
+        Self {
+            sent,
+            received,
+            ..Self::default()
+        }
+    }
+}
+
+fn count_per_stream(packets: &[Box<dyn rtc::rtcp::Packet>], by_ssrc: &FeedbackBySsrc) {
+    for p in packets {
+        let any = p.as_any();
+        if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
+            let asked: u64 = n
+                .nacks
+                .iter()
+                .map(|pair| 1 + u64::from(pair.lost_packets.count_ones()))
+                .sum();
+            by_ssrc.add(n.media_ssrc, |c| {
+                c.nacks += 1;
+                c.nacked_packets += asked;
+            });
+        } else if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+            by_ssrc.add(pli.media_ssrc, |c| c.plis += 1);
+        } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+            for e in &fir.fir {
+                by_ssrc.add(e.ssrc, |c| c.firs += 1);
+            }
+        }
+    }
 }
 
 fn count(packets: &[Box<dyn rtc::rtcp::Packet>], inbound: bool) {
@@ -91,6 +178,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
     fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &msg.message.packet {
             count(packets, true);
+            count_per_stream(packets, &self.received);
         }
         self.read_queue.push_back(msg);
         Ok(())
@@ -103,6 +191,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &msg.message.packet {
             count(packets, false);
+            count_per_stream(packets, &self.sent);
         }
         self.write_queue.push_back(msg);
         Ok(())
@@ -114,10 +203,18 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
 }
 
 impl Interceptor for RtcpCounter {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.received.bind(info.ssrc);
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.received.unbind(info.ssrc);
+    }
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        self.sent.bind(info.ssrc);
+    }
+    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        self.sent.unbind(info.ssrc);
+    }
 }
 
 #[derive(Default)]
@@ -182,4 +279,51 @@ impl Interceptor for KeyframeRequestInterceptor {
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::rtcp::transport_feedbacks::transport_layer_nack::NackPair;
+
+    fn nack(media_ssrc: u32, packet_id: u16, lost_packets: u16) -> Box<dyn rtc::rtcp::Packet> {
+        Box::new(TransportLayerNack {
+            sender_ssrc: 1,
+            media_ssrc,
+            nacks: vec![NackPair {
+                packet_id,
+                lost_packets,
+            }],
+        })
+    }
+
+    #[test]
+    fn feedback_is_counted_per_bound_stream_only() {
+        let by = FeedbackBySsrc::default();
+        by.bind(42);
+        count_per_stream(
+            &[
+                nack(42, 100, 0b101),
+                Box::new(PictureLossIndication {
+                    sender_ssrc: 1,
+                    media_ssrc: 42,
+                }),
+            ],
+            &by,
+        );
+        // A stream that is not bound (made up by the peer) is not counted, nor kept.
+        count_per_stream(&[nack(7, 1, 0)], &by);
+        assert_eq!(
+            by.get(42),
+            Some(FeedbackCounts {
+                nacks: 1,
+                nacked_packets: 3,
+                plis: 1,
+                firs: 0
+            })
+        );
+        assert_eq!(by.get(7), None);
+        by.unbind(42);
+        assert_eq!(by.get(42), None);
+    }
 }

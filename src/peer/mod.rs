@@ -41,6 +41,7 @@ use webrtc::rtp_transceiver::RtpSender;
 use crate::config::WebrtcConfig;
 use crate::media::jitter::{NACK_INTERVAL, NACK_MAX_PER_PACKET};
 use crate::sfu::{CodecSpec, Packet, SenderReport};
+use keyframe_interceptor::{FeedbackBySsrc, FeedbackCounts, RtcpCounter};
 
 pub use ports::{PortPool, PortUse};
 
@@ -312,6 +313,14 @@ pub fn media_engine() -> Result<MediaEngine, PeerError> {
 /// a receiver's reordering buffer, and a packet the sender no longer had was asked for again
 /// and again until it left the 512-packet log. The codecs above carry the `nack` feedback.
 pub fn interceptors(me: &mut MediaEngine) -> Result<Registry, PeerError> {
+    interceptors_counting(me, RtcpCounter::default())
+}
+
+/// [`interceptors`] with the RTCP counter whose per-stream counts the caller keeps.
+pub fn interceptors_counting(
+    me: &mut MediaEngine,
+    counter: RtcpCounter,
+) -> Result<Registry, PeerError> {
     let reg = Registry::new()
         .with(Slot::NackResponder, NackResponderBuilder::new().build())
         .with(
@@ -325,10 +334,7 @@ pub fn interceptors(me: &mut MediaEngine) -> Result<Registry, PeerError> {
     let reg = configure_twcc_receiver_only(reg, me).map_err(werr)?;
     let reg = configure_rtcp_reports(reg);
     Ok(reg
-        .with(
-            Slot::from(keyframe_interceptor::COUNTER_SLOT),
-            keyframe_interceptor::RtcpCounter::default(),
-        )
+        .with(Slot::from(keyframe_interceptor::COUNTER_SLOT), counter)
         .with(
             Slot::from(keyframe_interceptor::SLOT),
             keyframe_interceptor::KeyframeRequestInterceptor::default(),
@@ -398,8 +404,9 @@ impl PeerFactory {
                 Err(ports::NoLease::Exhausted) => break,
             };
             let connected = Arc::new(AtomicBool::new(false));
+            let feedback = StreamFeedback::default();
             match self
-                .build(lease.port(), tx.clone(), connected.clone())
+                .build(lease.port(), tx.clone(), connected.clone(), &feedback)
                 .await
             {
                 Ok(pc) => {
@@ -411,6 +418,7 @@ impl PeerFactory {
                             live: self.live.clone(),
                             connected,
                             nat: self.nat.clone(),
+                            feedback,
                         },
                         rx,
                     ));
@@ -429,9 +437,13 @@ impl PeerFactory {
         port: u16,
         tx: mpsc::UnboundedSender<PeerEvent>,
         connected: Arc<AtomicBool>,
+        feedback: &StreamFeedback,
     ) -> Result<impl PeerConnection + use<>, PeerError> {
         let mut me = media_engine()?;
-        let registry = interceptors(&mut me)?;
+        let registry = interceptors_counting(
+            &mut me,
+            RtcpCounter::new(feedback.sent.clone(), feedback.received.clone()),
+        )?;
         let se = SettingEngineBuilder::new()
             .with_ice_timeouts(
                 Some(self.cfg.ice_disconnected_timeout),
@@ -490,6 +502,15 @@ pub struct Peer {
     live: Arc<AtomicU64>,
     connected: Arc<AtomicBool>,
     nat: Arc<NatMap>,
+    feedback: StreamFeedback,
+}
+
+/// RTCP feedback of one connection per stream: sent about the streams it receives, received
+/// about the streams it sends.
+#[derive(Debug, Clone, Default)]
+struct StreamFeedback {
+    sent: FeedbackBySsrc,
+    received: FeedbackBySsrc,
 }
 
 impl Drop for Peer {
@@ -636,18 +657,22 @@ impl Peer {
                 }
                 RTCStatsReportEntry::InboundRtp(s) => {
                     let r = &s.received_rtp_stream_stats;
+                    let ssrc = r.rtp_stream_stats.ssrc;
                     out.inbound.push(InboundStat {
-                        ssrc: r.rtp_stream_stats.ssrc,
+                        ssrc,
                         packets_received: r.packets_received,
                         packets_lost: r.packets_lost.max(0) as u64,
                         jitter_ms: r.jitter * 1000.0,
+                        feedback_sent: self.feedback.sent.get(ssrc).unwrap_or_default(),
                     });
                 }
                 RTCStatsReportEntry::RemoteInboundRtp(s) => {
+                    let ssrc = s.received_rtp_stream_stats.rtp_stream_stats.ssrc;
                     out.remote_inbound.push(RemoteInboundStat {
-                        ssrc: s.received_rtp_stream_stats.rtp_stream_stats.ssrc,
+                        ssrc,
                         fraction_lost: s.fraction_lost,
                         rtt_ms: s.round_trip_time * 1000.0,
+                        feedback_received: self.feedback.received.get(ssrc).unwrap_or_default(),
                     });
                 }
                 _ => {}
@@ -679,6 +704,8 @@ pub struct InboundStat {
     pub packets_received: u64,
     pub packets_lost: u64,
     pub jitter_ms: f64,
+    /// NACKs (and the packets they asked for), PLIs and FIRs we sent about this stream.
+    pub feedback_sent: FeedbackCounts,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -686,6 +713,8 @@ pub struct RemoteInboundStat {
     pub ssrc: u32,
     pub fraction_lost: f64,
     pub rtt_ms: f64,
+    /// NACKs (and the packets they asked for), PLIs and FIRs the client sent about it.
+    pub feedback_received: FeedbackCounts,
 }
 
 /// What a published track delivers.

@@ -64,6 +64,10 @@ pub struct TrackStats {
     pub bitrate_bps: AtomicU64,
     /// Packets the publisher's connection reported lost (RTCP receiver statistics).
     pub packets_lost: AtomicU64,
+    /// RTCP NACKs the publisher's connection sent for this track, and the packets they asked
+    /// to be retransmitted (refreshed with `bitrate_bps`).
+    pub nacks_sent: AtomicU64,
+    pub nacked_packets: AtomicU64,
     /// No RTP from the publisher for `webrtc.media_stall_timeout` (until the next packet).
     pub stalled: AtomicBool,
     /// Round trip to the publisher in microseconds (0: not measured yet), refreshed with
