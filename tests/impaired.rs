@@ -264,23 +264,15 @@ async fn capture(server: &Server, room: &str, secs: u32) -> Vec<u8> {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("v.rgb");
     let url = format!("http://{}/live/{room}.flv", server.addr);
-    let out = tokio::time::timeout(
-        Duration::from_secs(u64::from(secs) + 30),
+    common::run_ffmpeg(
         tokio::process::Command::new("ffmpeg")
             .args(["-v", "error", "-y", "-i", &url, "-t", &secs.to_string()])
             .args(["-fps_mode", "passthrough"])
             .args(common::RAW_RGB_320X180)
-            .arg(&path)
-            .output(),
+            .arg(&path),
+        Duration::from_secs(u64::from(secs) + 30),
     )
-    .await
-    .expect("ffmpeg finished")
-    .expect("ffmpeg (Debian) must be installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     let video = std::fs::read(&path).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     video

@@ -57,8 +57,8 @@ pub struct VideoInput {
     latest: Option<std::sync::Arc<I420>>,
     /// RTP timestamp of `latest`.
     latest_ts: Option<u32>,
-    /// Decoding waits for an IDR since / the last keyframe request went out at.
-    waiting_since: Option<Instant>,
+    /// Decoding waits for an IDR; the last keyframe request went out at.
+    waiting: bool,
     last_request: Option<Instant>,
     stats: VideoInputStats,
 }
@@ -74,17 +74,13 @@ pub struct Pushed {
 
 impl VideoInput {
     pub fn new() -> Result<Self, VideoInError> {
-        Self::with_config(ReorderConfig::default())
-    }
-
-    pub fn with_config(reorder: ReorderConfig) -> Result<Self, VideoInError> {
         Ok(Self {
-            reorder: Reorder::new(reorder, 90_000),
+            reorder: Reorder::new(ReorderConfig::default(), 90_000),
             assembler: Assembler::new(),
             decoder: Decoder::new().map_err(|e| VideoInError::Decoder(e.to_string()))?,
             latest: None,
             latest_ts: None,
-            waiting_since: None,
+            waiting: false,
             last_request: None,
             stats: VideoInputStats::default(),
         })
@@ -119,10 +115,10 @@ impl VideoInput {
     /// When [`poll`](Self::poll) has something to do without a new packet: a hole to give up,
     /// or a keyframe request to repeat.
     pub fn deadline(&self) -> Option<Instant> {
-        let retry = self.waiting_since.map(|_| {
-            self.last_request
-                .map_or_else(Instant::now, |t| t + KEYFRAME_RETRY)
-        });
+        let retry = self
+            .last_request
+            .filter(|_| self.waiting)
+            .map(|t| t + KEYFRAME_RETRY);
         match (self.reorder.deadline(), retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -140,26 +136,20 @@ impl VideoInput {
             {
                 match out {
                     Output::NeedKeyframe => {
-                        self.waiting_since.get_or_insert(now);
+                        self.waiting = true;
                         r.need_keyframe = true;
                     }
                     Output::Frame(au) => {
-                        tracing::trace!(
-                            rtp_timestamp = au.rtp_timestamp,
-                            keyframe = au.keyframe,
-                            bytes = au.annexb.len(),
-                            "frame"
-                        );
                         if au.keyframe {
-                            self.waiting_since = None;
+                            self.waiting = false;
                         }
-                        self.decode(&au.annexb, au.rtp_timestamp, &mut r, now);
+                        self.decode(&au.annexb, au.rtp_timestamp, &mut r);
                     }
                 }
             }
         }
         if !r.need_keyframe
-            && self.waiting_since.is_some()
+            && self.waiting
             && self.last_request.is_some_and(|t| now >= t + KEYFRAME_RETRY)
         {
             // Still no IDR: the one sent may have been lost on the way.
@@ -172,7 +162,7 @@ impl VideoInput {
         r
     }
 
-    fn decode(&mut self, annexb: &[u8], ts: u32, r: &mut Pushed, now: Instant) {
+    fn decode(&mut self, annexb: &[u8], ts: u32, r: &mut Pushed) {
         match self.decoder.decode(annexb) {
             Ok(Some(pic)) => {
                 // Copied out: the decoder reuses its buffer for the next picture.
@@ -192,7 +182,7 @@ impl VideoInput {
                     "picture not decoded: {e}"
                 );
                 self.stats.decode_errors += 1;
-                self.waiting_since.get_or_insert(now);
+                self.waiting = true;
                 r.need_keyframe = true;
             }
         }

@@ -43,14 +43,12 @@ pub struct ReorderConfig {
     pub max_wait: Duration,
     /// Lower bound of the wait: reordering by a few milliseconds needs no round trip.
     pub min_wait: Duration,
-    /// How often the receiver sends NACKs: a retransmission can only be asked for at the
-    /// next NACK cycle after the hole is seen.
-    pub nack_interval: Duration,
+    /// How often the receiver sends NACKs when lost packets are retransmitted (video): a
+    /// hole is then waited for the next NACK cycle and a round trip. `None` (audio, not
+    /// retransmitted): only for reordering, a few times the jitter.
+    pub nack_interval: Option<Duration>,
     /// Packets held at most; past it the oldest hole is given up.
     pub capacity: usize,
-    /// Whether lost packets are retransmitted (video, with NACK): then a hole is waited for
-    /// a round trip. Without (audio), only for reordering: a few times the jitter.
-    pub retransmissions: bool,
 }
 
 impl Default for ReorderConfig {
@@ -58,9 +56,8 @@ impl Default for ReorderConfig {
         Self {
             max_wait: Duration::from_millis(200),
             min_wait: Duration::from_millis(15),
-            nack_interval: NACK_INTERVAL,
+            nack_interval: Some(NACK_INTERVAL),
             capacity: 512,
-            retransmissions: true,
         }
     }
 }
@@ -72,9 +69,8 @@ impl ReorderConfig {
         Self {
             max_wait: Duration::from_millis(40),
             min_wait: Duration::from_millis(10),
-            nack_interval: Duration::ZERO,
+            nack_interval: None,
             capacity: 64,
-            retransmissions: false,
         }
     }
 }
@@ -123,7 +119,6 @@ pub struct Reorder {
     /// Transit-time reference for the jitter estimate: (arrival, RTP timestamp).
     last_transit: Option<(Instant, u32)>,
     clock_rate: u32,
-    jitter: f64,
     stats: ReorderStats,
 }
 
@@ -141,7 +136,6 @@ impl Reorder {
             rtt: None,
             last_transit: None,
             clock_rate: clock_rate.max(1),
-            jitter: 0.0,
             stats: ReorderStats::default(),
         }
     }
@@ -154,13 +148,11 @@ impl Reorder {
     /// How long a hole is waited for: a retransmission needs a NACK cycle and a round trip
     /// (100 ms assumed until one is measured), and may itself be jittered.
     pub fn wait(&self) -> Duration {
-        let jitter = Duration::from_secs_f64(3.0 * self.jitter.min(1000.0) / 1000.0);
-        let repair = if self.config.retransmissions {
+        let jitter = Duration::from_secs_f64(3.0 * self.stats.jitter_ms.min(1000.0) / 1000.0);
+        let repair = self.config.nack_interval.map_or(Duration::ZERO, |nack| {
             let rtt = self.rtt.unwrap_or(Duration::from_millis(100));
-            self.config.nack_interval + rtt + rtt / 4
-        } else {
-            Duration::ZERO
-        };
+            nack + rtt + rtt / 4
+        });
         (repair + jitter).clamp(
             self.config.min_wait,
             self.config.max_wait.max(self.config.min_wait),
@@ -168,10 +160,7 @@ impl Reorder {
     }
 
     pub fn stats(&self) -> ReorderStats {
-        ReorderStats {
-            jitter_ms: self.jitter,
-            ..self.stats
-        }
+        self.stats
     }
 
     /// Packets held now.
@@ -200,7 +189,7 @@ impl Reorder {
             let d = (arrival - sent).abs();
             // A pause of the sender (muted camera) is not jitter.
             if d < 1000.0 {
-                self.jitter += (d - self.jitter) / 16.0;
+                self.stats.jitter_ms += (d - self.stats.jitter_ms) / 16.0;
             }
         }
         self.last_transit = Some((now, timestamp));

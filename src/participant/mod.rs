@@ -109,10 +109,22 @@ struct SubTrack {
     tasks: Vec<JoinHandle<()>>,
 }
 
-struct Published {
+/// A track a participant publishes: its router, the SSRC the publisher sends it with, and the
+/// tasks reading it (WebSocket members and WHIP publishers alike).
+pub(crate) struct Published {
     router: Arc<TrackRouter>,
     ssrc: u32,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl Published {
+    fn stats_view<'a>(&'a self, id: &'a str) -> PublishedTrack<'a> {
+        PublishedTrack {
+            id,
+            router: &self.router,
+            ssrc: self.ssrc,
+        }
+    }
 }
 
 struct Joined {
@@ -1155,15 +1167,8 @@ impl Driver {
         let Some(j) = self.joined.as_ref() else {
             return;
         };
-        let published: Vec<PublishedTrack<'_>> = j
-            .published
-            .iter()
-            .map(|(id, p)| PublishedTrack {
-                id,
-                router: &p.router,
-                ssrc: p.ssrc,
-            })
-            .collect();
+        let published: Vec<PublishedTrack<'_>> =
+            j.published.iter().map(|(id, p)| p.stats_view(id)).collect();
         self.stats
             .refresh(
                 &j.room,
@@ -1271,15 +1276,24 @@ pub(crate) fn publish_tasks(
     let requester = t.keyframe_requester();
     let stall_after = svc.cfg.webrtc.media_stall_timeout;
     let reader = tokio::spawn(async move {
+        // Media that stops while the connection stays up (the publisher's encoder died,
+        // packets are lost or dropped somewhere) must not go unnoticed: a bridge would show a
+        // frozen tile and nobody would know why. Only RTP counts (sender reports go on), and
+        // one timer is re-armed when it fires rather than one made per packet.
+        let mut last_rtp = tokio::time::Instant::now();
+        let check = tokio::time::sleep(stall_after);
+        tokio::pin!(check);
         loop {
-            // Media that stops while the connection stays up (the publisher's encoder died,
-            // packets are lost or dropped somewhere) must not go unnoticed: a bridge would
-            // show a frozen tile and nobody would know why.
-            let inbound = match tokio::time::timeout(stall_after, t.recv()).await {
-                Ok(Some(inbound)) => inbound,
-                Ok(None) => break,
-                Err(_) => {
-                    if !r.stats.stalled.swap(true, Ordering::Relaxed) {
+            let inbound = tokio::select! {
+                inbound = t.recv() => match inbound {
+                    Some(inbound) => inbound,
+                    None => break,
+                },
+                () = &mut check => {
+                    let now = tokio::time::Instant::now();
+                    if now >= last_rtp + stall_after
+                        && !r.stats.stalled.swap(true, Ordering::Relaxed)
+                    {
                         crate::sfu::TOTALS
                             .media_stalls
                             .fetch_add(1, Ordering::Relaxed);
@@ -1287,14 +1301,19 @@ pub(crate) fn publish_tasks(
                             kind = ?r.kind, "publisher media stopped: no RTP for {stall_after:?}");
                         room.track_stalled(&r, true);
                     }
+                    check.as_mut().reset(last_rtp.max(now) + stall_after);
                     continue;
                 }
             };
-            if matches!(inbound, Inbound::Rtp(_)) && r.stats.stalled.swap(false, Ordering::Relaxed)
-            {
-                info!(room = %room.name, participant = %r.participant_id, track = %r.id,
-                    "publisher media resumed");
-                room.track_stalled(&r, false);
+            if matches!(inbound, Inbound::Rtp(_)) {
+                last_rtp = tokio::time::Instant::now();
+                if r.stats.stalled.load(Ordering::Relaxed)
+                    && r.stats.stalled.swap(false, Ordering::Relaxed)
+                {
+                    info!(room = %room.name, participant = %r.participant_id, track = %r.id,
+                        "publisher media resumed");
+                    room.track_stalled(&r, false);
+                }
             }
             let mut p = match inbound {
                 Inbound::Rtp(p) => p,

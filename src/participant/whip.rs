@@ -22,7 +22,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::stats::{PublishedTrack, STATS_INTERVAL, StatsRefresher};
-use super::{Services, auto_start_bridge, forward_tasks, publish_tasks, to_kind, to_media_kind};
+use super::{
+    Published, Services, auto_start_bridge, forward_tasks, publish_tasks, to_kind, to_media_kind,
+};
 use crate::auth::{AuthError, Claims, Role};
 use crate::peer::{IceCandidate, LocalTrack, Peer, PeerError, PeerEvent, PeerState, PortUse};
 use crate::room::{RoomError, RoomEvent, new_track_id};
@@ -496,9 +498,6 @@ async fn publish_now(
     })
 }
 
-/// A published track: router, the SSRC the publisher sends it with, reader tasks.
-type WhipTrack = (Arc<TrackRouter>, u32, Vec<JoinHandle<()>>);
-
 struct WhipTask {
     svc: Arc<Services>,
     session: String,
@@ -506,7 +505,7 @@ struct WhipTask {
     pid: String,
     claims: Claims,
     peer: Peer,
-    published: HashMap<String, WhipTrack>,
+    published: HashMap<String, Published>,
     stats: StatsRefresher,
 }
 
@@ -555,8 +554,8 @@ impl WhipTask {
                     None => reason = Some(LeaveReason::Left),
                 },
                 Some(track_id) = ended_rx.recv() => {
-                    if let Some((_, _, tasks)) = self.published.remove(&track_id) {
-                        for t in tasks {
+                    if let Some(p) = self.published.remove(&track_id) {
+                        for t in p.tasks {
                             t.abort();
                         }
                         self.room.unpublish(&self.pid, &track_id);
@@ -621,7 +620,14 @@ impl WhipTask {
                         let _ = done.send(tid);
                     }),
                 );
-                self.published.insert(track_id, (router, ssrc, tasks));
+                self.published.insert(
+                    track_id,
+                    Published {
+                        router,
+                        ssrc,
+                        tasks,
+                    },
+                );
                 auto_start_bridge(&self.svc, &self.room.name, self.claims.role);
                 None
             }
@@ -634,11 +640,7 @@ impl WhipTask {
         let published: Vec<PublishedTrack<'_>> = self
             .published
             .iter()
-            .map(|(id, (router, ssrc, _))| PublishedTrack {
-                id,
-                router,
-                ssrc: *ssrc,
-            })
+            .map(|(id, p)| p.stats_view(id))
             .collect();
         self.stats
             .refresh(&self.room, &self.pid, Some(&self.peer), None, &published)
@@ -654,9 +656,9 @@ impl WhipTask {
         {
             info!(room = %self.room.name, "room ended; bridge stopped");
         }
-        for (_, (router, _, tasks)) in self.published.drain() {
-            router.close();
-            for t in tasks {
+        for (_, p) in self.published.drain() {
+            p.router.close();
+            for t in p.tasks {
                 t.abort();
             }
         }

@@ -99,23 +99,28 @@ impl FeedbackBySsrc {
     }
 }
 
-/// Counts NACK, PLI and FIR in both directions, in total and per stream; passes everything
-/// through unchanged.
-#[derive(Default)]
-pub struct RtcpCounter {
-    read_queue: VecDeque<TaggedPacket>,
-    write_queue: VecDeque<TaggedPacket>,
+/// One connection's feedback per stream, shared by its [`RtcpCounter`] and its statistics.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionFeedback {
     /// Outgoing feedback, by the remote stream it is about (publisher's SSRC).
     pub sent: FeedbackBySsrc,
     /// Incoming feedback, by the local stream it is about (the SSRC we send).
     pub received: FeedbackBySsrc,
 }
 
+/// Counts NACK, PLI and FIR in both directions, in total and per stream; passes everything
+/// through unchanged.
+#[derive(Default)]
+pub struct RtcpCounter {
+    read_queue: VecDeque<TaggedPacket>,
+    write_queue: VecDeque<TaggedPacket>,
+    feedback: ConnectionFeedback,
+}
+
 impl RtcpCounter {
-    pub fn new(sent: FeedbackBySsrc, received: FeedbackBySsrc) -> Self {
+    pub fn new(feedback: ConnectionFeedback) -> Self {
         Self {
-            sent,
-            received,
+            feedback,
             ..Self::default()
         }
     }
@@ -178,7 +183,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
     fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &msg.message.packet {
             count(packets, true);
-            count_per_stream(packets, &self.received);
+            count_per_stream(packets, &self.feedback.received);
         }
         self.read_queue.push_back(msg);
         Ok(())
@@ -191,7 +196,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &msg.message.packet {
             count(packets, false);
-            count_per_stream(packets, &self.sent);
+            count_per_stream(packets, &self.feedback.sent);
         }
         self.write_queue.push_back(msg);
         Ok(())
@@ -204,16 +209,16 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
 
 impl Interceptor for RtcpCounter {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
-        self.received.bind(info.ssrc);
+        self.feedback.received.bind(info.ssrc);
     }
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        self.received.unbind(info.ssrc);
+        self.feedback.received.unbind(info.ssrc);
     }
     fn bind_remote_stream(&mut self, info: &StreamInfo) {
-        self.sent.bind(info.ssrc);
+        self.feedback.sent.bind(info.ssrc);
     }
     fn unbind_remote_stream(&mut self, info: &StreamInfo) {
-        self.sent.unbind(info.ssrc);
+        self.feedback.sent.unbind(info.ssrc);
     }
 }
 

@@ -41,7 +41,7 @@ use webrtc::rtp_transceiver::RtpSender;
 use crate::config::WebrtcConfig;
 use crate::media::jitter::{NACK_INTERVAL, NACK_MAX_PER_PACKET};
 use crate::sfu::{CodecSpec, Packet, SenderReport};
-use keyframe_interceptor::{FeedbackBySsrc, FeedbackCounts, RtcpCounter};
+use keyframe_interceptor::{ConnectionFeedback, FeedbackCounts, RtcpCounter};
 
 pub use ports::{PortPool, PortUse};
 
@@ -404,7 +404,7 @@ impl PeerFactory {
                 Err(ports::NoLease::Exhausted) => break,
             };
             let connected = Arc::new(AtomicBool::new(false));
-            let feedback = StreamFeedback::default();
+            let feedback = ConnectionFeedback::default();
             match self
                 .build(lease.port(), tx.clone(), connected.clone(), &feedback)
                 .await
@@ -437,13 +437,10 @@ impl PeerFactory {
         port: u16,
         tx: mpsc::UnboundedSender<PeerEvent>,
         connected: Arc<AtomicBool>,
-        feedback: &StreamFeedback,
+        feedback: &ConnectionFeedback,
     ) -> Result<impl PeerConnection + use<>, PeerError> {
         let mut me = media_engine()?;
-        let registry = interceptors_counting(
-            &mut me,
-            RtcpCounter::new(feedback.sent.clone(), feedback.received.clone()),
-        )?;
+        let registry = interceptors_counting(&mut me, RtcpCounter::new(feedback.clone()))?;
         let se = SettingEngineBuilder::new()
             .with_ice_timeouts(
                 Some(self.cfg.ice_disconnected_timeout),
@@ -502,15 +499,9 @@ pub struct Peer {
     live: Arc<AtomicU64>,
     connected: Arc<AtomicBool>,
     nat: Arc<NatMap>,
-    feedback: StreamFeedback,
-}
-
-/// RTCP feedback of one connection per stream: sent about the streams it receives, received
-/// about the streams it sends.
-#[derive(Debug, Clone, Default)]
-struct StreamFeedback {
-    sent: FeedbackBySsrc,
-    received: FeedbackBySsrc,
+    /// RTCP feedback per stream: sent about the streams it receives, received about the
+    /// streams it sends.
+    feedback: ConnectionFeedback,
 }
 
 impl Drop for Peer {

@@ -1154,11 +1154,23 @@ async fn real_pump(
 
 // ---- Decoding the bridge output (ffmpeg, FLV) ----
 
+/// Run an ffmpeg command to its end (within `limit`) and check that it succeeded.
+pub async fn run_ffmpeg(cmd: &mut tokio::process::Command, limit: Duration) {
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .expect("ffmpeg finished")
+        .expect("ffmpeg (Debian) must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub async fn ffmpeg_capture(url: &str, dir: &std::path::Path) -> (Vec<u8>, Vec<f32>) {
     let v = dir.join("v.rgb");
     let a = dir.join("a.pcm");
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
+    run_ffmpeg(
         tokio::process::Command::new("ffmpeg")
             .args(["-v", "error", "-y", "-i", url, "-t", "3"])
             .args(RAW_RGB_320X180)
@@ -1167,17 +1179,10 @@ pub async fn ffmpeg_capture(url: &str, dir: &std::path::Path) -> (Vec<u8>, Vec<f
             .args([
                 "-map", "0:a", "-t", "3", "-f", "s16le", "-ac", "1", "-ar", "48000",
             ])
-            .arg(&a)
-            .output(),
+            .arg(&a),
+        Duration::from_secs(30),
     )
-    .await
-    .expect("ffmpeg finished")
-    .expect("ffmpeg (Debian) must be installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     let video = std::fs::read(&v).unwrap();
     let audio = std::fs::read(&a)
         .unwrap()
