@@ -574,3 +574,34 @@ async fn impairment_relay_drops_delays_and_reorders_as_configured() {
     let first = got.iter().find(|g| g.0 == 0).unwrap().1;
     assert!(first >= Duration::from_millis(19), "{first:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_that_stops_while_rtcp_goes_on_is_reported() {
+    // The publisher's encoder dies, its connection (and its RTCP sender reports, about one a
+    // second) goes on: only RTP counts as media.
+    let server = Server::start_with(&[("COHOST_WEBRTC__MEDIA_STALL_TIMEOUT", "3s")]).await;
+    let mut host = Client::join(&server, "rtcp", "host", Role::Host).await;
+    let cohost = Cohost::publish(&server, "rtcp", Impairment::clean(), 6).await;
+    let video = host
+        .sig
+        .wait_for("the co-host's video", |v| {
+            v["type"] == "track_published" && v["track"]["kind"] == "video"
+        })
+        .await;
+    let track = video["track"]["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = cohost.relay.up.packets.load(Ordering::Relaxed);
+    cohost.stop.store(true, Ordering::SeqCst);
+    let stopped_at = Instant::now();
+    host.sig
+        .wait_for("track_stalled", |v| {
+            v["type"] == "track_stalled" && v["track_id"] == track.as_str() && v["stalled"] == true
+        })
+        .await;
+    eprintln!(
+        "stall reported {:?} after RTP stopped",
+        stopped_at.elapsed()
+    );
+    // The connection kept sending (RTCP, consent checks) the whole time.
+    assert!(cohost.relay.up.packets.load(Ordering::Relaxed) > sent + 3);
+}
