@@ -136,6 +136,113 @@ impl Bits<'_> {
     }
 }
 
+/// Insert emulation-prevention bytes (00 00 0x → 00 00 03 0x for x ≤ 3).
+pub fn escape(rbsp: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rbsp.len() + rbsp.len() / 64 + 1);
+    let mut zeros = 0;
+    for &b in rbsp {
+        if zeros >= 2 && b <= 3 {
+            out.push(3);
+            zeros = 0;
+        }
+        zeros = if b == 0 { zeros + 1 } else { 0 };
+        out.push(b);
+    }
+    // A trailing zero byte would run into the next start code.
+    if rbsp.last() == Some(&0) {
+        out.push(3);
+    }
+    out
+}
+
+#[derive(Default)]
+pub(crate) struct BitWriter {
+    out: Vec<u8>,
+    cur: u8,
+    n: u8,
+}
+
+impl BitWriter {
+    pub(crate) fn bit(&mut self, b: u32) {
+        self.cur = (self.cur << 1) | (b & 1) as u8;
+        self.n += 1;
+        if self.n == 8 {
+            self.out.push(self.cur);
+            self.cur = 0;
+            self.n = 0;
+        }
+    }
+    pub(crate) fn bits(&mut self, v: u32, n: u32) {
+        for i in (0..n).rev() {
+            self.bit(v >> i);
+        }
+    }
+    pub(crate) fn ue(&mut self, v: u32) {
+        let x = u64::from(v) + 1;
+        let len = 64 - x.leading_zeros();
+        for _ in 1..len {
+            self.bit(0);
+        }
+        for i in (0..len).rev() {
+            self.bit((x >> i) as u32);
+        }
+    }
+    pub(crate) fn se(&mut self, v: i32) {
+        let k = if v > 0 {
+            (v as u32) * 2 - 1
+        } else {
+            v.unsigned_abs() * 2
+        };
+        self.ue(k);
+    }
+    /// Append bits `from..to` of `src` (most significant bit first), a byte at a time where
+    /// it can: slices are copied whole when their header is rewritten.
+    pub(crate) fn copy_bits(&mut self, src: &[u8], mut from: usize, to: usize) {
+        while from < to && (from % 8 != 0 || self.n != 0) && to - from >= 8 {
+            // Unaligned: eight bits at a time, read across two source bytes.
+            let (i, s) = (from / 8, from % 8);
+            let hi = src.get(i).copied().unwrap_or(0);
+            let lo = src.get(i + 1).copied().unwrap_or(0);
+            let v = if s == 0 {
+                hi
+            } else {
+                (hi << s) | (lo >> (8 - s))
+            };
+            self.byte(v);
+            from += 8;
+        }
+        if from % 8 == 0 && self.n == 0 && from < to {
+            let whole = (to - from) / 8;
+            let i = from / 8;
+            self.out
+                .extend_from_slice(src.get(i..i + whole).unwrap_or_default());
+            from += whole * 8;
+        }
+        while from < to {
+            let b = src.get(from / 8).map_or(0, |b| (b >> (7 - from % 8)) & 1);
+            self.bit(u32::from(b));
+            from += 1;
+        }
+    }
+    /// Eight bits at once.
+    fn byte(&mut self, v: u8) {
+        if self.n == 0 {
+            self.out.push(v);
+        } else {
+            let n = u32::from(self.n);
+            self.out.push((self.cur << (8 - n)) | (v >> n));
+            self.cur = v & ((1u8 << n) - 1);
+        }
+    }
+    /// Pad with zero bits to a whole byte.
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        while self.n != 0 {
+            self.bit(0);
+        }
+        self.out
+    }
+}
+
 pub(crate) fn skip_scaling_list(b: &mut Bits<'_>, size: usize) -> Option<()> {
     let (mut last, mut next) = (8i32, 8i32);
     for _ in 0..size {

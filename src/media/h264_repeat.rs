@@ -16,7 +16,8 @@
 //! weighted prediction, no redundant pictures); anything else gets `None` and the caller encodes
 //! as usual. Pure functions over bytes; malformed input yields `None`, never a panic.
 
-use super::h264::{Bits, NAL_PPS, NAL_SPS, nal_type, parse_sps, unescape};
+use super::h264::{BitWriter, Bits, NAL_PPS, NAL_SPS, nal_type, parse_sps, unescape};
+pub use super::h264::escape;
 
 /// What the inserted slice and the renumbering need from the SPS and PPS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,74 +158,6 @@ pub fn frame_num(p: &RepeatParams, nal: &[u8]) -> Option<u32> {
     b.ue()?;
     b.ue()?;
     b.bits(p.log2_max_frame_num)
-}
-
-/// Insert emulation-prevention bytes (00 00 0x → 00 00 03 0x for x ≤ 3).
-pub fn escape(rbsp: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(rbsp.len() + rbsp.len() / 64 + 1);
-    let mut zeros = 0;
-    for &b in rbsp {
-        if zeros >= 2 && b <= 3 {
-            out.push(3);
-            zeros = 0;
-        }
-        zeros = if b == 0 { zeros + 1 } else { 0 };
-        out.push(b);
-    }
-    // A trailing zero byte would run into the next start code.
-    if rbsp.last() == Some(&0) {
-        out.push(3);
-    }
-    out
-}
-
-#[derive(Default)]
-struct BitWriter {
-    out: Vec<u8>,
-    cur: u8,
-    n: u8,
-}
-
-impl BitWriter {
-    fn bit(&mut self, b: u32) {
-        self.cur = (self.cur << 1) | (b & 1) as u8;
-        self.n += 1;
-        if self.n == 8 {
-            self.out.push(self.cur);
-            self.cur = 0;
-            self.n = 0;
-        }
-    }
-    fn bits(&mut self, v: u32, n: u32) {
-        for i in (0..n).rev() {
-            self.bit(v >> i);
-        }
-    }
-    fn ue(&mut self, v: u32) {
-        let x = u64::from(v) + 1;
-        let len = 64 - x.leading_zeros();
-        for _ in 1..len {
-            self.bit(0);
-        }
-        for i in (0..len).rev() {
-            self.bit((x >> i) as u32);
-        }
-    }
-    fn se(&mut self, v: i32) {
-        let k = if v > 0 {
-            (v as u32) * 2 - 1
-        } else {
-            v.unsigned_abs() * 2
-        };
-        self.ue(k);
-    }
-    /// Pad with zero bits to a whole byte.
-    fn finish(mut self) -> Vec<u8> {
-        while self.n != 0 {
-            self.bit(0);
-        }
-        self.out
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod amf0;
 pub mod flv;
 pub mod goertzel;
 pub mod h264;
+pub mod h264_ids;
 pub mod h264_repeat;
 pub mod jitter;
 pub mod rtp_h264;
