@@ -314,9 +314,19 @@ pub struct BridgeSettings {
     /// `{url = "rtmp://...", sign = {scheme = "tx_secret", key = "..."}}` for URLs the bridge
     /// signs itself. The embedded origin always gets the stream.
     pub auto_destinations: Vec<Destination>,
-    /// Output resolution (even numbers; 720x1280 for portrait).
+    /// Output resolution (even numbers; 720x1280 for portrait). With `size_from_host` it is
+    /// used only when the host sends no H.264 within a few seconds of the start.
     pub width: u32,
     pub height: u32,
+    /// The output takes the host's picture size (from its first SPS) unless a start request
+    /// names a size; the host can then be passed through.
+    pub size_from_host: bool,
+    /// While the host is alone on screen, pass its own H.264 to viewers without decoding or
+    /// encoding (the output mixes only while others are shown).
+    pub passthrough: bool,
+    /// A host whose IDRs come further apart than this is mixed instead of passed through.
+    #[serde(with = "humantime_serde_compat")]
+    pub passthrough_max_gop: Duration,
     pub fps: u32,
     /// H.264 target bitrate, bits per second.
     pub video_bitrate: u32,
@@ -616,6 +626,9 @@ impl Default for BridgeSettings {
             auto_destinations: vec![],
             width: 1280,
             height: 720,
+            size_from_host: true,
+            passthrough: true,
+            passthrough_max_gop: Duration::from_secs(8),
             fps: 30,
             video_bitrate: 2_500_000,
             gop: Duration::from_secs(2),

@@ -129,6 +129,8 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
         video_bitrate: req.video_bitrate.unwrap_or(d.video_bitrate),
         audio_bitrate: req.audio_bitrate.unwrap_or(d.audio_bitrate),
         fit: req.fit.unwrap_or(d.fit),
+        // A size asked for is kept; otherwise the host's own size is taken.
+        size_from_host: d.size_from_host && req.width.is_none() && req.height.is_none(),
         ..d
     };
     crate::config::check_output(cfg.width, cfg.height, cfg.fps)

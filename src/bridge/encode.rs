@@ -14,6 +14,7 @@ use openh264::formats::YUVSlices;
 
 use super::compose::I420;
 use crate::media::h264;
+use crate::media::h264_ids;
 use crate::media::h264_repeat::{self, RepeatParams};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +28,8 @@ pub enum EncodeError {
 pub struct EncodedVideo {
     /// AVCDecoderConfigurationRecord, present on keyframes.
     pub config: Option<Vec<u8>>,
-    /// The picture's slices in AVCC form (no parameter sets).
+    /// The picture in AVCC form: its slices, after the parameter sets on keyframes (for CDNs
+    /// that cut HLS segments at IDRs and want them in-band).
     pub avcc: Vec<u8>,
     pub keyframe: bool,
     /// The encoder's output as it came (Annex B, parameter sets included on keyframes), for
@@ -82,6 +84,13 @@ pub struct H264Encoder {
     inserted: u32,
     /// `frame_num` of the last picture sent (`None` until one was, or when repeating is off).
     last_frame_num: Option<u32>,
+    /// Parameter-set ids the output must carry instead of the encoder's own (SPS, PPS): the
+    /// output stream also holds another encoder's sets (see [`crate::media::h264_ids`]).
+    ids: Option<(u32, u32)>,
+    /// The SPS and PPS of the last keyframe, ids already rewritten.
+    params: Option<(Vec<u8>, Vec<u8>)>,
+    /// Pictures the encoder was called for (repeats and probes not counted).
+    pub encoded: u64,
 }
 
 impl H264Encoder {
@@ -105,7 +114,31 @@ impl H264Encoder {
             repeat: None,
             inserted: 0,
             last_frame_num: None,
+            ids: None,
+            params: None,
+            encoded: 0,
         })
+    }
+
+    /// Carry `sps_id` and `pps_id` instead of the encoder's own ids (before the first picture).
+    pub fn with_ids(mut self, sps_id: u32, pps_id: u32) -> Self {
+        self.ids = Some((sps_id, pps_id));
+        self
+    }
+
+    /// The encoder's SPS and PPS (as the output carries them) without waiting for the first
+    /// picture: encodes one black picture that goes nowhere, and makes the next one an IDR.
+    /// OpenH264's parameter sets depend only on its settings, so later IDRs repeat them.
+    pub fn probe(&mut self) -> Result<(Vec<u8>, Vec<u8>), EncodeError> {
+        if self.params.is_none() {
+            let black = I420::new(self.width, self.height, super::compose::Yuv::BLACK);
+            self.encode(&black)?;
+            self.encoded -= 1;
+            self.force = true;
+        }
+        self.params
+            .clone()
+            .ok_or_else(|| EncodeError::H264("no parameter sets from the encoder".into()))
     }
 
     pub fn force_keyframe(&mut self) {
@@ -165,7 +198,9 @@ impl H264Encoder {
             v.dropped = true;
             return Ok(v);
         }
-        let nals = h264::split_annexb(&bs);
+        self.encoded += 1;
+        let nals = self.renumbered(h264::split_annexb(&bs))?;
+        let nals: Vec<&[u8]> = nals.iter().map(|n| n.as_ref()).collect();
         let sps = nals.iter().find(|n| h264::nal_type(n) == h264::NAL_SPS);
         let pps = nals.iter().find(|n| h264::nal_type(n) == h264::NAL_PPS);
         let config = match (sps, pps) {
@@ -176,10 +211,11 @@ impl H264Encoder {
         if keyframe {
             self.since_idr = 0;
             self.inserted = 0;
-            if self.repeat.is_none()
-                && let (Some(s), Some(p)) = (sps, pps)
-            {
-                self.repeat = RepeatParams::new(s, p);
+            if let (Some(s), Some(p)) = (sps, pps) {
+                if self.repeat.is_none() {
+                    self.repeat = RepeatParams::new(s, p);
+                }
+                self.params = Some((s.to_vec(), p.to_vec()));
             }
         }
         self.since_idr += 1;
@@ -208,14 +244,19 @@ impl H264Encoder {
             }
             slices.push(nal);
         }
-        let avcc = h264::to_avcc(slices.iter().map(|n| n.as_slice()));
-        // RTP viewers get the same pictures as the FLV (renumbered slices, parameter sets
-        // before keyframes).
+        // FLV and RTP viewers get the same pictures (renumbered slices, parameter sets before
+        // keyframes).
         let params: Vec<&[u8]> = if keyframe {
             sps.into_iter().chain(pps).copied().collect()
         } else {
             vec![]
         };
+        let avcc = h264::to_avcc(
+            params
+                .iter()
+                .copied()
+                .chain(slices.iter().map(|n| n.as_slice())),
+        );
         let annexb = annexb(
             params
                 .into_iter()
@@ -228,6 +269,31 @@ impl H264Encoder {
             annexb,
             dropped: false,
         })
+    }
+}
+
+impl H264Encoder {
+    /// The encoder's NAL units with the output's parameter-set ids (unchanged without
+    /// [`with_ids`](Self::with_ids)).
+    fn renumbered<'a>(&self, nals: Vec<&'a [u8]>) -> Result<Vec<std::borrow::Cow<'a, [u8]>>, EncodeError> {
+        use std::borrow::Cow;
+        let Some((sps_id, pps_id)) = self.ids else {
+            return Ok(nals.into_iter().map(Cow::Borrowed).collect());
+        };
+        nals.into_iter()
+            .map(|n| {
+                match h264::nal_type(n) {
+                    h264::NAL_SPS => h264_ids::renumber_sps(n, sps_id),
+                    // Renumbering moves the slice bits: CAVLC only (OpenH264 makes nothing else).
+                    h264::NAL_PPS => h264_ids::pps_is_cavlc(n)
+                        .filter(|c| *c)
+                        .and_then(|_| h264_ids::renumber_pps(n, pps_id, sps_id)),
+                    _ => h264_ids::renumber_slice(n, pps_id),
+                }
+                .map(Cow::Owned)
+                .ok_or_else(|| EncodeError::H264("cannot renumber the encoder's parameter sets".into()))
+            })
+            .collect()
     }
 }
 

@@ -8,6 +8,8 @@ pub mod control;
 pub mod encode;
 pub mod layout;
 pub mod mix;
+pub mod output;
+pub mod passthrough;
 pub mod pipeline;
 pub mod rtp_out;
 pub mod sync;

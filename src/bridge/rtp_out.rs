@@ -17,7 +17,6 @@ use rtc::rtp::packetizer::Payloader;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::encode::EncodedVideo;
 use crate::sfu::keyframe::{Decision, KeyframeThrottle};
 use crate::sfu::{CodecSpec, Packet, TrackRouter};
 use crate::signaling::protocol::Kind;
@@ -63,7 +62,6 @@ pub struct RtpOut {
     throttle: KeyframeThrottle,
     keyframe_at: Option<Instant>,
     payloader: H264Payloader,
-    fps: u64,
     vseq: u16,
     aseq: u16,
     ts_base: u32,
@@ -77,7 +75,7 @@ pub struct RtpOut {
 }
 
 impl RtpOut {
-    pub fn new(room: &str, fps: u32) -> (Self, RtpTracks) {
+    pub fn new(room: &str) -> (Self, RtpTracks) {
         let (video, keyframes) = TrackRouter::new(
             format!("{room}-mix-video"),
             format!("{room}-mix"),
@@ -99,7 +97,6 @@ impl RtpOut {
                 throttle: KeyframeThrottle::new(KEYFRAME_INTERVAL),
                 keyframe_at: None,
                 payloader: H264Payloader::default(),
-                fps: u64::from(fps.max(1)),
                 vseq: rand::random(),
                 aseq: rand::random(),
                 ts_base: rand::random(),
@@ -132,17 +129,16 @@ impl RtpOut {
         }
     }
 
-    /// Packetize output frame number `frame` if anybody watches.
-    pub fn video(&mut self, v: &EncodedVideo, frame: u64) {
+    /// Packetize one output picture (Annex B, parameter sets before IDRs) with output
+    /// timestamp `ts_ms` if anybody watches.
+    pub fn video(&mut self, annexb: &[u8], ts_ms: i64) {
         if self.tracks.video.subscriber_count() == 0 {
             return;
         }
-        let ts = self
-            .ts_base
-            .wrapping_add((frame * 90_000 / self.fps) as u32);
+        let ts = self.ts_base.wrapping_add((ts_ms.max(0) as u64 * 90) as u32);
         let payloads = match self
             .payloader
-            .payload(MTU, &Bytes::copy_from_slice(&v.annexb))
+            .payload(MTU, &Bytes::copy_from_slice(annexb))
         {
             Ok(p) => p,
             Err(e) => {
@@ -237,11 +233,11 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_is_made_without_viewers_and_viewers_get_decodable_idr() {
-        let (mut out, tracks) = RtpOut::new("r", 30);
+        let (mut out, tracks) = RtpOut::new("r");
         let mut enc = H264Encoder::new(320, 240, 30.0, 500_000, 300).unwrap();
         let pic = I420::new(320, 240, Yuv::from_rgb(200, 40, 40));
         let v = enc.encode(&pic).unwrap();
-        out.video(&v, 0);
+        out.video(&v.annexb, 0);
         out.audio(&vec![0i16; 2048], 0);
         assert_eq!(
             tracks
@@ -265,7 +261,7 @@ mod tests {
         enc.force_keyframe();
         let v = enc.encode(&pic).unwrap();
         assert!(v.keyframe);
-        out.video(&v, 1);
+        out.video(&v.annexb, 33);
         let mut input = crate::bridge::video_in::VideoInput::new().unwrap();
         let mut got_picture = false;
         while let Ok(p) = vsub.rx.try_recv() {

@@ -8,6 +8,7 @@
 //! waits for an IDR, asks for one once, and asks again only if none has come after
 //! [`KEYFRAME_RETRY`] (a keyframe can be lost too).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,7 +17,13 @@ use serde::Serialize;
 
 use super::compose::I420;
 use crate::media::jitter::{Packet, Reorder, ReorderConfig};
-use crate::media::rtp_h264::{Assembler, Output};
+use crate::media::rtp_h264::{AccessUnit, Assembler, Output};
+
+/// Access units kept while decoding is off (passthrough): the pictures since the last IDR,
+/// decoded in one go when decoding is turned on, so the bridge can mix at once. Past either
+/// bound the buffer is dropped and decoding starts at the next IDR instead.
+const MAX_GOP_UNITS: usize = 300;
+const MAX_GOP_BYTES: usize = 24 * 1024 * 1024;
 
 /// While decoding waits for an IDR, the keyframe request is repeated this often.
 pub const KEYFRAME_RETRY: Duration = Duration::from_secs(1);
@@ -61,6 +68,12 @@ pub struct VideoInput {
     waiting: bool,
     last_request: Option<Instant>,
     stats: VideoInputStats,
+    /// Decode pictures (off while the bridge passes this input through untouched).
+    decode: bool,
+    /// While not decoding: the access units since the last IDR (`None`: none kept, decoding
+    /// must wait for an IDR).
+    gop: Option<Vec<Arc<AccessUnit>>>,
+    gop_bytes: usize,
 }
 
 /// What one packet (or one poll) produced.
@@ -70,6 +83,9 @@ pub struct Pushed {
     pub new_picture: bool,
     /// Ask the publisher for a keyframe.
     pub need_keyframe: bool,
+    /// Whole access units released, in order (for passthrough). A loss never leaves a broken
+    /// one here: after a gap nothing comes until the next IDR.
+    pub units: Vec<Arc<AccessUnit>>,
 }
 
 impl VideoInput {
@@ -83,7 +99,63 @@ impl VideoInput {
             waiting: false,
             last_request: None,
             stats: VideoInputStats::default(),
+            decode: true,
+            gop: None,
+            gop_bytes: 0,
         })
+    }
+
+    pub fn decoding(&self) -> bool {
+        self.decode
+    }
+
+    /// Turn decoding off (the input is passed through: nothing needs its pictures) or on. On
+    /// again, the pictures kept since the last IDR are decoded at once; without them decoding
+    /// waits for the next IDR, and `need_keyframe` says so.
+    pub fn set_decode(&mut self, on: bool, now: Instant) -> Pushed {
+        let mut r = Pushed::default();
+        if on == self.decode {
+            return r;
+        }
+        self.decode = on;
+        if !on {
+            self.gop = None;
+            self.gop_bytes = 0;
+            return r;
+        }
+        match self.gop.take() {
+            Some(units) => {
+                for au in units {
+                    self.decode(&au.annexb, au.rtp_timestamp, &mut r);
+                }
+            }
+            None => {
+                self.waiting = true;
+                r.need_keyframe = true;
+                self.last_request = Some(now);
+                self.stats.keyframe_requests += 1;
+            }
+        }
+        self.gop_bytes = 0;
+        r
+    }
+
+    /// Keep `au` for decoding later (decoding is off).
+    fn keep(&mut self, au: &Arc<AccessUnit>) {
+        if au.keyframe {
+            self.gop = Some(vec![]);
+            self.gop_bytes = 0;
+        }
+        let Some(gop) = self.gop.as_mut() else {
+            return;
+        };
+        self.gop_bytes += au.annexb.len();
+        if gop.len() >= MAX_GOP_UNITS || self.gop_bytes > MAX_GOP_BYTES {
+            self.gop = None;
+            self.gop_bytes = 0;
+            return;
+        }
+        gop.push(au.clone());
     }
 
     /// The publisher connection's round trip, when measured: how long a retransmission takes.
@@ -143,7 +215,13 @@ impl VideoInput {
                         if au.keyframe {
                             self.waiting = false;
                         }
-                        self.decode(&au.annexb, au.rtp_timestamp, &mut r);
+                        let au = Arc::new(au);
+                        if self.decode {
+                            self.decode(&au.annexb, au.rtp_timestamp, &mut r);
+                        } else {
+                            self.keep(&au);
+                        }
+                        r.units.push(au);
                     }
                 }
             }
@@ -310,6 +388,28 @@ mod tests {
         // Past the reordering buffer's start wait (the first packet waits for reordered ones).
         requests += u64::from(input.poll(t + START).need_keyframe);
         (input.stats().frames_decoded - before, requests)
+    }
+
+    #[test]
+    fn pictures_kept_while_not_decoding_are_decoded_when_turned_on() {
+        let pk = stream(20);
+        let mut input = VideoInput::new().unwrap();
+        let t = Instant::now();
+        assert_eq!(input.set_decode(false, t), Pushed::default());
+        let mut units = 0;
+        for (s, ts, m, p) in &pk {
+            units += input.push(*s, *ts, *m, p, t).units.len();
+        }
+        units += input.poll(t + START).units.len();
+        assert_eq!(units, 20, "every access unit is handed on");
+        assert_eq!(input.stats().frames_decoded, 0, "nothing decoded while off");
+        let r = input.set_decode(true, t + START);
+        assert!(r.new_picture && !r.need_keyframe, "{r:?}");
+        assert_eq!(input.stats().frames_decoded, 20, "caught up at once");
+        // Off and on again with no IDR in between: decoding must wait for one.
+        input.set_decode(false, t + START);
+        let r = input.set_decode(true, t + START);
+        assert!(r.need_keyframe && !r.new_picture);
     }
 
     #[test]

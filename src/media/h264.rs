@@ -198,7 +198,7 @@ impl BitWriter {
     /// Append bits `from..to` of `src` (most significant bit first), a byte at a time where
     /// it can: slices are copied whole when their header is rewritten.
     pub(crate) fn copy_bits(&mut self, src: &[u8], mut from: usize, to: usize) {
-        while from < to && (from % 8 != 0 || self.n != 0) && to - from >= 8 {
+        while from < to && (!from.is_multiple_of(8) || self.n != 0) && to - from >= 8 {
             // Unaligned: eight bits at a time, read across two source bytes.
             let (i, s) = (from / 8, from % 8);
             let hi = src.get(i).copied().unwrap_or(0);
@@ -211,7 +211,7 @@ impl BitWriter {
             self.byte(v);
             from += 8;
         }
-        if from % 8 == 0 && self.n == 0 && from < to {
+        if from.is_multiple_of(8) && self.n == 0 && from < to {
             let whole = (to - from) / 8;
             let i = from / 8;
             self.out
