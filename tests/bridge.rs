@@ -23,7 +23,13 @@ async fn two_publishers_mixed_into_pip_with_both_voices() {
     guest.publish_real((30, 30, 220), 660.0).await.unwrap();
     let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
     let (s, body) = server
-        .send_json("POST", "/v1/rooms/mix/bridge", &admin, &json!({}))
+        // A size asked for: mixed at that size (the host is 320x240).
+        .send_json(
+            "POST",
+            "/v1/rooms/mix/bridge",
+            &admin,
+            &json!({"width": 1280, "height": 720}),
+        )
         .await;
     assert_eq!(s, 201, "{body}");
     // Until both participants' pictures are in the output.
@@ -181,8 +187,7 @@ async fn host_controls_the_bridge_over_signaling_and_others_may_not() {
 
 /// Lip sync, measured: the publisher flashes white and beeps at the same instant every 1.2 s.
 /// The output is recorded (FLV, as a CDN viewer gets it), both streams decoded by ffmpeg, and
-/// each flash's first frame (by its stream's start time and frame index, the output being
-/// constant frame rate) is paired with the nearest beep onset (5 ms windows of the decoded
+/// each flash's first frame (by its timestamp) is paired with the nearest beep onset (5 ms windows of the decoded
 /// audio). Every pair must be within 80 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_keeps_lips_and_voice_within_80ms() {
@@ -240,13 +245,14 @@ async fn output_keeps_lips_and_voice_within_80ms() {
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or_else(|| panic!("{kind} start time in {probe}"))
     };
-    let (v_start, a_start) = (start("video"), start("audio"));
+    let a_start = start("audio");
     let (v, a) = (dir.join("v.gray"), dir.join("a.pcm"));
     let out = tokio::process::Command::new("ffmpeg")
         .args(["-v", "error", "-y", "-i"])
         .arg(&rec)
         .args(["-map", "0:v", "-vf", "scale=32:18", "-pix_fmt", "gray"])
-        .args(["-fps_mode", "passthrough", "-f", "rawvideo"])
+        .args(["-fps_mode", "passthrough", "-enc_time_base", "1:1000"])
+        .args(["-f", "rawvideo"])
         .arg(&v)
         .args(["-map", "0:a", "-ac", "1", "-ar", "48000", "-f", "s16le"])
         .arg(&a)
@@ -264,14 +270,26 @@ async fn output_keeps_lips_and_voice_within_80ms() {
         .chunks_exact(2)
         .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])))
         .collect();
-    let fps = 30.0;
+    // Each picture's own timestamp: the host passed through comes at its own frame rate.
+    let times = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v"])
+        .args(["-show_entries", "frame=pts_time", "-of", "csv=p=0"])
+        .arg(&rec)
+        .output()
+        .await
+        .unwrap();
+    let times: Vec<f64> = String::from_utf8_lossy(&times.stdout)
+        .lines()
+        .filter_map(|l| l.trim().trim_end_matches(',').parse().ok())
+        .collect();
     let luma: Vec<f32> = video
         .chunks_exact(32 * 18)
         .map(|f| f.iter().map(|&p| f32::from(p)).sum::<f32>() / f.len() as f32)
         .collect();
+    assert_eq!(times.len(), luma.len(), "a timestamp per picture");
     let flashes: Vec<f64> = (1..luma.len())
         .filter(|&i| luma[i] > 170.0 && luma[i - 1] <= 170.0)
-        .map(|i| v_start + i as f64 / fps)
+        .map(|i| times[i])
         .collect();
     let win = 240; // 5 ms
     let rms: Vec<f32> = audio
@@ -369,6 +387,8 @@ async fn side_by_side_and_grid_put_each_participant_where_promised() {
 async fn auto_started_portrait_bridge_follows_the_host_and_ends_with_the_room() {
     let server = Server::start_with(&[
         ("COHOST_BRIDGE__AUTO_START", "true"),
+        // The configured size, not the host's (320x240).
+        ("COHOST_BRIDGE__SIZE_FROM_HOST", "false"),
         ("COHOST_BRIDGE__WIDTH", "720"),
         ("COHOST_BRIDGE__HEIGHT", "1280"),
     ])
@@ -452,8 +472,136 @@ async fn garbage_media_from_one_publisher_does_not_break_the_bridge() {
 /// returns to the solo path after `bridge.solo_idle`. The whole recording is one continuous
 /// stream that ffmpeg decodes without an error, every frame showing the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn solo_path_repeats_unchanged_pictures_and_switches_to_mixing_seamlessly() {
+async fn solo_host_is_passed_through_without_encoding_and_mixed_only_with_a_cohost() {
+    use cohost::media::flv::TAG_VIDEO;
+    use cohost::media::h264::{nal_type, split_avcc};
+    use cohost::media::h264_ids::slice_header;
     let server = Server::start_with(&[("COHOST_BRIDGE__SOLO_IDLE", "1s")]).await;
+    let mut host = Client::join(&server, "pass", "host", Role::Host).await;
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/pass/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let srv = &server;
+    let token = admin.as_str();
+    let phases = async move {
+        let v = wait_bridge(srv, token, "pass", 15, "passing the host through", |v| {
+            v["stats"]["path"] == "passthrough"
+                && v["stats"]["passthrough_frames"].as_u64() > Some(30)
+        })
+        .await;
+        // Nothing was encoded: the host's own pictures at the host's own size.
+        assert_eq!(v["stats"]["encoded_frames"], 0, "{v}");
+        assert_eq!(
+            (&v["stats"]["width"], &v["stats"]["height"]),
+            (&json!(320), &json!(240))
+        );
+        let mut guest = Client::join(srv, "pass", "guest", Role::Cohost).await;
+        guest.publish_real((30, 30, 220), 660.0).await.unwrap();
+        let v = wait_bridge(srv, token, "pass", 15, "mixing with a co-host", |v| {
+            v["stats"]["path"] == "mixing" && v["stats"]["encoded_frames"].as_u64() > Some(30)
+        })
+        .await;
+        assert_eq!(v["stats"]["mix_reason"], "cohosts", "{v}");
+        guest.leave().await;
+        drop(guest);
+        let v = wait_bridge(srv, token, "pass", 15, "back to passthrough", |v| {
+            v["stats"]["path"] == "passthrough"
+        })
+        .await;
+        let encoded = v["stats"]["encoded_frames"].as_u64().unwrap_or(0);
+        let passed = v["stats"]["passthrough_frames"].as_u64().unwrap_or(0);
+        let v = wait_bridge(srv, token, "pass", 10, "passing through again", |v| {
+            v["stats"]["passthrough_frames"].as_u64() > Some(passed + 20)
+        })
+        .await;
+        assert_eq!(
+            v["stats"]["encoded_frames"].as_u64(),
+            Some(encoded),
+            "the encoder rests: {v}"
+        );
+        assert_eq!(v["stats"]["switches"], 2, "{v}");
+    };
+    let tags = read_flv_tags(server.addr, "/live/pass.flv", 22, phases).await;
+    assert_continuous(&tags, 100);
+
+    // One sequence header holding the host's SPS/PPS and the bridge encoder's.
+    let config = tags
+        .iter()
+        .find(|t| t.kind == TAG_VIDEO && t.is_sequence_header())
+        .expect("a sequence header");
+    let rec = &config.body[5..];
+    assert_eq!(rec[5] & 0x1f, 2, "two SPS");
+    let host_sps_len = usize::from(u16::from_be_bytes([rec[6], rec[7]]));
+    let host_sps = rec[8..8 + host_sps_len].to_vec();
+    // Which encoder made each picture (the PPS its slices name), and where the IDRs are.
+    let mut runs: Vec<(u32, bool)> = vec![];
+    let mut last = None;
+    for t in tags
+        .iter()
+        .filter(|t| t.kind == TAG_VIDEO && !t.is_sequence_header())
+    {
+        let nals = split_avcc(&t.body[5..]).expect("AVCC");
+        let pps = nals
+            .iter()
+            .find_map(|n| slice_header(n))
+            .expect("a slice")
+            .pps_id;
+        if pps == 0 && t.is_video_keyframe() {
+            let sps = nals.iter().find(|n| nal_type(n) == 7).expect("in-band SPS");
+            assert_eq!(sps.to_vec(), host_sps, "the output's SPS is the host's");
+        }
+        if last != Some(pps) {
+            runs.push((pps, t.is_video_keyframe()));
+            last = Some(pps);
+        }
+    }
+    let order: Vec<u32> = runs.iter().map(|r| r.0).collect();
+    assert_eq!(order, vec![0, 1, 0], "host, mix, host: {runs:?}");
+    assert!(
+        runs.iter().all(|r| r.1),
+        "every switch starts at an IDR: {runs:?}"
+    );
+
+    // ffmpeg decodes the whole recording, switches included, without an error, and the host's
+    // red fills the top of every picture.
+    let dir = std::env::temp_dir().join(format!("cohost-pass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("rec.flv");
+    let mut flv = cohost::media::flv::header(true, true).to_vec();
+    for t in &tags {
+        cohost::media::flv::write_tag(&mut flv, t.kind, t.timestamp_ms, &t.body);
+    }
+    std::fs::write(&file, &flv).unwrap();
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&file)
+        .args(common::RAW_RGB_320X180)
+        .arg("-")
+        .output()
+        .await
+        .expect("ffmpeg (Debian) must be installed");
+    let _ = std::fs::remove_dir_all(&dir);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && errors.trim().is_empty(), "{errors}");
+    let n = 320 * 180 * 3;
+    let frames: Vec<&[u8]> = out.stdout.chunks_exact(n).collect();
+    assert!(frames.len() > 100, "{} pictures", frames.len());
+    for (i, f) in frames.iter().enumerate() {
+        let p = pixel(f, 160, 40);
+        assert!(is_colour(p, (220, 30, 30)), "frame {i}: {p:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_passthrough_the_solo_path_repeats_unchanged_pictures_and_mixes_seamlessly() {
+    let server = Server::start_with(&[
+        ("COHOST_BRIDGE__SOLO_IDLE", "1s"),
+        ("COHOST_BRIDGE__PASSTHROUGH", "false"),
+    ])
+    .await;
     let mut host = Client::join(&server, "solo", "host", Role::Host).await;
     host.publish_real((220, 30, 30), 440.0).await.unwrap();
     let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
@@ -465,7 +613,8 @@ async fn solo_path_repeats_unchanged_pictures_and_switches_to_mixing_seamlessly(
     let token = admin.as_str();
     let phases = async move {
         let v = wait_bridge(srv, token, "solo", 15, "solo path repeats", |v| {
-            v["stats"]["path"] == "solo" && v["stats"]["repeated_frames"].as_u64() > Some(15)
+            v["stats"]["mix_reason"] == "disabled"
+                && v["stats"]["repeated_frames"].as_u64() > Some(15)
         })
         .await;
         let solo_frames = v["stats"]["video_frames"].as_u64().unwrap_or(0);
@@ -475,13 +624,12 @@ async fn solo_path_repeats_unchanged_pictures_and_switches_to_mixing_seamlessly(
         let mut guest = Client::join(srv, "solo", "guest", Role::Cohost).await;
         guest.publish_real((30, 30, 220), 660.0).await.unwrap();
         let v = wait_bridge(srv, token, "solo", 15, "mixing with a co-host", |v| {
-            v["stats"]["path"] == "mixing"
+            v["stats"]["inputs"].as_u64() == Some(4)
         })
         .await;
         let at_mixing = v["stats"]["repeated_frames"].as_u64().unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let v = wait_bridge(srv, token, "solo", 5, "still mixing", |_| true).await;
-        assert_eq!(v["stats"]["path"], "mixing", "{v}");
         assert_eq!(
             v["stats"]["repeated_frames"].as_u64().unwrap_or(0),
             at_mixing,
@@ -495,10 +643,7 @@ async fn solo_path_repeats_unchanged_pictures_and_switches_to_mixing_seamlessly(
             "solo",
             10,
             "back to solo after the idle time",
-            |v| {
-                v["stats"]["path"] == "solo"
-                    && v["stats"]["repeated_frames"].as_u64().unwrap_or(0) > at_mixing + 5
-            },
+            |v| v["stats"]["repeated_frames"].as_u64().unwrap_or(0) > at_mixing + 5,
         )
         .await;
     };

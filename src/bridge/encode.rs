@@ -275,7 +275,10 @@ impl H264Encoder {
 impl H264Encoder {
     /// The encoder's NAL units with the output's parameter-set ids (unchanged without
     /// [`with_ids`](Self::with_ids)).
-    fn renumbered<'a>(&self, nals: Vec<&'a [u8]>) -> Result<Vec<std::borrow::Cow<'a, [u8]>>, EncodeError> {
+    fn renumbered<'a>(
+        &self,
+        nals: Vec<&'a [u8]>,
+    ) -> Result<Vec<std::borrow::Cow<'a, [u8]>>, EncodeError> {
         use std::borrow::Cow;
         let Some((sps_id, pps_id)) = self.ids else {
             return Ok(nals.into_iter().map(Cow::Borrowed).collect());
@@ -291,7 +294,9 @@ impl H264Encoder {
                     _ => h264_ids::renumber_slice(n, pps_id),
                 }
                 .map(Cow::Owned)
-                .ok_or_else(|| EncodeError::H264("cannot renumber the encoder's parameter sets".into()))
+                .ok_or_else(|| {
+                    EncodeError::H264("cannot renumber the encoder's parameter sets".into())
+                })
             })
             .collect()
     }

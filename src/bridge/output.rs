@@ -9,6 +9,7 @@
 //! sample rate, channels) and the one AVC sequence header are fixed when the stream starts: at
 //! the host's first IDR, whose SPS gives the size unless one was asked for.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +39,10 @@ pub const HOST_WAIT: Duration = Duration::from_secs(5);
 /// While passing through, a keyframe request after a break (new source, dropped units) is
 /// repeated this often until an IDR comes.
 const BREAK_RETRY: Duration = Duration::from_secs(1);
+/// Access units of the source held back for lip sync at most (about three seconds at 30 fps;
+/// the audio buffer holds far less): past it the oldest is dropped and passing through
+/// restarts at the next IDR.
+const MAX_HELD: usize = 90;
 
 /// The output's path as the bridge stats show it.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -104,6 +109,8 @@ pub struct Output {
     /// Passing through must restart at an IDR (new source, units dropped, back from mixing).
     need_idr: bool,
     last_break_request: Option<Instant>,
+    /// The source's access units waiting for their audio (lip sync), with when they came.
+    held: VecDeque<(Arc<AccessUnit>, Instant)>,
     /// Timestamp of the last video tag sent.
     last_ts: Option<i64>,
     /// When the room last had more than its host on screen (co-hosts or a PK).
@@ -198,6 +205,7 @@ impl Output {
             source_check: Ok(()),
             need_idr: true,
             last_break_request: None,
+            held: VecDeque::new(),
             last_ts: None,
             last_multi: None,
             last_shown: None,
@@ -340,6 +348,7 @@ impl Output {
         if self.source.as_ref() == pid {
             return;
         }
+        self.held.clear();
         let mut slots = lock(&self.slots);
         if let Some(old) = self.source.as_ref().and_then(|p| slots.get_mut(p)) {
             old.ctl.forward.store(false, Ordering::Relaxed);
@@ -542,7 +551,33 @@ impl Output {
             self.last_shown = None;
         }
         let mut request = tick.request_keyframe;
+        // The host's pictures wait for the host's audio, as in the mix (see `sync`).
         for au in units {
+            if self.held.len() >= MAX_HELD {
+                self.held.pop_front();
+                self.need_idr = true;
+            }
+            self.held.push_back((au, now));
+        }
+        let due = {
+            let slots = lock(&self.slots);
+            let slot = self.source.as_ref().and_then(|p| slots.get(p));
+            let until = slot.map(|s| s.show_until(now));
+            let sr = slot
+                .and_then(|s| s.video_track.as_ref())
+                .and_then(|t| t.sender_report());
+            let mut due = vec![];
+            while let Some((au, arrived)) = self.held.front() {
+                if until.is_some_and(|u| !u.allows(*arrived, au.rtp_timestamp, sr, 90_000)) {
+                    break;
+                }
+                if let Some((au, _)) = self.held.pop_front() {
+                    due.push(au);
+                }
+            }
+            due
+        };
+        for au in due {
             let passable = sets.check(&au).is_ok() && (au.keyframe || !self.need_idr);
             let Some(switcher) = self.switcher.as_mut() else {
                 return;
@@ -590,9 +625,8 @@ impl Output {
 
     /// One of the host's access units, as it came, on the output clock.
     fn emit_unit(&mut self, au: &AccessUnit, now_ms: i64) {
-        // The host's audio plays through the jitter buffer: its pictures go with it.
-        let want = now_ms + i64::from(self.config.audio_buffer_ms);
-        let ts = self.clock.map(au.rtp_timestamp, want);
+        // Released when the host's audio is played: the output clock now is where it goes.
+        let ts = self.clock.map(au.rtp_timestamp, now_ms);
         let ts = self.next_ts(ts);
         // Access unit delimiters are left out (FLV frames each access unit itself).
         let nals = split_annexb(&au.annexb);

@@ -145,7 +145,7 @@ pub struct PassClock {
 }
 
 /// How far RTP-derived timestamps may drift from the output clock before re-anchoring.
-const MAX_DRIFT_MS: i64 = 150;
+const MAX_DRIFT_MS: i64 = 50;
 
 impl PassClock {
     /// Forget the anchor (the output left passthrough).
@@ -340,7 +340,10 @@ mod tests {
         let tick = s.tick(t0, None, false);
         assert!(tick.request_keyframe && !tick.decode_source);
         assert_eq!(s.unit(true, true, t0), (true, false));
-        assert!(!s.tick(t0 + Duration::from_secs(1), None, false).request_keyframe);
+        assert!(
+            !s.tick(t0 + Duration::from_secs(1), None, false)
+                .request_keyframe
+        );
         assert!(s.tick(t0 + GOP, None, false).request_keyframe);
         // A co-host: decode the host, keep passing through until its pictures are ready.
         let t1 = t0 + Duration::from_secs(3);
@@ -394,8 +397,9 @@ mod tests {
         // 33 ms of RTP later, whatever the arrival jitter.
         assert_eq!(c.map(90_000 + 2970, 1050), 1033);
         assert_eq!(c.map(90_000 + 5940, 1060), 1066);
-        // A new timeline: back on the output clock.
-        assert_eq!(c.map(5, 1100), 1100);
+        // Drifted too far (or a new timeline): back on the output clock.
+        assert_eq!(c.map(90_000 + 8910, 1160), 1160);
+        assert_eq!(c.map(5, 1200), 1200);
         // Wrapping RTP timestamps.
         let mut c = PassClock::default();
         assert_eq!(c.map(u32::MAX - 1499, 0), 0);
@@ -414,18 +418,27 @@ mod tests {
             rtp_timestamp: 0,
             keyframe,
         };
-        let idr = au(enc.encode(&YUVBuffer::new(320, 240)).unwrap().to_vec(), true);
+        let idr = au(
+            enc.encode(&YUVBuffer::new(320, 240)).unwrap().to_vec(),
+            true,
+        );
         let sets = SourceSets::from_idr(&idr).expect("sets");
         assert_eq!(sets.size, (320, 240));
         assert_eq!((sets.sps_id, sets.pps_id), (0, 0));
         assert_eq!(sets.free_ids(), (1, 1));
         assert_eq!(sets.check(&idr), Ok(()));
-        let p = au(enc.encode(&YUVBuffer::new(320, 240)).unwrap().to_vec(), false);
+        let p = au(
+            enc.encode(&YUVBuffer::new(320, 240)).unwrap().to_vec(),
+            false,
+        );
         assert_eq!(SourceSets::from_idr(&p), None);
         assert_eq!(sets.check(&p), Ok(()));
         // Another size: other parameter sets.
         let mut other = Encoder::new().unwrap();
-        let idr2 = au(other.encode(&YUVBuffer::new(160, 120)).unwrap().to_vec(), true);
+        let idr2 = au(
+            other.encode(&YUVBuffer::new(160, 120)).unwrap().to_vec(),
+            true,
+        );
         assert_eq!(sets.check(&idr2), Err(Reason::ParametersChanged));
         // A slice naming another PPS.
         let nals = split_annexb(&p.annexb);
@@ -433,6 +446,9 @@ mod tests {
         let mut bs = vec![0, 0, 0, 1];
         bs.extend(renamed);
         assert_eq!(sets.check(&au(bs, false)), Err(Reason::ParametersChanged));
-        assert_eq!(sets.check(&au(vec![0, 0, 1, 0x41], false)), Err(Reason::ParametersChanged));
+        assert_eq!(
+            sets.check(&au(vec![0, 0, 1, 0x41], false)),
+            Err(Reason::ParametersChanged)
+        );
     }
 }

@@ -25,8 +25,8 @@ use super::sync::{PlayoutBuffer, Timed, VideoQueue, show_until};
 use super::video_in::{VideoInput, VideoInputStats};
 use crate::config::BridgeSettings;
 use crate::media::jitter::{Packet as JitterPacket, Reorder, ReorderConfig};
-use crate::room::Room;
 use crate::media::rtp_h264::AccessUnit;
+use crate::room::Room;
 use crate::rtmp::origin::Origin;
 use crate::sfu::TrackRouter;
 use crate::signaling::protocol::Kind;
@@ -142,6 +142,13 @@ impl InputSlot {
             units: VecDeque::new(),
             units_dropped: false,
         }
+    }
+
+    /// How far this participant's video may be shown now (it follows its audio).
+    pub fn show_until(&self, now: Instant) -> super::sync::ShowUntil {
+        let audio_sr = self.audio_track.as_ref().and_then(|t| t.sender_report());
+        let video_sr = self.video_track.as_ref().and_then(|t| t.sender_report());
+        show_until(self.audio.as_ref(), audio_sr, video_sr, now, SAMPLE_RATE)
     }
 
     /// The picture to composite now (the last good one if nothing new is due), and when its
@@ -567,4 +574,3 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
         }
     }
 }
-

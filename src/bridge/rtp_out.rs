@@ -136,10 +136,7 @@ impl RtpOut {
             return;
         }
         let ts = self.ts_base.wrapping_add((ts_ms.max(0) as u64 * 90) as u32);
-        let payloads = match self
-            .payloader
-            .payload(MTU, &Bytes::copy_from_slice(annexb))
-        {
+        let payloads = match self.payloader.payload(MTU, &Bytes::copy_from_slice(annexb)) {
             Ok(p) => p,
             Err(e) => {
                 if !self.failing {

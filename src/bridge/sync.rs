@@ -148,6 +148,26 @@ pub enum ShowUntil {
     Latest,
 }
 
+impl ShowUntil {
+    /// Whether a picture with RTP timestamp `rtp` that arrived at `arrived` is due.
+    pub fn allows(
+        self,
+        arrived: Instant,
+        rtp: u32,
+        video_sr: Option<SenderReport>,
+        clock_rate: u32,
+    ) -> bool {
+        match self {
+            ShowUntil::Latest => true,
+            ShowUntil::Arrived(t) => arrived <= t,
+            ShowUntil::Ntp(t) => match video_sr {
+                Some(sr) => ntp_seconds(sr, rtp, clock_rate) <= t,
+                None => true,
+            },
+        }
+    }
+}
+
 /// One participant's decoded pictures, oldest first, and the one on screen.
 #[derive(Debug)]
 pub struct VideoQueue<P> {
@@ -189,15 +209,7 @@ impl<P: Clone> VideoQueue<P> {
     ) -> Option<P> {
         self.newly_shown = None;
         while let Some(front) = self.queue.front() {
-            let due = match until {
-                ShowUntil::Latest => true,
-                ShowUntil::Arrived(t) => front.arrived <= t,
-                ShowUntil::Ntp(t) => match video_sr {
-                    Some(sr) => ntp_seconds(sr, front.rtp, clock_rate) <= t,
-                    None => true,
-                },
-            };
-            if !due {
+            if !until.allows(front.arrived, front.rtp, video_sr, clock_rate) {
                 break;
             }
             if let Some(f) = self.queue.pop_front() {

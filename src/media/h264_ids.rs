@@ -287,7 +287,12 @@ mod tests {
                     (&mut a, &mut ref_a)
                 };
                 let bs = enc.encode(&f).unwrap().to_vec();
-                let want = reference.decode(&bs).unwrap().expect("picture").y().to_vec();
+                let want = reference
+                    .decode(&bs)
+                    .unwrap()
+                    .expect("picture")
+                    .y()
+                    .to_vec();
                 let nals: Vec<Vec<u8>> = split_annexb(&bs)
                     .into_iter()
                     .map(|n| match (use_b, nal_type(n)) {
@@ -309,14 +314,10 @@ mod tests {
                         nals[1].clone(),
                         renumber_pps(pb, 1, 1).unwrap(),
                     ];
-                    let rec =
-                        decoder_config(&[&s[0], &s[1]], &[&s[2], &s[3]]).expect("a record");
+                    let rec = decoder_config(&[&s[0], &s[1]], &[&s[2], &s[3]]).expect("a record");
                     assert_eq!(rec[5] & 0x1f, 2);
                     // A record of one set each is what the one-set helper makes.
-                    assert_eq!(
-                        decoder_config(&[&s[0]], &[&s[2]]),
-                        one_config(&s[0], &s[2])
-                    );
+                    assert_eq!(decoder_config(&[&s[0]], &[&s[2]]), one_config(&s[0], &s[2]));
                     sets = Some(s);
                     // ref_b saw nothing yet; the probe picture went nowhere else.
                     b.force_intra_frame();

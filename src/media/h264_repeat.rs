@@ -16,8 +16,8 @@
 //! weighted prediction, no redundant pictures); anything else gets `None` and the caller encodes
 //! as usual. Pure functions over bytes; malformed input yields `None`, never a panic.
 
-use super::h264::{BitWriter, Bits, NAL_PPS, NAL_SPS, nal_type, parse_sps, unescape};
 pub use super::h264::escape;
+use super::h264::{BitWriter, Bits, NAL_PPS, NAL_SPS, nal_type, parse_sps, unescape};
 
 /// What the inserted slice and the renumbering need from the SPS and PPS.
 #[derive(Debug, Clone, PartialEq, Eq)]
