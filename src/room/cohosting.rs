@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    Member, MessageBody, Outcome, Registry, Room, RoomError, RoomEvent, RoomMessage, Sender,
-    ServerMessage, State, track_info,
+    Lifecycle, Member, MessageBody, Outcome, Registry, Room, RoomError, RoomEvent, RoomMessage,
+    Sender, ServerMessage, State, track_info,
 };
 use crate::auth::Role;
 use crate::signaling::protocol::Kind;
@@ -616,14 +616,14 @@ impl Room {
 }
 
 impl Registry {
-    /// Expire requests, invitations and grace periods; returns the rooms whose host did not
-    /// come back in time (the caller applies the bridge policy).
-    pub fn tick(&self, now: Instant) -> Vec<String> {
-        self.rooms()
-            .into_iter()
-            .filter(|r| r.tick(now))
-            .map(|r| r.name.clone())
-            .collect()
+    /// Expire requests, invitations and grace periods; a room whose host did not come back in
+    /// time is announced as [`Lifecycle::HostGone`] (the bridge policy follows it).
+    pub fn tick(&self, now: Instant) {
+        for r in self.rooms() {
+            if r.tick(now) {
+                self.announce(&r, Lifecycle::HostGone);
+            }
+        }
     }
 
     /// Host of `room` invites the host of `other` to a PK.
