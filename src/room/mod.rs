@@ -56,6 +56,12 @@ pub enum RoomError {
     TooLong(usize),
     #[error("the room already has a host ({0}); a room has one host")]
     HostPresent(&'static str),
+    /// A request that can never succeed as asked (e.g. a PK with one's own room).
+    #[error("{0}")]
+    Invalid(&'static str),
+    /// A PK invitation whose inviting host left (the invitation was withdrawn).
+    #[error("{0}")]
+    Withdrawn(String),
 }
 
 impl RoomError {
@@ -79,6 +85,8 @@ impl RoomError {
             RoomError::RateLimited(_) => ErrorCode::RateLimited,
             RoomError::TooLong(_) => ErrorCode::MessageTooLarge,
             RoomError::HostPresent(_) => ErrorCode::HostPresent,
+            RoomError::Invalid(_) => ErrorCode::BadRequest,
+            RoomError::Withdrawn(_) => ErrorCode::Withdrawn,
         }
     }
 }
@@ -194,9 +202,15 @@ struct State {
     /// The room this one is in a PK with, and the partner host's tracks shown here.
     pk: Option<Arc<Room>>,
     foreign: BTreeMap<String, Arc<TrackRouter>>,
-    /// PK invitations received: inviting room -> deadline.
-    pk_invites: BTreeMap<String, Instant>,
+    /// PK invitations received: inviting room -> invitation (at most [`MAX_PK_INVITES`]).
+    pk_invites: BTreeMap<String, cohosting::PkInvitation>,
+    /// PK invitations this room's host sent and that are pending: invited room -> that room
+    /// (at most [`MAX_PK_INVITES`]). Withdrawn when the host leaves.
+    pk_sent: BTreeMap<String, std::sync::Weak<Room>>,
 }
+
+/// Pending PK invitations a room may have sent, and may have received, at a time.
+pub const MAX_PK_INVITES: usize = 8;
 
 pub struct Room {
     pub name: String,
@@ -678,6 +692,7 @@ impl Registry {
         drop(st);
         if host_left {
             Registry::pk_unlink(room);
+            Registry::pk_withdraw(room);
         }
         self.remove_if_empty(room);
     }
