@@ -59,8 +59,8 @@ pub fn check_secret(cfg: &Config) -> anyhow::Result<()> {
 }
 
 /// Co-host requests, invitations and host grace periods end on deadlines the rooms keep; this
-/// checks them a few times a second and applies `bridge.on_host_gone` to rooms whose host did
-/// not come back.
+/// checks them a few times a second (a host gone for good is announced to the rooms'
+/// lifecycle hooks, which the bridge follows).
 async fn room_deadlines(svc: Arc<Services>, mut shutdown: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -68,14 +68,19 @@ async fn room_deadlines(svc: Arc<Services>, mut shutdown: watch::Receiver<bool>)
             _ = every.tick() => {}
             _ = shutdown.changed() => return,
         }
-        for room in svc.rooms.tick(std::time::Instant::now()) {
-            if svc.cfg.bridge.on_host_gone == crate::config::HostGone::Stop
-                && svc.bridges.remove(&room).is_some()
-            {
-                info!(%room, "host gone: bridge stopped (bridge.on_host_gone = stop)");
-            }
-        }
+        svc.rooms.tick(std::time::Instant::now());
     }
+}
+
+/// The bridge follows its room's life (one owner, whatever kind of participant the host is):
+/// it ends when the room ends and applies `bridge.on_host_gone`.
+fn follow_rooms(svc: &Arc<Services>) {
+    let weak = Arc::downgrade(svc);
+    svc.rooms.on_lifecycle(Arc::new(move |room, change| {
+        if let Some(svc) = weak.upgrade() {
+            crate::bridge::control::follow_room(&svc.bridges, &svc.cfg.bridge, room, change);
+        }
+    }));
 }
 
 /// The RTMP server's view of the services; an RTMP host's first track starts the room's bridge
@@ -83,21 +88,8 @@ async fn room_deadlines(svc: Arc<Services>, mut shutdown: watch::Receiver<bool>)
 fn rtmp_context(svc: &Arc<Services>) -> Arc<crate::rtmp::server::RtmpContext> {
     let weak = Arc::downgrade(svc);
     let on_published = move |room: &str, role: crate::auth::Role| {
-        let Some(svc) = weak.upgrade() else {
-            return;
-        };
-        let cfg = &svc.cfg.bridge;
-        if !cfg.auto_start || role != crate::auth::Role::Host || svc.bridges.contains_key(room) {
-            return;
-        }
-        let req = crate::bridge::control::BridgeRequest {
-            destinations: cfg.auto_destinations.clone(),
-            ..Default::default()
-        };
-        match crate::bridge::control::start(&svc.bridge_ctl(None), room, req) {
-            Ok(()) => info!(%room, "bridge started automatically (rtmp host)"),
-            Err(crate::bridge::control::ControlError::AlreadyRunning) => {}
-            Err(e) => tracing::warn!(%room, "automatic bridge start failed: {e}"),
+        if let Some(svc) = weak.upgrade() {
+            crate::bridge::control::auto_start(&svc.bridge_ctl(None), room, role);
         }
     };
     Arc::new(crate::rtmp::server::RtmpContext {
@@ -130,6 +122,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         stream_keys: Arc::new(crate::auth::keys::StreamKeys::new(cfg.origin.key_max_ttl)),
         shutdown: shutdown_rx.clone(),
     });
+    follow_rooms(&services);
     let listener = tokio::net::TcpListener::bind(cfg.server.http_listen)
         .await
         .with_context(|| format!("binding {}", cfg.server.http_listen))?;

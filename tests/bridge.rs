@@ -430,6 +430,12 @@ async fn auto_started_portrait_bridge_follows_the_host_and_ends_with_the_room() 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The host comes back: a new room, whose first track starts a fresh bridge.
+    drop(host);
+    let mut host = Client::join(&server, "auto", "host", Role::Host).await;
+    host.publish_real((30, 30, 220), 440.0).await.unwrap();
+    let v = wait_frames(&server, &admin, "auto", 15).await;
+    assert_eq!(v["config"]["width"], 720, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

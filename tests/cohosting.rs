@@ -588,3 +588,136 @@ async fn viewers_without_websocket_long_poll_the_message_feed() {
     let (s, _) = server.get("/v1/rooms/nope/messages", None).await;
     assert_eq!(s, 404);
 }
+
+/// The PK messages `c` got so far (without waiting).
+fn pk_messages(c: &mut Client) -> Vec<Value> {
+    let mut out = vec![];
+    while let Ok(v) = c.sig.events.try_recv() {
+        if v["type"].as_str().is_some_and(|t| t.starts_with("pk_")) {
+            out.push(v);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_pk_invitation_is_declined_to_the_inviting_host_and_ended_for_the_invited() {
+    let server = Server::start_with(&[("COHOST_ROOM__REQUEST_TIMEOUT", "1s")]).await;
+    let mut a = Client::join(&server, "pa", "alice", Role::Host).await;
+    let mut b = Client::join(&server, "pb", "bob", Role::Host).await;
+    ok(&a, json!({"type": "pk_invite", "room": "pb"})).await;
+    b.sig.wait_for("pk invite", is_type("pk_invite")).await;
+    // Nobody answers within room.request_timeout.
+    let declined = a.sig.wait_for("pk declined", is_type("pk_declined")).await;
+    assert_eq!(declined["room"], "pb", "{declined}");
+    assert_eq!(declined["outcome"], "timed_out", "{declined}");
+    let ended = b
+        .sig
+        .wait_for("pk invite ended", is_type("pk_invite_ended"))
+        .await;
+    assert_eq!(ended["room"], "pa", "{ended}");
+    assert_eq!(ended["outcome"], "timed_out", "{ended}");
+    // The invited host got no pk_declined (that is the inviter's), and the late answer fails.
+    assert!(pk_messages(&mut b).is_empty());
+    refused(
+        &b,
+        json!({"type": "pk_answer", "room": "pa", "accept": true}),
+        "not_found",
+    )
+    .await;
+    // The inviter may invite again.
+    ok(&a, json!({"type": "pk_invite", "room": "pb"})).await;
+    b.sig
+        .wait_for("pk invite again", is_type("pk_invite"))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_leaving_withdraws_its_pk_invitations_sent_and_received() {
+    let server = Server::start().await;
+    let a = Client::join(&server, "wa", "alice", Role::Host).await;
+    let mut b = Client::join(&server, "wb", "bob", Role::Host).await;
+    let mut c = Client::join(&server, "wc", "carol", Role::Host).await;
+    // Sent: alice invites bob, then leaves. Bob is told; accepting fails clearly and links
+    // nothing.
+    ok(&a, json!({"type": "pk_invite", "room": "wb"})).await;
+    b.sig.wait_for("pk invite", is_type("pk_invite")).await;
+    a.leave().await;
+    drop(a);
+    let ended = b
+        .sig
+        .wait_for("withdrawn", is_type("pk_invite_ended"))
+        .await;
+    assert_eq!(ended["room"], "wa", "{ended}");
+    assert_eq!(ended["outcome"], "gone", "{ended}");
+    refused(
+        &b,
+        json!({"type": "pk_answer", "room": "wa", "accept": true}),
+        "withdrawn",
+    )
+    .await;
+    refused(&b, json!({"type": "pk_end"}), "not_found").await;
+    assert!(pk_messages(&mut b).is_empty(), "no pk_started");
+    // Received: carol invites bob, bob leaves. Carol is told and may invite elsewhere.
+    ok(&c, json!({"type": "pk_invite", "room": "wb"})).await;
+    b.sig.wait_for("pk invite", is_type("pk_invite")).await;
+    b.leave().await;
+    drop(b);
+    let declined = c.sig.wait_for("declined", is_type("pk_declined")).await;
+    assert_eq!(declined["room"], "wb", "{declined}");
+    assert_eq!(declined["outcome"], "gone", "{declined}");
+    // Bob's room is gone; a new host of it starts with no invitations.
+    let b2 = Client::join(&server, "wb", "bob", Role::Host).await;
+    refused(
+        &b2,
+        json!({"type": "pk_answer", "room": "wc", "accept": true}),
+        "not_found",
+    )
+    .await;
+    ok(&c, json!({"type": "pk_invite", "room": "wb"})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pk_invite_refuses_own_room_unknown_room_and_a_second_pending_invitation() {
+    let server = Server::start().await;
+    let a = Client::join(&server, "ia", "alice", Role::Host).await;
+    let mut b = Client::join(&server, "ib", "bob", Role::Host).await;
+    refused(
+        &a,
+        json!({"type": "pk_invite", "room": "ia"}),
+        "bad_request",
+    )
+    .await;
+    refused(
+        &a,
+        json!({"type": "pk_invite", "room": "nobody"}),
+        "not_found",
+    )
+    .await;
+    ok(&a, json!({"type": "pk_invite", "room": "ib"})).await;
+    refused(
+        &a,
+        json!({"type": "pk_invite", "room": "ib"}),
+        "already_pending",
+    )
+    .await;
+    // Bob crossing with his own invitation to alice: one invitation per pair of rooms.
+    refused(
+        &b,
+        json!({"type": "pk_invite", "room": "ia"}),
+        "already_pending",
+    )
+    .await;
+    // Bob declines the one invitation he got: alice hears it; he had no second one.
+    b.sig.wait_for("pk invite", is_type("pk_invite")).await;
+    ok(
+        &b,
+        json!({"type": "pk_answer", "room": "ia", "accept": false}),
+    )
+    .await;
+    let mut a = a;
+    let declined = a.sig.wait_for("declined", is_type("pk_declined")).await;
+    assert_eq!(declined["outcome"], "denied", "{declined}");
+    let rest = pk_messages(&mut b);
+    assert!(rest.is_empty(), "a second invitation: {rest:?}");
+}

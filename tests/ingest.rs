@@ -861,3 +861,143 @@ async fn kicked_rtmp_publisher_is_disconnected() {
             .contains(&"obs".to_string())
     );
 }
+
+/// ffmpeg publishing a plain `colour` picture (and a tone) for `secs` seconds, in real time.
+fn ffmpeg_push_colour(url: &str, colour: &str, secs: u32) -> Child {
+    Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("color=c={colour}:size=320x240:rate=30"),
+        ])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", &secs.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-profile:v",
+            "baseline",
+            "-bf",
+            "0",
+            "-g",
+            "30",
+        ])
+        .args([
+            "-pix_fmt",
+            "yuv420p",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args(["-c:a", "aac", "-b:a", "96k", "-f", "flv", url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ffmpeg (Debian ffmpeg) must be installed")
+}
+
+/// A host stream key for `room` (identity "obs").
+fn host_key(room: &str) -> String {
+    sign::mint_stream_key(DEV_SECRET.as_bytes(), room, "obs", Role::Host, now() + 600).unwrap()
+}
+
+/// How long until the room's bridge and its HTTP-FLV stream are both gone (404), at most
+/// `limit`.
+async fn time_until_bridge_and_flv_gone(server: &Server, room: &str, limit: Duration) -> Duration {
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let t0 = Instant::now();
+    wait_until("the bridge and its FLV stream to end", limit, async || {
+        let (bridge, _) = server
+            .get(&format!("/v1/rooms/{room}/bridge"), Some(&admin))
+            .await;
+        let (flv, _) = server.get(&format!("/live/{room}.flv"), None).await;
+        bridge == 404 && flv == 404
+    })
+    .await;
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_ingest_host_leaving_ends_the_bridge() {
+    // The bridge starts by itself with the RTMP host's first track (bridge.auto_start).
+    let server = bridged_server(&[]).await;
+    let rtmp = server.rtmp.expect("rtmp listener");
+    let mut ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{}", host_key("obsroom")), 60);
+    wait_bridge(&server, "obsroom").await;
+    // The encoder stops (killed: no unpublish; its TCP connection just ends).
+    ff.kill().await.unwrap();
+    let took = time_until_bridge_and_flv_gone(&server, "obsroom", Duration::from_secs(10)).await;
+    eprintln!("rtmp host stopped: bridge and FLV gone after {took:?}");
+    assert!(room_identities(&server, "obsroom").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_ingest_host_reconnecting_gets_a_fresh_bridge() {
+    let server = bridged_server(&[("COHOST_BRIDGE__AUTO_START", "false")]).await;
+    let rtmp = server.rtmp.expect("rtmp listener");
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let url = format!("rtmp://{rtmp}/live/{}", host_key("again"));
+    let start = async || {
+        server
+            .send_json("POST", "/v1/rooms/again/bridge", &admin, &json!({}))
+            .await
+    };
+    let mut ff = ffmpeg_push_colour(&url, "blue", 60);
+    wait_until(
+        "the RTMP host in the room",
+        Duration::from_secs(15),
+        async || room_identities(&server, "again").await == ["obs"],
+    )
+    .await;
+    let (s, body) = start().await;
+    assert_eq!(s, 201, "{body}");
+    wait_bridge(&server, "again").await;
+    // The encoder stops: the room ends and its bridge with it.
+    ff.kill().await.unwrap();
+    let took = time_until_bridge_and_flv_gone(&server, "again", Duration::from_secs(10)).await;
+    eprintln!("rtmp host stopped: bridge and FLV gone after {took:?}");
+    // The encoder comes back (another picture): a new room, and a new bridge for it.
+    let _ff = ffmpeg_push_colour(&url, "red", 60);
+    wait_until("the RTMP host back", Duration::from_secs(15), async || {
+        room_identities(&server, "again").await == ["obs"]
+    })
+    .await;
+    let (s, body) = start().await;
+    assert_eq!(s, 201, "a fresh bridge, not already_running: {body}");
+    wait_bridge(&server, "again").await;
+    // The output shows the new stream (red), not a leftover black or blue picture.
+    let f = common::last_frame(&server, "again", "rtmp-again").await;
+    let p = common::pixel(&f, 160, 90);
+    assert!(
+        common::is_colour(p, (255, 0, 0)),
+        "centre of the output: {p:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_ingest_host_gone_past_grace_stops_the_bridge_when_on_host_gone_is_stop() {
+    let server = bridged_server(&[
+        ("COHOST_ROOM__HOST_GRACE", "1s"),
+        ("COHOST_BRIDGE__ON_HOST_GONE", "stop"),
+    ])
+    .await;
+    let rtmp = server.rtmp.expect("rtmp listener");
+    // A co-host keeps the room alive after the RTMP host goes.
+    let _co = Client::join(&server, "grace", "guest", Role::Cohost).await;
+    let mut ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{}", host_key("grace")), 60);
+    wait_bridge(&server, "grace").await;
+    ff.kill().await.unwrap();
+    // The host's grace period (1 s) ends without it: bridge.on_host_gone = stop.
+    let took = time_until_bridge_and_flv_gone(&server, "grace", Duration::from_secs(10)).await;
+    eprintln!("rtmp host stopped with a co-host seated: bridge gone after {took:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "not before the grace period: {took:?}"
+    );
+    assert_eq!(room_identities(&server, "grace").await, ["guest"]);
+}

@@ -1178,3 +1178,48 @@ async fn whip_publishes_of_one_identity_replace_each_other() {
         .count();
     assert_eq!(studios, 1, "{room}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_host_leaving_ends_the_bridge_and_a_new_host_gets_a_fresh_one() {
+    let server = Server::start_with(&[
+        ("COHOST_BRIDGE__WIDTH", "320"),
+        ("COHOST_BRIDGE__HEIGHT", "240"),
+        ("COHOST_BRIDGE__FPS", "15"),
+    ])
+    .await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let token = server.token("wh", "studio", Role::Host);
+    for round in 0..2 {
+        // The WHIP host alone in its room, with the room's bridge running.
+        let (pc, offer) = publisher_offer().await;
+        let r = post_sdp(&server, "/whip/wh", Some(&token), &offer).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let location = r.header("location").unwrap().to_string();
+        let (s, body) = server
+            .send_json("POST", "/v1/rooms/wh/bridge", &admin, &json!({}))
+            .await;
+        assert_eq!(s, 201, "round {round}: a fresh bridge: {body}");
+        wait_frames(&server, &admin, "wh", 15).await;
+        // The host leaves: the room ends, and so do its bridge and its FLV stream.
+        let r = delete(&server, &location, &token).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let t0 = Instant::now();
+        loop {
+            let (bridge, _) = server.get("/v1/rooms/wh/bridge", Some(&admin)).await;
+            let (flv, _) = server.get("/live/wh.flv", None).await;
+            if bridge == 404 && flv == 404 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "bridge {bridge}, stream {flv} after the WHIP host left"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "WHIP host left: bridge and FLV gone after {:?}",
+            t0.elapsed()
+        );
+        let _ = pc.close().await;
+    }
+}

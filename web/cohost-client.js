@@ -18,8 +18,8 @@
 //   every server event by its protocol type, with the raw message as detail: participant_joined,
 //     participant_left, track_published, track_unpublished, track_muted, track_stalled, role_changed,
 //     cohost_request, cohost_request_ended, cohost_invite, cohost_invite_ended, message,
-//     message_deleted, pk_invite, pk_declined, pk_started, pk_ended, closing, error (an error
-//     without a request id)
+//     message_deleted, pk_invite, pk_declined, pk_invite_ended, pk_started, pk_ended, closing,
+//     error (an error without a request id)
 //   "track"        {track, stream, participantId, trackId}: remote media on the subscriber connection
 //   "roster"       {participants}: the member list changed (this.participants, a Map)
 //   "role"         {role}: my own role changed (promoted to cohost, demoted to audience)

@@ -247,7 +247,15 @@ function wire(c) {
       el("button", { class: "small", textContent: "Accept", onclick: act(() => pkAnswer(room, true)) }),
       el("button", { class: "small secondary", textContent: "Decline", onclick: act(() => pkAnswer(room, false)) })));
   });
-  c.addEventListener("pk_declined", (e) => showNotice(`Room ${e.detail.room} declined the PK.`));
+  c.addEventListener("pk_declined", (e) => {
+    const { room, outcome } = e.detail;
+    const why = { denied: "declined the PK", timed_out: "did not answer in time", gone: "has no host any more" }[outcome] ?? "declined the PK";
+    showNotice(`Room ${room} ${why}.`);
+  });
+  c.addEventListener("pk_invite_ended", (e) => {
+    document.querySelector(`#pk-invites [data-room="${CSS.escape(e.detail.room)}"]`)?.remove();
+    showNotice(e.detail.outcome === "gone" ? `Room ${e.detail.room} withdrew its PK invitation.` : `The PK invitation from room ${e.detail.room} expired.`);
+  });
   c.addEventListener("pk_started", (e) => {
     pkHost = { ...e.detail.host, room: e.detail.room };
     showNotice(`PK with ${e.detail.host.identity} (room ${e.detail.room}) started.`);

@@ -1,16 +1,20 @@
 //! Starting, changing and stopping a room's bridge: one implementation behind both the REST
-//! API and the host's signaling requests.
+//! API and the host's signaling requests. It is also the one owner of a bridge's life: it
+//! starts with the host's first track when `bridge.auto_start` says so ([`auto_start`]), and
+//! ends with its room ([`follow_room`], hooked to the room registry's lifecycle), whatever kind
+//! of participant (WebSocket, WHIP, RTMP ingest) the host or the last one out was.
 
 use serde::Deserialize;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
 
 use super::layout::{Fit, Layout};
 use super::pipeline::{Bridge, BridgeConfig};
-use crate::config::BridgeSettings;
-use crate::room::Registry;
+use crate::auth::Role;
+use crate::config::{BridgeSettings, HostGone};
+use crate::room::{Lifecycle, Registry, Room};
 use crate::rtmp::origin::Origin;
 use crate::rtmp::policy::{DestinationPolicy, Guard};
 use crate::rtmp::push::{self, Backoff, Destination, Push, PushOptions};
@@ -19,6 +23,21 @@ use crate::rtmp::push::{self, Backoff, Destination, Push, PushOptions};
 pub struct BridgeHandle {
     pub bridge: Bridge,
     pub destinations: Vec<(String, Push)>,
+    /// The room instance it was started for: a room of the same name created after this one
+    /// ended is another room, and never inherits this bridge.
+    room: Weak<Room>,
+}
+
+impl BridgeHandle {
+    /// Is this the bridge of `room` (this very room, not an earlier one of the same name)?
+    fn serves(&self, room: &Arc<Room>) -> bool {
+        std::ptr::eq(self.room.as_ptr(), Arc::as_ptr(room))
+    }
+
+    /// Its room ended (closed or gone): the bridge is left over and may be replaced.
+    fn is_orphan(&self) -> bool {
+        self.room.upgrade().is_none_or(|r| r.is_closed())
+    }
 }
 
 /// What bridge control needs from the server: the rooms, the origin, the running bridges.
@@ -118,6 +137,9 @@ fn start_push(svc: &Bridges<'_>, room: &str, dest: &Destination) -> Result<Push,
 
 pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), ControlError> {
     let r = svc.rooms.get(room).ok_or(ControlError::NoRoom)?;
+    // A bridge left over from an earlier room of this name (only possible in a race with
+    // that room's end) does not count as running: it goes.
+    svc.running.remove_if(room, |_, h| h.is_orphan());
     if svc.running.contains_key(room) {
         return Err(ControlError::AlreadyRunning);
     }
@@ -158,7 +180,8 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
     }
     // Check every destination before starting anything.
     svc.check_destinations(&req.destinations)?;
-    let bridge = Bridge::start(r, svc.origin.clone(), cfg).map_err(ControlError::BadRequest)?;
+    let bridge =
+        Bridge::start(r.clone(), svc.origin.clone(), cfg).map_err(ControlError::BadRequest)?;
     bridge.set_layout(req.layout);
     let mut destinations = vec![];
     for d in &req.destinations {
@@ -171,9 +194,63 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
         BridgeHandle {
             bridge,
             destinations,
+            room: Arc::downgrade(&r),
         },
     );
+    // The room may have ended while the bridge started: its end was announced before this
+    // bridge was in `running`, so nobody else would stop it.
+    if r.is_closed() {
+        svc.running.remove_if(room, |_, h| h.serves(&r));
+        return Err(ControlError::NoRoom);
+    }
     Ok(())
+}
+
+/// `bridge.auto_start`: a host's first published track starts the room's bridge, whatever
+/// kind of participant the host is (WebSocket, WHIP, RTMP ingest). Call it with the server's
+/// own view (`trusted`: the operator's `auto_destinations`).
+pub fn auto_start(svc: &Bridges<'_>, room: &str, role: Role) {
+    let cfg = svc.defaults;
+    if !cfg.auto_start || role != Role::Host || svc.running.contains_key(room) {
+        return;
+    }
+    let req = BridgeRequest {
+        destinations: cfg.auto_destinations.clone(),
+        ..Default::default()
+    };
+    match start(svc, room, req) {
+        Ok(()) => tracing::info!(%room, "bridge started automatically"),
+        // Raced with another start: it is running, which is what we wanted.
+        Err(ControlError::AlreadyRunning) => {}
+        Err(e) => tracing::warn!(%room, "automatic bridge start failed: {e}"),
+    }
+}
+
+/// Follow a room's life (hooked to [`Registry::on_lifecycle`]): the bridge ends with its room
+/// (a bridge of an empty room would stream black to the CDN forever, and block a fresh start
+/// for the room's next host with `already_running`), and when the host's grace period ends
+/// without the host, `bridge.on_host_gone` decides.
+pub fn follow_room(
+    running: &DashMap<String, BridgeHandle>,
+    settings: &BridgeSettings,
+    room: &Arc<Room>,
+    change: Lifecycle,
+) {
+    let stop = match change {
+        Lifecycle::Ended => true,
+        Lifecycle::HostGone => settings.on_host_gone == HostGone::Stop,
+    };
+    if stop
+        && running
+            .remove_if(&room.name, |_, h| h.serves(room) || h.is_orphan())
+            .is_some()
+    {
+        match change {
+            Lifecycle::Ended => tracing::info!(room = %room.name, "room ended; bridge stopped"),
+            Lifecycle::HostGone => tracing::info!(room = %room.name,
+                "host gone: bridge stopped (bridge.on_host_gone = stop)"),
+        }
+    }
 }
 
 /// Pin (`Some`) or unpin (`None`) the layout.

@@ -1209,14 +1209,8 @@ impl Driver {
             self.ending.unwrap_or(LeaveReason::Left)
         };
         if let Some(j) = self.joined.take() {
+            // The last one out ends the room, and the bridge follows (bridge::control).
             self.svc.rooms.leave(&j.room, &j.pid, reason);
-            // The last one out ends the room, and with it the room's bridge (a bridge of an
-            // empty room would stream black to the CDN forever).
-            if self.svc.rooms.get(&j.room.name).is_none()
-                && self.svc.bridges.remove(&j.room.name).is_some()
-            {
-                info!(room = %j.room.name, "room ended; bridge stopped");
-            }
             Self::release(j).await;
         }
     }
@@ -1245,20 +1239,7 @@ impl Driver {
 
 /// `bridge.auto_start`: a host's first published track starts the room's bridge.
 pub(crate) fn auto_start_bridge(svc: &Services, room: &str, role: Role) {
-    let cfg = &svc.cfg.bridge;
-    if !cfg.auto_start || role != Role::Host || svc.bridges.contains_key(room) {
-        return;
-    }
-    let req = crate::bridge::control::BridgeRequest {
-        destinations: cfg.auto_destinations.clone(),
-        ..Default::default()
-    };
-    match crate::bridge::control::start(&svc.bridge_ctl(None), room, req) {
-        Ok(()) => info!(%room, "bridge started automatically"),
-        // Raced with another start: it is running, which is what we wanted.
-        Err(crate::bridge::control::ControlError::AlreadyRunning) => {}
-        Err(e) => warn!(%room, "automatic bridge start failed: {e}"),
-    }
+    crate::bridge::control::auto_start(&svc.bridge_ctl(None), room, role);
 }
 
 /// The tasks behind one published track: a reader that feeds the publisher's packets (and

@@ -650,12 +650,8 @@ impl WhipTask {
     async fn teardown(mut self, reason: LeaveReason) {
         self.svc.whip.map.remove(&self.session);
         info!(room = %self.room.name, participant = %self.pid, ?reason, "WHIP session ended");
+        // The last one out ends the room, and the bridge follows (bridge::control).
         self.svc.rooms.leave(&self.room, &self.pid, reason);
-        if self.svc.rooms.get(&self.room.name).is_none()
-            && self.svc.bridges.remove(&self.room.name).is_some()
-        {
-            info!(room = %self.room.name, "room ended; bridge stopped");
-        }
         for (_, p) in self.published.drain() {
             p.router.close();
             for t in p.tasks {

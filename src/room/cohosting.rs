@@ -6,12 +6,12 @@
 //! signaling driver and the REST API only translate. Timeouts are deadlines checked by
 //! [`Registry::tick`], so the logic stays free of timers.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::{
-    Member, MessageBody, Outcome, Registry, Room, RoomError, RoomEvent, RoomMessage, Sender,
-    ServerMessage, State, track_info,
+    Lifecycle, MAX_PK_INVITES, Member, MessageBody, Outcome, Registry, Room, RoomError, RoomEvent,
+    RoomMessage, Sender, ServerMessage, State, track_info,
 };
 use crate::auth::Role;
 use crate::signaling::protocol::Kind;
@@ -48,6 +48,15 @@ pub struct Stage {
 }
 
 const MAX_GIFT_CHARS: usize = 64;
+
+/// A PK invitation a room received.
+pub(super) struct PkInvitation {
+    /// The inviting room (this very room: a later room of the same name is another one).
+    pub(super) from: Weak<Room>,
+    pub(super) deadline: Instant,
+    /// The inviting host left: kept until its deadline so that answering it gets `withdrawn`.
+    pub(super) withdrawn: bool,
+}
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -533,8 +542,9 @@ impl Room {
         }
     }
 
-    /// Expire deadlines; returns true when the host's grace period just ended.
-    fn tick(&self, now: Instant) -> bool {
+    /// Expire deadlines; returns whether the host's grace period just ended, and the rooms
+    /// whose PK invitations to this one timed out (to be told, outside this room's lock).
+    fn tick(&self, now: Instant) -> (bool, Vec<Weak<Room>>) {
         let mut st = self.lock();
         let expired = |m: &std::collections::BTreeMap<String, Instant>| -> Vec<String> {
             m.iter()
@@ -548,9 +558,26 @@ impl Room {
         for pid in expired(&st.invites) {
             Self::end_invite(&mut st, &pid, Outcome::TimedOut);
         }
-        for from in expired(&st.pk_invites) {
-            st.pk_invites.remove(&from);
-            Self::to_hosts(&st, &ServerMessage::PkDeclined { room: from });
+        let mut pk_expired = vec![];
+        let expired_pk: Vec<String> = st
+            .pk_invites
+            .iter()
+            .filter(|(_, i)| i.deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for from in expired_pk {
+            if let Some(inv) = st.pk_invites.remove(&from)
+                && !inv.withdrawn
+            {
+                Self::to_hosts(
+                    &st,
+                    &ServerMessage::PkInviteEnded {
+                        room: from,
+                        outcome: Outcome::TimedOut,
+                    },
+                );
+                pk_expired.push(inv.from);
+            }
         }
         if st.host_grace_until.is_some_and(|d| d <= now) {
             st.host_grace_until = None;
@@ -568,9 +595,27 @@ impl Room {
                 &mut st,
                 "the host did not come back; co-hosting ended".into(),
             );
-            return true;
+            return (true, pk_expired);
         }
-        false
+        (false, pk_expired)
+    }
+
+    fn has_host(st: &State) -> bool {
+        st.members.values().any(|(_, m)| m.role == Role::Host)
+    }
+
+    /// This room's PK invitation to `to` ended without a PK: forget it and tell the host(s).
+    fn pk_sent_ended(&self, to: &str, outcome: Outcome) {
+        let mut st = self.lock();
+        if st.pk_sent.remove(to).is_some() {
+            Self::to_hosts(
+                &st,
+                &ServerMessage::PkDeclined {
+                    room: to.to_string(),
+                    outcome,
+                },
+            );
+        }
     }
 
     fn host_tracks(&self) -> Vec<Arc<crate::sfu::TrackRouter>> {
@@ -616,17 +661,23 @@ impl Room {
 }
 
 impl Registry {
-    /// Expire requests, invitations and grace periods; returns the rooms whose host did not
-    /// come back in time (the caller applies the bridge policy).
-    pub fn tick(&self, now: Instant) -> Vec<String> {
-        self.rooms()
-            .into_iter()
-            .filter(|r| r.tick(now))
-            .map(|r| r.name.clone())
-            .collect()
+    /// Expire requests, invitations and grace periods; a room whose host did not come back in
+    /// time is announced as [`Lifecycle::HostGone`] (the bridge policy follows it).
+    pub fn tick(&self, now: Instant) {
+        for r in self.rooms() {
+            let (host_gone, pk_expired) = r.tick(now);
+            for inviter in pk_expired.iter().filter_map(Weak::upgrade) {
+                inviter.pk_sent_ended(&r.name, Outcome::TimedOut);
+            }
+            if host_gone {
+                self.announce(&r, Lifecycle::HostGone);
+            }
+        }
     }
 
-    /// Host of `room` invites the host of `other` to a PK.
+    /// Host of `room` invites the host of `other` to a PK. One invitation per pair of rooms
+    /// is pending at a time; it ends when answered, after `room.request_timeout`, or when
+    /// either host leaves (see [`Registry::pk_withdraw`]).
     pub fn pk_invite(
         &self,
         room: &Arc<Room>,
@@ -639,31 +690,70 @@ impl Registry {
             if st.pk.is_some() {
                 return Err(RoomError::AlreadyPending("a PK is"));
             }
+            if other == room.name {
+                return Err(RoomError::Invalid("a room cannot PK with itself"));
+            }
+            if st.pk_sent.contains_key(other) {
+                return Err(RoomError::AlreadyPending("a PK invitation to that room is"));
+            }
+            // One invitation per pair of rooms: answer theirs instead.
+            if st.pk_invites.get(other).is_some_and(|i| !i.withdrawn) {
+                return Err(RoomError::AlreadyPending(
+                    "a PK invitation from that room is (answer it with pk_answer)",
+                ));
+            }
+            if st.pk_sent.len() >= MAX_PK_INVITES {
+                return Err(RoomError::AlreadyPending(
+                    "the most PK invitations a room may send at once are",
+                ));
+            }
             actor
                 .pid
                 .and_then(|p| Room::sender(&st, p))
                 .ok_or(RoomError::NotHost)?
         };
-        if other == room.name {
-            return Err(RoomError::NotFound("other room"));
-        }
         let target = self.get(other).ok_or(RoomError::NotFound("room"))?;
-        let mut st = target.lock();
-        if st.pk.is_some() {
-            return Err(RoomError::AlreadyPending("a PK of that room is"));
+        {
+            let mut st = target.lock();
+            if st.pk.is_some() {
+                return Err(RoomError::AlreadyPending("a PK of that room is"));
+            }
+            if !Room::has_host(&st) {
+                return Err(RoomError::NoHost);
+            }
+            // The invited room may have invited this one meanwhile; a withdrawn invitation
+            // (its host left) is replaced by this one.
+            match st.pk_invites.get(&room.name) {
+                Some(i) if !i.withdrawn => {
+                    return Err(RoomError::AlreadyPending("a PK invitation to that room is"));
+                }
+                Some(_) => {}
+                None if st.pk_invites.len() >= MAX_PK_INVITES => {
+                    return Err(RoomError::AlreadyPending(
+                        "the most PK invitations a room may receive at once are",
+                    ));
+                }
+                None => {}
+            }
+            st.pk_invites.insert(
+                room.name.clone(),
+                PkInvitation {
+                    from: Arc::downgrade(room),
+                    deadline: Instant::now() + room.cfg.request_timeout,
+                    withdrawn: false,
+                },
+            );
+            Room::to_hosts(
+                &st,
+                &ServerMessage::PkInvite {
+                    room: room.name.clone(),
+                    from,
+                },
+            );
         }
-        if !st.members.values().any(|(_, m)| m.role == Role::Host) {
-            return Err(RoomError::NoHost);
-        }
-        st.pk_invites
-            .insert(room.name.clone(), Instant::now() + room.cfg.request_timeout);
-        Room::to_hosts(
-            &st,
-            &ServerMessage::PkInvite {
-                room: room.name.clone(),
-                from,
-            },
-        );
+        room.lock()
+            .pk_sent
+            .insert(other.to_string(), Arc::downgrade(&target));
         Ok(())
     }
 
@@ -675,28 +765,101 @@ impl Registry {
         from: &str,
         accept: bool,
     ) -> Result<(), RoomError> {
-        {
+        let withdrawn = || {
+            RoomError::Withdrawn(format!(
+                "the host of room {from} who invited you left; the invitation was withdrawn"
+            ))
+        };
+        // One room's lock at a time (two hosts may answer each other's invitations at once).
+        let from_room = {
             let mut st = room.lock();
             Room::check_host(&st, actor)?;
-            if st.pk_invites.remove(from).is_none() {
-                return Err(RoomError::NotFound("PK invitation"));
+            let inv = st
+                .pk_invites
+                .get(from)
+                .ok_or(RoomError::NotFound("PK invitation"))?;
+            if inv.withdrawn {
+                st.pk_invites.remove(from);
+                return Err(withdrawn());
             }
+            inv.from.clone()
+        };
+        let inviter = from_room.upgrade().filter(|r| {
+            let theirs = r.lock();
+            !theirs.closed && Room::has_host(&theirs)
+        });
+        {
+            let mut st = room.lock();
+            // Still pending? (It may have been answered, expired or withdrawn meanwhile.)
+            match st.pk_invites.get(from) {
+                None => return Err(RoomError::NotFound("PK invitation")),
+                Some(i) if i.withdrawn || inviter.is_none() => {
+                    st.pk_invites.remove(from);
+                    return Err(withdrawn());
+                }
+                Some(_) => {}
+            }
+            if accept && st.pk.is_some() {
+                return Err(RoomError::AlreadyPending("a PK is"));
+            }
+            st.pk_invites.remove(from);
         }
-        let inviter = self.get(from).ok_or(RoomError::NotFound("room"))?;
+        let Some(inviter) = inviter else {
+            return Err(withdrawn());
+        };
         if !accept {
-            Room::to_hosts(
-                &inviter.lock(),
-                &ServerMessage::PkDeclined {
-                    room: room.name.clone(),
-                },
-            );
+            inviter.pk_sent_ended(&room.name, Outcome::Denied);
             return Ok(());
         }
-        if inviter.lock().pk.is_some() || room.lock().pk.is_some() {
-            return Err(RoomError::AlreadyPending("a PK is"));
+        inviter.lock().pk_sent.remove(&room.name);
+        if inviter.lock().pk.is_some() {
+            return Err(RoomError::AlreadyPending("a PK of the inviting room is"));
         }
         Self::pk_link(&inviter, room);
+        // The inviting host may have left while the rooms were being linked: then the link
+        // ends at once rather than showing a room without its host.
+        let gone = {
+            let st = inviter.lock();
+            st.closed || !Room::has_host(&st)
+        };
+        if gone {
+            Self::pk_unlink(room);
+        }
         Ok(())
+    }
+
+    /// The host of `room` is gone: withdraw the PK invitations it sent (the invited hosts get
+    /// `pk_invite_ended` `gone`; answering one gets `withdrawn`) and drop the ones it received
+    /// (the inviting hosts get `pk_declined` `gone`).
+    pub(super) fn pk_withdraw(room: &Arc<Room>) {
+        let (sent, received) = {
+            let mut st = room.lock();
+            let sent = std::mem::take(&mut st.pk_sent);
+            let received = std::mem::take(&mut st.pk_invites);
+            (sent, received)
+        };
+        for to in sent.values().filter_map(Weak::upgrade) {
+            let mut st = to.lock();
+            if let Some(inv) = st.pk_invites.get_mut(&room.name)
+                && !inv.withdrawn
+                && std::ptr::eq(inv.from.as_ptr(), Arc::as_ptr(room))
+            {
+                // Kept (until its deadline) so that a late answer gets a clear `withdrawn`.
+                inv.withdrawn = true;
+                Room::to_hosts(
+                    &st,
+                    &ServerMessage::PkInviteEnded {
+                        room: room.name.clone(),
+                        outcome: Outcome::Gone,
+                    },
+                );
+            }
+        }
+        for inv in received.into_values().filter(|i| !i.withdrawn) {
+            if let Some(from) = inv.from.upgrade() {
+                from.pk_sent_ended(&room.name, Outcome::Gone);
+            }
+        }
     }
 
     pub fn pk_end(&self, room: &Arc<Room>, actor: Actor<'_>) -> Result<(), RoomError> {

@@ -8,7 +8,7 @@ mod cohosting;
 pub use cohosting::{Actor, Stage};
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -56,6 +56,12 @@ pub enum RoomError {
     TooLong(usize),
     #[error("the room already has a host ({0}); a room has one host")]
     HostPresent(&'static str),
+    /// A request that can never succeed as asked (e.g. a PK with one's own room).
+    #[error("{0}")]
+    Invalid(&'static str),
+    /// A PK invitation whose inviting host left (the invitation was withdrawn).
+    #[error("{0}")]
+    Withdrawn(String),
 }
 
 impl RoomError {
@@ -79,6 +85,8 @@ impl RoomError {
             RoomError::RateLimited(_) => ErrorCode::RateLimited,
             RoomError::TooLong(_) => ErrorCode::MessageTooLarge,
             RoomError::HostPresent(_) => ErrorCode::HostPresent,
+            RoomError::Invalid(_) => ErrorCode::BadRequest,
+            RoomError::Withdrawn(_) => ErrorCode::Withdrawn,
         }
     }
 }
@@ -194,9 +202,15 @@ struct State {
     /// The room this one is in a PK with, and the partner host's tracks shown here.
     pk: Option<Arc<Room>>,
     foreign: BTreeMap<String, Arc<TrackRouter>>,
-    /// PK invitations received: inviting room -> deadline.
-    pk_invites: BTreeMap<String, Instant>,
+    /// PK invitations received: inviting room -> invitation (at most [`MAX_PK_INVITES`]).
+    pk_invites: BTreeMap<String, cohosting::PkInvitation>,
+    /// PK invitations this room's host sent and that are pending: invited room -> that room
+    /// (at most [`MAX_PK_INVITES`]). Withdrawn when the host leaves.
+    pk_sent: BTreeMap<String, std::sync::Weak<Room>>,
 }
+
+/// Pending PK invitations a room may have sent, and may have received, at a time.
+pub const MAX_PK_INVITES: usize = 8;
 
 pub struct Room {
     pub name: String,
@@ -392,15 +406,34 @@ impl Room {
         }
     }
 
-    fn is_closed(&self) -> bool {
+    /// The room ended (its last member left); it is never reused.
+    pub fn is_closed(&self) -> bool {
         self.lock().closed
     }
 }
+
+/// A change in a room's life that whoever runs something per room (the bridge) follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// The last member left: the room is closed and out of the registry (a new room of the
+    /// same name is another [`Room`]). Sent once per room, whatever kind of participant (a
+    /// WebSocket member, a WHIP or an RTMP publisher) was the last one out.
+    Ended,
+    /// The host's grace period (`room.host_grace`) ended without the host coming back.
+    HostGone,
+}
+
+/// Told about every room's [`Lifecycle`] changes; see [`Registry::on_lifecycle`]. Called
+/// synchronously, with no room lock held, from whichever task made the change: it must not
+/// block.
+pub type LifecycleHook = Arc<dyn Fn(&Arc<Room>, Lifecycle) + Send + Sync>;
 
 /// All rooms of this server.
 pub struct Registry {
     cfg: RoomConfig,
     rooms: DashMap<String, Arc<Room>>,
+    /// Who follows the rooms' lives (set once at start-up).
+    hooks: RwLock<Vec<LifecycleHook>>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -420,6 +453,29 @@ impl Registry {
         Self {
             cfg,
             rooms: DashMap::new(),
+            hooks: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Follow every room's [`Lifecycle`]: `hook` is called when a room ends or its host is gone
+    /// for good. This is the one place a room's end is announced, so whatever lives per room
+    /// (the bridge) ends the same way whoever the last participant was.
+    pub fn on_lifecycle(&self, hook: LifecycleHook) {
+        match self.hooks.write() {
+            Ok(mut h) => h.push(hook),
+            Err(p) => p.into_inner().push(hook),
+        }
+    }
+
+    /// Tell the hooks (never under a room lock).
+    pub(crate) fn announce(&self, room: &Arc<Room>, change: Lifecycle) {
+        let hooks: Vec<LifecycleHook> = match self.hooks.read() {
+            Ok(h) => h.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        tracing::debug!(room = %room.name, ?change, "room lifecycle");
+        for h in hooks {
+            h(room, change);
         }
     }
 
@@ -636,22 +692,29 @@ impl Registry {
         drop(st);
         if host_left {
             Registry::pk_unlink(room);
+            Registry::pk_withdraw(room);
         }
         self.remove_if_empty(room);
     }
 
+    /// Close and remove an empty room, and announce its end (once: closing happens once).
     fn remove_if_empty(&self, room: &Arc<Room>) {
-        {
+        let ended = {
             let mut st = room.lock();
             if !st.members.is_empty() {
                 return;
             }
+            let was_closed = st.closed;
             st.closed = true;
             st.pk = None;
             st.foreign.clear();
-        }
+            !was_closed
+        };
         self.rooms
             .remove_if(&room.name, |_, v| Arc::ptr_eq(v, room) && v.is_closed());
+        if ended {
+            self.announce(room, Lifecycle::Ended);
+        }
     }
 }
 
@@ -699,6 +762,41 @@ mod tests {
         assert_eq!(r.room_count(), 1);
         r.leave(&room, &snap_a.participant.id, LeaveReason::Left);
         assert_eq!(r.room_count(), 0);
+    }
+
+    #[test]
+    fn a_room_ends_once_whoever_leaves_last_and_its_followers_are_told() {
+        let r = reg(3);
+        let seen: Arc<Mutex<Vec<(String, Lifecycle, bool)>>> = Arc::default();
+        let s = seen.clone();
+        r.on_lifecycle(Arc::new(move |room, change| {
+            s.lock()
+                .unwrap()
+                .push((room.name.clone(), change, room.is_closed()));
+        }));
+        let (tx, _rx_a) = event_channel();
+        let (room, a) = r.join("x", "obs", Role::Host, tx).unwrap();
+        let (tx, _rx_b) = event_channel();
+        let (_, b) = r.join("x", "fan", Role::Audience, tx).unwrap();
+        r.leave(&room, &a.participant.id, LeaveReason::Left);
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "the room still has a member"
+        );
+        r.leave(&room, &b.participant.id, LeaveReason::Left);
+        // Leaving twice (a driver's teardown after a kick) does not end it twice.
+        r.leave(&room, &b.participant.id, LeaveReason::Left);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![("x".to_string(), Lifecycle::Ended, true)]
+        );
+        assert!(r.get("x").is_none());
+        // The next room of that name is a new room, with its own end.
+        let (tx, _rx) = event_channel();
+        let (again, c) = r.join("x", "obs", Role::Host, tx).unwrap();
+        assert!(!Arc::ptr_eq(&again, &room) && !again.is_closed());
+        r.leave(&again, &c.participant.id, LeaveReason::Left);
+        assert_eq!(seen.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -384,6 +384,8 @@ pub enum ErrorCode {
     /// A join with role host while another identity is the room's host (or within its grace
     /// period): a room has one host.
     HostPresent,
+    /// `pk_answer` to an invitation whose inviting host left: it was withdrawn.
+    Withdrawn,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -482,9 +484,17 @@ pub enum ServerMessage {
         room: String,
         host: Sender,
     },
-    /// The PK invitation to `room` was declined or timed out.
+    /// To the inviting host: the PK invitation to `room` ended without a PK: `denied` (its
+    /// host declined), `timed_out` or `gone` (its host left).
     PkDeclined {
         room: String,
+        outcome: Outcome,
+    },
+    /// To the invited host: the PK invitation from `room` ended unanswered: `timed_out`, or
+    /// `gone` (the inviting host left; the invitation was withdrawn).
+    PkInviteEnded {
+        room: String,
+        outcome: Outcome,
     },
     /// The PK with `room` ended.
     PkEnded {
