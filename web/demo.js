@@ -191,7 +191,10 @@ function wire(c) {
     showError("");
     showNotice("Reconnected.");
     onJoined(e.detail.joined);
-    if (localStream && (wantLive || c.me.role === "cohost") && c.me.role !== "audience") await c.publish(localStream);
+    if (localStream && (wantLive || c.me.role === "cohost") && c.me.role !== "audience") {
+      await c.publish(localStream);
+      await keepResolution(c);
+    }
   }));
   c.addEventListener("track", (e) => {
     const { stream, participantId } = e.detail;
@@ -304,9 +307,25 @@ async function goLive() {
   }
   renderTiles();
   await client.publish(localStream);
+  await keepResolution(client);
   wantLive = client.me.role === "host";
   $("go-live").hidden = true;
   $("stop-live").hidden = false;
+}
+
+/** Ask the browser to lower the frame rate rather than the picture size when bandwidth or CPU
+ * is short: the bridge passes a solo host's own H.264 through only at the stream's size, and a
+ * scaled-down sender forces mixing (docs/api.md, Passthrough). */
+async function keepResolution(c) {
+  const sender = c.pub?.getSenders().find((s) => s.track?.kind === "video");
+  if (!sender) return;
+  try {
+    const params = sender.getParameters();
+    params.degradationPreference = "maintain-resolution";
+    await sender.setParameters(params);
+  } catch (err) {
+    console.warn("cannot set degradationPreference", err);
+  }
 }
 
 function stopLocal() {
