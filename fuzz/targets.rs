@@ -74,12 +74,33 @@ pub mod amf0_decode {
 }
 
 pub mod h264_parsers {
-    use cohost::media::h264;
+    use cohost::bridge::passthrough::{SourceSets, SourceState};
+    use cohost::media::rtp_h264::AccessUnit;
+    use cohost::media::{h264, h264_ids};
 
-    /// Arbitrary bytes into the H.264 helpers (Annex B / AVCC splitting, SPS parsing).
+    /// Arbitrary bytes into the H.264 helpers (Annex B / AVCC splitting, SPS parsing,
+    /// parameter-set ids and their renumbering) and into the passthrough checks a host's
+    /// access unit goes through.
     pub fn run(data: &[u8]) {
         for nal in h264::split_annexb(data) {
             let _ = h264::sps_dimensions(nal);
+            let _ = h264_ids::sps_id(nal);
+            let _ = h264_ids::pps_ids(nal);
+            let _ = h264_ids::pps_is_cavlc(nal);
+            let _ = h264_ids::slice_header(nal);
+            let _ = h264_ids::renumber_sps(nal, 1);
+            let _ = h264_ids::renumber_pps(nal, 1, 1);
+            let _ = h264_ids::renumber_slice(nal, 2);
+        }
+        let au = AccessUnit {
+            annexb: data.to_vec(),
+            rtp_timestamp: 0,
+            keyframe: true,
+        };
+        if let Some(sets) = SourceSets::from_idr(&au) {
+            let _ = sets.check(&au);
+            let _ = SourceState::default().next(&sets, &au);
+            let _ = h264_ids::decoder_config(&[&sets.sps], &[&sets.pps]);
         }
         let _ = h264::split_avcc(data);
         let mut sps = vec![0x67];

@@ -699,3 +699,96 @@ async fn without_passthrough_the_solo_path_repeats_unchanged_pictures_and_mixes_
         assert!(is_colour(p, (220, 30, 30)), "frame {i}: {p:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_resolution_change_falls_back_to_transcoding() {
+    use cohost::media::flv::TAG_VIDEO;
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "resize", "host", Role::Host).await;
+    // 320x240 for 4 s, then 160x120 for 4 s, then 320x240 again.
+    host.publish_resizing((220, 30, 30), 440.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/resize/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let srv = &server;
+    let token = admin.as_str();
+    let phases = async move {
+        wait_bridge(srv, token, "resize", 15, "passing the host through", |v| {
+            v["stats"]["path"] == "passthrough"
+        })
+        .await;
+        let v = wait_bridge(
+            srv,
+            token,
+            "resize",
+            15,
+            "mixing at the smaller size",
+            |v| v["stats"]["path"] == "mixing",
+        )
+        .await;
+        assert_eq!(v["stats"]["mix_reason"], "parameters_changed", "{v}");
+        assert_eq!(
+            (&v["stats"]["width"], &v["stats"]["height"]),
+            (&json!(320), &json!(240))
+        );
+        wait_bridge(
+            srv,
+            token,
+            "resize",
+            15,
+            "passthrough at the first size again",
+            |v| v["stats"]["path"] == "passthrough" && v["stats"]["switches"].as_u64() >= Some(2),
+        )
+        .await;
+    };
+    let tags = read_flv_tags(server.addr, "/live/resize.flv", 16, phases).await;
+    assert_continuous(&tags, 100);
+    assert_eq!(
+        tags.iter()
+            .filter(|t| t.kind == TAG_VIDEO && t.is_sequence_header())
+            .count(),
+        1
+    );
+    // ffmpeg decodes it all at one size without an error, the host's red everywhere (the
+    // small pictures scaled up by the mix).
+    let dir = std::env::temp_dir().join(format!("cohost-resize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("rec.flv");
+    let mut flv = cohost::media::flv::header(true, true).to_vec();
+    for t in &tags {
+        cohost::media::flv::write_tag(&mut flv, t.kind, t.timestamp_ms, &t.body);
+    }
+    std::fs::write(&file, &flv).unwrap();
+    let probe = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v"])
+        .args(["-show_entries", "frame=width,height", "-of", "csv=p=0"])
+        .arg(&file)
+        .output()
+        .await
+        .expect("ffprobe (Debian) must be installed");
+    let sizes: std::collections::BTreeSet<String> = String::from_utf8_lossy(&probe.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    assert_eq!(sizes.len(), 1, "one picture size: {sizes:?}");
+    assert!(sizes.contains("320,240"), "{sizes:?}");
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&file)
+        .args(common::RAW_RGB_320X180)
+        .arg("-")
+        .output()
+        .await
+        .expect("ffmpeg (Debian) must be installed");
+    let _ = std::fs::remove_dir_all(&dir);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && errors.trim().is_empty(), "{errors}");
+    let frames: Vec<&[u8]> = out.stdout.chunks_exact(320 * 180 * 3).collect();
+    assert!(frames.len() > 100, "{} pictures", frames.len());
+    for (i, f) in frames.iter().enumerate() {
+        let p = pixel(f, 160, 90);
+        assert!(is_colour(p, (220, 30, 30)), "frame {i}: {p:?}");
+    }
+}

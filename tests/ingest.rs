@@ -1001,3 +1001,31 @@ async fn rtmp_ingest_host_gone_past_grace_stops_the_bridge_when_on_host_gone_is_
     );
     assert_eq!(room_identities(&server, "grace").await, ["guest"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_ingest_host_is_passed_through_without_encoding() {
+    let server = bridged_server(&[]).await;
+    let rtmp = server.rtmp.expect("rtmp listener");
+    let (key, _) = cli_stream_key("obspass", "obs", &[]).await;
+    let _ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{key}"), 30);
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let mut last = json!({});
+    wait_until(
+        "the RTMP host passed through",
+        Duration::from_secs(30),
+        async || {
+            let (_, body) = server.get("/v1/rooms/obspass/bridge", Some(&admin)).await;
+            last = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+            last["stats"]["path"] == "passthrough"
+                && last["stats"]["passthrough_frames"].as_u64() > Some(60)
+        },
+    )
+    .await;
+    // x264 baseline from OBS/ffmpeg goes to viewers as it came: nothing encoded, its own size.
+    assert_eq!(last["stats"]["encoded_frames"], 0, "{last}");
+    assert_eq!(
+        (&last["stats"]["width"], &last["stats"]["height"]),
+        (&json!(320), &json!(240)),
+        "{last}"
+    );
+}

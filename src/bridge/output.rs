@@ -22,7 +22,7 @@ use super::compose::{I420, Yuv};
 use super::encode::{AAC_FRAME, AacEncoder, EncodedVideo, H264Encoder};
 use super::layout::{Layout, Rect, tiles};
 use super::mix::{Limiter, mix_into};
-use super::passthrough::{PassClock, Path, Reason, SourceSets, Switcher};
+use super::passthrough::{PassClock, Path, Reason, SourceSets, SourceState, Switcher};
 use super::pipeline::{BridgeConfig, SAMPLE_RATE, Slots, lock};
 use super::rtp_out::RtpOut;
 use crate::media::amf0::{self, Value};
@@ -104,13 +104,13 @@ pub struct Output {
     clock: PassClock,
     /// The participant whose access units are forwarded to the output loop now.
     source: Option<String>,
-    /// Whether the source's last access unit could be passed on (and why not).
-    source_check: Result<(), Reason>,
+    /// Whether the source's access units can be passed on (and why not).
+    source_state: SourceState,
     /// Passing through must restart at an IDR (new source, units dropped, back from mixing).
     need_idr: bool,
     last_break_request: Option<Instant>,
     /// The source's access units waiting for their audio (lip sync), with when they came.
-    held: VecDeque<(Arc<AccessUnit>, Instant)>,
+    held: VecDeque<(Arc<AccessUnit>, Instant, bool)>,
     /// Timestamp of the last video tag sent.
     last_ts: Option<i64>,
     /// When the room last had more than its host on screen (co-hosts or a PK).
@@ -202,7 +202,7 @@ impl Output {
             switcher: None,
             clock: PassClock::default(),
             source: None,
-            source_check: Ok(()),
+            source_state: SourceState::default(),
             need_idr: true,
             last_break_request: None,
             held: VecDeque::new(),
@@ -360,7 +360,7 @@ impl Output {
             new.ctl.forward.store(true, Ordering::Relaxed);
         }
         self.source = pid.cloned();
-        self.source_check = Ok(());
+        self.source_state = SourceState::default();
         self.need_idr = true;
     }
 
@@ -502,8 +502,8 @@ impl Output {
             return Some(Reason::Codec);
         }
         drop(slots);
-        self.source_check
-            .err()
+        self.source_state
+            .blocker()
             .or_else(|| self.switcher.as_ref()?.gop_blocker(now))
     }
 
@@ -516,11 +516,15 @@ impl Output {
         let Some(sets) = self.sets.clone() else {
             return;
         };
-        // Checked before deciding, so a host whose parameter sets just changed is not
-        // passed on for one more tick.
-        for au in &units {
-            self.source_check = sets.check(au);
-        }
+        // Checked in order and before deciding, so a host whose parameter sets just changed
+        // is not passed on for one more tick.
+        let units: Vec<(Arc<AccessUnit>, bool)> = units
+            .into_iter()
+            .map(|au| {
+                let ok = self.source_state.next(&sets, &au);
+                (au, ok)
+            })
+            .collect();
         let blocker = self.blocker(now, &scene);
         let (ready, track) = {
             let slots = lock(&self.slots);
@@ -552,12 +556,12 @@ impl Output {
         }
         let mut request = tick.request_keyframe;
         // The host's pictures wait for the host's audio, as in the mix (see `sync`).
-        for au in units {
+        for (au, ok) in units {
             if self.held.len() >= MAX_HELD {
                 self.held.pop_front();
                 self.need_idr = true;
             }
-            self.held.push_back((au, now));
+            self.held.push_back((au, now, ok));
         }
         let due = {
             let slots = lock(&self.slots);
@@ -567,18 +571,18 @@ impl Output {
                 .and_then(|s| s.video_track.as_ref())
                 .and_then(|t| t.sender_report());
             let mut due = vec![];
-            while let Some((au, arrived)) = self.held.front() {
+            while let Some((au, arrived, _)) = self.held.front() {
                 if until.is_some_and(|u| !u.allows(*arrived, au.rtp_timestamp, sr, 90_000)) {
                     break;
                 }
-                if let Some((au, _)) = self.held.pop_front() {
-                    due.push(au);
+                if let Some((au, _, ok)) = self.held.pop_front() {
+                    due.push((au, ok));
                 }
             }
             due
         };
-        for au in due {
-            let passable = sets.check(&au).is_ok() && (au.keyframe || !self.need_idr);
+        for (au, ok) in due {
+            let passable = ok && (au.keyframe || !self.need_idr);
             let Some(switcher) = self.switcher.as_mut() else {
                 return;
             };

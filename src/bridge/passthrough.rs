@@ -113,12 +113,15 @@ impl SourceSets {
     }
 
     /// Whether `au` can go into a stream whose header holds these sets: the same parameter
-    /// sets in-band (if any), every slice naming this PPS, no B slices.
-    pub fn check(&self, au: &AccessUnit) -> Result<(), Reason> {
+    /// sets in-band (if any), every slice naming this PPS, no B slices. `Ok(true)`: it also
+    /// carried those sets in-band (the host's stream is back on them; see [`SourceState`]).
+    pub fn check(&self, au: &AccessUnit) -> Result<bool, Reason> {
+        let mut carried = false;
         for n in split_annexb(&au.annexb) {
             match nal_type(n) {
                 NAL_SPS if n != self.sps.as_slice() => return Err(Reason::ParametersChanged),
                 NAL_PPS if n != self.pps.as_slice() => return Err(Reason::ParametersChanged),
+                NAL_SPS | NAL_PPS => carried = true,
                 1 | 5 => {
                     let h = h264_ids::slice_header(n).ok_or(Reason::ParametersChanged)?;
                     if h.pps_id != self.pps_id {
@@ -131,7 +134,45 @@ impl SourceSets {
                 _ => {}
             }
         }
-        Ok(())
+        Ok(carried)
+    }
+}
+
+/// Whether the host's access units can be passed on, unit after unit. Parameter sets hold
+/// until new ones come: after an IDR with other SPS/PPS, the P pictures that follow (which
+/// carry none) belong to them too, until the header's sets come back in-band.
+#[derive(Debug, Default)]
+pub struct SourceState {
+    /// The host's stream is on parameter sets other than the header's.
+    other_sets: bool,
+    /// Why the last unit could not be passed on.
+    last: Option<Reason>,
+}
+
+impl SourceState {
+    /// Check the next access unit; `true` if it may be passed on.
+    pub fn next(&mut self, sets: &SourceSets, au: &AccessUnit) -> bool {
+        match sets.check(au) {
+            Err(r) => {
+                if r == Reason::ParametersChanged {
+                    self.other_sets = true;
+                }
+                self.last = Some(r);
+                false
+            }
+            Ok(carried) => {
+                if carried {
+                    self.other_sets = false;
+                }
+                self.last = self.other_sets.then_some(Reason::ParametersChanged);
+                !self.other_sets
+            }
+        }
+    }
+
+    /// Why the host cannot be passed through now, as far as its own stream tells.
+    pub fn blocker(&self) -> Option<Reason> {
+        self.last
     }
 }
 
@@ -426,20 +467,38 @@ mod tests {
         assert_eq!(sets.size, (320, 240));
         assert_eq!((sets.sps_id, sets.pps_id), (0, 0));
         assert_eq!(sets.free_ids(), (1, 1));
-        assert_eq!(sets.check(&idr), Ok(()));
+        assert_eq!(sets.check(&idr), Ok(true));
         let p = au(
             enc.encode(&YUVBuffer::new(320, 240)).unwrap().to_vec(),
             false,
         );
         assert_eq!(SourceSets::from_idr(&p), None);
-        assert_eq!(sets.check(&p), Ok(()));
-        // Another size: other parameter sets.
+        assert_eq!(sets.check(&p), Ok(false));
+        // Another size: other parameter sets, and the pictures after them are theirs.
         let mut other = Encoder::new().unwrap();
         let idr2 = au(
             other.encode(&YUVBuffer::new(160, 120)).unwrap().to_vec(),
             true,
         );
         assert_eq!(sets.check(&idr2), Err(Reason::ParametersChanged));
+        let p2 = au(
+            other.encode(&YUVBuffer::new(160, 120)).unwrap().to_vec(),
+            false,
+        );
+        assert_eq!(sets.check(&p2), Ok(false), "alone it looks fine");
+        let mut state = SourceState::default();
+        assert!(state.next(&sets, &idr) && state.next(&sets, &p));
+        assert!(!state.next(&sets, &idr2));
+        assert!(!state.next(&sets, &p2), "still on the other sets");
+        assert_eq!(state.blocker(), Some(Reason::ParametersChanged));
+        // Back on the header's sets (a new encoder at the first size makes the same ones).
+        let mut back = Encoder::new().unwrap();
+        let idr3 = au(
+            back.encode(&YUVBuffer::new(320, 240)).unwrap().to_vec(),
+            true,
+        );
+        assert!(state.next(&sets, &idr3));
+        assert_eq!(state.blocker(), None);
         // A slice naming another PPS.
         let nals = split_annexb(&p.annexb);
         let renamed = h264_ids::renumber_slice(nals[0], 3).unwrap();

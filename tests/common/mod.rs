@@ -831,6 +831,13 @@ impl Client {
             .await
     }
 
+    /// Publish real media like [`publish_real`](Self::publish_real) whose pictures change size:
+    /// 320x240 for 4 s, 160x120 for 4 s, and so on (a WebRTC sender scaling down and back up).
+    pub async fn publish_resizing(&mut self, rgb: (u8, u8, u8), tone_hz: f32) -> Result<(), Value> {
+        self.publish_inner(None, Some(Pattern::Resizing(rgb, tone_hz)))
+            .await
+    }
+
     /// Publish real media that is grey and silent except for a white flash and a 1 kHz beep at
     /// the same instant every 1.2 s (for lip-sync measurements).
     pub async fn publish_flashes(&mut self) -> Result<(), Value> {
@@ -1085,15 +1092,25 @@ enum Pattern {
     Solid((u8, u8, u8), f32),
     /// Grey and silence, with a white flash and a 60 ms 1 kHz beep together every 60 ticks.
     Flashes,
+    /// Like `Solid`, at 320x240 and 160x120 in turn, 4 s each.
+    Resizing((u8, u8, u8), f32),
 }
 
 impl Pattern {
     /// Colour, tone and amplitude for 20 ms tick `n`.
     fn at(self, n: u32) -> ((u8, u8, u8), f32, f32) {
         match self {
-            Pattern::Solid(rgb, tone) => (rgb, tone, 10000.0),
+            Pattern::Solid(rgb, tone) | Pattern::Resizing(rgb, tone) => (rgb, tone, 10000.0),
             Pattern::Flashes if n % 60 < 3 => ((255, 255, 255), 1000.0, 12000.0),
             Pattern::Flashes => ((90, 90, 90), 1000.0, 0.0),
+        }
+    }
+
+    /// Picture size at 20 ms tick `n`.
+    fn size(self, n: u32) -> (usize, usize) {
+        match self {
+            Pattern::Resizing(..) if (n / 200) % 2 == 1 => (160, 120),
+            _ => (320, 240),
         }
     }
 }
@@ -1113,8 +1130,8 @@ async fn real_pump(
 ) {
     use rtc::rtp::codec::h264::H264Payloader;
     use rtc::rtp::packetizer::Payloader;
-    let (w, h) = (320usize, 240usize);
     let mut enc = openh264::encoder::Encoder::new().unwrap();
+    let mut size = pattern.size(0);
     let mut opus_enc =
         opus::Encoder::new(48000, opus::Channels::Mono, opus::Application::Voip).unwrap();
     let mut pay = H264Payloader::default();
@@ -1135,6 +1152,12 @@ async fn real_pump(
         // Video: every third tick (~16 fps).
         if n.is_multiple_of(3) {
             let p_now = plis.load(Ordering::SeqCst);
+            let (w, h) = pattern.size(n);
+            if (w, h) != size {
+                // A new size: a new encoder (new SPS/PPS), starting with an IDR.
+                enc = openh264::encoder::Encoder::new().unwrap();
+                size = (w, h);
+            }
             if n.is_multiple_of(45) || p_now != last_plis {
                 enc.force_intra_frame();
                 last_plis = p_now;
