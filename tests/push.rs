@@ -606,3 +606,98 @@ async fn frozen_cdn_is_detected_and_reconnected() {
     nginx.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The CDN relays the stream through passthrough ↔ mixing switches as one stream: nginx-rtmp
+/// (with its own buffering and GOP handling) passes it on, and what a player pulls from it
+/// has one picture size and decodes without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdn_relay_sees_one_resolution_through_passthrough_and_mixing_switches() {
+    let dir = std::env::temp_dir().join(format!("cohost-nginx-sw-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nginx = Nginx::start(&dir, port).await;
+    let server = Server::start_with(&[("COHOST_BRIDGE__SOLO_IDLE", "1s")]).await;
+    let mut host = Client::join(&server, "relay", "host", Role::Host).await;
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let url = format!("rtmp://127.0.0.1:{port}/live/relay");
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/relay/bridge",
+            &admin,
+            &json!({"destinations": [url]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    wait_destination(&server, &admin, "relay", "connected", |d| {
+        d["state"] == "connected"
+    })
+    .await;
+    // A player on the CDN records what it gets while a co-host comes and goes.
+    let rec = dir.join("relay.flv");
+    let mut player = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-i", &url, "-t", "14", "-c", "copy"])
+        .arg(&rec)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ffmpeg (Debian) must be installed");
+    let path = async |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let v = bridge_status(&server, &admin, "relay").await;
+            if v["stats"]["path"] == want {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "waiting for {want}: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    path("passthrough").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut guest = Client::join(&server, "relay", "guest", Role::Cohost).await;
+    guest.publish_real((30, 30, 220), 660.0).await.unwrap();
+    path("mixing").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    guest.leave().await;
+    drop(guest);
+    let v = path("passthrough").await;
+    assert!(v["stats"]["switches"].as_u64() >= Some(2), "{v}");
+    let status = tokio::time::timeout(Duration::from_secs(30), player.wait())
+        .await
+        .expect("the recording ends")
+        .unwrap();
+    assert!(status.success(), "ffmpeg recording from nginx failed");
+    let probe = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v"])
+        .args(["-show_entries", "frame=width,height", "-of", "csv=p=0"])
+        .arg(&rec)
+        .output()
+        .await
+        .unwrap();
+    let frames: Vec<String> = String::from_utf8_lossy(&probe.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    let sizes: std::collections::BTreeSet<&String> = frames.iter().collect();
+    assert!(frames.len() > 150, "{} pictures from the CDN", frames.len());
+    assert_eq!(sizes.len(), 1, "one picture size from the CDN: {sizes:?}");
+    let decode = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&rec)
+        .args(["-f", "null", "-"])
+        .output()
+        .await
+        .unwrap();
+    let errors = String::from_utf8_lossy(&decode.stderr);
+    assert!(
+        decode.status.success() && errors.trim().is_empty(),
+        "{errors}"
+    );
+    nginx.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
