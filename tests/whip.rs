@@ -411,8 +411,17 @@ async fn whep(server: &Server, path: &str, token: &str) -> Result<Viewer, Resp> 
 /// Decode what the viewer receives until it has shown a picture whose centre is `rgb` and
 /// `secs_audio` seconds of audio; returns the audio (interleaved stereo).
 async fn decode_until(v: &mut Viewer, rgb: (u8, u8, u8), audio_secs: f32) -> Vec<i16> {
+    decode_with(v, &mut VideoInput::new().unwrap(), rgb, audio_secs).await
+}
+
+/// [`decode_until`] with the caller's decoder (to follow one stream across calls).
+async fn decode_with(
+    v: &mut Viewer,
+    video: &mut VideoInput,
+    rgb: (u8, u8, u8),
+    audio_secs: f32,
+) -> Vec<i16> {
     let want = Yuv::from_rgb(rgb.0, rgb.1, rgb.2);
-    let mut video = VideoInput::new().unwrap();
     let mut audio_in = AudioInput::new().unwrap();
     let mut pcm = vec![];
     let mut seen: Option<(u8, u8, u8)> = None;
@@ -487,8 +496,10 @@ async fn whep_viewer_receives_and_decodes_the_mixed_bridge_output() {
         .map_err(|r| format!("{} {}", r.status, r.body))
         .unwrap();
     assert!(v.location.starts_with("/whep/wm/"), "{}", v.location);
-    // The host's red, mixed, encoded by the bridge, packetized, decoded here.
-    let pcm = decode_until(&mut v, (220, 30, 30), 1.0).await;
+    // The host's red (the host alone: its own pictures passed through), packetized, decoded
+    // here.
+    let mut video = VideoInput::new().unwrap();
+    let pcm = decode_with(&mut v, &mut video, (220, 30, 30), 1.0).await;
     let first_picture = started.elapsed();
     let left = left_channel(&pcm[pcm.len() / 2..]);
     let (p440, p1000) = (tone(&left, 440.0), tone(&left, 1000.0));
@@ -497,6 +508,26 @@ async fn whep_viewer_receives_and_decodes_the_mixed_bridge_output() {
         "the host's 440 Hz in the mixed Opus: {p440} (1 kHz {p1000})"
     );
     eprintln!("WHEP mixed output: matching picture + 1 s of audio {first_picture:?} after POST");
+    // A co-host joins: the output switches from the host's own pictures to the bridge's mix
+    // (another encoder, its own parameter sets), and the same decoder goes on without an error.
+    let mut guest = Client::join(&server, "wm", "guest", Role::Cohost).await;
+    guest.publish_real((30, 30, 220), 660.0).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = server.get("/v1/rooms/wm/bridge", Some(&admin)).await;
+        let b: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        if b["stats"]["path"] == "mixing" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no switch to mixing: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = video.stats().frames_decoded;
+    decode_with(&mut v, &mut video, (220, 30, 30), 2.0).await;
+    let s = video.stats();
+    assert_eq!(s.decode_errors, 0, "{s:?}");
+    assert!(s.frames_decoded > before + 30, "{before} -> {s:?}");
+    drop(guest);
     // Stopping the bridge ends the viewer's session: its resource goes away with it.
     let (s, _) = server
         .send_json("DELETE", "/v1/rooms/wm/bridge", &admin, &json!({}))
