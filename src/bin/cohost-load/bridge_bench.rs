@@ -231,7 +231,7 @@ pub const X264: [&str; 16] = [
 ];
 
 /// A mono 16-bit WAV of a tone, for ffmpeg's audio inputs.
-fn write_wav(path: &Path, hz: f64, secs: u32) -> std::io::Result<()> {
+pub(crate) fn write_wav(path: &Path, hz: f64, secs: u32) -> std::io::Result<()> {
     let rate = 48_000u32;
     let samples: Vec<i16> = (0..rate * secs)
         .map(|i| {
@@ -281,7 +281,7 @@ fn pip_graph(n: usize) -> String {
 }
 
 /// The last `key=` value ffmpeg wrote to its progress file (`frame`, `total_size`).
-fn progress_value(path: &Path, key: &str) -> Option<u64> {
+pub(crate) fn progress_value(path: &Path, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
     let prefix = format!("{key}=");
     text.lines()

@@ -89,98 +89,24 @@ impl CohostTarget {
     }
 }
 
-struct Sig {
-    tx: mpsc::UnboundedSender<Message>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>,
-    next: Mutex<u64>,
-}
-
-impl Sig {
-    async fn request(&self, mut v: Value) -> anyhow::Result<Value> {
-        let id = {
-            let mut n = self.next.lock().map_err(|_| anyhow!("lock"))?;
-            *n += 1;
-            *n
-        };
-        v["id"] = json!(id);
-        let (s, r) = oneshot::channel();
-        self.pending
-            .lock()
-            .map_err(|_| anyhow!("lock"))?
-            .insert(id, s);
-        self.tx.send(Message::Text(v.to_string().into()))?;
-        let resp = tokio::time::timeout(Duration::from_secs(20), r)
-            .await
-            .context("request timeout")??;
-        if resp["type"] == "error" {
-            bail!("{}", resp["error"]);
-        }
-        Ok(resp)
-    }
-}
-
-struct CohostJoined {
-    sig: Arc<Sig>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    pcs: Vec<Arc<dyn PeerConnection>>,
-    pts: Option<(u8, u8)>,
-}
-
-#[async_trait::async_trait]
-impl Joined for CohostJoined {
-    fn payload_types(&self) -> Option<(u8, u8)> {
-        self.pts
+impl CohostTarget {
+    /// A token for `identity` in `room` with `role` (REST calls need a host or admin token).
+    pub fn token(&self, room: &str, identity: &str, role: Role) -> anyhow::Result<String> {
+        self.auth
+            .mint(room, identity, role, None)
+            .map_err(|e| anyhow!("{e}"))
     }
 
-    async fn leave(self: Box<Self>) {
-        let _ = self.sig.request(json!({"type":"leave"})).await;
-        for pc in &self.pcs {
-            let _ = pc.close().await;
-        }
-        for t in self.tasks {
-            t.abort();
-        }
-    }
-}
-
-fn forward_candidates(
-    mut rx: mpsc::UnboundedReceiver<PcEvent>,
-    target: &'static str,
-    tx: mpsc::UnboundedSender<Message>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            if let PcEvent::Candidate(Some((c, mid, idx))) = ev {
-                let m = json!({"type":"candidate","target":target,
-                    "candidate":{"candidate":c,"sdpMid":mid,"sdpMLineIndex":idx}});
-                let _ = tx.send(Message::Text(m.to_string().into()));
-            }
-        }
-    })
-}
-
-#[async_trait::async_trait]
-impl Target for CohostTarget {
-    fn name(&self) -> &'static str {
-        "cohost"
-    }
-
-    fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    async fn join(
+    /// [`Target::join`] with the token's role chosen by the caller (a `cohost` token takes a
+    /// seat at once); the handle can send further signaling requests.
+    pub async fn join_as(
         &self,
         room: &str,
         identity: &str,
+        role: Role,
         media: Option<PublishTracks>,
         sink: Arc<Sink>,
-    ) -> anyhow::Result<Box<dyn Joined>> {
-        let role = if media.is_some() {
-            Role::Host
-        } else {
-            Role::Audience
-        };
+    ) -> anyhow::Result<CohostJoined> {
         let token = self
             .auth
             .mint(room, identity, role, None)
@@ -322,12 +248,117 @@ impl Target for CohostTarget {
             pts = Some((apt, vpt));
             pcs.push(pc);
         }
-        Ok(Box::new(CohostJoined {
+        Ok(CohostJoined {
             sig,
             tasks,
             pcs,
             pts,
-        }))
+        })
+    }
+}
+
+struct Sig {
+    tx: mpsc::UnboundedSender<Message>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>,
+    next: Mutex<u64>,
+}
+
+impl Sig {
+    async fn request(&self, mut v: Value) -> anyhow::Result<Value> {
+        let id = {
+            let mut n = self.next.lock().map_err(|_| anyhow!("lock"))?;
+            *n += 1;
+            *n
+        };
+        v["id"] = json!(id);
+        let (s, r) = oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| anyhow!("lock"))?
+            .insert(id, s);
+        self.tx.send(Message::Text(v.to_string().into()))?;
+        let resp = tokio::time::timeout(Duration::from_secs(20), r)
+            .await
+            .context("request timeout")??;
+        if resp["type"] == "error" {
+            bail!("{}", resp["error"]);
+        }
+        Ok(resp)
+    }
+}
+
+pub struct CohostJoined {
+    sig: Arc<Sig>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pcs: Vec<Arc<dyn PeerConnection>>,
+    pts: Option<(u8, u8)>,
+}
+
+impl CohostJoined {
+    /// Send a signaling request (`{"type": ...}`) and wait for its response.
+    pub async fn request(&self, v: Value) -> anyhow::Result<Value> {
+        self.sig.request(v).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Joined for CohostJoined {
+    fn payload_types(&self) -> Option<(u8, u8)> {
+        self.pts
+    }
+
+    async fn leave(self: Box<Self>) {
+        let _ = self.sig.request(json!({"type":"leave"})).await;
+        for pc in &self.pcs {
+            let _ = pc.close().await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn forward_candidates(
+    mut rx: mpsc::UnboundedReceiver<PcEvent>,
+    target: &'static str,
+    tx: mpsc::UnboundedSender<Message>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            if let PcEvent::Candidate(Some((c, mid, idx))) = ev {
+                let m = json!({"type":"candidate","target":target,
+                    "candidate":{"candidate":c,"sdpMid":mid,"sdpMLineIndex":idx}});
+                let _ = tx.send(Message::Text(m.to_string().into()));
+            }
+        }
+    })
+}
+
+#[async_trait::async_trait]
+impl Target for CohostTarget {
+    fn name(&self) -> &'static str {
+        "cohost"
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn join(
+        &self,
+        room: &str,
+        identity: &str,
+        media: Option<PublishTracks>,
+        sink: Arc<Sink>,
+    ) -> anyhow::Result<Box<dyn Joined>> {
+        let role = if media.is_some() {
+            Role::Host
+        } else {
+            Role::Audience
+        };
+        Ok(Box::new(
+            self.join_as(room, identity, role, media, sink).await?,
+        ))
     }
 
     async fn shutdown(&self) {

@@ -11,6 +11,7 @@ mod cohost_target;
 mod janus;
 mod media;
 mod pc;
+mod rooms;
 mod stats;
 mod target;
 
@@ -43,7 +44,10 @@ struct Cli {
     /// fanout, cohost, join or all (the SFU, against --target); or bridge (the bridge pipeline
     /// in this process against ffmpeg doing the same composite); or solo (the bridge's solo
     /// path: a lone host at 30 and 15 fps, with and without repeating unchanged pictures); or
-    /// codec (OpenH264's cost per 720p picture: decoding the clips, encoding with each option)
+    /// codec (OpenH264's cost per 720p picture: decoding the clips, encoding with each option);
+    /// or rooms (N live rooms of `--rooms-case` in one cohost process, bridges into the
+    /// embedded origin, an HTTP-FLV reader each: server CPU per room; the solo cases side by
+    /// side with an ffmpeg copy relay into nginx-rtmp)
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Content of the synthetic clip: camera (a desk camera; default for bridge, solo and
@@ -57,9 +61,15 @@ struct Cli {
     /// Subscriber counts for the fanout scenario.
     #[arg(long, default_value = "1,10,25,50", value_delimiter = ',')]
     subs: Vec<usize>,
-    /// Rooms of 4 participants for the cohost scenario.
+    /// Rooms of 4 participants for the cohost scenario; rooms at once for the rooms scenario.
     #[arg(long, default_value_t = 5)]
     rooms: usize,
+    /// What each room of the rooms scenario holds.
+    #[arg(long, value_enum, default_value = "solo720")]
+    rooms_case: rooms::Case,
+    /// Rooms scenario: skip the nginx-rtmp + ffmpeg relay run of the solo cases.
+    #[arg(long)]
+    no_relay: bool,
     /// Participants joining in the join scenario.
     #[arg(long, default_value_t = 40)]
     joins: usize,
@@ -613,6 +623,9 @@ async fn main() -> anyhow::Result<()> {
             .to_string_lossy()
             .into_owned(),
     };
+    if cli.scenario == "rooms" {
+        return rooms_main(&cli, &cohost_bin).await;
+    }
     let bridge = matches!(cli.scenario.as_str(), "bridge" | "solo" | "codec");
     let content = cli.clip.unwrap_or(if bridge {
         media::Content::Camera
@@ -697,6 +710,67 @@ async fn main() -> anyhow::Result<()> {
     }
     if !valid {
         // Scripts comparing runs must not take this one for a result.
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// `--scenario rooms`: cohost, then (solo cases) the relay; a table; exit 2 if not valid.
+async fn rooms_main(cli: &Cli, cohost_bin: &str) -> anyhow::Result<()> {
+    let o = rooms::Opts {
+        case: cli.rooms_case,
+        rooms: cli.rooms,
+        warmup: cli.warmup,
+        window: cli.duration,
+        relay: !cli.no_relay && cli.rooms_case.is_solo(),
+        content: cli.clip.unwrap_or(media::Content::Camera),
+    };
+    if o.rooms == 0 || (o.case == rooms::Case::Pk && !o.rooms.is_multiple_of(2)) {
+        return Err(anyhow!("--rooms: at least 1 (an even number for pk)"));
+    }
+    let mut results = vec![];
+    let mut errors = vec![];
+    if cli.target != "janus" {
+        eprintln!("[cohost] rooms, {} x {:?}", o.rooms, o.case);
+        let t = cohost_target::CohostTarget::start(cohost_bin, cli.media_ip).await?;
+        match rooms::cohost(&t, &o).await {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                eprintln!("  failed: {e:#}");
+                errors.push(format!("cohost rooms: {e:#}"));
+            }
+        }
+        t.shutdown().await;
+    }
+    if o.relay {
+        eprintln!("[relay] {} ffmpeg -c copy streams into nginx-rtmp", o.rooms);
+        match rooms::relay(&o).await {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                eprintln!("  failed: {e:#}");
+                errors.push(format!("relay: {e:#}"));
+            }
+        }
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "
+cohost-load rooms on {} cores, {}; warm-up {:?}, window {:?}; load average at the \
+         end: {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        chrono_like_now(),
+        cli.warmup,
+        cli.duration,
+        load.trim()
+    );
+    rooms::print(&results);
+    let valid = rooms::print_validity(&results, &errors);
+    if let Some(p) = &cli.json {
+        std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
+    }
+    if !valid {
         std::process::exit(2);
     }
     Ok(())

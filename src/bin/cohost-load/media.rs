@@ -128,6 +128,64 @@ pub fn picture(content: Content, i: usize) -> Vec<u8> {
     yuv
 }
 
+/// Centre-crop an I420 picture of `sw`x`sh` to the aspect ratio of `w`x`h` and resample it
+/// there (each output sample averages the 2x2 source samples around its position).
+fn resample(src: &[u8], sw: usize, sh: usize, w: usize, h: usize) -> Vec<u8> {
+    // Crop: the largest centred rectangle of the output's aspect ratio.
+    let (cw, ch) = if sw * h > sh * w {
+        (sh * w / h, sh)
+    } else {
+        (sw, sw * h / w)
+    };
+    let (x0, y0) = ((sw - cw) / 2, (sh - ch) / 2);
+    let mut out = vec![0u8; w * h * 3 / 2];
+    let plane = |src: &[u8],
+                 sw: usize,
+                 sh: usize,
+                 x0: usize,
+                 y0: usize,
+                 cw: usize,
+                 ch: usize,
+                 dst: &mut [u8],
+                 w: usize,
+                 h: usize| {
+        for y in 0..h {
+            let sy = (y0 + y * ch / h).min(sh - 1);
+            let sy1 = (sy + 1).min(sh - 1);
+            for x in 0..w {
+                let sx = (x0 + x * cw / w).min(sw - 1);
+                let sx1 = (sx + 1).min(sw - 1);
+                let sum = u32::from(src[sy * sw + sx])
+                    + u32::from(src[sy * sw + sx1])
+                    + u32::from(src[sy1 * sw + sx])
+                    + u32::from(src[sy1 * sw + sx1]);
+                dst[y * w + x] = (sum / 4) as u8;
+            }
+        }
+    };
+    let (ys, us) = (sw * sh, sw * sh / 4);
+    let (yd, ud) = (w * h, w * h / 4);
+    let (dy, duv) = out.split_at_mut(yd);
+    let (du, dv) = duv.split_at_mut(ud);
+    plane(&src[..ys], sw, sh, x0, y0, cw, ch, dy, w, h);
+    let (sw2, sh2, w2, h2) = (sw / 2, sh / 2, w / 2, h / 2);
+    let (x02, y02, cw2, ch2) = (x0 / 2, y0 / 2, cw / 2, ch / 2);
+    plane(&src[ys..ys + us], sw2, sh2, x02, y02, cw2, ch2, du, w2, h2);
+    plane(
+        &src[ys + us..ys + 2 * us],
+        sw2,
+        sh2,
+        x02,
+        y02,
+        cw2,
+        ch2,
+        dv,
+        w2,
+        h2,
+    );
+    out
+}
+
 /// Encode `seconds` of 1280x720 video at `bitrate` bps with a 2 s GOP, plus Opus 20 ms frames.
 ///
 /// `every_frame`: forbid the encoder to skip frames. OpenH264 holds its bitrate by skipping
@@ -141,7 +199,23 @@ pub fn make_clip(
     seconds: u32,
     every_frame: bool,
 ) -> anyhow::Result<Clip> {
-    let (w, h) = (1280usize, 720usize);
+    make_clip_sized(content, bitrate, seconds, every_frame, 1280, 720)
+}
+
+/// [`make_clip`] at `w`x`h` (even): the 1280x720 scene, centre-cropped to that aspect ratio
+/// (a portrait phone sees the middle of it) and resampled.
+pub fn make_clip_sized(
+    content: Content,
+    bitrate: u32,
+    seconds: u32,
+    every_frame: bool,
+    w: usize,
+    h: usize,
+) -> anyhow::Result<Clip> {
+    anyhow::ensure!(
+        w >= 16 && h >= 16 && w.is_multiple_of(2) && h.is_multiple_of(2),
+        "clip size {w}x{h}: even, at least 16"
+    );
     let mut config = EncoderConfig::new()
         .bitrate(BitRate::from_bps(bitrate))
         .max_frame_rate(FrameRate::from_hz(FPS as f32))
@@ -156,7 +230,13 @@ pub fn make_clip(
     let mut total = 0usize;
     let n = (FPS * seconds) as usize;
     for i in 0..n {
-        let buf = YUVBuffer::from_vec(picture(content, i), w, h);
+        let full = picture(content, i);
+        let pic = if (w, h) == (1280, 720) {
+            full
+        } else {
+            resample(&full, 1280, 720, w, h)
+        };
+        let buf = YUVBuffer::from_vec(pic, w, h);
         let bs = enc.encode(&buf)?;
         let annexb = Bytes::from(bs.to_vec());
         total += annexb.len();
@@ -208,6 +288,19 @@ pub fn pump(
     pts: (u8, u8),
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
+    pump_with(clip, tracks, ssrcs, pts, stop, true)
+}
+
+/// [`pump`]; `stamped: false` sends the clip's payloads untouched (no send-time stamp over
+/// their last 16 bytes), for receivers that decode them: the bridge.
+pub fn pump_with(
+    clip: Arc<Clip>,
+    tracks: PublishTracks,
+    ssrcs: (u32, u32),
+    pts: (u8, u8),
+    stop: Arc<AtomicBool>,
+    stamped: bool,
+) -> tokio::task::JoinHandle<()> {
     let want_key = Arc::new(AtomicBool::new(false));
     let (v, w, st) = (tracks.video.clone(), want_key.clone(), stop.clone());
     let feedback = tokio::spawn(async move {
@@ -238,7 +331,9 @@ pub fn pump(
             while a_sent * 20 <= ms {
                 let payload = &clip.opus[(a_sent % clip.opus.len() as u64) as usize];
                 let mut p = packet(payload, ssrcs.0, pts.0, aseq, (a_sent * 960) as u32, true);
-                stamp_packet(&mut p, false, false);
+                if stamped {
+                    stamp_packet(&mut p, false, false);
+                }
                 aseq = aseq.wrapping_add(1);
                 a_sent += 1;
                 if tracks.audio.write_rtp(p).await.is_err() {
@@ -260,7 +355,9 @@ pub fn pump(
                 let last = frame.payloads.len().saturating_sub(1);
                 for (i, pl) in frame.payloads.iter().enumerate() {
                     let mut p = packet(pl, ssrcs.1, pts.1, vseq, ts, i == last);
-                    stamp_packet(&mut p, true, frame.key);
+                    if stamped {
+                        stamp_packet(&mut p, true, frame.key);
+                    }
                     vseq = vseq.wrapping_add(1);
                     if tracks.video.write_rtp(p).await.is_err() {
                         return;
