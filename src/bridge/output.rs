@@ -798,7 +798,19 @@ impl Output {
                 }
                 audio_samples += AAC_FRAME as u64;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            // Sleep until the next thing is due: an audio block (the host's pictures passed
+            // through go with their audio, so they are due then too) or, while mixing, a
+            // frame. Waking every few milliseconds instead cost a solo room more in scheduling
+            // than its video (perf, BENCHMARKS.md).
+            let at = |us: u64| start + Duration::from_micros(us);
+            let mut wake = at(audio_samples * 1_000_000 / u64::from(SAMPLE_RATE));
+            if self.started && self.path() == Path::Mixing {
+                wake = wake.min(at(frames * 1_000_000 / fps));
+            }
+            let nap = wake
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), Duration::from_millis(20));
+            std::thread::sleep(nap);
         }
         info!(room = %self.room.name, frames, "bridge stopped");
     }

@@ -12,16 +12,11 @@ pub fn nal_type(nal: &[u8]) -> u8 {
 
 /// NAL units of an Annex B stream (start codes 00 00 01 or 00 00 00 01), without start codes.
 pub fn split_annexb(data: &[u8]) -> Vec<&[u8]> {
-    let mut starts = vec![];
-    let mut i = 0;
-    while i + 3 <= data.len() {
-        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
-            starts.push(i + 3);
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
+    // Non-overlapping matches, as a left-to-right scan finds them (SIMD: this runs over every
+    // access unit of every host passed through).
+    let starts: Vec<usize> = memchr::memmem::find_iter(data, &[0, 0, 1])
+        .map(|i| i + 3)
+        .collect();
     let mut out = Vec::with_capacity(starts.len());
     for (k, &s) in starts.iter().enumerate() {
         let mut end = starts.get(k + 1).map_or(data.len(), |n| n - 3);
