@@ -501,6 +501,10 @@ impl Output {
         if !track.codec.mime_type.eq_ignore_ascii_case("video/H264") {
             return Some(Reason::Codec);
         }
+        if track.is_muted() {
+            // Its camera is off: the mix shows the placeholder, not a frozen picture.
+            return Some(Reason::NoVideo);
+        }
         drop(slots);
         self.source_state
             .blocker()
@@ -530,7 +534,7 @@ impl Output {
             let slots = lock(&self.slots);
             let slot = self.source.as_ref().and_then(|p| slots.get(p));
             let track = slot.and_then(|s| s.video_track.clone());
-            let ready = slot.is_none_or(|s| s.video_track.is_none())
+            let ready = slot.is_none_or(|s| s.video_track.as_ref().is_none_or(|t| t.is_muted()))
                 || slot.is_some_and(|s| s.ctl.ready.load(Ordering::Relaxed));
             (ready, track)
         };
@@ -593,6 +597,10 @@ impl Output {
             if emit {
                 self.need_idr = false;
                 self.emit_unit(&au, now_ms);
+            } else if !passable && self.path() == Path::Passthrough {
+                // A unit left out (B picture, other parameter sets): what follows may refer
+                // to it, so passing through resumes at the next IDR.
+                self.need_idr = true;
             }
         }
         if self.need_idr

@@ -243,11 +243,22 @@ pub struct Switcher {
     /// The last interval between two IDRs was longer than `max_gop`.
     long_gop: bool,
     last_request: Option<Instant>,
+    /// Passing through is unwanted since (waiting for the host's pictures to be decoded).
+    blocked_since: Option<Instant>,
+    /// After falling back for a long GOP, passing through is tried again only from then.
+    long_gop_until: Option<Instant>,
     pub switches: u64,
 }
 
 /// How often a keyframe request for switching back is repeated while none comes.
 const REQUEST_RETRY: Duration = Duration::from_secs(1);
+/// How long the switch to mixing waits for the host's pictures to be decoded before it mixes
+/// anyway (the host's video stopped: muted, stalled, another codec), showing what it has.
+pub const READY_WAIT: Duration = Duration::from_secs(1);
+/// After a fall-back for IDRs too far apart (an encoder that does not answer keyframe
+/// requests, e.g. OBS with a long keyframe interval), how long mixing goes on before passing
+/// through is tried again.
+pub const LONG_GOP_RETRY: Duration = Duration::from_secs(30);
 
 impl Switcher {
     /// Starts on `path` (`reason` if mixing). `gop`: the IDR interval asked of the host while
@@ -263,6 +274,8 @@ impl Switcher {
             last_idr: None,
             long_gop: false,
             last_request: None,
+            blocked_since: None,
+            long_gop_until: None,
             switches: 0,
         }
     }
@@ -276,12 +289,20 @@ impl Switcher {
         self.reason.or(self.blocker)
     }
 
-    /// An IDR-interval problem of the host (see [`Reason::LongGop`]) at `now`.
+    /// An IDR-interval problem of the host (see [`Reason::LongGop`]) at `now`. Measured only
+    /// while passing through (while mixing nobody asks the host for IDRs, so their absence
+    /// says nothing); after a fall-back, it holds for [`LONG_GOP_RETRY`].
     pub fn gop_blocker(&self, now: Instant) -> Option<Reason> {
-        let overdue = self
-            .last_idr
-            .is_some_and(|t| now.saturating_duration_since(t) > self.max_gop);
-        (self.long_gop || overdue).then_some(Reason::LongGop)
+        let long = match self.path {
+            Path::Passthrough => {
+                self.long_gop
+                    || self
+                        .last_idr
+                        .is_some_and(|t| now.saturating_duration_since(t) > self.max_gop)
+            }
+            Path::Mixing => self.long_gop_until.is_some_and(|u| now < u),
+        };
+        long.then_some(Reason::LongGop)
     }
 
     /// One output-loop tick. `blocker`: why passing through is not wanted or not possible now
@@ -295,15 +316,24 @@ impl Switcher {
                 match blocker {
                     Some(r) => {
                         t.decode_source = true;
-                        if source_ready {
+                        let since = *self.blocked_since.get_or_insert(now);
+                        if source_ready || now.saturating_duration_since(since) >= READY_WAIT {
                             self.path = Path::Mixing;
                             self.reason = Some(r);
                             self.blocker = None;
+                            self.blocked_since = None;
                             self.switches += 1;
                             t.switched = true;
+                            // IDR intervals are measured afresh when passing through again.
+                            self.last_idr = None;
+                            self.long_gop = false;
+                            if r == Reason::LongGop {
+                                self.long_gop_until = Some(now + LONG_GOP_RETRY);
+                            }
                         }
                     }
                     None => {
+                        self.blocked_since = None;
                         // WebRTC senders send IDRs only when asked: ask every `gop`, so that
                         // players joining and CDNs cutting segments find one.
                         let due = self
@@ -344,7 +374,9 @@ impl Switcher {
     /// switches to passthrough (`switched` in the returned pair).
     pub fn unit(&mut self, keyframe: bool, passable: bool, now: Instant) -> (bool, bool) {
         if keyframe {
-            if let Some(last) = self.last_idr {
+            if self.path == Path::Passthrough
+                && let Some(last) = self.last_idr
+            {
                 self.long_gop = now.saturating_duration_since(last) > self.max_gop;
             }
             self.last_idr = Some(now);
@@ -429,6 +461,55 @@ mod tests {
         assert_eq!(s.gop_blocker(t1), Some(Reason::LongGop));
         s.unit(true, true, t1 + GOP);
         assert_eq!(s.gop_blocker(t1 + GOP), None);
+        // A fall-back for a long GOP: mixing goes on for LONG_GOP_RETRY, then passthrough is
+        // tried again.
+        let t2 = t1 + GOP + MAX_GOP + Duration::from_secs(1);
+        assert_eq!(s.gop_blocker(t2), Some(Reason::LongGop));
+        assert!(s.tick(t2, Some(Reason::LongGop), true).switched);
+        assert_eq!(
+            s.gop_blocker(t2 + Duration::from_secs(29)),
+            Some(Reason::LongGop)
+        );
+        assert_eq!(s.gop_blocker(t2 + LONG_GOP_RETRY), None);
+    }
+
+    /// Found in review: after a co-host session longer than `max_gop` (nobody asks a WebRTC
+    /// host for IDRs while mixing), passing through must still come back.
+    #[test]
+    fn passthrough_resumes_after_a_long_cohost_session() {
+        let t0 = Instant::now();
+        let mut s = Switcher::new(Path::Passthrough, None, GOP, MAX_GOP);
+        s.unit(true, true, t0);
+        assert!(s.tick(t0, Some(Reason::Cohosts), true).switched);
+        // A minute of co-hosting without any IDR from the host.
+        let t1 = t0 + Duration::from_secs(60);
+        assert_eq!(
+            s.gop_blocker(t1),
+            None,
+            "the old IDR says nothing while mixing"
+        );
+        let tick = s.tick(t1, None, true);
+        assert!(tick.request_keyframe);
+        // The IDR asked for, late after the last one: the switch happens all the same.
+        assert_eq!(s.unit(true, true, t1), (true, true));
+        assert_eq!(s.gop_blocker(t1), None);
+    }
+
+    /// Found in review: a host whose video stopped (muted, stalled) is never "ready"; the
+    /// switch to mixing must not wait for it forever.
+    #[test]
+    fn mixing_starts_without_the_host_pictures_after_a_while() {
+        let t0 = Instant::now();
+        let mut s = Switcher::new(Path::Passthrough, None, GOP, MAX_GOP);
+        assert!(!s.tick(t0, Some(Reason::Cohosts), false).switched);
+        assert!(
+            !s.tick(t0 + READY_WAIT / 2, Some(Reason::Cohosts), false)
+                .switched
+        );
+        assert!(
+            s.tick(t0 + READY_WAIT, Some(Reason::Cohosts), false)
+                .switched
+        );
     }
 
     #[test]

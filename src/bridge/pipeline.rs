@@ -466,6 +466,7 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                 return;
             };
             let mut stats_at = Instant::now();
+            let mut resumed = false;
             loop {
                 // Wake for the next packet, or when the reordering buffer gives up a hole
                 // (or a keyframe request is due again) with no packet coming.
@@ -497,6 +498,8 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                     r.need_keyframe |= d.need_keyframe;
                     r.new_picture |= d.new_picture;
                     ctl.ready.store(false, Ordering::Relaxed);
+                    // The first picture decoded after this goes on screen at once.
+                    resumed = decode;
                 }
                 if r.new_picture && input.decoding() {
                     ctl.ready.store(true, Ordering::Relaxed);
@@ -526,11 +529,18 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                             }
                         }
                         if let Some((picture, rtp)) = picture {
-                            slot.video.push(Timed {
-                                picture,
-                                rtp,
-                                arrived,
-                            });
+                            if std::mem::take(&mut resumed) {
+                                // Decoding was off while the host was passed through: what
+                                // the queue holds is old, and this picture is where the
+                                // output is now.
+                                slot.video.reset_to(picture);
+                            } else {
+                                slot.video.push(Timed {
+                                    picture,
+                                    rtp,
+                                    arrived,
+                                });
+                            }
                         }
                         if publish_stats {
                             slot.video_stats = Some(input.stats());

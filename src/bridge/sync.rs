@@ -220,6 +220,14 @@ impl<P: Clone> VideoQueue<P> {
         self.shown.clone()
     }
 
+    /// Put `picture` on screen at once and forget the queue (decoding was off: the queue and
+    /// the picture on screen are old, and the newest picture must not wait for lip sync).
+    pub fn reset_to(&mut self, picture: P) {
+        self.queue.clear();
+        self.shown = Some(picture);
+        self.newly_shown = None;
+    }
+
     /// When the picture the last `show` put on screen arrived (`None` if it kept the old one).
     pub fn newly_shown(&self) -> Option<Instant> {
         self.newly_shown
