@@ -573,27 +573,8 @@ async fn solo_host_is_passed_through_without_encoding_and_mixed_only_with_a_coho
 
     // ffmpeg decodes the whole recording, switches included, without an error, and the host's
     // red fills the top of every picture.
-    let dir = std::env::temp_dir().join(format!("cohost-pass-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("rec.flv");
-    let mut flv = cohost::media::flv::header(true, true).to_vec();
-    for t in &tags {
-        cohost::media::flv::write_tag(&mut flv, t.kind, t.timestamp_ms, &t.body);
-    }
-    std::fs::write(&file, &flv).unwrap();
-    let out = tokio::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(&file)
-        .args(common::RAW_RGB_320X180)
-        .arg("-")
-        .output()
-        .await
-        .expect("ffmpeg (Debian) must be installed");
-    let _ = std::fs::remove_dir_all(&dir);
-    let errors = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && errors.trim().is_empty(), "{errors}");
-    let n = 320 * 180 * 3;
-    let frames: Vec<&[u8]> = out.stdout.chunks_exact(n).collect();
+    let decoded = common::decode_recording(&tags, "pass").await;
+    let frames = decoded.frames();
     assert!(frames.len() > 100, "{} pictures", frames.len());
     for (i, f) in frames.iter().enumerate() {
         let p = pixel(f, 160, 40);
@@ -659,36 +640,18 @@ async fn without_passthrough_the_solo_path_repeats_unchanged_pictures_and_mixes_
     // Decode the recording with ffmpeg: no decoding error, a picture for every video tag, and
     // the host's red in the middle of every one of them (repeats included) once the host's
     // first picture arrived (the recording starts with the bridge, before that picture).
-    let dir = std::env::temp_dir().join(format!("cohost-solo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("rec.flv");
-    let mut flv = cohost::media::flv::header(true, true).to_vec();
-    for t in &tags {
-        cohost::media::flv::write_tag(&mut flv, t.kind, t.timestamp_ms, &t.body);
-    }
-    std::fs::write(&file, &flv).unwrap();
-    let out = tokio::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(&file)
-        .args(common::RAW_RGB_320X180)
-        .arg("-")
-        .output()
-        .await
-        .expect("ffmpeg (Debian) must be installed");
-    let _ = std::fs::remove_dir_all(&dir);
-    let errors = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && errors.trim().is_empty(), "{errors}");
+    let decoded = common::decode_recording(&tags, "solo").await;
     let n = 320 * 180 * 3;
     let video_tags = tags
         .iter()
         .filter(|t| t.kind == cohost::media::flv::TAG_VIDEO && !t.is_sequence_header())
         .count();
     assert_eq!(
-        out.stdout.len() / n,
+        decoded.rgb.len() / n,
         video_tags,
         "one picture per video tag"
     );
-    let frames: Vec<&[u8]> = out.stdout.chunks_exact(n).collect();
+    let frames = decoded.frames();
     let first = frames
         .iter()
         .position(|f| is_colour(pixel(f, 160, 60), (220, 30, 30)))
@@ -753,39 +716,11 @@ async fn host_resolution_change_falls_back_to_transcoding() {
     );
     // ffmpeg decodes it all at one size without an error, the host's red everywhere (the
     // small pictures scaled up by the mix).
-    let dir = std::env::temp_dir().join(format!("cohost-resize-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("rec.flv");
-    let mut flv = cohost::media::flv::header(true, true).to_vec();
-    for t in &tags {
-        cohost::media::flv::write_tag(&mut flv, t.kind, t.timestamp_ms, &t.body);
-    }
-    std::fs::write(&file, &flv).unwrap();
-    let probe = tokio::process::Command::new("ffprobe")
-        .args(["-v", "error", "-select_streams", "v"])
-        .args(["-show_entries", "frame=width,height", "-of", "csv=p=0"])
-        .arg(&file)
-        .output()
-        .await
-        .expect("ffprobe (Debian) must be installed");
-    let sizes: std::collections::BTreeSet<String> = String::from_utf8_lossy(&probe.stdout)
-        .lines()
-        .map(|l| l.trim().to_string())
-        .collect();
+    let decoded = common::decode_recording(&tags, "resize").await;
+    let sizes = &decoded.sizes;
     assert_eq!(sizes.len(), 1, "one picture size: {sizes:?}");
     assert!(sizes.contains("320,240"), "{sizes:?}");
-    let out = tokio::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(&file)
-        .args(common::RAW_RGB_320X180)
-        .arg("-")
-        .output()
-        .await
-        .expect("ffmpeg (Debian) must be installed");
-    let _ = std::fs::remove_dir_all(&dir);
-    let errors = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && errors.trim().is_empty(), "{errors}");
-    let frames: Vec<&[u8]> = out.stdout.chunks_exact(320 * 180 * 3).collect();
+    let frames = decoded.frames();
     assert!(frames.len() > 100, "{} pictures", frames.len());
     for (i, f) in frames.iter().enumerate() {
         let p = pixel(f, 160, 90);

@@ -35,6 +35,15 @@ fn nginx_conf(dir: &Path, port: u16) -> PathBuf {
 }
 
 impl Nginx {
+    /// nginx-rtmp in a fresh directory on a free loopback port.
+    async fn start_fresh(name: &str) -> (Nginx, PathBuf, u16) {
+        let dir = std::env::temp_dir().join(format!("cohost-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let port = free_port();
+        let nginx = Nginx::start(&dir, port).await;
+        (nginx, dir, port)
+    }
+
     async fn start(dir: &Path, port: u16) -> Nginx {
         let conf = nginx_conf(dir, port);
         let child = tokio::process::Command::new("nginx")
@@ -127,14 +136,7 @@ async fn wait_destination(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_push_to_nginx_resumes_after_the_cdn_restarts() {
-    let dir = std::env::temp_dir().join(format!("cohost-nginx-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let nginx = Nginx::start(&dir, port).await;
+    let (nginx, dir, port) = Nginx::start_fresh("nginx").await;
     // Quick retries so the test sees a reconnect within seconds.
     let server = Server::start_with(&[
         ("COHOST_BRIDGE__RECONNECT_INITIAL", "200ms"),
@@ -544,10 +546,7 @@ impl Drop for Stopped {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_cdn_is_detected_and_reconnected() {
-    let dir = std::env::temp_dir().join(format!("cohost-nginx-frozen-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let port = free_port();
-    let nginx = Nginx::start(&dir, port).await;
+    let (nginx, dir, port) = Nginx::start_fresh("nginx-frozen").await;
     let pid = nginx.child.id().expect("nginx pid");
     let server = Server::start_with(&[
         ("COHOST_BRIDGE__RECONNECT_INITIAL", "200ms"),
@@ -612,14 +611,7 @@ async fn frozen_cdn_is_detected_and_reconnected() {
 /// has one picture size and decodes without an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cdn_relay_sees_one_resolution_through_passthrough_and_mixing_switches() {
-    let dir = std::env::temp_dir().join(format!("cohost-nginx-sw-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let nginx = Nginx::start(&dir, port).await;
+    let (nginx, dir, port) = Nginx::start_fresh("nginx-sw").await;
     let server = Server::start_with(&[("COHOST_BRIDGE__SOLO_IDLE", "1s")]).await;
     let mut host = Client::join(&server, "relay", "host", Role::Host).await;
     host.publish_real((220, 30, 30), 440.0).await.unwrap();

@@ -197,18 +197,10 @@ pub fn decoder_config(sps: &[&[u8]], pps: &[&[u8]]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::media::h264::{decoder_config as one_config, split_annexb};
+    use crate::media::h264_repeat::tests::frame;
     use openh264::decoder::Decoder;
     use openh264::encoder::{Encoder, EncoderConfig};
-    use openh264::formats::{YUVBuffer, YUVSource};
-
-    fn frame(w: usize, h: usize, shade: u8) -> YUVBuffer {
-        let mut rgb = vec![0u8; w * h * 3];
-        for (i, px) in rgb.chunks_mut(3).enumerate() {
-            let x = (i % w) as u8;
-            px.copy_from_slice(&[x.wrapping_add(shade), shade, 255 - shade]);
-        }
-        YUVBuffer::from_rgb_source(openh264::formats::RgbSliceU8::new(&rgb, (w, h)))
-    }
+    use openh264::formats::YUVSource;
 
     fn annexb(nals: &[Vec<u8>]) -> Vec<u8> {
         let mut au = vec![];

@@ -161,14 +161,16 @@ pub fn frame_num(p: &RepeatParams, nal: &[u8]) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::media::h264::split_annexb;
     use openh264::decoder::Decoder;
     use openh264::encoder::{Encoder, EncoderConfig};
     use openh264::formats::{YUVBuffer, YUVSource};
 
-    fn frame(w: usize, h: usize, shade: u8) -> YUVBuffer {
+    /// A picture with a horizontal gradient, different for each `shade` (also used by
+    /// `h264_ids`'s tests).
+    pub(crate) fn frame(w: usize, h: usize, shade: u8) -> YUVBuffer {
         let mut rgb = vec![0u8; w * h * 3];
         for (i, px) in rgb.chunks_mut(3).enumerate() {
             let x = (i % w) as u8;

@@ -1197,6 +1197,56 @@ pub async fn run_ffmpeg(cmd: &mut tokio::process::Command, limit: Duration) {
     );
 }
 
+/// A recording of FLV tags decoded by ffmpeg: its video as 320x180 RGB pictures (one per coded
+/// picture) and the picture sizes ffprobe sees in it.
+pub struct Decoded {
+    pub rgb: Vec<u8>,
+    pub sizes: std::collections::BTreeSet<String>,
+}
+
+impl Decoded {
+    pub fn frames(&self) -> Vec<&[u8]> {
+        self.rgb.chunks_exact(320 * 180 * 3).collect()
+    }
+}
+
+/// Write `tags` as an FLV file and decode it with ffmpeg, which must report no error.
+pub async fn decode_recording(tags: &[cohost::media::flv::Tag], name: &str) -> Decoded {
+    let dir = std::env::temp_dir().join(format!("cohost-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("rec.flv");
+    let mut flv = cohost::media::flv::header(true, true).to_vec();
+    for t in tags {
+        cohost::media::flv::write_tag(&mut flv, t.kind, t.timestamp_ms, &t.body);
+    }
+    std::fs::write(&file, &flv).unwrap();
+    let probe = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v"])
+        .args(["-show_entries", "frame=width,height", "-of", "csv=p=0"])
+        .arg(&file)
+        .output()
+        .await
+        .expect("ffprobe (Debian) must be installed");
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&file)
+        .args(RAW_RGB_320X180)
+        .arg("-")
+        .output()
+        .await
+        .expect("ffmpeg (Debian) must be installed");
+    let _ = std::fs::remove_dir_all(&dir);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && errors.trim().is_empty(), "{errors}");
+    Decoded {
+        rgb: out.stdout,
+        sizes: String::from_utf8_lossy(&probe.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .collect(),
+    }
+}
+
 pub async fn ffmpeg_capture(url: &str, dir: &std::path::Path) -> (Vec<u8>, Vec<f32>) {
     let v = dir.join("v.rgb");
     let a = dir.join("a.pcm");
