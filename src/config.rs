@@ -308,7 +308,7 @@ pub struct SignalingConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BridgeSettings {
-    /// Start a room's bridge when its host first publishes.
+    /// Start a room's bridge when its host first publishes (go live in one step).
     pub auto_start: bool,
     /// CDN destinations of automatically started bridges: rtmp:// URLs, or tables
     /// `{url = "rtmp://...", sign = {scheme = "tx_secret", key = "..."}}` for URLs the bridge
@@ -333,8 +333,9 @@ pub struct BridgeSettings {
     /// Keyframe interval.
     #[serde(with = "humantime_serde_compat")]
     pub gop: Duration,
-    /// When the host's grace period ends without the host: `solo` keeps the bridge streaming
-    /// (the host's tile comes back when they do), `stop` stops it.
+    /// When the host's grace period ends without the host: `stop` stops the bridge (the live
+    /// ends), `solo` keeps it streaming whoever is left (the host's tile comes back when they
+    /// do).
     pub on_host_gone: HostGone,
     /// AAC-LC bitrate, bits per second (48 kHz stereo).
     pub audio_bitrate: u32,
@@ -622,7 +623,7 @@ impl BridgeSettings {
 impl Default for BridgeSettings {
     fn default() -> Self {
         Self {
-            auto_start: false,
+            auto_start: true,
             auto_destinations: vec![],
             width: 1280,
             height: 720,
@@ -632,7 +633,7 @@ impl Default for BridgeSettings {
             fps: 30,
             video_bitrate: 2_500_000,
             gop: Duration::from_secs(2),
-            on_host_gone: HostGone::Solo,
+            on_host_gone: HostGone::Stop,
             audio_bitrate: 128_000,
             fit: Default::default(),
             audio_buffer: Duration::from_millis(60),

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use cohost::auth::Role;
 use cohost::media::goertzel::tone_power;
 use common::{
-    Client, Server, assert_continuous, ffmpeg_capture, is_colour, last_frame, pixel, read_flv_tags,
-    wait_bridge, wait_frames,
+    Client, Server, assert_continuous, ffmpeg_capture, is_colour, is_slate, last_frame, live_ended,
+    pixel, read_flv_tags, wait_bridge, wait_frames, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -384,9 +384,11 @@ async fn side_by_side_and_grid_put_each_participant_where_promised() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_started_portrait_bridge_follows_the_host_and_ends_with_the_room() {
+async fn auto_started_portrait_bridge_follows_the_host_and_ends_a_grace_period_after_the_host_leaves()
+ {
     let server = Server::start_with(&[
         ("COHOST_BRIDGE__AUTO_START", "true"),
+        ("COHOST_ROOM__HOST_GRACE", "1s"),
         // The configured size, not the host's (320x240).
         ("COHOST_BRIDGE__SIZE_FROM_HOST", "false"),
         ("COHOST_BRIDGE__WIDTH", "720"),
@@ -415,27 +417,93 @@ async fn auto_started_portrait_bridge_follows_the_host_and_ends_with_the_room() 
         .await
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), "720,1280");
-    // The last one out ends the room and its bridge.
+    // The last one out: the room, its bridge and stream end once the host's grace period
+    // (1 s) is over.
     host.leave().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (s, _) = server.get("/v1/rooms/auto/bridge", Some(&admin)).await;
-        let (flv, _) = server.get("/live/auto.flv", None).await;
-        if s == 404 && flv == 404 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "bridge {s}, stream {flv} after the room ended"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let left = Instant::now();
+    wait_until("the live to end", Duration::from_secs(10), async || {
+        live_ended(&server, "auto").await
+    })
+    .await;
+    assert!(
+        left.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        left.elapsed()
+    );
     // The host comes back: a new room, whose first track starts a fresh bridge.
     drop(host);
     let mut host = Client::join(&server, "auto", "host", Role::Host).await;
     host.publish_real((30, 30, 220), 440.0).await.unwrap();
     let v = wait_frames(&server, &admin, "auto", 15).await;
     assert_eq!(v["config"]["width"], 720, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_away_shows_slate_then_ends() {
+    let server = Server::start_with(&[
+        ("COHOST_BRIDGE__AUTO_START", "true"),
+        ("COHOST_ROOM__HOST_GRACE", "8s"),
+    ])
+    .await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let mut host = Client::join(&server, "away", "host", Role::Host).await;
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    // Live in one step: the host's first track started the bridge.
+    wait_frames(&server, &admin, "away", 30).await;
+    // The host's phone drops off the network: no leave, the connection just ends.
+    host.sig.vanish();
+    let dropped = Instant::now();
+    drop(host);
+    wait_bridge(&server, &admin, "away", 10, "the slate", |v| {
+        v["stats"]["mix_reason"] == "host_away"
+    })
+    .await;
+    // Viewers see the slate (not black, not the host's last picture) and hear silence.
+    let dir = std::env::temp_dir().join(format!("cohost-away-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("http://{}/live/away.flv", server.addr);
+    let (video, audio) = ffmpeg_capture(&url, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let n = 320 * 180 * 3;
+    assert!(video.len() >= n, "no frame decoded");
+    let last = &video[video.len() - n..];
+    assert!(is_slate(last), "corner {:?}", pixel(last, 4, 4));
+    let tail = &audio[audio.len().saturating_sub(24_000)..];
+    let rms = (tail.iter().map(|s| s * s).sum::<f32>() / tail.len().max(1) as f32).sqrt();
+    assert!(rms < 50.0, "the host's tone is gone: rms {rms}");
+    // The room's feed says so; the room stays open for the host meanwhile.
+    let (_, feed) = server.get("/v1/rooms/away/messages", None).await;
+    assert!(feed.contains("the host is away"), "{feed}");
+    let (s, body) = server.get("/v1/rooms/away", Some(&admin)).await;
+    assert_eq!(s, 200, "{body}");
+    // The grace period (8 s) ends without the host: the live ends, room and stream with it.
+    wait_until("the live to end", Duration::from_secs(20), async || {
+        live_ended(&server, "away").await
+    })
+    .await;
+    let took = dropped.elapsed();
+    eprintln!("host dropped: live ended after {took:?}");
+    assert!(
+        took >= Duration::from_secs(7),
+        "not before the grace period: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_ending_the_live_stops_the_bridge_at_once() {
+    let server = Server::start_with(&[("COHOST_BRIDGE__AUTO_START", "true")]).await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let mut host = Client::join(&server, "end", "host", Role::Host).await;
+    host.publish_real((220, 30, 30), 440.0).await.unwrap();
+    wait_frames(&server, &admin, "end", 15).await;
+    // "End live": stop the bridge, then leave. No grace period, no slate.
+    let r = host.sig.request(json!({"type": "stop_bridge"})).await;
+    assert_eq!(r["type"], "response", "{r}");
+    host.leave().await;
+    wait_until("the live to end", Duration::from_secs(3), async || {
+        live_ended(&server, "end").await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,10 @@ use cohost::auth::{Role, sign};
 use cohost::config::DEV_SECRET;
 use cohost::media::goertzel::{left_channel, tone_power};
 use cohost::media::rtp_h264::{Assembler, Output};
-use common::{Client, Server};
+use common::{
+    Client, Server, assert_continuous, decode_recording, is_colour, is_slate, pixel, read_flv_tags,
+    wait_until,
+};
 use openh264::formats::YUVSource;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -89,14 +92,6 @@ fn ffmpeg_push_from(url: &str, video: &str, secs: u32, stderr: Stdio) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("ffmpeg (Debian ffmpeg) must be installed")
-}
-
-async fn wait_until(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn room_identities(server: &Server, room: &str) -> Vec<String> {
@@ -899,22 +894,100 @@ async fn time_until_bridge_and_flv_gone(server: &Server, room: &str, limit: Dura
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rtmp_ingest_host_leaving_ends_the_bridge() {
+async fn rtmp_ingest_host_leaving_shows_the_slate_then_ends_the_bridge() {
     // The bridge starts by itself with the RTMP host's first track (bridge.auto_start).
-    let server = bridged_server(&[]).await;
+    let server = bridged_server(&[("COHOST_ROOM__HOST_GRACE", "3s")]).await;
     let rtmp = server.rtmp.expect("rtmp listener");
     let mut ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{}", host_key("obsroom")), 60);
     wait_bridge(&server, "obsroom").await;
     // The encoder stops (killed: no unpublish; its TCP connection just ends).
     ff.kill().await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    wait_until("the slate", Duration::from_secs(5), async || {
+        let (_, body) = server.get("/v1/rooms/obsroom/bridge", Some(&admin)).await;
+        body.contains("\"mix_reason\":\"host_away\"")
+    })
+    .await;
+    // The grace period (3 s) ends without the encoder: the room and its bridge end.
     let took = time_until_bridge_and_flv_gone(&server, "obsroom", Duration::from_secs(10)).await;
-    eprintln!("rtmp host stopped: bridge and FLV gone after {took:?}");
+    eprintln!("rtmp host stopped: bridge and FLV gone {took:?} after the slate");
     assert!(room_identities(&server, "obsroom").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_ingest_host_reconnecting_within_grace_continues_the_same_stream() {
+    let server = bridged_server(&[("COHOST_ROOM__HOST_GRACE", "20s")]).await;
+    let rtmp = server.rtmp.expect("rtmp listener");
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let url = format!("rtmp://{rtmp}/live/{}", host_key("resume"));
+    let stats = async || -> Value {
+        let (_, body) = server.get("/v1/rooms/resume/bridge", Some(&admin)).await;
+        serde_json::from_str(body.trim()).unwrap_or(json!({}))
+    };
+    let mut ff = ffmpeg_push_colour(&url, "blue", 60);
+    wait_bridge(&server, "resume").await;
+    // One viewer reads the stream through the whole episode.
+    let steps = async {
+        wait_until("blue passed through", Duration::from_secs(15), async || {
+            stats().await["stats"]["passthrough_frames"].as_u64() > Some(20)
+        })
+        .await;
+        // The encoder drops (killed) and comes back 2 s into the slate with another picture.
+        ff.kill().await.unwrap();
+        wait_until("the slate", Duration::from_secs(5), async || {
+            stats().await["stats"]["mix_reason"] == "host_away"
+        })
+        .await;
+        let slate_frames = stats().await["stats"]["encoded_frames"]
+            .as_u64()
+            .unwrap_or(0);
+        wait_until("2 s of slate", Duration::from_secs(10), async || {
+            stats().await["stats"]["encoded_frames"]
+                .as_u64()
+                .unwrap_or(0)
+                > slate_frames + 30
+        })
+        .await;
+        let ff = ffmpeg_push_colour(&url, "red", 60);
+        wait_until("red passed through", Duration::from_secs(15), async || {
+            let v = stats().await;
+            v["stats"]["path"] == "passthrough" && v["stats"]["switches"].as_u64() >= Some(2)
+        })
+        .await;
+        ff
+    };
+    let (tags, ff) = {
+        let addr = server.addr;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tags = read_flv_tags(addr, "/live/resume.flv", 14, async {
+            let _ = tx.send(steps.await);
+        })
+        .await;
+        (tags, rx.await.ok())
+    };
+    drop(ff);
+    // One stream: one header, continuous timestamps, decodable throughout.
+    assert_continuous(&tags, 60);
+    let decoded = decode_recording(&tags, "resume").await;
+    let frames = decoded.frames();
+    let first = |f: &dyn Fn(&[u8]) -> bool| frames.iter().position(|p| f(p));
+    let blue = first(&|p| is_colour(pixel(p, 160, 90), (0, 0, 255))).expect("blue");
+    let slate = first(&|p| is_slate(p)).expect("the slate");
+    let red = first(&|p| is_colour(pixel(p, 160, 90), (255, 0, 0))).expect("red");
+    assert!(
+        blue < slate && slate < red,
+        "blue {blue}, slate {slate}, red {red}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_ingest_host_reconnecting_gets_a_fresh_bridge() {
-    let server = bridged_server(&[("COHOST_BRIDGE__AUTO_START", "false")]).await;
+    // Without a grace period the room ends when its encoder stops.
+    let server = bridged_server(&[
+        ("COHOST_BRIDGE__AUTO_START", "false"),
+        ("COHOST_ROOM__HOST_GRACE", "0s"),
+    ])
+    .await;
     let rtmp = server.rtmp.expect("rtmp listener");
     let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
     let url = format!("rtmp://{rtmp}/live/{}", host_key("again"));

@@ -197,6 +197,8 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
             room: Arc::downgrade(&r),
         },
     );
+    // Live: a host dropping out now gets the grace period (and viewers the host-away slate).
+    svc.rooms.set_live(&r, true);
     // The room may have ended while the bridge started: its end was announced before this
     // bridge was in `running`, so nobody else would stop it.
     if r.is_closed() {
@@ -245,6 +247,8 @@ pub fn follow_room(
             .remove_if(&room.name, |_, h| h.serves(room) || h.is_orphan())
             .is_some()
     {
+        // The room's registry ends it right after a host-gone announcement if it is empty.
+        room.mark_live(false);
         match change {
             Lifecycle::Ended => tracing::info!(room = %room.name, "room ended; bridge stopped"),
             Lifecycle::HostGone => tracing::info!(room = %room.name,
@@ -296,9 +300,12 @@ pub fn update_destinations(
     Ok(())
 }
 
+/// Stop the room's bridge (the host ended the live, or an operator stopped it). The room is
+/// not live any more: if its host had dropped out and nobody else is in it, it ends now.
 pub fn stop(svc: &Bridges<'_>, room: &str) -> Result<(), ControlError> {
-    svc.running
-        .remove(room)
-        .map(|_| ())
-        .ok_or(ControlError::NotRunning)
+    let (_, handle) = svc.running.remove(room).ok_or(ControlError::NotRunning)?;
+    if let Some(r) = handle.room.upgrade() {
+        svc.rooms.set_live(&r, false);
+    }
+    Ok(())
 }

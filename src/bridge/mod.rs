@@ -12,5 +12,6 @@ pub mod output;
 pub mod passthrough;
 pub mod pipeline;
 pub mod rtp_out;
+pub mod slate;
 pub mod sync;
 pub mod video_in;

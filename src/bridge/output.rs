@@ -25,6 +25,7 @@ use super::mix::{Limiter, mix_into};
 use super::passthrough::{PassClock, Path, Reason, SourceSets, SourceState, Switcher};
 use super::pipeline::{BridgeConfig, SAMPLE_RATE, Slots, lock};
 use super::rtp_out::RtpOut;
+use super::slate;
 use crate::media::amf0::{self, Value};
 use crate::media::flv::{self, Tag};
 use crate::media::h264::{self, nal_type, split_annexb};
@@ -43,6 +44,9 @@ const BREAK_RETRY: Duration = Duration::from_secs(1);
 /// the audio buffer holds far less): past it the oldest is dropped and passing through
 /// restarts at the next IDR.
 const MAX_HELD: usize = 90;
+/// Where the host's picture was while the host is away: the slate (participant ids never hold
+/// a NUL).
+const AWAY: &str = "\0host-away";
 
 /// The output's path as the bridge stats show it.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -117,6 +121,8 @@ pub struct Output {
     last_multi: Option<Instant>,
     /// What the last output frame showed.
     last_shown: Option<Shown>,
+    /// The host-away slate as last drawn, with its countdown step (redrawn when it moves).
+    slate: Option<(u32, Arc<I420>)>,
 }
 
 /// What one output frame shows: layout and, per tile, which picture or a placeholder. Decoded
@@ -171,6 +177,8 @@ struct Scene {
     shown: Vec<String>,
     /// More than the host on screen: co-hosts or a PK partner.
     multi: bool,
+    /// The host is away (the slate is shown first): the part of the grace period left.
+    away: Option<f32>,
 }
 
 impl Output {
@@ -209,6 +217,7 @@ impl Output {
             last_ts: None,
             last_multi: None,
             last_shown: None,
+            slate: None,
         }
     }
 
@@ -244,11 +253,15 @@ impl Output {
         // Host first, then the PK partner's host, then co-hosts (the room decides).
         let stage = self.room.stage();
         let slots = lock(&self.slots);
-        let shown: Vec<String> = stage
+        let mut shown: Vec<String> = stage
             .order
             .into_iter()
             .filter(|p| slots.contains_key(p))
             .collect();
+        // The host dropped out: the slate takes the host's place until the host is back.
+        if stage.host_away.is_some() {
+            shown.insert(0, AWAY.to_string());
+        }
         let pinned = *lock(&self.layout);
         // Unless pinned, the layout follows the room: PK side by side, co-hosts in pip.
         let layout = pinned.unwrap_or(if stage.pk {
@@ -263,11 +276,27 @@ impl Output {
             pinned: pinned.is_some(),
             multi: stage.pk || shown.len() > 1,
             shown,
+            away: stage.host_away,
+        }
+    }
+
+    /// The host-away slate at the output size with `left` of the grace period remaining; the
+    /// same picture (`Arc`) until the countdown bar moves, so the frames between repeat.
+    fn slate(&mut self, left: f32) -> Arc<I420> {
+        let step = (left * 100.0).ceil() as u32;
+        match &self.slate {
+            Some((s, pic)) if *s == step => pic.clone(),
+            _ => {
+                let pic = Arc::new(slate::render(self.width, self.height, left));
+                self.slate = Some((step, pic.clone()));
+                pic
+            }
         }
     }
 
     /// What the output frame for now shows.
-    fn frame(&self, now: Instant, scene: &Scene) -> Frame {
+    fn frame(&mut self, now: Instant, scene: &Scene) -> Frame {
+        let slate = scene.away.map(|left| self.slate(left));
         let mut slots = lock(&self.slots);
         let mut fresh = vec![];
         let mut drawn = vec![];
@@ -277,7 +306,11 @@ impl Output {
             self.width,
             self.height,
         )) {
-            let (pic, arrived) = slots.get_mut(pid).map_or((None, None), |s| s.picture(now));
+            let (pic, arrived) = if pid == AWAY {
+                (slate.clone(), None)
+            } else {
+                slots.get_mut(pid).map_or((None, None), |s| s.picture(now))
+            };
             fresh.extend(arrived);
             drawn.push((tile, pic));
         }
@@ -473,6 +506,9 @@ impl Output {
     fn blocker(&mut self, now: Instant, scene: &Scene) -> Option<Reason> {
         let recent = self.recently_multi(now, scene.multi);
         let sets = self.sets.as_ref()?;
+        if scene.away.is_some() {
+            return Some(Reason::HostAway);
+        }
         if !self.config.passthrough {
             return Some(Reason::Disabled);
         }

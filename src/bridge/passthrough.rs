@@ -34,6 +34,8 @@ pub enum Reason {
     Disabled,
     /// Nobody is on screen, or the one shown publishes no video.
     NoVideo,
+    /// The host dropped out: the host-away slate is shown (see `slate`).
+    HostAway,
     /// The one on screen is not the host whose parameter sets the stream header holds (or the
     /// stream started without any: no H.264 from the host when it started).
     OtherSource,
@@ -58,6 +60,7 @@ impl Reason {
             Reason::Layout => "layout",
             Reason::Disabled => "disabled",
             Reason::NoVideo => "no_video",
+            Reason::HostAway => "host_away",
             Reason::OtherSource => "other_source",
             Reason::Codec => "codec",
             Reason::Resolution => "resolution",

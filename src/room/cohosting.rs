@@ -40,11 +40,14 @@ impl<'a> Actor<'a> {
 }
 
 /// Who the bridge shows, in order, and whether a PK is on.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stage {
     /// This room's host(s), then the PK partner's host, then co-hosts in join order.
     pub order: Vec<String>,
     pub pk: bool,
+    /// The host dropped out and may come back (the grace period runs): the bridge shows the
+    /// host-away slate where the host's picture was. The part of the grace period left, 0-1.
+    pub host_away: Option<f32>,
 }
 
 const MAX_GIFT_CHARS: usize = 64;
@@ -518,27 +521,46 @@ impl Room {
         Stage {
             order,
             pk: st.pk.is_some(),
+            host_away: st
+                .host_grace_until
+                .filter(|_| !Self::has_host(&st))
+                .map(|until| {
+                    let total = self.cfg.host_grace.as_secs_f32().max(0.001);
+                    let left = until
+                        .saturating_duration_since(Instant::now())
+                        .as_secs_f32();
+                    (left / total).clamp(0.0, 1.0)
+                }),
         }
     }
 
     /// Bookkeeping after `pid` (with `role`) left: its requests end, and a host leaving with
-    /// co-hosts seated starts the grace period.
+    /// co-hosts seated, or a live room (a bridge streams it), starts the grace period.
     pub(super) fn after_leave(&self, st: &mut State, pid: &str, role: Role, identity: &str) {
         Self::end_request(st, pid, Outcome::Gone);
         Self::end_invite(st, pid, Outcome::Gone);
         let host_left =
             role == Role::Host && !st.members.values().any(|(_, m)| m.role == Role::Host);
-        if host_left && Self::seats_taken(st) > 0 {
-            let grace = self.cfg.host_grace;
+        let grace = self.cfg.host_grace;
+        let seated = Self::seats_taken(st) > 0;
+        if host_left && (seated || st.live) && !grace.is_zero() {
             st.host_grace_until = Some(Instant::now() + grace);
             st.grace_host = Some(identity.to_string());
-            self.notice(
-                st,
-                format!(
+            let text = match (st.live, seated) {
+                (true, true) => format!(
+                    "the host is away; co-hosts keep their seats and the stream continues for {}s",
+                    grace.as_secs()
+                ),
+                (true, false) => format!(
+                    "the host is away; the stream continues for {}s",
+                    grace.as_secs()
+                ),
+                _ => format!(
                     "the host left; co-hosts keep their seats for {}s",
                     grace.as_secs()
                 ),
-            );
+            };
+            self.notice(st, text);
         }
     }
 
@@ -588,13 +610,15 @@ impl Room {
                 .filter(|(_, m)| m.role == Role::Cohost)
                 .map(|(id, _)| id.clone())
                 .collect();
+            let text = if seated.is_empty() {
+                "the host did not come back"
+            } else {
+                "the host did not come back; co-hosting ended"
+            };
             for pid in seated {
                 self.set_role(&mut st, &pid, Role::Audience);
             }
-            self.notice(
-                &mut st,
-                "the host did not come back; co-hosting ended".into(),
-            );
+            self.notice(&mut st, text.into());
             return (true, pk_expired);
         }
         (false, pk_expired)
@@ -671,6 +695,8 @@ impl Registry {
             }
             if host_gone {
                 self.announce(&r, Lifecycle::HostGone);
+                // A live room kept open for its host ends now if nobody is left in it.
+                self.remove_if_empty(&r);
             }
         }
     }

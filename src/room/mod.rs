@@ -195,8 +195,12 @@ struct State {
     /// The last messages, oldest first, and the id the next one gets.
     messages: VecDeque<RoomMessage>,
     next_message_id: u64,
-    /// The host left with co-hosts seated: their seats last until then.
+    /// The host left with co-hosts seated or while live: their seats and the room's stream
+    /// last until then (an empty room stays open until then too).
     host_grace_until: Option<Instant>,
+    /// A bridge streams this room (set by bridge control): a host dropping out of a live room
+    /// gets the grace period even alone, and viewers see the host-away slate meanwhile.
+    live: bool,
     /// The identity of that host: only it may join as host during the grace period.
     grace_host: Option<String>,
     /// The room this one is in a PK with, and the partner host's tracks shown here.
@@ -409,6 +413,36 @@ impl Room {
     /// The room ended (its last member left); it is never reused.
     pub fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+
+    /// Whether a bridge streams this room (see [`Registry::set_live`]).
+    pub fn is_live(&self) -> bool {
+        self.lock().live
+    }
+
+    /// Set the live flag only (see [`Registry::set_live`], which also ends an empty room).
+    pub fn mark_live(&self, live: bool) {
+        self.lock().live = live;
+    }
+}
+
+impl Registry {
+    /// Bridge control marks a room live while a bridge streams it (and not live when the bridge
+    /// stops). A room that is not live any more ends at once if nobody is in it, even within
+    /// the host's grace period (the host ended the live, or an operator stopped the bridge),
+    /// unless co-hosts keep their seats.
+    pub fn set_live(&self, room: &Arc<Room>, live: bool) {
+        {
+            let mut st = room.lock();
+            st.live = live;
+            if !live && st.members.is_empty() {
+                st.host_grace_until = None;
+                st.grace_host = None;
+            }
+        }
+        if !live {
+            self.remove_if_empty(room);
+        }
     }
 }
 
@@ -701,7 +735,9 @@ impl Registry {
     fn remove_if_empty(&self, room: &Arc<Room>) {
         let ended = {
             let mut st = room.lock();
-            if !st.members.is_empty() {
+            // A live room whose host dropped stays open (streaming the host-away slate) until
+            // the host's grace period ends: then `tick` removes it.
+            if !st.members.is_empty() || st.host_grace_until.is_some() {
                 return;
             }
             let was_closed = st.closed;

@@ -81,6 +81,9 @@ impl Server {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
+        // Most tests start bridges themselves (and check the answers); tests of going live in
+        // one step turn the default back on.
+        cmd.env("COHOST_BRIDGE__AUTO_START", "false");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -1371,6 +1374,38 @@ pub async fn last_frame(server: &Server, room: &str, tag: &str) -> Vec<u8> {
     let n = 320 * 180 * 3;
     assert!(video.len() >= n, "no frame decoded");
     video[video.len() - n..].to_vec()
+}
+
+/// Poll `f` until it holds, failing after `timeout` with `what`.
+pub async fn wait_until(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a decoded 320x180 RGB frame is the host-away slate: its dark blue card in a corner
+/// (not black, not the host) and the caption's white pixels.
+pub fn is_slate(frame: &[u8]) -> bool {
+    let (r, g, b) = pixel(frame, 4, 4);
+    let card = b >= r + 12 && b >= g + 8 && (30..100).contains(&b) && r < 60;
+    let white = frame
+        .chunks_exact(3)
+        .filter(|p| p[0] > 190 && p[1] > 190 && p[2] > 190)
+        .count();
+    card && white > 40
+}
+
+/// The room and its bridge and HTTP-FLV stream are all gone (404).
+pub async fn live_ended(server: &Server, room: &str) -> bool {
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (r, _) = server.get(&format!("/v1/rooms/{room}"), Some(&admin)).await;
+    let (b, _) = server
+        .get(&format!("/v1/rooms/{room}/bridge"), Some(&admin))
+        .await;
+    let (f, _) = server.get(&format!("/live/{room}.flv"), None).await;
+    r == 404 && b == 404 && f == 404
 }
 
 pub fn is_colour(p: (u8, u8, u8), want: (u8, u8, u8)) -> bool {
