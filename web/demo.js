@@ -1,6 +1,6 @@
 // The demo page's UI. All protocol work is in cohost-client.js; this file only renders the room
 // and turns clicks into client calls.
-import { CohostClient, devToken, tokenClaims } from "./cohost-client.js";
+import { CohostClient, CohostError, devToken } from "./cohost-client.js";
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, props = {}, ...children) => {
@@ -21,17 +21,33 @@ const wsUrl = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.ho
 // Page state.
 let client = null;
 let token = null;
-let localStream = null; // my camera + microphone
-let wantLive = false; // host pressed "Go live" (republish after a reconnect)
+let localStream = null; // my camera + microphone (a preview until published)
+let micMuted = false; // the microphone track is disabled (still published: silence)
 const remote = new Map(); // participant id -> MediaStream (subscriber connection)
 const tiles = new Map(); // participant id or "local" -> tile element
 const requests = new Map(); // participant id -> identity (co-host requests, host side)
 let pkHost = null; // {participant_id, identity, room} of the partner host during a PK
-let flv = null; // mpegts.js player
-let flvRetry = null;
-let flvWatch = null;
-let bridgeTimer = null;
+let audienceView = null; // FlvView: the audience's player
 let statsTimer = null;
+
+// The host's live: "Go live" publishes, the server's bridge starts by itself (bridge.auto_start;
+// the page starts it after a few seconds otherwise); "End live" stops the bridge, then the camera.
+let wantLive = false; // pressed "Go live" and not "End live" (republish after a reconnect)
+let awaitingStart = false; // published, the stream not seen running yet
+let liveSince = null; // Date.now() when the page first saw the stream running in this live
+let bridgeStatus = null; // GET /v1/rooms/{room}/bridge, null when not running
+let bridgeTimer = null;
+let bridgeGen = 0; // the newest refreshBridge call; older answers are dropped
+let fallbackTimer = null;
+let badgeTimer = null;
+let layoutBusy = false; // a set_layout in flight: the selector shows the person's choice
+const pendingDests = []; // pushes asked for before the stream runs
+let monitor = null; // FlvView: the host's small player of what viewers get
+let monitorTimer = null;
+let stoppedWarned = false; // told the host that the stream stopped under them
+
+/** Seconds the page waits after publishing for the stream to start by itself. */
+const AUTO_START_WAIT_MS = 4000;
 
 // ---------------------------------------------------------------- messages to the person
 
@@ -85,7 +101,8 @@ function describe(err) {
     chat_muted: "The host muted your chat.",
     rate_limited: "Slow down: too many messages.",
     no_host: "The room has no host right now.",
-    not_running: "The bridge is not running: start it first.",
+    not_running: "The stream is not running.",
+    bad_destination: `The push URL was refused: ${err?.message}`,
   }[code];
   return text || `${code ? code + ": " : ""}${err?.message || err}`;
 }
@@ -107,6 +124,7 @@ function act(fn) {
 
 async function initEntry() {
   const q = new URLSearchParams(location.search);
+  if (q.get("watch")) return initWatch(q.get("watch"));
   for (const k of ["room", "name"]) if (q.get(k)) $(k).value = q.get(k);
   if (q.get("role") === "audience") $("role-audience").checked = true;
   if (q.get("token")) {
@@ -152,12 +170,12 @@ async function enter() {
   $("entry").hidden = true;
   $("app").hidden = false;
   statsTimer = setInterval(renderStats, 2000);
-  if (client.me.role === "cohost") await goLive(); // a cohost token publishes at once
+  if (client.me.role === "cohost") await publishMedia(); // a cohost token publishes at once
 }
 
 function onJoined(joined) {
   $("chat-log").replaceChildren();
-  for (const m of joined.history || []) addMessage(m);
+  for (const m of joined.history || []) addMessage(m, $("chat-log"));
   pkHost = null;
   renderRole();
   renderMembers();
@@ -194,7 +212,12 @@ function wire(c) {
     if (localStream && (wantLive || c.me.role === "cohost") && c.me.role !== "audience") {
       await c.publish(localStream);
       await keepResolution(c);
+      if (wantLive) {
+        awaitingStart = true;
+        scheduleFallbackStart();
+      }
     }
+    renderMedia();
   }));
   c.addEventListener("track", (e) => {
     const { stream, participantId } = e.detail;
@@ -205,13 +228,14 @@ function wire(c) {
   c.addEventListener("roster", () => {
     renderMembers();
     renderTiles();
+    audienceView?.refreshText();
   });
   c.addEventListener("role", act(async (e) => {
     const role = e.detail.role;
     if (role === "cohost") {
       showNotice("You are a co-host now: going live with camera and microphone.");
       renderRole();
-      await goLive();
+      await publishMedia();
     } else if (role === "audience") {
       stopLocal();
       showNotice("You are back in the audience: watching the mixed stream.");
@@ -241,7 +265,7 @@ function wire(c) {
       el("button", { class: "small secondary", textContent: "Decline", onclick: act(() => answerInvite(false)) })));
   });
   c.addEventListener("cohost_invite_ended", () => $("invites").replaceChildren());
-  c.addEventListener("message", (e) => addMessage(e.detail.message));
+  c.addEventListener("message", (e) => addMessage(e.detail.message, $("chat-log")));
   c.addEventListener("message_deleted", (e) => document.querySelector(`#chat-log [data-id="${e.detail.message_id}"]`)?.remove());
   c.addEventListener("pk_invite", (e) => {
     const { room, from } = e.detail;
@@ -285,32 +309,169 @@ function renderRole() {
   const role = client.me.role;
   $("who").textContent = `${client.me.identity} · ${role} · room ${client.room}`;
   $("host-panel").hidden = role !== "host";
+  $("media-panel").hidden = role === "audience";
   $("audience-panel").hidden = role !== "audience";
   $("cohost-panel").hidden = role !== "cohost";
   $("reactions").hidden = role === "host"; // likes and gifts are for the audience and co-hosts
   $("ask-cohost").hidden = false;
   $("cancel-cohost").hidden = true;
   $("invites").replaceChildren();
-  $("flv-link").href = `/live/${client.room}.flv`;
-  $("flv-link").hidden = role !== "host";
-  if (role === "audience") startFlv();
-  else stopFlv();
+  $("stream-url").textContent = streamUrl(client.room);
+  $("watch-link").href = `?watch=${encodeURIComponent(client.room)}`;
+  if (role === "audience") {
+    $("flv-box").hidden = false;
+    audienceView ??= new FlvView($("flv"), $("flv-status"), { url: streamUrl(client.room), waiting: audienceWaiting });
+    audienceView.start();
+  } else {
+    audienceView?.stop();
+    audienceView = null;
+    $("flv-box").hidden = true;
+  }
+  renderTiles();
+  renderMedia();
+  renderLive();
+}
+
+function streamUrl(room) {
+  return `${base}/live/${encodeURIComponent(room)}.flv`;
+}
+
+/** Why the audience's player has nothing to play yet (it never played in this visit). */
+function audienceWaiting() {
+  const host = client && [...client.participants.values()].find((p) => p.role === "host");
+  if (!host) return "The room has no host right now. The stream plays here when a host goes live.";
+  if (host.tracks.size > 0) return "The host is going live: the stream starts in a moment…";
+  return "The host is not live right now. The stream plays here when they go live.";
+}
+
+function videoConstraints() {
+  const id = $("camera").value;
+  return { width: { ideal: 640 }, height: { ideal: 480 }, ...(id ? { deviceId: { exact: id } } : {}) };
+}
+function audioConstraints() {
+  const id = $("microphone").value;
+  return id ? { deviceId: { exact: id } } : true;
+}
+
+/** Open the chosen camera and microphone (the preview) unless they are open already. */
+async function openMedia() {
+  if (localStream) return;
+  localStream = await navigator.mediaDevices.getUserMedia({ audio: audioConstraints(), video: videoConstraints() });
+  setMicMuted(micMuted);
+  renderTiles();
+  renderMedia();
+  await fillDevices().catch(() => {});
+}
+
+/** Publish the camera and microphone (host going live, or a co-host taking the seat). */
+async function publishMedia() {
+  await openMedia();
+  await client.publish(localStream);
+  await keepResolution(client);
+  renderTiles();
+  renderMedia();
+}
+
+/** The host's one step: camera and microphone published; the stream for viewers follows. */
+async function goLive() {
+  $("go-live").disabled = true;
+  try {
+    await publishMedia();
+    wantLive = true;
+    awaitingStart = true;
+    liveSince = null;
+    showError("");
+    scheduleFallbackStart();
+    renderLive();
+    await refreshBridge();
+  } finally {
+    $("go-live").disabled = false;
+  }
+}
+
+/** A server without bridge.auto_start: start the stream after a few seconds without it. */
+function scheduleFallbackStart() {
+  clearTimeout(fallbackTimer);
+  fallbackTimer = setTimeout(act(async () => {
+    // After a reconnect the "reconnected" handler schedules this again.
+    if (!wantLive || !awaitingStart || !client || client.me.role !== "host" || client.state !== "connected") return;
+    const now = await fetchBridge();
+    if (now.running || !wantLive) return refreshBridge();
+    try {
+      await client.startBridge({ layout: layoutValue(), destinations: pendingDests.splice(0) });
+    } catch (err) {
+      if (err.code !== "already_running") throw err;
+    }
+    await refreshBridge();
+  }), AUTO_START_WAIT_MS);
+}
+
+/** End live: the stream stops first (viewers read that the live ended, not a "host away"
+ * slate), then the page leaves the room cleanly (`leave`), which unpublishes the camera and
+ * microphone. Protocol v1 has no message to unpublish and stay: a closed publisher connection
+ * counts as a failed one (close 4008), so the host does not stay in the room as not-live. */
+async function endLive() {
+  const c = client;
+  const duration = liveSince !== null ? clock(Date.now() - liveSince) : null;
+  clearTimeout(fallbackTimer);
+  try {
+    await c.stopBridge();
+  } catch (err) {
+    if (err.code !== "not_running") {
+      // The signaling request failed (a lost connection, a timeout): the REST API then.
+      const r = await fetch(`${base}/v1/rooms/${encodeURIComponent(c.room)}/bridge`, {
+        method: "DELETE",
+        headers: { Authorization: `Bearer ${token}` },
+      }).catch(() => null);
+      if (!r || (!r.ok && r.status !== 404)) throw err; // still live: the host can try again
+    }
+  }
+  wantLive = false;
+  teardown();
+  await c.leave();
+  showNotice(`You ended the live${duration ? ` after ${duration}` : ""} and left the room; viewers see that the live ended. Enter again to go live again.`);
+}
+
+function setMicMuted(muted) {
+  micMuted = muted;
+  // Disabled, not unpublished: the track stays published and sends silence.
+  for (const t of localStream?.getAudioTracks() || []) t.enabled = !muted;
+  $("mute-mic").textContent = muted ? "Unmute mic" : "Mute mic";
+  $("mute-mic").setAttribute("aria-pressed", String(muted));
   renderTiles();
 }
 
-async function goLive() {
-  if (!localStream) {
-    localStream = await navigator.mediaDevices.getUserMedia({
-      audio: true,
-      video: { width: { ideal: 640 }, height: { ideal: 480 } },
-    });
+/** The camera and microphone lists (names appear once the browser was allowed to use them). */
+async function fillDevices() {
+  if (!navigator.mediaDevices?.enumerateDevices) return;
+  const devices = await navigator.mediaDevices.enumerateDevices();
+  for (const [sel, kind, trackKind, fallback] of [
+    [$("camera"), "videoinput", "video", "default camera"],
+    [$("microphone"), "audioinput", "audio", "default microphone"],
+  ]) {
+    const inUse = localStream?.getTracks().find((t) => t.kind === trackKind)?.getSettings().deviceId;
+    const want = sel.value || inUse || "";
+    const list = devices.filter((d) => d.kind === kind && d.deviceId);
+    sel.replaceChildren(el("option", { value: "", textContent: fallback }),
+      ...list.map((d, i) => el("option", { value: d.deviceId, textContent: d.label || `${fallback.split(" ")[1]} ${i + 1}` })));
+    sel.value = list.some((d) => d.deviceId === want) ? want : "";
   }
+}
+
+/** A camera or microphone chosen while the preview runs (or while live): swap the track in
+ * place; a published sender gets the new track without renegotiating. */
+async function switchDevice(kind) {
+  if (!localStream) return; // used by the next preview or "Go live"
+  const got = await navigator.mediaDevices.getUserMedia(kind === "video" ? { video: videoConstraints() } : { audio: audioConstraints() });
+  const track = got.getTracks()[0];
+  if (kind === "audio") track.enabled = !micMuted;
+  const sender = client?.pub?.getSenders().find((s) => s.track?.kind === kind);
+  if (sender) await sender.replaceTrack(track);
+  const keep = localStream.getTracks().filter((t) => t.kind !== kind);
+  localStream.getTracks().filter((t) => t.kind === kind).forEach((t) => t.stop());
+  localStream = new MediaStream([...keep, track]);
+  if (client?.localStream) client.localStream = localStream;
   renderTiles();
-  await client.publish(localStream);
-  await keepResolution(client);
-  wantLive = client.me.role === "host";
-  $("go-live").hidden = true;
-  $("stop-live").hidden = false;
 }
 
 /** Ask the browser to lower the frame rate rather than the picture size when bandwidth or CPU
@@ -332,10 +493,57 @@ function stopLocal() {
   client?.unpublish();
   localStream?.getTracks().forEach((t) => t.stop());
   localStream = null;
-  wantLive = false;
-  $("go-live").hidden = false;
-  $("stop-live").hidden = true;
+  micMuted = false;
+  setMicMuted(false);
   renderTiles();
+  renderMedia();
+}
+
+/** The camera/microphone controls: preview before publishing, mute while publishing. */
+function renderMedia() {
+  const published = !!client?.pub;
+  $("preview").hidden = published;
+  $("preview").textContent = localStream ? "Stop preview" : "Preview camera";
+  $("mute-mic").hidden = !localStream;
+}
+
+/** The LIVE badge, the Go live / End live buttons and the line next to them. */
+function renderLive() {
+  const host = client?.me?.role === "host" && client.state !== "closed";
+  const badge = $("live-badge");
+  badge.hidden = !host || !wantLive;
+  let line = localStream ? "Preview: only you see this." : "Not live.";
+  if (wantLive) {
+    if (bridgeStatus && liveSince !== null) {
+      badge.dataset.state = "live";
+      badge.textContent = `LIVE ${clock(Date.now() - liveSince)}`;
+      line = "You are live.";
+    } else if (liveSince !== null && !awaitingStart) {
+      badge.dataset.state = "stopped";
+      badge.textContent = "STREAM STOPPED";
+      line = "The stream for viewers stopped.";
+    } else {
+      badge.dataset.state = "starting";
+      badge.textContent = "STARTING…";
+      line = "Starting the stream…";
+    }
+  } else {
+    badge.dataset.state = "off";
+  }
+  $("live-state").textContent = line;
+  if (!monitor?.player && !monitor?.retryTimer) $("monitor-overlay").textContent = wantLive ? "the stream is starting…" : "not live";
+  $("go-live").hidden = wantLive;
+  $("end-live").hidden = !wantLive;
+  clearInterval(badgeTimer);
+  badgeTimer = host && wantLive ? setInterval(renderLive, 500) : null;
+}
+
+/** 83 s -> "01:23", 3723 s -> "1:02:03". */
+function clock(ms) {
+  const t = Math.max(0, Math.floor(ms / 1000));
+  const two = (n) => String(n).padStart(2, "0");
+  const h = Math.floor(t / 3600);
+  return h ? `${h}:${two(Math.floor(t / 60) % 60)}:${two(t % 60)}` : `${two(Math.floor(t / 60))}:${two(t % 60)}`;
 }
 
 /** Video tiles: shown to the host and co-hosts (real-time); the audience watches the FLV. */
@@ -343,7 +551,10 @@ function renderTiles() {
   const box = $("tiles");
   const live = client && client.me && client.me.role !== "audience" && client.state !== "closed";
   const want = new Map();
-  if (live && localStream) want.set("local", { stream: localStream, label: `${client.me.identity} (you)`, muted: true, flags: "" });
+  if (live && localStream) {
+    const label = `${client.me.identity} (you)${client.pub ? "" : " · preview, not live"}`;
+    want.set("local", { stream: localStream, label, muted: true, flags: micMuted ? "mic muted" : "" });
+  }
   if (live) {
     for (const p of client.participants.values()) {
       if (p.id === client.me.id || !remote.has(p.id) || p.tracks.size === 0) continue;
@@ -378,76 +589,170 @@ function renderTiles() {
   }
 }
 
-// ---------------------------------------------------------------- audience: HTTP-FLV
+// ---------------------------------------------------------------- HTTP-FLV players
 
-function startFlv() {
-  $("flv-box").hidden = false;
-  if (flv || flvRetry) return;
-  const status = $("flv-status");
-  const mpegts = window.mpegts;
-  if (!mpegts) {
-    status.textContent = "mpegts.js is missing on the server: run `npm ci --prefix web`.";
-    return;
+const ENDED_TEXT = "The live ended. The player starts again if the host goes live again.";
+
+/**
+ * A player of a room's mixed stream from the embedded origin (HTTP-FLV through mpegts.js), as a
+ * CDN viewer sees it: the audience's player, the host's small "what viewers get" player and the
+ * `?watch=ROOM` view. It retries while the stream is absent and tells a stream that has not
+ * started (`waiting()`) from one that ended after this player played it.
+ */
+class FlvView {
+  constructor(video, status, { url, waiting }) {
+    this.video = video;
+    this.status = status;
+    this.url = url;
+    this.waiting = waiting;
+    this.player = null;
+    this.retryTimer = null;
+    this.watchTimer = null;
+    this.played = false; // played something since start()
+    this.state = "idle"; // connecting | waiting | playing | ended | error
   }
-  if (!mpegts.getFeatureList().mseLivePlayback) {
-    status.textContent = "This browser cannot play HTTP-FLV (no Media Source Extensions).";
-    return;
+
+  say(state, text) {
+    this.state = state;
+    this.status.dataset.state = state;
+    this.status.textContent = text;
+    this.status.hidden = state === "playing";
   }
-  const video = $("flv");
-  status.hidden = false;
-  status.textContent = "connecting to the stream…";
-  flv = mpegts.createPlayer(
-    { type: "flv", isLive: true, url: `${base}/live/${encodeURIComponent(client.room)}.flv` },
-    { enableWorker: false, liveBufferLatencyChasing: true, liveBufferLatencyMaxLatency: 3, liveBufferLatencyMinRemain: 0.5 },
-  );
-  flv.attachMediaElement(video);
-  const retry = (text) => {
-    stopFlv(false);
-    status.hidden = false;
-    status.textContent = text;
-    flvRetry = setTimeout(() => {
-      flvRetry = null;
-      if (client?.me?.role === "audience") startFlv();
+
+  /** The waiting text follows the room (the host arrives, publishes, ...). */
+  refreshText() {
+    if (this.state === "waiting") this.say("waiting", this.waiting());
+  }
+
+  start() {
+    if (this.player || this.retryTimer) return;
+    const mpegts = window.mpegts;
+    if (!mpegts) return this.say("error", "mpegts.js is missing on the server: run `npm ci --prefix web`.");
+    if (!mpegts.getFeatureList().mseLivePlayback) return this.say("error", "This browser cannot play HTTP-FLV (no Media Source Extensions).");
+    if (this.state === "idle") this.say("connecting", "connecting to the stream…");
+    const video = this.video;
+    const player = mpegts.createPlayer(
+      { type: "flv", isLive: true, url: this.url },
+      { enableWorker: false, liveBufferLatencyChasing: true, liveBufferLatencyMaxLatency: 3, liveBufferLatencyMinRemain: 0.5 },
+    );
+    this.player = player;
+    player.attachMediaElement(video);
+    player.on(mpegts.Events.ERROR, (type, detail, info) => {
+      if (info && info.code === 404) {
+        // No stream: it ended (this player had it) or has not started.
+        if (this.played) this.retry("ended", ENDED_TEXT);
+        else this.retry("waiting", this.waiting());
+      } else {
+        this.retry("error", `Stream error (${detail}). Retrying…`);
+      }
+    });
+    // The origin closed the stream: ask again at once; a 404 then says it ended.
+    player.on(mpegts.Events.LOADING_COMPLETE, () => this.retry("connecting", "The stream stopped. Checking…", 300));
+    video.onplaying = () => {
+      this.played = true;
+      this.say("playing", "");
+    };
+    // A live stream whose time stops (the origin went quiet, a network stall) gets a new player,
+    // as CDN players do; a pause by the person is left alone.
+    let lastTime = -1;
+    let still = 0;
+    this.watchTimer = setInterval(() => {
+      if (video.paused && video.currentTime > 0) return;
+      still = video.currentTime === lastTime ? still + 1 : 0;
+      lastTime = video.currentTime;
+      if (still >= 4) this.retry("connecting", "The stream stalled. Reconnecting…");
     }, 2000);
-  };
-  flv.on(mpegts.Events.ERROR, (type, detail, info) => {
-    const notLive = info && info.code === 404;
-    retry(notLive ? "The room is not live yet (the host has not started the bridge). Retrying…" : `Stream error (${detail}). Retrying…`);
-  });
-  flv.on(mpegts.Events.LOADING_COMPLETE, () => retry("The stream ended. Waiting for it to come back…"));
-  video.onplaying = () => (status.hidden = true);
-  // A live stream whose time stops (the origin went quiet, a network stall) gets a new player,
-  // as CDN players do; a pause by the person is left alone.
-  let lastTime = -1;
-  let still = 0;
-  flvWatch = setInterval(() => {
-    if (video.paused && video.currentTime > 0) return;
-    still = video.currentTime === lastTime ? still + 1 : 0;
-    lastTime = video.currentTime;
-    if (still >= 4) retry("The stream stalled. Reconnecting…");
-  }, 2000);
-  flv.load();
-  video.play().catch(() => {
-    // Autoplay with sound refused: play muted, the person can unmute with the controls.
-    video.muted = true;
-    video.play().catch(() => {});
-  });
+    player.load();
+    video.play().catch(() => {
+      // Autoplay with sound refused: play muted, the person can unmute with the controls.
+      video.muted = true;
+      video.play().catch(() => {});
+    });
+  }
+
+  retry(state, text, delayMs = 2000) {
+    this.close();
+    this.say(state, text);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      this.start();
+    }, delayMs);
+  }
+
+  close() {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    clearInterval(this.watchTimer);
+    this.watchTimer = null;
+    if (this.player) {
+      try {
+        this.player.destroy();
+      } catch {
+        // already torn down
+      }
+      this.player = null;
+    }
+  }
+
+  /** Stop playing; the next start() is a new visit. */
+  stop() {
+    this.close();
+    this.played = false;
+    this.say("idle", "not playing");
+  }
+
+  /** Seconds of media buffered ahead of the playing position (the player's own delay). */
+  bufferedAhead() {
+    const b = this.video.buffered;
+    return b.length ? Math.max(0, b.end(b.length - 1) - this.video.currentTime) : null;
+  }
 }
 
-function stopFlv(hide = true) {
-  clearTimeout(flvRetry);
-  flvRetry = null;
-  clearInterval(flvWatch);
-  flvWatch = null;
-  if (flv) {
+// ---------------------------------------------------------------- ?watch=ROOM: a viewer without a token
+
+function initWatch(room) {
+  $("entry").hidden = true;
+  $("watch").hidden = false;
+  $("state").hidden = true;
+  document.title = `${room} · cohost`;
+  $("watch-title").textContent = `Room ${room}`;
+  $("watch-url").textContent = streamUrl(room);
+  $("watch-enter").href = `./?room=${encodeURIComponent(room)}&role=audience`;
+  watchView = new FlvView($("watch-video"), $("watch-status"), {
+    url: streamUrl(room),
+    waiting: () => "The room is not live right now. The stream plays here when it goes live.",
+  });
+  watchView.start();
+  followMessages(room);
+}
+
+let watchView = null;
+
+/** The room's messages for viewers without a connection: the public long-poll feed. */
+async function followMessages(room) {
+  const log = $("watch-log");
+  let since = 0;
+  let gone = false;
+  for (;;) {
     try {
-      flv.destroy();
+      const r = await fetch(`${base}/v1/rooms/${encodeURIComponent(room)}/messages?since=${since}&wait=25`);
+      if (r.status === 404) {
+        // No such room (yet, or any more): a room of that name later starts counting afresh.
+        gone = true;
+        since = 0;
+        await new Promise((res) => setTimeout(res, 3000));
+        continue;
+      }
+      if (!r.ok) throw new Error(String(r.status));
+      const body = await r.json();
+      if (gone) log.replaceChildren();
+      gone = false;
+      for (const m of body.messages || []) addMessage(m, log);
+      if (typeof body.next === "number") since = body.next;
     } catch {
-      // already torn down
+      await new Promise((res) => setTimeout(res, 3000));
     }
-    flv = null;
   }
-  if (hide) $("flv-box").hidden = true;
 }
 
 // ---------------------------------------------------------------- host: requests, members, bridge, PK
@@ -510,27 +815,87 @@ function layoutValue() {
   return $("layout").value || null;
 }
 
-/** Bridge status from the REST API (the host's token may read its room's bridge). */
-async function refreshBridge() {
-  clearTimeout(bridgeTimer);
-  if (!client || client.me.role !== "host" || client.state === "closed") return;
-  let status = null;
+/** The room's stream (the bridge) from the REST API, which the host's token may read:
+ * {running, status}; `running` is null when the server could not be asked. */
+async function fetchBridge() {
   try {
     const r = await fetch(`${base}/v1/rooms/${encodeURIComponent(client.room)}/bridge`, {
       headers: { Authorization: `Bearer ${token}` },
     });
-    if (r.ok) status = await r.json();
+    if (r.ok) return { running: true, status: await r.json() };
+    if (r.status === 404) return { running: false, status: null };
   } catch {
     // Server unreachable: the connection state pill says so.
   }
-  renderBridge(status);
-  if (status) bridgeTimer = setTimeout(refreshBridge, 2000);
+  return { running: null, status: null };
 }
+
+/** Follow the room's stream: every second while live, every few seconds otherwise. */
+async function refreshBridge() {
+  clearTimeout(bridgeTimer);
+  const gen = ++bridgeGen;
+  if (!client || client.me?.role !== "host" || client.state === "closed") return;
+  const c = client;
+  const { running, status } = await fetchBridge();
+  if (gen !== bridgeGen || c !== client) return; // a newer call or another visit took over
+  if (running !== null) await onBridge(status);
+  if (gen !== bridgeGen || c !== client) return;
+  bridgeTimer = setTimeout(refreshBridge, wantLive || bridgeStatus ? 1000 : 3000);
+}
+
+async function onBridge(status) {
+  bridgeStatus = status;
+  if (status && wantLive && awaitingStart) {
+    awaitingStart = false;
+    clearTimeout(fallbackTimer);
+    if (liveSince === null) liveSince = Date.now();
+    await applyPending(status).catch((err) => showError(describe(err)));
+  } else if (!status && wantLive && !awaitingStart && liveSince !== null && !stoppedWarned) {
+    stoppedWarned = true;
+    showError("The stream for viewers stopped (the server or an operator stopped it). Press \"End live\", then \"Go live\" to start again.");
+  }
+  if (status) stoppedWarned = false;
+  if (status && wantLive) startMonitor();
+  else if (!status) stopMonitor();
+  renderBridge(status);
+  renderLive();
+}
+
+/** A layout or pushes chosen before the stream ran, applied once it runs. */
+async function applyPending(status) {
+  const want = layoutValue();
+  if (want !== null && want !== (status.layout ?? null)) {
+    layoutBusy = true;
+    try {
+      await client.setLayout(want);
+      status.layout = want;
+    } finally {
+      layoutBusy = false;
+    }
+  }
+  if (pendingDests.length) await patchBridge({ add_destinations: pendingDests.splice(0) });
+}
+
+/** PATCH /v1/rooms/{room}/bridge with the host's token (adds pushes to a running stream). */
+async function patchBridge(body) {
+  const r = await fetch(`${base}/v1/rooms/${encodeURIComponent(client.room)}/bridge`, {
+    method: "PATCH",
+    headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  if (!r.ok) {
+    const e = (await r.json().catch(() => ({}))).error || {};
+    throw new CohostError(e.code || `http_${r.status}`, e.message || r.statusText);
+  }
+}
+
+const PATH_TEXT = {
+  starting: "waiting for your first keyframe",
+  passthrough: "your own video passed through (no re-encoding)",
+};
 
 function renderBridge(status) {
   const running = !!status;
-  $("bridge-start").disabled = running;
-  $("bridge-stop").disabled = !running;
   const table = $("bridge-status");
   table.hidden = !running || status.destinations.length === 0;
   const body = table.querySelector("tbody");
@@ -541,29 +906,97 @@ function renderBridge(status) {
       el("td", { textContent: String(d.retries) }), el("td", { textContent: `${Math.round(d.bytes_sent / 1024)} KiB` }),
       el("td", { textContent: d.last_error || "" })));
   }
-  $("bridge-summary").textContent = running
-    ? `Bridge running: ${status.config.width}x${status.config.height} @ ${status.config.fps} fps, layout ${status.layout || "auto"}, ` +
-      `${status.stats.video_frames} frames, ${status.stats.inputs} inputs` +
-      (status.stats.latency_ms_p50 != null ? `, latency ${Math.round(status.stats.latency_ms_p50)} ms` : "") +
-      `. Viewers: ${status.play.http_flv}`
-    : "Bridge stopped.";
+  // The selector shows the running stream's layout (unless the person is changing it).
+  if (running && !layoutBusy) $("layout").value = status.layout ?? "";
+  if (!running) {
+    $("bridge-summary").textContent = wantLive ? "Starting the stream for viewers…" : "No stream for viewers (not live).";
+    return;
+  }
+  const st = status.stats;
+  // The output size is the host's, known once the stream started (stats.width/height).
+  const size = st.width && st.height ? `${st.width}x${st.height} @ ` : "";
+  const path = PATH_TEXT[st.path] || (st.path === "mixing" ? `mixing (${st.mix_reason || "?"})` : st.path || "");
+  const parts = [
+    `Stream running: ${size}${status.config.fps} fps`,
+    `layout ${status.layout || "auto"}`,
+    // stats.inputs: the tracks the bridge takes in now (it goes down when a co-host leaves).
+    `${st.inputs} input track${st.inputs === 1 ? "" : "s"} now`,
+    path,
+  ];
+  if (st.latency_ms_p50 != null) parts.push(`mixing delay ${Math.round(st.latency_ms_p50)} ms`);
+  $("bridge-summary").textContent = parts.filter(Boolean).join(" · ");
+}
+
+/** The host's small player of what viewers get, with how far behind it plays. */
+function startMonitor() {
+  if (!monitor) {
+    monitor = new FlvView($("monitor"), $("monitor-overlay"), {
+      url: streamUrl(client.room),
+      waiting: () => "the stream is starting…",
+    });
+  }
+  if (monitor.player || monitor.retryTimer) return;
+  monitor.start();
+  clearInterval(monitorTimer);
+  monitorTimer = setInterval(renderMonitorLatency, 1000);
+}
+
+function stopMonitor() {
+  clearInterval(monitorTimer);
+  monitorTimer = null;
+  if (monitor) {
+    monitor.stop();
+    monitor.say("idle", "not live");
+  }
+  $("monitor-latency").textContent = "";
+}
+
+function renderMonitorLatency() {
+  const buf = monitor?.state === "playing" ? monitor.bufferedAhead() : null;
+  if (buf === null) {
+    $("monitor-latency").textContent = "";
+    return;
+  }
+  const mixMs = bridgeStatus?.stats?.latency_ms_p50;
+  const total = buf + (mixMs != null ? mixMs / 1000 : 0);
+  $("monitor-latency").textContent = `Viewers here are about ${total.toFixed(1)} s behind you (player buffer ${buf.toFixed(1)} s` +
+    (mixMs != null ? ` + mixing ${Math.round(mixMs)} ms` : "") + "); a CDN adds its own delay.";
 }
 
 $("go-live").addEventListener("click", act(goLive));
-$("stop-live").addEventListener("click", act(async () => stopLocal()));
-$("bridge-start").addEventListener("click", act(async () => {
-  const dest = $("bridge-dest").value.trim();
-  await client.startBridge({ layout: layoutValue(), destinations: dest ? [dest] : [] });
-  showNotice("Bridge started.");
-  await refreshBridge();
+$("end-live").addEventListener("click", act(endLive));
+$("preview").addEventListener("click", act(async () => {
+  if (localStream && !client?.pub) stopLocal();
+  else await openMedia();
 }));
-$("bridge-stop").addEventListener("click", act(async () => {
-  await client.stopBridge();
+$("mute-mic").addEventListener("click", act(async () => setMicMuted(!micMuted)));
+$("camera").addEventListener("change", act(() => switchDevice("video")));
+$("microphone").addEventListener("change", act(() => switchDevice("audio")));
+$("copy-url").addEventListener("click", act(async () => {
+  await navigator.clipboard.writeText($("stream-url").textContent);
+  showNotice("Stream URL copied.");
+}));
+$("bridge-add").addEventListener("click", act(async () => {
+  const dest = $("bridge-dest").value.trim();
+  if (!dest) throw new Error("Enter an rtmp:// push URL.");
+  if (bridgeStatus) {
+    await patchBridge({ add_destinations: [dest] });
+    showNotice("Push added.");
+  } else {
+    pendingDests.push(dest);
+    showNotice("The push starts with the stream.");
+  }
+  $("bridge-dest").value = "";
   await refreshBridge();
 }));
 $("layout").addEventListener("change", act(async () => {
-  if ($("bridge-stop").disabled) return; // applied when the bridge starts
-  await client.setLayout(layoutValue());
+  if (!bridgeStatus) return; // applied when the stream starts
+  layoutBusy = true;
+  try {
+    await client.setLayout(layoutValue());
+  } finally {
+    layoutBusy = false;
+  }
   await refreshBridge();
 }));
 $("pk-invite").addEventListener("click", act(async () => {
@@ -587,6 +1020,7 @@ $("leave-seat").addEventListener("click", act(() => client.leaveSeat()));
 $("like").addEventListener("click", act(() => client.like(1)));
 for (const id of ["gift-rose", "gift-rocket"]) $(id).addEventListener("click", act(() => client.gift($(id).dataset.gift, 1)));
 $("leave").addEventListener("click", act(async () => {
+  if (wantLive) return endLive(); // leaving while live ends the live properly
   const c = client;
   teardown();
   await c?.leave();
@@ -596,7 +1030,18 @@ $("leave").addEventListener("click", act(async () => {
 function teardown() {
   clearInterval(statsTimer);
   clearTimeout(bridgeTimer);
-  stopFlv();
+  clearTimeout(fallbackTimer);
+  bridgeGen += 1;
+  audienceView?.stop();
+  audienceView = null;
+  $("flv-box").hidden = true;
+  stopMonitor();
+  monitor = null;
+  wantLive = false;
+  awaitingStart = false;
+  liveSince = null;
+  bridgeStatus = null;
+  pendingDests.length = 0;
   stopLocal();
   remote.clear();
   requests.clear();
@@ -604,6 +1049,7 @@ function teardown() {
   pkHost = null;
   client = null;
   renderTiles();
+  renderLive();
   $("app").hidden = true;
   $("entry").hidden = false;
 }
@@ -617,8 +1063,7 @@ $("chat-form").addEventListener("submit", act(async () => {
   $("chat-input").value = "";
 }));
 
-function addMessage(m) {
-  const log = $("chat-log");
+function addMessage(m, log) {
   if (log.querySelector(`[data-id="${m.id}"]`)) return; // history and live events overlap
   const who = m.from ? m.from.identity : "";
   let text;
@@ -634,7 +1079,7 @@ function addMessage(m) {
   const li = el("li", { class: m.kind, dataset: { id: String(m.id) } },
     who ? el("span", { class: "from", textContent: `${who}: ` }) : null,
     el("span", { class: "text", textContent: text }));
-  if (client?.me?.role === "host" && m.kind === "chat") {
+  if (log.id === "chat-log" && client?.me?.role === "host" && m.kind === "chat") {
     li.append(" ", el("button", { class: "small secondary", textContent: "×", title: "delete", onclick: act(() => client.deleteMessage(m.id)) }));
   }
   log.append(li);
@@ -666,7 +1111,10 @@ async function renderStats() {
 window.cohostDemo = {
   get client() { return client; },
   get localStream() { return localStream; },
-  get flv() { return flv; },
+  get audienceView() { return audienceView; },
+  get monitor() { return monitor; },
+  get watchView() { return watchView; },
+  get live() { return { wantLive, awaitingStart, liveSince, micMuted, bridge: bridgeStatus }; },
 };
 
 initEntry();

@@ -1,5 +1,6 @@
 // The demo page (web/) driven through its UI in Debian's Chromium, against the real server:
-// a host goes live, an audience member asks to co-host and is approved, both see and hear each
+// a host goes live (on a server without bridge.auto_start the page starts the stream itself;
+// golive.test.mjs covers going live and ending it with auto_start), an audience member asks to co-host and is approved, both see and hear each
 // other, a viewer watches the bridge's HTTP-FLV output (mpegts.js) showing both, chat reaches
 // everyone, and the removed co-host falls back to the audience. Screenshots: tests/browser/output/.
 import { describe, it, before, after } from "node:test";
@@ -119,6 +120,8 @@ describe("co-hosting through the demo page", () => {
       // The page pushes to a dead CDN on loopback: hosts may not push to loopback by default
       // (bridge destination policy), the operator allows it here.
       COHOST_BRIDGE__DESTINATION_ALLOW: '["127.0.0.0/8"]',
+      // The page starts the stream itself when the server does not (start_bridge).
+      COHOST_BRIDGE__AUTO_START: "false",
     });
     hostBrowser = await launchBrowser(); // Chromium's green test pattern: host and viewer
     guestBrowser = await launchBrowser({ video: blueCamera(tmp) }); // the co-host's blue camera
@@ -139,6 +142,9 @@ describe("co-hosting through the demo page", () => {
     await waitFor("host's tracks published", () =>
       host.evaluate(() => window.cohostDemo.client.participants.get(window.cohostDemo.client.me.id).tracks.size === 2));
     assert.equal(await host.textContent("#state"), "connected · stage");
+    // Without bridge.auto_start the page sends start_bridge itself after a few seconds.
+    await host.waitForSelector("#live-badge:text-matches('^LIVE [0-9]{2}:[0-9]{2}$')", { timeout: 20000 });
+    await host.waitForSelector("#bridge-summary:has-text('Stream running')");
   });
 
   it("audience_request_is_approved_in_the_host_ui_and_the_guest_publishes_without_reloading", async () => {
@@ -176,9 +182,9 @@ describe("co-hosting through the demo page", () => {
     // A CDN destination that refuses connections: the page shows it retrying, and the embedded
     // origin still gets the stream.
     const dead = `rtmp://127.0.0.1:${await closedPort()}/live/stage`;
+    await host.click("#stream-settings summary");
     await host.fill("#bridge-dest", dead);
-    await host.click("#bridge-start");
-    await host.waitForSelector("#bridge-stop:not([disabled])");
+    await host.click("#bridge-add");
     await host.waitForSelector(`#bridge-status tr.dest:has-text('${dead}') td.dest-state:text-matches('connecting|retrying|failed')`);
     viewer = await hostBrowser.browser.newPage();
     await enter(viewer, server.addr, room, "carol", "audience");
@@ -202,13 +208,16 @@ describe("co-hosting through the demo page", () => {
     assert.ok(isGreen(main.rgb), `host's green test pattern full frame, got ${main.rgb}`);
     const above = await flvPatch(viewer, pipTile.cx, pipTile.y - pipTile.h / 3);
     assert.ok(isGreen(above.rgb), `above the pip tile it is the host again, got ${above.rgb}`);
-    // The host sees the bridge's status.
-    await host.waitForSelector("#bridge-summary:has-text('Bridge running')");
+    // The host sees the stream's status: host and co-host, audio and video.
+    await host.waitForSelector("#bridge-summary:has-text('Stream running')");
+    await host.waitForSelector("#bridge-summary:has-text('4 input tracks now')");
   });
 
   it("host_pins_side_by_side_in_the_page_and_the_flv_output_follows", async () => {
+    assert.equal(await host.inputValue("#layout"), "", "the selector shows the running layout: auto");
     await host.selectOption("#layout", "side_by_side");
     await host.waitForSelector("#bridge-summary:has-text('layout side_by_side')");
+    assert.equal(await host.inputValue("#layout"), "side_by_side");
     // Landscape side by side: host on the left half, co-host on the right half.
     const size = await viewer.evaluate(() => [document.getElementById("flv").videoWidth, document.getElementById("flv").videoHeight]);
     await waitFor("the co-host's blue camera filling the right half", async () =>
@@ -272,6 +281,8 @@ describe("co-hosting through the demo page", () => {
       guest.evaluate((t0) => document.getElementById("flv").currentTime > t0 + 1, t0));
     await host.waitForSelector('#members li[data-identity="bob"] .role.audience');
     await host.waitForSelector('.tile[data-participant]:not([data-participant="local"])', { state: "detached" });
+    // The summary counts the inputs of now: the co-host's two tracks are gone.
+    await host.waitForSelector("#bridge-summary:has-text('2 input tracks now')");
     await guest.screenshot({ path: path.join(OUTPUT, "removed-cohost-back-to-audience-phone.png"), fullPage: true });
   });
 });
