@@ -250,7 +250,11 @@ pub struct IceServer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomConfig {
-    /// Participants (any role) per room.
+    /// Members per room, any role: the audience joins signaling-only (chat, likes, gifts,
+    /// co-host requests) and costs no media.
+    pub max_members: usize,
+    /// Real-time participants per room: members with media (hosts, co-hosts, RTMP/WHIP
+    /// publishers, and audience members once they subscribe to tracks).
     pub max_participants: usize,
     /// Participants publishing media at once per room.
     pub max_publishers: usize,
@@ -716,6 +720,7 @@ impl Default for WebrtcConfig {
 impl Default for RoomConfig {
     fn default() -> Self {
         Self {
+            max_members: 10_000,
             max_participants: 200,
             max_publishers: 9,
             max_tracks_per_participant: 4,
@@ -800,9 +805,13 @@ impl Config {
                 "auth.secret must be at least 16 bytes".into(),
             ));
         }
-        if self.room.max_participants == 0 || self.room.max_publishers == 0 {
+        if self.room.max_participants == 0
+            || self.room.max_publishers == 0
+            || self.room.max_members == 0
+        {
             return Err(ConfigError::Invalid(
-                "room.max_participants and room.max_publishers must be at least 1".into(),
+                "room.max_members, room.max_participants and room.max_publishers must be at least 1"
+                    .into(),
             ));
         }
         if self.signaling.max_message_bytes < 1024 {

@@ -125,7 +125,7 @@ fn raw_of(c: &Client, kind: &str) -> Vec<(u16, u32, bool, Bytes)> {
 async fn rtmp_publisher_with_a_stream_key_is_seen_and_heard_by_webrtc_subscribers() {
     let server = Server::start().await;
     let rtmp = server.rtmp.expect("rtmp listener");
-    let mut viewer = Client::join(&server, "obsroom", "viewer", Role::Audience).await;
+    let mut viewer = Client::watch(&server, "obsroom", "viewer").await;
     let (key, url) = cli_stream_key("obsroom", "obs", &[]).await;
     assert!(url.ends_with(&format!("/live/{key}")), "{url}");
     let mut ff = ffmpeg_push(&format!("rtmp://{rtmp}/live/{key}"), 6);

@@ -192,7 +192,7 @@ async fn hostile_messages_never_break_the_server() {
     let mut good = Client::join(&server, "h", "good", Role::Host).await;
     good.publish(None).await.unwrap();
     let tag = good.publication.as_ref().unwrap().tag_audio;
-    let watcher = Client::join(&server, "h", "watcher", Role::Audience).await;
+    let watcher = Client::watch(&server, "h", "watcher").await;
     watcher.wait_packets(tag, 10).await;
     // A joined attacker and an unjoined one each send junk.
     let token = server.token("h", "evil", Role::Cohost);

@@ -48,7 +48,7 @@ async fn two_publishers_receive_each_others_audio_and_video() {
         assert_eq!(missing_seqs(&seqs), 0, "gaps in {seqs:?}");
     }
     // Room state seen by a late joiner lists both publishers and their tracks.
-    let c = Client::join(&server, "duo", "carol", Role::Audience).await;
+    let c = Client::watch(&server, "duo", "carol").await;
     let ps = c.join["participants"].as_array().unwrap();
     assert_eq!(ps.len(), 2);
     for p in ps {
@@ -66,7 +66,7 @@ async fn late_joiner_triggers_one_keyframe_request_and_receives_video() {
     // Nobody subscribes yet: no keyframe requests.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = plis.load(Ordering::SeqCst);
-    let viewer = Client::join(&server, "kf", "viewer", Role::Audience).await;
+    let viewer = Client::watch(&server, "kf", "viewer").await;
     viewer.wait_packets(tag, 30).await;
     let deadline = Instant::now() + common::T;
     while plis.load(Ordering::SeqCst) == before {
@@ -89,7 +89,7 @@ async fn ten_joiners_at_once_trigger_few_keyframe_requests() {
     let before = plis.load(Ordering::SeqCst);
     let joins = (0..10).map(|i| {
         let s = &server;
-        async move { Client::join(s, "kf10", &format!("v{i}"), Role::Audience).await }
+        async move { Client::watch(s, "kf10", &format!("v{i}")).await }
     });
     let viewers = futures::future::join_all(joins).await;
     for v in &viewers {
@@ -110,7 +110,7 @@ async fn ten_joiners_at_once_trigger_few_keyframe_requests() {
 async fn nack_retransmission_recovers_lost_packets() {
     let server = Server::start().await;
     let mut host = Client::join(&server, "nack", "host", Role::Host).await;
-    let viewer = Client::join(&server, "nack", "viewer", Role::Audience).await;
+    let viewer = Client::watch(&server, "nack", "viewer").await;
     // The host's wire drops every 25th packet the first time it is sent.
     host.publish(Some(25)).await.unwrap();
     let p = host.publication.as_ref().unwrap();
@@ -162,6 +162,7 @@ async fn nack_retransmission_recovers_loss_toward_subscriber() {
     let viewer = Client::join_opts(&server, &token, Some((25, dropped.clone())))
         .await
         .unwrap();
+    viewer.subscribe_all().await;
     host.publish(None).await.unwrap();
     let p = host.publication.as_ref().unwrap();
     viewer.wait_packets(p.tag_video, 400).await;
@@ -192,7 +193,7 @@ async fn nack_retransmission_recovers_loss_toward_subscriber() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audience_cannot_publish() {
     let server = Server::start().await;
-    let mut v = Client::join(&server, "r", "viewer", Role::Audience).await;
+    let mut v = Client::watch(&server, "r", "viewer").await;
     let err = v
         .publish(None)
         .await
@@ -240,15 +241,32 @@ async fn expired_and_forged_tokens_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_full_is_refused() {
-    let server = Server::start_with(&[("COHOST_ROOM__MAX_PARTICIPANTS", "2")]).await;
+    let server = Server::start_with(&[
+        ("COHOST_ROOM__MAX_MEMBERS", "3"),
+        ("COHOST_ROOM__MAX_PARTICIPANTS", "2"),
+    ])
+    .await;
     let _a = Client::join(&server, "small", "a", Role::Host).await;
-    let _b = Client::join(&server, "small", "b", Role::Audience).await;
-    let token = server.token("small", "c", Role::Audience);
-    let err = Client::join_with_token(&server, &token)
+    // Real-time participants: the host and one co-host; a second co-host is refused.
+    let _b = Client::join(&server, "small", "b", Role::Cohost).await;
+    let err = Client::join_with_token(&server, &server.token("small", "c", Role::Cohost))
         .await
         .err()
         .expect("refused");
     assert_eq!(err["error"]["code"], "room_full", "{err}");
+    // The audience is signaling-only and counts only against the member limit.
+    let fan = Client::join(&server, "small", "fan", Role::Audience).await;
+    let err = Client::join_with_token(&server, &server.token("small", "d", Role::Audience))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err["error"]["code"], "room_full", "{err}");
+    // Receiving media would make the audience member the third real-time participant.
+    let r = fan
+        .sig
+        .request(json!({"type": "subscribe", "all": true}))
+        .await;
+    assert_eq!(r["error"]["code"], "room_full", "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,7 +307,7 @@ async fn malformed_and_oversized_messages_get_errors_and_connection_keeps_workin
     assert_eq!(r["error"]["code"], "already_joined", "{r}");
     // After all that, publishing still works and media flows to another participant.
     c.publish(None).await.expect("publish after errors");
-    let v = Client::join(&server, "bad", "y", Role::Audience).await;
+    let v = Client::watch(&server, "bad", "y").await;
     v.wait_packets(c.publication.as_ref().unwrap().tag_audio, 20)
         .await;
 }
@@ -428,7 +446,7 @@ async fn rest_room_api_requires_admin_or_host() {
 async fn removing_a_track_by_renegotiation_unpublishes_it() {
     let server = Server::start().await;
     let mut host = Client::join(&server, "unpub", "host", Role::Host).await;
-    let mut viewer = Client::join(&server, "unpub", "viewer", Role::Audience).await;
+    let mut viewer = Client::watch(&server, "unpub", "viewer").await;
     host.publish(None).await.unwrap();
     let p = host.publication.as_ref().unwrap();
     viewer.wait_packets(p.tag_video, 20).await;
@@ -454,7 +472,7 @@ async fn removing_a_track_by_renegotiation_unpublishes_it() {
 async fn room_stats_and_metrics_report_forwarding() {
     let server = Server::start().await;
     let mut host = Client::join(&server, "stats", "host", Role::Host).await;
-    let viewer = Client::join(&server, "stats", "viewer", Role::Audience).await;
+    let viewer = Client::watch(&server, "stats", "viewer").await;
     host.publish(None).await.unwrap();
     viewer
         .wait_packets(host.publication.as_ref().unwrap().tag_video, 30)

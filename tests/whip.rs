@@ -151,7 +151,7 @@ async fn wait_media_from(client: &Client, pid: &str, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_whip_publisher_is_a_room_participant_and_in_the_bridge_output() {
     let server = Server::start().await;
-    let mut watcher = Client::join(&server, "wr", "watcher", Role::Audience).await;
+    let mut watcher = Client::watch(&server, "wr", "watcher").await;
     let token = server.token("wr", "obs", Role::Host);
     let mut pubr = Aiortc::publish(&server, "wr", &token, (30, 30, 220)).await;
     let created = pubr.wait_event("201", |v| v["event"] == "created").await;
@@ -243,7 +243,7 @@ async fn aiortc_whip_publisher_is_a_room_participant_and_in_the_bridge_output() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whip_delete_ends_the_session_and_the_room_sees_the_participant_leave() {
     let server = Server::start().await;
-    let mut watcher = Client::join(&server, "wd", "watcher", Role::Audience).await;
+    let mut watcher = Client::watch(&server, "wd", "watcher").await;
     let token = server.token("wd", "encoder", Role::Cohost);
     let mut pubr = Aiortc::publish(&server, "wd", &token, (200, 200, 40)).await;
     let created = pubr.wait_event("201", |v| v["event"] == "created").await;
@@ -1213,6 +1213,8 @@ async fn whip_publishes_of_one_identity_replace_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whip_host_leaving_ends_the_bridge_and_a_new_host_gets_a_fresh_one() {
     let server = Server::start_with(&[
+        // The live ends a grace period (1 s here) after its host leaves.
+        ("COHOST_ROOM__HOST_GRACE", "1s"),
         ("COHOST_BRIDGE__WIDTH", "320"),
         ("COHOST_BRIDGE__HEIGHT", "240"),
         ("COHOST_BRIDGE__FPS", "15"),

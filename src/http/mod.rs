@@ -332,9 +332,12 @@ async fn list_rooms(State(svc): State<Arc<Services>>, headers: HeaderMap) -> Res
         .rooms()
         .iter()
         .map(|r| {
+            let (members, participants) = r.counts();
             json!({
                 "name": r.name,
-                "participants": r.participant_count(),
+                "members": members,
+                "participants": participants,
+                "viewers": viewers(&svc, &r.name),
                 "publishers": r.publisher_count(),
                 "tracks": r.tracks().len(),
                 "age_secs": r.created.elapsed().as_secs(),
@@ -379,12 +382,25 @@ async fn get_room(
             })
         })
         .collect();
+    let (members, participants) = r.counts();
     Json(json!({
         "name": r.name,
+        "counts": {
+            "members": members,
+            "participants": participants,
+            "viewers": viewers(&svc, &r.name),
+        },
         "participants": r.participants_detailed(),
         "tracks": tracks,
     }))
     .into_response()
+}
+
+/// Players of the room's stream on the embedded origin (HTTP-FLV and RTMP viewers), not
+/// counting the bridge's own CDN pushes, which play from the origin too.
+fn viewers(svc: &Services, room: &str) -> usize {
+    let pushes = svc.bridges.get(room).map_or(0, |h| h.destinations.len());
+    svc.origin.player_count(room).saturating_sub(pushes)
 }
 
 #[derive(Deserialize, Default)]

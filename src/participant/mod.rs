@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -25,8 +25,8 @@ use crate::room::{Actor, EventRx, Registry, Room, RoomError, RoomEvent, new_trac
 use crate::sfu::TrackRouter;
 use crate::sfu::keyframe::{Decision, KeyframeThrottle};
 use crate::signaling::protocol::{
-    Candidate, ClientMessage, ErrorCode, JoinResult, Kind, LeaveReason, Limits, MessageBody,
-    PROTOCOL_VERSION, RequestId, ResponseResult, ServerMessage, Target, close_code,
+    Candidate, ClientMessage, Counts, ErrorCode, JoinResult, Kind, LeaveReason, Limits,
+    MessageBody, PROTOCOL_VERSION, RequestId, ResponseResult, ServerMessage, Target, close_code,
 };
 use crate::signaling::session::{Action, MAX_TICK, Session};
 
@@ -34,6 +34,7 @@ pub mod rtmp;
 
 mod outbox;
 pub mod stats;
+mod subscribe;
 pub mod whip;
 
 pub use outbox::{Next, Outbox, OutboxRx, outbox};
@@ -149,6 +150,11 @@ struct Joined {
     kf_offered: Vec<Arc<TrackRouter>>,
     kf_ready: Vec<Arc<TrackRouter>>,
     published: HashMap<String, Published>,
+    /// Subscribe to every track, now and later (hosts and co-hosts; anyone after
+    /// `subscribe` with `all`). Audience members start without (see `subscribe`).
+    auto_subscribe: bool,
+    /// `pause_media`: the forwarding tasks drop this member's media meanwhile.
+    paused: Arc<AtomicBool>,
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
@@ -453,6 +459,7 @@ impl Driver {
                     ice_servers: cfg.webrtc.ice_servers.clone(),
                     limits: Limits {
                         max_message_bytes: cfg.signaling.max_message_bytes,
+                        max_members: cfg.room.max_members,
                         max_participants: cfg.room.max_participants,
                         max_publishers: cfg.room.max_publishers,
                         max_tracks_per_participant: cfg.room.max_tracks_per_participant,
@@ -462,6 +469,13 @@ impl Driver {
                     seats: cfg.room.cohost_seats,
                     history: room.messages_since(0),
                     pk: room.pk_partner(),
+                    counts: {
+                        let (members, participants) = room.counts();
+                        Counts {
+                            members,
+                            participants,
+                        }
+                    },
                 };
                 let role = claims.role;
                 self.room_rx = Some(rx);
@@ -481,10 +495,13 @@ impl Driver {
                     kf_offered: vec![],
                     kf_ready: vec![],
                     published: HashMap::new(),
+                    // Hosts and co-hosts talk in real time; the audience asks for media.
+                    auto_subscribe: role.may_publish(),
+                    paused: Arc::new(AtomicBool::new(false)),
                 });
                 self.reply(id, ResponseResult::Joined(Box::new(result)))
                     .await;
-                if role.may_subscribe() {
+                if role.may_publish() {
                     for (_, router) in snap.tracks {
                         self.subscribe(router).await;
                     }
@@ -518,6 +535,14 @@ impl Driver {
                     }
                 }
             }
+            ClientMessage::Subscribe { tracks, all } => {
+                self.subscribe_request(id, tracks, all).await
+            }
+            ClientMessage::Unsubscribe { tracks, all } => {
+                self.unsubscribe_request(id, tracks, all).await
+            }
+            ClientMessage::PauseMedia => self.pause_request(id, true).await,
+            ClientMessage::ResumeMedia => self.pause_request(id, false).await,
             ClientMessage::StartBridge {
                 layout,
                 destinations,
@@ -835,7 +860,7 @@ impl Driver {
         let Some(j) = self.joined.as_ref() else {
             return;
         };
-        let may_subscribe = j.claims.role.may_subscribe();
+        let auto = j.auto_subscribe;
         match ev {
             RoomEvent::Joined(p) => {
                 self.send(ServerMessage::ParticipantJoined { participant: p })
@@ -856,7 +881,7 @@ impl Driver {
             RoomEvent::TrackPublished(info, router) => {
                 self.send(ServerMessage::TrackPublished { track: info })
                     .await;
-                if may_subscribe {
+                if auto {
                     self.subscribe(router).await;
                     self.maybe_offer().await;
                 }
@@ -887,7 +912,16 @@ impl Driver {
                 self.close_with(code, why, reason).await;
             }
             RoomEvent::Notify(msg) => self.send(msg).await,
-            RoomEvent::Demoted => self.stop_publishing().await,
+            // Serialized once for the whole room.
+            RoomEvent::Text(text) => {
+                self.out.push(WsOut::Text(text.to_string()));
+            }
+            RoomEvent::Demoted => {
+                // Back in the audience: no media either way, until it asks again.
+                self.stop_publishing().await;
+                self.stop_receiving(None).await;
+            }
+            RoomEvent::Promoted => self.receive_everything().await,
         }
     }
 
@@ -1081,7 +1115,12 @@ impl Driver {
                 return;
             }
         };
-        let tasks = forward_tasks(&local, &router, self.svc.cfg.webrtc.subscriber_queue);
+        let tasks = forward_tasks(
+            &local,
+            &router,
+            self.svc.cfg.webrtc.subscriber_queue,
+            j.paused.clone(),
+        );
         j.sub_tracks.insert(
             router.id.clone(),
             SubTrack {
@@ -1343,10 +1382,13 @@ pub(crate) fn publish_tasks(
 
 /// The tasks behind one subscription: a writer that forwards `router`'s packets to `local`,
 /// and a feedback reader that turns the subscriber's PLI/FIR into keyframe requests.
+/// Forward a router's packets to a local track (and its keyframe requests back). While
+/// `paused` is set the packets are dropped (`pause_media`).
 pub(crate) fn forward_tasks(
     local: &Arc<LocalTrack>,
     router: &Arc<TrackRouter>,
     queue: usize,
+    paused: Arc<AtomicBool>,
 ) -> Vec<JoinHandle<()>> {
     let mut sub = router.subscribe(queue);
     let l = local.clone();
@@ -1354,6 +1396,10 @@ pub(crate) fn forward_tasks(
         // Drain what has queued up per wake-up: fewer task switches under fan-out.
         let mut batch = Vec::with_capacity(32);
         while sub.rx.recv_many(&mut batch, 32).await > 0 {
+            if paused.load(Ordering::Relaxed) {
+                batch.clear();
+                continue;
+            }
             for p in batch.drain(..) {
                 // Errors before negotiation completes are expected; the packet is dropped.
                 let _ = l.write(p).await;

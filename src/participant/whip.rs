@@ -815,7 +815,7 @@ async fn subscribe_now(
     let queue = svc.cfg.webrtc.subscriber_queue;
     let tasks: Vec<JoinHandle<()>> = locals
         .iter()
-        .flat_map(|(l, r)| forward_tasks(l, r, queue))
+        .flat_map(|(l, r)| forward_tasks(l, r, queue, Default::default()))
         .collect();
     tokio::spawn(whep_run(
         svc.clone(),

@@ -14,7 +14,7 @@ use super::{
     RoomMessage, Sender, ServerMessage, State, track_info,
 };
 use crate::auth::Role;
-use crate::signaling::protocol::Kind;
+use crate::signaling::protocol::{Counts, Kind};
 
 /// Who asks: a member of the room, or an operator (admin token, possibly not a member).
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +51,16 @@ pub struct Stage {
 }
 
 const MAX_GIFT_CHARS: usize = 64;
+
+/// `member_count` goes out at most this often (and only when the counts changed).
+const COUNTS_EVERY: Duration = Duration::from_secs(1);
+
+/// Likes added up since the last tick: how many, and who (`Some(None)`: several members).
+#[derive(Default)]
+pub(super) struct PendingLikes {
+    count: u32,
+    from: Option<Option<Sender>>,
+}
 
 /// A PK invitation a room received.
 pub(super) struct PkInvitation {
@@ -115,9 +125,11 @@ impl Room {
         }
     }
 
+    /// To every member, serialized once (a room may have thousands of members).
     fn to_all(st: &State, msg: &ServerMessage) {
+        let text: Arc<str> = msg.to_json().into();
         for (id, m) in st.members.values() {
-            m.tx.send(RoomEvent::Notify(msg.clone()), id);
+            m.tx.send(RoomEvent::Text(text.clone()), id);
         }
     }
 
@@ -160,6 +172,13 @@ impl Room {
         };
         let was = m.role;
         m.role = role;
+        // Taking a seat makes an audience member a real-time participant (seats are few, so
+        // this never passes `room.max_participants` by much).
+        let promoted = role.may_publish() && !was.may_publish();
+        let newly_media = promoted && !m.media;
+        if promoted {
+            m.media = true;
+        }
         let identity = m.identity.clone();
         let tracks = if was.may_publish() && !role.may_publish() {
             m.publishing = false;
@@ -182,6 +201,18 @@ impl Room {
         }
         if was.may_publish() && !role.may_publish() {
             Self::send_to(st, pid, RoomEvent::Demoted);
+        }
+        if newly_media && let Some((id, m)) = st.members.values().find(|(id, _)| id == pid) {
+            // The audience only knew of it as one of many: now it is on stage.
+            let info = Self::info_of(st, id, m);
+            for (other, o) in st.members.values() {
+                if other != pid && !o.media {
+                    o.tx.send(RoomEvent::Joined(info.clone()), other);
+                }
+            }
+        }
+        if promoted {
+            Self::send_to(st, pid, RoomEvent::Promoted);
         }
         Self::to_all(
             st,
@@ -420,7 +451,10 @@ impl Room {
     }
 
     /// A chat line, likes or a gift from a member.
-    pub fn say(&self, pid: &str, body: MessageBody) -> Result<RoomMessage, RoomError> {
+    /// A chat line, like or gift from member `pid`. Likes are added up and posted by
+    /// [`Room::tick`] (a like storm in a room of thousands is one message per tick, not one per
+    /// tap per member).
+    pub fn say(&self, pid: &str, body: MessageBody) -> Result<(), RoomError> {
         let mut st = self.lock();
         let max_chars = self.cfg.max_chat_chars;
         match &body {
@@ -453,7 +487,44 @@ impl Room {
             participant_id: pid.to_string(),
             identity: m.identity.clone(),
         };
-        Ok(self.post(&mut st, Some(from), body))
+        if let MessageBody::Like { count } = body {
+            let likes = &mut st.likes;
+            likes.count = likes.count.saturating_add(count);
+            likes.from = match likes.from.take() {
+                // One liker so far, or several (then the message names nobody).
+                None if likes.count == count => Some(Some(from)),
+                Some(Some(f)) if f.participant_id == pid => Some(Some(f)),
+                _ => Some(None),
+            };
+            return Ok(());
+        }
+        self.post(&mut st, Some(from), body);
+        Ok(())
+    }
+
+    /// Post the likes added up since the last tick (one message), and the member counts when
+    /// they changed (at most once a second).
+    fn flush(&self, st: &mut State, now: Instant) {
+        if st.likes.count > 0 {
+            let likes = std::mem::take(&mut st.likes);
+            self.post(
+                st,
+                likes.from.flatten(),
+                MessageBody::Like { count: likes.count },
+            );
+        }
+        let counts = Counts {
+            members: st.members.len(),
+            participants: Self::realtime(st),
+        };
+        let due = st
+            .counts_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= COUNTS_EVERY);
+        if due && st.counts_sent != Some(counts) && !st.members.is_empty() {
+            st.counts_sent = Some(counts);
+            st.counts_at = Some(now);
+            Self::to_all(st, &ServerMessage::MemberCount { counts });
+        }
     }
 
     pub fn delete_message(&self, actor: Actor<'_>, id: u64) -> Result<(), RoomError> {
@@ -568,6 +639,7 @@ impl Room {
     /// whose PK invitations to this one timed out (to be told, outside this room's lock).
     fn tick(&self, now: Instant) -> (bool, Vec<Weak<Room>>) {
         let mut st = self.lock();
+        self.flush(&mut st, now);
         let expired = |m: &std::collections::BTreeMap<String, Instant>| -> Vec<String> {
             m.iter()
                 .filter(|(_, d)| **d <= now)

@@ -18,14 +18,16 @@ use crate::auth::Role;
 use crate::config::RoomConfig;
 use crate::sfu::TrackRouter;
 use crate::signaling::protocol::{
-    ErrorCode, LeaveReason, MessageBody, Outcome, ParticipantInfo, RoomMessage, Sender,
+    Counts, ErrorCode, LeaveReason, MessageBody, Outcome, ParticipantInfo, RoomMessage, Sender,
     ServerMessage, TrackInfo,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RoomError {
-    #[error("room is full ({0} participants)")]
+    #[error("room is full ({0} real-time participants)")]
     Full(usize),
+    #[error("room is full ({0} members)")]
+    MembersFull(usize),
     #[error("the room already has {0} publishers")]
     TooManyPublishers(usize),
     #[error("at most {0} tracks per participant")]
@@ -68,7 +70,7 @@ impl RoomError {
     /// The stable protocol error code clients branch on.
     pub fn code(&self) -> ErrorCode {
         match self {
-            RoomError::Full(_) => ErrorCode::RoomFull,
+            RoomError::Full(_) | RoomError::MembersFull(_) => ErrorCode::RoomFull,
             RoomError::TooManyPublishers(_) => ErrorCode::TooManyPublishers,
             RoomError::TooManyTracks(_) => ErrorCode::TooManyTracks,
             RoomError::Forbidden(_) | RoomError::NotHost | RoomError::WrongRole(_) => {
@@ -109,8 +111,14 @@ pub enum RoomEvent {
     Removed(LeaveReason),
     /// A message for the client as it is (co-host workflow, room messages, PK).
     Notify(ServerMessage),
+    /// A message for everyone, serialized once (room messages, member counts: fanned out to
+    /// thousands of members, so not serialized per member).
+    Text(Arc<str>),
     /// Addressed to one member: their seat is gone (back to audience); stop taking their media.
     Demoted,
+    /// Addressed to one member: it took a seat (or became the host): it gets media now, and
+    /// subscribes to every track like hosts and co-hosts do.
+    Promoted,
 }
 
 /// How many room events may wait for one member. Events are small (joins, leaves, publishes,
@@ -166,6 +174,9 @@ impl MemberTx {
 struct Member {
     identity: String,
     role: Role,
+    /// A real-time participant (counts against `room.max_participants`): hosts, co-hosts and
+    /// publishers from their join, audience members from their first subscription.
+    media: bool,
     /// Track ids this member publishes, in publish order.
     tracks: Vec<String>,
     /// Holds a publisher slot: set when its first publish offer is accepted, so two newcomers
@@ -211,10 +222,23 @@ struct State {
     /// PK invitations this room's host sent and that are pending: invited room -> that room
     /// (at most [`MAX_PK_INVITES`]). Withdrawn when the host leaves.
     pk_sent: BTreeMap<String, std::sync::Weak<Room>>,
+    /// Likes waiting for the next tick (see [`Room::say`]).
+    likes: cohosting::PendingLikes,
+    /// The member counts last sent as `member_count`, and when.
+    counts_sent: Option<Counts>,
+    counts_at: Option<Instant>,
 }
 
 /// Pending PK invitations a room may have sent, and may have received, at a time.
 pub const MAX_PK_INVITES: usize = 8;
+
+/// Rooms up to this many members post a "joined"/"left" message for every audience member;
+/// larger rooms only for real-time participants (see `member_count`).
+pub const ANNOUNCE_AUDIENCE_MAX: usize = 100;
+
+/// Audience members a host or co-host joining is told about in its join result (the most
+/// recent); later ones arrive as `participant_joined`.
+pub const JOIN_AUDIENCE_LISTED: usize = 1000;
 
 pub struct Room {
     pub name: String,
@@ -314,6 +338,34 @@ impl Room {
 
     pub fn participant_count(&self) -> usize {
         self.lock().members.len()
+    }
+
+    /// Members (any role) and real-time participants (with media) now.
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.members.len(), Self::realtime(&st))
+    }
+
+    fn realtime(st: &State) -> usize {
+        st.members.values().filter(|(_, m)| m.media).count()
+    }
+
+    /// Tell about a member entering or leaving: everyone when it has media (hosts, co-hosts,
+    /// subscribers), only the real-time participants when it is an audience member, so that
+    /// thousands of audience members joining do not cost everyone an event each.
+    fn presence(st: &State, except: &str, ev: &RoomEvent, media: bool) {
+        for (id, m) in st.members.values() {
+            if id != except && (media || m.media) {
+                m.tx.send(ev.clone(), id);
+            }
+        }
+    }
+
+    /// Whether an audience member entering or leaving goes into the room's messages (the
+    /// "joined"/"left" lines): in rooms of at most [`ANNOUNCE_AUDIENCE_MAX`] members; larger
+    /// rooms get the member count instead.
+    fn announce(st: &State, media: bool) -> bool {
+        media || st.members.len() <= ANNOUNCE_AUDIENCE_MAX
     }
 
     /// Every track shown in this room: its members' and, during a PK, the partner host's.
@@ -427,6 +479,38 @@ impl Room {
 }
 
 impl Registry {
+    /// An audience member starts receiving media (its first `subscribe`): it becomes a
+    /// real-time participant, within `room.max_participants`. Everyone is told it is there.
+    pub fn set_media(&self, room: &Arc<Room>, pid: &str) -> Result<(), RoomError> {
+        let mut st = room.lock();
+        let realtime = Room::realtime(&st);
+        let info = {
+            let Some(m) = Room::find(&mut st, pid) else {
+                return Err(RoomError::NotMember);
+            };
+            if m.media {
+                return Ok(());
+            }
+            if realtime >= self.cfg.max_participants {
+                return Err(RoomError::Full(self.cfg.max_participants));
+            }
+            m.media = true;
+            let (id, m) = st
+                .members
+                .values()
+                .find(|(id, _)| id == pid)
+                .ok_or(RoomError::NotMember)?;
+            Room::info_of(&st, id, m)
+        };
+        // The audience did not hear of it joining; the real-time participants did.
+        for (id, m) in st.members.values() {
+            if id != pid && !m.media {
+                m.tx.send(RoomEvent::Joined(info.clone()), id);
+            }
+        }
+        Ok(())
+    }
+
     /// Bridge control marks a room live while a bridge streams it (and not live when the bridge
     /// stops). A room that is not live any more ends at once if nobody is in it, even within
     /// the host's grace period (the host ended the live, or an operator stopped the bridge),
@@ -434,7 +518,18 @@ impl Registry {
     pub fn set_live(&self, room: &Arc<Room>, live: bool) {
         {
             let mut st = room.lock();
+            let ended = st.live && !live;
             st.live = live;
+            if ended {
+                // Members and the viewer feed learn that the live is over (not "not started").
+                room.post(
+                    &mut st,
+                    None,
+                    MessageBody::Notice {
+                        text: "the live ended".into(),
+                    },
+                );
+            }
             if !live && st.members.is_empty() {
                 st.host_grace_until = None;
                 st.grace_host = None;
@@ -614,22 +709,29 @@ impl Registry {
             }
             let seats_full =
                 role == Role::Cohost && Room::seats_taken(&st) >= self.cfg.cohost_seats;
-            if st.members.len() >= self.cfg.max_participants || seats_full {
+            let media = role.may_publish();
+            let refused = if seats_full {
+                Some(RoomError::SeatsFull(self.cfg.cohost_seats))
+            } else if st.members.len() >= self.cfg.max_members {
+                Some(RoomError::MembersFull(self.cfg.max_members))
+            } else if media && Room::realtime(&st) >= self.cfg.max_participants {
+                Some(RoomError::Full(self.cfg.max_participants))
+            } else {
+                None
+            };
+            if let Some(e) = refused {
                 let empty = st.members.is_empty();
                 drop(st);
                 if empty {
                     self.remove_if_empty(&r);
                 }
-                return Err(if seats_full {
-                    RoomError::SeatsFull(self.cfg.cohost_seats)
-                } else {
-                    RoomError::Full(self.cfg.max_participants)
-                });
+                return Err(e);
             }
             let pid = new_id("PA");
             let member = Member {
                 identity: identity.to_string(),
                 role,
+                media,
                 tracks: vec![],
                 publishing: false,
                 tx: MemberTx::new(tx),
@@ -639,9 +741,21 @@ impl Registry {
                 sent: VecDeque::new(),
             };
             let info = Room::info_of(&st, &pid, &member);
+            // Real-time participants, and for a host or co-host the most recent audience
+            // members too (the ones it may invite); never thousands per join.
+            let audience: Vec<&(String, Member)> = if media {
+                let mut a: Vec<_> = st.members.values().filter(|(_, m)| !m.media).collect();
+                let skip = a.len().saturating_sub(JOIN_AUDIENCE_LISTED);
+                a.drain(..skip);
+                a
+            } else {
+                vec![]
+            };
             let others: Vec<ParticipantInfo> = st
                 .members
                 .values()
+                .filter(|(_, m)| m.media)
+                .chain(audience)
                 .map(|(id, m)| Room::info_of(&st, id, m))
                 .collect();
             let tracks = st
@@ -649,7 +763,7 @@ impl Registry {
                 .values()
                 .map(|t| (track_info(t), t.clone()))
                 .collect();
-            Room::broadcast(&st, &pid, &RoomEvent::Joined(info.clone()));
+            Room::presence(&st, &pid, &RoomEvent::Joined(info.clone()), media);
             let seq = st.next_seq;
             st.next_seq += 1;
             let sender = Sender {
@@ -657,7 +771,9 @@ impl Registry {
                 identity: identity.to_string(),
             };
             st.members.insert(seq, (pid, member));
-            r.post(&mut st, Some(sender), MessageBody::Joined { role });
+            if Room::announce(&st, media) {
+                r.post(&mut st, Some(sender), MessageBody::Joined { role });
+            }
             if role == Role::Host && st.host_grace_until.take().is_some() {
                 st.grace_host = None;
                 r.post(
@@ -704,7 +820,7 @@ impl Registry {
                     );
                 }
             }
-            Room::broadcast(
+            Room::presence(
                 &st,
                 pid,
                 &RoomEvent::Left {
@@ -712,6 +828,7 @@ impl Registry {
                     identity: m.identity.clone(),
                     reason,
                 },
+                m.media,
             );
             tracing::info!(room = %room.name, participant = pid, identity = %m.identity,
                 ?reason, secs = m.joined_at.elapsed().as_secs(), "left");
@@ -719,7 +836,9 @@ impl Registry {
                 participant_id: pid.to_string(),
                 identity: m.identity.clone(),
             };
-            room.post(&mut st, Some(sender), MessageBody::Left { reason });
+            if Room::announce(&st, m.media) {
+                room.post(&mut st, Some(sender), MessageBody::Left { reason });
+            }
             room.after_leave(&mut st, pid, m.role, &m.identity);
         }
         let host_left = !st.members.values().any(|(_, m)| m.role == Role::Host);
@@ -764,7 +883,7 @@ mod tests {
     fn next_event(rx: &mut EventRx) -> Option<RoomEvent> {
         loop {
             match rx.try_recv() {
-                Ok(RoomEvent::Notify(_)) => continue,
+                Ok(RoomEvent::Notify(_) | RoomEvent::Text(_)) => continue,
                 Ok(ev) => return Some(ev),
                 Err(_) => return None,
             }
@@ -837,16 +956,36 @@ mod tests {
 
     #[test]
     fn limits_and_roles() {
-        let r = reg(2);
-        let (tx, _rx1) = event_channel();
-        let (room, a) = r.join("x", "a", Role::Host, tx).unwrap();
-        let (tx, _rx2) = event_channel();
-        let (_, b) = r.join("x", "b", Role::Audience, tx).unwrap();
-        let (tx, _rx3) = event_channel();
+        let r = Registry::new(RoomConfig {
+            max_members: 4,
+            max_participants: 2,
+            max_publishers: 1,
+            max_tracks_per_participant: 2,
+            ..RoomConfig::default()
+        });
+        let mut rxs = vec![];
+        let mut join = |who: &str, role| {
+            let (tx, rx) = event_channel();
+            rxs.push(rx);
+            r.join("x", who, role, tx)
+        };
+        let (room, a) = join("a", Role::Host).unwrap();
+        // The audience is signaling-only: it does not count against the real-time limit.
+        let (_, b) = join("b", Role::Audience).unwrap();
+        let (_, c) = join("c", Role::Audience).unwrap();
+        join("d", Role::Cohost).unwrap();
+        assert_eq!(room.counts(), (4, 2));
         assert_eq!(
-            r.join("x", "c", Role::Cohost, tx).err(),
-            Some(RoomError::Full(2))
+            join("e", Role::Audience).err(),
+            Some(RoomError::MembersFull(4))
         );
+        // Real-time participants are full: an audience member cannot start receiving media.
+        assert_eq!(
+            r.set_media(&room, &c.participant.id),
+            Err(RoomError::Full(2))
+        );
+        r.leave(&room, &c.participant.id, LeaveReason::Left);
+        assert_eq!(join("f", Role::Cohost).err(), Some(RoomError::Full(2)));
         assert_eq!(
             room.check_publish(&b.participant.id, false),
             Err(RoomError::Forbidden("audience"))

@@ -77,6 +77,26 @@ pub enum ClientMessage {
     },
     /// Ask for a keyframe on a track this participant subscribes to.
     RequestKeyframe { track_id: String },
+    /// Receive media: the listed tracks, or with `all` every track now and later (what hosts
+    /// and co-hosts get from their join). Audience members receive nothing until they ask.
+    Subscribe {
+        #[serde(default)]
+        tracks: Vec<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Stop receiving the listed tracks, or with `all` every track (and no automatic
+    /// subscription to new ones).
+    Unsubscribe {
+        #[serde(default)]
+        tracks: Vec<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Stop all incoming media without renegotiating (an app going to the background).
+    PauseMedia,
+    /// Restart it (keyframes are asked for at once).
+    ResumeMedia,
     /// Host only: start the room's bridge (the mixed stream CDN viewers watch).
     StartBridge {
         #[serde(default)]
@@ -150,6 +170,10 @@ impl ClientMessage {
             ClientMessage::Answer { .. } => "answer",
             ClientMessage::Candidate { .. } => "candidate",
             ClientMessage::RequestKeyframe { .. } => "request_keyframe",
+            ClientMessage::Subscribe { .. } => "subscribe",
+            ClientMessage::Unsubscribe { .. } => "unsubscribe",
+            ClientMessage::PauseMedia => "pause_media",
+            ClientMessage::ResumeMedia => "resume_media",
             ClientMessage::StartBridge { .. } => "start_bridge",
             ClientMessage::SetLayout { .. } => "set_layout",
             ClientMessage::StopBridge => "stop_bridge",
@@ -299,6 +323,9 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Limits {
     pub max_message_bytes: usize,
+    /// Members of any role (signaling-only audience included).
+    pub max_members: usize,
+    /// Real-time participants (with media).
     pub max_participants: usize,
     pub max_publishers: usize,
     pub max_tracks_per_participant: usize,
@@ -322,6 +349,17 @@ pub struct JoinResult {
     /// The room this one is in a PK with, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pk: Option<String>,
+    /// How many are in the room now (this member included).
+    pub counts: Counts,
+}
+
+/// Members of a room: all of them, and those with media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Members of any role (signaling-only audience included).
+    pub members: usize,
+    /// Real-time participants (hosts, co-hosts, publishers, subscribed audience).
+    pub participants: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -414,6 +452,12 @@ pub enum ServerMessage {
     },
     ParticipantJoined {
         participant: ParticipantInfo,
+    },
+    /// The room's member counts changed (at most about once a second; audience members
+    /// entering and leaving are announced only through this in large rooms).
+    MemberCount {
+        #[serde(flatten)]
+        counts: Counts,
     },
     ParticipantLeft {
         participant_id: String,

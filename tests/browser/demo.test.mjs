@@ -290,7 +290,7 @@ describe("co-hosting through the demo page", () => {
 describe("errors shown by the demo page", () => {
   let server, b;
   before(async () => {
-    server = await startServer({ COHOST_ROOM__MAX_PARTICIPANTS: "1" });
+    server = await startServer({ COHOST_ROOM__MAX_MEMBERS: "1" });
     b = await launchBrowser();
   });
   after(async () => {

@@ -729,6 +729,23 @@ impl Client {
         Self::join_with_token(server, &token).await.expect("join")
     }
 
+    /// Join as an audience member that receives every track (audience members join
+    /// signaling-only and ask for media with `subscribe`).
+    pub async fn watch(server: &Server, room: &str, identity: &str) -> Client {
+        let c = Self::join(server, room, identity, Role::Audience).await;
+        c.subscribe_all().await;
+        c
+    }
+
+    /// `subscribe` to every track, now and later.
+    pub async fn subscribe_all(&self) {
+        let r = self
+            .sig
+            .request(json!({"type": "subscribe", "all": true}))
+            .await;
+        assert_eq!(r["type"], "response", "subscribe: {r}");
+    }
+
     pub async fn join_with_token(server: &Server, token: &str) -> Result<Client, Value> {
         Self::join_opts(server, token, None).await
     }
