@@ -661,6 +661,9 @@ async fn vendor_mpegts(State(svc): State<Arc<Services>>) -> Response {
     }
 }
 
+/// WebSocket transport read and write buffer per connection.
+const WS_BUFFER: usize = 4096;
+
 async fn ws_upgrade(
     State(svc): State<Arc<Services>>,
     Query(q): Query<WsQuery>,
@@ -671,8 +674,13 @@ async fn ws_upgrade(
     // sizes (over 1 MiB or 16x the limit) make the transport drop the connection.
     let limit = svc.cfg.signaling.max_message_bytes;
     let hard = (limit * 16).max(1 << 20);
+    // Small transport buffers: a room holds thousands of mostly idle audience members, and
+    // the default 128 KiB read buffer per connection alone would be 1.3 GB for 10,000 of
+    // them. Messages are small; a large one is read in more steps.
     ws.max_message_size(hard)
         .max_frame_size(hard)
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
         .on_upgrade(move |socket| ws_session(socket, svc, q.room))
 }
 
@@ -691,6 +699,8 @@ async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>)
         sig.send_queue_bytes,
         svc.metrics.clone(),
     );
+    // The driver's future is small (about 3 KB: its handlers are boxed while they run), which
+    // matters with thousands of idle members.
     let mut driver = tokio::spawn(Driver::new(svc.clone(), room, out_tx).run(in_rx));
     // Every write has a deadline: a client that stops reading cannot hold the writer (or, via
     // a full queue, the driver) forever. `send` flushes, so the socket layer buffers at most

@@ -313,15 +313,15 @@ impl Driver {
                 m = inbound.recv() => match m {
                     Some(WsIn::Text(t)) => {
                         let acts = self.session.on_text(Instant::now(), &t);
-                        self.apply(acts).await;
+                        self.apply_boxed(acts).await;
                     }
                     Some(WsIn::TooLarge(n, id)) => {
                         let acts = self.session.on_too_large(Instant::now(), n, id);
-                        self.apply(acts).await;
+                        self.apply_boxed(acts).await;
                     }
                     Some(WsIn::Binary(n)) => {
                         let acts = self.session.on_binary(Instant::now(), n);
-                        self.apply(acts).await;
+                        self.apply_boxed(acts).await;
                     }
                     Some(WsIn::Activity) => self.session.on_activity(Instant::now()),
                     None => {
@@ -329,15 +329,15 @@ impl Driver {
                     }
                 },
                 ev = recv_room(&mut self.room_rx) => match ev {
-                    Some(ev) => self.on_room_event(ev).await,
+                    Some(ev) => Box::pin(self.on_room_event(ev)).await,
                     None => {
                         // The room cut us off: our event queue was full.
                         self.room_rx = None;
-                        self.close_with(
+                        Box::pin(self.close_with(
                             close_code::SLOW_READER,
                             "too many room events not read",
                             LeaveReason::SlowReader,
-                        )
+                        ))
                         .await;
                     }
                 },
@@ -347,28 +347,28 @@ impl Driver {
                     self.ending = Some(LeaveReason::SlowReader);
                 }
                 ev = recv_opt(&mut self.pub_rx) => {
-                    if let Some(ev) = ev { self.on_peer_event(Target::Publisher, ev).await; }
+                    if let Some(ev) = ev { Box::pin(self.on_peer_event(Target::Publisher, ev)).await; }
                 }
                 ev = recv_opt(&mut self.sub_rx) => {
-                    if let Some(ev) = ev { self.on_peer_event(Target::Subscriber, ev).await; }
+                    if let Some(ev) = ev { Box::pin(self.on_peer_event(Target::Subscriber, ev)).await; }
                 }
-                Some(ev) = self.internal_rx.recv() => self.on_internal(ev).await,
+                Some(ev) = self.internal_rx.recv() => Box::pin(self.on_internal(ev)).await,
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(tick_at)) => {
                     let acts = self.session.on_tick(Instant::now());
-                    self.apply(acts).await;
-                    self.check_answer_timeout().await;
+                    self.apply_boxed(acts).await;
+                    Box::pin(self.check_answer_timeout()).await;
                     if Instant::now() >= self.stats_at {
-                        self.refresh_stats().await;
+                        Box::pin(self.refresh_stats()).await;
                     }
                 }
                 _ = shutdown.changed() => {
                     let acts = self.session.close(close_code::GOING_AWAY, "server shutting down");
-                    self.apply(acts).await;
+                    self.apply_boxed(acts).await;
                     self.ending = Some(LeaveReason::ServerShutdown);
                 }
             }
         }
-        self.teardown().await;
+        Box::pin(self.teardown()).await;
     }
 
     fn next_deadline(&self) -> Instant {

@@ -34,6 +34,15 @@ pub struct CohostTarget {
 
 impl CohostTarget {
     pub async fn start(bin: &str, media_ip: std::net::IpAddr) -> anyhow::Result<Self> {
+        Self::start_with(bin, media_ip, &[]).await
+    }
+
+    /// [`Self::start`] with extra `COHOST_*` settings (applied after the defaults here).
+    pub async fn start_with(
+        bin: &str,
+        media_ip: std::net::IpAddr,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         // A fresh secret per run: off loopback the server refuses the development one.
         let secret = format!("load-{:032x}", rand::random::<u128>());
         let mut child = Command::new(bin)
@@ -53,6 +62,7 @@ impl CohostTarget {
             .env("COHOST_SIGNALING__RATE_LIMIT_PER_SEC", "1000")
             // Every simulated client connects from this one machine: no per-IP cap.
             .env("COHOST_SERVER__MAX_CONNECTIONS_PER_IP", "0")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -211,6 +221,10 @@ impl CohostTarget {
             }
         });
         sig.request(json!({"type":"join","token":token})).await?;
+        // Audience members join signaling-only; a load client that watches asks for media.
+        if role == Role::Audience {
+            sig.request(json!({"type":"subscribe","all":true})).await?;
+        }
         let mut tasks = vec![writer, reader, cand_sub];
         let mut pcs = vec![sub.clone()];
         let mut pts = None;

@@ -5,6 +5,7 @@
 //!
 //! Loopback only; bounded run time; it starts and stops the servers itself.
 
+mod audience;
 mod bridge_bench;
 mod codec_bench;
 mod cohost_target;
@@ -47,9 +48,20 @@ struct Cli {
     /// codec (OpenH264's cost per 720p picture: decoding the clips, encoding with each option);
     /// or rooms (N live rooms of `--rooms-case` in one cohost process, bridges into the
     /// embedded origin, an HTTP-FLV reader each: server CPU per room; the solo cases side by
-    /// side with an ffmpeg copy relay into nginx-rtmp)
+    /// side with an ffmpeg copy relay into nginx-rtmp); or audience (one room with
+    /// `--members` signaling-only audience members chatting and liking, and a co-host pair:
+    /// memory per member, CPU, chat fan-out latency, the pair's media latency)
     #[arg(long, default_value = "all")]
     scenario: String,
+    /// Audience members in the audience scenario.
+    #[arg(long, default_value_t = 10_000)]
+    members: usize,
+    /// Chat lines per second in the audience scenario (each from another member).
+    #[arg(long, default_value_t = 20.0)]
+    chat_rate: f64,
+    /// Likes per second in the audience scenario, spread over the members.
+    #[arg(long, default_value_t = 2000.0)]
+    like_rate: f64,
     /// Content of the synthetic clip: camera (a desk camera; default for bridge, solo and
     /// codec), handheld (the same, panning) or noise (default for the SFU scenarios; the
     /// bridge's worst case).
@@ -626,6 +638,9 @@ async fn main() -> anyhow::Result<()> {
     if cli.scenario == "rooms" {
         return rooms_main(&cli, &cohost_bin).await;
     }
+    if cli.scenario == "audience" {
+        return audience_main(&cli, &cohost_bin).await;
+    }
     let bridge = matches!(cli.scenario.as_str(), "bridge" | "solo" | "codec");
     let content = cli.clip.unwrap_or(if bridge {
         media::Content::Camera
@@ -771,6 +786,44 @@ cohost-load rooms on {} cores, {}; warm-up {:?}, window {:?}; load average at th
         std::fs::write(p, serde_json::to_string_pretty(&results)?)?;
     }
     if !valid {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// `--scenario audience`: one run against cohost; exit 2 if not valid.
+async fn audience_main(cli: &Cli, cohost_bin: &str) -> anyhow::Result<()> {
+    let clip = load_clip(
+        cli.clip.unwrap_or(media::Content::Noise),
+        cli.video_bitrate,
+        false,
+    )
+    .await?;
+    let o = audience::Opts {
+        members: cli.members,
+        chat_rate: cli.chat_rate,
+        like_rate: cli.like_rate,
+        warmup: cli.warmup,
+        window: cli.duration,
+    };
+    eprintln!(
+        "[cohost] audience: {} members, {} chat lines/s, {} likes/s",
+        o.members, o.chat_rate, o.like_rate
+    );
+    let r = audience::run(cohost_bin, &o, &clip).await?;
+    println!(
+        "\ncohost-load audience on {} cores, {}; window {:?}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        chrono_like_now(),
+        cli.duration
+    );
+    audience::print(&r);
+    if let Some(p) = &cli.json {
+        std::fs::write(p, serde_json::to_string_pretty(&r)?)?;
+    }
+    if r.failed > 0 || r.chat_incomplete > 0 {
         std::process::exit(2);
     }
     Ok(())
