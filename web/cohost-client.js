@@ -145,6 +145,10 @@ export class CohostClient extends EventTarget {
     this.pk = joined.pk || null;
     this.participants.clear();
     for (const p of [joined.participant, ...joined.participants]) this.addParticipant(p);
+    // Members of any role, and real-time participants (the audience is signaling-only and
+    // not listed to other audience members): `member_count` keeps these current.
+    this.counts = joined.counts || null;
+    this.emit("counts", this.counts);
     this.emit("roster", { participants: this.participants });
   }
 
@@ -275,6 +279,11 @@ export class CohostClient extends EventTarget {
         }
         break;
       }
+      case "member_count":
+        this.counts = { members: m.members, participants: m.participants };
+        this.emit("counts", this.counts);
+        changed = false;
+        break;
       case "pk_started":
         this.pk = m.room;
         break;
@@ -368,6 +377,18 @@ export class CohostClient extends EventTarget {
   kick(participantId) { return this.request({ type: "kick", participant_id: participantId }); }
 
   // Room messages (docs/protocol.md#room-messages).
+  /** Receive media: `"all"` (every track, now and later) or an array of track ids. Hosts
+   * and co-hosts receive everything from their join; the audience joins signaling-only. */
+  subscribe(tracks = "all") {
+    return this.request(tracks === "all" ? { type: "subscribe", all: true } : { type: "subscribe", tracks });
+  }
+  unsubscribe(tracks = "all") {
+    return this.request(tracks === "all" ? { type: "unsubscribe", all: true } : { type: "unsubscribe", tracks });
+  }
+  /** Stop / restart all incoming media without renegotiating (a page in the background). */
+  pauseMedia() { return this.request({ type: "pause_media" }); }
+  resumeMedia() { return this.request({ type: "resume_media" }); }
+
   chat(text) { return this.request({ type: "chat", text }); }
   like(count = 1) { return this.request({ type: "like", count }); }
   gift(gift, count = 1) { return this.request({ type: "gift", gift, count }); }

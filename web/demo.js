@@ -266,6 +266,7 @@ function wire(c) {
   });
   c.addEventListener("cohost_invite_ended", () => $("invites").replaceChildren());
   c.addEventListener("message", (e) => addMessage(e.detail.message, $("chat-log")));
+  c.addEventListener("counts", () => renderMembers());
   c.addEventListener("message_deleted", (e) => document.querySelector(`#chat-log [data-id="${e.detail.message_id}"]`)?.remove());
   c.addEventListener("pk_invite", (e) => {
     const { room, from } = e.detail;
@@ -775,7 +776,11 @@ function renderMembers() {
   ul.replaceChildren();
   const host = client.me.role === "host";
   const members = [...client.participants.values()];
-  $("member-count").textContent = `(${members.length})`;
+  // The audience is not listed to the audience: the server's counts say how many are here.
+  const n = client.counts;
+  $("member-count").textContent = n
+    ? `(${n.members} in the room, ${n.participants} on stage)`
+    : `(${members.length})`;
   for (const p of members) {
     const li = el("li", { dataset: { participant: p.id, identity: p.identity } },
       el("span", { class: "name", textContent: p.identity + (p.id === client.me.id ? " (you)" : "") }),
@@ -830,6 +835,21 @@ async function fetchBridge() {
   return { running: null, status: null };
 }
 
+/** Players of the room's stream on the server's own origin (HTTP-FLV/RTMP), from the room
+ * view the host's token may read; null when unknown. */
+let viewerCount = null;
+async function fetchViewers() {
+  try {
+    const r = await fetch(`${base}/v1/rooms/${encodeURIComponent(client.room)}`, {
+      headers: { Authorization: `Bearer ${token}` },
+    });
+    if (!r.ok) return null;
+    return (await r.json()).counts?.viewers ?? null;
+  } catch {
+    return null;
+  }
+}
+
 /** Follow the room's stream: every second while live, every few seconds otherwise. */
 async function refreshBridge() {
   clearTimeout(bridgeTimer);
@@ -837,6 +857,7 @@ async function refreshBridge() {
   if (!client || client.me?.role !== "host" || client.state === "closed") return;
   const c = client;
   const { running, status } = await fetchBridge();
+  if (status) viewerCount = await fetchViewers();
   if (gen !== bridgeGen || c !== client) return; // a newer call or another visit took over
   if (running !== null) await onBridge(status);
   if (gen !== bridgeGen || c !== client) return;
@@ -924,6 +945,7 @@ function renderBridge(status) {
     path,
   ];
   if (st.latency_ms_p50 != null) parts.push(`mixing delay ${Math.round(st.latency_ms_p50)} ms`);
+  if (viewerCount != null) parts.push(`${viewerCount} watching the stream from this server`);
   $("bridge-summary").textContent = parts.filter(Boolean).join(" · ");
 }
 
