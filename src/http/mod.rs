@@ -663,6 +663,8 @@ async fn vendor_mpegts(State(svc): State<Arc<Services>>) -> Response {
 
 /// WebSocket transport read and write buffer per connection.
 const WS_BUFFER: usize = 4096;
+/// Queued messages the writer sends in one flush at most.
+const WRITE_BATCH: usize = 64;
 
 async fn ws_upgrade(
     State(svc): State<Arc<Services>>,
@@ -706,17 +708,21 @@ async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>)
     // a full queue, the driver) forever. `send` flushes, so the socket layer buffers at most
     // the message being written.
     let mut writer = tokio::spawn(async move {
+        // A queued message as a frame, and whether it is the last (a close).
+        let frame = |m: WsOut| match m {
+            WsOut::Text(t) => (Message::Text(t.into()), false),
+            WsOut::Ping => (Message::Ping(Vec::new().into()), false),
+            WsOut::Close(code, reason) => (
+                Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })),
+                true,
+            ),
+        };
         loop {
-            let (msg, last) = match out_rx.next().await {
-                Next::Send(WsOut::Text(t)) => (Message::Text(t.into()), false),
-                Next::Send(WsOut::Ping) => (Message::Ping(Vec::new().into()), false),
-                Next::Send(WsOut::Close(code, reason)) => (
-                    Message::Close(Some(CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    })),
-                    true,
-                ),
+            let (msg, mut last) = match out_rx.next().await {
+                Next::Send(m) => frame(m),
                 Next::Abort(code) => {
                     // Nothing is half-written here, so a close frame may still get through;
                     // the socket is dropped right after either way.
@@ -729,8 +735,23 @@ async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>)
                 }
                 Next::End => break,
             };
+            // What else is queued goes out in the same flush (one write for many small
+            // messages when a busy room's chat piles up).
+            let mut batch = vec![msg];
+            while !last && batch.len() < WRITE_BATCH {
+                let Some(m) = out_rx.try_next() else { break };
+                let (m, l) = frame(m);
+                batch.push(m);
+                last = l;
+            }
+            let write = async {
+                for m in batch {
+                    sink.feed(m).await?;
+                }
+                sink.flush().await
+            };
             tokio::select! {
-                r = tokio::time::timeout(write_timeout, sink.send(msg)) => match r {
+                r = tokio::time::timeout(write_timeout, write) => match r {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         tracing::debug!("websocket write: {e}");

@@ -99,6 +99,9 @@ pub enum WsOut {
     Close(u16, String),
 }
 
+/// Room events a driver handles per wake-up at most (more wait for the next turn).
+const ROOM_EVENT_BATCH: usize = 64;
+
 /// Work finished by helper tasks, reported back to the driver.
 enum Internal {
     TrackEnded(String),
@@ -329,7 +332,19 @@ impl Driver {
                     }
                 },
                 ev = recv_room(&mut self.room_rx) => match ev {
-                    Some(ev) => Box::pin(self.on_room_event(ev)).await,
+                    Some(ev) => {
+                        self.room_event(ev).await;
+                        // What else is queued, in the same turn: in a busy room (thousands
+                        // of members, chat) one wake-up per event would cost more than the
+                        // events.
+                        for _ in 0..ROOM_EVENT_BATCH {
+                            let Some(ev) = self.room_rx.as_mut().and_then(|r| r.try_recv().ok())
+                            else {
+                                break;
+                            };
+                            self.room_event(ev).await;
+                        }
+                    }
                     None => {
                         // The room cut us off: our event queue was full.
                         self.room_rx = None;
@@ -371,12 +386,27 @@ impl Driver {
         Box::pin(self.teardown()).await;
     }
 
+    /// A room event: room-wide messages (serialized once by the room) go straight out; the
+    /// rest through the (boxed: large) handler.
+    async fn room_event(&mut self, ev: RoomEvent) {
+        match ev {
+            RoomEvent::Text(text) => {
+                self.out.push(WsOut::Text(text.to_string()));
+            }
+            ev => Box::pin(self.on_room_event(ev)).await,
+        }
+    }
+
     fn next_deadline(&self) -> Instant {
-        let mut t = self
-            .session
-            .next_tick()
-            .min(Instant::now() + MAX_TICK)
-            .min(self.stats_at);
+        // A signaling-only member (most of a big room's audience) wakes only for its own
+        // timers (pings, the dead-connection deadline): no media timers, no stats.
+        let media = self.joined.as_ref().is_none_or(|j| {
+            j.publisher.is_some() || j.subscriber.is_some() || !j.published.is_empty()
+        });
+        let mut t = self.session.next_tick();
+        if media {
+            t = t.min(Instant::now() + MAX_TICK).min(self.stats_at);
+        }
         if let Some(j) = &self.joined
             && let Some((_, deadline)) = j.negotiating
         {
@@ -1206,6 +1236,10 @@ impl Driver {
         let Some(j) = self.joined.as_ref() else {
             return;
         };
+        // Nothing to measure for a signaling-only member (thousands of them sit in a room).
+        if j.publisher.is_none() && j.subscriber.is_none() && j.published.is_empty() {
+            return;
+        }
         let published: Vec<PublishedTrack<'_>> =
             j.published.iter().map(|(id, p)| p.stats_view(id)).collect();
         self.stats

@@ -174,6 +174,17 @@ impl OutboxRx {
         }
     }
 
+    /// What is queued right now, without waiting (`None`: nothing, or the client is being
+    /// cut off). The writer sends it in the same flush as the message before.
+    pub fn try_next(&mut self) -> Option<WsOut> {
+        if self.shared.slow.load(Ordering::Relaxed) {
+            return None;
+        }
+        let m = self.rx.try_recv().ok()?;
+        self.shared.take_bytes(len_of(&m));
+        Some(m)
+    }
+
     /// Resolves when the driver gave up on this client (to cut a write in progress short).
     pub async fn aborted(&self) {
         if !self.shared.slow.load(Ordering::Relaxed) {

@@ -80,10 +80,8 @@ fn unix_ms() -> u64 {
 
 impl Room {
     fn member<'a>(st: &'a State, pid: &str) -> Option<&'a Member> {
-        st.members
-            .values()
-            .find(|(id, _)| id == pid)
-            .map(|(_, m)| m)
+        let seq = st.index.get(pid)?;
+        st.members.get(seq).map(|(_, m)| m)
     }
 
     pub(super) fn seats_taken(st: &State) -> usize {
@@ -202,7 +200,8 @@ impl Room {
         if was.may_publish() && !role.may_publish() {
             Self::send_to(st, pid, RoomEvent::Demoted);
         }
-        if newly_media && let Some((id, m)) = st.members.values().find(|(id, _)| id == pid) {
+        if newly_media && let Some((id, m)) = st.index.get(pid).and_then(|seq| st.members.get(seq))
+        {
             // The audience only knew of it as one of many: now it is on stage.
             let info = Self::info_of(st, id, m);
             for (other, o) in st.members.values() {

@@ -196,6 +196,9 @@ struct Member {
 struct State {
     /// Insertion order = join order.
     members: BTreeMap<u64, (String, Member)>,
+    /// Participant id -> its key in `members` (rooms hold thousands of members; every chat
+    /// line, like and stats update looks its sender up).
+    index: std::collections::HashMap<String, u64>,
     next_seq: u64,
     tracks: BTreeMap<String, Arc<TrackRouter>>,
     /// Set when the last member left; a closed room is never reused.
@@ -288,10 +291,8 @@ impl Room {
     }
 
     fn find<'a>(st: &'a mut State, pid: &str) -> Option<&'a mut Member> {
-        st.members
-            .values_mut()
-            .find(|(id, _)| id == pid)
-            .map(|(_, m)| m)
+        let seq = *st.index.get(pid)?;
+        st.members.get_mut(&seq).map(|(_, m)| m)
     }
 
     fn broadcast(st: &State, except: &str, ev: &RoomEvent) {
@@ -681,6 +682,7 @@ impl Registry {
             if let Some((seq, ghost_id)) = ghost
                 && let Some((_, m)) = st.members.remove(&seq)
             {
+                st.index.remove(&ghost_id);
                 {
                     m.tx.send(RoomEvent::Removed(LeaveReason::Replaced), &ghost_id);
                     for t in &m.tracks {
@@ -770,6 +772,7 @@ impl Registry {
                 participant_id: pid.clone(),
                 identity: identity.to_string(),
             };
+            st.index.insert(pid.clone(), seq);
             st.members.insert(seq, (pid, member));
             if Room::announce(&st, media) {
                 r.post(&mut st, Some(sender), MessageBody::Joined { role });
@@ -799,11 +802,7 @@ impl Registry {
     /// Leave: unpublish everything, tell the others, and remove the room when it is empty.
     pub fn leave(&self, room: &Arc<Room>, pid: &str, reason: LeaveReason) {
         let mut st = room.lock();
-        let seq = st
-            .members
-            .iter()
-            .find(|(_, (id, _))| id == pid)
-            .map(|(s, _)| *s);
+        let seq = st.index.remove(pid);
         if let Some(seq) = seq
             && let Some((_, m)) = st.members.remove(&seq)
         {
