@@ -99,6 +99,9 @@ pub enum WsOut {
     Close(u16, String),
 }
 
+/// Room events handled in one driver turn before the subscriber offer that covers them.
+const DRAIN_MAX: usize = 256;
+
 /// Work finished by helper tasks, reported back to the driver.
 enum Internal {
     TrackEnded(String),
@@ -329,7 +332,15 @@ impl Driver {
                     }
                 },
                 ev = recv_room(&mut self.room_rx) => match ev {
-                    Some(ev) => Box::pin(self.on_room_event(ev)).await,
+                    Some(ev) => {
+                        Box::pin(self.on_room_event(ev)).await;
+                        // One subscriber offer for everything that changed together (a
+                        // co-host leaving unpublishes its audio and video back to back).
+                        Box::pin(self.drain_room_events()).await;
+                        if self.ending.is_none() && !self.session.is_closed() {
+                            Box::pin(self.maybe_offer()).await;
+                        }
+                    }
                     None => {
                         // The room cut us off: our event queue was full.
                         self.room_rx = None;
@@ -369,6 +380,25 @@ impl Driver {
             }
         }
         Box::pin(self.teardown()).await;
+    }
+
+    /// Handle the room events already waiting (at most [`DRAIN_MAX`], so the connection's
+    /// other inputs keep their turn), without offering in between: the caller sends one offer
+    /// for all of them. The subscriber answer timeout is unchanged: it runs from that offer.
+    async fn drain_room_events(&mut self) {
+        for _ in 0..DRAIN_MAX {
+            if self.ending.is_some() || self.session.is_closed() {
+                return;
+            }
+            let Some(rx) = self.room_rx.as_mut() else {
+                return;
+            };
+            // Empty: done. Disconnected: the next `recv` in the loop sees it.
+            let Ok(ev) = rx.try_recv() else {
+                return;
+            };
+            self.on_room_event(ev).await;
+        }
     }
 
     fn next_deadline(&self) -> Instant {
@@ -851,6 +881,10 @@ impl Driver {
             return;
         };
         match peer.add_candidate(cand_in(c)).await {
+            // A phone trickles tens of candidates in a burst; only those with an `id` get an
+            // acknowledgement (without one the client could not match it anyway). Errors are
+            // always sent.
+            Ok(()) if id.is_none() => {}
             Ok(()) => self.reply(id, ResponseResult::Empty {}).await,
             Err(e) => self.error(id, ErrorCode::BadRequest, e.to_string()).await,
         }
@@ -883,7 +917,6 @@ impl Driver {
                     .await;
                 if auto {
                     self.subscribe(router).await;
-                    self.maybe_offer().await;
                 }
             }
             RoomEvent::TrackUnpublished {
@@ -896,7 +929,6 @@ impl Driver {
                     participant_id,
                 })
                 .await;
-                self.maybe_offer().await;
             }
             RoomEvent::Removed(reason) => {
                 let (code, why) = match reason {
@@ -953,12 +985,23 @@ impl Driver {
                 .await
             }
             PeerEvent::Candidate(None) => {
-                // End of candidates, in the browser's shape: an empty candidate string.
-                self.send(ServerMessage::Candidate {
-                    target,
-                    candidate: Candidate::default(),
-                })
-                .await
+                // End of candidates, once per connection, as browsers send it: an empty
+                // candidate string with the sdpMid/sdpMLineIndex of our candidates. Typed
+                // client models (Swift/Kotlin/Dart) decode it like any candidate, W3C stacks
+                // accept it, and native libwebrtc, which has no end-of-candidates in its API
+                // ("Expect line: candidate:"), is told to skip it (docs/protocol.md). It is
+                // also in every later server SDP as `a=end-of-candidates`.
+                let peer = self.joined.as_ref().and_then(|j| match target {
+                    Target::Publisher => j.publisher.as_ref(),
+                    Target::Subscriber => j.subscriber.as_ref(),
+                });
+                if let Some(c) = peer.map(Peer::end_of_candidates) {
+                    self.send(ServerMessage::Candidate {
+                        target,
+                        candidate: cand_out(c),
+                    })
+                    .await
+                }
             }
             PeerEvent::State(s) => {
                 debug!(?target, ?s, "peer state");
