@@ -99,8 +99,8 @@ pub enum WsOut {
     Close(u16, String),
 }
 
-/// Room events a driver handles per wake-up at most (more wait for the next turn).
-const ROOM_EVENT_BATCH: usize = 64;
+/// Room events handled in one driver turn before the subscriber offer that covers them.
+const DRAIN_MAX: usize = 256;
 
 /// Work finished by helper tasks, reported back to the driver.
 enum Internal {
@@ -334,15 +334,13 @@ impl Driver {
                 ev = recv_room(&mut self.room_rx) => match ev {
                     Some(ev) => {
                         self.room_event(ev).await;
-                        // What else is queued, in the same turn: in a busy room (thousands
-                        // of members, chat) one wake-up per event would cost more than the
-                        // events.
-                        for _ in 0..ROOM_EVENT_BATCH {
-                            let Some(ev) = self.room_rx.as_mut().and_then(|r| r.try_recv().ok())
-                            else {
-                                break;
-                            };
-                            self.room_event(ev).await;
+                        // What else is queued, in the same turn, then one subscriber offer for
+                        // everything that changed together (a co-host leaving unpublishes its
+                        // audio and video back to back; in a room of thousands, one wake-up
+                        // per chat line would cost more than the lines).
+                        Box::pin(self.drain_room_events()).await;
+                        if self.ending.is_none() && !self.session.is_closed() {
+                            Box::pin(self.maybe_offer()).await;
                         }
                     }
                     None => {
@@ -394,6 +392,25 @@ impl Driver {
                 self.out.push(WsOut::Text(text.to_string()));
             }
             ev => Box::pin(self.on_room_event(ev)).await,
+        }
+    }
+
+    /// Handle the room events already waiting (at most [`DRAIN_MAX`], so the connection's
+    /// other inputs keep their turn), without offering in between: the caller sends one offer
+    /// for all of them. The subscriber answer timeout is unchanged: it runs from that offer.
+    async fn drain_room_events(&mut self) {
+        for _ in 0..DRAIN_MAX {
+            if self.ending.is_some() || self.session.is_closed() {
+                return;
+            }
+            let Some(rx) = self.room_rx.as_mut() else {
+                return;
+            };
+            // Empty: done. Disconnected: the next `recv` in the loop sees it.
+            let Ok(ev) = rx.try_recv() else {
+                return;
+            };
+            self.room_event(ev).await;
         }
     }
 
@@ -881,6 +898,10 @@ impl Driver {
             return;
         };
         match peer.add_candidate(cand_in(c)).await {
+            // A phone trickles tens of candidates in a burst; only those with an `id` get an
+            // acknowledgement (without one the client could not match it anyway). Errors are
+            // always sent.
+            Ok(()) if id.is_none() => {}
             Ok(()) => self.reply(id, ResponseResult::Empty {}).await,
             Err(e) => self.error(id, ErrorCode::BadRequest, e.to_string()).await,
         }
@@ -913,7 +934,6 @@ impl Driver {
                     .await;
                 if auto {
                     self.subscribe(router).await;
-                    self.maybe_offer().await;
                 }
             }
             RoomEvent::TrackUnpublished {
@@ -926,7 +946,6 @@ impl Driver {
                     participant_id,
                 })
                 .await;
-                self.maybe_offer().await;
             }
             RoomEvent::Removed(reason) => {
                 let (code, why) = match reason {
@@ -983,12 +1002,23 @@ impl Driver {
                 .await
             }
             PeerEvent::Candidate(None) => {
-                // End of candidates, in the browser's shape: an empty candidate string.
-                self.send(ServerMessage::Candidate {
-                    target,
-                    candidate: Candidate::default(),
-                })
-                .await
+                // End of candidates, once per connection, as browsers send it: an empty
+                // candidate string with the sdpMid/sdpMLineIndex of our candidates. Typed
+                // client models (Swift/Kotlin/Dart) decode it like any candidate, W3C stacks
+                // accept it, and native libwebrtc, which has no end-of-candidates in its API
+                // ("Expect line: candidate:"), is told to skip it (docs/protocol.md). It is
+                // also in every later server SDP as `a=end-of-candidates`.
+                let peer = self.joined.as_ref().and_then(|j| match target {
+                    Target::Publisher => j.publisher.as_ref(),
+                    Target::Subscriber => j.subscriber.as_ref(),
+                });
+                if let Some(c) = peer.map(Peer::end_of_candidates) {
+                    self.send(ServerMessage::Candidate {
+                        target,
+                        candidate: cand_out(c),
+                    })
+                    .await
+                }
             }
             PeerEvent::State(s) => {
                 debug!(?target, ?s, "peer state");

@@ -22,6 +22,7 @@ use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
 };
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::RTCRtpTransceiverId;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
     RTCRtpEncodingParameters, RtpCodecKind,
@@ -36,7 +37,7 @@ use webrtc::peer_connection::{
     RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
     RTCSessionDescription, SettingEngineBuilder,
 };
-use webrtc::rtp_transceiver::RtpSender;
+use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RtpSender};
 
 use crate::config::WebrtcConfig;
 use crate::media::jitter::{NACK_INTERVAL, NACK_MAX_PER_PACKET};
@@ -89,7 +90,8 @@ pub enum MediaKind {
 
 /// What a peer connection reports to its owner.
 pub enum PeerEvent {
-    /// A local ICE candidate to trickle to the client; `None` when gathering is complete.
+    /// A local ICE candidate to trickle to the client; `None` when gathering is complete
+    /// (once per connection: see [`Peer::end_of_candidates`] for its wire shape).
     Candidate(Option<IceCandidate>),
     State(PeerState),
     /// The client started sending a track.
@@ -100,6 +102,81 @@ struct Handler {
     tx: mpsc::UnboundedSender<PeerEvent>,
     connected: Arc<AtomicBool>,
     nat: Arc<NatMap>,
+    tag: Arc<BundleTag>,
+    /// End of candidates was reported (see `on_ice_gathering_state_change`).
+    gathered: AtomicBool,
+}
+
+/// The m-section every server candidate belongs to: the BUNDLE tag of the local description
+/// (the first mid of `a=group:BUNDLE`) and its index, what browsers put in `sdpMid` and
+/// `sdpMLineIndex` of their own candidates on a BUNDLEd connection. `webrtc` 0.21's
+/// `RTCIceCandidate::to_json` always says `sdpMid: ""`, `sdpMLineIndex: 0`, and by the W3C
+/// rules a non-null mid that names no m-section makes `addIceCandidate` fail, so the tag is
+/// read from each local description as it is set (gathering starts only after that).
+#[derive(Debug, Default)]
+struct BundleTag(std::sync::Mutex<Option<(String, u16)>>);
+
+impl BundleTag {
+    fn set_from(&self, sdp: &str) {
+        if let Some(t) = bundle_tag(sdp) {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+        }
+    }
+
+    /// `(sdpMid, sdpMLineIndex)`; before any local description (never seen in practice), no
+    /// mid and index 0, which W3C stacks resolve by index.
+    fn get(&self) -> (Option<String>, Option<u16>) {
+        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((mid, index)) => (Some(mid.clone()), Some(*index)),
+            None => (None, Some(0)),
+        }
+    }
+}
+
+/// The BUNDLE tag of an SDP and the index of its m-section: the first mid of
+/// `a=group:BUNDLE`, or the first m-section's mid when nothing is bundled.
+pub fn bundle_tag(sdp: &str) -> Option<(String, u16)> {
+    let mut mids: Vec<Option<&str>> = vec![];
+    let mut group: Option<&str> = None;
+    for line in sdp.lines().map(str::trim_end) {
+        if line.starts_with("m=") {
+            mids.push(None);
+        } else if let Some(mid) = line.strip_prefix("a=mid:") {
+            if let Some(slot @ None) = mids.last_mut() {
+                *slot = Some(mid.trim());
+            }
+        } else if let Some(g) = line.strip_prefix("a=group:BUNDLE")
+            && group.is_none()
+        {
+            group = g.split_whitespace().next();
+        }
+    }
+    let index = match group {
+        Some(tag) => mids.iter().position(|m| *m == Some(tag))?,
+        None => mids.iter().position(Option::is_some)?,
+    };
+    Some((mids[index]?.to_string(), u16::try_from(index).ok()?))
+}
+
+/// Adds `a=msid-semantic:WMS *` at session level when an SDP lacks it. `webrtc` 0.21 writes it
+/// into every description except the first offer of a connection (its "unmatched" SDP has no
+/// session attribute but the BUNDLE group), and without it some stacks ignore the `a=msid`
+/// lines and invent stream and track ids. The crate offers no way to add it, and
+/// `set_local_description` refuses any text other than the offer it created
+/// (`ErrSDPDoesNotMatchOffer`), so the line is added to the text that leaves the server, and
+/// [`Peer::local_sdp`] shows the same text. It is a declaration about the `a=msid` lines only,
+/// which the crate itself never reads back from its own description.
+pub fn with_msid_semantic(sdp: &str) -> String {
+    if sdp.lines().any(|l| l.starts_with("a=msid-semantic")) {
+        return sdp.to_string();
+    }
+    match sdp.find("\r\nm=") {
+        Some(at) => {
+            let at = at + 2;
+            format!("{}a=msid-semantic:WMS *\r\n{}", &sdp[..at], &sdp[at..])
+        }
+        None => sdp.to_string(),
+    }
 }
 
 /// 1:1 NAT: the address clients must use instead of the local one in host candidates.
@@ -171,10 +248,11 @@ impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
         match event.candidate.to_json() {
             Ok(init) => {
+                let (sdp_mid, sdp_mline_index) = self.tag.get();
                 let _ = self.tx.send(PeerEvent::Candidate(Some(IceCandidate {
                     candidate: self.nat.candidate(&init.candidate),
-                    sdp_mid: init.sdp_mid,
-                    sdp_mline_index: init.sdp_mline_index,
+                    sdp_mid,
+                    sdp_mline_index,
                     username_fragment: init.username_fragment,
                 })));
             }
@@ -182,8 +260,12 @@ impl PeerConnectionEventHandler for Handler {
         }
     }
 
+    /// `webrtc` 0.21 gathers again at every `set_local_description` (each renegotiation):
+    /// the candidates are the same and are not reported twice, but the gathering state goes
+    /// to `Complete` each time. End of candidates is reported once per ICE generation, and
+    /// without ICE restarts a connection has one.
     async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
-        if state == RTCIceGatheringState::Complete {
+        if state == RTCIceGatheringState::Complete && !self.gathered.swap(true, Ordering::AcqRel) {
             let _ = self.tx.send(PeerEvent::Candidate(None));
         }
     }
@@ -405,8 +487,15 @@ impl PeerFactory {
             };
             let connected = Arc::new(AtomicBool::new(false));
             let feedback = ConnectionFeedback::default();
+            let tag = Arc::new(BundleTag::default());
             match self
-                .build(lease.port(), tx.clone(), connected.clone(), &feedback)
+                .build(
+                    lease.port(),
+                    tx.clone(),
+                    connected.clone(),
+                    &feedback,
+                    tag.clone(),
+                )
                 .await
             {
                 Ok(pc) => {
@@ -419,6 +508,7 @@ impl PeerFactory {
                             connected,
                             nat: self.nat.clone(),
                             feedback,
+                            tag,
                         },
                         rx,
                     ));
@@ -438,6 +528,7 @@ impl PeerFactory {
         tx: mpsc::UnboundedSender<PeerEvent>,
         connected: Arc<AtomicBool>,
         feedback: &ConnectionFeedback,
+        tag: Arc<BundleTag>,
     ) -> Result<impl PeerConnection + use<>, PeerError> {
         let mut me = media_engine()?;
         let registry = interceptors_counting(&mut me, RtcpCounter::new(feedback.clone()))?;
@@ -479,6 +570,8 @@ impl PeerFactory {
                 tx,
                 connected,
                 nat: self.nat.clone(),
+                tag,
+                gathered: AtomicBool::new(false),
             }) as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![addr])
             .with_tcp_addrs(tcp)
@@ -502,6 +595,8 @@ pub struct Peer {
     /// RTCP feedback per stream: sent about the streams it receives, received about the
     /// streams it sends.
     feedback: ConnectionFeedback,
+    /// The mid and index our candidates name (shared with the event handler).
+    tag: Arc<BundleTag>,
 }
 
 impl Drop for Peer {
@@ -531,7 +626,8 @@ impl Peer {
     /// Create and apply the answer to the offer applied with [`Peer::apply_offer`].
     pub async fn create_answer(&self) -> Result<String, PeerError> {
         let answer = self.pc.create_answer(None).await.map_err(werr)?;
-        let sdp = self.nat.sdp(&answer.sdp);
+        let sdp = self.nat.sdp(&with_msid_semantic(&answer.sdp));
+        self.tag.set_from(&answer.sdp);
         self.pc.set_local_description(answer).await.map_err(werr)?;
         Ok(sdp)
     }
@@ -542,15 +638,28 @@ impl Peer {
         self.pc
             .local_description()
             .await
-            .map(|d| self.nat.sdp(&d.sdp))
+            .map(|d| self.nat.sdp(&with_msid_semantic(&d.sdp)))
     }
 
     /// Create and apply an offer (subscriber connection).
     pub async fn offer(&self) -> Result<String, PeerError> {
         let offer = self.pc.create_offer(None).await.map_err(werr)?;
-        let sdp = self.nat.sdp(&offer.sdp);
+        let sdp = self.nat.sdp(&with_msid_semantic(&offer.sdp));
+        self.tag.set_from(&offer.sdp);
         self.pc.set_local_description(offer).await.map_err(werr)?;
         Ok(sdp)
+    }
+
+    /// End of candidates in the browser's shape: an empty candidate naming the same m-section
+    /// as our candidates (see [`BundleTag`]).
+    pub fn end_of_candidates(&self) -> IceCandidate {
+        let (sdp_mid, sdp_mline_index) = self.tag.get();
+        IceCandidate {
+            candidate: String::new(),
+            sdp_mid,
+            sdp_mline_index,
+            username_fragment: None,
+        }
     }
 
     /// Apply the client's answer to our offer.
@@ -618,6 +727,18 @@ impl Peer {
             .add_track(track.clone() as Arc<dyn TrackLocal>)
             .await
             .map_err(werr)?;
+        // The server only sends on these connections. `add_track` makes a new transceiver
+        // `sendrecv` (a reused one, whose track was removed and which is `inactive` from then
+        // on, comes back `sendonly` by itself); say `sendonly`, so the offer does not invite the
+        // client to send, and `remove_track` leaves an `inactive` m-section, not a `recvonly`.
+        let id = RTCRtpTransceiverId::from(sender.id());
+        for t in self.pc.get_transceivers().await {
+            if t.id() == id {
+                t.set_direction(RTCRtpTransceiverDirection::Sendonly)
+                    .await
+                    .map_err(werr)?;
+            }
+        }
         Ok(LocalTrack {
             track,
             sender,
@@ -935,6 +1056,31 @@ mod tests {
             "v=0\r\na=candidate:1 1 udp 2130706431 203.0.113.9 50000 typ host\r\na=end-of-candidates\r\n"
         );
         assert_eq!(NatMap::new(&[]).candidate("candidate:x"), "candidate:x");
+    }
+
+    #[test]
+    fn bundle_tag_is_the_first_bundled_mid() {
+        let sdp = "v=0\r\na=group:BUNDLE 1 2\r\nm=audio 0 X 111\r\na=mid:0\r\n\
+                   m=audio 9 X 111\r\na=mid:1\r\nm=video 9 X 96\r\na=mid:2\r\n";
+        assert_eq!(bundle_tag(sdp), Some(("1".into(), 1)));
+        let unbundled = "v=0\r\nm=audio 9 X 111\r\na=mid:a\r\nm=video 9 X 96\r\na=mid:v\r\n";
+        assert_eq!(bundle_tag(unbundled), Some(("a".into(), 0)));
+        assert_eq!(bundle_tag("v=0\r\nm=audio 9 X 111\r\n"), None);
+        assert_eq!(
+            bundle_tag("v=0\r\na=group:BUNDLE x\r\nm=audio 9 X 1\r\na=mid:0\r\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn msid_semantic_is_added_once_at_session_level() {
+        let sdp = "v=0\r\nt=0 0\r\na=group:BUNDLE 0\r\nm=audio 9 X 111\r\na=mid:0\r\n";
+        let with = with_msid_semantic(sdp);
+        assert_eq!(
+            with,
+            "v=0\r\nt=0 0\r\na=group:BUNDLE 0\r\na=msid-semantic:WMS *\r\nm=audio 9 X 111\r\na=mid:0\r\n"
+        );
+        assert_eq!(with_msid_semantic(&with), with);
     }
 
     #[test]

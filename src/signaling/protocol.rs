@@ -26,10 +26,13 @@ pub enum Target {
     Subscriber,
 }
 
-/// An ICE candidate as browsers produce it (`RTCIceCandidate.toJSON()`).
+/// An ICE candidate as browsers produce it (`RTCIceCandidate.toJSON()`). An empty
+/// `candidate` is end of candidates; from clients, `null` or no `candidate` field means the
+/// same (`RTCIceCandidateInit.candidate` defaults to `""`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Candidate {
+    #[serde(default, deserialize_with = "null_as_default")]
     pub candidate: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sdp_mid: Option<String>,
@@ -41,6 +44,16 @@ pub struct Candidate {
     pub sdp_mline_index: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username_fragment: Option<String>,
+}
+
+/// `null` reads as the type's default; the field must still be present unless it also has
+/// `#[serde(default)]`.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// A message from the client. Every message may carry an `id`; when it does the server answers
@@ -70,9 +83,11 @@ pub enum ClientMessage {
     Publish { sdp: String },
     /// SDP answer to the server's `offer` on the subscriber connection.
     Answer { offer_id: u64, sdp: String },
-    /// A trickled ICE candidate. An empty `candidate.candidate` means end of candidates.
+    /// A trickled ICE candidate. An empty `candidate.candidate` means end of candidates, and
+    /// so does `"candidate": null` (what a browser's last `icecandidate` event carries).
     Candidate {
         target: Target,
+        #[serde(deserialize_with = "null_as_default")]
         candidate: Candidate,
     },
     /// Ask for a keyframe on a track this participant subscribes to.
@@ -612,6 +627,33 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(serde_json::from_str::<ClientEnvelope>(r#"{"type":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn end_of_candidates_parses_in_every_form_clients_send() {
+        for c in [
+            r#"{"candidate":""}"#,
+            r#"{"candidate":"","sdpMid":"0","sdpMLineIndex":0}"#,
+            r#"{"candidate":"","sdpMid":null,"sdpMLineIndex":null,"usernameFragment":null}"#,
+            r#"{"candidate":null,"sdpMid":"0"}"#,
+            r#"{}"#,
+            "null",
+        ] {
+            let text = format!(r#"{{"type":"candidate","target":"publisher","candidate":{c}}}"#);
+            let m: ClientEnvelope =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{c}: {e}"));
+            match m.msg {
+                ClientMessage::Candidate { candidate, .. } => {
+                    assert!(candidate.candidate.is_empty(), "{c}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The `candidate` field itself is still required.
+        assert!(
+            serde_json::from_str::<ClientEnvelope>(r#"{"type":"candidate","target":"publisher"}"#)
+                .is_err()
+        );
     }
 
     #[test]

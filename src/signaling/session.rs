@@ -53,11 +53,16 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate: u32, now: Instant) -> Self {
+        Self::with_burst(rate, u64::from(rate.max(1)) * 2, now)
+    }
+
+    fn with_burst(rate: u32, burst: u64, now: Instant) -> Self {
         let rate = f64::from(rate.max(1));
+        let burst = (burst as f64).max(rate);
         Self {
             rate,
-            burst: rate * 2.0,
-            tokens: rate * 2.0,
+            burst,
+            tokens: burst,
             at: now,
         }
     }
@@ -84,6 +89,12 @@ pub struct Session {
     last_rx: Instant,
     last_ping: Instant,
     bucket: Bucket,
+    /// Trickled candidates: a bucket of their own, which holds every candidate both peer
+    /// connections may take (2 x `max_candidates`) and refills at `rate_limit_per_sec`. A phone
+    /// trickles tens of them in a burst, right when its `publish` and `answer` go out; they
+    /// neither wait for tokens nor use up the ones of other messages. The per-connection
+    /// `max_candidates` is enforced by the driver.
+    candidate_bucket: Bucket,
     /// Consecutive rate-limited messages; a client that keeps flooding is disconnected.
     limited_in_a_row: u32,
 }
@@ -96,6 +107,11 @@ impl Session {
         now: Instant,
     ) -> Self {
         let bucket = Bucket::new(cfg.rate_limit_per_sec, now);
+        let candidate_bucket = Bucket::with_burst(
+            cfg.rate_limit_per_sec,
+            (cfg.max_candidates as u64).saturating_mul(2),
+            now,
+        );
         Self {
             cfg,
             auth,
@@ -105,6 +121,7 @@ impl Session {
             last_rx: now,
             last_ping: now,
             bucket,
+            candidate_bucket,
             limited_in_a_row: 0,
         }
     }
@@ -161,13 +178,27 @@ impl Session {
                 self.cfg.max_message_bytes,
             ))];
         }
-        if !self.bucket.take(now) {
+        // Parsed first: the message type picks the bucket (the text is within
+        // `max_message_bytes`, and a rate-limited message was parsed for its id before too).
+        let parsed = serde_json::from_str::<ClientEnvelope>(text);
+        let bucket = match &parsed {
+            Ok(ClientEnvelope {
+                msg: ClientMessage::Candidate { .. },
+                ..
+            }) => &mut self.candidate_bucket,
+            _ => &mut self.bucket,
+        };
+        if !bucket.take(now) {
             self.limited_in_a_row += 1;
             if self.limited_in_a_row > self.cfg.rate_limit_per_sec.max(1) * 4 {
                 return self.close(close_code::RATE_LIMITED, "rate limit exceeded repeatedly");
             }
+            let id = match &parsed {
+                Ok(env) => env.id.clone(),
+                Err(_) => request_id_of(text),
+            };
             return vec![Action::Send(ServerMessage::error(
-                request_id_of(text),
+                id,
                 ErrorCode::RateLimited,
                 format!(
                     "more than {} messages per second",
@@ -176,7 +207,7 @@ impl Session {
             ))];
         }
         self.limited_in_a_row = 0;
-        let env: ClientEnvelope = match serde_json::from_str(text) {
+        let env: ClientEnvelope = match parsed {
             Ok(e) => e,
             Err(e) => return vec![Action::Send(parse_error(text, &e))],
         };
@@ -522,6 +553,34 @@ mod tests {
                 .count();
         }
         assert_eq!(limited, 50, "burst is 2x rate = 100");
+    }
+
+    #[test]
+    fn candidates_have_their_own_allowance() {
+        let now = Instant::now();
+        let (mut s, auth) = session(now);
+        let t = auth.mint("r", "a", Role::Host, None).unwrap();
+        s.on_text(now, &format!(r#"{{"type":"join","token":"{t}"}}"#));
+        s.admitted();
+        let cand = r#"{"type":"candidate","target":"publisher","candidate":{"candidate":"candidate:1 1 udp 1 10.0.0.1 9 typ host","sdpMid":"0","sdpMLineIndex":0}}"#;
+        // Both connections' worth of candidates at once, then a full burst of other messages:
+        // nothing is limited.
+        for _ in 0..200 {
+            assert!(matches!(
+                &s.on_text(now, cand)[..],
+                [Action::Dispatch { .. }]
+            ));
+        }
+        for _ in 0..99 {
+            assert!(codes(&s.on_text(now, r#"{"type":"ping"}"#)).is_empty());
+        }
+        // Beyond its allowance a candidate is limited like anything else.
+        assert_eq!(codes(&s.on_text(now, cand)), vec![ErrorCode::RateLimited]);
+        let later = now + Duration::from_secs(1);
+        assert!(matches!(
+            &s.on_text(later, cand)[..],
+            [Action::Dispatch { .. }]
+        ));
     }
 
     #[test]
