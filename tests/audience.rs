@@ -235,3 +235,38 @@ async fn a_like_storm_is_coalesced_into_few_messages() {
     assert_eq!(total, 30);
     assert!(messages < 15, "{messages} like messages for 15 taps");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_unpublishes_and_stays_in_the_room() {
+    let server = Server::start_with(&[("COHOST_ROOM__MAX_PUBLISHERS", "1")]).await;
+    let mut host = Client::join(&server, "stay", "host", Role::Host).await;
+    let mut co = Client::join(&server, "stay", "co", Role::Cohost).await;
+    host.publish(None).await.unwrap();
+    co.sig
+        .wait_for("the host's video", |v| {
+            v["type"] == "track_published" && v["track"]["kind"] == "video"
+        })
+        .await;
+    // The one publisher slot is the host's.
+    let r = co.publish(None).await;
+    assert!(r.is_err(), "{r:?}");
+    let r = host.sig.request(json!({"type": "unpublish"})).await;
+    assert_eq!(r["type"], "response", "{r}");
+    for _ in 0..2 {
+        co.sig
+            .wait_for("the host's tracks ending", |v| {
+                v["type"] == "track_unpublished"
+            })
+            .await;
+    }
+    // Still in the room (chat goes on), with its slot free for someone else.
+    let r = host
+        .sig
+        .request(json!({"type": "chat", "text": "thanks for watching"}))
+        .await;
+    assert_eq!(r["type"], "response", "{r}");
+    assert_eq!(counts(&server, "stay").await["members"], 2);
+    drop(co);
+    let mut other = Client::join(&server, "stay", "other", Role::Cohost).await;
+    other.publish(None).await.unwrap();
+}

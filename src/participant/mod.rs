@@ -561,6 +561,13 @@ impl Driver {
     async fn dispatch(&mut self, id: Option<RequestId>, msg: ClientMessage) {
         match msg {
             ClientMessage::Publish { sdp } => self.publish(id, sdp).await,
+            ClientMessage::Unpublish => {
+                if let Some(j) = self.joined.as_ref() {
+                    j.room.unpublish_all(&j.pid);
+                }
+                self.stop_publishing().await;
+                self.reply(id, ResponseResult::Empty {}).await;
+            }
             ClientMessage::Answer { offer_id, sdp } => self.answer(id, offer_id, sdp).await,
             ClientMessage::Candidate { target, candidate } => {
                 self.candidate(id, target, candidate).await

@@ -463,6 +463,22 @@ impl Room {
         }
     }
 
+    /// `pid` stops publishing and stays in the room: every track it publishes ends and its
+    /// publisher slot is free again (a host ending the live and staying to chat).
+    pub fn unpublish_all(&self, pid: &str) {
+        let tracks = {
+            let mut st = self.lock();
+            let Some(m) = Self::find(&mut st, pid) else {
+                return;
+            };
+            m.publishing = false;
+            m.tracks.clone()
+        };
+        for t in tracks {
+            self.unpublish(pid, &t);
+        }
+    }
+
     /// The room ended (its last member left); it is never reused.
     pub fn is_closed(&self) -> bool {
         self.lock().closed

@@ -81,6 +81,9 @@ pub enum ClientMessage {
     },
     /// SDP offer for the publisher connection (first publish or any later change).
     Publish { sdp: String },
+    /// Stop publishing and stay in the room: every track ends, the publisher connection is
+    /// closed (a new `publish` starts over on a new one).
+    Unpublish,
     /// SDP answer to the server's `offer` on the subscriber connection.
     Answer { offer_id: u64, sdp: String },
     /// A trickled ICE candidate. An empty `candidate.candidate` means end of candidates, and
@@ -182,6 +185,7 @@ impl ClientMessage {
         match self {
             ClientMessage::Join { .. } => "join",
             ClientMessage::Publish { .. } => "publish",
+            ClientMessage::Unpublish => "unpublish",
             ClientMessage::Answer { .. } => "answer",
             ClientMessage::Candidate { .. } => "candidate",
             ClientMessage::RequestKeyframe { .. } => "request_keyframe",
