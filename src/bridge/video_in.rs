@@ -66,6 +66,10 @@ pub struct VideoInput {
     latest_ts: Option<u32>,
     /// Decoding waits for an IDR; the last keyframe request went out at.
     waiting: bool,
+    /// Decoding was turned on again without the pictures since the last IDR: the decoder's
+    /// references are from before it stopped, so nothing but an IDR may go in (P pictures
+    /// would decode into garbage on screen).
+    idr_only: bool,
     last_request: Option<Instant>,
     stats: VideoInputStats,
     /// Decode pictures (off while the bridge passes this input through untouched).
@@ -97,6 +101,7 @@ impl VideoInput {
             latest: None,
             latest_ts: None,
             waiting: false,
+            idr_only: false,
             last_request: None,
             stats: VideoInputStats::default(),
             decode: true,
@@ -131,6 +136,7 @@ impl VideoInput {
             }
             None => {
                 self.waiting = true;
+                self.idr_only = true;
                 r.need_keyframe = true;
                 self.last_request = Some(now);
                 self.stats.keyframe_requests += 1;
@@ -214,9 +220,12 @@ impl VideoInput {
                     Output::Frame(au) => {
                         if au.keyframe {
                             self.waiting = false;
+                            self.idr_only = false;
                         }
                         let au = Arc::new(au);
-                        if self.decode {
+                        if self.decode && self.idr_only {
+                            // Not decodable yet (see `idr_only`); passed on all the same.
+                        } else if self.decode {
                             self.decode(&au.annexb, au.rtp_timestamp, &mut r);
                         } else {
                             self.keep(&au);
@@ -410,6 +419,40 @@ mod tests {
         input.set_decode(false, t + START);
         let r = input.set_decode(true, t + START);
         assert!(r.need_keyframe && !r.new_picture);
+    }
+
+    #[test]
+    fn decoding_resumed_without_the_pictures_since_the_idr_waits_for_the_next_idr() {
+        // 20 pictures, the first an IDR; then a second IDR stream of 5.
+        let first = stream(20);
+        let mut input = VideoInput::new().unwrap();
+        let t = Instant::now();
+        let (decoded, _) = run(&mut input, &first[..first.len() / 2], t);
+        assert!(decoded > 0);
+        // Off while the rest of the first GOP passes, on again before any new IDR: P pictures
+        // that refer to what the decoder never saw are not fed to it.
+        input.set_decode(false, t);
+        let half = first.len() / 2;
+        // Turned on after the GOP's start was missed (nothing kept: it was off since mid-GOP).
+        input.gop = None;
+        let r = input.set_decode(true, t + START);
+        assert!(r.need_keyframe);
+        let before = input.stats().frames_decoded;
+        let (decoded, _) = run(&mut input, &first[half..], t + START);
+        assert_eq!(
+            decoded, 0,
+            "P pictures without their references are not decoded"
+        );
+        assert_eq!(input.stats().frames_decoded, before);
+        // The next IDR (sequence numbers go on where the first stream stopped): decoding
+        // resumes.
+        let next: Vec<_> = stream(5)
+            .into_iter()
+            .map(|(s, ts, m, p)| (s.wrapping_add(first.len() as u16), ts + 200_000, m, p))
+            .collect();
+        let (decoded, _) = run(&mut input, &next, t + START * 3);
+        assert_eq!(decoded, 5);
+        assert_eq!(input.stats().decode_errors, 0);
     }
 
     #[test]
