@@ -403,6 +403,7 @@ struct Detach {
     slots: Slots,
     pid: String,
     kind: Kind,
+    router: Arc<TrackRouter>,
 }
 
 impl Drop for Detach {
@@ -413,7 +414,16 @@ impl Drop for Detach {
                     slot.audio = None;
                     slot.audio_track = None;
                 }
-                Kind::Video => slot.video_track = None,
+                // Another video track of the participant may be the current one.
+                Kind::Video => {
+                    if slot
+                        .video_track
+                        .as_ref()
+                        .is_some_and(|t| Arc::ptr_eq(t, &self.router))
+                    {
+                        slot.video_track = None;
+                    }
+                }
             }
         }
     }
@@ -437,6 +447,7 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
         slots: slots.clone(),
         pid: pid.clone(),
         kind: router.kind,
+        router: router.clone(),
     };
     let ctl = {
         let mut s = lock(&slots);
@@ -519,6 +530,19 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                 if picture.is_some() || publish_stats || forward {
                     let mut s = lock(&slots);
                     if let Some(slot) = s.get_mut(&pid) {
+                        // A participant with two video tracks (a camera and a screen) has one
+                        // tile and one passthrough queue: only its newest video track feeds
+                        // them, so two streams never interleave in one queue.
+                        // The current one ended: the one still sending takes over.
+                        let current = slot
+                            .video_track
+                            .get_or_insert_with(|| router.clone());
+                        let current = Arc::ptr_eq(current, &router);
+                        let (forward, picture) = if current {
+                            (forward, picture)
+                        } else {
+                            (false, None)
+                        };
                         if forward {
                             for au in r.units.drain(..) {
                                 if slot.units.len() >= MAX_UNITS {
