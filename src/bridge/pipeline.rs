@@ -534,9 +534,7 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                         // tile and one passthrough queue: only its newest video track feeds
                         // them, so two streams never interleave in one queue.
                         // The current one ended: the one still sending takes over.
-                        let current = slot
-                            .video_track
-                            .get_or_insert_with(|| router.clone());
+                        let current = slot.video_track.get_or_insert_with(|| router.clone());
                         let current = Arc::ptr_eq(current, &router);
                         let (forward, picture) = if current {
                             (forward, picture)
