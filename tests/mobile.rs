@@ -16,7 +16,7 @@ use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde_json::{Value, json};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    SettingEngineBuilder,
+    RTCSessionDescription, SettingEngineBuilder,
 };
 use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 
@@ -619,4 +619,52 @@ async fn repromoted_cohost_publishes_on_a_new_connection() {
         fan.stop_media();
         old.close().await.unwrap();
     }
+}
+
+/// The `a=ice-ufrag` of an SDP.
+fn ufrag(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:").map(String::from))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_ice_restart_gets_new_credentials_and_media_keeps_flowing() {
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "restart", "host", Role::Host).await;
+    let co = Client::join(&server, "restart", "co", Role::Cohost).await;
+    host.publish(None).await.unwrap();
+    let tag = host.publication.as_ref().unwrap().tag_video;
+    let (before, _, _) = co.wait_packets(tag, 30).await;
+    let pc = host.publisher.lock().unwrap().clone().unwrap();
+    let old = pc.remote_description().await.unwrap().sdp;
+    // A phone that changed networks restarts ICE with a new offer on the same connection.
+    let offer = pc
+        .create_offer(Some(rtc::peer_connection::configuration::RTCOfferOptions {
+            ice_restart: true,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_ne!(
+        ufrag(&offer.sdp),
+        ufrag(&pc.local_description().await.unwrap().sdp)
+    );
+    let sdp = offer.sdp.clone();
+    pc.set_local_description(offer).await.unwrap();
+    let r = host
+        .sig
+        .request(json!({"type": "publish", "sdp": sdp}))
+        .await;
+    assert_eq!(r["type"], "response", "{r}");
+    let answer = r["result"]["sdp"].as_str().unwrap().to_string();
+    assert!(
+        ufrag(&answer).is_some() && ufrag(&answer) != ufrag(&old),
+        "the server's ICE credentials change"
+    );
+    pc.set_remote_description(RTCSessionDescription::answer(answer).unwrap())
+        .await
+        .unwrap();
+    host.add_pending_candidates(&pc).await;
+    // Media goes on over the restarted transport.
+    co.wait_packets(tag, before + 60).await;
 }

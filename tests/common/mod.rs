@@ -1015,7 +1015,7 @@ impl Client {
     }
 
     /// Apply the server candidates that arrived before the publisher's answer.
-    async fn add_pending_candidates(&self, pc: &Arc<dyn PeerConnection>) {
+    pub async fn add_pending_candidates(&self, pc: &Arc<dyn PeerConnection>) {
         let pending: Vec<RTCIceCandidateInit> =
             std::mem::take(&mut *self.pending_pub.lock().unwrap());
         for c in pending {
