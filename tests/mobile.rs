@@ -641,7 +641,6 @@ async fn publisher_ice_restart_gets_new_credentials_and_media_keeps_flowing() {
     let offer = pc
         .create_offer(Some(rtc::peer_connection::configuration::RTCOfferOptions {
             ice_restart: true,
-            ..Default::default()
         }))
         .await
         .unwrap();
