@@ -12,13 +12,11 @@ use std::time::{Duration, Instant};
 
 use cohost::auth::Role;
 use common::{Client, Server, Signal, post_sdp};
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde_json::{Value, json};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
     RTCSessionDescription, SettingEngineBuilder,
 };
-use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 
 /// Everything pushed to `sig` so far (responses to requests made with `request` excepted).
 fn drain(sig: &mut Signal) -> Vec<Value> {
@@ -367,18 +365,7 @@ async fn subscriber_offer_is_sendonly_with_msid_semantic() {
             .await
             .unwrap(),
     );
-    for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
-        pc.add_transceiver_from_kind(
-            kind,
-            Some(RTCRtpTransceiverInit {
-                direction: RTCRtpTransceiverDirection::Recvonly,
-                streams: vec![],
-                send_encodings: vec![],
-            }),
-        )
-        .await
-        .unwrap();
-    }
+    common::add_recvonly_audio_video(&pc).await;
     let offer = pc.create_offer(None).await.unwrap();
     pc.set_local_description(offer.clone()).await.unwrap();
     let token = server.token("dir", "viewer", Role::Audience);

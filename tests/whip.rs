@@ -18,7 +18,6 @@ use cohost::media::goertzel::{left_channel, tone_power};
 use common::{
     Client, Resp, Server, T, ffmpeg_capture, http, is_colour, pixel, post_sdp, wait_frames,
 };
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -27,7 +26,6 @@ use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
     RTCIceGatheringState, RTCSessionDescription, SettingEngineBuilder,
 };
-use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 
 /// Power of `freq` in mono 48 kHz audio: the median over 100 ms windows, so that a gap or a
 /// concealed packet (a phase jump) in a loaded test run does not hide a tone that is there.
@@ -372,18 +370,7 @@ async fn viewer_offer() -> (
             .await
             .unwrap(),
     );
-    for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
-        pc.add_transceiver_from_kind(
-            kind,
-            Some(RTCRtpTransceiverInit {
-                direction: RTCRtpTransceiverDirection::Recvonly,
-                streams: vec![],
-                send_encodings: vec![],
-            }),
-        )
-        .await
-        .unwrap();
-    }
+    common::add_recvonly_audio_video(&pc).await;
     let offer = pc.create_offer(None).await.unwrap();
     pc.set_local_description(offer).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -332,11 +332,11 @@ async fn list_rooms(State(svc): State<Arc<Services>>, headers: HeaderMap) -> Res
         .rooms()
         .iter()
         .map(|r| {
-            let (members, participants) = r.counts();
+            let counts = r.counts();
             json!({
                 "name": r.name,
-                "members": members,
-                "participants": participants,
+                "members": counts.members,
+                "participants": counts.participants,
                 "viewers": viewers(&svc, &r.name),
                 "publishers": r.publisher_count(),
                 "tracks": r.tracks().len(),
@@ -382,12 +382,12 @@ async fn get_room(
             })
         })
         .collect();
-    let (members, participants) = r.counts();
+    let counts = r.counts();
     Json(json!({
         "name": r.name,
         "counts": {
-            "members": members,
-            "participants": participants,
+            "members": counts.members,
+            "participants": counts.participants,
             "viewers": viewers(&svc, &r.name),
         },
         "participants": r.participants_detailed(),

@@ -25,8 +25,8 @@ use crate::room::{Actor, EventRx, Registry, Room, RoomError, RoomEvent, new_trac
 use crate::sfu::TrackRouter;
 use crate::sfu::keyframe::{Decision, KeyframeThrottle};
 use crate::signaling::protocol::{
-    Candidate, ClientMessage, Counts, ErrorCode, JoinResult, Kind, LeaveReason, Limits,
-    MessageBody, PROTOCOL_VERSION, RequestId, ResponseResult, ServerMessage, Target, close_code,
+    Candidate, ClientMessage, ErrorCode, JoinResult, Kind, LeaveReason, Limits, MessageBody,
+    PROTOCOL_VERSION, RequestId, ResponseResult, ServerMessage, Target, close_code,
 };
 use crate::signaling::session::{Action, MAX_TICK, Session};
 
@@ -516,13 +516,7 @@ impl Driver {
                     seats: cfg.room.cohost_seats,
                     history: room.messages_since(0),
                     pk: room.pk_partner(),
-                    counts: {
-                        let (members, participants) = room.counts();
-                        Counts {
-                            members,
-                            participants,
-                        }
-                    },
+                    counts: room.counts(),
                 };
                 let role = claims.role;
                 self.room_rx = Some(rx);

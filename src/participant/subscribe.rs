@@ -12,6 +12,20 @@ use crate::signaling::protocol::{ErrorCode, Kind, RequestId, ResponseResult};
 /// Track ids one `subscribe`/`unsubscribe` may name (a room has far fewer tracks).
 pub const MAX_TRACKS_PER_REQUEST: usize = 64;
 
+/// A `subscribe`/`unsubscribe` names tracks or says `all`, and at most
+/// [`MAX_TRACKS_PER_REQUEST`] tracks.
+fn check_request(tracks: &[String], all: bool) -> Result<(), String> {
+    if !all && tracks.is_empty() {
+        return Err("name the tracks, or set \"all\": true".into());
+    }
+    if tracks.len() > MAX_TRACKS_PER_REQUEST {
+        return Err(format!(
+            "at most {MAX_TRACKS_PER_REQUEST} tracks per request"
+        ));
+    }
+    Ok(())
+}
+
 impl Driver {
     /// `subscribe`: the named tracks, or with `all` every track now and later. The first
     /// subscription makes an audience member a real-time participant (`room.max_participants`).
@@ -24,12 +38,7 @@ impl Driver {
         let Some(j) = self.joined.as_ref() else {
             return;
         };
-        if !all && tracks.is_empty() {
-            let msg = "name the tracks to receive, or set \"all\": true";
-            return self.error(id, ErrorCode::BadRequest, msg).await;
-        }
-        if tracks.len() > MAX_TRACKS_PER_REQUEST {
-            let msg = format!("at most {MAX_TRACKS_PER_REQUEST} tracks per request");
+        if let Err(msg) = check_request(&tracks, all) {
             return self.error(id, ErrorCode::BadRequest, msg).await;
         }
         let in_room = j.room.tracks();
@@ -70,12 +79,7 @@ impl Driver {
         tracks: Vec<String>,
         all: bool,
     ) {
-        if !all && tracks.is_empty() {
-            let msg = "name the tracks to stop, or set \"all\": true";
-            return self.error(id, ErrorCode::BadRequest, msg).await;
-        }
-        if tracks.len() > MAX_TRACKS_PER_REQUEST {
-            let msg = format!("at most {MAX_TRACKS_PER_REQUEST} tracks per request");
+        if let Err(msg) = check_request(&tracks, all) {
             return self.error(id, ErrorCode::BadRequest, msg).await;
         }
         self.stop_receiving(if all { None } else { Some(tracks) })

@@ -14,7 +14,7 @@ use super::{
     RoomMessage, Sender, ServerMessage, State, track_info,
 };
 use crate::auth::Role;
-use crate::signaling::protocol::{Counts, Kind};
+use crate::signaling::protocol::Kind;
 
 /// Who asks: a member of the room, or an operator (admin token, possibly not a member).
 #[derive(Debug, Clone, Copy)]
@@ -512,10 +512,7 @@ impl Room {
                 MessageBody::Like { count: likes.count },
             );
         }
-        let counts = Counts {
-            members: st.members.len(),
-            participants: Self::realtime(st),
-        };
+        let counts = Self::counts_of(st);
         let due = st
             .counts_at
             .is_none_or(|t| now.saturating_duration_since(t) >= COUNTS_EVERY);

@@ -342,9 +342,15 @@ impl Room {
     }
 
     /// Members (any role) and real-time participants (with media) now.
-    pub fn counts(&self) -> (usize, usize) {
-        let st = self.lock();
-        (st.members.len(), Self::realtime(&st))
+    pub fn counts(&self) -> Counts {
+        Self::counts_of(&self.lock())
+    }
+
+    fn counts_of(st: &State) -> Counts {
+        Counts {
+            members: st.members.len(),
+            participants: Self::realtime(st),
+        }
     }
 
     fn realtime(st: &State) -> usize {
@@ -989,7 +995,13 @@ mod tests {
         let (_, b) = join("b", Role::Audience).unwrap();
         let (_, c) = join("c", Role::Audience).unwrap();
         join("d", Role::Cohost).unwrap();
-        assert_eq!(room.counts(), (4, 2));
+        assert_eq!(
+            room.counts(),
+            Counts {
+                members: 4,
+                participants: 2
+            }
+        );
         assert_eq!(
             join("e", Role::Audience).err(),
             Some(RoomError::MembersFull(4))

@@ -1393,6 +1393,24 @@ pub async fn last_frame(server: &Server, room: &str, tag: &str) -> Vec<u8> {
     video[video.len() - n..].to_vec()
 }
 
+/// A receive-only audio and a receive-only video transceiver: what a WHEP viewer offers.
+pub async fn add_recvonly_audio_video(pc: &Arc<dyn PeerConnection>) {
+    use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+    use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+    for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
+        pc.add_transceiver_from_kind(
+            kind,
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Recvonly,
+                streams: vec![],
+                send_encodings: vec![],
+            }),
+        )
+        .await
+        .unwrap();
+    }
+}
+
 /// Poll `f` until it holds, failing after `timeout` with `what`.
 pub async fn wait_until(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + timeout;
