@@ -242,6 +242,9 @@ pub mod ws_frames {
                     apply(s, refuse, more);
                 }
                 Action::Join { .. } => s.admitted(),
+                // An unknown token: the connection waits for a join again.
+                Action::Resume { .. } if refuse => s.resume_refused(),
+                Action::Resume { .. } => s.admitted(),
                 Action::Dispatch { .. } | Action::Ping | Action::Close { .. } => {}
             }
         }

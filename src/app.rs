@@ -119,6 +119,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         origin: crate::rtmp::origin::Origin::new(),
         bridges: dashmap::DashMap::new(),
         whip: Default::default(),
+        resumable: Default::default(),
         stream_keys: Arc::new(crate::auth::keys::StreamKeys::new(cfg.origin.key_max_ttl)),
         shutdown: shutdown_rx.clone(),
     });

@@ -306,6 +306,11 @@ pub struct SignalingConfig {
     pub send_queue_bytes: usize,
     /// ICE candidates a client may trickle per peer connection; more get `bad_request`.
     pub max_candidates: usize,
+    /// A participant that joined with `resumable` outlives a dropped connection this long
+    /// (its seat, tracks and subscriptions stay; the room sees no leave) so that a phone
+    /// changing networks can `resume` on a new connection. 0 turns resuming off.
+    #[serde(with = "humantime_serde_compat")]
+    pub resume_grace: Duration,
 }
 
 /// Defaults of every room's bridge (a start request may override the output parameters).
@@ -747,6 +752,7 @@ impl Default for SignalingConfig {
             send_queue_messages: 1024,
             send_queue_bytes: 1024 * 1024,
             max_candidates: 100,
+            resume_grace: Duration::from_secs(30),
         }
     }
 }
@@ -828,6 +834,12 @@ impl Config {
                 "signaling.write_timeout must be > 0, signaling.send_queue_messages at least 16 \
                  and signaling.send_queue_bytes at least signaling.max_message_bytes"
                     .into(),
+            ));
+        }
+        // A detached participant holds a seat and two peer connections: minutes, not hours.
+        if sg.resume_grace > Duration::from_secs(600) {
+            return Err(ConfigError::Invalid(
+                "signaling.resume_grace must be at most 10m".into(),
             ));
         }
         let b = &self.bridge;

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub ws_slow_readers: AtomicU64,
     pub joins: AtomicU64,
     pub join_failures: AtomicU64,
+    /// Resumable participants whose connection was lost (kept for `signaling.resume_grace`).
+    pub resume_detached: AtomicU64,
+    /// Participants taken over by a `resume` on a new connection.
+    pub resumes: AtomicU64,
     pub signaling_errors: AtomicU64,
     pub peer_failures: AtomicU64,
     pub ice_failures: AtomicU64,
@@ -283,6 +287,18 @@ impl Metrics {
                 "counter",
                 "Successful joins.",
                 g(&self.joins),
+            ),
+            (
+                "cohost_resume_detached_total",
+                "counter",
+                "Resumable participants whose connection was lost and who were kept for resume.",
+                g(&self.resume_detached),
+            ),
+            (
+                "cohost_resumes_total",
+                "counter",
+                "Participants taken over by a resume on a new connection.",
+                g(&self.resumes),
             ),
             (
                 "cohost_join_failures_total",

@@ -773,6 +773,7 @@ async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>)
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     });
     let mut driver_done = false;
+    let mut let_go = false;
     loop {
         tokio::select! {
             m = stream.next() => {
@@ -784,7 +785,13 @@ async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>)
                     Some(Ok(Message::Text(t))) => WsIn::Text(t.to_string()),
                     Some(Ok(Message::Binary(b))) => WsIn::Binary(b.len()),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => WsIn::Activity,
-                    Some(Ok(Message::Close(_))) | None => break,
+                    // A close frame is a deliberate goodbye; a connection that just ends
+                    // (None, an error) may come back with `resume`.
+                    Some(Ok(Message::Close(_))) => {
+                        let _ = in_tx.send(WsIn::Closed).await;
+                        break;
+                    }
+                    None => break,
                     Some(Err(e)) => {
                         tracing::debug!("websocket read: {e}");
                         break;
@@ -795,10 +802,14 @@ async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>)
                 }
             }
             _ = &mut driver => { driver_done = true; break; }
+            // The driver let go of this connection (a resumable participant detached, or
+            // was taken over by a resume): stop reading.
+            _ = in_tx.closed() => { let_go = true; break; }
         }
     }
     drop(in_tx);
-    if !driver_done {
+    // A detached driver lives on without this connection (up to `resume_grace`).
+    if !driver_done && !let_go {
         let _ = (&mut driver).await;
     }
     // The writer ends by itself within write_timeout (+1 s for the close); this only guards

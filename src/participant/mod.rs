@@ -33,6 +33,7 @@ use crate::signaling::session::{Action, MAX_TICK, Session};
 pub mod rtmp;
 
 mod outbox;
+mod resume;
 pub mod stats;
 mod subscribe;
 pub mod whip;
@@ -52,6 +53,8 @@ pub struct Services {
     pub bridges: dashmap::DashMap<String, crate::bridge::control::BridgeHandle>,
     /// WHIP publishers and WHEP viewers by session id.
     pub whip: whip::Sessions,
+    /// Participants a new connection may take over with `resume` (participant/resume.rs).
+    pub resumable: resume::Resumable,
     /// Stream-key lifetime cap and per-room revocations (RTMP ingest verifies keys here).
     pub stream_keys: Arc<crate::auth::keys::StreamKeys>,
     pub shutdown: watch::Receiver<bool>,
@@ -89,6 +92,8 @@ pub enum WsIn {
     Binary(usize),
     /// Ping or pong frame: proof of life only.
     Activity,
+    /// The client closed the WebSocket with a close frame: it means to go (no resume).
+    Closed,
 }
 
 /// What the driver asks the WebSocket layer to do.
@@ -158,6 +163,24 @@ struct Joined {
     auto_subscribe: bool,
     /// `pause_media`: the forwarding tasks drop this member's media meanwhile.
     paused: Arc<AtomicBool>,
+    /// Joined with `resumable`: the secret of its current resume token.
+    resume_secret: Option<String>,
+    /// `restart_ice`: the next subscriber offer restarts ICE.
+    ice_restart: bool,
+}
+
+async fn recv_in(rx: &mut Option<mpsc::Receiver<WsIn>>) -> Option<WsIn> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_opt_bounded<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
@@ -240,6 +263,15 @@ pub struct Driver {
     stats_at: Instant,
     /// Track counters and connection statistics (shared with WHIP, participant/stats.rs).
     stats: StatsRefresher,
+    /// The WebSocket's input; `None` once detached (participant/resume.rs).
+    inbound: Option<mpsc::Receiver<WsIn>>,
+    /// Takeover requests from `resume` on other connections (resumable participants only).
+    takeover_rx: Option<mpsc::Receiver<resume::Takeover>>,
+    takeover_tx: Option<mpsc::Sender<resume::Takeover>>,
+    /// A takeover to carry out once the loop stopped.
+    takeover: Option<resume::Takeover>,
+    /// Detached (no WebSocket): the participant leaves at this time unless resumed.
+    detached_until: Option<Instant>,
 }
 
 impl Driver {
@@ -264,6 +296,11 @@ impl Driver {
             ending: None,
             stats_at: Instant::now() + STATS_INTERVAL,
             stats: StatsRefresher::default(),
+            inbound: None,
+            takeover_rx: None,
+            takeover_tx: None,
+            takeover: None,
+            detached_until: None,
         }
     }
 
@@ -302,18 +339,23 @@ impl Driver {
     }
 
     /// Run until the connection ends. `inbound` closing means the WebSocket is gone.
-    pub async fn run(mut self, mut inbound: mpsc::Receiver<WsIn>) {
+    pub async fn run(mut self, inbound: mpsc::Receiver<WsIn>) {
+        self.inbound = Some(inbound);
         let mut shutdown = self.svc.shutdown.clone();
         loop {
             if self.out.is_slow() && self.ending.is_none() {
                 self.ending = Some(LeaveReason::SlowReader);
             }
-            if self.ending.is_some() || self.session.is_closed() {
+            // A detached participant has a closed session and goes on until its grace ends.
+            if self.ending.is_some()
+                || self.takeover.is_some()
+                || (self.session.is_closed() && !self.is_detached())
+            {
                 break;
             }
             let tick_at = self.next_deadline();
             tokio::select! {
-                m = inbound.recv() => match m {
+                m = recv_in(&mut self.inbound) => match m {
                     Some(WsIn::Text(t)) => {
                         let acts = self.session.on_text(Instant::now(), &t);
                         self.apply_boxed(acts).await;
@@ -327,10 +369,13 @@ impl Driver {
                         self.apply_boxed(acts).await;
                     }
                     Some(WsIn::Activity) => self.session.on_activity(Instant::now()),
-                    None => {
+                    Some(WsIn::Closed) => {
                         self.ending = Some(LeaveReason::Left);
                     }
+                    // Gone without a close frame (a network change, a killed app).
+                    None => self.connection_lost(LeaveReason::Left),
                 },
+                Some(t) = recv_opt_bounded(&mut self.takeover_rx) => self.on_takeover(t),
                 ev = recv_room(&mut self.room_rx) => match ev {
                     Some(ev) => {
                         self.room_event(ev).await;
@@ -346,6 +391,7 @@ impl Driver {
                     None => {
                         // The room cut us off: our event queue was full.
                         self.room_rx = None;
+                        self.detached_until = None;
                         Box::pin(self.close_with(
                             close_code::SLOW_READER,
                             "too many room events not read",
@@ -367,9 +413,13 @@ impl Driver {
                 }
                 Some(ev) = self.internal_rx.recv() => Box::pin(self.on_internal(ev)).await,
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(tick_at)) => {
-                    let acts = self.session.on_tick(Instant::now());
-                    self.apply_boxed(acts).await;
-                    Box::pin(self.check_answer_timeout()).await;
+                    if self.is_detached() {
+                        self.check_detached_expiry();
+                    } else {
+                        let acts = self.session.on_tick(Instant::now());
+                        self.apply_boxed(acts).await;
+                        Box::pin(self.check_answer_timeout()).await;
+                    }
                     if Instant::now() >= self.stats_at {
                         Box::pin(self.refresh_stats()).await;
                     }
@@ -377,7 +427,21 @@ impl Driver {
                 _ = shutdown.changed() => {
                     let acts = self.session.close(close_code::GOING_AWAY, "server shutting down");
                     self.apply_boxed(acts).await;
+                    self.detached_until = None;
                     self.ending = Some(LeaveReason::ServerShutdown);
+                }
+            }
+        }
+        if let Some(to) = self.takeover.take()
+            && self.ending.is_none()
+        {
+            match self.hand_over(to) {
+                Ok(()) => return,
+                // The new connection gave up waiting: this one ends as if never resumed.
+                Err(mut me) => {
+                    me.ending = Some(LeaveReason::Disconnected);
+                    Box::pin(me.teardown()).await;
+                    return;
                 }
             }
         }
@@ -420,7 +484,10 @@ impl Driver {
         let media = self.joined.as_ref().is_none_or(|j| {
             j.publisher.is_some() || j.subscriber.is_some() || !j.published.is_empty()
         });
-        let mut t = self.session.next_tick();
+        let mut t = match self.detached_until {
+            Some(until) => until,
+            None => self.session.next_tick(),
+        };
         if media {
             t = t.min(Instant::now() + MAX_TICK).min(self.stats_at);
         }
@@ -441,15 +508,23 @@ impl Driver {
                 }
                 Action::Close { code, reason } => {
                     self.out.push(WsOut::Close(code, reason));
-                    if self.ending.is_none() {
-                        self.ending = Some(if code == close_code::DEAD {
-                            LeaveReason::Disconnected
-                        } else {
-                            LeaveReason::Left
-                        });
+                    if code == close_code::DEAD {
+                        // Silent for too long: a phone between networks keeps its place.
+                        self.connection_lost(LeaveReason::Disconnected);
+                    } else if self.ending.is_none() {
+                        self.ending = Some(LeaveReason::Left);
                     }
                 }
-                Action::Join { id, claims } => self.join(id, claims).await,
+                Action::Join {
+                    id,
+                    claims,
+                    resumable,
+                } => self.join(id, claims, resumable).await,
+                Action::Resume {
+                    id,
+                    token,
+                    last_message_id,
+                } => self.resume(id, token, last_message_id).await,
                 Action::Dispatch { id, msg } => self.dispatch(id, msg).await,
             }
         }
@@ -467,10 +542,45 @@ impl Driver {
     async fn close_with(&mut self, code: u16, reason: &str, leave: LeaveReason) {
         let acts = self.session.close(code, reason);
         self.apply_boxed(acts).await;
-        self.ending = Some(leave);
+        if !self.is_detached() {
+            self.ending = Some(leave);
+        }
     }
 
-    async fn join(&mut self, id: Option<RequestId>, claims: Claims) {
+    /// A join result for `participant` (this one) seeing `others` (also a resume's result).
+    fn join_result(
+        &self,
+        room: &Room,
+        participant: crate::signaling::protocol::ParticipantInfo,
+        others: Vec<crate::signaling::protocol::ParticipantInfo>,
+    ) -> JoinResult {
+        let cfg = &self.svc.cfg;
+        JoinResult {
+            version: PROTOCOL_VERSION,
+            room: room.name.clone(),
+            participant,
+            participants: others,
+            ice_servers: cfg.webrtc.ice_servers.clone(),
+            limits: Limits {
+                max_message_bytes: cfg.signaling.max_message_bytes,
+                max_members: cfg.room.max_members,
+                max_participants: cfg.room.max_participants,
+                max_publishers: cfg.room.max_publishers,
+                max_tracks_per_participant: cfg.room.max_tracks_per_participant,
+                rate_limit_per_sec: cfg.signaling.rate_limit_per_sec,
+                ping_interval_ms: cfg.signaling.ping_interval.as_millis() as u64,
+                resume_grace_ms: cfg.signaling.resume_grace.as_millis() as u64,
+            },
+            seats: cfg.room.cohost_seats,
+            history: room.messages_since(0),
+            pk: room.pk_partner(),
+            counts: room.counts(),
+            resume_token: None,
+            resumed: false,
+        }
+    }
+
+    async fn join(&mut self, id: Option<RequestId>, claims: Claims, resumable: bool) {
         let (tx, rx) = crate::room::event_channel();
         let rooms = self.svc.rooms.clone();
         match rooms.join(&claims.room, &claims.sub, claims.role, tx) {
@@ -497,27 +607,7 @@ impl Driver {
                 self.svc.metrics.joins.fetch_add(1, Ordering::Relaxed);
                 info!(room = %room.name, participant = %snap.participant.id,
                     identity = %claims.sub, role = claims.role.as_str(), "joined");
-                let cfg = &self.svc.cfg;
-                let result = JoinResult {
-                    version: PROTOCOL_VERSION,
-                    room: room.name.clone(),
-                    participant: snap.participant.clone(),
-                    participants: snap.others,
-                    ice_servers: cfg.webrtc.ice_servers.clone(),
-                    limits: Limits {
-                        max_message_bytes: cfg.signaling.max_message_bytes,
-                        max_members: cfg.room.max_members,
-                        max_participants: cfg.room.max_participants,
-                        max_publishers: cfg.room.max_publishers,
-                        max_tracks_per_participant: cfg.room.max_tracks_per_participant,
-                        rate_limit_per_sec: cfg.signaling.rate_limit_per_sec,
-                        ping_interval_ms: cfg.signaling.ping_interval.as_millis() as u64,
-                    },
-                    seats: cfg.room.cohost_seats,
-                    history: room.messages_since(0),
-                    pk: room.pk_partner(),
-                    counts: room.counts(),
-                };
+                let mut result = self.join_result(&room, snap.participant.clone(), snap.others);
                 let role = claims.role;
                 self.room_rx = Some(rx);
                 self.joined = Some(Joined {
@@ -539,7 +629,12 @@ impl Driver {
                     // Hosts and co-hosts talk in real time; the audience asks for media.
                     auto_subscribe: role.may_publish(),
                     paused: Arc::new(AtomicBool::new(false)),
+                    resume_secret: None,
+                    ice_restart: false,
                 });
+                if resumable {
+                    result.resume_token = self.make_resumable();
+                }
                 self.reply(id, ResponseResult::Joined(Box::new(result)))
                     .await;
                 if role.may_publish() {
@@ -589,6 +684,7 @@ impl Driver {
             ClientMessage::Unsubscribe { tracks, all } => {
                 self.unsubscribe_request(id, tracks, all).await
             }
+            ClientMessage::RestartIce => self.restart_ice(id).await,
             ClientMessage::PauseMedia => self.pause_request(id, true).await,
             ClientMessage::ResumeMedia => self.pause_request(id, false).await,
             ClientMessage::StartBridge {
@@ -1035,6 +1131,19 @@ impl Driver {
                             .metrics
                             .ice_failures
                             .fetch_add(1, Ordering::Relaxed);
+                        // A resumable client (a phone changing networks) restarts ICE on the
+                        // same connection, which brings a failed one back: it stays.
+                        if self
+                            .joined
+                            .as_ref()
+                            .is_some_and(|j| j.resume_secret.is_some())
+                        {
+                            warn!(
+                                ?target,
+                                "media connection failed; waiting for an ICE restart"
+                            );
+                            return;
+                        }
                         warn!(?target, "media connection failed; participant leaves");
                         self.close_with(
                             close_code::DEAD,
@@ -1216,6 +1325,10 @@ impl Driver {
 
     /// Send a new subscriber offer if the track set changed and none is in flight.
     async fn maybe_offer(&mut self) {
+        // Detached: nobody to answer; the changes go out in one offer after a resume.
+        if self.is_detached() {
+            return;
+        }
         let Some(j) = self.joined.as_mut() else {
             return;
         };
@@ -1225,7 +1338,8 @@ impl Driver {
         let Some(peer) = j.subscriber.as_ref() else {
             return;
         };
-        match peer.offer().await {
+        let restart = std::mem::take(&mut j.ice_restart);
+        match peer.offer(restart).await {
             Ok(sdp) => {
                 let offer_id = j.next_offer_id;
                 j.next_offer_id += 1;
@@ -1245,6 +1359,27 @@ impl Driver {
                     .await;
             }
         }
+    }
+
+    /// `restart_ice`: the next subscriber offer carries new ICE credentials (now, or after
+    /// the answer to the offer in flight).
+    async fn restart_ice(&mut self, id: Option<RequestId>) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        if j.subscriber.is_none() {
+            self.error(
+                id,
+                ErrorCode::BadRequest,
+                "no subscriber connection to restart (a publisher restarts with publish)",
+            )
+            .await;
+            return;
+        }
+        j.ice_restart = true;
+        j.dirty = true;
+        self.reply(id, ResponseResult::Empty {}).await;
+        self.maybe_offer().await;
     }
 
     /// Ask publishers for keyframes for tracks the client can now receive.
@@ -1313,6 +1448,7 @@ impl Driver {
             self.ending.unwrap_or(LeaveReason::Left)
         };
         if let Some(j) = self.joined.take() {
+            self.forget_resumable(&j);
             // The last one out ends the room, and the bridge follows (bridge::control).
             self.svc.rooms.leave(&j.room, &j.pid, reason);
             Self::release(j).await;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::RTCOfferOptions;
 use rtc::peer_connection::configuration::interceptor_registry::{
     configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
 };
@@ -641,9 +642,11 @@ impl Peer {
             .map(|d| self.nat.sdp(&with_msid_semantic(&d.sdp)))
     }
 
-    /// Create and apply an offer (subscriber connection).
-    pub async fn offer(&self) -> Result<String, PeerError> {
-        let offer = self.pc.create_offer(None).await.map_err(werr)?;
+    /// Create and apply an offer (subscriber connection); with `ice_restart`, new ICE
+    /// credentials (the client's network changed).
+    pub async fn offer(&self, ice_restart: bool) -> Result<String, PeerError> {
+        let opts = ice_restart.then_some(RTCOfferOptions { ice_restart: true });
+        let offer = self.pc.create_offer(opts).await.map_err(werr)?;
         let sdp = self.nat.sdp(&with_msid_semantic(&offer.sdp));
         self.tag.set_from(&offer.sdp);
         self.pc.set_local_description(offer).await.map_err(werr)?;

@@ -290,6 +290,56 @@ impl Room {
         }
     }
 
+    /// What a member sees of the others: real-time participants, and for a host or co-host
+    /// the most recent audience members too (the ones it may invite); never thousands. And
+    /// every track.
+    #[allow(clippy::type_complexity)]
+    fn view_of(
+        st: &State,
+        me: &str,
+        media: bool,
+    ) -> (Vec<ParticipantInfo>, Vec<(TrackInfo, Arc<TrackRouter>)>) {
+        let audience: Vec<&(String, Member)> = if media {
+            let mut a: Vec<_> = st
+                .members
+                .values()
+                .filter(|(id, m)| !m.media && id != me)
+                .collect();
+            let skip = a.len().saturating_sub(JOIN_AUDIENCE_LISTED);
+            a.drain(..skip);
+            a
+        } else {
+            vec![]
+        };
+        let others = st
+            .members
+            .values()
+            .filter(|(id, m)| m.media && id != me)
+            .chain(audience)
+            .map(|(id, m)| Room::info_of(st, id, m))
+            .collect();
+        let tracks = st
+            .tracks
+            .values()
+            .map(|t| (track_info(t), t.clone()))
+            .collect();
+        (others, tracks)
+    }
+
+    /// A member's state as of now, as its join gave it (for a connection that resumes it).
+    pub fn snapshot(&self, pid: &str) -> Option<JoinSnapshot> {
+        let st = self.lock();
+        let seq = *st.index.get(pid)?;
+        let (_, m) = st.members.get(&seq)?;
+        let participant = Room::info_of(&st, pid, m);
+        let (others, tracks) = Room::view_of(&st, pid, m.media);
+        Some(JoinSnapshot {
+            participant,
+            others,
+            tracks,
+        })
+    }
+
     fn find<'a>(st: &'a mut State, pid: &str) -> Option<&'a mut Member> {
         let seq = *st.index.get(pid)?;
         st.members.get_mut(&seq).map(|(_, m)| m)
@@ -765,28 +815,7 @@ impl Registry {
                 sent: VecDeque::new(),
             };
             let info = Room::info_of(&st, &pid, &member);
-            // Real-time participants, and for a host or co-host the most recent audience
-            // members too (the ones it may invite); never thousands per join.
-            let audience: Vec<&(String, Member)> = if media {
-                let mut a: Vec<_> = st.members.values().filter(|(_, m)| !m.media).collect();
-                let skip = a.len().saturating_sub(JOIN_AUDIENCE_LISTED);
-                a.drain(..skip);
-                a
-            } else {
-                vec![]
-            };
-            let others: Vec<ParticipantInfo> = st
-                .members
-                .values()
-                .filter(|(_, m)| m.media)
-                .chain(audience)
-                .map(|(id, m)| Room::info_of(&st, id, m))
-                .collect();
-            let tracks = st
-                .tracks
-                .values()
-                .map(|t| (track_info(t), t.clone()))
-                .collect();
+            let (others, tracks) = Room::view_of(&st, &pid, media);
             Room::presence(&st, &pid, &RoomEvent::Joined(info.clone()), media);
             let seq = st.next_seq;
             st.next_seq += 1;

@@ -78,7 +78,25 @@ pub enum ClientMessage {
         /// Optional protocol version the client speaks; defaults to 1.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u32>,
+        /// Ask for a `resume_token`: a dropped connection then keeps this participant (seat,
+        /// tracks, subscriptions) for `signaling.resume_grace`, and `resume` on a new
+        /// connection takes it over without the room seeing a leave and a join.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumable: bool,
     },
+    /// First message of a new connection instead of `join`: take over the participant of a
+    /// dropped (or still open, the old one is closed) connection with its `resume_token`.
+    Resume {
+        token: String,
+        /// The newest room message id the client has; the result's history holds the ones
+        /// after it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_message_id: Option<u64>,
+    },
+    /// Restart ICE on the subscriber connection (new credentials in the next server offer),
+    /// after the client's network changed. The publisher connection restarts with a
+    /// `publish` whose offer has new credentials.
+    RestartIce,
     /// SDP offer for the publisher connection (first publish or any later change).
     Publish { sdp: String },
     /// Stop publishing and stay in the room: every track ends, the publisher connection is
@@ -184,6 +202,8 @@ impl ClientMessage {
     pub fn name(&self) -> &'static str {
         match self {
             ClientMessage::Join { .. } => "join",
+            ClientMessage::Resume { .. } => "resume",
+            ClientMessage::RestartIce => "restart_ice",
             ClientMessage::Publish { .. } => "publish",
             ClientMessage::Unpublish => "unpublish",
             ClientMessage::Answer { .. } => "answer",
@@ -350,6 +370,8 @@ pub struct Limits {
     pub max_tracks_per_participant: usize,
     pub rate_limit_per_sec: u32,
     pub ping_interval_ms: u64,
+    /// How long a resumable participant outlives its dropped connection.
+    pub resume_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -370,6 +392,13 @@ pub struct JoinResult {
     pub pk: Option<String>,
     /// How many are in the room now (this member included).
     pub counts: Counts,
+    /// With `resumable` (join) and after every `resume`: the secret a new connection gives
+    /// `resume` to take this participant over. Each one works once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_token: Option<String>,
+    /// This result answers a `resume`: the same participant, state as of now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
 }
 
 /// Members of a room: all of them, and those with media.
@@ -443,6 +472,8 @@ pub enum ErrorCode {
     HostPresent,
     /// `pk_answer` to an invitation whose inviting host left: it was withdrawn.
     Withdrawn,
+    /// `resume` with a token that is unknown, used or past its grace period: join again.
+    ResumeFailed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -605,6 +636,8 @@ pub mod close_code {
     pub const SLOW_READER: u16 = 4010;
     /// A host token was refused because the room already has another host.
     pub const HOST_PRESENT: u16 = 4011;
+    /// A `resume` on another connection took this participant over.
+    pub const RESUMED_ELSEWHERE: u16 = 4012;
     pub const RATE_LIMITED: u16 = 4029;
 }
 

@@ -23,6 +23,15 @@ pub enum Action {
     Join {
         id: Option<RequestId>,
         claims: Claims,
+        /// The client asked for a resume token (see `ClientMessage::Join`).
+        resumable: bool,
+    },
+    /// Take over a participant with this resume token (the driver checks it and answers,
+    /// then calls [`Session::admitted`] or [`Session::resume_refused`]).
+    Resume {
+        id: Option<RequestId>,
+        token: String,
+        last_message_id: Option<u64>,
     },
     /// A request for the room/media layer.
     Dispatch {
@@ -225,8 +234,23 @@ impl Session {
                     token,
                     room,
                     version,
+                    resumable,
                 },
-            ) => self.on_join(id, &token, room, version),
+            ) => self.on_join(id, &token, room, version, resumable),
+            (
+                State::AwaitingJoin,
+                ClientMessage::Resume {
+                    token,
+                    last_message_id,
+                },
+            ) => {
+                self.state = State::Joining;
+                vec![Action::Resume {
+                    id,
+                    token,
+                    last_message_id,
+                }]
+            }
             (State::AwaitingJoin, other) | (State::Joining, other) => {
                 vec![Action::Send(ServerMessage::error(
                     id,
@@ -234,9 +258,13 @@ impl Session {
                     format!("send join before {}", other.name()),
                 ))]
             }
-            (State::Joined, ClientMessage::Join { .. }) => vec![Action::Send(
-                ServerMessage::error(id, ErrorCode::AlreadyJoined, "already joined"),
-            )],
+            (State::Joined, ClientMessage::Join { .. } | ClientMessage::Resume { .. }) => {
+                vec![Action::Send(ServerMessage::error(
+                    id,
+                    ErrorCode::AlreadyJoined,
+                    "already joined",
+                ))]
+            }
             (State::Joined, ClientMessage::Leave) => {
                 let mut out = vec![Action::Send(ServerMessage::Response {
                     id,
@@ -256,6 +284,7 @@ impl Session {
         token: &str,
         room: Option<String>,
         version: Option<u32>,
+        resumable: bool,
     ) -> Vec<Action> {
         if let Some(v) = version
             && v != PROTOCOL_VERSION
@@ -286,7 +315,11 @@ impl Session {
             return out;
         }
         self.state = State::Joining;
-        vec![Action::Join { id, claims }]
+        vec![Action::Join {
+            id,
+            claims,
+            resumable,
+        }]
     }
 
     fn refuse(&mut self, id: Option<RequestId>, e: &AuthError) -> Vec<Action> {
@@ -307,6 +340,19 @@ impl Session {
         if self.state == State::Joining {
             self.state = State::Joined;
         }
+    }
+
+    /// The driver could not resume (unknown or used token): the connection stays open for a
+    /// `join` (or another `resume`) within the join deadline.
+    pub fn resume_refused(&mut self) {
+        if self.state == State::Joining {
+            self.state = State::AwaitingJoin;
+        }
+    }
+
+    /// The room a `?room=` in the WebSocket URL pins this connection to.
+    pub fn url_room(&self) -> Option<&str> {
+        self.url_room.as_deref()
     }
 
     /// The driver refused the join (room full, ...): tell the client and close.
@@ -411,7 +457,14 @@ fn parse_error(text: &str, e: &serde_json::Error) -> ServerMessage {
         Ok(TypeOnly { ty: Some(t) }) => {
             let known = [
                 "join",
+                "resume",
+                "restart_ice",
                 "publish",
+                "unpublish",
+                "subscribe",
+                "unsubscribe",
+                "pause_media",
+                "resume_media",
                 "answer",
                 "candidate",
                 "request_keyframe",

@@ -77,6 +77,9 @@ pub struct Relay {
     pub down: Arc<Counters>,
     /// While set, everything the client sends is dropped (the uplink is dead).
     pub cut: Arc<AtomicBool>,
+    /// Once set, the client's packets reach the server from another address (127.0.0.2,
+    /// another port): what a phone moving from Wi-Fi to cellular looks like to the server.
+    pub moved: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -122,7 +125,9 @@ async fn direction(
     imp: Impairment,
     seed: u64,
     mut rx: mpsc::Receiver<(Vec<u8>, Instant)>,
-    out: Arc<UdpSocket>,
+    // Sent from the first socket, or from the second once `moved`.
+    out: [Arc<UdpSocket>; 2],
+    moved: Arc<AtomicBool>,
     to: Arc<Mutex<Option<SocketAddr>>>,
     counters: Arc<Counters>,
 ) {
@@ -176,7 +181,8 @@ async fn direction(
                     }
                     last_sent_order = last_sent_order.max(n);
                     if let Some(addr) = *to.lock().await {
-                        let _ = out.send_to(&bytes, addr).await;
+                        let sock = &out[usize::from(moved.load(Ordering::Relaxed))];
+                        let _ = sock.send_to(&bytes, addr).await;
                     }
                 }
             }
@@ -189,6 +195,9 @@ impl Relay {
     pub async fn start(server: SocketAddr, up: Impairment, down: Impairment, seed: u64) -> Relay {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay bind"));
         let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay bind"));
+        // Where the client seems to come from after `moved` (all of 127/8 is loopback).
+        let back2 = Arc::new(UdpSocket::bind("127.0.0.2:0").await.expect("relay bind"));
+        let moved = Arc::new(AtomicBool::new(false));
         let addr = front.local_addr().expect("relay addr");
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
         let server_addr = Arc::new(Mutex::new(Some(server)));
@@ -200,7 +209,8 @@ impl Relay {
                 up,
                 seed,
                 up_rx,
-                back.clone(),
+                [back.clone(), back2.clone()],
+                moved.clone(),
                 server_addr,
                 up_c.clone(),
             )),
@@ -208,7 +218,8 @@ impl Relay {
                 down,
                 seed ^ 0x9e37_79b9,
                 down_rx,
-                front.clone(),
+                [front.clone(), front.clone()],
+                Arc::new(AtomicBool::new(false)),
                 client.clone(),
                 down_c.clone(),
             )),
@@ -235,28 +246,33 @@ impl Relay {
                 }
             }
         }));
-        // Server to client.
-        let b = back.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = b.recv_from(&mut buf).await {
-                if from != server {
-                    continue;
+        // Server to client, at the client's current address only: after a move, what the
+        // server still sends to the old one is lost, as on a real network.
+        for (i, b) in [back.clone(), back2.clone()].into_iter().enumerate() {
+            let down_tx = down_tx.clone();
+            let moved = moved.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok((n, from)) = b.recv_from(&mut buf).await {
+                    if from != server || moved.load(Ordering::Relaxed) != (i == 1) {
+                        continue;
+                    }
+                    if down_tx
+                        .send((buf[..n].to_vec(), Instant::now()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
-                if down_tx
-                    .send((buf[..n].to_vec(), Instant::now()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }));
+            }));
+        }
         Relay {
             addr,
             up: up_c,
             down: down_c,
             cut,
+            moved,
             tasks,
         }
     }

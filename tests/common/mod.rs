@@ -246,7 +246,7 @@ impl Server {
     }
 }
 
-type WsTx = mpsc::UnboundedSender<Message>;
+pub type WsTx = mpsc::UnboundedSender<Message>;
 
 /// Raw signaling connection: send JSON, await responses by id, read pushed messages.
 pub struct Signal {
@@ -256,8 +256,15 @@ pub struct Signal {
     next_id: AtomicU64,
     pub closed: Arc<Mutex<Option<(u16, String)>>>,
     reader: tokio::task::JoinHandle<()>,
-    kill: Option<oneshot::Sender<()>>,
+    /// To the writer task: a new socket (reconnect) or none (vanish).
+    ctl: mpsc::UnboundedSender<Option<WsSink>>,
+    ev_tx: mpsc::UnboundedSender<Value>,
+    auto: Option<mpsc::UnboundedSender<Value>>,
 }
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsSink = futures::stream::SplitSink<WsStream, Message>;
 
 impl Drop for Signal {
     fn drop(&mut self) {
@@ -276,6 +283,53 @@ fn id_key(v: &Value) -> Option<String> {
 /// Handles the server's subscriber offers and candidates when attached.
 pub type AutoHandler = Arc<dyn Fn(Value) -> bool + Send + Sync>;
 
+/// Read one WebSocket: responses to their requests, offers and candidates to the auto
+/// handler, everything to `events`, and the close code to `closed`.
+fn spawn_reader(
+    mut stream: futures::stream::SplitStream<WsStream>,
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>,
+    ev_tx: mpsc::UnboundedSender<Value>,
+    auto: Option<mpsc::UnboundedSender<Value>>,
+    closed: Arc<Mutex<Option<(u16, String)>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            match m {
+                Message::Text(t) => {
+                    let Ok(v) = serde_json::from_str::<Value>(&t) else {
+                        continue;
+                    };
+                    let ty = v["type"].as_str().unwrap_or("").to_string();
+                    if (ty == "response" || ty == "error")
+                        && let Some(k) = id_key(&v)
+                        && let Some(s) = pending.lock().unwrap().remove(&k)
+                    {
+                        let _ = s.send(v);
+                        continue;
+                    }
+                    if let Some(a) = &auto
+                        && (ty == "offer" || ty == "candidate")
+                    {
+                        let _ = a.send(v.clone());
+                    }
+                    let _ = ev_tx.send(v);
+                }
+                Message::Close(f) => {
+                    *closed.lock().unwrap() = Some(
+                        f.map(|f| (u16::from(f.code), f.reason.to_string()))
+                            .unwrap_or((1005, String::new())),
+                    );
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if closed.lock().unwrap().is_none() {
+            *closed.lock().unwrap() = Some((1006, "eof".into()));
+        }
+    })
+}
+
 impl Signal {
     pub async fn connect(url: &str) -> Signal {
         Self::connect_with(url, None).await
@@ -285,64 +339,43 @@ impl Signal {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("ws connect");
-        let (mut sink, mut stream) = ws.split();
+        let (sink, stream) = ws.split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-        let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
+        let (ctl, mut ctl_rx) = mpsc::unbounded_channel::<Option<WsSink>>();
+        // The writer outlives one socket: `reconnect` hands it the next one. What is sent
+        // while there is none is lost, as on a real network.
         tokio::spawn(async move {
+            let mut sink = Some(sink);
             loop {
                 tokio::select! {
+                    // A new socket first: what is sent after a reconnect goes on it.
+                    biased;
+                    c = ctl_rx.recv() => match c {
+                        Some(next) => sink = next,
+                        None => break,
+                    },
                     m = rx.recv() => {
                         let Some(m) = m else { break };
                         let close = matches!(m, Message::Close(_));
-                        if sink.send(m).await.is_err() || close {
-                            break;
+                        if let Some(s) = sink.as_mut()
+                            && (s.send(m).await.is_err() || close)
+                        {
+                            sink = None;
                         }
                     }
-                    _ = &mut kill_rx => break,
                 }
             }
         });
         let pending: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>> = Default::default();
         let (ev_tx, events) = mpsc::unbounded_channel();
         let closed: Arc<Mutex<Option<(u16, String)>>> = Default::default();
-        let p = pending.clone();
-        let c = closed.clone();
-        let reader = tokio::spawn(async move {
-            while let Some(Ok(m)) = stream.next().await {
-                match m {
-                    Message::Text(t) => {
-                        let Ok(v) = serde_json::from_str::<Value>(&t) else {
-                            continue;
-                        };
-                        let ty = v["type"].as_str().unwrap_or("").to_string();
-                        if (ty == "response" || ty == "error")
-                            && let Some(k) = id_key(&v)
-                            && let Some(s) = p.lock().unwrap().remove(&k)
-                        {
-                            let _ = s.send(v);
-                            continue;
-                        }
-                        if let Some(a) = &auto
-                            && (ty == "offer" || ty == "candidate")
-                        {
-                            let _ = a.send(v.clone());
-                        }
-                        let _ = ev_tx.send(v);
-                    }
-                    Message::Close(f) => {
-                        *c.lock().unwrap() = Some(
-                            f.map(|f| (u16::from(f.code), f.reason.to_string()))
-                                .unwrap_or((1005, String::new())),
-                        );
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            if c.lock().unwrap().is_none() {
-                *c.lock().unwrap() = Some((1006, "eof".into()));
-            }
-        });
+        let reader = spawn_reader(
+            stream,
+            pending.clone(),
+            ev_tx.clone(),
+            auto.clone(),
+            closed.clone(),
+        );
         Signal {
             tx,
             pending,
@@ -350,8 +383,35 @@ impl Signal {
             next_id: AtomicU64::new(1),
             closed,
             reader,
-            kill: Some(kill_tx),
+            ctl,
+            ev_tx,
+            auto,
         }
+    }
+
+    /// Continue on a new WebSocket (after [`Signal::vanish`], or while the old one is still
+    /// open: the old one is dropped without a close frame). Requests, events and the offer
+    /// handler carry on; send `resume` next.
+    pub async fn reconnect(&mut self, url: &str) {
+        self.vanish();
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws reconnect");
+        let (sink, stream) = ws.split();
+        *self.closed.lock().unwrap() = None;
+        let _ = self.ctl.send(Some(sink));
+        self.reader = spawn_reader(
+            stream,
+            self.pending.clone(),
+            self.ev_tx.clone(),
+            self.auto.clone(),
+            self.closed.clone(),
+        );
+    }
+
+    /// A sender of raw frames on this connection (and on the ones after a reconnect).
+    pub fn sender(&self) -> WsTx {
+        self.tx.clone()
     }
 
     pub fn send_raw(&self, text: impl Into<String>) {
@@ -408,9 +468,33 @@ impl Signal {
     pub fn vanish(&mut self) {
         // Both halves of the socket are dropped: TCP closes with no close frame.
         self.reader.abort();
-        if let Some(k) = self.kill.take() {
-            let _ = k.send(());
+        let _ = self.ctl.send(None);
+    }
+}
+
+/// Wait until the track carrying `tag` has `n` packets in `received`: (packets, bad
+/// payloads, first packet's arrival).
+pub async fn wait_received(
+    received: &Arc<Mutex<HashMap<String, Received>>>,
+    tag: u32,
+    n: u64,
+) -> (u64, u64, Instant) {
+    let deadline = Instant::now() + T;
+    loop {
+        {
+            let r = received.lock().unwrap();
+            if let Some(e) = r.values().find(|e| e.pattern_ids.contains(&tag))
+                && e.packets >= n
+            {
+                return (e.packets, e.bad_payloads, e.first_at.unwrap());
+            }
         }
+        if Instant::now() > deadline {
+            let r = received.lock().unwrap();
+            let summary: Vec<_> = r.iter().map(|(k, e)| (k.clone(), e.packets)).collect();
+            panic!("timed out waiting for {n} packets of tag {tag}: {summary:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -586,7 +670,7 @@ impl Interceptor for LossInterceptor {
     fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
 }
 
-async fn build_pc(
+pub async fn build_pc(
     target: &'static str,
     ws: WsTx,
     received: Arc<Mutex<HashMap<String, Received>>>,
@@ -756,6 +840,38 @@ impl Client {
         token: &str,
         sub_loss: Option<(u16, Arc<AtomicU64>)>,
     ) -> Result<Client, Value> {
+        Self::join_full(server, token, sub_loss, false).await
+    }
+
+    /// Join with `resumable`: the join result carries a `resume_token`.
+    pub async fn join_resumable(server: &Server, room: &str, identity: &str, role: Role) -> Client {
+        let token = server.token(room, identity, role);
+        Self::join_full(server, &token, None, true)
+            .await
+            .expect("join")
+    }
+
+    /// A phone whose connection dropped: continue on a new WebSocket with `resume` (the
+    /// peer connections stay). Returns the `resume` response (or error).
+    pub async fn resume(&mut self, server: &Server) -> Value {
+        self.sig.reconnect(&server.ws_url()).await;
+        let token = self.join["resume_token"].clone();
+        let r = self
+            .sig
+            .request(json!({"type": "resume", "token": token}))
+            .await;
+        if r["type"] == "response" {
+            self.join = r["result"].clone();
+        }
+        r
+    }
+
+    async fn join_full(
+        server: &Server,
+        token: &str,
+        sub_loss: Option<(u16, Arc<AtomicU64>)>,
+        resumable: bool,
+    ) -> Result<Client, Value> {
         let (auto_tx, mut auto_rx) = mpsc::unbounded_channel::<Value>();
         let sig = Signal::connect_with(&server.ws_url(), Some(auto_tx)).await;
         let received: Arc<Mutex<HashMap<String, Received>>> = Default::default();
@@ -820,7 +936,9 @@ impl Client {
                 }
             }
         });
-        let resp = sig.request(json!({"type":"join","token":token})).await;
+        let resp = sig
+            .request(json!({"type":"join","token":token,"resumable":resumable}))
+            .await;
         if resp["type"] != "response" {
             auto.abort();
             return Err(resp);
@@ -1052,23 +1170,7 @@ impl Client {
     /// Wait until this client receives at least `n` packets carrying `tag` (another client's
     /// track), returning (packets, bad payloads, first arrival).
     pub async fn wait_packets(&self, tag: u32, n: u64) -> (u64, u64, Instant) {
-        let deadline = Instant::now() + T;
-        loop {
-            {
-                let r = self.received.lock().unwrap();
-                if let Some(e) = r.values().find(|e| e.pattern_ids.contains(&tag))
-                    && e.packets >= n
-                {
-                    return (e.packets, e.bad_payloads, e.first_at.unwrap());
-                }
-            }
-            if Instant::now() > deadline {
-                let r = self.received.lock().unwrap();
-                let summary: Vec<_> = r.iter().map(|(k, e)| (k.clone(), e.packets)).collect();
-                panic!("timed out waiting for {n} packets of tag {tag}: {summary:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_received(&self.received, tag, n).await
     }
 
     /// Sequence numbers received for the track carrying `tag`.
