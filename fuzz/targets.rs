@@ -322,8 +322,8 @@ pub mod whip_sdp {
     use std::io::Cursor;
     use std::time::Instant;
 
-    use cohost::participant::whip::parse_sdpfrag;
-    use cohost::peer::{NatMap, interceptors, media_engine, sending_ssrcs};
+    use cohost::participant::whip::{answer_sdpfrag, parse_sdpfrag};
+    use cohost::peer::{NatMap, interceptors, media_engine, sending_ssrcs, with_ice_credentials};
     use std::sync::OnceLock;
 
     use rtc::crypto::{self, SignatureScheme};
@@ -341,9 +341,11 @@ pub mod whip_sdp {
     /// on; `RTCSessionDescription::offer` parses eagerly and `sdp::SessionDescription::unmarshal` is
     /// its parser), then a sans-IO `rtc` peer connection with cohost's own codecs and interceptors
     /// (`peer::media_engine`, `peer::interceptors`): set the remote offer, create and set the answer,
-    /// add the fragment's candidates (`participant::whip::parse_sdpfrag`). cohost's own SDP helpers
-    /// run on the same text (`peer::sending_ssrcs` on re-offers, `peer::NatMap::sdp` on answers).
-    /// The whip module's private pre-checks (`check_offer`, `ice_ufrag`, `receiving_kinds`) only
+    /// add the fragment's candidates (`participant::whip::parse_sdpfrag`); when the fragment
+    /// carries ICE credentials, an ICE restart as the server does one (`peer::with_ice_credentials`
+    /// on the offer, applied again and answered, `participant::whip::answer_sdpfrag` on the answer).
+    /// cohost's own SDP helpers run on the same text (`peer::sending_ssrcs` on re-offers,
+    /// `peer::NatMap::sdp` on answers). The whip module's private pre-checks (`check_offer`, `ice_ufrag`, `receiving_kinds`) only
     /// iterate lines and compare strings.
     ///
     /// Input: UTF-8 (the server answers 400 to anything else), offer and fragment separated by the
@@ -409,8 +411,18 @@ pub mod whip_sdp {
             let _ = nat.sdp(&answer.sdp);
             let _ = pc.set_local_description(now, answer);
         }
-        if let Ok((_, cands)) = cands {
-            for c in cands {
+        if let Ok(frag) = cands {
+            if let (Some(ufrag), Some(pwd)) = (&frag.ufrag, &frag.pwd) {
+                let restarted = with_ice_credentials(offer, ufrag, pwd, &frag.candidates);
+                if let Ok(desc) = RTCSessionDescription::offer(restarted)
+                    && pc.set_remote_description(now, desc).is_ok()
+                    && let Ok(answer) = pc.create_answer(None)
+                {
+                    let _ = answer_sdpfrag(&answer.sdp);
+                    let _ = pc.set_local_description(now, answer);
+                }
+            }
+            for c in frag.candidates {
                 let _ = pc.add_remote_candidate(RTCIceCandidateInit {
                     candidate: c.candidate,
                     sdp_mid: c.sdp_mid,

@@ -18,9 +18,11 @@ use cohost::media::goertzel::{left_channel, tone_power};
 use common::{
     Client, Resp, Server, T, ffmpeg_capture, http, is_colour, pixel, post_sdp, wait_frames,
 };
+use rtc::peer_connection::configuration::RTCOfferOptions;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
+use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
@@ -336,6 +338,7 @@ struct Viewer {
     pc: Arc<dyn PeerConnection>,
     rx: mpsc::UnboundedReceiver<(String, rtc::rtp::Packet)>,
     location: String,
+    etag: String,
 }
 
 /// A recvonly (audio + video) offer with every candidate gathered.
@@ -389,10 +392,16 @@ async fn whep(server: &Server, path: &str, token: &str) -> Result<Viewer, Resp> 
     }
     assert_eq!(r.header("content-type"), Some("application/sdp"));
     let location = r.header("location").unwrap().to_string();
+    let etag = r.header("etag").unwrap().to_string();
     pc.set_remote_description(RTCSessionDescription::answer(r.body.clone()).unwrap())
         .await
         .unwrap();
-    Ok(Viewer { pc, rx, location })
+    Ok(Viewer {
+        pc,
+        rx,
+        location,
+        etag,
+    })
 }
 
 /// Decode what the viewer receives until it has shown a picture whose centre is `rgb` and
@@ -614,7 +623,7 @@ async fn publisher_offer() -> (Arc<dyn PeerConnection>, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn whip_trickle_patch_cors_preflight_and_ice_restart_refusal() {
+async fn whip_trickle_patch_cors_preflight_and_ice_restart_preconditions() {
     let server = Server::start().await;
     // Preflight from a browser page on another origin.
     let r = http(
@@ -728,11 +737,24 @@ async fn whip_trickle_patch_cors_preflight_and_ice_restart_refusal() {
         "{}",
         r.body
     );
-    // New credentials = ICE restart: not supported, said so.
+    // New credentials = ICE restart (RFC 9725 §4.3.2): it must name the ICE session ...
     let restart = frag.replace(&ufrag, "NEWUFRAG");
+    let r = http(
+        &server,
+        "PATCH",
+        &location,
+        &[("Authorization", &auth), ("Content-Type", FRAG)],
+        restart.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 428, "{}", r.body);
+    assert!(r.body.contains("If-Match"), "{}", r.body);
+    let r = patch("\"not-this-one\"", FRAG, restart.clone()).await;
+    assert_eq!(r.status, 412, "{}", r.body);
+    // ... and carry the new password too.
     let r = patch("*", FRAG, restart).await;
-    assert_eq!(r.status, 422, "{}", r.body);
-    assert!(r.body.contains("ICE restart"), "{}", r.body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("a=ice-pwd"), "{}", r.body);
     // Wrong content type, garbage fragment.
     let r = patch("*", "application/sdp", frag.clone()).await;
     assert_eq!(r.status, 415, "{}", r.body);
@@ -1242,4 +1264,298 @@ async fn whip_host_leaving_ends_the_bridge_and_a_new_host_gets_a_fresh_one() {
         );
         let _ = pc.close().await;
     }
+}
+
+// ---- ICE restart over PATCH (RFC 9725 §4.3.2) ----
+
+/// The value of the first `a=<key>:` line of an SDP.
+fn sdp_attr(sdp: &str, key: &str) -> Option<String> {
+    let prefix = format!("a={key}:");
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix(&prefix).map(String::from))
+}
+
+/// The payload type of `codec` in an SDP.
+fn payload_type(sdp: &str, codec: &str) -> u8 {
+    sdp.lines()
+        .find_map(|l| {
+            let (pt, name) = l.strip_prefix("a=rtpmap:")?.split_once(' ')?;
+            name.starts_with(codec).then(|| pt.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("{codec} in {sdp}"))
+}
+
+/// What a client does to restart ICE on its own `webrtc` 0.21 connection over WHIP/WHEP: an
+/// offer with `ice_restart`, whose new credentials and candidates go to the server as a
+/// trickle-ice-sdpfrag PATCH. Returns the connection's previous answer and the fragment.
+async fn client_restart_frag(pc: &Arc<dyn PeerConnection>) -> (String, String) {
+    let previous = pc.remote_description().await.unwrap().sdp;
+    let offer = pc
+        .create_offer(Some(RTCOfferOptions { ice_restart: true }))
+        .await
+        .unwrap();
+    pc.set_local_description(offer).await.unwrap();
+    // The crate keeps its host candidates across a restart: they are in the description at once.
+    let local = pc.local_description().await.unwrap().sdp;
+    let mut frag = format!(
+        "a=ice-ufrag:{}\r\na=ice-pwd:{}\r\n",
+        sdp_attr(&local, "ice-ufrag").unwrap(),
+        sdp_attr(&local, "ice-pwd").unwrap()
+    );
+    for l in local.lines().map(str::trim_end) {
+        if l.starts_with("m=") || l.starts_with("a=mid:") || l.starts_with("a=candidate:") {
+            frag.push_str(l);
+            frag.push_str("\r\n");
+        }
+    }
+    (previous, frag)
+}
+
+/// The client's new answer: its previous one with the server's new credentials and candidates
+/// (from the 200 response's fragment) in place of the old ones, candidates in the first
+/// m-section (BUNDLE).
+fn answer_after_restart(previous: &str, server_frag: &str) -> String {
+    let ufrag = sdp_attr(server_frag, "ice-ufrag").unwrap();
+    let pwd = sdp_attr(server_frag, "ice-pwd").unwrap();
+    let cands: Vec<&str> = server_frag
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| l.starts_with("a=candidate:"))
+        .collect();
+    let mut out = String::new();
+    let mut first_mid = true;
+    for l in previous.lines().map(str::trim_end) {
+        if l.starts_with("a=candidate:") || l == "a=end-of-candidates" {
+            continue;
+        }
+        let l = if l.starts_with("a=ice-ufrag:") {
+            format!("a=ice-ufrag:{ufrag}")
+        } else if l.starts_with("a=ice-pwd:") {
+            format!("a=ice-pwd:{pwd}")
+        } else {
+            l.to_string()
+        };
+        out.push_str(&l);
+        out.push_str("\r\n");
+        if l.starts_with("a=mid:") && std::mem::take(&mut first_mid) {
+            for c in &cands {
+                out.push_str(c);
+                out.push_str("\r\n");
+            }
+        }
+    }
+    out
+}
+
+async fn patch_frag(
+    server: &Server,
+    location: &str,
+    token: &str,
+    if_match: Option<&str>,
+    frag: &str,
+) -> Resp {
+    let auth = format!("Bearer {token}");
+    let mut h = vec![
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/trickle-ice-sdpfrag"),
+    ];
+    if let Some(m) = if_match {
+        h.push(("If-Match", m));
+    }
+    http(server, "PATCH", location, &h, frag.as_bytes()).await
+}
+
+/// A 200 answer to a restart: the server's new credentials, its candidates and a new ETag.
+/// Applies them to the client's connection and returns the ETag.
+async fn finish_restart(
+    pc: &Arc<dyn PeerConnection>,
+    r: &Resp,
+    previous: &str,
+    old_etag: &str,
+) -> String {
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/trickle-ice-sdpfrag")
+    );
+    let etag = r.header("etag").unwrap().to_string();
+    assert_ne!(etag, old_etag, "a restart makes a new ICE session");
+    let ufrag = sdp_attr(&r.body, "ice-ufrag").unwrap();
+    assert_ne!(Some(ufrag), sdp_attr(previous, "ice-ufrag"), "{}", r.body);
+    assert!(sdp_attr(&r.body, "ice-pwd").is_some(), "{}", r.body);
+    assert!(r.body.contains("a=candidate:"), "{}", r.body);
+    assert!(r.body.contains("a=mid:"), "{}", r.body);
+    let answer = answer_after_restart(previous, &r.body);
+    pc.set_remote_description(RTCSessionDescription::answer(answer).unwrap())
+        .await
+        .unwrap();
+    etag
+}
+
+/// Packets the WebSocket `client` received from participant `pid`, all tracks.
+fn packets_from(client: &Client, pid: &str) -> u64 {
+    let r = client.received.lock().unwrap();
+    r.values()
+        .filter(|e| e.stream_id == pid)
+        .map(|e| e.packets)
+        .sum()
+}
+
+async fn wait_more_packets(client: &Client, pid: &str, than: u64, what: &str) -> Duration {
+    let t0 = Instant::now();
+    while packets_from(client, pid) < than + 50 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what}: media stopped ({} packets, {than} before)",
+            packets_from(client, pid)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_ice_restart_by_patch_keeps_media_flowing() {
+    let server = Server::start().await;
+    let mut watcher = Client::watch(&server, "ir", "watcher").await;
+    let token = server.token("ir", "phone", Role::Cohost);
+    let (a_ssrc, v_ssrc) = (rand::random::<u32>() | 1, rand::random::<u32>() | 1);
+    let (pc, audio, video, offer) = common::whip_publisher(a_ssrc, v_ssrc).await;
+    let r = post_sdp(&server, "/whip/ir", Some(&token), &offer).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let location = r.header("location").unwrap().to_string();
+    let mut etag = r.header("etag").unwrap().to_string();
+    let (apt, vpt) = (payload_type(&r.body, "opus"), payload_type(&r.body, "H264"));
+    pc.set_remote_description(RTCSessionDescription::answer(r.body.clone()).unwrap())
+        .await
+        .unwrap();
+    let joined = watcher
+        .sig
+        .wait_for("participant_joined", |v| {
+            v["type"] == "participant_joined" && v["participant"]["identity"] == "phone"
+        })
+        .await;
+    let pid = joined["participant"]["id"].as_str().unwrap().to_string();
+    // 50 packets a second of each kind, whatever happens to ICE.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pump = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let pay = common::make_payload(7, n, 200);
+                let (seq, ts) = (n as u16, n.wrapping_mul(960));
+                let _ = audio
+                    .write_rtp(common::rtp_packet(a_ssrc, apt, seq, ts, true, pay.clone()))
+                    .await;
+                let _ = video
+                    .write_rtp(common::rtp_packet(v_ssrc, vpt, seq, ts, true, pay))
+                    .await;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    wait_media_from(&watcher, &pid, 30).await;
+
+    // First restart, naming the ETag; a second one (a phone moving on again), with `*`.
+    for round in 0..2 {
+        let (previous, frag) = client_restart_frag(&pc).await;
+        // Without If-Match, or naming an ICE session that is gone: refused, nothing changes.
+        let r = patch_frag(&server, &location, &token, None, &frag).await;
+        assert_eq!(r.status, 428, "{}", r.body);
+        let r = patch_frag(&server, &location, &token, Some("\"stale\""), &frag).await;
+        assert_eq!(r.status, 412, "{}", r.body);
+        let before = packets_from(&watcher, &pid);
+        let asked = Instant::now();
+        let if_match = if round == 0 { etag.clone() } else { "*".into() };
+        let r = patch_frag(&server, &location, &token, Some(&if_match), &frag).await;
+        let took = asked.elapsed();
+        let new = finish_restart(&pc, &r, &previous, &etag).await;
+        let old = std::mem::replace(&mut etag, new);
+        let resumed = wait_more_packets(&watcher, &pid, before, "after the restart").await;
+        eprintln!(
+            "restart {round}: PATCH -> 200 in {took:?}; 50 more packets at the viewer {resumed:?} \
+             after the answer was applied"
+        );
+        // The old ETag names a finished ICE session now.
+        let r = patch_frag(&server, &location, &token, Some(&old), &frag).await;
+        assert_eq!(r.status, 412, "{}", r.body);
+    }
+    // Trickle on the new ICE session still answers 204.
+    let ufrag = sdp_attr(&pc.local_description().await.unwrap().sdp, "ice-ufrag").unwrap();
+    let trickle = format!("a=ice-ufrag:{ufrag}\r\na=candidate:9 1 udp 1 127.0.0.1 9 typ host\r\n");
+    let r = patch_frag(&server, &location, &token, Some(&etag), &trickle).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    // One session, one participant all along: nobody left or joined, the tracks stayed.
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (_, room) = server.get("/v1/rooms/ir", Some(&admin)).await;
+    let room: Value = serde_json::from_str(room.trim()).unwrap();
+    let ids: Vec<&str> = room["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_str())
+        .collect();
+    assert!(ids.contains(&pid.as_str()) && ids.len() == 2, "{room}");
+    assert_eq!(room["tracks"].as_array().unwrap().len(), 2, "{room}");
+    assert_eq!(server.metric("cohost_whip_sessions").await, 1.0);
+    stop.store(true, Ordering::SeqCst);
+    let _ = pump.await;
+    let r = delete(&server, &location, &token).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let _ = pc.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_viewer_ice_restart_by_patch_keeps_media_flowing() {
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "vr", "host", Role::Host).await;
+    host.publish(None).await.unwrap();
+    let token = server.token("vr", "fan", Role::Audience);
+    // 409 until the host's tracks are published.
+    let t0 = Instant::now();
+    let mut v = loop {
+        match whep(&server, "/whep/vr/host", &token).await {
+            Ok(v) => break v,
+            Err(r) => assert!(
+                r.status == 409 && t0.elapsed() < T,
+                "{} {}",
+                r.status,
+                r.body
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let count = |v: &mut Viewer| {
+        let mut n = 0;
+        while v.rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    };
+    let wait_packets = async |v: &mut Viewer, what: &str| {
+        let t0 = Instant::now();
+        let mut n = 0;
+        while n < 50 {
+            assert!(t0.elapsed() < T, "{what}: {n} packets");
+            n += count(v);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        t0.elapsed()
+    };
+    wait_packets(&mut v, "before the restart").await;
+    let (previous, frag) = client_restart_frag(&v.pc).await;
+    let r = patch_frag(&server, &v.location, &token, None, &frag).await;
+    assert_eq!(r.status, 428, "{}", r.body);
+    let asked = Instant::now();
+    let r = patch_frag(&server, &v.location, &token, Some(&v.etag), &frag).await;
+    let took = asked.elapsed();
+    v.etag = finish_restart(&v.pc, &r, &previous, &v.etag).await;
+    count(&mut v);
+    let resumed = wait_packets(&mut v, "after the restart").await;
+    eprintln!("WHEP restart: PATCH -> 200 in {took:?}; 50 packets {resumed:?} after");
+    let r = delete(&server, &v.location, &token).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let _ = v.pc.close().await;
 }

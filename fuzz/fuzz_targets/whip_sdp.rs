@@ -5,9 +5,11 @@
 //! on; `RTCSessionDescription::offer` parses eagerly and `sdp::SessionDescription::unmarshal` is
 //! its parser), then a sans-IO `rtc` peer connection with cohost's own codecs and interceptors
 //! (`peer::media_engine`, `peer::interceptors`): set the remote offer, create and set the answer,
-//! add the fragment's candidates (`participant::whip::parse_sdpfrag`). cohost's own SDP helpers
-//! run on the same text (`peer::sending_ssrcs` on re-offers, `peer::NatMap::sdp` on answers).
-//! The whip module's private pre-checks (`check_offer`, `ice_ufrag`, `receiving_kinds`) only
+//! add the fragment's candidates (`participant::whip::parse_sdpfrag`); when the fragment carries
+//! ICE credentials, an ICE restart as the server does one (`peer::with_ice_credentials` on the
+//! offer, applied again and answered, `participant::whip::answer_sdpfrag` on the answer).
+//! cohost's own SDP helpers run on the same text (`peer::sending_ssrcs` on re-offers,
+//! `peer::NatMap::sdp` on answers). The whip module's private pre-checks (`check_offer`, `ice_ufrag`, `receiving_kinds`) only
 //! iterate lines and compare strings.
 //!
 //! Input: UTF-8 (the server answers 400 to anything else), offer and fragment separated by the

@@ -4,7 +4,9 @@
 //! - `POST /whip/{room}` (`application/sdp` offer) → `201`, answer, `Location: /whip/{room}/{id}`
 //! - `POST /whep/{room}` (mixed output) and `POST /whep/{room}/{participant}` → `201`, answer,
 //!   `Location: /whep/{room}/{id}`
-//! - `PATCH` on a Location (`application/trickle-ice-sdpfrag`) → `204`; `DELETE` → `200`.
+//! - `PATCH` on a Location (`application/trickle-ice-sdpfrag`): trickled candidates → `204`;
+//!   an ICE restart (new `a=ice-ufrag`, `If-Match` required) → `200` with our new credentials
+//!   and candidates as an sdpfrag and a new `ETag`; `DELETE` → `200`.
 
 use std::sync::Arc;
 
@@ -17,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 
 use crate::participant::Services;
-use crate::participant::whip::{self, Created, SessionKind, WhepSource, WhipError};
+use crate::participant::whip::{self, Created, Patched, SessionKind, WhepSource, WhipError};
 
 /// Largest offer or SDP fragment accepted (a browser offer with every codec is ~6 KiB).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -100,7 +102,7 @@ fn error(e: WhipError) -> Response {
         WhipError::NotFound(_) => StatusCode::NOT_FOUND,
         WhipError::Conflict(_) => StatusCode::CONFLICT,
         WhipError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
-        WhipError::Unsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        WhipError::PreconditionRequired(_) => StatusCode::PRECONDITION_REQUIRED,
         WhipError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         WhipError::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
         WhipError::Full(..) => StatusCode::SERVICE_UNAVAILABLE,
@@ -300,7 +302,16 @@ async fn patch(
     };
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
     match whip::patch(svc, room, session, kind, token, if_match, &frag).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Patched::Trickled) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Patched::Restarted { frag, etag }) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, SDPFRAG.to_string()),
+                (header::ETAG, etag),
+            ],
+            frag,
+        )
+            .into_response(),
         Err(e) => error(e),
     }
 }

@@ -56,9 +56,9 @@ pub enum WhipError {
     /// `If-Match` names another ICE session (412).
     #[error("{0}")]
     PreconditionFailed(String),
-    /// A PATCH asking for something this server does not do (ICE restart) (422).
+    /// An ICE restart PATCH without `If-Match` (428, RFC 9725 §4.3.2).
     #[error("{0}")]
-    Unsupported(String),
+    PreconditionRequired(String),
     /// Server-side failure (the WebRTC stack failed, ...) (503).
     #[error("{0}")]
     Unavailable(String),
@@ -116,7 +116,27 @@ pub enum SessionKind {
 
 enum Command {
     Candidates(Vec<IceCandidate>, oneshot::Sender<Result<(), WhipError>>),
+    Restart(Restart, oneshot::Sender<Result<Patched, WhipError>>),
     End,
+}
+
+/// An ICE restart the client asked for (a PATCH with new credentials).
+struct Restart {
+    /// The ETag the client named; `None` for `If-Match: *`. Checked again in the session's
+    /// task, which runs one command at a time: of two restarts naming the same ETag, the
+    /// second gets 412 instead of restarting what the first just set up.
+    if_match: Option<String>,
+    frag: SdpFrag,
+}
+
+/// What a PATCH did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Patched {
+    /// Candidates added to the current ICE session (204).
+    Trickled,
+    /// ICE restarted (200): our new credentials and candidates as an
+    /// `application/trickle-ice-sdpfrag` body, and the new ICE session's ETag.
+    Restarted { frag: String, etag: String },
 }
 
 struct Handle {
@@ -310,10 +330,34 @@ fn receiving_kinds(sdp: &str) -> Vec<Kind> {
     out
 }
 
+/// An `application/trickle-ice-sdpfrag` body (RFC 8840).
+#[derive(Debug, Default)]
+pub struct SdpFrag {
+    pub ufrag: Option<String>,
+    pub pwd: Option<String>,
+    pub candidates: Vec<IceCandidate>,
+}
+
+/// An ICE credential as RFC 8839 §5.4 allows it: `ice-char`s (letters, digits, `+`, `/`), of
+/// `min`..=256 characters. Checked because it is written back into an SDP.
+fn ice_credential(value: &str, what: &str, min: usize) -> Result<String, WhipError> {
+    let ok = (min..=256).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+    if !ok {
+        return Err(WhipError::BadRequest(format!(
+            "malformed a={what}: {min} to 256 of A-Z a-z 0-9 + /"
+        )));
+    }
+    Ok(value.to_string())
+}
+
 /// Parse a `application/trickle-ice-sdpfrag` body (RFC 8840): candidates per media section
 /// (`a=mid`), and the ICE credentials if it carries any.
-pub fn parse_sdpfrag(frag: &str) -> Result<(Option<String>, Vec<IceCandidate>), WhipError> {
+pub fn parse_sdpfrag(frag: &str) -> Result<SdpFrag, WhipError> {
     let mut ufrag = None;
+    let mut pwd = None;
     let mut mid: Option<String> = None;
     let mut mline: Option<u16> = None;
     let mut out = vec![];
@@ -328,9 +372,12 @@ pub fn parse_sdpfrag(frag: &str) -> Result<(Option<String>, Vec<IceCandidate>), 
         } else if let Some(m) = line.strip_prefix("a=mid:") {
             mid = Some(m.to_string());
         } else if let Some(u) = line.strip_prefix("a=ice-ufrag:") {
-            ufrag = Some(u.to_string());
+            ufrag = Some(ice_credential(u, "ice-ufrag", 4)?);
+        } else if let Some(p) = line.strip_prefix("a=ice-pwd:") {
+            pwd = Some(ice_credential(p, "ice-pwd", 22)?);
         } else if let Some(c) = line.strip_prefix("a=candidate:") {
-            if c.split_whitespace().count() < 8 {
+            // A stray CR would start a new line in the SDP a restart builds from it.
+            if c.split_whitespace().count() < 8 || c.chars().any(char::is_control) {
                 return Err(WhipError::BadRequest(format!(
                     "malformed candidate line: {line}"
                 )));
@@ -342,7 +389,6 @@ pub fn parse_sdpfrag(frag: &str) -> Result<(Option<String>, Vec<IceCandidate>), 
                 username_fragment: None,
             });
         } else if line == "a=end-of-candidates"
-            || line.starts_with("a=ice-pwd:")
             || line.starts_with("a=ice-options:")
             || line.starts_with("a=group:")
         {
@@ -359,7 +405,39 @@ pub fn parse_sdpfrag(frag: &str) -> Result<(Option<String>, Vec<IceCandidate>), 
             c.sdp_mline_index = Some(0);
         }
     }
-    Ok((ufrag, out))
+    Ok(SdpFrag {
+        ufrag,
+        pwd,
+        candidates: out,
+    })
+}
+
+/// Our side of a restarted ICE session as an `application/trickle-ice-sdpfrag` body, in the
+/// shape of RFC 9725 §4.3.2's example: credentials, the BUNDLE group, then each m-section's
+/// `m=` line and `a=mid` with the candidates it carries (`webrtc` 0.21 lists all of them in the
+/// first, the BUNDLE tag).
+pub fn answer_sdpfrag(local_sdp: &str) -> Option<String> {
+    let first = |prefix: &str| {
+        local_sdp
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix(prefix))
+    };
+    let (ufrag, pwd) = (first("a=ice-ufrag:")?, first("a=ice-pwd:")?);
+    let mut out = format!("a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\n");
+    if let Some(g) = first("a=group:BUNDLE") {
+        out.push_str(&format!("a=group:BUNDLE{g}\r\n"));
+    }
+    for line in local_sdp.lines().map(str::trim_end) {
+        if line.starts_with("m=")
+            || line.starts_with("a=mid:")
+            || line.starts_with("a=candidate:")
+            || line == "a=end-of-candidates"
+        {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    Some(out)
 }
 
 /// Answer an offer on a fresh peer and wait for our candidates, so the answer is complete
@@ -540,6 +618,18 @@ impl WhipTask {
                             add_candidates(&self.peer, cands, &mut trickled, max).await,
                         );
                     }
+                    Some(Command::Restart(r, reply)) => {
+                        let (done, events) = restart_ice(
+                            &self.svc, &self.session, &self.peer, &mut peer_rx, r, &mut trickled,
+                        )
+                        .await;
+                        let _ = reply.send(done);
+                        for ev in events {
+                            if let Some(r) = self.on_peer_event(ev, &ended_tx, &mut connected) {
+                                reason = Some(r);
+                            }
+                        }
+                    }
                     Some(Command::End) | None => reason = Some(LeaveReason::Left),
                 },
                 ev = peer_rx.recv() => match ev {
@@ -683,6 +773,86 @@ async fn add_candidates(
             .map_err(|e| WhipError::BadRequest(format!("candidate refused: {e}")))?;
     }
     Ok(())
+}
+
+/// Restart a session's ICE with the client's new credentials and candidates, in the session's
+/// task (one command at a time), and answer with ours. Returns the peer events that arrived
+/// while waiting for our candidates, for the task to handle as usual.
+async fn restart_ice(
+    svc: &Services,
+    session: &str,
+    peer: &Peer,
+    peer_rx: &mut mpsc::UnboundedReceiver<PeerEvent>,
+    r: Restart,
+    trickled: &mut usize,
+) -> (Result<Patched, WhipError>, Vec<PeerEvent>) {
+    let started = tokio::time::Instant::now();
+    let Some(etag) = svc.whip.map.get(session).map(|h| h.etag.clone()) else {
+        return (
+            Err(WhipError::NotFound("the session has ended".into())),
+            vec![],
+        );
+    };
+    if let Some(m) = &r.if_match
+        && *m != etag
+    {
+        return (
+            Err(WhipError::PreconditionFailed(format!(
+                "If-Match {m} does not name this ICE session ({etag})"
+            ))),
+            vec![],
+        );
+    }
+    let (Some(ufrag), Some(pwd)) = (r.frag.ufrag, r.frag.pwd) else {
+        return (
+            Err(WhipError::BadRequest(
+                "an ICE restart needs a=ice-ufrag and a=ice-pwd".into(),
+            )),
+            vec![],
+        );
+    };
+    // The new generation starts with no remote candidates: the cap counts from here.
+    let max = svc.cfg.signaling.max_candidates;
+    if r.frag.candidates.len() > max {
+        return (
+            Err(WhipError::BadRequest(format!(
+                "too many candidates (at most {max}, signaling.max_candidates)"
+            ))),
+            vec![],
+        );
+    }
+    *trickled = r.frag.candidates.len();
+    if let Err(e) = peer
+        .restart_ice_from_remote(&ufrag, &pwd, &r.frag.candidates)
+        .await
+    {
+        warn!(%session, "ICE restart failed: {e}");
+        let e = match e {
+            PeerError::BadSdp(e) => WhipError::BadRequest(format!("ICE restart refused: {e}")),
+            e => WhipError::Unavailable(format!("ICE restart failed: {e}")),
+        };
+        return (Err(e), vec![]);
+    }
+    // Our candidates of the new generation, all in the answer like a POST's.
+    let (sdp, early) = match answer_complete(peer, peer_rx).await {
+        Ok(x) => x,
+        Err(e) => return (Err(e), vec![]),
+    };
+    let Some(frag) = answer_sdpfrag(&sdp) else {
+        return (
+            Err(WhipError::Unavailable(
+                "no ICE credentials in our answer".into(),
+            )),
+            early,
+        );
+    };
+    let etag = format!("\"{}\"", &new_session_id()[..16]);
+    if let Some(mut h) = svc.whip.map.get_mut(session) {
+        h.etag = etag.clone();
+        h.ice_ufrag = Some(ufrag);
+    }
+    info!(%session, elapsed = ?started.elapsed(), "ICE restarted by PATCH");
+    (Ok(Patched::Restarted { frag, etag }), early)
 }
 
 /// What a WHEP viewer asks for.
@@ -865,6 +1035,14 @@ async fn whep_run(
                         let _ = reply.send(add_candidates(&peer, cands, &mut trickled, max).await);
                         continue;
                     }
+                    Some(Command::Restart(r, reply)) => {
+                        let (done, events) =
+                            restart_ice(&svc, &session, &peer, &mut peer_rx, r, &mut trickled)
+                                .await;
+                        let _ = reply.send(done);
+                        pending.extend(events);
+                        continue;
+                    }
                     Some(Command::End) | None => break "deleted",
                 },
                 ev = peer_rx.recv() => match ev {
@@ -953,8 +1131,10 @@ pub fn end(
     Ok(())
 }
 
-/// `PATCH` with an `application/trickle-ice-sdpfrag` body: add the client's trickled
-/// candidates. An ICE restart (new credentials) is refused with [`WhipError::Unsupported`].
+/// `PATCH` with an `application/trickle-ice-sdpfrag` body (RFC 9725 §4.3): the client's
+/// trickled candidates, or, when it carries an `a=ice-ufrag` other than the session's, an ICE
+/// restart (a client that changed networks), which must name the session's ETag or `*` in
+/// `If-Match` (§4.3.2).
 pub async fn patch(
     svc: &Services,
     room: &str,
@@ -963,29 +1143,42 @@ pub async fn patch(
     token: &str,
     if_match: Option<&str>,
     frag: &str,
-) -> Result<(), WhipError> {
+) -> Result<Patched, WhipError> {
     let (cmd, etag, ufrag) = lookup(svc, room, session, kind, token)?;
+    let if_match = if_match.map(str::trim);
     if let Some(m) = if_match
-        && m.trim() != "*"
-        && m.trim() != etag
+        && m != "*"
+        && m != etag
     {
         return Err(WhipError::PreconditionFailed(format!(
             "If-Match {m} does not name this ICE session ({etag})"
         )));
     }
-    let (frag_ufrag, cands) = parse_sdpfrag(frag)?;
-    if let (Some(new), Some(old)) = (&frag_ufrag, &ufrag)
+    let frag = parse_sdpfrag(frag)?;
+    let ended = || WhipError::NotFound("the session has ended".into());
+    if let (Some(new), Some(old)) = (&frag.ufrag, &ufrag)
         && new != old
     {
-        return Err(WhipError::Unsupported(
-            "ICE restart is not supported: end the session (DELETE) and publish again".into(),
-        ));
+        let Some(m) = if_match else {
+            return Err(WhipError::PreconditionRequired(
+                "an ICE restart (a new a=ice-ufrag) needs If-Match: the session's ETag, or *"
+                    .into(),
+            ));
+        };
+        let restart = Restart {
+            if_match: (m != "*").then(|| m.to_string()),
+            frag,
+        };
+        let (tx, rx) = oneshot::channel();
+        cmd.send(Command::Restart(restart, tx))
+            .map_err(|_| ended())?;
+        return rx.await.map_err(|_| ended())?;
     }
     let (tx, rx) = oneshot::channel();
-    cmd.send(Command::Candidates(cands, tx))
-        .map_err(|_| WhipError::NotFound("the session has ended".into()))?;
-    rx.await
-        .map_err(|_| WhipError::NotFound("the session has ended".into()))?
+    cmd.send(Command::Candidates(frag.candidates, tx))
+        .map_err(|_| ended())?;
+    rx.await.map_err(|_| ended())??;
+    Ok(Patched::Trickled)
 }
 
 #[cfg(test)]
@@ -998,14 +1191,49 @@ mod tests {
                     m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n\
                     a=candidate:1387637174 1 udp 2122260223 127.0.0.1 61764 typ host generation 0\r\n\
                     a=end-of-candidates\r\n";
-        let (u, c) = parse_sdpfrag(frag).unwrap();
-        assert_eq!(u.as_deref(), Some("EsAw"));
+        let f = parse_sdpfrag(frag).unwrap();
+        assert_eq!(f.ufrag.as_deref(), Some("EsAw"));
+        assert_eq!(f.pwd.as_deref(), Some("P2uYro0UCOQ4zxjKXaWCBui1"));
+        let c = f.candidates;
         assert_eq!(c.len(), 1);
         assert!(c[0].candidate.starts_with("candidate:1387637174 1 udp"));
         assert_eq!(c[0].sdp_mid.as_deref(), Some("0"));
         assert_eq!(c[0].username_fragment.as_deref(), Some("EsAw"));
         assert!(parse_sdpfrag("a=candidate:1 1 udp\r\n").is_err());
         assert!(parse_sdpfrag("hello world").is_err());
+        // Credentials go back into an SDP: only RFC 8839's characters and lengths.
+        assert!(parse_sdpfrag("a=ice-ufrag:abc\r\n").is_err());
+        assert!(parse_sdpfrag("a=ice-ufrag:ab cd\r\n").is_err());
+        assert!(parse_sdpfrag("a=ice-pwd:short\r\n").is_err());
+        assert!(parse_sdpfrag("a=ice-pwd:P2uYro0UCOQ4zxjKXaWCBui1\rx\r\n").is_err());
+        let cr = "a=candidate:1 1 udp 1 10.0.0.1 9 typ host\ra=x:y\r\n";
+        assert!(parse_sdpfrag(cr).is_err());
+    }
+
+    #[test]
+    fn restart_answer_fragment_has_credentials_group_and_candidates() {
+        let answer = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\na=group:BUNDLE 0 1\r\n\
+                      m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\n\
+                      a=ice-ufrag:srvU\r\na=ice-pwd:srvPwdsrvPwdsrvPwdsrvPwd\r\na=mid:0\r\n\
+                      a=rtpmap:111 opus/48000/2\r\n\
+                      a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\n\
+                      a=end-of-candidates\r\n\
+                      m=video 9 UDP/TLS/RTP/SAVPF 125\r\na=ice-ufrag:srvU\r\n\
+                      a=ice-pwd:srvPwdsrvPwdsrvPwdsrvPwd\r\na=mid:1\r\n";
+        let frag = answer_sdpfrag(answer).unwrap();
+        assert_eq!(
+            frag,
+            "a=ice-ufrag:srvU\r\na=ice-pwd:srvPwdsrvPwdsrvPwdsrvPwd\r\na=group:BUNDLE 0 1\r\n\
+             m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n\
+             a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\n\
+             a=end-of-candidates\r\nm=video 9 UDP/TLS/RTP/SAVPF 125\r\na=mid:1\r\n"
+        );
+        // It reads back as a fragment with those credentials and the candidate under mid 0.
+        let back = parse_sdpfrag(&frag).unwrap();
+        assert_eq!(back.ufrag.as_deref(), Some("srvU"));
+        assert_eq!(back.candidates.len(), 1);
+        assert_eq!(back.candidates[0].sdp_mid.as_deref(), Some("0"));
+        assert_eq!(answer_sdpfrag("v=0\r\nm=audio 9 X 111\r\n"), None);
     }
 
     #[test]

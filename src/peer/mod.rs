@@ -104,8 +104,9 @@ struct Handler {
     connected: Arc<AtomicBool>,
     nat: Arc<NatMap>,
     tag: Arc<BundleTag>,
-    /// End of candidates was reported (see `on_ice_gathering_state_change`).
-    gathered: AtomicBool,
+    /// End of candidates was reported (see `on_ice_gathering_state_change`); shared with the
+    /// [`Peer`], which clears it when ICE restarts.
+    gathered: Arc<AtomicBool>,
 }
 
 /// The m-section every server candidate belongs to: the BUNDLE tag of the local description
@@ -178,6 +179,54 @@ pub fn with_msid_semantic(sdp: &str) -> String {
         }
         None => sdp.to_string(),
     }
+}
+
+/// `sdp` with every `a=ice-ufrag` / `a=ice-pwd` (session or media level) replaced by `ufrag`
+/// and `pwd`, its `a=candidate` and `a=end-of-candidates` lines dropped, and `candidates` added
+/// to the m-section their mid names (else the first one; with BUNDLE there is one transport).
+/// The values must already be checked (no line breaks): see `participant::whip::parse_sdpfrag`.
+pub fn with_ice_credentials(
+    sdp: &str,
+    ufrag: &str,
+    pwd: &str,
+    candidates: &[IceCandidate],
+) -> String {
+    let mut sections: Vec<(Option<String>, Vec<String>)> = vec![(None, vec![])];
+    for line in sdp.lines().map(str::trim_end) {
+        if line.starts_with("m=") {
+            sections.push((None, vec![]));
+        }
+        let Some((mid, lines)) = sections.last_mut() else {
+            continue;
+        };
+        if let Some(m) = line.strip_prefix("a=mid:") {
+            *mid = Some(m.trim().to_string());
+        }
+        if line.starts_with("a=ice-ufrag:") {
+            lines.push(format!("a=ice-ufrag:{ufrag}"));
+        } else if line.starts_with("a=ice-pwd:") {
+            lines.push(format!("a=ice-pwd:{pwd}"));
+        } else if !line.starts_with("a=candidate:") && line != "a=end-of-candidates" {
+            lines.push(line.to_string());
+        }
+    }
+    for c in candidates {
+        let media = &sections[1..];
+        let at = media
+            .iter()
+            .position(|(mid, _)| mid.is_some() && *mid == c.sdp_mid)
+            .map_or(1, |i| i + 1);
+        if let Some((_, lines)) = sections.get_mut(at) {
+            let attr = c.candidate.trim_start_matches("a=");
+            lines.push(format!("a={attr}"));
+        }
+    }
+    let mut out = String::new();
+    for line in sections.iter().flat_map(|(_, l)| l) {
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out
 }
 
 /// 1:1 NAT: the address clients must use instead of the local one in host candidates.
@@ -263,8 +312,8 @@ impl PeerConnectionEventHandler for Handler {
 
     /// `webrtc` 0.21 gathers again at every `set_local_description` (each renegotiation):
     /// the candidates are the same and are not reported twice, but the gathering state goes
-    /// to `Complete` each time. End of candidates is reported once per ICE generation, and
-    /// without ICE restarts a connection has one.
+    /// to `Complete` each time. End of candidates is reported once per ICE generation: a
+    /// connection has one until [`Peer::restart_ice_from_remote`] starts the next.
     async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
         if state == RTCIceGatheringState::Complete && !self.gathered.swap(true, Ordering::AcqRel) {
             let _ = self.tx.send(PeerEvent::Candidate(None));
@@ -489,13 +538,14 @@ impl PeerFactory {
             let connected = Arc::new(AtomicBool::new(false));
             let feedback = ConnectionFeedback::default();
             let tag = Arc::new(BundleTag::default());
+            let gathered = Arc::new(AtomicBool::new(false));
             match self
                 .build(
                     lease.port(),
                     tx.clone(),
                     connected.clone(),
                     &feedback,
-                    tag.clone(),
+                    (tag.clone(), gathered.clone()),
                 )
                 .await
             {
@@ -510,6 +560,7 @@ impl PeerFactory {
                             nat: self.nat.clone(),
                             feedback,
                             tag,
+                            gathered,
                         },
                         rx,
                     ));
@@ -529,7 +580,7 @@ impl PeerFactory {
         tx: mpsc::UnboundedSender<PeerEvent>,
         connected: Arc<AtomicBool>,
         feedback: &ConnectionFeedback,
-        tag: Arc<BundleTag>,
+        (tag, gathered): (Arc<BundleTag>, Arc<AtomicBool>),
     ) -> Result<impl PeerConnection + use<>, PeerError> {
         let mut me = media_engine()?;
         let registry = interceptors_counting(&mut me, RtcpCounter::new(feedback.clone()))?;
@@ -572,7 +623,7 @@ impl PeerFactory {
                 connected,
                 nat: self.nat.clone(),
                 tag,
-                gathered: AtomicBool::new(false),
+                gathered,
             }) as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![addr])
             .with_tcp_addrs(tcp)
@@ -598,6 +649,8 @@ pub struct Peer {
     feedback: ConnectionFeedback,
     /// The mid and index our candidates name (shared with the event handler).
     tag: Arc<BundleTag>,
+    /// End of candidates of the current ICE generation was reported (shared with the handler).
+    gathered: Arc<AtomicBool>,
 }
 
 impl Drop for Peer {
@@ -609,6 +662,18 @@ impl Drop for Peer {
 impl Peer {
     /// Apply a client offer and return our answer (publisher connection).
     pub async fn answer(&self, offer_sdp: String) -> Result<String, PeerError> {
+        // A client's ICE restart (new credentials): the new generation's end of candidates
+        // is reported again.
+        let ufrag = |sdp: &str| {
+            sdp.lines()
+                .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+                .map(str::to_owned)
+        };
+        if let Some(current) = self.pc.remote_description().await
+            && ufrag(&current.sdp) != ufrag(&offer_sdp)
+        {
+            self.gathered.store(false, Ordering::Release);
+        }
         self.apply_offer(offer_sdp).await?;
         self.create_answer().await
     }
@@ -642,10 +707,44 @@ impl Peer {
             .map(|d| self.nat.sdp(&with_msid_semantic(&d.sdp)))
     }
 
+    /// Restart ICE at the client's request when the client cannot send a whole new offer: a
+    /// WHIP/WHEP client PATCHes only its new ICE credentials and candidates (RFC 9725 §4.3.2).
+    /// `webrtc` 0.21 has no call for an answerer's restart: it restarts by itself when a
+    /// remote *offer* carries credentials other than the current remote description's (its
+    /// `will_restart_ice`, mirroring the core's `set_remote_description`). So the client's last
+    /// offer is applied again with the new credentials and candidates in place of the old
+    /// ones, and answered: the answer carries our new credentials. Tracks, transceivers and
+    /// DTLS stay as they are; only the ICE generation changes.
+    ///
+    /// Returns the answer; the caller waits for `PeerEvent::Candidate(None)` (reported again
+    /// for the new generation) before reading our candidates from [`Peer::local_sdp`].
+    pub async fn restart_ice_from_remote(
+        &self,
+        ufrag: &str,
+        pwd: &str,
+        candidates: &[IceCandidate],
+    ) -> Result<String, PeerError> {
+        let current = self
+            .pc
+            .remote_description()
+            .await
+            .ok_or_else(|| PeerError::Webrtc("no remote description to restart".into()))?;
+        let offer = with_ice_credentials(&current.sdp, ufrag, pwd, candidates);
+        self.apply_offer(offer).await?;
+        // A new generation gathers again (the crate keeps its host candidates, so at once) and
+        // its end of candidates must be reported again.
+        self.gathered.store(false, Ordering::Release);
+        self.create_answer().await
+    }
+
     /// Create and apply an offer (subscriber connection); with `ice_restart`, new ICE
     /// credentials (the client's network changed).
     pub async fn offer(&self, ice_restart: bool) -> Result<String, PeerError> {
         let opts = ice_restart.then_some(RTCOfferOptions { ice_restart: true });
+        if ice_restart {
+            // A new ICE generation: its end of candidates is reported again.
+            self.gathered.store(false, Ordering::Release);
+        }
         let offer = self.pc.create_offer(opts).await.map_err(werr)?;
         let sdp = self.nat.sdp(&with_msid_semantic(&offer.sdp));
         self.tag.set_from(&offer.sdp);
@@ -1084,6 +1183,39 @@ mod tests {
             "v=0\r\nt=0 0\r\na=group:BUNDLE 0\r\na=msid-semantic:WMS *\r\nm=audio 9 X 111\r\na=mid:0\r\n"
         );
         assert_eq!(with_msid_semantic(&with), with);
+    }
+
+    #[test]
+    fn ice_credentials_are_replaced_everywhere_and_candidates_swapped() {
+        let sdp = "v=0\r\na=ice-ufrag:old\r\na=group:BUNDLE 0 1\r\n\
+                   m=audio 9 X 111\r\na=mid:0\r\na=ice-ufrag:old\r\na=ice-pwd:oldpwd\r\n\
+                   a=candidate:1 1 udp 1 10.0.0.1 5000 typ host\r\na=end-of-candidates\r\n\
+                   m=video 9 X 96\r\na=mid:1\r\na=ice-ufrag:old\r\na=ice-pwd:oldpwd\r\n";
+        let cand = |mid: Option<&str>, port| IceCandidate {
+            candidate: format!("candidate:2 1 udp 2 10.0.0.2 {port} typ host"),
+            sdp_mid: mid.map(String::from),
+            ..Default::default()
+        };
+        let out = with_ice_credentials(
+            sdp,
+            "NEW",
+            "newpwd",
+            &[cand(Some("1"), 1), cand(None, 2), cand(Some("x"), 3)],
+        );
+        assert_eq!(
+            out,
+            "v=0\r\na=ice-ufrag:NEW\r\na=group:BUNDLE 0 1\r\n\
+             m=audio 9 X 111\r\na=mid:0\r\na=ice-ufrag:NEW\r\na=ice-pwd:newpwd\r\n\
+             a=candidate:2 1 udp 2 10.0.0.2 2 typ host\r\n\
+             a=candidate:2 1 udp 2 10.0.0.2 3 typ host\r\n\
+             m=video 9 X 96\r\na=mid:1\r\na=ice-ufrag:NEW\r\na=ice-pwd:newpwd\r\n\
+             a=candidate:2 1 udp 2 10.0.0.2 1 typ host\r\n"
+        );
+        // No m-section at all: nothing to put candidates in, nothing breaks.
+        assert_eq!(
+            with_ice_credentials("v=0\r\n", "a", "b", &[cand(None, 1)]),
+            "v=0\r\n"
+        );
     }
 
     #[test]
