@@ -9,3 +9,4 @@ pub mod h264_ids;
 pub mod h264_repeat;
 pub mod jitter;
 pub mod rtp_h264;
+pub mod rtp_keyframe;
