@@ -6,6 +6,7 @@
 //! particular outgoing leg (SSRC, payload type, extensions) belongs to that leg.
 
 pub mod keyframe;
+pub mod layers;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
