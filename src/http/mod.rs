@@ -712,6 +712,13 @@ async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>)
         // A queued message as a frame, and whether it is the last (a close).
         let frame = |m: WsOut| match m {
             WsOut::Text(t) => (Message::Text(t.into()), false),
+            // The room's own JSON: valid UTF-8 (checked, not copied).
+            WsOut::Shared(b) => (
+                Message::Text(axum::extract::ws::Utf8Bytes::try_from(b).unwrap_or_default()),
+                false,
+            ),
+            // Taken by the queue itself (`OutboxRx`); never handed out.
+            WsOut::Follow(_) => (Message::Ping(Vec::new().into()), false),
             WsOut::Ping => (Message::Ping(Vec::new().into()), false),
             WsOut::Close(code, reason) => (
                 Message::Close(Some(CloseFrame {

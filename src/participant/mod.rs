@@ -100,6 +100,10 @@ pub enum WsIn {
 #[derive(Debug)]
 pub enum WsOut {
     Text(String),
+    /// A message of the room's feed (shared by every member, not copied).
+    Shared(bytes::Bytes),
+    /// From now on, also send what the room posts for everyone (after the join result).
+    Follow(crate::room::Feed),
     Ping,
     Close(u16, String),
 }
@@ -449,7 +453,8 @@ impl Driver {
     }
 
     /// A room event: room-wide messages (serialized once by the room) go straight out; the
-    /// rest through the (boxed: large) handler.
+    /// rest through the (boxed: large) handler. (The busiest room-wide messages do not come
+    /// this way at all: the writer reads them from the room's feed.)
     async fn room_event(&mut self, ev: RoomEvent) {
         match ev {
             RoomEvent::Text(text) => {
@@ -637,6 +642,7 @@ impl Driver {
                 }
                 self.reply(id, ResponseResult::Joined(Box::new(result)))
                     .await;
+                self.out.push(WsOut::Follow(snap.feed));
                 if role.may_publish() {
                     for (_, router) in snap.tracks {
                         self.subscribe(router).await;
@@ -1058,7 +1064,6 @@ impl Driver {
                 self.close_with(code, why, reason).await;
             }
             RoomEvent::Notify(msg) => self.send(msg).await,
-            // Serialized once for the whole room.
             RoomEvent::Text(text) => {
                 self.out.push(WsOut::Text(text.to_string()));
             }

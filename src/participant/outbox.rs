@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 
 use super::WsOut;
 use crate::metrics::Metrics;
@@ -43,10 +43,13 @@ pub struct Outbox {
     shared: Arc<Shared>,
 }
 
-/// The writer's end.
+/// The writer's end. After the join it also reads the room's feed (`WsOut::Follow`): the
+/// messages for everyone, which a writer that falls [`crate::room::FEED_CAPACITY`] messages
+/// behind is cut off for, like a full queue.
 pub struct OutboxRx {
     rx: mpsc::Receiver<WsOut>,
     shared: Arc<Shared>,
+    feed: Option<crate::room::Feed>,
 }
 
 /// What the writer should do next.
@@ -76,13 +79,19 @@ pub fn outbox(messages: usize, bytes: usize, metrics: Arc<Metrics>) -> (Outbox, 
             tx,
             shared: shared.clone(),
         },
-        OutboxRx { rx, shared },
+        OutboxRx {
+            rx,
+            shared,
+            feed: None,
+        },
     )
 }
 
 fn len_of(m: &WsOut) -> usize {
     match m {
         WsOut::Text(t) => t.len(),
+        // Not held by this queue (the room's feed holds it).
+        WsOut::Shared(_) | WsOut::Follow(_) => 0,
         WsOut::Ping => 0,
         WsOut::Close(_, r) => r.len(),
     }
@@ -156,33 +165,85 @@ impl Outbox {
 }
 
 impl OutboxRx {
-    /// The next thing to do; an abort goes before anything still queued.
+    /// The next thing to do; an abort goes before anything still queued, the connection's
+    /// own messages before the room's feed.
     pub async fn next(&mut self) -> Next {
-        if self.shared.slow.load(Ordering::Relaxed) {
-            return Next::Abort(close_code::SLOW_READER);
-        }
-        tokio::select! {
-            biased;
-            _ = self.shared.abort.notified() => Next::Abort(close_code::SLOW_READER),
-            m = self.rx.recv() => match m {
-                Some(m) => {
-                    self.shared.take_bytes(len_of(&m));
-                    Next::Send(m)
+        loop {
+            if self.shared.slow.load(Ordering::Relaxed) {
+                return Next::Abort(close_code::SLOW_READER);
+            }
+            let feed = async {
+                match self.feed.as_mut() {
+                    Some(f) => f.recv().await,
+                    None => std::future::pending().await,
                 }
-                None => Next::End,
-            },
+            };
+            tokio::select! {
+                biased;
+                _ = self.shared.abort.notified() => return Next::Abort(close_code::SLOW_READER),
+                m = self.rx.recv() => match m {
+                    Some(WsOut::Follow(f)) => self.feed = Some(f),
+                    Some(m) => {
+                        self.shared.take_bytes(len_of(&m));
+                        return Next::Send(m);
+                    }
+                    None => return Next::End,
+                },
+                r = feed => match r {
+                    Ok(b) => return Next::Send(WsOut::Shared(b)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        self.fell_behind(n);
+                        return Next::Abort(close_code::SLOW_READER);
+                    }
+                    // The room is gone.
+                    Err(broadcast::error::RecvError::Closed) => self.feed = None,
+                },
+            }
         }
     }
 
     /// What is queued right now, without waiting (`None`: nothing, or the client is being
     /// cut off). The writer sends it in the same flush as the message before.
     pub fn try_next(&mut self) -> Option<WsOut> {
-        if self.shared.slow.load(Ordering::Relaxed) {
-            return None;
+        loop {
+            if self.shared.slow.load(Ordering::Relaxed) {
+                return None;
+            }
+            match self.rx.try_recv() {
+                Ok(WsOut::Follow(f)) => {
+                    self.feed = Some(f);
+                    continue;
+                }
+                Ok(m) => {
+                    self.shared.take_bytes(len_of(&m));
+                    return Some(m);
+                }
+                Err(_) => {}
+            }
+            return match self.feed.as_mut()?.try_recv() {
+                Ok(b) => Some(WsOut::Shared(b)),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    // The next `next` aborts.
+                    self.fell_behind(n);
+                    None
+                }
+                Err(_) => None,
+            };
         }
-        let m = self.rx.try_recv().ok()?;
-        self.shared.take_bytes(len_of(&m));
-        Some(m)
+    }
+
+    /// The client read so slowly that the room's feed moved on without it.
+    fn fell_behind(&self, missed: u64) {
+        let s = &self.shared;
+        if !s.slow.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                missed,
+                "websocket client does not read: behind the room's feed; disconnecting (slow reader)"
+            );
+            bump(&s.metrics.ws_slow_readers);
+            // The driver leaves the room (it watches for a stalled writer).
+            s.stalled.notify_one();
+        }
     }
 
     /// Resolves when the driver gave up on this client (to cut a write in progress short).
@@ -254,5 +315,29 @@ mod tests {
         drop(tx);
         assert!(matches!(rx.next().await, Next::Send(WsOut::Text(t)) if t == "b"));
         assert!(matches!(rx.next().await, Next::End));
+    }
+
+    #[tokio::test]
+    async fn the_room_feed_follows_the_join_and_a_writer_far_behind_is_cut_off() {
+        let m = Arc::new(Metrics::default());
+        let (tx, mut rx) = outbox(8, 1 << 20, m.clone());
+        let (feed, _) = broadcast::channel::<bytes::Bytes>(4);
+        // Posted before this member follows: not for it.
+        let _ = feed.send("before".into());
+        tx.push(WsOut::Text("join result".into()));
+        tx.push(WsOut::Follow(feed.subscribe()));
+        let _ = feed.send("chat".into());
+        assert!(matches!(rx.next().await, Next::Send(WsOut::Text(t)) if t == "join result"));
+        assert!(matches!(rx.next().await, Next::Send(WsOut::Shared(b)) if b == "chat"));
+        // More than the feed holds, unread: a slow reader.
+        for i in 0..6 {
+            let _ = feed.send(format!("line {i}").into());
+        }
+        assert!(matches!(
+            rx.next().await,
+            Next::Abort(close_code::SLOW_READER)
+        ));
+        assert!(tx.is_slow());
+        assert_eq!(m.ws_slow_readers.load(Ordering::Relaxed), 1);
     }
 }

@@ -218,6 +218,7 @@ impl Driver {
         result.resumed = true;
         self.reply(id, ResponseResult::Joined(Box::new(result)))
             .await;
+        self.out.push(WsOut::Follow(snap.feed));
         self.after_resume().await;
     }
 

@@ -123,12 +123,19 @@ impl Room {
         }
     }
 
-    /// To every member, serialized once (a room may have thousands of members).
+    /// To every member, in order with each one's other events, serialized once.
     fn to_all(st: &State, msg: &ServerMessage) {
         let text: Arc<str> = msg.to_json().into();
         for (id, m) in st.members.values() {
             m.tx.send(RoomEvent::Text(text.clone()), id);
         }
+    }
+
+    /// To every member through the room's feed: serialized and sent once (a room may have
+    /// thousands of members; their writers read it themselves). For the room's message stream
+    /// and counts, whose order with other events does not matter. Nobody following is fine.
+    fn to_feed(st: &State, msg: &ServerMessage) {
+        let _ = st.feed.0.send(bytes::Bytes::from(msg.to_json()));
     }
 
     /// Append a message to the room's stream and deliver it to everyone.
@@ -149,7 +156,7 @@ impl Room {
         while st.messages.len() > self.cfg.message_history {
             st.messages.pop_front();
         }
-        Self::to_all(
+        Self::to_feed(
             st,
             &ServerMessage::Message {
                 message: message.clone(),
@@ -519,7 +526,7 @@ impl Room {
         if due && st.counts_sent != Some(counts) && !st.members.is_empty() {
             st.counts_sent = Some(counts);
             st.counts_at = Some(now);
-            Self::to_all(st, &ServerMessage::MemberCount { counts });
+            Self::to_feed(st, &ServerMessage::MemberCount { counts });
         }
     }
 
@@ -531,7 +538,7 @@ impl Room {
         if st.messages.len() == before {
             return Err(RoomError::NotFound("message"));
         }
-        Self::to_all(&st, &ServerMessage::MessageDeleted { message_id: id });
+        Self::to_feed(&st, &ServerMessage::MessageDeleted { message_id: id });
         Ok(())
     }
 

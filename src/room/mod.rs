@@ -111,14 +111,35 @@ pub enum RoomEvent {
     Removed(LeaveReason),
     /// A message for the client as it is (co-host workflow, room messages, PK).
     Notify(ServerMessage),
-    /// A message for everyone, serialized once (room messages, member counts: fanned out to
-    /// thousands of members, so not serialized per member).
+    /// A message for everyone that must stay in order with this member's other events (role
+    /// changes, mutes, PK), serialized once for the room. The high-volume ones (chat, likes,
+    /// member counts) go through the room's [`Feed`] instead.
     Text(Arc<str>),
     /// Addressed to one member: their seat is gone (back to audience); stop taking their media.
     Demoted,
     /// Addressed to one member: it took a seat (or became the host): it gets media now, and
     /// subscribes to every track like hosts and co-hosts do.
     Promoted,
+}
+
+/// The room's messages for everyone (chat, likes, gifts, notices, member counts), each
+/// serialized once and kept once for the whole room: every WebSocket member's writer reads them
+/// from this ring itself, so a line to 10,000 members is one send, not 10,000 queue hops
+/// through their connection tasks. They may overtake the member's other events (a chat line
+/// before a `role_changed` sent earlier); their order among themselves is kept.
+pub type Feed = tokio::sync::broadcast::Receiver<bytes::Bytes>;
+
+/// Messages a member's writer may fall behind the room's feed before it is cut off as a slow
+/// reader (at a busy room's 25 messages a second, 40 s of backlog).
+pub const FEED_CAPACITY: usize = 1024;
+
+/// The sending side of the feed, in the room's state.
+struct FeedTx(tokio::sync::broadcast::Sender<bytes::Bytes>);
+
+impl Default for FeedTx {
+    fn default() -> Self {
+        Self(tokio::sync::broadcast::channel(FEED_CAPACITY).0)
+    }
 }
 
 /// How many room events may wait for one member. Events are small (joins, leaves, publishes,
@@ -230,6 +251,8 @@ struct State {
     /// The member counts last sent as `member_count`, and when.
     counts_sent: Option<Counts>,
     counts_at: Option<Instant>,
+    /// Messages for everyone (see [`Feed`]).
+    feed: FeedTx,
 }
 
 /// Pending PK invitations a room may have sent, and may have received, at a time.
@@ -257,6 +280,8 @@ pub struct JoinSnapshot {
     pub participant: ParticipantInfo,
     pub others: Vec<ParticipantInfo>,
     pub tracks: Vec<(TrackInfo, Arc<TrackRouter>)>,
+    /// The room's messages for everyone from now on.
+    pub feed: Feed,
 }
 
 fn track_info(r: &TrackRouter) -> TrackInfo {
@@ -337,6 +362,7 @@ impl Room {
             participant,
             others,
             tracks,
+            feed: st.feed.0.subscribe(),
         })
     }
 
@@ -816,6 +842,8 @@ impl Registry {
             };
             let info = Room::info_of(&st, &pid, &member);
             let (others, tracks) = Room::view_of(&st, &pid, media);
+            // Under the lock: nothing posted after this join is missed.
+            let feed = st.feed.0.subscribe();
             Room::presence(&st, &pid, &RoomEvent::Joined(info.clone()), media);
             let seq = st.next_seq;
             st.next_seq += 1;
@@ -845,6 +873,7 @@ impl Registry {
                     participant: info,
                     others,
                     tracks,
+                    feed,
                 },
             ));
         }
