@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cohost::auth::Role;
 use common::impair::{Impairment, Relay, server_candidate, via_relay};
-use common::{Client, Server, post_sdp, wait_bridge};
+use common::{Client, Server, payload_type, post_sdp, wait_bridge};
 use serde_json::{Value, json};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
@@ -73,16 +73,6 @@ impl Drop for Cohost {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
-}
-
-fn payload_type(sdp: &str, codec: &str) -> u8 {
-    sdp.lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix("a=rtpmap:")?;
-            let (pt, name) = rest.split_once(' ')?;
-            name.starts_with(codec).then(|| pt.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("{codec} in the answer: {sdp}"))
 }
 
 impl Cohost {

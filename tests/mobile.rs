@@ -610,8 +610,7 @@ async fn repromoted_cohost_publishes_on_a_new_connection() {
 
 /// The `a=ice-ufrag` of an SDP.
 fn ufrag(sdp: &str) -> Option<String> {
-    sdp.lines()
-        .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:").map(String::from))
+    common::sdp_attr(sdp, "ice-ufrag")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::impair::{Impairment, Relay};
-use common::{Client, Received, Server, Signal, make_payload, wait_received};
+use common::{Client, Received, Server, Signal, make_payload, payload_type, wait_received};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -34,9 +34,7 @@ fn presence_changes(sig: &mut Signal, pid: &str) -> Vec<Value> {
 }
 
 fn ufrag(sdp: &str) -> Option<String> {
-    sdp.lines()
-        .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
-        .map(String::from)
+    common::sdp_attr(sdp, "ice-ufrag")
 }
 
 #[tokio::test]
@@ -312,16 +310,6 @@ fn without_candidates(sdp: &str) -> String {
         .collect()
 }
 
-fn payload_type(sdp: &str, codec: &str) -> u8 {
-    sdp.lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix("a=rtpmap:")?;
-            let (pt, name) = rest.split_once(' ')?;
-            name.starts_with(codec).then(|| pt.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("{codec} in {sdp}"))
-}
-
 impl Phone {
     async fn join(server: &Server, room: &str, identity: &str, role: Role) -> Phone {
         let (auto_tx, mut auto_rx) = mpsc::unbounded_channel::<Value>();
@@ -371,12 +359,7 @@ impl Phone {
                             else {
                                 continue;
                             };
-                            let init = RTCIceCandidateInit {
-                                candidate: cand,
-                                sdp_mid: c["sdpMid"].as_str().map(String::from),
-                                sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|x| x as u16),
-                                ..Default::default()
-                            };
+                            let init = common::candidate_init(c, cand);
                             if v["target"] == "subscriber" {
                                 let _ = sub.add_ice_candidate(init).await;
                             } else if publ.remote_description().await.is_some() {

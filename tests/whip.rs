@@ -16,7 +16,8 @@ use cohost::bridge::compose::Yuv;
 use cohost::bridge::video_in::VideoInput;
 use cohost::media::goertzel::{left_channel, tone_power};
 use common::{
-    Client, Resp, Server, T, ffmpeg_capture, http, is_colour, pixel, post_sdp, wait_frames,
+    Client, Resp, Server, T, ffmpeg_capture, http, is_colour, payload_type, pixel, post_sdp,
+    sdp_attr, wait_frames,
 };
 use rtc::peer_connection::configuration::RTCOfferOptions;
 use serde_json::{Value, json};
@@ -1267,23 +1268,6 @@ async fn whip_host_leaving_ends_the_bridge_and_a_new_host_gets_a_fresh_one() {
 }
 
 // ---- ICE restart over PATCH (RFC 9725 §4.3.2) ----
-
-/// The value of the first `a=<key>:` line of an SDP.
-fn sdp_attr(sdp: &str, key: &str) -> Option<String> {
-    let prefix = format!("a={key}:");
-    sdp.lines()
-        .find_map(|l| l.trim_end().strip_prefix(&prefix).map(String::from))
-}
-
-/// The payload type of `codec` in an SDP.
-fn payload_type(sdp: &str, codec: &str) -> u8 {
-    sdp.lines()
-        .find_map(|l| {
-            let (pt, name) = l.strip_prefix("a=rtpmap:")?.split_once(' ')?;
-            name.starts_with(codec).then(|| pt.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("{codec} in {sdp}"))
-}
 
 /// What a client does to restart ICE on its own `webrtc` 0.21 connection over WHIP/WHEP: an
 /// offer with `ice_restart`, whose new credentials and candidates go to the server as a

@@ -173,13 +173,7 @@ struct Joined {
     ice_restart: bool,
 }
 
-async fn recv_in(rx: &mut Option<mpsc::Receiver<WsIn>>) -> Option<WsIn> {
-    match rx {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
+/// The next item of a receiver that may be absent (absent: never).
 async fn recv_opt_bounded<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(r) => r.recv().await,
@@ -188,14 +182,6 @@ async fn recv_opt_bounded<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
-    match rx {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The room's events; `None` once the room has cut this member off (see [`EventRx`]).
-async fn recv_room(rx: &mut Option<EventRx>) -> Option<RoomEvent> {
     match rx {
         Some(r) => r.recv().await,
         None => std::future::pending().await,
@@ -359,7 +345,7 @@ impl Driver {
             }
             let tick_at = self.next_deadline();
             tokio::select! {
-                m = recv_in(&mut self.inbound) => match m {
+                m = recv_opt_bounded(&mut self.inbound) => match m {
                     Some(WsIn::Text(t)) => {
                         let acts = self.session.on_text(Instant::now(), &t);
                         self.apply_boxed(acts).await;
@@ -380,7 +366,8 @@ impl Driver {
                     None => self.connection_lost(LeaveReason::Left),
                 },
                 Some(t) = recv_opt_bounded(&mut self.takeover_rx) => self.on_takeover(t),
-                ev = recv_room(&mut self.room_rx) => match ev {
+                // `None` here: the room cut this member off (see [`EventRx`]).
+                ev = recv_opt_bounded(&mut self.room_rx) => match ev {
                     Some(ev) => {
                         self.room_event(ev).await;
                         // What else is queued, in the same turn, then one subscriber offer for

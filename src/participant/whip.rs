@@ -11,6 +11,7 @@
 //! one participant's current tracks or the bridge's mixed output (the bridge's RTP routers), and
 //! ends when those tracks end, its connection fails or the resource is deleted.
 
+use crate::peer::ice_ufrag;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -292,13 +293,6 @@ fn check_offer(sdp: &str) -> Result<(), WhipError> {
         ));
     }
     Ok(())
-}
-
-/// The first `a=ice-ufrag` of an SDP (with bundle, the one ICE session).
-fn ice_ufrag(sdp: &str) -> Option<String> {
-    sdp.lines()
-        .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
-        .map(str::to_string)
 }
 
 /// Which media kinds the offer asks to receive (a WHEP viewer's `recvonly` sections).

@@ -160,6 +160,13 @@ pub fn bundle_tag(sdp: &str) -> Option<(String, u16)> {
     Some((mids[index]?.to_string(), u16::try_from(index).ok()?))
 }
 
+/// The first `a=ice-ufrag` of an SDP (with bundle, the one ICE session).
+pub fn ice_ufrag(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+        .map(str::to_string)
+}
+
 /// Adds `a=msid-semantic:WMS *` at session level when an SDP lacks it. `webrtc` 0.21 writes it
 /// into every description except the first offer of a connection (its "unmatched" SDP has no
 /// session attribute but the BUNDLE group), and without it some stacks ignore the `a=msid`
@@ -664,13 +671,8 @@ impl Peer {
     pub async fn answer(&self, offer_sdp: String) -> Result<String, PeerError> {
         // A client's ICE restart (new credentials): the new generation's end of candidates
         // is reported again.
-        let ufrag = |sdp: &str| {
-            sdp.lines()
-                .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
-                .map(str::to_owned)
-        };
         if let Some(current) = self.pc.remote_description().await
-            && ufrag(&current.sdp) != ufrag(&offer_sdp)
+            && ice_ufrag(&current.sdp) != ice_ufrag(&offer_sdp)
         {
             self.gathered.store(false, Ordering::Release);
         }

@@ -472,6 +472,33 @@ impl Signal {
     }
 }
 
+/// The value of the first `a=<key>:` line of an SDP (`ice-ufrag`, `ice-pwd`, ...).
+pub fn sdp_attr(sdp: &str, key: &str) -> Option<String> {
+    let prefix = format!("a={key}:");
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix(&prefix).map(String::from))
+}
+
+/// The payload type of `codec` (e.g. `opus`, `H264`) in an SDP.
+pub fn payload_type(sdp: &str, codec: &str) -> u8 {
+    sdp.lines()
+        .find_map(|l| {
+            let (pt, name) = l.strip_prefix("a=rtpmap:")?.split_once(' ')?;
+            name.starts_with(codec).then(|| pt.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("{codec} in {sdp}"))
+}
+
+/// `candidate` with the m-section of a server `candidate` message's `candidate` object.
+pub fn candidate_init(c: &Value, candidate: String) -> RTCIceCandidateInit {
+    RTCIceCandidateInit {
+        candidate,
+        sdp_mid: c["sdpMid"].as_str().map(String::from),
+        sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|x| x as u16),
+        ..Default::default()
+    }
+}
+
 /// Wait until the track carrying `tag` has `n` packets in `received`: (packets, bad
 /// payloads, first packet's arrival).
 pub async fn wait_received(
@@ -913,12 +940,7 @@ impl Client {
                         if cand.is_empty() {
                             continue;
                         }
-                        let init = RTCIceCandidateInit {
-                            candidate: cand,
-                            sdp_mid: c["sdpMid"].as_str().map(String::from),
-                            sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|x| x as u16),
-                            ..Default::default()
-                        };
+                        let init = candidate_init(c, cand);
                         if v["target"] == "subscriber" {
                             let _ = sub.add_ice_candidate(init).await;
                         } else {
