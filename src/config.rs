@@ -275,6 +275,11 @@ pub struct RoomConfig {
     pub max_chat_chars: usize,
     /// Chat lines, likes and gifts per second one member may send.
     pub messages_per_sec: u32,
+    /// In rooms of 100 members and more, messages for everyone go out at most this often, in
+    /// batches (one socket write per member per batch instead of per line); a line into a
+    /// quiet room goes out at once. "0s": every line at once.
+    #[serde(with = "humantime_serde_compat")]
+    pub feed_batch: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -735,6 +740,7 @@ impl Default for RoomConfig {
             message_history: 50,
             max_chat_chars: 300,
             messages_per_sec: 5,
+            feed_batch: Duration::from_millis(50),
         }
     }
 }
@@ -818,6 +824,11 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "room.max_members, room.max_participants and room.max_publishers must be at least 1"
                     .into(),
+            ));
+        }
+        if self.room.feed_batch > Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "room.feed_batch must be at most 1s".into(),
             ));
         }
         if self.signaling.max_message_bytes < 1024 {

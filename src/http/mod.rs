@@ -785,10 +785,10 @@ async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>)
         tokio::select! {
             m = stream.next() => {
                 let ev = match m {
-                    Some(Ok(Message::Text(t))) if t.len() > max_bytes => WsIn::TooLarge(
+                    Some(Ok(Message::Text(t))) if t.len() > max_bytes => WsIn::TooLarge(Box::new((
                         t.len(),
                         crate::signaling::session::request_id_of(t.as_str()),
-                    ),
+                    ))),
                     Some(Ok(Message::Text(t))) => WsIn::Text(t.to_string()),
                     Some(Ok(Message::Binary(b))) => WsIn::Binary(b.len()),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => WsIn::Activity,

@@ -88,7 +88,8 @@ pub enum WsIn {
     Text(String),
     /// A text frame over the limit: only its length and request id are kept, so the queue to
     /// the driver holds at most that many bytes per message.
-    TooLarge(usize, Option<RequestId>),
+    /// (Boxed: rare, and it would make every slot of the queue larger.)
+    TooLarge(Box<(usize, Option<RequestId>)>),
     Binary(usize),
     /// Ping or pong frame: proof of life only.
     Activity,
@@ -245,8 +246,10 @@ pub struct Driver {
     room_rx: Option<EventRx>,
     pub_rx: Option<mpsc::UnboundedReceiver<PeerEvent>>,
     sub_rx: Option<mpsc::UnboundedReceiver<PeerEvent>>,
-    internal_tx: mpsc::UnboundedSender<Internal>,
-    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    /// Made with the first published track (its reader tasks report through it): most
+    /// members (the audience) never publish, and an idle channel costs about 1 KiB.
+    internal_tx: Option<mpsc::UnboundedSender<Internal>>,
+    internal_rx: Option<mpsc::UnboundedReceiver<Internal>>,
     /// Set once the driver decided to end; the loop exits after flushing.
     ending: Option<LeaveReason>,
     /// Next refresh of connection statistics and track bitrates.
@@ -272,7 +275,6 @@ impl Driver {
             url_room,
             Instant::now(),
         );
-        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         Self {
             svc,
             session,
@@ -281,8 +283,8 @@ impl Driver {
             room_rx: None,
             pub_rx: None,
             sub_rx: None,
-            internal_tx,
-            internal_rx,
+            internal_tx: None,
+            internal_rx: None,
             ending: None,
             stats_at: Instant::now() + STATS_INTERVAL,
             stats: StatsRefresher::default(),
@@ -350,7 +352,8 @@ impl Driver {
                         let acts = self.session.on_text(Instant::now(), &t);
                         self.apply_boxed(acts).await;
                     }
-                    Some(WsIn::TooLarge(n, id)) => {
+                    Some(WsIn::TooLarge(big)) => {
+                        let (n, id) = *big;
                         let acts = self.session.on_too_large(Instant::now(), n, id);
                         self.apply_boxed(acts).await;
                     }
@@ -367,9 +370,14 @@ impl Driver {
                 },
                 Some(t) = recv_opt_bounded(&mut self.takeover_rx) => self.on_takeover(t),
                 // `None` here: the room cut this member off (see [`EventRx`]).
-                ev = recv_opt_bounded(&mut self.room_rx) => match ev {
+                ev = async {
+                    match self.room_rx.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match ev {
                     Some(ev) => {
-                        self.room_event(ev).await;
+                        Box::pin(self.room_event(ev)).await;
                         // What else is queued, in the same turn, then one subscriber offer for
                         // everything that changed together (a co-host leaving unpublishes its
                         // audio and video back to back; in a room of thousands, one wake-up
@@ -402,7 +410,7 @@ impl Driver {
                 ev = recv_opt(&mut self.sub_rx) => {
                     if let Some(ev) = ev { Box::pin(self.on_peer_event(Target::Subscriber, ev)).await; }
                 }
-                Some(ev) = self.internal_rx.recv() => Box::pin(self.on_internal(ev)).await,
+                Some(ev) = recv_opt(&mut self.internal_rx) => Box::pin(self.on_internal(ev)).await,
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(tick_at)) => {
                     if self.is_detached() {
                         self.check_detached_expiry();
@@ -1178,7 +1186,14 @@ impl Driver {
         };
         info!(room = %j.room.name, participant = %j.pid, track = %track_id,
             codec = %t.codec.mime_type, "track published");
-        let done = self.internal_tx.clone();
+        let done = self
+            .internal_tx
+            .get_or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.internal_rx = Some(rx);
+                tx
+            })
+            .clone();
         let tid = track_id.clone();
         let ssrc = t.ssrc;
         let tasks = publish_tasks(
@@ -1611,4 +1626,24 @@ pub(crate) fn forward_tasks(
         }
     });
     vec![writer, feedback]
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every member's queues reserve 32 slots of these up front, so their size is memory per
+    /// idle audience member (room events travel boxed for the same reason).
+    #[test]
+    fn queue_items_of_an_idle_member_stay_small() {
+        use std::mem::size_of;
+        assert!(
+            size_of::<super::WsIn>() <= 24,
+            "WsIn {}",
+            size_of::<super::WsIn>()
+        );
+        assert!(
+            size_of::<super::WsOut>() <= 40,
+            "WsOut {}",
+            size_of::<super::WsOut>()
+        );
+    }
 }

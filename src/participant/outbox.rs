@@ -44,12 +44,14 @@ pub struct Outbox {
 }
 
 /// The writer's end. After the join it also reads the room's feed (`WsOut::Follow`): the
-/// messages for everyone, which a writer that falls [`crate::room::FEED_CAPACITY`] messages
+/// messages for everyone, which a writer that falls [`crate::room::FEED_CAPACITY`] batches
 /// behind is cut off for, like a full queue.
 pub struct OutboxRx {
     rx: mpsc::Receiver<WsOut>,
     shared: Arc<Shared>,
     feed: Option<crate::room::Feed>,
+    /// The feed's batch being sent, and how many of its lines went.
+    batch: Option<(crate::room::FeedItem, usize)>,
 }
 
 /// What the writer should do next.
@@ -83,6 +85,7 @@ pub fn outbox(messages: usize, bytes: usize, metrics: Arc<Metrics>) -> (Outbox, 
             rx,
             shared,
             feed: None,
+            batch: None,
         },
     )
 }
@@ -172,6 +175,9 @@ impl OutboxRx {
             if self.shared.slow.load(Ordering::Relaxed) {
                 return Next::Abort(close_code::SLOW_READER);
             }
+            if let Some(line) = self.batch_line() {
+                return Next::Send(WsOut::Shared(line));
+            }
             let feed = async {
                 match self.feed.as_mut() {
                     Some(f) => f.recv().await,
@@ -190,7 +196,7 @@ impl OutboxRx {
                     None => return Next::End,
                 },
                 r = feed => match r {
-                    Ok(b) => return Next::Send(WsOut::Shared(b)),
+                    Ok(b) => self.batch = Some((b, 0)),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         self.fell_behind(n);
                         return Next::Abort(close_code::SLOW_READER);
@@ -220,8 +226,14 @@ impl OutboxRx {
                 }
                 Err(_) => {}
             }
+            if let Some(line) = self.batch_line() {
+                return Some(WsOut::Shared(line));
+            }
             return match self.feed.as_mut()?.try_recv() {
-                Ok(b) => Some(WsOut::Shared(b)),
+                Ok(b) => {
+                    self.batch = Some((b, 0));
+                    continue;
+                }
                 Err(broadcast::error::TryRecvError::Lagged(n)) => {
                     // The next `next` aborts.
                     self.fell_behind(n);
@@ -230,6 +242,17 @@ impl OutboxRx {
                 Err(_) => None,
             };
         }
+    }
+
+    /// The next line of the feed's batch being sent.
+    fn batch_line(&mut self) -> Option<bytes::Bytes> {
+        let (b, i) = self.batch.as_mut()?;
+        let line = b.get(*i).cloned();
+        *i += 1;
+        if *i >= b.len() {
+            self.batch = None;
+        }
+        line
     }
 
     /// The client read so slowly that the room's feed moved on without it.
@@ -321,17 +344,28 @@ mod tests {
     async fn the_room_feed_follows_the_join_and_a_writer_far_behind_is_cut_off() {
         let m = Arc::new(Metrics::default());
         let (tx, mut rx) = outbox(8, 1 << 20, m.clone());
-        let (feed, _) = broadcast::channel::<bytes::Bytes>(4);
+        let (feed, _) = broadcast::channel::<crate::room::FeedItem>(4);
+        let item = |lines: &[&str]| -> crate::room::FeedItem {
+            lines
+                .iter()
+                .map(|l| bytes::Bytes::from(l.to_string()))
+                .collect()
+        };
         // Posted before this member follows: not for it.
-        let _ = feed.send("before".into());
+        let _ = feed.send(item(&["before"]));
         tx.push(WsOut::Text("join result".into()));
         tx.push(WsOut::Follow(feed.subscribe()));
-        let _ = feed.send("chat".into());
+        let _ = feed.send(item(&["chat", "like"]));
+        let _ = feed.send(item(&["count"]));
         assert!(matches!(rx.next().await, Next::Send(WsOut::Text(t)) if t == "join result"));
+        // A batch's lines in order, then the next batch, with or without waiting.
         assert!(matches!(rx.next().await, Next::Send(WsOut::Shared(b)) if b == "chat"));
+        assert!(matches!(rx.try_next(), Some(WsOut::Shared(b)) if b == "like"));
+        assert!(matches!(rx.try_next(), Some(WsOut::Shared(b)) if b == "count"));
+        assert!(rx.try_next().is_none());
         // More than the feed holds, unread: a slow reader.
         for i in 0..6 {
-            let _ = feed.send(format!("line {i}").into());
+            let _ = feed.send(item(&[&format!("line {i}")]));
         }
         assert!(matches!(
             rx.next().await,

@@ -135,7 +135,7 @@ impl Room {
     /// thousands of members; their writers read it themselves). For the room's message stream
     /// and counts, whose order with other events does not matter. Nobody following is fine.
     fn to_feed(st: &State, msg: &ServerMessage) {
-        let _ = st.feed.0.send(bytes::Bytes::from(msg.to_json()));
+        st.feed.send(bytes::Bytes::from(msg.to_json()));
     }
 
     /// Append a message to the room's stream and deliver it to everyone.

@@ -4,6 +4,7 @@
 //! bridge uses. Nothing here touches WebRTC, sockets or codecs.
 
 mod cohosting;
+mod feed;
 
 pub use cohosting::{Actor, Stage};
 
@@ -21,6 +22,8 @@ use crate::signaling::protocol::{
     Counts, ErrorCode, LeaveReason, MessageBody, Outcome, ParticipantInfo, RoomMessage, Sender,
     ServerMessage, TrackInfo,
 };
+use feed::FeedTx;
+pub use feed::{FEED_CAPACITY, Feed, FeedItem};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RoomError {
@@ -122,26 +125,6 @@ pub enum RoomEvent {
     Promoted,
 }
 
-/// The room's messages for everyone (chat, likes, gifts, notices, member counts), each
-/// serialized once and kept once for the whole room: every WebSocket member's writer reads them
-/// from this ring itself, so a line to 10,000 members is one send, not 10,000 queue hops
-/// through their connection tasks. They may overtake the member's other events (a chat line
-/// before a `role_changed` sent earlier); their order among themselves is kept.
-pub type Feed = tokio::sync::broadcast::Receiver<bytes::Bytes>;
-
-/// Messages a member's writer may fall behind the room's feed before it is cut off as a slow
-/// reader (at a busy room's 25 messages a second, 40 s of backlog).
-pub const FEED_CAPACITY: usize = 1024;
-
-/// The sending side of the feed, in the room's state.
-struct FeedTx(tokio::sync::broadcast::Sender<bytes::Bytes>);
-
-impl Default for FeedTx {
-    fn default() -> Self {
-        Self(tokio::sync::broadcast::channel(FEED_CAPACITY).0)
-    }
-}
-
 /// How many room events may wait for one member. Events are small (joins, leaves, publishes,
 /// room messages; media never goes through here) and every owner drains its queue in its event
 /// loop without waiting on its client, so a full queue means the owner is stuck: the member is
@@ -149,16 +132,37 @@ impl Default for FeedTx {
 /// bound. 1024 covers a burst of every member of a full room joining and chatting at once.
 pub const EVENT_QUEUE: usize = 1024;
 
-/// The sending side of a member's room events (held by the room).
-pub type EventTx = mpsc::Sender<RoomEvent>;
+/// The sending side of a member's room events (held by the room). Events travel boxed: a
+/// queue's first block holds 32 of them whether or not they come, and every member has one,
+/// so its slots are a pointer each (256 bytes) rather than a whole event (3 KiB with the
+/// largest variants inline, measured per idle audience member).
+pub struct EventTx(mpsc::Sender<Box<RoomEvent>>);
+
 /// The receiving side of a member's room events (held by the member's connection). `None`
 /// from `recv` while still a member means the room cut this member off because its queue
 /// was full: its owner must disconnect it (reason `slow_reader`).
-pub type EventRx = mpsc::Receiver<RoomEvent>;
+pub struct EventRx(mpsc::Receiver<Box<RoomEvent>>);
+
+impl EventTx {
+    fn try_send(&self, ev: RoomEvent) -> Result<(), mpsc::error::TrySendError<Box<RoomEvent>>> {
+        self.0.try_send(Box::new(ev))
+    }
+}
+
+impl EventRx {
+    pub async fn recv(&mut self) -> Option<RoomEvent> {
+        self.0.recv().await.map(|b| *b)
+    }
+
+    pub fn try_recv(&mut self) -> Result<RoomEvent, mpsc::error::TryRecvError> {
+        self.0.try_recv().map(|b| *b)
+    }
+}
 
 /// A bounded channel for one member's room events: pass the sender to [`Registry::join`].
 pub fn event_channel() -> (EventTx, EventRx) {
-    mpsc::channel(EVENT_QUEUE)
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    (EventTx(tx), EventRx(rx))
 }
 
 /// A member's event sender. The room never waits on a member: a full queue drops the event and
@@ -362,7 +366,7 @@ impl Room {
             participant,
             others,
             tracks,
-            feed: st.feed.0.subscribe(),
+            feed: st.feed.subscribe(),
         })
     }
 
@@ -738,7 +742,10 @@ impl Registry {
                         name: room.to_string(),
                         created: Instant::now(),
                         cfg: self.cfg.clone(),
-                        state: Mutex::new(State::default()),
+                        state: Mutex::new(State {
+                            feed: FeedTx::new(self.cfg.feed_batch),
+                            ..State::default()
+                        }),
                         messages_tx: tokio::sync::watch::channel(0).0,
                     })
                 })
@@ -843,7 +850,7 @@ impl Registry {
             let info = Room::info_of(&st, &pid, &member);
             let (others, tracks) = Room::view_of(&st, &pid, media);
             // Under the lock: nothing posted after this join is missed.
-            let feed = st.feed.0.subscribe();
+            let feed = st.feed.subscribe();
             Room::presence(&st, &pid, &RoomEvent::Joined(info.clone()), media);
             let seq = st.next_seq;
             st.next_seq += 1;

@@ -47,6 +47,9 @@ pub struct AudienceResult {
     pub kib_per_idle_member: f64,
     pub cpu_idle_cores: f64,
     pub cpu_storm_cores: f64,
+    /// This load tool's own CPU during the storm (its members share the machine with the
+    /// server: when both together use every core, latencies include waiting for a core).
+    pub loadgen_storm_cores: f64,
     pub chat_sent: u64,
     pub likes_sent: u64,
     /// Chat lines that did not reach every member by the end of the window (+2 s).
@@ -151,7 +154,7 @@ async fn member(
     let mut cfg = WebSocketConfig::default();
     cfg.read_buffer_size = 4096;
     cfg.write_buffer_size = 0;
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), false)
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
         .await
         .context("connect")?;
     let (mut sink, mut stream) = ws.split();
@@ -297,6 +300,8 @@ pub async fn run(
     board.counting.store(true, Ordering::Relaxed);
     pair.record(true);
     let (c0, i0) = (cpu_seconds(pid), Instant::now());
+    let me = std::process::id();
+    let l0 = cpu_seconds(me);
     let end = Instant::now() + o.window;
     let chat_every = Duration::from_secs_f64(1.0 / o.chat_rate.max(0.1));
     let like_every = Duration::from_secs_f64(1.0 / o.like_rate.max(0.1));
@@ -327,6 +332,10 @@ pub async fn run(
         .await;
     }
     r.cpu_storm_cores = match (c0, cpu_seconds(pid)) {
+        (Some(a), Some(b)) => (b - a) / i0.elapsed().as_secs_f64(),
+        _ => f64::NAN,
+    };
+    r.loadgen_storm_cores = match (l0, cpu_seconds(me)) {
         (Some(a), Some(b)) => (b - a) / i0.elapsed().as_secs_f64(),
         _ => f64::NAN,
     };
@@ -375,8 +384,9 @@ pub fn print(r: &AudienceResult) {
         r.rss_before_mib, r.rss_idle_mib, r.kib_per_idle_member
     );
     println!(
-        "server CPU: {:.3} cores idle, {:.3} cores during the storm ({} chat lines, {} likes)",
-        r.cpu_idle_cores, r.cpu_storm_cores, r.chat_sent, r.likes_sent
+        "server CPU: {:.3} cores idle, {:.3} cores during the storm ({} chat lines, {} likes); \
+         this load tool (its members) during the storm: {:.3} cores",
+        r.cpu_idle_cores, r.cpu_storm_cores, r.chat_sent, r.likes_sent, r.loadgen_storm_cores
     );
     println!(
         "chat fan-out (send -> last member): p50 {:.0} ms, p99 {:.0} ms; every delivery: p50 \
