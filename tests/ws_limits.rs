@@ -305,3 +305,143 @@ async fn second_host_is_refused_while_the_host_is_live() {
     assert_eq!(pong["type"], "response", "{pong}");
     assert_eq!(participants(&server, "one").await, vec!["alice"]);
 }
+
+/// Reads one WebSocket frame the server sent (unmasked): (fin, opcode, payload).
+async fn read_frame(tcp: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    tcp.read_exact(&mut h).await.expect("frame header");
+    let (fin, opcode) = (h[0] & 0x80 != 0, h[0] & 0x0f);
+    assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            tcp.read_exact(&mut l).await.unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            tcp.read_exact(&mut l).await.unwrap();
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.unwrap();
+    (fin, opcode, payload)
+}
+
+/// A client text frame (masked, as RFC 6455 requires of clients; the key is zero).
+fn client_text(text: &str) -> Vec<u8> {
+    let mut f = vec![0x81u8];
+    let n = text.len();
+    if n < 126 {
+        f.push(0x80 | n as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(n as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(text.as_bytes());
+    f
+}
+
+/// A join result carrying a long history arrives as a text frame and continuation frames of
+/// at most 1 KiB (the server's per-connection write buffer then never grows to the size of
+/// its largest message), and the client reassembles it into the same JSON.
+#[tokio::test]
+async fn long_messages_are_sent_in_fragments_the_client_reassembles() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start().await;
+    let chatter = Client::join(&server, "frag", "chatter", Role::Audience).await;
+    let line = "x".repeat(290);
+    for i in 0..5 {
+        let r = chatter
+            .sig
+            .request(json!({"type": "chat", "text": format!("{i}{line}")}))
+            .await;
+        assert_eq!(r["type"], "response", "{r}");
+    }
+
+    // A plain GET is not an upgrade: 400, nothing else happens.
+    let mut plain = TcpStream::connect(server.addr).await.unwrap();
+    plain
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(T, plain.read_to_string(&mut resp))
+        .await
+        .expect("answer")
+        .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The handshake answer, byte by byte up to its blank line (the frames follow it).
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(T, tcp.read_exact(&mut b))
+            .await
+            .expect("handshake")
+            .unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // RFC 6455's own example key and accept value.
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let token = server.token("frag", "reader", Role::Audience);
+    tcp.write_all(&client_text(
+        &json!({"id": 1, "type": "join", "token": token}).to_string(),
+    ))
+    .await
+    .unwrap();
+
+    let deadline = Instant::now() + T;
+    loop {
+        // One whole message, frame by frame.
+        let mut frames = vec![];
+        let mut text = vec![];
+        loop {
+            let (fin, opcode, payload) =
+                tokio::time::timeout_at(deadline.into(), read_frame(&mut tcp))
+                    .await
+                    .expect("the join result");
+            if opcode >= 8 {
+                continue; // ping in between: allowed, and not part of the message
+            }
+            frames.push((opcode, payload.len()));
+            text.extend_from_slice(&payload);
+            if fin {
+                break;
+            }
+        }
+        let v: Value = serde_json::from_slice(&text).expect("reassembled JSON");
+        if v["type"] != "response" {
+            continue;
+        }
+        let history = v["result"]["history"].as_array().expect("history");
+        let chat: Vec<&Value> = history.iter().filter(|m| m["kind"] == "chat").collect();
+        assert_eq!(chat.len(), 5, "{v}");
+        assert_eq!(chat[4]["text"], format!("4{line}"));
+        assert!(text.len() > 1500, "history makes it long: {}", text.len());
+        assert!(frames.len() >= 2, "fragmented: {frames:?}");
+        assert_eq!(frames[0].0, 1, "a text frame first: {frames:?}");
+        assert!(
+            frames[1..].iter().all(|f| f.0 == 0),
+            "then continuations: {frames:?}"
+        );
+        assert!(frames.iter().all(|f| f.1 <= 1024), "{frames:?}");
+        break;
+    }
+}

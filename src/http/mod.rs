@@ -11,33 +11,26 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::mpsc;
 use tower_http::services::ServeDir;
 
 use crate::auth::{Claims, Role};
-use crate::participant::{Driver, Next, Services, WsIn, WsOut, outbox};
+use crate::participant::Services;
 
 mod whip;
-
-#[derive(Deserialize)]
-struct WsQuery {
-    room: Option<String>,
-}
+mod ws;
 
 pub fn router(svc: Arc<Services>) -> Router {
     let web = ServeDir::new(&svc.cfg.server.web_dir);
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/ws", get(ws_upgrade))
+        .route("/ws", get(ws::upgrade))
         .route("/metrics", get(metrics))
         .route("/v1/rooms", get(list_rooms))
         .route("/v1/rooms/{room}", get(get_room))
@@ -659,173 +652,4 @@ async fn vendor_mpegts(State(svc): State<Arc<Services>>) -> Response {
                 .into_response()
         }
     }
-}
-
-/// WebSocket transport read and write buffer per connection.
-const WS_BUFFER: usize = 1024;
-/// Queued messages the writer sends in one flush at most.
-const WRITE_BATCH: usize = 64;
-
-async fn ws_upgrade(
-    State(svc): State<Arc<Services>>,
-    Query(q): Query<WsQuery>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    // The transport limit is well above the protocol limit so that an oversized message gets a
-    // `message_too_large` error from the session and the connection stays usable; only absurd
-    // sizes (over 1 MiB or 16x the limit) make the transport drop the connection.
-    let limit = svc.cfg.signaling.max_message_bytes;
-    let hard = (limit * 16).max(1 << 20);
-    // Small transport buffers: a room holds thousands of mostly idle audience members, and
-    // the default 128 KiB read buffer per connection alone would be 1.3 GB for 10,000 of
-    // them (measured: 1 KiB instead of 4 KiB saves another 3 KiB per member). Messages are
-    // small; a large one (an SDP) is read in more steps.
-    ws.max_message_size(hard)
-        .max_frame_size(hard)
-        .read_buffer_size(WS_BUFFER)
-        .write_buffer_size(WS_BUFFER)
-        .on_upgrade(move |socket| ws_session(socket, svc, q.room))
-}
-
-async fn ws_session(socket: WebSocket, svc: Arc<Services>, room: Option<String>) {
-    svc.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
-    let sig = &svc.cfg.signaling;
-    let (max_bytes, write_timeout) = (sig.max_message_bytes, sig.write_timeout);
-    let (mut sink, mut stream) = socket.split();
-    // Small: the reader waits when the driver is busy, which pushes back on the client through
-    // TCP; each queued text is at most max_message_bytes (larger ones are reduced to their
-    // length below).
-    let (in_tx, in_rx) = mpsc::channel::<WsIn>(16);
-    // Bounded in messages and bytes, and never awaited by the driver (see `Outbox`).
-    let (out_tx, mut out_rx) = outbox(
-        sig.send_queue_messages,
-        sig.send_queue_bytes,
-        svc.metrics.clone(),
-    );
-    // The driver's future is small (about 3 KB: its handlers are boxed while they run), which
-    // matters with thousands of idle members.
-    let mut driver = tokio::spawn(Driver::new(svc.clone(), room, out_tx).run(in_rx));
-    // Every write has a deadline: a client that stops reading cannot hold the writer (or, via
-    // a full queue, the driver) forever. `send` flushes, so the socket layer buffers at most
-    // the message being written.
-    let mut writer = tokio::spawn(async move {
-        // A queued message as a frame, and whether it is the last (a close).
-        let frame = |m: WsOut| match m {
-            WsOut::Text(t) => (Message::Text(t.into()), false),
-            // The room's own JSON: valid UTF-8 (checked, not copied).
-            WsOut::Shared(b) => (
-                Message::Text(axum::extract::ws::Utf8Bytes::try_from(b).unwrap_or_default()),
-                false,
-            ),
-            // Taken by the queue itself (`OutboxRx`); never handed out.
-            WsOut::Follow(_) => (Message::Ping(Vec::new().into()), false),
-            WsOut::Ping => (Message::Ping(Vec::new().into()), false),
-            WsOut::Close(code, reason) => (
-                Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                })),
-                true,
-            ),
-        };
-        loop {
-            let (msg, mut last) = match out_rx.next().await {
-                Next::Send(m) => frame(m),
-                Next::Abort(code) => {
-                    // Nothing is half-written here, so a close frame may still get through;
-                    // the socket is dropped right after either way.
-                    let frame = Message::Close(Some(CloseFrame {
-                        code,
-                        reason: "slow reader".into(),
-                    }));
-                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await;
-                    break;
-                }
-                Next::End => break,
-            };
-            // What else is queued goes out in the same flush (one write for many small
-            // messages when a busy room's chat piles up).
-            let mut batch = vec![msg];
-            while !last && batch.len() < WRITE_BATCH {
-                let Some(m) = out_rx.try_next() else { break };
-                let (m, l) = frame(m);
-                batch.push(m);
-                last = l;
-            }
-            let write = async {
-                for m in batch {
-                    sink.feed(m).await?;
-                }
-                sink.flush().await
-            };
-            tokio::select! {
-                r = tokio::time::timeout(write_timeout, write) => match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::debug!("websocket write: {e}");
-                        break;
-                    }
-                    Err(_) => {
-                        out_rx.stalled();
-                        break;
-                    }
-                },
-                // The driver gave up on this client mid-write: drop the connection.
-                _ = out_rx.aborted() => break,
-            }
-            if last {
-                break;
-            }
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-    });
-    let mut driver_done = false;
-    let mut let_go = false;
-    loop {
-        tokio::select! {
-            m = stream.next() => {
-                let ev = match m {
-                    Some(Ok(Message::Text(t))) if t.len() > max_bytes => WsIn::TooLarge(Box::new((
-                        t.len(),
-                        crate::signaling::session::request_id_of(t.as_str()),
-                    ))),
-                    Some(Ok(Message::Text(t))) => WsIn::Text(t.to_string()),
-                    Some(Ok(Message::Binary(b))) => WsIn::Binary(b.len()),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => WsIn::Activity,
-                    // A close frame is a deliberate goodbye; a connection that just ends
-                    // (None, an error) may come back with `resume`.
-                    Some(Ok(Message::Close(_))) => {
-                        let _ = in_tx.send(WsIn::Closed).await;
-                        break;
-                    }
-                    None => break,
-                    Some(Err(e)) => {
-                        tracing::debug!("websocket read: {e}");
-                        break;
-                    }
-                };
-                if in_tx.send(ev).await.is_err() {
-                    break;
-                }
-            }
-            _ = &mut driver => { driver_done = true; break; }
-            // The driver let go of this connection (a resumable participant detached, or
-            // was taken over by a resume): stop reading.
-            _ = in_tx.closed() => { let_go = true; break; }
-        }
-    }
-    drop(in_tx);
-    // A detached driver lives on without this connection (up to `resume_grace`).
-    if !driver_done && !let_go {
-        let _ = (&mut driver).await;
-    }
-    // The writer ends by itself within write_timeout (+1 s for the close); this only guards
-    // against a bug.
-    if tokio::time::timeout(write_timeout + Duration::from_secs(2), &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-    }
-    svc.metrics.ws_connections.fetch_sub(1, Ordering::Relaxed);
 }
