@@ -113,7 +113,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let services = Arc::new(Services {
         cfg: cfg.clone(),
         auth,
-        rooms: Arc::new(Registry::new(cfg.room.clone())),
+        rooms: Arc::new(Registry::with_webhooks(
+            cfg.room.clone(),
+            crate::webhooks::Webhooks::start(&cfg.webhooks),
+        )),
         peers: Arc::new(PeerFactory::new(cfg.webrtc.clone())),
         metrics: Arc::new(Metrics::default()),
         origin: crate::rtmp::origin::Origin::new(),
@@ -169,6 +172,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The rooms' last events (participants leaving, rooms ending) within the same budget.
+        svc.rooms.webhooks().flush(deadline).await;
     });
     info!(%addr, ?rtmp_addr, "cohost listening");
     Ok(Server {

@@ -37,6 +37,117 @@ pub struct Config {
     pub bridge: BridgeSettings,
     pub origin: OriginConfig,
     pub whip: WhipConfig,
+    pub webhooks: WebhooksConfig,
+}
+
+/// Webhooks: the server POSTs signed JSON events (room, participant, track, seat, PK, bridge,
+/// CDN destination, RTMP ingest) to the operator's backend; see `src/webhooks/` and the
+/// "Webhooks" section of docs/api.md.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// `http://` URLs every event is POSTed to. Empty: webhooks are off.
+    pub urls: Vec<String>,
+    /// HMAC-SHA256 key of the `X-Cohost-Signature` header; at least 16 bytes when `urls` is
+    /// set. Never logged (the `Debug` form redacts it).
+    pub key: String,
+    /// Longest one delivery attempt may take (connect, request, response head); longer counts
+    /// as a failed attempt.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Events waiting for delivery, all URLs and rooms together; when full, new events are
+    /// dropped and counted (`cohost_webhooks_dropped_total{reason="queue_full"}`).
+    pub queue: usize,
+    /// Attempts per event and URL (the first one included); then the event is dropped for
+    /// that URL and counted (`reason="attempts_exhausted"`).
+    pub max_attempts: u32,
+    /// Delay before the first retry, doubling up to `retry_max`.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_max: Duration,
+    /// Requests in flight at once per URL (each to a different room: one room's events go
+    /// one at a time, in order).
+    pub concurrency: usize,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec![],
+            key: String::new(),
+            timeout: Duration::from_secs(5),
+            queue: 10_000,
+            max_attempts: 6,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            concurrency: 8,
+        }
+    }
+}
+
+/// The key stays out of logs and panic messages.
+impl std::fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("urls", &self.urls)
+            .field(
+                "key",
+                &if self.key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("timeout", &self.timeout)
+            .field("queue", &self.queue)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry_initial", &self.retry_initial)
+            .field("retry_max", &self.retry_max)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+impl WebhooksConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.urls.is_empty() {
+            return Ok(());
+        }
+        if self.key.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "webhooks.key must be at least 16 bytes when webhooks.urls is set".into(),
+            ));
+        }
+        for u in &self.urls {
+            // Plain HTTP only for now (no TLS client in the server); see docs/api.md.
+            let ok = u
+                .strip_prefix("http://")
+                .and_then(|rest| rest.split(['/', '?']).next())
+                .is_some_and(|authority| !authority.is_empty())
+                && u.parse::<hyper::Uri>().is_ok();
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "webhooks.urls: {u:?} is not an http:// URL (https is not supported yet: \
+                     put a TLS-terminating proxy on the backend side, or on loopback)"
+                )));
+            }
+        }
+        if self.timeout.is_zero()
+            || self.queue == 0
+            || self.max_attempts == 0
+            || self.concurrency == 0
+            || self.retry_initial.is_zero()
+            || self.retry_max < self.retry_initial
+        {
+            return Err(ConfigError::Invalid(
+                "webhooks.timeout, queue, max_attempts, concurrency and retry_initial must be > 0, \
+                 and webhooks.retry_max at least webhooks.retry_initial"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// WHIP publishing and WHEP playback sessions (`POST /whip/...`, `POST /whep/...`). A WHEP
@@ -929,6 +1040,7 @@ impl Config {
                 o.rtmp_max_message_bytes
             )));
         }
+        self.webhooks.validate()?;
         for ip in &w.public_ips {
             if ip.parse::<IpAddr>().is_err() {
                 return Err(ConfigError::Invalid(format!(

@@ -26,6 +26,7 @@ use crate::rtmp::ingest::{AudioIngest, H264_FMTP, IngestError, VideoIngest, ntp_
 use crate::rtmp::server::{Ingest, Publishers, check_signature};
 use crate::sfu::{CodecSpec, TrackRouter};
 use crate::signaling::protocol::{Kind, LeaveReason};
+use crate::webhooks::Event;
 
 /// Malformed tags in a row after which a publisher is disconnected.
 const MAX_BAD_TAGS: u32 = 50;
@@ -79,11 +80,21 @@ struct RoomIngest {
     closing: bool,
     /// Track bitrates (no connection statistics: RTMP has none to give).
     stats: StatsRefresher,
+    /// When it was admitted (`ingest_started` sent), for `ingest_stopped`.
+    started: Option<std::time::Instant>,
 }
 
 impl Drop for RoomIngest {
     fn drop(&mut self) {
         info!(room = %self.room.name, participant = %self.pid, "rtmp publisher left");
+        // Before the leave, so the backend hears the ingest ended before the member left.
+        if let Some(started) = self.started {
+            self.room.hook(Event::IngestStopped {
+                participant_id: self.pid.clone(),
+                identity: self.grant.identity.clone(),
+                duration_ms: crate::webhooks::ms_since(started),
+            });
+        }
         self.rooms.leave(&self.room, &self.pid, LeaveReason::Left);
     }
 }
@@ -311,7 +322,7 @@ fn publish_request(
             format!("cannot join room {}: {e}", grant.room)
         })?;
     let pid = snap.participant.id.clone();
-    let ingest = RoomIngest {
+    let mut ingest = RoomIngest {
         rooms: ctx.rooms.clone(),
         room,
         pid,
@@ -329,12 +340,21 @@ fn publish_request(
         on_published: ctx.on_published.clone(),
         closing: false,
         stats: StatsRefresher::default(),
+        started: None,
     };
-    // Dropping `ingest` on refusal leaves the room again.
+    // Dropping `ingest` on refusal leaves the room again (a refused publisher's
+    // `participant_joined` is followed by its `participant_left`, with no ingest events).
     ingest.room.check_publish(&ingest.pid, false).map_err(|e| {
         warn!(%peer, room = %ingest.room.name, "rtmp publish refused: {e}");
         format!("may not publish: {e}")
     })?;
+    ingest.started = Some(std::time::Instant::now());
+    ingest.room.hook(Event::IngestStarted {
+        participant_id: ingest.pid.clone(),
+        identity: grant.identity.clone(),
+        role: grant.role,
+        remote_addr: peer.to_string(),
+    });
     info!(%peer, room = %ingest.room.name, identity = %grant.identity, participant = %ingest.pid,
         "rtmp publisher joined");
     Ok(ingest)
