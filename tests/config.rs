@@ -61,11 +61,10 @@ fn webhooks_need_a_key_and_http_urls_and_never_show_the_key() {
     .expect_err("https")
     .to_string();
     assert!(err.contains("webhooks.urls"), "{err}");
-    let err = Config::from_toml_str(
-        "[webhooks]\nurls = [\"http://\"]\nkey = \"0123456789abcdef\"\n",
-    )
-    .expect_err("no host")
-    .to_string();
+    let err =
+        Config::from_toml_str("[webhooks]\nurls = [\"http://\"]\nkey = \"0123456789abcdef\"\n")
+            .expect_err("no host")
+            .to_string();
     assert!(err.contains("webhooks.urls"), "{err}");
     let err = Config::from_toml_str(
         "[webhooks]\nurls = [\"http://h/x\"]\nkey = \"0123456789abcdef\"\nmax_attempts = 0\n",

@@ -453,7 +453,12 @@ async fn bridge_and_destination_events_are_reported() {
     })
     .await;
     let (s, body) = server
-        .send_json("DELETE", &format!("/v1/rooms/{room}/bridge"), &admin, &json!({}))
+        .send_json(
+            "DELETE",
+            &format!("/v1/rooms/{room}/bridge"),
+            &admin,
+            &json!({}),
+        )
         .await;
     assert!(s == 200 || s == 204, "{s} {body}");
     host.leave().await;
@@ -489,7 +494,10 @@ async fn bridge_and_destination_events_are_reported() {
     assert!(!failed["detail"].as_str().unwrap().is_empty());
     let url = failed["url"].as_str().unwrap();
     assert_eq!(url, format!("rtmp://127.0.0.1:{cdn_port}/live/streamkey"));
-    assert!(!seq.contains(&"destination_connected".to_string()), "{seq:?}");
+    assert!(
+        !seq.contains(&"destination_connected".to_string()),
+        "{seq:?}"
+    );
     let switched = ev("bridge_switched");
     assert_eq!(switched["from"], "starting", "{switched}");
     assert_eq!(switched["to"], "passthrough", "{switched}");
