@@ -507,3 +507,171 @@ async fn bridge_and_destination_events_are_reported() {
     assert!(at("destination_failed") < at("bridge_stopped"));
     assert!(at("bridge_stopped") < at("room_ended"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seat_requests_and_pk_are_reported_in_both_rooms() {
+    let (port, _recv, mut rx) = receiver(0).await;
+    let server = start(hook_env(port)).await;
+    let a = Client::join(&server, "wh-pk-a", "host-a", Role::Host).await;
+    let mut b = Client::join(&server, "wh-pk-b", "host-b", Role::Host).await;
+    let fan = Client::join(&server, "wh-pk-a", "fan", Role::Audience).await;
+    let ok = |r: Value| assert_eq!(r["type"], "response", "{r}");
+    // A seat asked for and approved; the co-host then leaves the room.
+    ok(fan.sig.request(json!({"type": "request_cohost"})).await);
+    ok(a.sig
+        .request(
+            json!({"type": "answer_cohost_request", "participant_id": fan.pid, "approve": true}),
+        )
+        .await);
+    fan.leave().await;
+    // A PK between the two rooms, ended by room b's host.
+    ok(a.sig
+        .request(json!({"type": "pk_invite", "room": "wh-pk-b"}))
+        .await);
+    b.sig
+        .wait_for("pk invite", |v| v["type"] == "pk_invite")
+        .await;
+    ok(b.sig
+        .request(json!({"type": "pk_answer", "room": "wh-pk-a", "accept": true}))
+        .await);
+    ok(b.sig.request(json!({"type": "pk_end"})).await);
+    a.leave().await;
+
+    // Deliveries of both rooms arrive interleaved; each room's are in its own order.
+    let mut all = vec![];
+    let done = |all: &Vec<Delivery>| {
+        let seen = |room: &str, ev: &str| {
+            all.iter()
+                .any(|d: &Delivery| d.body["room"] == room && d.body["event"] == ev)
+        };
+        seen("wh-pk-a", "room_ended") && seen("wh-pk-b", "pk_ended")
+    };
+    let deadline = Instant::now() + WAIT;
+    while !done(&all) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(d)) => all.push(d),
+            _ => panic!("events missing; got {:?}", names(&all)),
+        }
+    }
+    let of = |room: &str| -> Vec<Delivery> {
+        all.iter()
+            .filter(|d| d.body["room"] == room)
+            .cloned()
+            .collect()
+    };
+    let log_a = of("wh-pk-a");
+    let log_b = of("wh-pk-b");
+    assert_eq!(
+        names(&log_b),
+        [
+            "room_started",
+            "participant_joined",
+            "pk_started",
+            "pk_ended"
+        ]
+    );
+    assert_eq!(log_b[2].body["partner_room"], "wh-pk-a");
+    assert_eq!(log_b[2].body["partner_host"], "host-a");
+    assert_eq!(
+        names(&log_a),
+        [
+            "room_started",
+            "participant_joined",
+            "participant_joined",
+            "cohost_seat_taken",
+            "cohost_seat_left",
+            "participant_left",
+            "pk_started",
+            "pk_ended",
+            "participant_left",
+            "room_ended"
+        ]
+    );
+    assert_eq!(log_a[3].body["how"], "approved");
+    assert_eq!(log_a[4].body["reason"], "left_room");
+    assert_eq!(log_a[5].body["role"], "cohost");
+    assert_eq!(log_a[6].body["partner_room"], "wh-pk-b");
+    assert_eq!(log_a[6].body["partner_host"], "host-b");
+    assert_eq!(log_a[7].body["partner_room"], "wh-pk-b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_ingest_is_reported_from_start_to_stop() {
+    let (port, _recv, mut rx) = receiver(0).await;
+    let server = start(hook_env(port)).await;
+    let rtmp = server.rtmp.expect("rtmp listener");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let key = cohost::auth::sign::mint_stream_key(
+        cohost::config::DEV_SECRET.as_bytes(),
+        "wh-ingest",
+        "studio",
+        Role::Host,
+        exp,
+    )
+    .unwrap();
+    // Two seconds of test pictures and a tone, then ffmpeg ends the stream.
+    let status = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args([
+            "-t",
+            "2",
+            "-c:v",
+            "libx264",
+            "-profile:v",
+            "baseline",
+            "-bf",
+            "0",
+        ])
+        .args(["-g", "30", "-pix_fmt", "yuv420p", "-preset", "ultrafast"])
+        .args([
+            "-c:a",
+            "aac",
+            "-f",
+            "flv",
+            &format!("rtmp://{rtmp}/live/{key}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(30), status)
+        .await
+        .expect("ffmpeg finished")
+        .expect("ffmpeg (Debian ffmpeg) must be installed");
+    assert!(status.success());
+    let got = events_until(&mut rx, "wh-ingest", "room_ended").await;
+    let seq = names(&got);
+    assert_eq!(
+        seq,
+        [
+            "room_started",
+            "participant_joined",
+            "ingest_started",
+            "track_published",
+            "track_published",
+            "ingest_stopped",
+            "track_unpublished",
+            "track_unpublished",
+            "participant_left",
+            "room_ended"
+        ]
+    );
+    let started = &got[2].body;
+    assert_eq!(started["identity"], "studio");
+    assert_eq!(started["role"], "host");
+    assert!(
+        started["remote_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert_eq!(started["participant_id"], got[1].body["participant_id"]);
+    assert!(got[5].body["duration_ms"].as_u64().unwrap() >= 1000);
+}
