@@ -95,11 +95,13 @@ fn rtmp_context(svc: &Arc<Services>) -> Arc<crate::rtmp::server::RtmpContext> {
     Arc::new(crate::rtmp::server::RtmpContext {
         origin: svc.origin.clone(),
         cfg: svc.cfg.origin.clone(),
+        authorize: svc.authorize.clone(),
         publishers: Arc::new(crate::participant::rtmp::RtmpRooms {
             rooms: svc.rooms.clone(),
             key_secret: svc.cfg.auth.secret.as_bytes().to_vec(),
             cfg: svc.cfg.origin.clone(),
             stream_keys: svc.stream_keys.clone(),
+            authorize: svc.authorize.clone(),
             on_published: Some(Arc::new(on_published)),
         }),
     })
@@ -124,6 +126,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         whip: Default::default(),
         resumable: Default::default(),
         stream_keys: Arc::new(crate::auth::keys::StreamKeys::new(cfg.origin.key_max_ttl)),
+        authorize: crate::webhooks::auth::Authorizer::from_config(&cfg.webhooks),
         shutdown: shutdown_rx.clone(),
     });
     follow_rooms(&services);

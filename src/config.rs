@@ -69,6 +69,17 @@ pub struct WebhooksConfig {
     /// Requests in flight at once per URL (each to a different room: one room's events go
     /// one at a time, in order).
     pub concurrency: usize,
+    /// Authorization callbacks (SRS-style): an `http://` URL asked before an RTMP ingest
+    /// (`on_publish`) or an origin player (`on_play`: RTMP play, HTTP-FLV) is admitted; a
+    /// non-2xx answer refuses it. Empty: not asked. Signed like the events.
+    pub on_publish: String,
+    pub on_play: String,
+    /// Longest wait for an authorization answer (the client waits meanwhile).
+    #[serde(with = "humantime_serde_compat")]
+    pub auth_timeout: Duration,
+    /// When the authorization backend cannot be asked (connection error, timeout): admit
+    /// (`true`, fail open) or refuse (`false`, fail closed). A non-2xx answer always refuses.
+    pub auth_fail_open: bool,
 }
 
 impl Default for WebhooksConfig {
@@ -82,6 +93,10 @@ impl Default for WebhooksConfig {
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             concurrency: 8,
+            on_publish: String::new(),
+            on_play: String::new(),
+            auth_timeout: Duration::from_secs(3),
+            auth_fail_open: false,
         }
     }
 }
@@ -105,21 +120,36 @@ impl std::fmt::Debug for WebhooksConfig {
             .field("retry_initial", &self.retry_initial)
             .field("retry_max", &self.retry_max)
             .field("concurrency", &self.concurrency)
+            .field("on_publish", &self.on_publish)
+            .field("on_play", &self.on_play)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("auth_fail_open", &self.auth_fail_open)
             .finish()
     }
 }
 
 impl WebhooksConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.urls.is_empty() {
+        let callbacks: Vec<&String> = [&self.on_publish, &self.on_play]
+            .into_iter()
+            .filter(|u| !u.is_empty())
+            .collect();
+        if self.urls.is_empty() && callbacks.is_empty() {
             return Ok(());
         }
         if self.key.len() < 16 {
             return Err(ConfigError::Invalid(
-                "webhooks.key must be at least 16 bytes when webhooks.urls is set".into(),
+                "webhooks.key must be at least 16 bytes when webhooks.urls, on_publish or \
+                 on_play is set"
+                    .into(),
             ));
         }
-        for u in &self.urls {
+        if self.auth_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "webhooks.auth_timeout must be > 0".into(),
+            ));
+        }
+        for u in self.urls.iter().chain(callbacks) {
             // Plain HTTP only for now (no TLS client in the server); see docs/api.md.
             let ok = u
                 .strip_prefix("http://")
@@ -128,8 +158,8 @@ impl WebhooksConfig {
                 && u.parse::<hyper::Uri>().is_ok();
             if !ok {
                 return Err(ConfigError::Invalid(format!(
-                    "webhooks.urls: {u:?} is not an http:// URL (https is not supported yet: \
-                     put a TLS-terminating proxy on the backend side, or on loopback)"
+                    "webhooks.urls, on_publish, on_play: {u:?} is not an http:// URL (https is \
+                     not supported yet: use a TLS-terminating proxy next to the server)"
                 )));
             }
         }

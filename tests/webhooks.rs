@@ -675,3 +675,170 @@ async fn rtmp_ingest_is_reported_from_start_to_stop() {
     assert_eq!(started["participant_id"], got[1].body["participant_id"]);
     assert!(got[5].body["duration_ms"].as_u64().unwrap() >= 1000);
 }
+
+/// The operator's authorization backend: refuses identity `banned`, and players while
+/// `deny_play` is set; records every (verified) request.
+struct AuthBackend {
+    tx: mpsc::UnboundedSender<Value>,
+    deny_play: std::sync::atomic::AtomicBool,
+}
+
+async fn auth_hook(State(b): State<Arc<AuthBackend>>, h: HeaderMap, raw: Bytes) -> StatusCode {
+    let ts = header(&h, "x-cohost-timestamp");
+    if !verify(KEY.as_bytes(), &ts, &raw, &header(&h, "x-cohost-signature")) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(&raw) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    let refuse = v["identity"] == "banned"
+        || (v["action"] == "on_play" && b.deny_play.load(Ordering::SeqCst));
+    let _ = b.tx.send(v);
+    if refuse {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// ffmpeg publishing one second of test media to `url`; whether it was let in to the end.
+async fn ffmpeg_publish_1s(url: &str) -> bool {
+    let status = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "quiet", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=160x120:rate=15"])
+        .args([
+            "-t",
+            "1",
+            "-c:v",
+            "libx264",
+            "-profile:v",
+            "baseline",
+            "-bf",
+            "0",
+        ])
+        .args([
+            "-pix_fmt",
+            "yuv420p",
+            "-preset",
+            "ultrafast",
+            "-f",
+            "flv",
+            url,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    tokio::time::timeout(Duration::from_secs(30), status)
+        .await
+        .expect("ffmpeg finished")
+        .expect("ffmpeg (Debian ffmpeg) must be installed")
+        .success()
+}
+
+fn stream_key(room: &str, identity: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    cohost::auth::sign::mint_stream_key(
+        cohost::config::DEV_SECRET.as_bytes(),
+        room,
+        identity,
+        Role::Host,
+        exp,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_play_callbacks_admit_or_refuse() {
+    let (tx, mut asked) = mpsc::unbounded_channel();
+    let backend = Arc::new(AuthBackend {
+        tx,
+        deny_play: std::sync::atomic::AtomicBool::new(true),
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let app = axum::Router::new()
+        .route("/auth", axum::routing::post(auth_hook))
+        .with_state(backend.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    let url = format!("http://127.0.0.1:{port}/auth");
+    let server = start(vec![
+        ("COHOST_WEBHOOKS__ON_PUBLISH".into(), url.clone()),
+        ("COHOST_WEBHOOKS__ON_PLAY".into(), url),
+        ("COHOST_WEBHOOKS__KEY".into(), KEY.into()),
+    ])
+    .await;
+    let rtmp = server.rtmp.expect("rtmp listener");
+    let next = async |asked: &mut mpsc::UnboundedReceiver<Value>| {
+        tokio::time::timeout(WAIT, asked.recv())
+            .await
+            .expect("callback asked")
+            .unwrap()
+    };
+
+    // A valid stream key the backend refuses: ffmpeg is turned away, nobody joins.
+    let banned = format!("rtmp://{rtmp}/live/{}", stream_key("wh-auth", "banned"));
+    assert!(!ffmpeg_publish_1s(&banned).await, "refused publisher");
+    let v = next(&mut asked).await;
+    assert_eq!(v["action"], "on_publish");
+    assert_eq!(v["room"], "wh-auth");
+    assert_eq!(v["identity"], "banned");
+    assert_eq!(v["role"], "host");
+    assert_eq!(v["protocol"], "rtmp");
+    assert!(v["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(v["id"].as_str().unwrap().starts_with("AU_"));
+    // One it admits publishes to the end.
+    let ok = format!("rtmp://{rtmp}/live/{}", stream_key("wh-auth", "studio"));
+    assert!(ffmpeg_publish_1s(&ok).await, "admitted publisher");
+    assert_eq!(next(&mut asked).await["identity"], "studio");
+    // An invalid stream key never reaches the backend.
+    let forged = format!("rtmp://{rtmp}/live/not-a-key");
+    assert!(!ffmpeg_publish_1s(&forged).await);
+
+    // Players: refused by the backend (403 play_refused), then admitted (on to the origin,
+    // which has no such stream: 404).
+    let (s, body) = server.get("/live/wh-auth.flv", None).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("play_refused"), "{body}");
+    let v = next(&mut asked).await;
+    assert_eq!(v["action"], "on_play");
+    assert_eq!(v["protocol"], "http-flv");
+    assert_eq!(v["room"], "wh-auth");
+    backend.deny_play.store(false, Ordering::SeqCst);
+    let (s, body) = server.get("/live/wh-auth.flv", None).await;
+    assert_eq!(s, 404, "{body}");
+    assert_eq!(next(&mut asked).await["action"], "on_play");
+    assert!(
+        asked.try_recv().is_err(),
+        "the forged key was not asked about"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn play_callback_fails_closed_or_open_as_configured() {
+    // Nothing listens here: the backend cannot be asked.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    for (fail_open, want) in [("false", 403), ("true", 404)] {
+        let server = start(vec![
+            (
+                "COHOST_WEBHOOKS__ON_PLAY".into(),
+                format!("http://127.0.0.1:{port}/auth"),
+            ),
+            ("COHOST_WEBHOOKS__KEY".into(), KEY.into()),
+            ("COHOST_WEBHOOKS__AUTH_FAIL_OPEN".into(), fail_open.into()),
+        ])
+        .await;
+        let (s, body) = server.get("/live/wh-closed.flv", None).await;
+        assert_eq!(s, want, "auth_fail_open = {fail_open}: {body}");
+    }
+}

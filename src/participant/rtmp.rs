@@ -42,19 +42,39 @@ pub struct RtmpRooms {
     pub cfg: OriginConfig,
     /// Lifetime cap and revocations of stream keys (shared with the REST API that revokes).
     pub stream_keys: Arc<StreamKeys>,
+    /// `webhooks.on_publish`: asked once the stream key is verified, before joining the room.
+    pub authorize: Option<Arc<crate::webhooks::auth::Authorizer>>,
     /// Called when an RTMP publisher's first track is published (room, role): the server
     /// starts the room's bridge when `bridge.auto_start` says so.
     pub on_published: Option<OnPublished>,
 }
 
 impl Publishers for RtmpRooms {
-    fn publish(
-        &self,
-        stream_key: &str,
-        app_query: &str,
+    fn publish<'a>(
+        &'a self,
+        stream_key: &'a str,
+        app_query: &'a str,
         peer: SocketAddr,
-    ) -> Result<Box<dyn Ingest>, String> {
-        publish_request(self, stream_key, app_query, peer).map(|i| Box::new(i) as Box<dyn Ingest>)
+    ) -> crate::rtmp::server::Admission<'a> {
+        Box::pin(async move {
+            let grant = verify_key(self, stream_key, app_query, peer)?;
+            if let Some(a) = &self.authorize {
+                let req = crate::webhooks::auth::Request {
+                    room: &grant.room,
+                    protocol: "rtmp",
+                    client_addr: Some(peer.to_string()),
+                    identity: Some(&grant.identity),
+                    role: Some(grant.role),
+                };
+                a.allow(crate::webhooks::auth::Action::Publish, &req)
+                    .await
+                    .map_err(|e| {
+                        warn!(%peer, room = %grant.room, "rtmp publish refused: {e}");
+                        format!("publish refused: {e}")
+                    })?;
+            }
+            admit(self, grant, peer).map(|i| Box::new(i) as Box<dyn Ingest>)
+        })
     }
 }
 
@@ -288,12 +308,13 @@ impl RoomIngest {
     }
 }
 
-fn publish_request(
+/// Check the publish URL's signature and the stream key: what the key grants.
+fn verify_key(
     ctx: &RtmpRooms,
     stream_key: &str,
     app_query: &str,
     peer: SocketAddr,
-) -> Result<RoomIngest, String> {
+) -> Result<StreamGrant, String> {
     if !ctx.cfg.ingest {
         return Err("RTMP ingest is disabled on this server (origin.ingest)".into());
     }
@@ -313,6 +334,11 @@ fn publish_request(
             warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
             format!("invalid stream key: {e} ({})", e.code())
         })?;
+    Ok(grant)
+}
+
+/// Join the key's room and become a publisher there.
+fn admit(ctx: &RtmpRooms, grant: StreamGrant, peer: SocketAddr) -> Result<RoomIngest, String> {
     let (tx, events) = crate::room::event_channel();
     let (room, snap) = ctx
         .rooms

@@ -52,7 +52,7 @@ fn backoff(initial: Duration, max: Duration, n: u32) -> Duration {
         .min(max)
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(super) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Shared by every URL's workers.
 struct Shared {
@@ -88,13 +88,7 @@ pub(super) fn spawn(
     mut rx: mpsc::UnboundedReceiver<Arc<Queued>>,
     stats: Arc<Stats>,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.timeout));
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(cfg.concurrency)
-        .build(connector);
+    let client = client(cfg.timeout, cfg.concurrency);
     let shared = Arc::new(Shared {
         client,
         key: cfg.key.as_bytes().to_vec(),
@@ -218,28 +212,57 @@ async fn deliver(shared: &Shared, t: &Target, q: &Queued) {
     }
 }
 
-/// One POST, bounded by `webhooks.timeout` (connecting, sending, the response and reading
-/// what it says). Ok only for a 2xx status.
+/// One POST of `q` to `t`, bounded by `webhooks.timeout`. Ok only for a 2xx status.
 async fn post(shared: &Shared, t: &Target, q: &Queued, attempt: u32) -> Result<(), String> {
+    let signed = Signed {
+        key: &shared.key,
+        event: q.name,
+        id: &q.id,
+        body: &q.body,
+        attempt,
+    };
+    match send(&shared.client, &t.uri, &signed, shared.timeout).await? {
+        s if s.is_success() => Ok(()),
+        s => Err(format!("answered {s}")),
+    }
+}
+
+/// A signed request's parts (events and authorization callbacks alike).
+pub(super) struct Signed<'a> {
+    pub key: &'a [u8],
+    /// `X-Cohost-Event`.
+    pub event: &'a str,
+    pub id: &'a str,
+    pub body: &'a Bytes,
+    pub attempt: u32,
+}
+
+/// POST `req` to `uri` with the signature headers, bounded by `timeout` (connecting,
+/// sending, the response and reading what it says): the answer's status.
+pub(super) async fn send(
+    client: &HttpClient,
+    uri: &hyper::Uri,
+    req: &Signed<'_>,
+    timeout: Duration,
+) -> Result<hyper::StatusCode, String> {
     let timestamp = (super::unix_ms() / 1000).to_string();
-    let signature = format!("sha256={}", sign(&shared.key, &timestamp, &q.body));
-    let req = hyper::Request::post(t.uri.clone())
+    let signature = format!("sha256={}", sign(req.key, &timestamp, req.body));
+    let request = hyper::Request::post(uri.clone())
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(
             hyper::header::USER_AGENT,
             concat!("cohost/", env!("CARGO_PKG_VERSION")),
         )
-        .header("x-cohost-event", q.name)
-        .header("x-cohost-event-id", q.id.as_str())
+        .header("x-cohost-event", req.event)
+        .header("x-cohost-event-id", req.id)
         .header(TIMESTAMP_HEADER, timestamp.as_str())
         .header(SIGNATURE_HEADER, signature.as_str())
-        .header("x-cohost-attempt", attempt.to_string())
-        .body(Full::new(q.body.clone()))
+        .header("x-cohost-attempt", req.attempt.to_string())
+        .body(Full::new(req.body.clone()))
         .map_err(|e| format!("building the request: {e}"))?;
     let exchange = async {
-        let resp = shared
-            .client
-            .request(req)
+        let resp = client
+            .request(request)
             .await
             .map_err(|e| format!("request: {}", error_chain(&e)))?;
         let status = resp.status();
@@ -250,12 +273,21 @@ async fn post(shared: &Shared, t: &Target, q: &Queued, attempt: u32) -> Result<(
             .await;
         Ok::<_, String>(status)
     };
-    match tokio::time::timeout(shared.timeout, exchange).await {
-        Err(_) => Err(format!("timed out after {:?}", shared.timeout)),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(s)) if s.is_success() => Ok(()),
-        Ok(Ok(s)) => Err(format!("answered {s}")),
+    match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => Err(format!("timed out after {timeout:?}")),
+        Ok(r) => r,
     }
+}
+
+/// The HTTP client of one purpose (events, authorization): pooled plain-HTTP connections.
+pub(super) fn client(connect_timeout: Duration, idle_per_host: usize) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(idle_per_host)
+        .build(connector)
 }
 
 /// An error and its causes ("client error (Connect): tcp connect error: Connection refused").

@@ -13,6 +13,7 @@
 //! under that room's lock (members, tracks, seats, PK) or after one another in one task
 //! (bridge, push), so that order is the room's own.
 
+pub mod auth;
 mod deliver;
 
 use std::sync::Arc;
