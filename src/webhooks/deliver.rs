@@ -7,7 +7,7 @@
 //! URL are in flight; a worker waiting out a retry delay holds no request slot.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sha2::Sha256;
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Queued, Stats};
 use crate::config::WebhooksConfig;
@@ -73,6 +73,9 @@ struct Target {
     /// Rooms with events waiting for this URL, each in order; the front one is being delivered.
     rooms: Mutex<HashMap<String, VecDeque<Arc<Queued>>>>,
     in_flight: Semaphore,
+    /// The last attempt failed: a backend that is down fails every event of every room, so
+    /// only the change (failing, delivering again) is worth a warning, not each attempt.
+    failing: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -121,6 +124,7 @@ pub(super) fn spawn(
                 shown,
                 rooms: Mutex::new(HashMap::new()),
                 in_flight: Semaphore::new(cfg.concurrency.max(1)),
+                failing: AtomicBool::new(false),
             }))
         })
         .collect();
@@ -186,6 +190,9 @@ async fn deliver(shared: &Shared, t: &Target, q: &Queued) {
         let err = match result {
             Ok(()) => {
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
+                if t.failing.swap(false, Ordering::Relaxed) {
+                    info!(url = %t.shown, "webhook URL takes deliveries again");
+                }
                 debug!(url = %t.shown, room = %q.room, event = q.name, id = %q.id, attempt,
                     "webhook delivered");
                 return;
@@ -194,14 +201,16 @@ async fn deliver(shared: &Shared, t: &Target, q: &Queued) {
         };
         stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
         if attempt == shared.max_attempts {
-            stats.dropped_attempts.fetch_add(1, Ordering::Relaxed);
-            warn!(url = %t.shown, room = %q.room, event = q.name, id = %q.id, attempt,
-                "webhook dropped after {attempt} attempts: {err}");
+            let n = stats.dropped_attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            // The 1st, 2nd, 4th, ... drop: a dead backend drops every event.
+            if n.is_power_of_two() {
+                warn!(url = %t.shown, room = %q.room, event = q.name, id = %q.id, dropped = n,
+                    "webhook dropped after {attempt} attempts: {err}");
+            }
             return;
         }
         let delay = backoff(shared.retry_initial, shared.retry_max, attempt);
-        // The first failure of an event is worth a warning; its retries are not.
-        if attempt == 1 {
+        if !t.failing.swap(true, Ordering::Relaxed) {
             warn!(url = %t.shown, room = %q.room, event = q.name, id = %q.id,
                 "webhook delivery failed, retrying in {delay:?}: {err}");
         } else {

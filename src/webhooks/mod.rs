@@ -403,6 +403,99 @@ mod tests {
         assert_eq!(Event::RoomStarted.name(), "room_started");
     }
 
+    /// `Event::name` (the `X-Cohost-Event` header) is what serde writes as `event`.
+    #[test]
+    fn event_names_match_the_json() {
+        let s = String::new;
+        let all = [
+            Event::RoomStarted,
+            Event::RoomEnded { duration_ms: 1 },
+            Event::ParticipantJoined {
+                participant_id: s(),
+                identity: s(),
+                role: Role::Host,
+            },
+            Event::ParticipantLeft {
+                participant_id: s(),
+                identity: s(),
+                role: Role::Host,
+                reason: LeaveReason::Left,
+                duration_ms: 1,
+            },
+            Event::TrackPublished {
+                participant_id: s(),
+                track_id: s(),
+                kind: Kind::Audio,
+                codec: s(),
+            },
+            Event::TrackUnpublished {
+                participant_id: s(),
+                track_id: s(),
+                kind: Kind::Video,
+            },
+            Event::CohostSeatTaken {
+                participant_id: s(),
+                identity: s(),
+                how: SeatTaken::Joined,
+            },
+            Event::CohostSeatLeft {
+                participant_id: s(),
+                identity: s(),
+                reason: SeatLeft::HostGone,
+            },
+            Event::PkStarted {
+                partner_room: s(),
+                partner_host: s(),
+            },
+            Event::PkEnded { partner_room: s() },
+            Event::BridgeStarted {
+                width: 2,
+                height: 2,
+                fps: 1,
+                destinations: 0,
+            },
+            Event::BridgeStopped {
+                reason: BridgeStop::Failed,
+            },
+            Event::BridgeSwitched {
+                from: "starting",
+                to: "mixing",
+                reason: None,
+            },
+            Event::DestinationConnected { url: s() },
+            Event::DestinationRetrying {
+                url: s(),
+                retries: 1,
+                error: "timeout",
+                detail: s(),
+                retry_in_ms: 1,
+            },
+            Event::DestinationFailed {
+                url: s(),
+                retries: 1,
+                error: "timeout",
+                detail: s(),
+            },
+            Event::IngestStarted {
+                participant_id: s(),
+                identity: s(),
+                role: Role::Cohost,
+                remote_addr: s(),
+            },
+            Event::IngestStopped {
+                participant_id: s(),
+                identity: s(),
+                duration_ms: 1,
+            },
+        ];
+        let mut names = std::collections::HashSet::new();
+        for ev in &all {
+            let v = serde_json::to_value(ev).unwrap();
+            assert_eq!(v["event"], ev.name(), "{v}");
+            assert!(names.insert(ev.name()));
+        }
+    }
+
     #[test]
     fn disabled_handle_does_nothing() {
         let w = Webhooks::default();
