@@ -95,11 +95,13 @@ fn rtmp_context(svc: &Arc<Services>) -> Arc<crate::rtmp::server::RtmpContext> {
     Arc::new(crate::rtmp::server::RtmpContext {
         origin: svc.origin.clone(),
         cfg: svc.cfg.origin.clone(),
+        authorize: svc.authorize.clone(),
         publishers: Arc::new(crate::participant::rtmp::RtmpRooms {
             rooms: svc.rooms.clone(),
             key_secret: svc.cfg.auth.secret.as_bytes().to_vec(),
             cfg: svc.cfg.origin.clone(),
             stream_keys: svc.stream_keys.clone(),
+            authorize: svc.authorize.clone(),
             on_published: Some(Arc::new(on_published)),
         }),
     })
@@ -113,7 +115,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let services = Arc::new(Services {
         cfg: cfg.clone(),
         auth,
-        rooms: Arc::new(Registry::new(cfg.room.clone())),
+        rooms: Arc::new(Registry::with_webhooks(
+            cfg.room.clone(),
+            crate::webhooks::Webhooks::start(&cfg.webhooks),
+        )),
         peers: Arc::new(PeerFactory::new(cfg.webrtc.clone())),
         metrics: Arc::new(Metrics::default()),
         origin: crate::rtmp::origin::Origin::new(),
@@ -121,6 +126,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         whip: Default::default(),
         resumable: Default::default(),
         stream_keys: Arc::new(crate::auth::keys::StreamKeys::new(cfg.origin.key_max_ttl)),
+        authorize: crate::webhooks::auth::Authorizer::from_config(&cfg.webhooks),
         shutdown: shutdown_rx.clone(),
     });
     follow_rooms(&services);
@@ -169,6 +175,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The rooms' last events (participants leaving, rooms ending) within the same budget.
+        svc.rooms.webhooks().flush(deadline).await;
     });
     info!(%addr, ?rtmp_addr, "cohost listening");
     Ok(Server {

@@ -37,6 +37,147 @@ pub struct Config {
     pub bridge: BridgeSettings,
     pub origin: OriginConfig,
     pub whip: WhipConfig,
+    pub webhooks: WebhooksConfig,
+}
+
+/// Webhooks: the server POSTs signed JSON events (room, participant, track, seat, PK, bridge,
+/// CDN destination, RTMP ingest) to the operator's backend; see `src/webhooks/` and the
+/// "Webhooks" section of docs/api.md.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// `http://` URLs every event is POSTed to. Empty: webhooks are off.
+    pub urls: Vec<String>,
+    /// HMAC-SHA256 key of the `X-Cohost-Signature` header; at least 16 bytes when `urls` is
+    /// set. Never logged (the `Debug` form redacts it).
+    pub key: String,
+    /// Longest one delivery attempt may take (connect, request, response head); longer counts
+    /// as a failed attempt.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Events waiting for delivery, all URLs and rooms together; when full, new events are
+    /// dropped and counted (`cohost_webhooks_dropped_total{reason="queue_full"}`).
+    pub queue: usize,
+    /// Attempts per event and URL (the first one included); then the event is dropped for
+    /// that URL and counted (`reason="attempts_exhausted"`).
+    pub max_attempts: u32,
+    /// Delay before the first retry, doubling up to `retry_max`.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_max: Duration,
+    /// Requests in flight at once per URL (each to a different room: one room's events go
+    /// one at a time, in order).
+    pub concurrency: usize,
+    /// Authorization callbacks (SRS-style): an `http://` URL asked before an RTMP ingest
+    /// (`on_publish`) or an origin player (`on_play`: RTMP play, HTTP-FLV) is admitted; a
+    /// non-2xx answer refuses it. Empty: not asked. Signed like the events.
+    pub on_publish: String,
+    pub on_play: String,
+    /// Longest wait for an authorization answer (the client waits meanwhile).
+    #[serde(with = "humantime_serde_compat")]
+    pub auth_timeout: Duration,
+    /// When the authorization backend cannot be asked (connection error, timeout): admit
+    /// (`true`, fail open) or refuse (`false`, fail closed). A non-2xx answer always refuses.
+    pub auth_fail_open: bool,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec![],
+            key: String::new(),
+            timeout: Duration::from_secs(5),
+            queue: 10_000,
+            max_attempts: 6,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            concurrency: 8,
+            on_publish: String::new(),
+            on_play: String::new(),
+            auth_timeout: Duration::from_secs(3),
+            auth_fail_open: false,
+        }
+    }
+}
+
+/// The key stays out of logs and panic messages.
+impl std::fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("urls", &self.urls)
+            .field(
+                "key",
+                &if self.key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("timeout", &self.timeout)
+            .field("queue", &self.queue)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry_initial", &self.retry_initial)
+            .field("retry_max", &self.retry_max)
+            .field("concurrency", &self.concurrency)
+            .field("on_publish", &self.on_publish)
+            .field("on_play", &self.on_play)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("auth_fail_open", &self.auth_fail_open)
+            .finish()
+    }
+}
+
+impl WebhooksConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let callbacks: Vec<&String> = [&self.on_publish, &self.on_play]
+            .into_iter()
+            .filter(|u| !u.is_empty())
+            .collect();
+        if self.urls.is_empty() && callbacks.is_empty() {
+            return Ok(());
+        }
+        if self.key.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "webhooks.key must be at least 16 bytes when webhooks.urls, on_publish or \
+                 on_play is set"
+                    .into(),
+            ));
+        }
+        if self.auth_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "webhooks.auth_timeout must be > 0".into(),
+            ));
+        }
+        for u in self.urls.iter().chain(callbacks) {
+            // Plain HTTP only for now (no TLS client in the server); see docs/api.md.
+            let ok = u
+                .strip_prefix("http://")
+                .and_then(|rest| rest.split(['/', '?']).next())
+                .is_some_and(|authority| !authority.is_empty())
+                && u.parse::<hyper::Uri>().is_ok();
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "webhooks.urls, on_publish, on_play: {u:?} is not an http:// URL (https is \
+                     not supported yet: use a TLS-terminating proxy next to the server)"
+                )));
+            }
+        }
+        if self.timeout.is_zero()
+            || self.queue == 0
+            || self.max_attempts == 0
+            || self.concurrency == 0
+            || self.retry_initial.is_zero()
+            || self.retry_max < self.retry_initial
+        {
+            return Err(ConfigError::Invalid(
+                "webhooks.timeout, queue, max_attempts, concurrency and retry_initial must be > 0, \
+                 and webhooks.retry_max at least webhooks.retry_initial"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// WHIP publishing and WHEP playback sessions (`POST /whip/...`, `POST /whep/...`). A WHEP
@@ -940,6 +1081,7 @@ impl Config {
                 o.rtmp_max_message_bytes
             )));
         }
+        self.webhooks.validate()?;
         for ip in &w.public_ips {
             if ip.parse::<IpAddr>().is_err() {
                 return Err(ConfigError::Invalid(format!(

@@ -13,3 +13,4 @@ pub mod room;
 pub mod rtmp;
 pub mod sfu;
 pub mod signaling;
+pub mod webhooks;

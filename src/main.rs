@@ -200,6 +200,9 @@ fn main() -> std::process::ExitCode {
             if !shown.origin.sign_secret.is_empty() {
                 shown.origin.sign_secret = "<redacted>".into();
             }
+            if !shown.webhooks.key.is_empty() {
+                shown.webhooks.key = "<redacted>".into();
+            }
             match toml::to_string_pretty(&shown) {
                 Ok(s) => {
                     println!("{s}");

@@ -11,6 +11,7 @@ use crate::peer::noise;
 use crate::room::Registry;
 use crate::sfu::TOTALS;
 use crate::signaling::protocol::Kind;
+use crate::webhooks::Webhooks;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -41,6 +42,29 @@ pub struct Metrics {
 
 fn g(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
+}
+
+/// `cohost_webhooks_*` (all zero while webhooks are off).
+fn render_webhooks(out: &mut String, w: &Webhooks) {
+    let s = w.stats();
+    let _ = writeln!(
+        out,
+        "# HELP cohost_webhooks_queued Webhook events waiting for delivery (webhooks.queue at most).\n\
+         # TYPE cohost_webhooks_queued gauge\ncohost_webhooks_queued {}\n\
+         # HELP cohost_webhooks_delivered_total Webhook deliveries answered 2xx (one per event and URL).\n\
+         # TYPE cohost_webhooks_delivered_total counter\ncohost_webhooks_delivered_total {}\n\
+         # HELP cohost_webhooks_failed_total Webhook delivery attempts that failed (non-2xx, connection error, timeout); retried until webhooks.max_attempts.\n\
+         # TYPE cohost_webhooks_failed_total counter\ncohost_webhooks_failed_total {}\n\
+         # HELP cohost_webhooks_dropped_total Webhook events dropped: queue_full (not queued), attempts_exhausted (given up for one URL).\n\
+         # TYPE cohost_webhooks_dropped_total counter\n\
+         cohost_webhooks_dropped_total{{reason=\"queue_full\"}} {}\n\
+         cohost_webhooks_dropped_total{{reason=\"attempts_exhausted\"}} {}",
+        w.queued(),
+        g(&s.delivered),
+        g(&s.failed_attempts),
+        g(&s.dropped_queue_full),
+        g(&s.dropped_attempts),
+    );
 }
 
 impl Metrics {
@@ -332,6 +356,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
+        render_webhooks(&mut out, rooms.webhooks());
         out
     }
 }

@@ -48,3 +48,35 @@ fn non_loopback_with_dev_secret_refuses_to_start() {
     .unwrap();
     assert!(cohost::app::check_secret(&cfg).is_ok());
 }
+
+#[test]
+fn webhooks_need_a_key_and_http_urls_and_never_show_the_key() {
+    let err = Config::from_toml_str("[webhooks]\nurls = [\"http://127.0.0.1:9/h\"]\n")
+        .expect_err("no key")
+        .to_string();
+    assert!(err.contains("webhooks.key"), "{err}");
+    let err = Config::from_toml_str(
+        "[webhooks]\nurls = [\"https://example.com/h\"]\nkey = \"0123456789abcdef\"\n",
+    )
+    .expect_err("https")
+    .to_string();
+    assert!(err.contains("webhooks.urls"), "{err}");
+    let err =
+        Config::from_toml_str("[webhooks]\nurls = [\"http://\"]\nkey = \"0123456789abcdef\"\n")
+            .expect_err("no host")
+            .to_string();
+    assert!(err.contains("webhooks.urls"), "{err}");
+    let err = Config::from_toml_str(
+        "[webhooks]\nurls = [\"http://h/x\"]\nkey = \"0123456789abcdef\"\nmax_attempts = 0\n",
+    )
+    .expect_err("no attempts")
+    .to_string();
+    assert!(err.contains("max_attempts"), "{err}");
+    let cfg = Config::from_toml_str(
+        "[webhooks]\nurls = [\"http://backend:8000/x?token=t\"]\nkey = \"a-secret-key-of-16+\"\n",
+    )
+    .expect("valid");
+    let shown = format!("{cfg:?}");
+    assert!(!shown.contains("a-secret-key-of-16+"), "{shown}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+}

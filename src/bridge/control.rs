@@ -18,6 +18,7 @@ use crate::room::{Lifecycle, Registry, Room};
 use crate::rtmp::origin::Origin;
 use crate::rtmp::policy::{DestinationPolicy, Guard};
 use crate::rtmp::push::{self, Backoff, Destination, Push, PushOptions};
+use crate::webhooks::{BridgeStop, Event};
 
 /// A room's bridge and its CDN destinations.
 pub struct BridgeHandle {
@@ -130,6 +131,7 @@ fn start_push(svc: &Bridges<'_>, room: &str, dest: &Destination) -> Result<Push,
         backoff,
         guard: svc.guard(),
         stall_timeout: d.stall_timeout,
+        webhooks: svc.rooms.webhooks().clone(),
     };
     push::start_destination(svc.origin.clone(), room, dest, opts)
         .map_err(ControlError::BadDestination)
@@ -180,13 +182,29 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
     }
     // Check every destination before starting anything.
     svc.check_destinations(&req.destinations)?;
+    let (width, height, fps) = (cfg.width, cfg.height, cfg.fps);
     let bridge =
         Bridge::start(r.clone(), svc.origin.clone(), cfg).map_err(ControlError::BadRequest)?;
     bridge.set_layout(req.layout);
+    // Before any destination can report connecting (their tasks start in the loop below).
+    r.hook(Event::BridgeStarted {
+        width,
+        height,
+        fps,
+        destinations: urls.len(),
+    });
     let mut destinations = vec![];
     for d in &req.destinations {
         if !destinations.iter().any(|(u, _)| u == d.url()) {
-            destinations.push((d.url().to_string(), start_push(svc, room, d)?));
+            match start_push(svc, room, d) {
+                Ok(p) => destinations.push((d.url().to_string(), p)),
+                Err(e) => {
+                    r.hook(Event::BridgeStopped {
+                        reason: BridgeStop::Failed,
+                    });
+                    return Err(e);
+                }
+            }
         }
     }
     svc.running.insert(
@@ -202,7 +220,11 @@ pub fn start(svc: &Bridges<'_>, room: &str, req: BridgeRequest) -> Result<(), Co
     // The room may have ended while the bridge started: its end was announced before this
     // bridge was in `running`, so nobody else would stop it.
     if r.is_closed() {
-        svc.running.remove_if(room, |_, h| h.serves(&r));
+        if svc.running.remove_if(room, |_, h| h.serves(&r)).is_some() {
+            r.hook(Event::BridgeStopped {
+                reason: BridgeStop::RoomEnded,
+            });
+        }
         return Err(ControlError::NoRoom);
     }
     Ok(())
@@ -249,6 +271,12 @@ pub fn follow_room(
     {
         // The room's registry ends it right after a host-gone announcement if it is empty.
         room.mark_live(false);
+        room.hook(Event::BridgeStopped {
+            reason: match change {
+                Lifecycle::Ended => BridgeStop::RoomEnded,
+                Lifecycle::HostGone => BridgeStop::HostGone,
+            },
+        });
         match change {
             Lifecycle::Ended => tracing::info!(room = %room.name, "room ended; bridge stopped"),
             Lifecycle::HostGone => tracing::info!(room = %room.name,
@@ -305,6 +333,9 @@ pub fn update_destinations(
 pub fn stop(svc: &Bridges<'_>, room: &str) -> Result<(), ControlError> {
     let (_, handle) = svc.running.remove(room).ok_or(ControlError::NotRunning)?;
     if let Some(r) = handle.room.upgrade() {
+        r.hook(Event::BridgeStopped {
+            reason: BridgeStop::Requested,
+        });
         svc.rooms.set_live(&r, false);
     }
     Ok(())

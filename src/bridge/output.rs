@@ -487,6 +487,7 @@ impl Output {
         };
         self.switcher = Some(Switcher::new(path, reason, gop, max_gop));
         self.sets = sets;
+        self.hook_path("starting", path, reason);
         info!(
             room = %self.room.name,
             width = self.width,
@@ -586,7 +587,9 @@ impl Output {
             slot.decode.store(tick.decode_source, Ordering::Relaxed);
         }
         if tick.switched {
-            info!(room = %self.room.name, reason = switcher.reason().map(Reason::as_str), "bridge output: passthrough -> mixing");
+            let reason = switcher.reason();
+            info!(room = %self.room.name, reason = reason.map(Reason::as_str), "bridge output: passthrough -> mixing");
+            self.hook_path("passthrough", Path::Mixing, reason);
             if let Some(v) = self.video.as_mut() {
                 v.force_keyframe();
             }
@@ -629,6 +632,7 @@ impl Output {
             let (emit, switched) = switcher.unit(au.keyframe, passable, now);
             if switched {
                 info!(room = %self.room.name, "bridge output: mixing -> passthrough");
+                self.hook_path("mixing", Path::Passthrough, None);
             }
             if emit {
                 self.need_idr = false;
@@ -655,6 +659,19 @@ impl Output {
         if request && let Some(t) = track {
             t.request_keyframe();
         }
+    }
+
+    /// Tell the operator's backend the output's path changed (`from`: the path before, or
+    /// `starting` for the path the stream starts on).
+    fn hook_path(&self, from: &'static str, to: Path, reason: Option<Reason>) {
+        self.room.hook(crate::webhooks::Event::BridgeSwitched {
+            from,
+            to: match to {
+                Path::Passthrough => "passthrough",
+                Path::Mixing => "mixing",
+            },
+            reason: reason.map(Reason::as_str),
+        });
     }
 
     fn path(&self) -> Path {

@@ -113,6 +113,19 @@ pub(super) async fn http_flv(
     if let Err(r) = ingest::check_play(&svc, name, uri.query()) {
         return *r;
     }
+    // `webhooks.on_play`: the operator's backend may refuse this player.
+    if let Some(a) = &svc.authorize {
+        let req = crate::webhooks::auth::Request {
+            room: name,
+            protocol: "http-flv",
+            client_addr: None,
+            identity: None,
+            role: None,
+        };
+        if let Err(e) = a.allow(crate::webhooks::auth::Action::Play, &req).await {
+            return api_error(StatusCode::FORBIDDEN, "play_refused", &e);
+        }
+    }
     let Some(slot) = players.try_acquire(name) else {
         tracing::info!(stream = %name, "HTTP-FLV player refused: server.max_flv_players(_per_stream) reached");
         let mut r = api_error(

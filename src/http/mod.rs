@@ -561,9 +561,11 @@ async fn bridge_stop(
         Ok((_, r)) => r,
         Err(r) => return *r,
     };
-    match svc.bridges.remove(&room) {
-        Some(_) => StatusCode::NO_CONTENT.into_response(),
-        None => api_error(
+    // Through bridge control like the host's `stop_bridge`: the room is not live any more
+    // (an empty room kept for its host ends now) and `bridge_stopped` is reported.
+    match crate::bridge::control::stop(&svc.bridge_ctl(None), &room) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(_) => api_error(
             StatusCode::NOT_FOUND,
             "not_found",
             "no bridge for this room",

@@ -57,6 +57,8 @@ pub struct Services {
     pub resumable: resume::Resumable,
     /// Stream-key lifetime cap and per-room revocations (RTMP ingest verifies keys here).
     pub stream_keys: Arc<crate::auth::keys::StreamKeys>,
+    /// `webhooks.on_publish` / `on_play` callbacks, when configured.
+    pub authorize: Option<Arc<crate::webhooks::auth::Authorizer>>,
     pub shutdown: watch::Receiver<bool>,
 }
 

@@ -26,6 +26,7 @@ use crate::rtmp::ingest::{AudioIngest, H264_FMTP, IngestError, VideoIngest, ntp_
 use crate::rtmp::server::{Ingest, Publishers, check_signature};
 use crate::sfu::{CodecSpec, TrackRouter};
 use crate::signaling::protocol::{Kind, LeaveReason};
+use crate::webhooks::Event;
 
 /// Malformed tags in a row after which a publisher is disconnected.
 const MAX_BAD_TAGS: u32 = 50;
@@ -41,19 +42,39 @@ pub struct RtmpRooms {
     pub cfg: OriginConfig,
     /// Lifetime cap and revocations of stream keys (shared with the REST API that revokes).
     pub stream_keys: Arc<StreamKeys>,
+    /// `webhooks.on_publish`: asked once the stream key is verified, before joining the room.
+    pub authorize: Option<Arc<crate::webhooks::auth::Authorizer>>,
     /// Called when an RTMP publisher's first track is published (room, role): the server
     /// starts the room's bridge when `bridge.auto_start` says so.
     pub on_published: Option<OnPublished>,
 }
 
 impl Publishers for RtmpRooms {
-    fn publish(
-        &self,
-        stream_key: &str,
-        app_query: &str,
+    fn publish<'a>(
+        &'a self,
+        stream_key: &'a str,
+        app_query: &'a str,
         peer: SocketAddr,
-    ) -> Result<Box<dyn Ingest>, String> {
-        publish_request(self, stream_key, app_query, peer).map(|i| Box::new(i) as Box<dyn Ingest>)
+    ) -> crate::rtmp::server::Admission<'a> {
+        Box::pin(async move {
+            let grant = verify_key(self, stream_key, app_query, peer)?;
+            if let Some(a) = &self.authorize {
+                let req = crate::webhooks::auth::Request {
+                    room: &grant.room,
+                    protocol: "rtmp",
+                    client_addr: Some(peer.to_string()),
+                    identity: Some(&grant.identity),
+                    role: Some(grant.role),
+                };
+                a.allow(crate::webhooks::auth::Action::Publish, &req)
+                    .await
+                    .map_err(|e| {
+                        warn!(%peer, room = %grant.room, "rtmp publish refused: {e}");
+                        format!("publish refused: {e}")
+                    })?;
+            }
+            admit(self, grant, peer).map(|i| Box::new(i) as Box<dyn Ingest>)
+        })
     }
 }
 
@@ -79,11 +100,21 @@ struct RoomIngest {
     closing: bool,
     /// Track bitrates (no connection statistics: RTMP has none to give).
     stats: StatsRefresher,
+    /// When it was admitted (`ingest_started` sent), for `ingest_stopped`.
+    started: Option<std::time::Instant>,
 }
 
 impl Drop for RoomIngest {
     fn drop(&mut self) {
         info!(room = %self.room.name, participant = %self.pid, "rtmp publisher left");
+        // Before the leave, so the backend hears the ingest ended before the member left.
+        if let Some(started) = self.started {
+            self.room.hook(Event::IngestStopped {
+                participant_id: self.pid.clone(),
+                identity: self.grant.identity.clone(),
+                duration_ms: crate::webhooks::ms_since(started),
+            });
+        }
         self.rooms.leave(&self.room, &self.pid, LeaveReason::Left);
     }
 }
@@ -277,12 +308,13 @@ impl RoomIngest {
     }
 }
 
-fn publish_request(
+/// Check the publish URL's signature and the stream key: what the key grants.
+fn verify_key(
     ctx: &RtmpRooms,
     stream_key: &str,
     app_query: &str,
     peer: SocketAddr,
-) -> Result<RoomIngest, String> {
+) -> Result<StreamGrant, String> {
     if !ctx.cfg.ingest {
         return Err("RTMP ingest is disabled on this server (origin.ingest)".into());
     }
@@ -302,6 +334,11 @@ fn publish_request(
             warn!(%peer, key = %logged, "rtmp publish refused: stream key: {e}");
             format!("invalid stream key: {e} ({})", e.code())
         })?;
+    Ok(grant)
+}
+
+/// Join the key's room and become a publisher there.
+fn admit(ctx: &RtmpRooms, grant: StreamGrant, peer: SocketAddr) -> Result<RoomIngest, String> {
     let (tx, events) = crate::room::event_channel();
     let (room, snap) = ctx
         .rooms
@@ -311,7 +348,7 @@ fn publish_request(
             format!("cannot join room {}: {e}", grant.room)
         })?;
     let pid = snap.participant.id.clone();
-    let ingest = RoomIngest {
+    let mut ingest = RoomIngest {
         rooms: ctx.rooms.clone(),
         room,
         pid,
@@ -329,12 +366,21 @@ fn publish_request(
         on_published: ctx.on_published.clone(),
         closing: false,
         stats: StatsRefresher::default(),
+        started: None,
     };
-    // Dropping `ingest` on refusal leaves the room again.
+    // Dropping `ingest` on refusal leaves the room again (a refused publisher's
+    // `participant_joined` is followed by its `participant_left`, with no ingest events).
     ingest.room.check_publish(&ingest.pid, false).map_err(|e| {
         warn!(%peer, room = %ingest.room.name, "rtmp publish refused: {e}");
         format!("may not publish: {e}")
     })?;
+    ingest.started = Some(std::time::Instant::now());
+    ingest.room.hook(Event::IngestStarted {
+        participant_id: ingest.pid.clone(),
+        identity: grant.identity.clone(),
+        role: grant.role,
+        remote_addr: peer.to_string(),
+    });
     info!(%peer, room = %ingest.room.name, identity = %grant.identity, participant = %ingest.pid,
         "rtmp publisher joined");
     Ok(ingest)

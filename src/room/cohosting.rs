@@ -15,6 +15,14 @@ use super::{
 };
 use crate::auth::Role;
 use crate::signaling::protocol::Kind;
+use crate::webhooks::{Event, SeatLeft, SeatTaken};
+
+/// Why a role changes, for the webhook it makes.
+#[derive(Debug, Clone, Copy)]
+enum Seat {
+    Taken(SeatTaken),
+    Left(SeatLeft),
+}
 
 /// Who asks: a member of the room, or an operator (admin token, possibly not a member).
 #[derive(Debug, Clone, Copy)]
@@ -171,12 +179,25 @@ impl Room {
     }
 
     /// Change a member's role and tell everyone; a co-host losing the seat loses its tracks.
-    fn set_role(&self, st: &mut State, pid: &str, role: Role) {
+    fn set_role(&self, st: &mut State, pid: &str, role: Role, why: Seat) {
         let Some(m) = Self::find(st, pid) else {
             return;
         };
         let was = m.role;
         m.role = role;
+        let event = match why {
+            Seat::Taken(how) => Event::CohostSeatTaken {
+                participant_id: pid.to_string(),
+                identity: m.identity.clone(),
+                how,
+            },
+            Seat::Left(reason) => Event::CohostSeatLeft {
+                participant_id: pid.to_string(),
+                identity: m.identity.clone(),
+                reason,
+            },
+        };
+        self.hook(event);
         // Taking a seat makes an audience member a real-time participant (seats are few, so
         // this never passes `room.max_participants` by much).
         let promoted = role.may_publish() && !was.may_publish();
@@ -194,6 +215,7 @@ impl Room {
         for t in tracks {
             if let Some(r) = st.tracks.remove(&t) {
                 r.close();
+                self.hook_unpublished(pid, &r);
                 Self::broadcast(
                     st,
                     pid,
@@ -316,7 +338,7 @@ impl Room {
             // The answer first, then the role change (clients see them in that order).
             self.check_seat(&st)?;
             Self::end_request(&mut st, pid, Outcome::Approved);
-            self.set_role(&mut st, pid, Role::Cohost);
+            self.set_role(&mut st, pid, Role::Cohost, Seat::Taken(SeatTaken::Approved));
         } else {
             Self::end_request(&mut st, pid, Outcome::Denied);
         }
@@ -358,7 +380,7 @@ impl Room {
         if accept {
             self.check_seat(&st)?;
             Self::end_invite(&mut st, pid, Outcome::Approved);
-            self.set_role(&mut st, pid, Role::Cohost);
+            self.set_role(&mut st, pid, Role::Cohost, Seat::Taken(SeatTaken::Invited));
         } else {
             Self::end_invite(&mut st, pid, Outcome::Denied);
         }
@@ -375,7 +397,12 @@ impl Room {
         if m.role != Role::Cohost {
             return Err(RoomError::WrongRole("not a co-host"));
         }
-        self.set_role(&mut st, pid, Role::Audience);
+        let why = if actor.pid == Some(pid) {
+            SeatLeft::Returned
+        } else {
+            SeatLeft::Removed
+        };
+        self.set_role(&mut st, pid, Role::Audience, Seat::Left(why));
         Ok(())
     }
 
@@ -691,7 +718,12 @@ impl Room {
                 "the host did not come back; co-hosting ended"
             };
             for pid in seated {
-                self.set_role(&mut st, &pid, Role::Audience);
+                self.set_role(
+                    &mut st,
+                    &pid,
+                    Role::Audience,
+                    Seat::Left(SeatLeft::HostGone),
+                );
             }
             self.notice(&mut st, text.into());
             return (true, pk_expired);
@@ -983,6 +1015,10 @@ impl Registry {
         for (here, there) in [(a, b), (b, a)] {
             if let Some(host) = there.host_sender() {
                 let mut st = here.lock();
+                here.hook(Event::PkStarted {
+                    partner_room: there.name.clone(),
+                    partner_host: host.identity.clone(),
+                });
                 Room::to_all(
                     &st,
                     &ServerMessage::PkStarted {
@@ -1015,6 +1051,9 @@ impl Registry {
                 here.remove_foreign(&id);
             }
             let mut st = here.lock();
+            here.hook(Event::PkEnded {
+                partner_room: there.name.clone(),
+            });
             Room::to_all(
                 &st,
                 &ServerMessage::PkEnded {

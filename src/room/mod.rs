@@ -22,6 +22,7 @@ use crate::signaling::protocol::{
     Counts, ErrorCode, LeaveReason, MessageBody, Outcome, ParticipantInfo, RoomMessage, Sender,
     ServerMessage, TrackInfo,
 };
+use crate::webhooks::{Event, SeatLeft, SeatTaken, Webhooks};
 use feed::FeedTx;
 pub use feed::{FEED_CAPACITY, Feed, FeedItem};
 
@@ -277,6 +278,9 @@ pub struct Room {
     state: Mutex<State>,
     /// The id of the newest message (for long-polling viewers).
     messages_tx: tokio::sync::watch::Sender<u64>,
+    /// Where this room's facts go for the operator's backend. Emitted under the room's lock
+    /// where the fact is decided, so they are queued in the room's own order.
+    hooks: Webhooks,
 }
 
 /// The state a new member starts from.
@@ -299,6 +303,42 @@ fn track_info(r: &TrackRouter) -> TrackInfo {
 }
 
 impl Room {
+    /// The webhook handle (bridges and pushes of this room report through it too).
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.hooks
+    }
+
+    /// Tell the operator's backend (never waits; see [`Webhooks::emit`]).
+    pub(crate) fn hook(&self, event: Event) {
+        self.hooks.emit(&self.name, event);
+    }
+
+    fn hook_unpublished(&self, pid: &str, router: &TrackRouter) {
+        self.hook(Event::TrackUnpublished {
+            participant_id: pid.to_string(),
+            track_id: router.id.clone(),
+            kind: router.kind,
+        });
+    }
+
+    /// A member is gone from the room: its seat (if any), then the member.
+    fn hook_left(&self, pid: &str, m: &Member, reason: LeaveReason) {
+        if m.role == Role::Cohost {
+            self.hook(Event::CohostSeatLeft {
+                participant_id: pid.to_string(),
+                identity: m.identity.clone(),
+                reason: SeatLeft::LeftRoom,
+            });
+        }
+        self.hook(Event::ParticipantLeft {
+            participant_id: pid.to_string(),
+            identity: m.identity.clone(),
+            role: m.role,
+            reason,
+            duration_ms: crate::webhooks::ms_since(m.joined_at),
+        });
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         match self.state.lock() {
             Ok(g) => g,
@@ -510,6 +550,12 @@ impl Room {
         m.tracks.push(router.id.clone());
         let host = m.role == Role::Host;
         let info = track_info(&router);
+        self.hook(Event::TrackPublished {
+            participant_id: pid.to_string(),
+            track_id: router.id.clone(),
+            kind: router.kind,
+            codec: router.codec.mime_type.clone(),
+        });
         st.tracks.insert(router.id.clone(), router.clone());
         Self::broadcast(
             &st,
@@ -533,6 +579,7 @@ impl Room {
         m.tracks.retain(|t| t != track_id);
         if let Some(r) = st.tracks.remove(track_id) {
             r.close();
+            self.hook_unpublished(pid, &r);
             Self::broadcast(
                 &st,
                 pid,
@@ -666,6 +713,8 @@ pub struct Registry {
     rooms: DashMap<String, Arc<Room>>,
     /// Who follows the rooms' lives (set once at start-up).
     hooks: RwLock<Vec<LifecycleHook>>,
+    /// Handed to every room (see [`Room::webhooks`]).
+    webhooks: Webhooks,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -682,11 +731,21 @@ pub fn new_track_id() -> String {
 
 impl Registry {
     pub fn new(cfg: RoomConfig) -> Self {
+        Self::with_webhooks(cfg, Webhooks::default())
+    }
+
+    /// Rooms that report to the operator's backend through `webhooks`.
+    pub fn with_webhooks(cfg: RoomConfig, webhooks: Webhooks) -> Self {
         Self {
             cfg,
             rooms: DashMap::new(),
             hooks: RwLock::new(Vec::new()),
+            webhooks,
         }
+    }
+
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
     }
 
     /// Follow every room's [`Lifecycle`]: `hook` is called when a room ends or its host is gone
@@ -747,6 +806,7 @@ impl Registry {
                             ..State::default()
                         }),
                         messages_tx: tokio::sync::watch::channel(0).0,
+                        hooks: self.webhooks.clone(),
                     })
                 })
                 .clone();
@@ -793,6 +853,7 @@ impl Registry {
                     for t in &m.tracks {
                         if let Some(router) = st.tracks.remove(t) {
                             router.close();
+                            r.hook_unpublished(&ghost_id, &router);
                             Room::broadcast(
                                 &st,
                                 &ghost_id,
@@ -812,6 +873,7 @@ impl Registry {
                             reason: LeaveReason::Replaced,
                         },
                     );
+                    r.hook_left(&ghost_id, &m, LeaveReason::Replaced);
                 }
             }
             let seats_full =
@@ -848,6 +910,22 @@ impl Registry {
                 sent: VecDeque::new(),
             };
             let info = Room::info_of(&st, &pid, &member);
+            // The room's first member ever (a room instance is never reused).
+            if st.next_seq == 0 {
+                r.hook(Event::RoomStarted);
+            }
+            r.hook(Event::ParticipantJoined {
+                participant_id: pid.clone(),
+                identity: identity.to_string(),
+                role,
+            });
+            if role == Role::Cohost {
+                r.hook(Event::CohostSeatTaken {
+                    participant_id: pid.clone(),
+                    identity: identity.to_string(),
+                    how: SeatTaken::Joined,
+                });
+            }
             let (others, tracks) = Room::view_of(&st, &pid, media);
             // Under the lock: nothing posted after this join is missed.
             let feed = st.feed.subscribe();
@@ -896,6 +974,7 @@ impl Registry {
             for t in &m.tracks {
                 if let Some(router) = st.tracks.remove(t) {
                     router.close();
+                    room.hook_unpublished(pid, &router);
                     Room::broadcast(
                         &st,
                         pid,
@@ -918,6 +997,7 @@ impl Registry {
             );
             tracing::info!(room = %room.name, participant = pid, identity = %m.identity,
                 ?reason, secs = m.joined_at.elapsed().as_secs(), "left");
+            room.hook_left(pid, &m, reason);
             let sender = Sender {
                 participant_id: pid.to_string(),
                 identity: m.identity.clone(),
@@ -954,6 +1034,9 @@ impl Registry {
         self.rooms
             .remove_if(&room.name, |_, v| Arc::ptr_eq(v, room) && v.is_closed());
         if ended {
+            room.hook(Event::RoomEnded {
+                duration_ms: crate::webhooks::ms_since(room.created),
+            });
             self.announce(room, Lifecycle::Ended);
         }
     }

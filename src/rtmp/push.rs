@@ -25,6 +25,7 @@ use super::origin::Origin;
 use super::policy::{Guard, PolicyError};
 pub use crate::config::{CdnSigning, Destination};
 use crate::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
+use crate::webhooks::Event;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -230,6 +231,8 @@ pub struct PushOptions {
     pub backoff: Backoff,
     pub guard: Guard,
     pub stall_timeout: Duration,
+    /// Where connected / retrying / failed go (about the room the stream is named after).
+    pub webhooks: crate::webhooks::Webhooks,
 }
 
 impl Default for PushOptions {
@@ -238,6 +241,7 @@ impl Default for PushOptions {
             backoff: Backoff::default(),
             guard: Guard::Trusted,
             stall_timeout: Duration::from_secs(5),
+            webhooks: Default::default(),
         }
     }
 }
@@ -403,7 +407,20 @@ pub fn start_destination(
             // The full error only here and for admins; see PushError.
             warn!(url = %target.redacted(), code = err.code(), "push interrupted: {err}");
             let stalled = matches!(err, PushError::Stalled(_));
+            let retries = match st.lock() {
+                Ok(s) => s.retries,
+                Err(p) => p.into_inner().retries,
+            };
             if backoff.max_retries.is_some_and(|m| attempt >= m) {
+                opts.webhooks.emit(
+                    &stream,
+                    Event::DestinationFailed {
+                        url: target.redacted(),
+                        retries,
+                        error: err.code(),
+                        detail: err.to_string(),
+                    },
+                );
                 update(&st, |s| {
                     s.state = PushState::Failed;
                     s.last_error = Some(err.code().into());
@@ -422,6 +439,16 @@ pub fn start_destination(
                 s.connected_since = None;
             });
             let delay = backoff.delay(attempt);
+            opts.webhooks.emit(
+                &stream,
+                Event::DestinationRetrying {
+                    url: target.redacted(),
+                    retries: retries + 1,
+                    error: err.code(),
+                    detail: err.to_string(),
+                    retry_in_ms: delay.as_millis().min(u128::from(u64::MAX)) as u64,
+                },
+            );
             attempt += 1;
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -614,6 +641,12 @@ async fn run_once(
     })
     .await?;
     info!(url = %target.redacted(), stream, "push connected");
+    opts.webhooks.emit(
+        stream,
+        Event::DestinationConnected {
+            url: target.redacted(),
+        },
+    );
     let now = unix_now();
     update(status, |s| {
         s.state = PushState::Connected;

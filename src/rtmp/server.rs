@@ -52,22 +52,28 @@ pub trait Ingest: Send {
     fn ended(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
-/// Admits RTMP publishers (checks the stream key and makes them participants).
+/// What admitting a publisher resolves to.
+pub type Admission<'a> = Pin<Box<dyn Future<Output = Result<Box<dyn Ingest>, String>> + Send + 'a>>;
+
+/// Admits RTMP publishers (checks the stream key and makes them participants). Async: the
+/// operator's `on_publish` callback may be asked first.
 pub trait Publishers: Send + Sync {
     /// `stream_key` as the client sent it (with any `?query`); `app_query` the connect app's
     /// name with its query. `Err` is the description sent with `NetStream.Publish.Denied`.
-    fn publish(
-        &self,
-        stream_key: &str,
-        app_query: &str,
+    fn publish<'a>(
+        &'a self,
+        stream_key: &'a str,
+        app_query: &'a str,
         peer: SocketAddr,
-    ) -> Result<Box<dyn Ingest>, String>;
+    ) -> Admission<'a>;
 }
 
 /// What the RTMP server needs from the rest of the server.
 pub struct RtmpContext {
     pub origin: Arc<Origin>,
     pub cfg: OriginConfig,
+    /// `webhooks.on_play`: asked before a player is admitted.
+    pub authorize: Option<Arc<crate::webhooks::auth::Authorizer>>,
     /// Where publishers go.
     pub publishers: Arc<dyn Publishers>,
 }
@@ -421,6 +427,21 @@ async fn on_event(
                     )
                     .map_err(ConnError::from);
             }
+            if let Some(a) = &ctx.authorize {
+                let req = crate::webhooks::auth::Request {
+                    room: name,
+                    protocol: "rtmp",
+                    client_addr: Some(peer.to_string()),
+                    identity: None,
+                    role: None,
+                };
+                if let Err(e) = a.allow(crate::webhooks::auth::Action::Play, &req).await {
+                    warn!(%peer, stream = %name, "rtmp play refused: {e}");
+                    return session
+                        .reject_request(request_id, "NetStream.Play.Failed", &e)
+                        .map_err(ConnError::from);
+                }
+            }
             match ctx.origin.play(name) {
                 Ok(p) => {
                     info!(%peer, stream = %name, "rtmp play");
@@ -463,7 +484,11 @@ async fn on_event(
                     )
                     .map_err(ConnError::from);
             }
-            match ctx.publishers.publish(&stream_key, &conn.app_query, peer) {
+            let admitted = ctx
+                .publishers
+                .publish(&stream_key, &conn.app_query, peer)
+                .await;
+            match admitted {
                 Ok(ingest) => {
                     conn.ingest = Some(ingest);
                     session.accept_request(request_id)?
