@@ -21,7 +21,10 @@ use rtc::rtp_transceiver::rtp_sender::{
 use serde_json::{Value, json};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
-use webrtc::peer_connection::RTCSessionDescription;
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCSessionDescription, SettingEngineBuilder,
+};
 
 const RIDS: [&str; 3] = ["q", "h", "f"];
 /// Picture size per layer, low → high (as a browser scales 4:2:1).
@@ -33,6 +36,7 @@ struct SimulcastPublisher {
     stop: Arc<AtomicBool>,
     /// PLIs received per layer.
     plis: Arc<[AtomicU64; 3]>,
+    _pc: Arc<dyn PeerConnection>,
 }
 
 impl Drop for SimulcastPublisher {
@@ -41,19 +45,56 @@ impl Drop for SimulcastPublisher {
     }
 }
 
+/// How the simulcast publisher signals its offer.
+enum Via<'a> {
+    /// `publish` on a member's WebSocket (trickle ICE through it).
+    WebSocket(&'a Client),
+    /// WHIP `POST /whip/{room}` with this token.
+    Whip(&'a Server, &'a str, &'a str),
+}
+
+struct NoEvents;
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for NoEvents {}
+
 /// Publish one video track as three rid layers, each its own SSRC, sequence numbers and RTP
 /// timestamp base, each an OpenH264 stream of one size at ~15 fps. Keyframes: when a PLI
 /// names the layer, else only every 10 s (so a quick switch proves the PLI went to the layer).
-async fn publish_simulcast(host: &Client) -> SimulcastPublisher {
-    let pc = build_pc(
-        "publisher",
-        host.sig.sender(),
-        Default::default(),
-        Arc::new(AtomicBool::new(false)),
-        None,
-    )
-    .await;
-    *host.publisher.lock().unwrap() = Some(pc.clone());
+async fn publish_simulcast(via: Via<'_>) -> SimulcastPublisher {
+    let pc = match &via {
+        Via::WebSocket(host) => {
+            let pc = build_pc(
+                "publisher",
+                host.sig.sender(),
+                Default::default(),
+                Arc::new(AtomicBool::new(false)),
+                None,
+            )
+            .await;
+            *host.publisher.lock().unwrap() = Some(pc.clone());
+            pc
+        }
+        Via::Whip(..) => {
+            let mut me = cohost::peer::media_engine().unwrap();
+            let reg = cohost::peer::interceptors(&mut me).unwrap();
+            let se = SettingEngineBuilder::new()
+                .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+                .with_include_loopback_candidate(true)
+                .build();
+            let pc = PeerConnectionBuilder::new()
+                .with_configuration(RTCConfigurationBuilder::new().build())
+                .with_media_engine(me)
+                .with_setting_engine(se)
+                .with_interceptor_registry(reg)
+                .with_handler(Arc::new(NoEvents) as Arc<dyn PeerConnectionEventHandler>)
+                .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+                .build()
+                .await
+                .unwrap();
+            Arc::new(pc) as Arc<dyn PeerConnection>
+        }
+    };
     let ssrcs: [u32; 3] = std::array::from_fn(|_| rand::random::<u32>() | 1);
     let codec = RTCRtpCodec {
         mime_type: "video/H264".into(),
@@ -76,7 +117,7 @@ async fn publish_simulcast(host: &Client) -> SimulcastPublisher {
         })
         .collect();
     let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-        format!("stream-{}", host.pid),
+        "stream".to_string(),
         "camera".to_string(),
         "camera".to_string(),
         RtpCodecKind::Video,
@@ -91,9 +132,18 @@ async fn publish_simulcast(host: &Client) -> SimulcastPublisher {
     assert!(sdp.contains("a=simulcast:send q;h;f"), "offer: {sdp}");
     let mid = sdp_attr(&sdp, "mid").expect("mid");
     pc.set_local_description(offer).await.expect("sld");
-    let resp = host.sig.request(json!({"type":"publish","sdp":sdp})).await;
-    assert_eq!(resp["type"], "response", "publish: {resp}");
-    let answer_sdp = resp["result"]["sdp"].as_str().unwrap().to_string();
+    let answer_sdp = match via {
+        Via::WebSocket(host) => {
+            let resp = host.sig.request(json!({"type":"publish","sdp":sdp})).await;
+            assert_eq!(resp["type"], "response", "publish: {resp}");
+            resp["result"]["sdp"].as_str().unwrap().to_string()
+        }
+        Via::Whip(server, room, token) => {
+            let r = common::post_sdp(server, &format!("/whip/{room}"), Some(token), &sdp).await;
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.body
+        }
+    };
     // The server accepts every layer.
     assert!(
         answer_sdp.contains("a=simulcast:recv q;h;f"),
@@ -102,7 +152,9 @@ async fn publish_simulcast(host: &Client) -> SimulcastPublisher {
     pc.set_remote_description(RTCSessionDescription::answer(answer_sdp).unwrap())
         .await
         .expect("srd");
-    host.add_pending_candidates(&pc).await;
+    if let Via::WebSocket(host) = via {
+        host.add_pending_candidates(&pc).await;
+    }
     let params = sender.get_parameters().await.unwrap().rtp_parameters;
     let pt = params.codecs[0].payload_type;
     let ext = |uri: &str| {
@@ -199,7 +251,11 @@ async fn publish_simulcast(host: &Client) -> SimulcastPublisher {
             n += 1;
         }
     });
-    SimulcastPublisher { stop, plis }
+    SimulcastPublisher {
+        stop,
+        plis,
+        _pc: pc,
+    }
 }
 
 /// One decoded picture of what the subscriber received.
@@ -273,39 +329,12 @@ async fn subscriber_switches_simulcast_layer_on_request() {
     let server = Server::start().await;
     let host = Client::join(&server, "sim", "host", Role::Host).await;
     let mut viewer = Client::watch(&server, "sim", "viewer").await;
-    let publisher = publish_simulcast(&host).await;
+    let publisher = publish_simulcast(Via::WebSocket(&host)).await;
 
     // The room hears of one video track with three layers, lowest first.
-    let ev = viewer
-        .sig
-        .wait_for("track_published", |v| {
-            v["type"] == "track_published" && v["track"]["kind"] == "video"
-        })
-        .await;
-    assert_eq!(ev["track"]["layers"], json!(["q", "h", "f"]), "{ev}");
-    let track_id = ev["track"]["id"].as_str().unwrap().to_string();
-    // The subscriber's track id is the server's track id (its msid).
-    let local_id = {
-        let viewer = &viewer;
-        wait_until(
-            "the subscriber track",
-            Duration::from_secs(15),
-            async || {
-                viewer
-                    .received
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .any(|(_, r)| r.kind == "video" && r.packets > 0)
-            },
-        )
-        .await;
-        let r = viewer.received.lock().unwrap();
-        r.iter()
-            .find(|(_, r)| r.kind == "video")
-            .map(|(k, _)| k.clone())
-            .unwrap()
-    };
+    let (track, local_id) = video_track(&mut viewer).await;
+    assert_eq!(track["layers"], json!(["q", "h", "f"]), "{track}");
+    let track_id = track["id"].as_str().unwrap().to_string();
 
     // Default: the top layer.
     wait_size(&viewer, &local_id, SIZES[2], 0).await;
@@ -401,4 +430,54 @@ async fn subscriber_switches_simulcast_layer_on_request() {
             .map(|p| p.load(Ordering::SeqCst))
             .collect::<Vec<_>>()
     );
+}
+
+/// The video track of the first `track_published` with a video track, and the subscriber's
+/// id for it once media arrives.
+async fn video_track(viewer: &mut Client) -> (Value, String) {
+    let ev = viewer
+        .sig
+        .wait_for("track_published", |v| {
+            v["type"] == "track_published" && v["track"]["kind"] == "video"
+        })
+        .await;
+    let viewer = &*viewer;
+    wait_until(
+        "the subscriber track",
+        Duration::from_secs(15),
+        async || {
+            viewer
+                .received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(_, r)| r.kind == "video" && r.packets > 0)
+        },
+    )
+    .await;
+    let r = viewer.received.lock().unwrap();
+    let local = r
+        .iter()
+        .find(|(_, r)| r.kind == "video")
+        .map(|(k, _)| k.clone())
+        .unwrap();
+    (ev["track"].clone(), local)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_publisher_may_send_simulcast() {
+    let server = Server::start().await;
+    let mut viewer = Client::watch(&server, "wsim", "viewer").await;
+    let token = server.token("wsim", "encoder", Role::Host);
+    let _publisher = publish_simulcast(Via::Whip(&server, "wsim", &token)).await;
+    let (track, local_id) = video_track(&mut viewer).await;
+    assert_eq!(track["layers"], json!(["q", "h", "f"]), "{track}");
+    wait_size(&viewer, &local_id, SIZES[2], 0).await;
+    let from = received_len(&viewer, &local_id);
+    let r = viewer
+        .sig
+        .request(json!({"type":"set_track_quality","track_id":track["id"],"layer":"h"}))
+        .await;
+    assert_eq!(r["result"], json!({"layer":"h"}), "{r}");
+    wait_size(&viewer, &local_id, SIZES[1], from).await;
 }
