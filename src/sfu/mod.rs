@@ -817,6 +817,40 @@ mod tests {
         assert!(plain.layers().is_empty());
     }
 
+    /// CPU per published packet with 10 subscribers, plain vs simulcast (3 layers: every
+    /// subscription's forwarder sees every layer's packet). Run by hand:
+    /// `cargo test --lib forward_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn forward_cost_per_packet() {
+        const SUBS: usize = 10;
+        const N: u16 = 30_000;
+        let time = |r: &Arc<TrackRouter>, layered: bool| {
+            let subs: Vec<Subscription> = (0..SUBS).map(|_| r.subscribe(usize::from(N))).collect();
+            let t = Instant::now();
+            for f in 0..N / 3 {
+                for l in 0..3u8 {
+                    let p = layer_pkt(l, f, f % 300 == 0);
+                    if layered {
+                        r.forward_layer(p, l);
+                    } else {
+                        r.forward(p);
+                    }
+                }
+            }
+            let per = t.elapsed() / u32::from(N / 3 * 3);
+            drop(subs);
+            (per, r.stats.packets_out.load(Ordering::Relaxed))
+        };
+        let (plain, _k) = router();
+        let (sim, _k2) = sim_router();
+        println!(
+            "per packet, {SUBS} subscribers: plain {:?}, simulcast {:?} ((time, packets queued))",
+            time(&plain, false),
+            time(&sim, true)
+        );
+    }
+
     #[tokio::test]
     async fn keyframe_requests_coalesce() {
         let (r, mut k) = router();
