@@ -43,6 +43,31 @@ pub fn h264_is_keyframe(payload: &[u8]) -> bool {
     }
 }
 
+/// The SPS NAL unit an H.264 RTP payload carries whole (single NAL unit or inside a STAP-A),
+/// for reading a simulcast layer's picture size at its keyframes. An SPS split across FU-A
+/// fragments (never seen: SPS are tens of bytes) is not found.
+pub fn h264_sps(payload: &[u8]) -> Option<&[u8]> {
+    const SPS: u8 = 7;
+    const STAP_A: u8 = 24;
+    let first = *payload.first()?;
+    match first & 0x1f {
+        SPS => Some(payload),
+        STAP_A => {
+            let mut rest = &payload[1..];
+            while rest.len() >= 2 {
+                let size = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                let nal = rest.get(2..2 + size)?;
+                if nal.first().is_some_and(|h| h & 0x1f == SPS) {
+                    return Some(nal);
+                }
+                rest = &rest[2 + size..];
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
 /// VP8 (RFC 7741): the first packet of partition 0 (S=1, PID=0) whose VP8 payload header has the
 /// inverse keyframe bit P cleared.
 pub fn vp8_is_keyframe(payload: &[u8]) -> bool {
@@ -101,6 +126,16 @@ mod tests {
         assert!(!h264_is_keyframe(&[0x7c, 0x81, 0x9a]));
         assert!(!h264_is_keyframe(&[0x7c]));
         assert!(!h264_is_keyframe(&[]));
+    }
+
+    #[test]
+    fn h264_sps_is_found_alone_or_in_a_stap_a() {
+        assert_eq!(h264_sps(&[0x67, 0x42, 0x00]), Some(&[0x67, 0x42, 0x00][..]));
+        let stap = [0x78, 0x00, 0x02, 0x68, 0xce, 0x00, 0x02, 0x67, 0x42];
+        assert_eq!(h264_sps(&stap), Some(&[0x67, 0x42][..]));
+        assert_eq!(h264_sps(&[0x78, 0x00, 0x09, 0x67]), None);
+        assert_eq!(h264_sps(&[0x65, 0x88]), None);
+        assert_eq!(h264_sps(&[]), None);
     }
 
     #[test]

@@ -22,8 +22,8 @@ use crate::peer::{
 use stats::{PublishedTrack, STATS_INTERVAL, StatsRefresher};
 
 use crate::room::{Actor, EventRx, Registry, Room, RoomError, RoomEvent, new_track_id};
-use crate::sfu::TrackRouter;
 use crate::sfu::keyframe::{Decision, KeyframeThrottle};
+use crate::sfu::{LayerControl, LayerRequest, TrackRouter};
 use crate::signaling::protocol::{
     Candidate, ClientMessage, ErrorCode, JoinResult, Kind, LeaveReason, Limits, MessageBody,
     PROTOCOL_VERSION, RequestId, ResponseResult, ServerMessage, Target, close_code,
@@ -111,6 +111,9 @@ pub enum WsOut {
     Close(u16, String),
 }
 
+/// The largest width or height a `set_track_quality` may name (8K and then some).
+const MAX_TILE_SIDE: u32 = 16_384;
+
 /// Room events handled in one driver turn before the subscriber offer that covers them.
 const DRAIN_MAX: usize = 256;
 
@@ -122,6 +125,8 @@ enum Internal {
 struct SubTrack {
     local: Arc<LocalTrack>,
     router: Arc<TrackRouter>,
+    /// Chooses the simulcast layer this member gets (`set_track_quality`).
+    control: LayerControl,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -129,8 +134,18 @@ struct SubTrack {
 /// tasks reading it (WebSocket members and WHIP publishers alike).
 pub(crate) struct Published {
     router: Arc<TrackRouter>,
+    /// The first SSRC seen (of a simulcast track: one of its layers').
     ssrc: u32,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl Published {
+    /// Did the publisher's new offer stop this track? Judged by the SSRCs the offer signals;
+    /// a simulcast track's layers are usually not signalled by SSRC (browsers send rid
+    /// simulcast without `a=ssrc` lines), so such a track is only ended with its connection.
+    fn stopped_by(&self, sending: &std::collections::HashSet<u32>) -> bool {
+        self.router.layers().is_empty() && !sending.contains(&self.ssrc)
+    }
 }
 
 impl Published {
@@ -681,6 +696,15 @@ impl Driver {
                     }
                 }
             }
+            ClientMessage::SetTrackQuality {
+                track_id,
+                layer,
+                max_width,
+                max_height,
+            } => {
+                self.set_track_quality(id, track_id, layer, max_width, max_height)
+                    .await
+            }
             ClientMessage::Subscribe { tracks, all } => {
                 self.subscribe_request(id, tracks, all).await
             }
@@ -910,7 +934,7 @@ impl Driver {
                     Some(sending) => j
                         .published
                         .iter()
-                        .filter(|(_, p)| !sending.contains(&p.ssrc))
+                        .filter(|(_, p)| p.stopped_by(&sending))
                         .map(|(id, _)| id.clone())
                         .collect(),
                     None => vec![],
@@ -1171,11 +1195,12 @@ impl Driver {
             return;
         };
         let track_id = new_track_id();
-        let (router, kf_rx) = TrackRouter::new(
+        let (router, kf_rx) = TrackRouter::with_layers(
             track_id.clone(),
             j.pid.clone(),
             to_kind(t.kind),
             t.codec.clone(),
+            t.layers.clone(),
         );
         let info = match j.room.publish(&j.pid, router.clone()) {
             Ok(i) => i,
@@ -1187,7 +1212,7 @@ impl Driver {
             }
         };
         info!(room = %j.room.name, participant = %j.pid, track = %track_id,
-            codec = %t.codec.mime_type, "track published");
+            codec = %t.codec.mime_type, layers = ?t.layers, "track published");
         let done = self
             .internal_tx
             .get_or_insert_with(|| {
@@ -1294,7 +1319,7 @@ impl Driver {
                 return;
             }
         };
-        let tasks = forward_tasks(
+        let (tasks, control) = forward_tasks(
             &local,
             &router,
             self.svc.cfg.webrtc.subscriber_queue,
@@ -1305,6 +1330,7 @@ impl Driver {
             SubTrack {
                 local,
                 router: router.clone(),
+                control,
                 tasks,
             },
         );
@@ -1329,6 +1355,62 @@ impl Driver {
             j.kf_offered.retain(|r| r.id != track_id);
             j.kf_ready.retain(|r| r.id != track_id);
             j.dirty = true;
+        }
+    }
+
+    /// `set_track_quality`: choose the simulcast layer of a track this member receives, by
+    /// rid or by the size it is shown at. A track without layers answers `{}`.
+    async fn set_track_quality(
+        &mut self,
+        id: Option<RequestId>,
+        track_id: String,
+        layer: Option<String>,
+        max_width: Option<u32>,
+        max_height: Option<u32>,
+    ) {
+        let req = match (layer, max_width, max_height) {
+            (Some(rid), None, None) => LayerRequest::Rid(rid),
+            (None, Some(w), Some(h))
+                if (1..=MAX_TILE_SIDE).contains(&w) && (1..=MAX_TILE_SIDE).contains(&h) =>
+            {
+                LayerRequest::MaxSize {
+                    width: w,
+                    height: h,
+                }
+            }
+            (None, Some(_), Some(_)) => {
+                let msg = format!("max_width and max_height must be 1 to {MAX_TILE_SIDE}");
+                self.error(id, ErrorCode::BadRequest, msg).await;
+                return;
+            }
+            _ => {
+                let msg = "give either layer, or max_width and max_height";
+                self.error(id, ErrorCode::BadRequest, msg).await;
+                return;
+            }
+        };
+        let control = self
+            .joined
+            .as_ref()
+            .and_then(|j| j.sub_tracks.get(&track_id))
+            .map(|t| t.control.clone());
+        let Some(control) = control else {
+            let msg = "not subscribed to that track";
+            self.error(id, ErrorCode::UnknownTrack, msg).await;
+            return;
+        };
+        match control.select(req) {
+            Ok(Some(layer)) => {
+                debug!(track = %track_id, %layer, "subscriber layer chosen");
+                self.reply(id, ResponseResult::Layer { layer }).await
+            }
+            Ok(None) => self.reply(id, ResponseResult::Empty {}).await,
+            Err(e @ crate::sfu::SelectError::UnknownLayer(_)) => {
+                self.error(id, ErrorCode::BadRequest, e.to_string()).await
+            }
+            Err(e @ crate::sfu::SelectError::NotSubscribed) => {
+                self.error(id, ErrorCode::UnknownTrack, e.to_string()).await
+            }
         }
     }
 
@@ -1495,7 +1577,7 @@ pub(crate) fn auto_start_bridge(svc: &Services, room: &str, role: Role) {
 /// sender reports) into `router`, and a keyframe task that turns subscribers' requests into
 /// throttled PLIs to the publisher. `on_end` runs when the publisher's track ends.
 pub(crate) fn publish_tasks(
-    t: RemoteTrack,
+    mut t: RemoteTrack,
     router: Arc<TrackRouter>,
     mut kf_rx: mpsc::Receiver<()>,
     svc: &Services,
@@ -1535,7 +1617,7 @@ pub(crate) fn publish_tasks(
                     continue;
                 }
             };
-            if matches!(inbound, Inbound::Rtp(_)) {
+            if matches!(inbound, Inbound::Rtp(..)) {
                 last_rtp = tokio::time::Instant::now();
                 if r.stats.stalled.load(Ordering::Relaxed)
                     && r.stats.stalled.swap(false, Ordering::Relaxed)
@@ -1545,13 +1627,13 @@ pub(crate) fn publish_tasks(
                     room.track_stalled(&r, false);
                 }
             }
-            let mut p = match inbound {
-                Inbound::Rtp(p) => p,
-                Inbound::SenderReport(sr) => {
+            let (mut p, layer) = match inbound {
+                Inbound::Rtp(p, layer) => (p, layer),
+                Inbound::SenderReport(sr, layer) => {
                     if r.sender_report().is_none() {
-                        debug!(track = %r.id, "first sender report");
+                        debug!(track = %r.id, layer, "first sender report");
                     }
-                    r.set_sender_report(sr);
+                    r.set_layer_sender_report(layer, sr);
                     continue;
                 }
             };
@@ -1561,7 +1643,7 @@ pub(crate) fn publish_tasks(
             p.header.extension = false;
             p.header.extension_profile = 0;
             p.header.extensions.clear();
-            r.forward(p);
+            r.forward_layer(p, layer);
         }
         on_end();
     });
@@ -1569,6 +1651,7 @@ pub(crate) fn publish_tasks(
     let interval = svc.cfg.webrtc.keyframe_request_interval;
     let metrics = svc.metrics.clone();
     let pli_track = router.id.clone();
+    let pli_router = router.clone();
     let pli = tokio::spawn(async move {
         let mut throttle = KeyframeThrottle::new(interval);
         while kf_rx.recv().await.is_some() {
@@ -1579,11 +1662,25 @@ pub(crate) fn publish_tasks(
                 }
                 Decision::Coalesced => continue,
             }
-            debug!(track = %pli_track, "PLI to publisher");
-            if requester.send_pli().await.is_err() {
-                break;
-            }
-            metrics.plis_sent.fetch_add(1, Ordering::Relaxed);
+            // A simulcast track: one PLI per layer owed a keyframe (those not seen yet are
+            // asked through the track's first SSRC).
+            let ssrcs = pli_router.take_keyframe_ssrcs();
+            debug!(track = %pli_track, ?ssrcs, "PLI to publisher");
+            let sent = if ssrcs.is_empty() {
+                requester.send_pli().await.map(|()| 1)
+            } else {
+                let mut n = 0;
+                for ssrc in ssrcs {
+                    if let Err(e) = requester.send_pli_to(ssrc).await {
+                        debug!(track = %pli_track, "PLI: {e}");
+                        break;
+                    }
+                    n += 1;
+                }
+                Ok(n)
+            };
+            let Ok(n) = sent else { break };
+            metrics.plis_sent.fetch_add(n, Ordering::Relaxed);
             throttle.sent(Instant::now());
         }
     });
@@ -1591,16 +1688,17 @@ pub(crate) fn publish_tasks(
 }
 
 /// The tasks behind one subscription: a writer that forwards `router`'s packets to `local`,
-/// and a feedback reader that turns the subscriber's PLI/FIR into keyframe requests.
-/// Forward a router's packets to a local track (and its keyframe requests back). While
-/// `paused` is set the packets are dropped (`pause_media`).
+/// and a feedback reader that turns the subscriber's PLI/FIR into keyframe requests (of the
+/// layer it gets, on a simulcast track). While `paused` is set the packets are dropped
+/// (`pause_media`). Also returns the handle choosing the subscription's simulcast layer.
 pub(crate) fn forward_tasks(
     local: &Arc<LocalTrack>,
     router: &Arc<TrackRouter>,
     queue: usize,
     paused: Arc<AtomicBool>,
-) -> Vec<JoinHandle<()>> {
+) -> (Vec<JoinHandle<()>>, LayerControl) {
     let mut sub = router.subscribe(queue);
+    let control = sub.control();
     let l = local.clone();
     let writer = tokio::spawn(async move {
         // Drain what has queued up per wake-up: fewer task switches under fan-out.
@@ -1617,17 +1715,17 @@ pub(crate) fn forward_tasks(
         }
     });
     let l = local.clone();
-    let r = router.clone();
+    let c = control.clone();
     let feedback = tokio::spawn(async move {
         loop {
             match l.feedback().await {
-                Some(Feedback::KeyframeRequest) => r.request_keyframe(),
+                Some(Feedback::KeyframeRequest) => c.request_keyframe(),
                 // Not bound to the transport yet (negotiation pending): look again soon.
                 None => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     });
-    vec![writer, feedback]
+    (vec![writer, feedback], control)
 }
 
 #[cfg(test)]

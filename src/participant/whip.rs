@@ -679,11 +679,12 @@ impl WhipTask {
             PeerEvent::State(_) => None,
             PeerEvent::Track(t) => {
                 let track_id = new_track_id();
-                let (router, kf_rx) = TrackRouter::new(
+                let (router, kf_rx) = TrackRouter::with_layers(
                     track_id.clone(),
                     self.pid.clone(),
                     to_kind(t.kind),
                     t.codec.clone(),
+                    t.layers.clone(),
                 );
                 if let Err(e) = self.room.publish(&self.pid, router.clone()) {
                     warn!(session = %self.session, "WHIP track not published: {e}");
@@ -979,7 +980,7 @@ async fn subscribe_now(
     let queue = svc.cfg.webrtc.subscriber_queue;
     let tasks: Vec<JoinHandle<()>> = locals
         .iter()
-        .flat_map(|(l, r)| forward_tasks(l, r, queue, Default::default()))
+        .flat_map(|(l, r)| forward_tasks(l, r, queue, Default::default()).0)
         .collect();
     tokio::spawn(whep_run(
         svc.clone(),

@@ -29,7 +29,7 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpEncodingParameters, RtpCodecKind,
 };
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -101,6 +101,8 @@ pub enum PeerEvent {
 
 struct Handler {
     tx: mpsc::UnboundedSender<PeerEvent>,
+    /// The simulcast m-sections of the client's latest offer (shared with the [`Peer`]).
+    simulcast: Arc<std::sync::Mutex<Vec<SimulcastSection>>>,
     connected: Arc<AtomicBool>,
     nat: Arc<NatMap>,
     tag: Arc<BundleTag>,
@@ -356,9 +358,35 @@ impl PeerConnectionEventHandler for Handler {
             RtpCodecKind::Audio => MediaKind::Audio,
             _ => MediaKind::Video,
         };
+        // A simulcast track: every layer arrives on this one track; which layers there are
+        // (and their order) is in the offer, found by the track's msid or else by its rid.
+        let layers = match track.rid(ssrc).await {
+            Some(rid) => {
+                let track_id = track.track_id().await;
+                let sections = self.simulcast.lock().unwrap_or_else(|p| p.into_inner());
+                let by_msid = sections
+                    .iter()
+                    .find(|s| s.track_id.as_deref() == Some(track_id.as_str()));
+                let mut by_rid = sections.iter().filter(|s| s.rids.contains(&rid));
+                let found = by_msid.or_else(|| match (by_rid.next(), by_rid.next()) {
+                    (Some(one), None) => Some(one),
+                    _ => None,
+                });
+                match found {
+                    Some(s) => s.rids.clone(),
+                    None => {
+                        warn!(%rid, "simulcast track not found in the offer: only this layer is used");
+                        vec![rid]
+                    }
+                }
+            }
+            None => vec![],
+        };
         let _ = self.tx.send(PeerEvent::Track(RemoteTrack {
             inner: track,
             ssrc,
+            layers,
+            ssrc_layers: vec![],
             kind,
             codec: CodecSpec {
                 mime_type: codec.mime_type,
@@ -546,13 +574,14 @@ impl PeerFactory {
             let feedback = ConnectionFeedback::default();
             let tag = Arc::new(BundleTag::default());
             let gathered = Arc::new(AtomicBool::new(false));
+            let simulcast: Arc<std::sync::Mutex<Vec<SimulcastSection>>> = Default::default();
             match self
                 .build(
                     lease.port(),
                     tx.clone(),
                     connected.clone(),
                     &feedback,
-                    (tag.clone(), gathered.clone()),
+                    (tag.clone(), gathered.clone(), simulcast.clone()),
                 )
                 .await
             {
@@ -568,6 +597,7 @@ impl PeerFactory {
                             feedback,
                             tag,
                             gathered,
+                            simulcast,
                         },
                         rx,
                     ));
@@ -587,7 +617,11 @@ impl PeerFactory {
         tx: mpsc::UnboundedSender<PeerEvent>,
         connected: Arc<AtomicBool>,
         feedback: &ConnectionFeedback,
-        (tag, gathered): (Arc<BundleTag>, Arc<AtomicBool>),
+        (tag, gathered, simulcast): (
+            Arc<BundleTag>,
+            Arc<AtomicBool>,
+            Arc<std::sync::Mutex<Vec<SimulcastSection>>>,
+        ),
     ) -> Result<impl PeerConnection + use<>, PeerError> {
         let mut me = media_engine()?;
         let registry = interceptors_counting(&mut me, RtcpCounter::new(feedback.clone()))?;
@@ -627,6 +661,7 @@ impl PeerFactory {
             .with_interceptor_registry(registry)
             .with_handler(Arc::new(Handler {
                 tx,
+                simulcast,
                 connected,
                 nat: self.nat.clone(),
                 tag,
@@ -658,6 +693,8 @@ pub struct Peer {
     tag: Arc<BundleTag>,
     /// End of candidates of the current ICE generation was reported (shared with the handler).
     gathered: Arc<AtomicBool>,
+    /// Simulcast m-sections of the client's latest offer (shared with the handler).
+    simulcast: Arc<std::sync::Mutex<Vec<SimulcastSection>>>,
 }
 
 impl Drop for Peer {
@@ -683,6 +720,8 @@ impl Peer {
     /// Apply a client offer without answering yet: tracks added now attach to the offer's
     /// transceivers of their kind (how a WHEP viewer's recvonly offer gets our tracks).
     pub async fn apply_offer(&self, offer_sdp: String) -> Result<(), PeerError> {
+        let sections = simulcast_sections(&offer_sdp).map_err(PeerError::BadSdp)?;
+        *self.simulcast.lock().unwrap_or_else(|p| p.into_inner()) = sections;
         let offer = RTCSessionDescription::offer(offer_sdp)
             .map_err(|e| PeerError::BadSdp(e.to_string()))?;
         self.pc
@@ -933,19 +972,99 @@ pub struct RemoteInboundStat {
     pub feedback_received: FeedbackCounts,
 }
 
-/// What a published track delivers.
+/// What a published track delivers. The `u8` is the simulcast layer (index into
+/// [`RemoteTrack::layers`]; always 0 for a plain track).
 #[derive(Debug)]
 pub enum Inbound {
-    Rtp(Packet),
-    SenderReport(SenderReport),
+    Rtp(Packet, u8),
+    SenderReport(SenderReport, u8),
 }
 
 /// A track a client publishes to us.
 pub struct RemoteTrack {
     inner: Arc<dyn TrackRemote>,
+    /// The SSRC of the first packet (of a simulcast track: of the first layer to arrive).
     pub ssrc: u32,
+    /// Simulcast: the rids of its layers, low → high (the order of the offer's
+    /// `a=simulcast`); empty for a plain track.
+    pub layers: Vec<String>,
+    /// Which layer each SSRC seen so far carries (a handful: one per layer).
+    ssrc_layers: Vec<(u32, u8)>,
     pub kind: MediaKind,
     pub codec: CodecSpec,
+}
+
+/// The simulcast description of one m-section of an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimulcastSection {
+    /// The track id of its `a=msid`, if any.
+    pub track_id: Option<String>,
+    /// The rids the client sends, in `a=simulcast:send` order (low → high by cohost's rule).
+    pub rids: Vec<String>,
+}
+
+/// The longest rid accepted (RFC 8851 sets no limit; browsers use 1-3 characters).
+const MAX_RID_LEN: usize = 32;
+
+/// The send-simulcast m-sections of an offer. Each `a=simulcast:send` list names the layers;
+/// alternatives (`a,b`) count by their first rid and a paused rid (`~a`) is still a layer.
+/// Refused: more than [`crate::sfu::MAX_LAYERS`] layers, a rid that is not 1-32 characters
+/// of `A-Za-z0-9-_`, or one rid twice, so the layer list is always small and printable.
+pub fn simulcast_sections(sdp: &str) -> Result<Vec<SimulcastSection>, String> {
+    let mut out = vec![];
+    let mut cur: Option<SimulcastSection> = None;
+    let mut flush = |cur: &mut Option<SimulcastSection>| {
+        if let Some(s) = cur.take()
+            && !s.rids.is_empty()
+        {
+            out.push(s);
+        }
+    };
+    for line in sdp.lines().map(str::trim_end) {
+        if line.starts_with("m=") {
+            flush(&mut cur);
+            cur = Some(SimulcastSection {
+                track_id: None,
+                rids: vec![],
+            });
+            continue;
+        }
+        let Some(sec) = cur.as_mut() else { continue };
+        if let Some(msid) = line.strip_prefix("a=msid:") {
+            sec.track_id = msid.split_whitespace().nth(1).map(str::to_string);
+        } else if let Some(sc) = line.strip_prefix("a=simulcast:") {
+            let mut words = sc.split_whitespace();
+            while let Some(dir) = words.next() {
+                let list = words.next().unwrap_or("");
+                if dir != "send" {
+                    continue;
+                }
+                for alt in list.split(';') {
+                    let rid = alt.split(',').next().unwrap_or("").trim_start_matches('~');
+                    let valid = !rid.is_empty()
+                        && rid.len() <= MAX_RID_LEN
+                        && rid
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                    if !valid {
+                        return Err(format!("invalid simulcast rid {rid:?}"));
+                    }
+                    if sec.rids.iter().any(|r| r == rid) {
+                        return Err(format!("simulcast rid {rid:?} listed twice"));
+                    }
+                    sec.rids.push(rid.to_string());
+                }
+                if sec.rids.len() > crate::sfu::MAX_LAYERS {
+                    return Err(format!(
+                        "at most {} simulcast layers per track",
+                        crate::sfu::MAX_LAYERS
+                    ));
+                }
+            }
+        }
+    }
+    flush(&mut cur);
+    Ok(out)
 }
 
 /// Handle used to ask the publisher for keyframes while another task reads packets.
@@ -957,10 +1076,15 @@ pub struct KeyframeRequester {
 
 impl KeyframeRequester {
     pub async fn send_pli(&self) -> Result<(), PeerError> {
+        self.send_pli_to(self.ssrc).await
+    }
+
+    /// A PLI for another SSRC of the same track (a simulcast layer).
+    pub async fn send_pli_to(&self, ssrc: u32) -> Result<(), PeerError> {
         self.inner
             .write_rtcp(vec![Box::new(PictureLossIndication {
                 sender_ssrc: 0,
-                media_ssrc: self.ssrc,
+                media_ssrc: ssrc,
             })])
             .await
             .map_err(werr)
@@ -968,27 +1092,64 @@ impl KeyframeRequester {
 }
 
 impl RemoteTrack {
-    /// Next RTP packet or sender report; `None` when the track ended.
-    pub async fn recv(&self) -> Option<Inbound> {
+    /// Next RTP packet or sender report, with its layer; `None` when the track ended. Packets
+    /// of a simulcast track from an SSRC no layer claims (yet) are skipped.
+    pub async fn recv(&mut self) -> Option<Inbound> {
         loop {
             match self.inner.poll().await? {
-                TrackRemoteEvent::OnRtpPacket(p) => return Some(Inbound::Rtp(p)),
+                TrackRemoteEvent::OnRtpPacket(p) => match self.layer_of(p.header.ssrc).await {
+                    Some(l) => return Some(Inbound::Rtp(p, l)),
+                    None => continue,
+                },
                 TrackRemoteEvent::OnRtcpPacket(packets) => {
                     let sr = packets.iter().find_map(|p| {
                         p.as_any()
                             .downcast_ref::<rtc::rtcp::sender_report::SenderReport>()
                     });
-                    if let Some(sr) = sr {
-                        return Some(Inbound::SenderReport(SenderReport {
-                            ntp_time: sr.ntp_time,
-                            rtp_time: sr.rtp_time,
-                        }));
+                    if let Some(sr) = sr
+                        && let Some(l) = self.layer_of(sr.ssrc).await
+                    {
+                        return Some(Inbound::SenderReport(
+                            SenderReport {
+                                ntp_time: sr.ntp_time,
+                                rtp_time: sr.rtp_time,
+                            },
+                            l,
+                        ));
+                    }
+                }
+                // A simulcast layer's first packet: its SSRC and rid.
+                TrackRemoteEvent::OnOpen(init) => {
+                    if let Some(rid) = init.rid.as_deref() {
+                        self.learn(init.ssrc, rid);
                     }
                 }
                 TrackRemoteEvent::OnEnded | TrackRemoteEvent::OnError => return None,
                 _ => continue,
             }
         }
+    }
+
+    /// The layer `ssrc` carries: 0 on a plain track; on a simulcast track the layer of its rid
+    /// (learned from the layer's open event, or asked of the track), `None` if unknown.
+    async fn layer_of(&mut self, ssrc: u32) -> Option<u8> {
+        if self.layers.is_empty() {
+            return Some(0);
+        }
+        if let Some(&(_, l)) = self.ssrc_layers.iter().find(|(s, _)| *s == ssrc) {
+            return Some(l);
+        }
+        let rid = self.inner.rid(ssrc).await?;
+        self.learn(ssrc, &rid)
+    }
+
+    fn learn(&mut self, ssrc: u32, rid: &str) -> Option<u8> {
+        let l = u8::try_from(self.layers.iter().position(|r| r == rid)?).ok()?;
+        // A layer whose SSRC changed (the publisher restarted it) replaces its old entry, so
+        // the list stays one entry per layer.
+        self.ssrc_layers.retain(|&(s, old)| old != l && s != ssrc);
+        self.ssrc_layers.push((ssrc, l));
+        Some(l)
     }
 
     pub fn keyframe_requester(&self) -> KeyframeRequester {
@@ -1143,6 +1304,29 @@ mod tests {
         let s = sending_ssrcs(sdp).unwrap();
         assert!(s.contains(&11) && !s.contains(&22) && !s.contains(&33));
         assert!(sending_ssrcs("v=0\r\nm=audio 9 X 111\r\n").is_none());
+    }
+
+    #[test]
+    fn simulcast_sections_are_read_and_checked() {
+        let sdp = "v=0\r\nm=audio 9 X 111\r\na=msid:s a1\r\n\
+                   m=video 9 X 96\r\na=msid:s cam\r\na=rid:q send\r\na=rid:h send\r\n\
+                   a=rid:f send\r\na=simulcast:send q;~h;f,f2 recv x\r\n\
+                   m=video 9 X 96\r\na=msid:s plain\r\n";
+        assert_eq!(
+            simulcast_sections(sdp).unwrap(),
+            vec![SimulcastSection {
+                track_id: Some("cam".into()),
+                rids: vec!["q".into(), "h".into(), "f".into()],
+            }]
+        );
+        let with = |sc: &str| simulcast_sections(&format!("v=0\r\nm=video 9 X 96\r\n{sc}\r\n"));
+        assert!(with("a=simulcast:send a;b;c;d;e").is_err(), "5 layers");
+        assert!(with("a=simulcast:send a;a").is_err(), "twice");
+        assert!(with("a=simulcast:send a;b\"c").is_err(), "bad character");
+        assert!(with(&format!("a=simulcast:send a;{}", "x".repeat(33))).is_err());
+        assert!(with("a=simulcast:send ;").is_err(), "empty rid");
+        assert_eq!(with("a=simulcast:recv a;b").unwrap(), vec![]);
+        assert_eq!(with("a=simulcast:send a;b").unwrap()[0].track_id, None);
     }
 
     #[test]

@@ -299,6 +299,7 @@ fn track_info(r: &TrackRouter) -> TrackInfo {
         kind: r.kind,
         codec: r.codec.mime_type.clone(),
         muted: r.is_muted(),
+        layers: r.layers().to_vec(),
     }
 }
 

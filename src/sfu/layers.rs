@@ -508,6 +508,19 @@ impl LayerForwarder {
     }
 }
 
+/// The layer for a subscriber that shows the track at most `width` x `height` (its tile): the
+/// lowest layer whose known picture size covers both, else the top layer. A layer whose size is
+/// not known yet (no keyframe seen, or not H.264) is never picked below the top; the caller
+/// asks again when sizes become known. `sizes` is low → high; an empty slice answers 0.
+pub fn layer_for_size(sizes: &[Option<(u32, u32)>], width: u32, height: u32) -> u8 {
+    let top = sizes.len().saturating_sub(1);
+    let i = sizes
+        .iter()
+        .position(|s| s.is_some_and(|(w, h)| w >= width && h >= height))
+        .unwrap_or(top);
+    u8::try_from(i).unwrap_or(u8::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1031,6 +1044,21 @@ mod tests {
         step(&mut f, &mut sim, &mut log, 2, &[0], &[]);
         assert_eq!(log.out.len(), 6);
         assert_continuous(&log.out);
+    }
+
+    #[test]
+    fn size_requests_pick_the_smallest_covering_layer() {
+        let sizes = [Some((320, 180)), Some((640, 360)), Some((1280, 720))];
+        assert_eq!(layer_for_size(&sizes, 320, 180), 0);
+        assert_eq!(layer_for_size(&sizes, 100, 100), 0);
+        assert_eq!(layer_for_size(&sizes, 321, 180), 1);
+        assert_eq!(layer_for_size(&sizes, 640, 361), 2);
+        // Bigger than anything: the top layer.
+        assert_eq!(layer_for_size(&sizes, 4000, 4000), 2);
+        // Unknown sizes are skipped; all unknown means the top.
+        assert_eq!(layer_for_size(&[None, Some((640, 360)), None], 10, 10), 1);
+        assert_eq!(layer_for_size(&[None, None, None], 10, 10), 2);
+        assert_eq!(layer_for_size(&[], 10, 10), 0);
     }
 
     #[test]

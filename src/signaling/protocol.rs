@@ -113,6 +113,17 @@ pub enum ClientMessage {
     },
     /// Ask for a keyframe on a track this participant subscribes to.
     RequestKeyframe { track_id: String },
+    /// Choose the simulcast layer of a track this participant receives: by rid (`layer`), or
+    /// the smallest layer covering `max_width` x `max_height` (the size it is shown at).
+    SetTrackQuality {
+        track_id: String,
+        #[serde(default)]
+        layer: Option<String>,
+        #[serde(default)]
+        max_width: Option<u32>,
+        #[serde(default)]
+        max_height: Option<u32>,
+    },
     /// Receive media: the listed tracks, or with `all` every track now and later (what hosts
     /// and co-hosts get from their join). Audience members receive nothing until they ask.
     Subscribe {
@@ -209,6 +220,7 @@ impl ClientMessage {
             ClientMessage::Answer { .. } => "answer",
             ClientMessage::Candidate { .. } => "candidate",
             ClientMessage::RequestKeyframe { .. } => "request_keyframe",
+            ClientMessage::SetTrackQuality { .. } => "set_track_quality",
             ClientMessage::Subscribe { .. } => "subscribe",
             ClientMessage::Unsubscribe { .. } => "unsubscribe",
             ClientMessage::PauseMedia => "pause_media",
@@ -271,6 +283,9 @@ pub struct TrackInfo {
     /// True while the publisher has the track muted (reserved; always false in v1).
     #[serde(default)]
     pub muted: bool,
+    /// A simulcast track's layers (rids), lowest quality first; absent for a plain track.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,8 +429,16 @@ pub struct Counts {
 #[serde(untagged)]
 pub enum ResponseResult {
     Joined(Box<JoinResult>),
-    Answer { sdp: String },
-    Pong { server_time_ms: u64 },
+    Answer {
+        sdp: String,
+    },
+    Pong {
+        server_time_ms: u64,
+    },
+    /// `set_track_quality` on a simulcast track: the layer chosen (its rid).
+    Layer {
+        layer: String,
+    },
     Empty {},
 }
 

@@ -468,6 +468,7 @@ fn parse_error(text: &str, e: &serde_json::Error) -> ServerMessage {
                 "answer",
                 "candidate",
                 "request_keyframe",
+                "set_track_quality",
                 "start_bridge",
                 "set_layout",
                 "stop_bridge",

@@ -534,6 +534,8 @@ pub struct Received {
     pub bad_payloads: u64,
     /// Sequence numbers seen (to find gaps after NACK recovery).
     pub seqs: Vec<u16>,
+    /// SSRCs the packets came with (one per track unless something rewrote it wrongly).
+    pub ssrcs: HashSet<u32>,
     pub first_at: Option<Instant>,
     pub pattern_ids: HashSet<u32>,
     /// The first RAW_KEPT packets as received (sequence, timestamp, marker, payload), for tests
@@ -615,6 +617,7 @@ impl PeerConnectionEventHandler for ClientHandler {
                         e.packets += 1;
                         e.first_at.get_or_insert_with(Instant::now);
                         e.seqs.push(p.header.sequence_number);
+                        e.ssrcs.insert(p.header.ssrc);
                         if e.raw.len() < RAW_KEPT {
                             e.raw.push((
                                 p.header.sequence_number,

@@ -1,0 +1,483 @@
+//! Simulcast through the real server binary: a webrtc-crate publisher sends three rid layers
+//! of real H.264 (OpenH264, three sizes) on one track, and a webrtc-crate subscriber chooses
+//! its layer with `set_track_quality`.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cohost::auth::Role;
+use cohost::media::rtp_h264::{Assembler, Output};
+use common::{Client, Server, build_pc, missing_seqs, sdp_attr, wait_until};
+use openh264::formats::YUVSource;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use serde_json::{Value, json};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCSessionDescription, SettingEngineBuilder,
+};
+
+const RIDS: [&str; 3] = ["q", "h", "f"];
+/// Picture size per layer, low → high (as a browser scales 4:2:1).
+const SIZES: [(usize, usize); 3] = [(128, 72), (256, 144), (512, 288)];
+const H264_FMTP: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
+
+/// What the simulcast publisher reports back.
+struct SimulcastPublisher {
+    stop: Arc<AtomicBool>,
+    /// PLIs received per layer.
+    plis: Arc<[AtomicU64; 3]>,
+    _pc: Arc<dyn PeerConnection>,
+}
+
+impl Drop for SimulcastPublisher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// How the simulcast publisher signals its offer.
+enum Via<'a> {
+    /// `publish` on a member's WebSocket (trickle ICE through it).
+    WebSocket(&'a Client),
+    /// WHIP `POST /whip/{room}` with this token.
+    Whip(&'a Server, &'a str, &'a str),
+}
+
+struct NoEvents;
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for NoEvents {}
+
+/// Publish one video track as three rid layers, each its own SSRC, sequence numbers and RTP
+/// timestamp base, each an OpenH264 stream of one size at ~15 fps. Keyframes: when a PLI
+/// names the layer, else only every 10 s (so a quick switch proves the PLI went to the layer).
+async fn publish_simulcast(via: Via<'_>) -> SimulcastPublisher {
+    let pc = match &via {
+        Via::WebSocket(host) => {
+            let pc = build_pc(
+                "publisher",
+                host.sig.sender(),
+                Default::default(),
+                Arc::new(AtomicBool::new(false)),
+                None,
+            )
+            .await;
+            *host.publisher.lock().unwrap() = Some(pc.clone());
+            pc
+        }
+        Via::Whip(..) => {
+            let mut me = cohost::peer::media_engine().unwrap();
+            let reg = cohost::peer::interceptors(&mut me).unwrap();
+            let se = SettingEngineBuilder::new()
+                .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+                .with_include_loopback_candidate(true)
+                .build();
+            let pc = PeerConnectionBuilder::new()
+                .with_configuration(RTCConfigurationBuilder::new().build())
+                .with_media_engine(me)
+                .with_setting_engine(se)
+                .with_interceptor_registry(reg)
+                .with_handler(Arc::new(NoEvents) as Arc<dyn PeerConnectionEventHandler>)
+                .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+                .build()
+                .await
+                .unwrap();
+            Arc::new(pc) as Arc<dyn PeerConnection>
+        }
+    };
+    let ssrcs: [u32; 3] = std::array::from_fn(|_| rand::random::<u32>() | 1);
+    let codec = RTCRtpCodec {
+        mime_type: "video/H264".into(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: H264_FMTP.into(),
+        rtcp_feedback: vec![],
+    };
+    let encodings = RIDS
+        .iter()
+        .zip(ssrcs)
+        .map(|(rid, ssrc)| RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                rid: rid.to_string(),
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec: codec.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        "stream".to_string(),
+        "camera".to_string(),
+        "camera".to_string(),
+        RtpCodecKind::Video,
+        encodings,
+    )));
+    let sender = pc
+        .add_track(track.clone() as Arc<dyn TrackLocal>)
+        .await
+        .expect("add simulcast track");
+    let offer = pc.create_offer(None).await.expect("offer");
+    let sdp = offer.sdp.clone();
+    assert!(sdp.contains("a=simulcast:send q;h;f"), "offer: {sdp}");
+    let mid = sdp_attr(&sdp, "mid").expect("mid");
+    pc.set_local_description(offer).await.expect("sld");
+    let answer_sdp = match via {
+        Via::WebSocket(host) => {
+            let resp = host.sig.request(json!({"type":"publish","sdp":sdp})).await;
+            assert_eq!(resp["type"], "response", "publish: {resp}");
+            resp["result"]["sdp"].as_str().unwrap().to_string()
+        }
+        Via::Whip(server, room, token) => {
+            let r = common::post_sdp(server, &format!("/whip/{room}"), Some(token), &sdp).await;
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.body
+        }
+    };
+    // The server accepts every layer.
+    assert!(
+        answer_sdp.contains("a=simulcast:recv q;h;f"),
+        "answer: {answer_sdp}"
+    );
+    pc.set_remote_description(RTCSessionDescription::answer(answer_sdp).unwrap())
+        .await
+        .expect("srd");
+    if let Via::WebSocket(host) = via {
+        host.add_pending_candidates(&pc).await;
+    }
+    let params = sender.get_parameters().await.unwrap().rtp_parameters;
+    let pt = params.codecs[0].payload_type;
+    let ext = |uri: &str| {
+        params
+            .header_extensions
+            .iter()
+            .find(|e| e.uri == uri)
+            .map(|e| e.id as u8)
+            .unwrap_or_else(|| panic!("{uri} negotiated"))
+    };
+    let mid_id = ext("urn:ietf:params:rtp-hdrext:sdes:mid");
+    let rid_id = ext("urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let plis: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+    {
+        // PLIs, by the SSRC they name.
+        let (t, stop, plis) = (track.clone(), stop.clone(), plis.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match t.poll().await {
+                    Some(TrackLocalEvent::OnRtcpPacket(pkts)) => {
+                        for p in pkts {
+                            if let Some(pli) = p.as_any().downcast_ref::<PictureLossIndication>()
+                                && let Some(l) = ssrcs.iter().position(|s| *s == pli.media_ssrc)
+                            {
+                                plis[l].fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                    None => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+    }
+    let (t, stop2, plis2) = (track.clone(), stop.clone(), plis.clone());
+    tokio::spawn(async move {
+        use rtc::rtp::codec::h264::H264Payloader;
+        use rtc::rtp::packetizer::Payloader;
+        let mut encs: Vec<openh264::encoder::Encoder> = (0..3)
+            .map(|_| openh264::encoder::Encoder::new().unwrap())
+            .collect();
+        let mut pay = H264Payloader::default();
+        let mut seq: [u16; 3] = std::array::from_fn(|_| rand::random());
+        let ts0: [u32; 3] = std::array::from_fn(|_| rand::random());
+        let mut seen_plis = [0u64; 3];
+        let mut tick = tokio::time::interval(Duration::from_millis(66));
+        let mut n = 0u32;
+        while !stop2.load(Ordering::SeqCst) {
+            tick.tick().await;
+            for l in 0..3 {
+                let (w, h) = SIZES[l];
+                let p = plis2[l].load(Ordering::SeqCst);
+                if n.is_multiple_of(150) || p != seen_plis[l] {
+                    encs[l].force_intra_frame();
+                    seen_plis[l] = p;
+                }
+                // A moving gradient, so P-frames carry something.
+                let mut yuv = vec![0u8; w * h * 3 / 2];
+                for y in 0..h {
+                    for x in 0..w {
+                        yuv[y * w + x] = ((x + y + n as usize * 4) % 256) as u8;
+                    }
+                }
+                yuv[w * h..].fill(128);
+                let bs = encs[l]
+                    .encode(&openh264::formats::YUVBuffer::from_vec(yuv, w, h))
+                    .unwrap()
+                    .to_vec();
+                let pkts = pay.payload(1100, &Bytes::from(bs)).unwrap();
+                let last = pkts.len().saturating_sub(1);
+                for (k, payload) in pkts.into_iter().enumerate() {
+                    let mut p = common::rtp_packet(
+                        ssrcs[l],
+                        pt,
+                        seq[l],
+                        ts0[l].wrapping_add(n * 6000),
+                        k == last,
+                        payload,
+                    );
+                    seq[l] = seq[l].wrapping_add(1);
+                    p.header
+                        .set_extension(mid_id, Bytes::from(mid.clone()))
+                        .unwrap();
+                    p.header
+                        .set_extension(rid_id, Bytes::from(RIDS[l]))
+                        .unwrap();
+                    if t.write_rtp(p).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            n += 1;
+        }
+    });
+    SimulcastPublisher {
+        stop,
+        plis,
+        _pc: pc,
+    }
+}
+
+/// One decoded picture of what the subscriber received.
+#[derive(Debug, Clone, Copy)]
+struct Picture {
+    size: (usize, usize),
+    keyframe: bool,
+    /// Index in the received packets of the access unit's last packet.
+    at: usize,
+}
+
+/// Depacketize and decode everything received on `track_id` so far.
+fn decode(viewer: &Client, track_id: &str) -> (Vec<Picture>, usize) {
+    let raw: Vec<(u16, u32, bool, Bytes)> = viewer
+        .received
+        .lock()
+        .unwrap()
+        .get(track_id)
+        .map(|r| r.raw.clone())
+        .unwrap_or_default();
+    let mut asm = Assembler::new();
+    let mut dec = openh264::decoder::Decoder::new().unwrap();
+    let mut pics = vec![];
+    let mut errors = 0;
+    for (i, (seq, ts, marker, payload)) in raw.iter().enumerate() {
+        for o in asm.push(*seq, *ts, *marker, payload) {
+            if let Output::Frame(au) = o {
+                match dec.decode(&au.annexb) {
+                    Ok(Some(pic)) => pics.push(Picture {
+                        size: pic.dimensions(),
+                        keyframe: au.keyframe,
+                        at: i,
+                    }),
+                    Ok(None) => {}
+                    Err(_) => errors += 1,
+                }
+            }
+        }
+    }
+    (pics, errors)
+}
+
+/// Wait until pictures of `size` arrive after packet index `from`; returns when.
+async fn wait_size(viewer: &Client, track_id: &str, size: (usize, usize), from: usize) -> Instant {
+    wait_until(
+        &format!("{size:?} pictures"),
+        Duration::from_secs(15),
+        async || {
+            let (pics, _) = decode(viewer, track_id);
+            pics.iter()
+                .filter(|p| p.at >= from && p.size == size)
+                .count()
+                >= 5
+        },
+    )
+    .await;
+    Instant::now()
+}
+
+fn received_len(viewer: &Client, track_id: &str) -> usize {
+    viewer
+        .received
+        .lock()
+        .unwrap()
+        .get(track_id)
+        .map_or(0, |r| r.raw.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_switches_simulcast_layer_on_request() {
+    let server = Server::start().await;
+    let host = Client::join(&server, "sim", "host", Role::Host).await;
+    let mut viewer = Client::watch(&server, "sim", "viewer").await;
+    let publisher = publish_simulcast(Via::WebSocket(&host)).await;
+
+    // The room hears of one video track with three layers, lowest first.
+    let (track, local_id) = video_track(&mut viewer).await;
+    assert_eq!(track["layers"], json!(["q", "h", "f"]), "{track}");
+    let track_id = track["id"].as_str().unwrap().to_string();
+
+    // Default: the top layer.
+    wait_size(&viewer, &local_id, SIZES[2], 0).await;
+
+    // Bad requests get clear errors.
+    let bad = |v: Value| {
+        let sig = &viewer.sig;
+        async move { sig.request(v).await }
+    };
+    let r = bad(json!({"type":"set_track_quality","track_id":track_id,"layer":"x"})).await;
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    let r =
+        bad(json!({"type":"set_track_quality","track_id":track_id,"max_width":0,"max_height":10}))
+            .await;
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    let r = bad(json!({"type":"set_track_quality","track_id":track_id})).await;
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    let r = bad(json!({"type":"set_track_quality","track_id":"nope","layer":"q"})).await;
+    assert_eq!(r["error"]["code"], "unknown_track", "{r}");
+    let r = bad(json!({"type":"set_track_quality","track_id":track_id,"layer":"q","max_width":-1}))
+        .await;
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+
+    // Down to the small layer, by name.
+    let plis_before = publisher.plis[0].load(Ordering::SeqCst);
+    let from = received_len(&viewer, &local_id);
+    let asked = Instant::now();
+    let r = viewer
+        .sig
+        .request(json!({"type":"set_track_quality","track_id":track_id,"layer":"q"}))
+        .await;
+    assert_eq!(r["result"], json!({"layer":"q"}), "{r}");
+    let at = wait_size(&viewer, &local_id, SIZES[0], from).await;
+    println!("switch down took at most {:?}", at - asked);
+    assert!(
+        publisher.plis[0].load(Ordering::SeqCst) > plis_before,
+        "a PLI named the small layer's SSRC"
+    );
+
+    // Up to the large one, by the size it is shown at (256x144 does not cover 400x200).
+    let from = received_len(&viewer, &local_id);
+    let asked = Instant::now();
+    let r = viewer
+        .sig
+        .request(json!({"type":"set_track_quality","track_id":track_id,
+            "max_width":400,"max_height":200}))
+        .await;
+    assert_eq!(r["result"], json!({"layer":"f"}), "{r}");
+    let at = wait_size(&viewer, &local_id, SIZES[2], from).await;
+    println!("switch up took at most {:?}", at - asked);
+
+    // What the subscriber got is one stream: one SSRC, no sequence gaps or repeats,
+    // timestamps that never go back, every picture decoded, and each change of size at a
+    // keyframe.
+    let (ssrcs, seqs, raw) = {
+        let r = viewer.received.lock().unwrap();
+        let e = r.get(&local_id).unwrap();
+        (e.ssrcs.clone(), e.seqs.clone(), e.raw.clone())
+    };
+    assert_eq!(ssrcs.len(), 1, "one SSRC: {ssrcs:?}");
+    assert_eq!(missing_seqs(&seqs), 0, "no sequence gaps");
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0].wrapping_add(1), "in order, no repeats");
+    }
+    for w in raw.windows(2) {
+        let dt = w[1].1.wrapping_sub(w[0].1) as i32;
+        assert!(dt >= 0, "timestamp went back by {}", -dt);
+    }
+    let (pics, errors) = decode(&viewer, &local_id);
+    assert_eq!(errors, 0, "decode errors");
+    // A new subscription may start on whichever layer's keyframe comes first and then move
+    // up to the top one: count the requested switches from the first top-layer picture.
+    let first_top = pics.iter().position(|p| p.size == SIZES[2]).unwrap();
+    let mut switches = 0;
+    for (i, w) in pics.windows(2).enumerate() {
+        if w[1].size != w[0].size {
+            switches += usize::from(i >= first_top);
+            assert!(
+                w[1].keyframe,
+                "size changed at a non-key picture: {:?}",
+                w[1]
+            );
+        }
+    }
+    assert_eq!(switches, 2, "f → q → f");
+    // The publisher was not asked for keyframes of layers nobody switched to more than the
+    // throttle allows (a few).
+    println!(
+        "PLIs per layer: {:?}",
+        publisher
+            .plis
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The video track of the first `track_published` with a video track, and the subscriber's
+/// id for it once media arrives.
+async fn video_track(viewer: &mut Client) -> (Value, String) {
+    let ev = viewer
+        .sig
+        .wait_for("track_published", |v| {
+            v["type"] == "track_published" && v["track"]["kind"] == "video"
+        })
+        .await;
+    let viewer = &*viewer;
+    wait_until(
+        "the subscriber track",
+        Duration::from_secs(15),
+        async || {
+            viewer
+                .received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(_, r)| r.kind == "video" && r.packets > 0)
+        },
+    )
+    .await;
+    let r = viewer.received.lock().unwrap();
+    let local = r
+        .iter()
+        .find(|(_, r)| r.kind == "video")
+        .map(|(k, _)| k.clone())
+        .unwrap();
+    (ev["track"].clone(), local)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_publisher_may_send_simulcast() {
+    let server = Server::start().await;
+    let mut viewer = Client::watch(&server, "wsim", "viewer").await;
+    let token = server.token("wsim", "encoder", Role::Host);
+    let _publisher = publish_simulcast(Via::Whip(&server, "wsim", &token)).await;
+    let (track, local_id) = video_track(&mut viewer).await;
+    assert_eq!(track["layers"], json!(["q", "h", "f"]), "{track}");
+    wait_size(&viewer, &local_id, SIZES[2], 0).await;
+    let from = received_len(&viewer, &local_id);
+    let r = viewer
+        .sig
+        .request(json!({"type":"set_track_quality","track_id":track["id"],"layer":"h"}))
+        .await;
+    assert_eq!(r["result"], json!({"layer":"h"}), "{r}");
+    wait_size(&viewer, &local_id, SIZES[1], from).await;
+}
