@@ -62,6 +62,12 @@ impl PeerConnectionEventHandler for NoEvents {}
 /// timestamp base, each an OpenH264 stream of one size at ~15 fps. Keyframes: when a PLI
 /// names the layer, else only every 10 s (so a quick switch proves the PLI went to the layer).
 async fn publish_simulcast(via: Via<'_>) -> SimulcastPublisher {
+    publish_simulcast_with(via, None).await
+}
+
+/// [`publish_simulcast`]; with `bitrates`, each layer is noise encoded at that many bit/s
+/// (OpenH264 in bitrate mode), so the layers cost what real camera layers do.
+async fn publish_simulcast_with(via: Via<'_>, bitrates: Option<[u32; 3]>) -> SimulcastPublisher {
     let pc = match &via {
         Via::WebSocket(host) => {
             let pc = build_pc(
@@ -193,10 +199,25 @@ async fn publish_simulcast(via: Via<'_>) -> SimulcastPublisher {
     }
     let (t, stop2, plis2) = (track.clone(), stop.clone(), plis.clone());
     tokio::spawn(async move {
+        use openh264::encoder::{BitRate, EncoderConfig, FrameRate, RateControlMode};
         use rtc::rtp::codec::h264::H264Payloader;
         use rtc::rtp::packetizer::Payloader;
         let mut encs: Vec<openh264::encoder::Encoder> = (0..3)
-            .map(|_| openh264::encoder::Encoder::new().unwrap())
+            .map(|l| match bitrates {
+                None => openh264::encoder::Encoder::new().unwrap(),
+                Some(b) => openh264::encoder::Encoder::with_api_config(
+                    openh264::OpenH264API::from_source(),
+                    EncoderConfig::new()
+                        .bitrate(BitRate::from_bps(b[l]))
+                        .max_frame_rate(FrameRate::from_hz(15.0))
+                        .rate_control_mode(RateControlMode::Bitrate),
+                )
+                .unwrap(),
+            })
+            .collect();
+        let mut textures: Vec<Vec<u8>> = SIZES
+            .iter()
+            .map(|(w, h)| (0..w * h).map(|_| rand::random::<u8>()).collect())
             .collect();
         let mut pay = H264Payloader::default();
         let mut seq: [u16; 3] = std::array::from_fn(|_| rand::random());
@@ -215,9 +236,24 @@ async fn publish_simulcast(via: Via<'_>) -> SimulcastPublisher {
                 }
                 // A moving gradient, so P-frames carry something.
                 let mut yuv = vec![0u8; w * h * 3 / 2];
-                for y in 0..h {
-                    for x in 0..w {
-                        yuv[y * w + x] = ((x + y + n as usize * 4) % 256) as u8;
+                if bitrates.is_some() {
+                    // A noise texture scrolling sideways, an eighth of it new each frame: P
+                    // frames that need bits, so the encoder runs at its target bitrate.
+                    let tex = &mut textures[l];
+                    let band = h / 8;
+                    let b0 = (n as usize % 8) * band;
+                    tex[b0 * w..(b0 + band) * w].fill_with(rand::random::<u8>);
+                    let shift = (n as usize * 2) % w;
+                    for y in 0..h {
+                        let row = &tex[y * w..(y + 1) * w];
+                        yuv[y * w..y * w + w - shift].copy_from_slice(&row[shift..]);
+                        yuv[y * w + w - shift..(y + 1) * w].copy_from_slice(&row[..shift]);
+                    }
+                } else {
+                    for y in 0..h {
+                        for x in 0..w {
+                            yuv[y * w + x] = ((x + y + n as usize * 4) % 256) as u8;
+                        }
                     }
                 }
                 yuv[w * h..].fill(128);
@@ -480,4 +516,110 @@ async fn whip_publisher_may_send_simulcast() {
         .await;
     assert_eq!(r["result"], json!({"layer":"h"}), "{r}");
     wait_size(&viewer, &local_id, SIZES[1], from).await;
+}
+
+/// The viewer's layer of the room's one simulcast video track, as the room stats show it:
+/// (layer forwarded, downlink cap).
+async fn viewer_layer(server: &Server, room: &str, viewer: &str) -> Option<(String, String)> {
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (code, body) = server.get(&format!("/v1/rooms/{room}"), Some(&admin)).await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let p = v["participants"]
+        .as_array()?
+        .iter()
+        .find(|p| p["identity"] == viewer)?;
+    let l = &p["media"]["layers"][0];
+    Some((
+        l["layer"].as_str()?.to_string(),
+        l["downlink"].as_str()?.to_string(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_on_a_narrow_downlink_moves_down_a_layer_and_back_up() {
+    let server = Server::start().await;
+    let host = Client::join(&server, "narrow", "host", Role::Host).await;
+    let rate = Arc::new(AtomicU64::new(0));
+    let (passed, dropped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let policer = common::RatePolicer::new(rate.clone(), passed.clone(), dropped.clone());
+    let mut viewer = Client::watch_policed(&server, "narrow", "viewer", policer).await;
+    let _publisher =
+        publish_simulcast_with(Via::WebSocket(&host), Some([80_000, 200_000, 1_000_000])).await;
+    let (_track, local_id) = video_track(&mut viewer).await;
+    wait_size(&viewer, &local_id, SIZES[2], 0).await;
+    // The wire, second by second (shown with --nocapture).
+    let (p2, d2) = (passed.clone(), dropped.clone());
+    let trace = tokio::spawn(async move {
+        let (mut lp, mut ld) = (0, 0);
+        for s in 0.. {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (p, d) = (p2.load(Ordering::SeqCst), d2.load(Ordering::SeqCst));
+            println!("{s:3} s: {} passed, {} dropped", p - lp, d - ld);
+            (lp, ld) = (p, d);
+        }
+    });
+
+    // What the top layer costs on the wire, unlimited.
+    let bits = |p: &Arc<AtomicU64>| p.load(Ordering::SeqCst);
+    let bytes = || {
+        viewer
+            .received
+            .lock()
+            .unwrap()
+            .get(&local_id)
+            .map_or(0, |r| {
+                r.raw.iter().map(|p| p.3.len() as u64 + 40).sum::<u64>()
+            })
+    };
+    let (b0, t0) = (bytes(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let top_bps = (bytes() - b0) * 8 * 1000 / t0.elapsed().as_millis() as u64;
+    println!("top layer: {top_bps} bit/s");
+    assert!(top_bps > 400_000, "the top layer is the big one: {top_bps}");
+
+    // The link narrows to half of that: the server moves the viewer down.
+    let limit = top_bps / 2;
+    rate.store(limit, Ordering::SeqCst);
+    let narrowed = Instant::now();
+    wait_until(
+        "a lower layer for the viewer",
+        Duration::from_secs(20),
+        async || {
+            matches!(viewer_layer(&server, "narrow", "viewer").await,
+            Some((l, d)) if l != "f" && d != "any")
+        },
+    )
+    .await;
+    let (layer, cap) = viewer_layer(&server, "narrow", "viewer").await.unwrap();
+    println!(
+        "after {:?}: layer {layer}, downlink {cap}",
+        narrowed.elapsed()
+    );
+    // Settled on a layer that fits: next to no loss over the next 3 s (before the server
+    // probes the layer above again, `sfu::downlink::PROBE_FIRST` after the link was fine).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (p0, d0) = (bits(&passed), bits(&dropped));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (p, d) = (bits(&passed) - p0, bits(&dropped) - d0);
+    println!("after the switch: {p} packets passed, {d} dropped");
+    assert!(p > 20, "video keeps flowing: {p} packets");
+    assert!(
+        d * 100 <= (p + d) * 3,
+        "loss after the switch: {d} of {}",
+        p + d
+    );
+    let (layer, _) = viewer_layer(&server, "narrow", "viewer").await.unwrap();
+    assert_ne!(layer, "f", "still below the top layer");
+
+    // The limit is lifted: the server probes back up to the top layer.
+    rate.store(0, Ordering::SeqCst);
+    let lifted = Instant::now();
+    wait_until("the top layer again", Duration::from_secs(40), async || {
+        matches!(viewer_layer(&server, "narrow", "viewer").await,
+            Some((l, d)) if l == "f" && d == "any")
+    })
+    .await;
+    println!("back on the top layer after {:?}", lifted.elapsed());
+    trace.abort();
 }

@@ -1499,6 +1499,27 @@ impl Driver {
         }
         let published: Vec<PublishedTrack<'_>> =
             j.published.iter().map(|(id, p)| p.stats_view(id)).collect();
+        let layers: Vec<stats::SubscribedLayer> = j
+            .sub_tracks
+            .iter()
+            .filter_map(|(id, t)| {
+                let (layer, target) = t.control.layers()?;
+                let rids = t.router.layers();
+                let downlink = match t.control.cap()? {
+                    crate::sfu::downlink::Cap::Any => "any".to_string(),
+                    crate::sfu::downlink::Cap::AtMost(l) => {
+                        rids.get(usize::from(l)).cloned().unwrap_or_default()
+                    }
+                    crate::sfu::downlink::Cap::Paused => "paused".to_string(),
+                };
+                Some(stats::SubscribedLayer {
+                    track_id: id.clone(),
+                    layer,
+                    target,
+                    downlink,
+                })
+            })
+            .collect();
         self.stats
             .refresh(
                 &j.room,
@@ -1506,6 +1527,7 @@ impl Driver {
                 j.publisher.as_ref(),
                 j.subscriber.as_ref(),
                 &published,
+                &layers,
             )
             .await;
     }
@@ -1725,7 +1747,49 @@ pub(crate) fn forward_tasks(
             }
         }
     });
-    (vec![writer, feedback], control)
+    let mut tasks = vec![writer, feedback];
+    if control.layer_count() >= 2 {
+        tasks.push(tokio::spawn(downlink_task(local.clone(), control.clone())));
+    }
+    (tasks, control)
+}
+
+/// Follows a simulcast subscription's receiver reports and lowers (or raises again) the layer
+/// it gets to what its downlink carries (`sfu::downlink`). Reports come about once a second;
+/// looking twice as often sees each soon enough.
+async fn downlink_task(local: Arc<LocalTrack>, control: LayerControl) {
+    use crate::sfu::downlink::Downlink;
+    let mut d = Downlink::new(control.layer_count());
+    let mut seen = 0u64;
+    let mut switching = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let r = local.reception();
+        let now = Instant::now();
+        // Reports from before a switch completed judge the old layer, not the new one.
+        let (current, target) = control.layers().unwrap_or_default();
+        if switching && current == target {
+            d.switched(now);
+        }
+        switching = current != target;
+        let changed = if r.reports != seen {
+            seen = r.reports;
+            d.report(r.fraction_lost, now)
+        } else {
+            d.tick(now)
+        };
+        if let Some(cap) = changed {
+            info!(
+                ssrc = local.ssrc(),
+                ?cap,
+                lost = r.fraction_lost,
+                "subscriber downlink: simulcast layer cap changed"
+            );
+            control.set_cap(cap);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,17 @@ pub struct PublishedTrack<'a> {
     pub ssrc: u32,
 }
 
+/// A simulcast track this participant receives: the layer it gets, the one it is switching to
+/// and what its downlink carries (`participants[].media.layers` of the room stats).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscribedLayer {
+    pub track_id: String,
+    pub layer: Option<String>,
+    pub target: Option<String>,
+    /// `"any"`, the rid of the highest layer the downlink carries, or `"paused"`.
+    pub downlink: String,
+}
+
 /// What one participant's refreshes remember between two runs.
 #[derive(Default)]
 pub struct StatsRefresher {
@@ -40,6 +51,7 @@ impl StatsRefresher {
         publisher: Option<&Peer>,
         subscriber: Option<&Peer>,
         published: &[PublishedTrack<'_>],
+        layers: &[SubscribedLayer],
     ) {
         let publisher: Option<PeerStats> = match publisher {
             Some(p) => Some(p.stats().await),
@@ -52,7 +64,7 @@ impl StatsRefresher {
         self.tracks(published, publisher.as_ref());
         room.set_media_stats(
             pid,
-            serde_json::json!({ "publisher": publisher, "subscriber": subscriber }),
+            serde_json::json!({ "publisher": publisher, "subscriber": subscriber, "layers": layers }),
         );
     }
 

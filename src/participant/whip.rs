@@ -728,7 +728,14 @@ impl WhipTask {
             .map(|(id, p)| p.stats_view(id))
             .collect();
         self.stats
-            .refresh(&self.room, &self.pid, Some(&self.peer), None, &published)
+            .refresh(
+                &self.room,
+                &self.pid,
+                Some(&self.peer),
+                None,
+                &published,
+                &[],
+            )
             .await;
     }
 

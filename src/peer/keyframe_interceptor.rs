@@ -21,6 +21,7 @@ use rtc::interceptor::{
 };
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
@@ -60,6 +61,11 @@ pub struct FeedbackCounts {
     pub nacked_packets: u64,
     pub plis: u64,
     pub firs: u64,
+    /// Receiver reports about the stream (report blocks naming its SSRC), and the latest one's
+    /// fraction of packets lost since the report before, in 1/256 (RFC 3550 6.4.1). The
+    /// subscriber's downlink is judged by these (`sfu::downlink`).
+    pub reports: u64,
+    pub fraction_lost: u8,
 }
 
 /// Per-SSRC feedback counts of one connection, shared between its interceptor chain and the
@@ -144,6 +150,20 @@ fn count_per_stream(packets: &[Box<dyn rtc::rtcp::Packet>], by_ssrc: &FeedbackBy
         } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
             for e in &fir.fir {
                 by_ssrc.add(e.ssrc, |c| c.firs += 1);
+            }
+        } else {
+            let blocks = if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+                &rr.reports
+            } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
+                &sr.reports
+            } else {
+                continue;
+            };
+            for b in blocks {
+                by_ssrc.add(b.ssrc, |c| {
+                    c.reports += 1;
+                    c.fraction_lost = b.fraction_lost;
+                });
             }
         }
     }
@@ -324,9 +344,26 @@ mod tests {
                 nacks: 1,
                 nacked_packets: 3,
                 plis: 1,
-                firs: 0
+                firs: 0,
+                ..Default::default()
             })
         );
+        // Receiver reports: how many, and the latest loss, per bound stream.
+        let rr = |ssrc: u32, fraction_lost: u8| -> Box<dyn rtc::rtcp::Packet> {
+            Box::new(ReceiverReport {
+                ssrc: 1,
+                reports: vec![rtc::rtcp::reception_report::ReceptionReport {
+                    ssrc,
+                    fraction_lost,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        count_per_stream(&[rr(42, 30), rr(7, 99)], &by);
+        count_per_stream(&[rr(42, 12)], &by);
+        let c = by.get(42).unwrap_or_default();
+        assert_eq!((c.reports, c.fraction_lost), (2, 12));
         assert_eq!(by.get(7), None);
         by.unbind(42);
         assert_eq!(by.get(42), None);

@@ -890,6 +890,7 @@ impl Peer {
             codec: codec.clone(),
             pt: AtomicU8::new(0),
             written: AtomicU64::new(0),
+            reception: self.feedback.received.clone(),
         })
     }
 
@@ -1172,6 +1173,8 @@ pub struct LocalTrack {
     /// Negotiated payload type on this leg; 0 until known.
     pt: AtomicU8,
     pub written: AtomicU64,
+    /// The connection's feedback per stream we send: this track's receiver reports.
+    reception: keyframe_interceptor::FeedbackBySsrc,
 }
 
 /// Feedback a subscriber sent about a local track.
@@ -1190,6 +1193,11 @@ fn fmtp_param<'a>(fmtp: &'a str, key: &str) -> Option<&'a str> {
 impl LocalTrack {
     pub fn ssrc(&self) -> u32 {
         self.ssrc
+    }
+
+    /// What the subscriber reported about this track so far (receiver reports, loss).
+    pub fn reception(&self) -> FeedbackCounts {
+        self.reception.get(self.ssrc).unwrap_or_default()
     }
 
     /// Find the payload type negotiated for our codec on this sender. H.264 variants differ in

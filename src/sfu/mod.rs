@@ -11,6 +11,7 @@
 //! (a WebRTC subscriber, the bridge) still reads one plain stream from its queue. The layer is
 //! chosen per subscription ([`LayerControl::select`]); the default is the top layer.
 
+pub mod downlink;
 pub mod keyframe;
 pub mod layers;
 
@@ -124,6 +125,9 @@ struct Selector {
     /// What the subscriber asked for (`None`: the default, the top layer). Kept so a size
     /// request is answered again when the layers' sizes become known.
     request: Option<LayerRequest>,
+    /// What the subscriber's downlink carries ([`downlink::Downlink`]); the layer forwarded is
+    /// the lower of this and what it asked for.
+    cap: downlink::Cap,
 }
 
 /// What a subscriber asks for on a simulcast track.
@@ -169,6 +173,19 @@ impl Simulcast {
                 v => Some(((v >> 32) as u32, v as u32)),
             })
             .collect()
+    }
+
+    /// The layer a subscription gets: what it asked for (`None`: the top layer), lowered to
+    /// what its downlink carries; `None` when its video is paused for the downlink.
+    fn wanted(&self, req: Option<&LayerRequest>, cap: downlink::Cap) -> Option<u8> {
+        let asked = req
+            .and_then(|r| self.target_for(r).ok())
+            .unwrap_or_else(|| self.top());
+        match cap {
+            downlink::Cap::Any => Some(asked),
+            downlink::Cap::AtMost(c) => Some(asked.min(c)),
+            downlink::Cap::Paused => None,
+        }
     }
 
     fn target_for(&self, req: &LayerRequest) -> Result<u8, SelectError> {
@@ -263,6 +280,21 @@ impl LayerControl {
     /// (layer being forwarded, layer wanted) as rids, for a simulcast track.
     pub fn layers(&self) -> Option<(Option<String>, Option<String>)> {
         self.router.sub_layers(self.id)
+    }
+
+    /// Number of simulcast layers (0 for a plain track).
+    pub fn layer_count(&self) -> u8 {
+        u8::try_from(self.router.layers().len()).unwrap_or(0)
+    }
+
+    /// Limit this subscription to what its downlink carries ([`downlink::Downlink`]).
+    pub fn set_cap(&self, cap: downlink::Cap) {
+        self.router.set_cap(self.id, cap)
+    }
+
+    /// The current downlink cap, for a simulcast track.
+    pub fn cap(&self) -> Option<downlink::Cap> {
+        self.router.cap_of(self.id)
     }
 }
 
@@ -413,10 +445,10 @@ impl TrackRouter {
                 let verdict = {
                     let mut g = lock(sel);
                     if resized
-                        && let Some(req @ LayerRequest::MaxSize { .. }) = g.request.clone()
-                        && let Ok(t) = sim.target_for(&req)
-                        && g.fwd.target() != Some(t)
-                        && let Ok(Some(k)) = g.fwd.set_target(Some(t), now)
+                        && let Some(LayerRequest::MaxSize { .. }) = g.request
+                        && let t @ Some(_) = sim.wanted(g.request.as_ref(), g.cap)
+                        && g.fwd.target() != t
+                        && let Ok(Some(k)) = g.fwd.set_target(t, now)
                     {
                         owed |= 1 << k;
                     }
@@ -498,7 +530,7 @@ impl TrackRouter {
         let Some(sim) = &self.simulcast else {
             return Ok(None);
         };
-        let target = sim.target_for(&req)?;
+        let asked = sim.target_for(&req)?;
         let subs = match self.subs.read() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
@@ -511,16 +543,56 @@ impl TrackRouter {
         let owed = {
             let mut g = lock(sel);
             g.request = Some(req);
-            g.fwd
-                .set_target(Some(target), Instant::now())
-                .ok()
-                .flatten()
+            let t = sim.wanted(g.request.as_ref(), g.cap);
+            g.fwd.set_target(t, Instant::now()).ok().flatten()
         };
         drop(subs);
         if let Some(k) = owed {
             self.request_keyframe_layers(1 << k);
         }
-        Ok(sim.rids.get(usize::from(target)).cloned())
+        // The answer names what was asked for; a downlink cap may hold it lower for now.
+        Ok(sim.rids.get(usize::from(asked)).cloned())
+    }
+
+    /// Apply what subscription `id`'s downlink carries.
+    fn set_cap(&self, id: u64, cap: downlink::Cap) {
+        let Some(sim) = &self.simulcast else { return };
+        let subs = match self.subs.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let Some(sel) = subs
+            .iter()
+            .find(|s| s.id == id)
+            .and_then(|s| s.sel.as_ref())
+        else {
+            return;
+        };
+        let owed = {
+            let mut g = lock(sel);
+            g.cap = cap;
+            let t = sim.wanted(g.request.as_ref(), cap);
+            if g.fwd.target() == t {
+                None
+            } else {
+                g.fwd.set_target(t, Instant::now()).ok().flatten()
+            }
+        };
+        drop(subs);
+        if let Some(k) = owed {
+            self.request_keyframe_layers(1 << k);
+        }
+    }
+
+    /// The downlink cap of subscription `id` (simulcast only).
+    fn cap_of(&self, id: u64) -> Option<downlink::Cap> {
+        self.simulcast.as_ref()?;
+        let subs = match self.subs.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let sel = subs.iter().find(|s| s.id == id)?.sel.as_ref()?;
+        Some(lock(sel).cap)
     }
 
     /// The layer subscription `id` gets or is heading for (simulcast only).
@@ -614,7 +686,11 @@ impl TrackRouter {
                     let _ = fwd.set_sender_report(l, *sr);
                 }
             }
-            Mutex::new(Selector { fwd, request: None })
+            Mutex::new(Selector {
+                fwd,
+                request: None,
+                cap: downlink::Cap::Any,
+            })
         });
         if !self.closed.load(Ordering::Acquire) {
             let mut subs = match self.subs.write() {

@@ -700,6 +700,83 @@ impl Interceptor for LossInterceptor {
     fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
 }
 
+/// A narrow downlink: received RTP over `rate` (bit/s; 0 = no limit) is dropped, as a `tbf`
+/// with a queue of 400 ms would drop it (a token bucket of `rate` x 400 ms, at least 8 KB). Wire-most, so the receiver reports above it count the drops as loss.
+pub struct RatePolicer {
+    pub rate: Arc<AtomicU64>,
+    pub passed: Arc<AtomicU64>,
+    pub dropped: Arc<AtomicU64>,
+    tokens: f64,
+    last: Option<Instant>,
+    rq: VecDeque<TaggedPacket>,
+    wq: VecDeque<TaggedPacket>,
+}
+
+impl RatePolicer {
+    pub fn new(rate: Arc<AtomicU64>, passed: Arc<AtomicU64>, dropped: Arc<AtomicU64>) -> Self {
+        Self {
+            rate,
+            passed,
+            dropped,
+            tokens: 0.0,
+            last: None,
+            rq: VecDeque::new(),
+            wq: VecDeque::new(),
+        }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for RatePolicer {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let IPacket::Rtp(p) = &msg.message.packet {
+            let rate = self.rate.load(Ordering::Relaxed) as f64 / 8.0;
+            let now = Instant::now();
+            let bucket = (rate * 0.4).max(8000.0);
+            let dt = self
+                .last
+                .replace(now)
+                .map_or(0.0, |t| (now - t).as_secs_f64());
+            let len = (p.payload.len() + 40) as f64;
+            if rate > 0.0 {
+                self.tokens = (self.tokens + dt * rate).min(bucket);
+                if self.tokens < len {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                self.tokens -= len;
+            } else {
+                // Unlimited; a limit set later starts with a full bucket, as tbf does.
+                self.tokens = f64::MAX;
+            }
+            self.passed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.rq.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.rq.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.wq.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.wq.pop_front()
+    }
+}
+
+impl Interceptor for RatePolicer {
+    fn bind_local_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
+}
+
 pub async fn build_pc(
     target: &'static str,
     ws: WsTx,
@@ -707,8 +784,23 @@ pub async fn build_pc(
     connected: Arc<AtomicBool>,
     loss: Option<(u16, bool, Arc<AtomicU64>)>,
 ) -> Arc<dyn PeerConnection> {
+    build_pc_with(target, ws, received, connected, loss, None).await
+}
+
+/// [`build_pc`], with received RTP going through `policer` first.
+pub async fn build_pc_with(
+    target: &'static str,
+    ws: WsTx,
+    received: Arc<Mutex<HashMap<String, Received>>>,
+    connected: Arc<AtomicBool>,
+    loss: Option<(u16, bool, Arc<AtomicU64>)>,
+    policer: Option<RatePolicer>,
+) -> Arc<dyn PeerConnection> {
     let mut me = cohost::peer::media_engine().unwrap();
     let mut reg = cohost::peer::interceptors(&mut me).unwrap();
+    if let Some(p) = policer {
+        reg = reg.with(Slot::from(400usize), p);
+    }
     if let Some((every, on_read, dropped)) = loss {
         reg = reg.with(
             Slot::from(500usize),
@@ -870,13 +962,28 @@ impl Client {
         token: &str,
         sub_loss: Option<(u16, Arc<AtomicU64>)>,
     ) -> Result<Client, Value> {
-        Self::join_full(server, token, sub_loss, false).await
+        Self::join_full(server, token, sub_loss, false, None).await
+    }
+
+    /// An audience member receiving every track over a narrow downlink ([`RatePolicer`]).
+    pub async fn watch_policed(
+        server: &Server,
+        room: &str,
+        identity: &str,
+        policer: RatePolicer,
+    ) -> Client {
+        let token = server.token(room, identity, Role::Audience);
+        let c = Self::join_full(server, &token, None, false, Some(policer))
+            .await
+            .expect("join");
+        c.subscribe_all().await;
+        c
     }
 
     /// Join with `resumable`: the join result carries a `resume_token`.
     pub async fn join_resumable(server: &Server, room: &str, identity: &str, role: Role) -> Client {
         let token = server.token(room, identity, role);
-        Self::join_full(server, &token, None, true)
+        Self::join_full(server, &token, None, true, None)
             .await
             .expect("join")
     }
@@ -901,17 +1008,19 @@ impl Client {
         token: &str,
         sub_loss: Option<(u16, Arc<AtomicU64>)>,
         resumable: bool,
+        policer: Option<RatePolicer>,
     ) -> Result<Client, Value> {
         let (auto_tx, mut auto_rx) = mpsc::unbounded_channel::<Value>();
         let sig = Signal::connect_with(&server.ws_url(), Some(auto_tx)).await;
         let received: Arc<Mutex<HashMap<String, Received>>> = Default::default();
         let sub_connected = Arc::new(AtomicBool::new(false));
-        let subscriber = build_pc(
+        let subscriber = build_pc_with(
             "subscriber",
             sig.tx.clone(),
             received.clone(),
             sub_connected.clone(),
             sub_loss.map(|(n, d)| (n, true, d)),
+            policer,
         )
         .await;
         let publisher: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Default::default();
