@@ -228,6 +228,22 @@ impl LayerForwarder {
         Some((0..t).rev().find(|&l| self.alive(l, now)).unwrap_or(t))
     }
 
+    /// The sender report of the layer being forwarded, moved onto the output's timestamps
+    /// (`rtp_time` + the segment's offset): what a subscriber that syncs this video with other
+    /// tracks (the bridge's lip sync) must use, since the output may run on any layer's clock.
+    /// `None` while nothing is forwarded or that layer has sent no report yet.
+    pub fn output_sender_report(&self) -> Option<SenderReport> {
+        let seg = self.segments.back()?;
+        if self.current != Some(seg.layer) {
+            return None;
+        }
+        let sr = self.layers.get(usize::from(seg.layer))?.sender_report?;
+        Some(SenderReport {
+            ntp_time: sr.ntp_time,
+            rtp_time: sr.rtp_time.wrapping_add(seg.ts_offset),
+        })
+    }
+
     /// Map an output sequence number (from a subscriber's NACK) to the layer and input sequence
     /// number it stands for, if it is within the last [`HISTORY`] numbers. Numbers the output
     /// skipped (the publisher's layer lost them) map too: that is what a NACK asks for.
