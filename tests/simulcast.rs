@@ -619,3 +619,50 @@ async fn bridge_takes_the_smallest_layer_that_covers_each_tile() {
         assert_eq!(i["decode_errors"], 0, "{i}");
     }
 }
+
+/// A simulcast host alone is passed through from its top layer: the bridge's subscription may
+/// start on whichever layer's keyframe comes first, but the stream (its size, its header) starts
+/// on the top layer's IDR, so the output is the top layer's size and its own H.264.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_host_alone_is_passed_through_from_the_top_layer() {
+    // The test publisher makes an IDR every 10 s unless asked: passing through allows that.
+    let server = Server::start_with(&[("COHOST_BRIDGE__PASSTHROUGH_MAX_GOP", "30s")]).await;
+    let host = Client::join(&server, "simsolo", "host", Role::Host).await;
+    let host_pid = host.join["participant"]["id"].as_str().unwrap().to_string();
+    let _host_pub = publish_simulcast(Via::WebSocket(&host)).await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/simsolo/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let v = common::wait_bridge(&server, &admin, "simsolo", 20, "passthrough", |v| {
+        v["stats"]["path"] == "passthrough"
+            && v["stats"]["passthrough_frames"].as_u64().unwrap_or(0) >= 15
+    })
+    .await;
+    let (w, h) = SIZES[2];
+    assert_eq!(v["stats"]["width"], w, "{v}");
+    assert_eq!(v["stats"]["height"], h, "{v}");
+    let input = v["stats"]["video_inputs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["participant_id"] == host_pid.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(input["layer_target"], "f", "{v}");
+    let url = format!("http://{}/live/simsolo.flv", server.addr);
+    let out = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v", "error", "-i", &url, "-map", "0:v", "-t", "3", "-f", "framemd5", "-",
+        ])
+        .output()
+        .await
+        .expect("ffmpeg runs");
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && errors.trim().is_empty(),
+        "ffmpeg: {errors}"
+    );
+    let v = common::wait_bridge(&server, &admin, "simsolo", 5, "stats", |_| true).await;
+    assert_eq!(v["stats"]["path"], "passthrough", "{v}");
+    assert_eq!(v["stats"]["encoded_frames"], 0, "{v}");
+}
