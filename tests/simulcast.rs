@@ -666,3 +666,127 @@ async fn simulcast_host_alone_is_passed_through_from_the_top_layer() {
     assert_eq!(v["stats"]["path"], "passthrough", "{v}");
     assert_eq!(v["stats"]["encoded_frames"], 0, "{v}");
 }
+
+/// A simulcast host shown small goes down a layer, and when it is alone on screen again it is
+/// back on the top layer and passed through again, from the top layer's IDR: the output keeps
+/// the top layer's size and decodes without an error throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_host_in_a_grid_goes_down_a_layer_and_passthrough_resumes_on_the_top_one() {
+    let server = Server::start_with(&[("COHOST_BRIDGE__PASSTHROUGH_MAX_GOP", "30s")]).await;
+    let host = Client::join(&server, "simgrid", "host", Role::Host).await;
+    let mut first = Client::join(&server, "simgrid", "first", Role::Cohost).await;
+    let mut second = Client::join(&server, "simgrid", "second", Role::Cohost).await;
+    let host_pid = host.join["participant"]["id"].as_str().unwrap().to_string();
+    let _host_pub = publish_simulcast(Via::WebSocket(&host)).await;
+    first.publish_real((30, 30, 220), 550.0).await.unwrap();
+    second.publish_real((30, 200, 30), 660.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    // Solo pinned: the host is passed through although co-hosts are in the room.
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/simgrid/bridge",
+            &admin,
+            &json!({"layout": "solo"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let host_input = |v: &Value| {
+        v["stats"]["video_inputs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["participant_id"] == host_pid.as_str()))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let on = |v: &Value, rid: &str| {
+        let i = host_input(v);
+        i["layer"] == rid && i["layer_target"] == rid
+    };
+    let v = common::wait_bridge(&server, &admin, "simgrid", 20, "passthrough", |v| {
+        v["stats"]["path"] == "passthrough"
+            && v["stats"]["passthrough_frames"].as_u64().unwrap_or(0) >= 15
+            && on(v, "f")
+    })
+    .await;
+    let (w, h) = SIZES[2];
+    assert_eq!(
+        (v["stats"]["width"].clone(), v["stats"]["height"].clone()),
+        (json!(w), json!(h))
+    );
+
+    let url = format!("http://{}/live/simgrid.flv", server.addr);
+    let recording = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v", "error", "-i", &url, "-map", "0:v", "-t", "10", "-f", "framemd5", "-",
+        ])
+        .output();
+    let change = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = server.get("/v1/rooms/simgrid", Some(&admin)).await;
+            let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+            if v["counts"]["viewers"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ffmpeg never played: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Three in a 2x2 grid of 512x288: the host's 256x144 tile is covered by "h".
+        let (s, body) = server
+            .send_json(
+                "PATCH",
+                "/v1/rooms/simgrid/bridge",
+                &admin,
+                &json!({"layout": "grid"}),
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let v = common::wait_bridge(
+            &server,
+            &admin,
+            "simgrid",
+            10,
+            "host on h in the grid",
+            |v| on(v, "h") && v["stats"]["path"] == "mixing",
+        )
+        .await;
+        let passed = v["stats"]["passthrough_frames"].as_u64().unwrap_or(0);
+        // Alone on screen again: the top layer, and passing through once its IDR is there.
+        let (s, body) = server
+            .send_json(
+                "PATCH",
+                "/v1/rooms/simgrid/bridge",
+                &admin,
+                &json!({"layout": "solo"}),
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let v = common::wait_bridge(
+            &server,
+            &admin,
+            "simgrid",
+            10,
+            "passthrough again on f",
+            |v| {
+                on(v, "f")
+                    && v["stats"]["path"] == "passthrough"
+                    && v["stats"]["passthrough_frames"].as_u64().unwrap_or(0) >= passed + 15
+            },
+        )
+        .await;
+        println!("back to passthrough: {}", v["stats"]);
+        assert_eq!(v["stats"]["width"], w, "{v}");
+    };
+    let (out, ()) = tokio::join!(recording, change);
+    let out = out.expect("ffmpeg runs");
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && errors.trim().is_empty(),
+        "ffmpeg: {errors}"
+    );
+    let frames = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("0,"))
+        .count();
+    assert!(frames >= 60, "decoded {frames} frames of 10 s");
+}
