@@ -623,3 +623,312 @@ async fn subscriber_on_a_narrow_downlink_moves_down_a_layer_and_back_up() {
     println!("back on the top layer after {:?}", lifted.elapsed());
     trace.abort();
 }
+
+/// The bridge decodes each simulcast input from the smallest layer that covers its tile at the
+/// output size. Output 640x360 in pip: the host fills the canvas (no layer covers it: the top,
+/// 512x288), the co-host's 160x90 tile is covered by the 256x144 layer ("h", not the top and
+/// not the 128x72 one). A grid makes the co-host's tile 320x360: the top layer again. The
+/// output decodes without an error across the switches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_takes_the_smallest_layer_that_covers_each_tile() {
+    let server = Server::start().await;
+    let host = Client::join(&server, "simbr", "host", Role::Host).await;
+    let guest = Client::join(&server, "simbr", "guest", Role::Cohost).await;
+    let host_pid = host.join["participant"]["id"].as_str().unwrap().to_string();
+    let guest_pid = guest.join["participant"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _host_pub = publish_simulcast(Via::WebSocket(&host)).await;
+    let _guest_pub = publish_simulcast(Via::WebSocket(&guest)).await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/simbr/bridge",
+            &admin,
+            &json!({"width": 640, "height": 360, "layout": "pip"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    // (layer received, layer asked for) of a participant's video input.
+    let layer = |v: &Value, pid: &str| -> (Value, Value) {
+        v["stats"]["video_inputs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["participant_id"] == pid))
+            .map_or((Value::Null, Value::Null), |i| {
+                (i["layer"].clone(), i["layer_target"].clone())
+            })
+    };
+    // On layer `rid` (received and asked for) and pictures decoded from it.
+    let on = |pid: &str, rid: &str| {
+        let (pid, rid) = (pid.to_string(), rid.to_string());
+        move |v: &Value| {
+            let (now, want) = layer(v, &pid);
+            let decoded = v["stats"]["video_inputs"]
+                .as_array()
+                .and_then(|a| a.iter().find(|i| i["participant_id"] == pid.as_str()))
+                .and_then(|i| i["frames_decoded"].as_u64())
+                .unwrap_or(0);
+            now == rid && want == rid && decoded >= 5
+        }
+    };
+    let asked = Instant::now();
+    common::wait_bridge(
+        &server,
+        &admin,
+        "simbr",
+        30,
+        "co-host on h in pip",
+        on(&guest_pid, "h"),
+    )
+    .await;
+    println!("co-host on layer h after {:?}", asked.elapsed());
+    let v = common::wait_bridge(
+        &server,
+        &admin,
+        "simbr",
+        10,
+        "host on f",
+        on(&host_pid, "f"),
+    )
+    .await;
+    common::wait_frames(&server, &admin, "simbr", 30).await;
+    println!("bridge stats in pip: {}", v["stats"]);
+
+    // Record the output while the layout changes: the co-host's tile grows, its layer goes up
+    // (its decoder gets a new SPS at the top layer's IDR mid-stream).
+    let url = format!("http://{}/live/simbr.flv", server.addr);
+    let recording = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v", "error", "-i", &url, "-map", "0:v", "-t", "8", "-f", "framemd5", "-",
+        ])
+        .output();
+    let change = async {
+        // Let the recording start on the pip picture: once ffmpeg plays from the origin.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = server.get("/v1/rooms/simbr", Some(&admin)).await;
+            let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+            if v["counts"]["viewers"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ffmpeg never played: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (s, body) = server
+            .send_json(
+                "PATCH",
+                "/v1/rooms/simbr/bridge",
+                &admin,
+                &json!({"layout": "grid"}),
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let asked = Instant::now();
+        let v = common::wait_bridge(
+            &server,
+            &admin,
+            "simbr",
+            10,
+            "co-host on f in a grid",
+            on(&guest_pid, "f"),
+        )
+        .await;
+        println!(
+            "co-host on layer f {:?} after the grid: {}",
+            asked.elapsed(),
+            v["stats"]
+        );
+        // The host's grid tile (320x360) is still only covered by the top layer.
+        assert_eq!(layer(&v, &host_pid).0, "f", "{v}");
+    };
+    let (out, ()) = tokio::join!(recording, change);
+    let out = out.expect("ffmpeg runs");
+    let errors = String::from_utf8_lossy(&out.stderr);
+    let frames = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("0,"))
+        .count();
+    assert!(
+        out.status.success() && errors.trim().is_empty(),
+        "ffmpeg: {errors}"
+    );
+    assert!(frames >= 60, "decoded {frames} frames of 8 s");
+    // The bridge's own decoders never failed on a layer switch.
+    let v = common::wait_bridge(&server, &admin, "simbr", 5, "stats", |_| true).await;
+    for i in v["stats"]["video_inputs"].as_array().unwrap() {
+        assert_eq!(i["decode_errors"], 0, "{i}");
+    }
+}
+
+/// A simulcast host alone is passed through from its top layer: the bridge's subscription may
+/// start on whichever layer's keyframe comes first, but the stream (its size, its header) starts
+/// on the top layer's IDR, so the output is the top layer's size and its own H.264.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_host_alone_is_passed_through_from_the_top_layer() {
+    // The test publisher makes an IDR every 10 s unless asked: passing through allows that.
+    let server = Server::start_with(&[("COHOST_BRIDGE__PASSTHROUGH_MAX_GOP", "30s")]).await;
+    let host = Client::join(&server, "simsolo", "host", Role::Host).await;
+    let host_pid = host.join["participant"]["id"].as_str().unwrap().to_string();
+    let _host_pub = publish_simulcast(Via::WebSocket(&host)).await;
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/simsolo/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let v = common::wait_bridge(&server, &admin, "simsolo", 20, "passthrough", |v| {
+        v["stats"]["path"] == "passthrough"
+            && v["stats"]["passthrough_frames"].as_u64().unwrap_or(0) >= 15
+    })
+    .await;
+    let (w, h) = SIZES[2];
+    assert_eq!(v["stats"]["width"], w, "{v}");
+    assert_eq!(v["stats"]["height"], h, "{v}");
+    let input = v["stats"]["video_inputs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["participant_id"] == host_pid.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(input["layer_target"], "f", "{v}");
+    let url = format!("http://{}/live/simsolo.flv", server.addr);
+    let out = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v", "error", "-i", &url, "-map", "0:v", "-t", "3", "-f", "framemd5", "-",
+        ])
+        .output()
+        .await
+        .expect("ffmpeg runs");
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && errors.trim().is_empty(),
+        "ffmpeg: {errors}"
+    );
+    let v = common::wait_bridge(&server, &admin, "simsolo", 5, "stats", |_| true).await;
+    assert_eq!(v["stats"]["path"], "passthrough", "{v}");
+    assert_eq!(v["stats"]["encoded_frames"], 0, "{v}");
+}
+
+/// A simulcast host shown small goes down a layer, and when it is alone on screen again it is
+/// back on the top layer and passed through again, from the top layer's IDR: the output keeps
+/// the top layer's size and decodes without an error throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_host_in_a_grid_goes_down_a_layer_and_passthrough_resumes_on_the_top_one() {
+    let server = Server::start_with(&[("COHOST_BRIDGE__PASSTHROUGH_MAX_GOP", "30s")]).await;
+    let host = Client::join(&server, "simgrid", "host", Role::Host).await;
+    let mut first = Client::join(&server, "simgrid", "first", Role::Cohost).await;
+    let mut second = Client::join(&server, "simgrid", "second", Role::Cohost).await;
+    let host_pid = host.join["participant"]["id"].as_str().unwrap().to_string();
+    let _host_pub = publish_simulcast(Via::WebSocket(&host)).await;
+    first.publish_real((30, 30, 220), 550.0).await.unwrap();
+    second.publish_real((30, 200, 30), 660.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    // Solo pinned: the host is passed through although co-hosts are in the room.
+    let (s, body) = server
+        .send_json(
+            "POST",
+            "/v1/rooms/simgrid/bridge",
+            &admin,
+            &json!({"layout": "solo"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let host_input = |v: &Value| {
+        v["stats"]["video_inputs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["participant_id"] == host_pid.as_str()))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let on = |v: &Value, rid: &str| {
+        let i = host_input(v);
+        i["layer"] == rid && i["layer_target"] == rid
+    };
+    let v = common::wait_bridge(&server, &admin, "simgrid", 20, "passthrough", |v| {
+        v["stats"]["path"] == "passthrough"
+            && v["stats"]["passthrough_frames"].as_u64().unwrap_or(0) >= 15
+            && on(v, "f")
+    })
+    .await;
+    let (w, h) = SIZES[2];
+    assert_eq!(
+        (v["stats"]["width"].clone(), v["stats"]["height"].clone()),
+        (json!(w), json!(h))
+    );
+
+    let url = format!("http://{}/live/simgrid.flv", server.addr);
+    let recording = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v", "error", "-i", &url, "-map", "0:v", "-t", "10", "-f", "framemd5", "-",
+        ])
+        .output();
+    let change = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = server.get("/v1/rooms/simgrid", Some(&admin)).await;
+            let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+            if v["counts"]["viewers"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ffmpeg never played: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Three in a 2x2 grid of 512x288: the host's 256x144 tile is covered by "h".
+        let (s, body) = server
+            .send_json(
+                "PATCH",
+                "/v1/rooms/simgrid/bridge",
+                &admin,
+                &json!({"layout": "grid"}),
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let v = common::wait_bridge(
+            &server,
+            &admin,
+            "simgrid",
+            10,
+            "host on h in the grid",
+            |v| on(v, "h") && v["stats"]["path"] == "mixing",
+        )
+        .await;
+        let passed = v["stats"]["passthrough_frames"].as_u64().unwrap_or(0);
+        // Alone on screen again: the top layer, and passing through once its IDR is there.
+        let (s, body) = server
+            .send_json(
+                "PATCH",
+                "/v1/rooms/simgrid/bridge",
+                &admin,
+                &json!({"layout": "solo"}),
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let v = common::wait_bridge(
+            &server,
+            &admin,
+            "simgrid",
+            10,
+            "passthrough again on f",
+            |v| {
+                on(v, "f")
+                    && v["stats"]["path"] == "passthrough"
+                    && v["stats"]["passthrough_frames"].as_u64().unwrap_or(0) >= passed + 15
+            },
+        )
+        .await;
+        println!("back to passthrough: {}", v["stats"]);
+        assert_eq!(v["stats"]["width"], w, "{v}");
+    };
+    let (out, ()) = tokio::join!(recording, change);
+    let out = out.expect("ffmpeg runs");
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && errors.trim().is_empty(),
+        "ffmpeg: {errors}"
+    );
+    let frames = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("0,"))
+        .count();
+    assert!(frames >= 60, "decoded {frames} frames of 10 s");
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::compose::{I420, Yuv};
 use super::encode::{AAC_FRAME, AacEncoder, EncodedVideo, H264Encoder};
@@ -33,6 +33,7 @@ use crate::media::h264_ids;
 use crate::media::rtp_h264::AccessUnit;
 use crate::room::Room;
 use crate::rtmp::origin::Publisher;
+use crate::sfu::LayerRequest;
 
 /// How long the stream waits for the host's first IDR (its size and parameter sets) before it
 /// starts without them: mixed, at the configured size.
@@ -410,13 +411,96 @@ impl Output {
         slot.units.drain(..).collect()
     }
 
+    /// The source's simulcast top layer size: `None` for a plain track (any IDR will do),
+    /// `Some(None)` while the top layer's size is not known yet.
+    fn source_top_size(&self) -> Option<Option<(u32, u32)>> {
+        let slots = lock(&self.slots);
+        let track = self
+            .source
+            .as_ref()
+            .and_then(|p| slots.get(p))?
+            .video_track
+            .as_ref()?;
+        let sizes = track.layer_sizes();
+        let top = sizes.last()?;
+        Some(*top)
+    }
+
+    /// Ask each simulcast video input for the smallest layer that covers its tile at the
+    /// output size (the rule SFU subscribers get, [`crate::sfu::layers::layer_for_size`]), so
+    /// a co-host in a pip tile is decoded from a small layer. The host alone on screen gets
+    /// the top layer: passing through carries the host's own stream, whose size is the
+    /// output's. Asked again only when a tile changes (layout, who is on screen); the SFU
+    /// answers a size request again itself when the layers' sizes become known.
+    fn choose_layers(&mut self, scene: &Scene) {
+        if !self.started {
+            // The output size is not fixed yet; subscriptions start on the top layer.
+            return;
+        }
+        let rects = tiles(scene.layout, scene.shown.len(), self.width, self.height);
+        let mut asks = vec![];
+        {
+            let mut slots = lock(&self.slots);
+            for (pid, slot) in slots.iter_mut() {
+                let Some(ctl) = slot.video_layers.clone() else {
+                    continue;
+                };
+                let Some(top) = ctl.router().layers().last().cloned() else {
+                    // A plain track: nothing to choose.
+                    continue;
+                };
+                let want = match scene.shown.iter().position(|p| p == pid) {
+                    // The host alone on screen: the top layer (`None`).
+                    Some(0) if scene.layout == Layout::Solo => None,
+                    // Shown but without a tile in this layout, or not on screen: the
+                    // smallest layer, decoded only to be ready when it is shown.
+                    Some(i) => Some(rects.get(i).map_or((1, 1), |r| (r.w, r.h))),
+                    None => Some((1, 1)),
+                };
+                if slot.layer_for == Some(want) {
+                    continue;
+                }
+                slot.layer_for = Some(want);
+                asks.push((pid.clone(), ctl, want, top));
+            }
+        }
+        // Outside the slots lock: selecting takes the track's locks.
+        for (pid, ctl, want, top) in asks {
+            let req = match want {
+                None => LayerRequest::Rid(top),
+                Some((width, height)) => LayerRequest::MaxSize { width, height },
+            };
+            match ctl.select(req) {
+                Ok(rid) => info!(
+                    room = %self.room.name,
+                    participant = %pid,
+                    track = %ctl.router().id,
+                    tile = ?want,
+                    layer = ?rid,
+                    "bridge input asks for simulcast layer"
+                ),
+                Err(e) => {
+                    debug!(room = %self.room.name, participant = %pid, "bridge layer choice: {e}")
+                }
+            }
+        }
+    }
+
     /// Before the stream starts: wait for the host's first IDR (at most [`HOST_WAIT`]), then
     /// fix the size, make the encoder and send the headers.
     fn try_start(&mut self, now: Instant, since_start: Duration, now_ms: i64) {
         let scene = self.scene();
         self.set_source(scene.shown.first());
         let units = self.take_units();
-        let first_idr = units.iter().position(|au| au.keyframe);
+        // A simulcast host may reach the bridge on a lower layer first (a subscription starts
+        // on whichever layer's keyframe comes first, then moves to the top): the stream's size
+        // and header come from the top layer's IDR only, or passing through would carry the
+        // small picture, and the top layer's slices would never match the header.
+        let top = self.source_top_size();
+        let first_idr = units.iter().position(|au| {
+            au.keyframe
+                && top.is_none_or(|t| t.is_some() && SourceSets::from_idr(au).map(|s| s.size) == t)
+        });
         let sets = first_idr.and_then(|i| SourceSets::from_idr(&units[i]));
         if sets.is_none() && since_start < HOST_WAIT {
             return;
@@ -553,6 +637,7 @@ impl Output {
     fn passthrough_tick(&mut self, now: Instant, now_ms: i64, mut units: Vec<Arc<AccessUnit>>) {
         let scene = self.scene();
         self.set_source(scene.shown.first());
+        self.choose_layers(&scene);
         units.extend(self.take_units());
         let Some(sets) = self.sets.clone() else {
             return;
@@ -570,7 +655,9 @@ impl Output {
         let (ready, track) = {
             let slots = lock(&self.slots);
             let slot = self.source.as_ref().and_then(|p| slots.get(p));
-            let track = slot.and_then(|s| s.video_track.clone());
+            // Keyframe requests go to the layer the source receives (the top one while it
+            // is passed through), not to every layer of a simulcast host.
+            let track = slot.and_then(|s| s.video_layers.clone());
             let ready = slot.is_none_or(|s| s.video_track.as_ref().is_none_or(|t| t.is_muted()))
                 || slot.is_some_and(|s| s.ctl.ready.load(Ordering::Relaxed));
             (ready, track)
@@ -610,9 +697,7 @@ impl Output {
             let slots = lock(&self.slots);
             let slot = self.source.as_ref().and_then(|p| slots.get(p));
             let until = slot.map(|s| s.show_until(now));
-            let sr = slot
-                .and_then(|s| s.video_track.as_ref())
-                .and_then(|t| t.sender_report());
+            let sr = slot.and_then(|s| s.video_sr());
             let mut due = vec![];
             while let Some((au, arrived, _)) = self.held.front() {
                 if until.is_some_and(|u| !u.allows(*arrived, au.rtp_timestamp, sr, 90_000)) {

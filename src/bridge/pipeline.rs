@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::audio_in::AudioInput;
 use super::compose::I420;
@@ -28,7 +28,7 @@ use crate::media::jitter::{Packet as JitterPacket, Reorder, ReorderConfig};
 use crate::media::rtp_h264::AccessUnit;
 use crate::room::Room;
 use crate::rtmp::origin::Origin;
-use crate::sfu::TrackRouter;
+use crate::sfu::{LayerControl, TrackRouter};
 use crate::signaling::protocol::Kind;
 
 pub const SAMPLE_RATE: u32 = 48_000;
@@ -121,6 +121,10 @@ pub struct InputSlot {
     pub audio_track: Option<Arc<TrackRouter>>,
     pub video: VideoQueue<Arc<I420>>,
     pub video_track: Option<Arc<TrackRouter>>,
+    /// Chooses the simulcast layer of `video_track`'s subscription (a no-op on a plain track).
+    pub video_layers: Option<LayerControl>,
+    /// The tile size the layer was last chosen for (`None`: the top layer asked for).
+    pub layer_for: Option<Option<(u32, u32)>>,
     /// The video input's counters, refreshed by its task a few times a second.
     pub video_stats: Option<VideoInputStats>,
     pub ctl: Arc<VideoCtl>,
@@ -137,6 +141,8 @@ impl InputSlot {
             audio_track: None,
             video: VideoQueue::new(VIDEO_QUEUE),
             video_track: None,
+            video_layers: None,
+            layer_for: None,
             video_stats: None,
             ctl: Arc::default(),
             units: VecDeque::new(),
@@ -144,10 +150,20 @@ impl InputSlot {
         }
     }
 
+    /// The sender report for the video timestamps this input receives: on a simulcast track
+    /// the forwarded layer's, moved onto the subscription's timestamps (the track's own report
+    /// is the top layer's, whose timestamp base another layer does not share).
+    pub fn video_sr(&self) -> Option<crate::sfu::SenderReport> {
+        match &self.video_layers {
+            Some(c) => c.sender_report(),
+            None => self.video_track.as_ref().and_then(|t| t.sender_report()),
+        }
+    }
+
     /// How far this participant's video may be shown now (it follows its audio).
     pub fn show_until(&self, now: Instant) -> super::sync::ShowUntil {
         let audio_sr = self.audio_track.as_ref().and_then(|t| t.sender_report());
-        let video_sr = self.video_track.as_ref().and_then(|t| t.sender_report());
+        let video_sr = self.video_sr();
         show_until(self.audio.as_ref(), audio_sr, video_sr, now, SAMPLE_RATE)
     }
 
@@ -155,7 +171,7 @@ impl InputSlot {
     /// last packet arrived if it is new on screen.
     pub fn picture(&mut self, now: Instant) -> (Option<Arc<I420>>, Option<Instant>) {
         let audio_sr = self.audio_track.as_ref().and_then(|t| t.sender_report());
-        let video_sr = self.video_track.as_ref().and_then(|t| t.sender_report());
+        let video_sr = self.video_sr();
         let rate = self
             .video_track
             .as_ref()
@@ -201,6 +217,13 @@ pub struct BridgeStats {
 pub struct VideoInputReport {
     pub participant_id: String,
     pub track_id: String,
+    /// Simulcast inputs only: the rid of the layer the bridge receives now, and of the one it
+    /// asked for (the smallest that covers the input's tile; they differ until that layer's
+    /// next keyframe).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_target: Option<String>,
     #[serde(flatten)]
     pub stats: VideoInputStats,
 }
@@ -291,9 +314,16 @@ impl Bridge {
             video_inputs: lock(&self.slots)
                 .iter()
                 .filter_map(|(pid, slot)| {
+                    let (layer, layer_target) = slot
+                        .video_layers
+                        .as_ref()
+                        .and_then(LayerControl::layers)
+                        .unwrap_or_default();
                     Some(VideoInputReport {
                         participant_id: pid.clone(),
                         track_id: slot.video_track.as_ref()?.id.clone(),
+                        layer,
+                        layer_target,
                         stats: slot.video_stats.clone()?,
                     })
                 })
@@ -422,6 +452,8 @@ impl Drop for Detach {
                         .is_some_and(|t| Arc::ptr_eq(t, &self.router))
                     {
                         slot.video_track = None;
+                        slot.video_layers = None;
+                        slot.layer_for = None;
                     }
                 }
             }
@@ -442,6 +474,8 @@ async fn sleep_until_opt(at: Option<Instant>) {
 
 async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize) {
     let mut sub = router.subscribe(1024);
+    // The output loop picks this subscription's simulcast layer from the tile it shows.
+    let layers = sub.control();
     let pid = router.participant_id.clone();
     let _detach = Detach {
         slots: slots.clone(),
@@ -460,7 +494,11 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                 ));
                 slot.audio_track = Some(router.clone());
             }
-            Kind::Video => slot.video_track = Some(router.clone()),
+            Kind::Video => {
+                slot.video_track = Some(router.clone());
+                slot.video_layers = Some(layers.clone());
+                slot.layer_for = None;
+            }
         }
         slot.ctl.clone()
     };
@@ -478,6 +516,8 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
             };
             let mut stats_at = Instant::now();
             let mut resumed = false;
+            // The layer received when the stats were last published (switches are logged).
+            let mut layer_seen: Option<String> = None;
             loop {
                 // Wake for the next packet, or when the reordering buffer gives up a hole
                 // (or a keyframe request is due again) with no packet coming.
@@ -516,12 +556,19 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                     ctl.ready.store(true, Ordering::Relaxed);
                 }
                 if r.need_keyframe {
-                    router.request_keyframe();
+                    // Of the layer received (or being switched to), not of every layer.
+                    layers.request_keyframe();
                 }
                 let forward = ctl.forward.load(Ordering::Relaxed) && !r.units.is_empty();
                 let publish_stats = arrived >= stats_at;
                 if publish_stats {
                     stats_at = arrived + STATS_EVERY;
+                    if let Some((Some(now_on), _)) = layers.layers()
+                        && layer_seen.as_ref() != Some(&now_on)
+                    {
+                        debug!(track = %router.id, participant = %pid, from = ?layer_seen, to = %now_on, "bridge input switched simulcast layer");
+                        layer_seen = Some(now_on);
+                    }
                 }
                 let picture = r
                     .new_picture
@@ -534,8 +581,15 @@ async fn input_task(router: Arc<TrackRouter>, slots: Slots, audio_buffer: usize)
                         // tile and one passthrough queue: only its newest video track feeds
                         // them, so two streams never interleave in one queue.
                         // The current one ended: the one still sending takes over.
-                        let current = slot.video_track.get_or_insert_with(|| router.clone());
-                        let current = Arc::ptr_eq(current, &router);
+                        if slot.video_track.is_none() {
+                            slot.video_track = Some(router.clone());
+                            slot.video_layers = Some(layers.clone());
+                            slot.layer_for = None;
+                        }
+                        let current = slot
+                            .video_track
+                            .as_ref()
+                            .is_some_and(|t| Arc::ptr_eq(t, &router));
                         let (forward, picture) = if current {
                             (forward, picture)
                         } else {

@@ -228,6 +228,22 @@ impl LayerForwarder {
         Some((0..t).rev().find(|&l| self.alive(l, now)).unwrap_or(t))
     }
 
+    /// The sender report of the layer being forwarded, moved onto the output's timestamps
+    /// (`rtp_time` + the segment's offset): what a subscriber that syncs this video with other
+    /// tracks (the bridge's lip sync) must use, since the output may run on any layer's clock.
+    /// `None` while nothing is forwarded or that layer has sent no report yet.
+    pub fn output_sender_report(&self) -> Option<SenderReport> {
+        let seg = self.segments.back()?;
+        if self.current != Some(seg.layer) {
+            return None;
+        }
+        let sr = self.layers.get(usize::from(seg.layer))?.sender_report?;
+        Some(SenderReport {
+            ntp_time: sr.ntp_time,
+            rtp_time: sr.rtp_time.wrapping_add(seg.ts_offset),
+        })
+    }
+
     /// Map an output sequence number (from a subscriber's NACK) to the layer and input sequence
     /// number it stands for, if it is within the last [`HISTORY`] numbers. Numbers the output
     /// skipped (the publisher's layer lost them) map too: that is what a NACK asks for.
@@ -1146,5 +1162,48 @@ mod tests {
             }
             assert!(last.is_some(), "seed {seed} never forwarded");
         }
+    }
+
+    /// The bridge syncs video to audio through the forwarded layer's sender report: moved onto
+    /// the output timestamps, it must map them to the same wallclock whichever layer flows.
+    #[test]
+    fn output_sender_report_follows_the_forwarded_layer() {
+        let t0 = Instant::now();
+        let mut f = LayerForwarder::new(Config::default());
+        f.set_target(Some(2), t0).unwrap();
+        assert_eq!(f.output_sender_report(), None, "nothing forwarded");
+        let ntp = 3_900_000_000u64 << 32;
+        // Same instant on both layers' clocks; different timestamp bases.
+        let sr0 = SenderReport {
+            ntp_time: ntp,
+            rtp_time: 1000,
+        };
+        let sr2 = SenderReport {
+            ntp_time: ntp,
+            rtp_time: 50_000,
+        };
+        f.set_sender_report(0, sr0).unwrap();
+        f.set_sender_report(2, sr2).unwrap();
+        let key = |layer, seq, timestamp| PacketInfo {
+            layer,
+            seq,
+            timestamp,
+            keyframe: true,
+        };
+        // Layer 0's keyframe comes first: the output starts on its clock.
+        f.push(&key(0, 10, 1000), t0).unwrap();
+        assert_eq!(f.current(), Some(0));
+        assert_eq!(f.output_sender_report(), Some(sr0));
+        // The top layer's keyframe a frame later: its report, moved onto the output
+        // timestamps, is the same mapping (the output kept layer 0's clock).
+        let o = f
+            .push(&key(2, 500, 53_000), t0 + Duration::from_millis(33))
+            .unwrap();
+        assert_eq!(f.current(), Some(2));
+        let Verdict::Forward { timestamp, .. } = o.verdict else {
+            panic!("{o:?}");
+        };
+        assert_eq!(timestamp, 4000);
+        assert_eq!(f.output_sender_report(), Some(sr0));
     }
 }

@@ -296,6 +296,26 @@ impl LayerControl {
     pub fn cap(&self) -> Option<downlink::Cap> {
         self.router.cap_of(self.id)
     }
+
+    /// The sender report that maps this subscription's timestamps to the publisher's
+    /// wallclock: on a simulcast track the forwarded layer's, shifted by the rewriting (the
+    /// track's own report is the top layer's, on another timestamp base); on a plain track
+    /// the track's.
+    pub fn sender_report(&self) -> Option<SenderReport> {
+        if self.router.simulcast.is_none() {
+            return self.router.sender_report();
+        }
+        let subs = match self.router.subs.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let sel = subs.iter().find(|s| s.id == self.id)?.sel.as_ref()?;
+        lock(sel).fwd.output_sender_report()
+    }
+
+    pub fn router(&self) -> &Arc<TrackRouter> {
+        &self.router
+    }
 }
 
 impl Drop for Subscription {
@@ -386,6 +406,12 @@ impl TrackRouter {
             self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
             TOTALS.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
+    }
+
+    /// Each layer's picture size as learned from its SPS (`None`: not seen yet), low → high;
+    /// empty for a plain track.
+    pub fn layer_sizes(&self) -> Vec<Option<(u32, u32)>> {
+        self.simulcast.as_ref().map_or(vec![], Simulcast::sizes)
     }
 
     /// The rids of a simulcast track's layers, low → high; empty for a plain track.

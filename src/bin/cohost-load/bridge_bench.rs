@@ -8,6 +8,12 @@
 //! output frame rate, and the pipeline latency the bridge reports (input picture's last packet
 //! received to the frame showing it handed to the origin).
 //!
+//! Simulcast (`cohost-simulcast`): the co-hosts publish two layers, a 320x180 clip ("q") and
+//! the 720p one ("f"); the bridge asks for the smallest layer that covers each pip tile
+//! (320x180) and decodes q. The feeder sends both layers (its copying is in the measured CPU).
+//! Its ffmpeg peer (`ffmpeg-small`) gets the 320x180 clip for the co-hosts, so both decode the
+//! same small pictures.
+//!
 //! ffmpeg: the same clip as N inputs (`-re`, looped; remuxed to Matroska) plus N tone WAVs (PCM, so ffmpeg
 //! decodes no audio: slightly in its favour), the same pip composite with `overlay` and
 //! `amix`, libx264 `veryfast` + `zerolatency`, AAC, FLV to /dev/null. Measured: the ffmpeg
@@ -52,9 +58,11 @@ pub struct BridgeResult {
     pub output_mbit: f64,
 }
 
-/// Feed one participant's tracks in real time until `stop`.
+/// Feed one participant's tracks in real time until `stop`. `layers`: the video's clips, low →
+/// high (one for a plain track; a simulcast track gets each on its layer, its own SSRC and
+/// sequence numbers).
 async fn feed(
-    clip: Arc<Clip>,
+    layers: Vec<Arc<Clip>>,
     video: Arc<TrackRouter>,
     audio: Arc<TrackRouter>,
     input_fps: u32,
@@ -63,7 +71,11 @@ async fn feed(
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let start = Instant::now();
-    let (mut aseq, mut vseq, mut n, mut frame) = (0u16, 0u16, 0u32, 0u32);
+    let Some(clip) = layers.last().cloned() else {
+        return;
+    };
+    let mut vseq = vec![0u16; layers.len()];
+    let (mut aseq, mut n, mut frame) = (0u16, 0u32, 0u32);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -80,17 +92,24 @@ async fn feed(
         // Slower senders (phones at 15 fps) send the clip's frames further apart.
         let due = (start.elapsed().as_micros() * u128::from(input_fps) / 1_000_000) as u32;
         while frame <= due {
-            let f = &clip.frames[frame as usize % clip.frames.len()];
-            let last = f.payloads.len().saturating_sub(1);
-            for (k, payload) in f.payloads.iter().enumerate() {
-                let mut p = Packet::default();
-                p.header.version = 2;
-                p.header.sequence_number = vseq;
-                p.header.timestamp = frame * (90_000 / input_fps.max(1));
-                p.header.marker = k == last;
-                p.payload = payload.clone();
-                video.forward(p);
-                vseq = vseq.wrapping_add(1);
+            for (l, layer) in layers.iter().enumerate() {
+                let f = &layer.frames[frame as usize % layer.frames.len()];
+                let last = f.payloads.len().saturating_sub(1);
+                for (k, payload) in f.payloads.iter().enumerate() {
+                    let mut p = Packet::default();
+                    p.header.version = 2;
+                    p.header.ssrc = 1000 + l as u32;
+                    p.header.sequence_number = vseq[l];
+                    p.header.timestamp = frame * (90_000 / input_fps.max(1));
+                    p.header.marker = k == last;
+                    p.payload = payload.clone();
+                    if layers.len() > 1 {
+                        video.forward_layer(p, l as u8);
+                    } else {
+                        video.forward(p);
+                    }
+                    vseq[l] = vseq[l].wrapping_add(1);
+                }
             }
             frame += 1;
         }
@@ -101,9 +120,11 @@ fn pid() -> u32 {
     std::process::id()
 }
 
-/// The bridge with `n` inputs sending `input_fps`; `solo_repeat`: the solo path's repeats.
+/// The bridge with `n` inputs sending `input_fps`; `solo_repeat`: the solo path's repeats;
+/// `small`: co-hosts publish simulcast, this clip as the low layer under `clip`.
 pub async fn cohost(
     clip: &Arc<Clip>,
+    small: Option<&Arc<Clip>>,
     n: usize,
     input_fps: u32,
     solo_repeat: bool,
@@ -128,11 +149,21 @@ pub async fn cohost(
             channels: ch,
             fmtp: String::new(),
         };
-        let (video, kf1) = TrackRouter::new(
+        let layers = match small {
+            Some(small) if i > 0 => vec![small.clone(), clip.clone()],
+            _ => vec![clip.clone()],
+        };
+        let rids = if layers.len() > 1 {
+            vec!["q".to_string(), "f".to_string()]
+        } else {
+            vec![]
+        };
+        let (video, kf1) = TrackRouter::with_layers(
             new_track_id(),
             pid.clone(),
             Kind::Video,
             codec("video/H264", 90_000, 0),
+            rids,
         );
         let (audio, kf2) = TrackRouter::new(
             new_track_id(),
@@ -144,7 +175,7 @@ pub async fn cohost(
             .map_err(|e| anyhow!("publish: {e}"))?;
         r.publish(&pid, audio.clone())
             .map_err(|e| anyhow!("publish: {e}"))?;
-        tokio::spawn(feed(clip.clone(), video, audio, input_fps, stop_rx.clone()));
+        tokio::spawn(feed(layers, video, audio, input_fps, stop_rx.clone()));
         keep.push((rx, kf1, kf2));
         room = Some(r);
     }
@@ -183,6 +214,14 @@ pub async fn cohost(
         "  frames {} new pictures {} repeated {} dropped by the rate control {}",
         stats.video_frames, stats.new_pictures, stats.repeated_frames, stats.dropped_pictures
     );
+    if small.is_some() {
+        let layers: Vec<String> = stats
+            .video_inputs
+            .iter()
+            .map(|i| i.layer.clone().unwrap_or_else(|| "plain".into()))
+            .collect();
+        eprintln!("  layers decoded: {layers:?}");
+    }
     let rss = rss_bytes(pid()).unwrap_or(0) as f64 / 1e6;
     drop(bridge);
     let _ = stop_tx.send(true);
@@ -193,6 +232,7 @@ pub async fn cohost(
         tool: match (n, solo_repeat) {
             (1, true) => "cohost-solo",
             (1, false) => "cohost-encode-all",
+            _ if small.is_some() => "cohost-simulcast",
             _ => "cohost",
         }
         .into(),
@@ -290,17 +330,11 @@ pub(crate) fn progress_value(path: &Path, key: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-pub async fn ffmpeg(
-    clip: &Clip,
-    n: usize,
-    warmup: Duration,
-    window: Duration,
-    dir: &Path,
-) -> anyhow::Result<BridgeResult> {
-    // ffmpeg cannot loop a raw Annex-B stream (no seeking): wrap it in Matroska once.
-    let mkv = dir.join("clip.mkv");
+/// ffmpeg cannot loop a raw Annex-B stream (no seeking): wrap the clip in Matroska once.
+async fn clip_mkv(clip: &Clip, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let mkv = dir.join(format!("{name}.mkv"));
     if !mkv.exists() {
-        let h264 = dir.join("clip.h264");
+        let h264 = dir.join(format!("{name}.h264"));
         let all: Vec<u8> = clip
             .frames
             .iter()
@@ -323,12 +357,33 @@ pub async fn ffmpeg(
             ));
         }
     }
+    Ok(mkv)
+}
+
+/// `small`: the co-hosts' inputs are this clip (the layer the simulcast bridge decodes).
+pub async fn ffmpeg(
+    clip: &Clip,
+    small: Option<&Clip>,
+    n: usize,
+    warmup: Duration,
+    window: Duration,
+    dir: &Path,
+) -> anyhow::Result<BridgeResult> {
+    let mkv = clip_mkv(clip, dir, "clip").await?;
+    let small_mkv = match small {
+        Some(s) => Some(clip_mkv(s, dir, "clip-small").await?),
+        None => None,
+    };
     let progress = dir.join(format!("progress-{n}.txt"));
     let _ = std::fs::remove_file(&progress);
     let mut cmd = tokio::process::Command::new("ffmpeg");
     cmd.args(["-hide_banner", "-loglevel", "error", "-nostats", "-y"]);
-    for _ in 0..n {
-        cmd.args(["-re", "-stream_loop", "-1", "-i"]).arg(&mkv);
+    for i in 0..n {
+        let input = match &small_mkv {
+            Some(s) if i > 0 => s,
+            _ => &mkv,
+        };
+        cmd.args(["-re", "-stream_loop", "-1", "-i"]).arg(input);
     }
     for _ in 0..n {
         cmd.args(["-re", "-stream_loop", "-1", "-i"])
@@ -372,7 +427,12 @@ pub async fn ffmpeg(
     let _ = child.kill().await;
     let cpu = (c1 - c0) / secs;
     Ok(BridgeResult {
-        tool: "ffmpeg".into(),
+        tool: if small.is_some() {
+            "ffmpeg-small"
+        } else {
+            "ffmpeg"
+        }
+        .into(),
         inputs: n,
         input_fps: FPS,
         cpu_per_output_second: cpu,
@@ -388,8 +448,11 @@ pub async fn ffmpeg(
     })
 }
 
+/// `small`: also measure simulcast co-hosts (this clip as their low layer) against ffmpeg fed
+/// the same small clip.
 pub async fn run(
     clip: &Arc<Clip>,
+    small: Option<&Arc<Clip>>,
     inputs: &[usize],
     warmup: Duration,
     window: Duration,
@@ -399,18 +462,35 @@ pub async fn run(
     let _ = std::fs::create_dir_all(&dir);
     let mut out = vec![];
     for &n in inputs {
-        eprintln!("[bridge] cohost, {n} inputs");
-        match cohost(clip, n, FPS, true, warmup, window).await {
-            Ok(r) => out.push(r),
-            Err(e) => eprintln!("  failed: {e:#}"),
-        }
-        if !with_ffmpeg {
-            continue;
-        }
-        eprintln!("[bridge] ffmpeg, {n} inputs");
-        match ffmpeg(clip, n, warmup, window, &dir).await {
-            Ok(r) => out.push(r),
-            Err(e) => eprintln!("  failed: {e:#}"),
+        // Simulcast changes nothing for a host alone (it gets the top layer).
+        let variants: Vec<Option<&Arc<Clip>>> = match small {
+            Some(s) if n > 1 => vec![None, Some(s)],
+            _ => vec![None],
+        };
+        for &small in &variants {
+            let what = if small.is_some() {
+                " (simulcast co-hosts)"
+            } else {
+                ""
+            };
+            eprintln!("[bridge] cohost, {n} inputs{what}");
+            match cohost(clip, small, n, FPS, true, warmup, window).await {
+                Ok(r) => out.push(r),
+                Err(e) => eprintln!("  failed: {e:#}"),
+            }
+            if !with_ffmpeg {
+                continue;
+            }
+            let what = if small.is_some() {
+                " (small co-host inputs)"
+            } else {
+                ""
+            };
+            eprintln!("[bridge] ffmpeg, {n} inputs{what}");
+            match ffmpeg(clip, small.map(|s| s.as_ref()), n, warmup, window, &dir).await {
+                Ok(r) => out.push(r),
+                Err(e) => eprintln!("  failed: {e:#}"),
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -423,7 +503,7 @@ pub async fn solo(clip: &Arc<Clip>, warmup: Duration, window: Duration) -> Vec<B
     for input_fps in [FPS, FPS / 2] {
         for repeat in [false, true] {
             eprintln!("[bridge] solo host at {input_fps} fps, repeats {repeat}");
-            match cohost(clip, 1, input_fps, repeat, warmup, window).await {
+            match cohost(clip, None, 1, input_fps, repeat, warmup, window).await {
                 Ok(r) => out.push(r),
                 Err(e) => eprintln!("  failed: {e:#}"),
             }
@@ -465,15 +545,25 @@ pub fn print(results: &[BridgeResult]) {
         );
     }
     for c in results.iter().filter(|r| r.tool.starts_with("cohost")) {
-        if let Some(f) = results
-            .iter()
-            .find(|r| r.tool == "ffmpeg" && r.inputs == c.inputs)
-        {
-            println!(
-                "ratio cohost/ffmpeg, {} inputs: CPU {:.2}",
-                c.inputs,
-                c.cpu_per_output_second / f.cpu_per_output_second
-            );
+        // The simulcast bridge against ffmpeg fed full-size inputs and the same small ones.
+        let peers: &[&str] = if c.tool == "cohost-simulcast" {
+            &["ffmpeg", "ffmpeg-small"]
+        } else {
+            &["ffmpeg"]
+        };
+        for peer in peers {
+            if let Some(f) = results
+                .iter()
+                .find(|r| r.tool == *peer && r.inputs == c.inputs)
+            {
+                println!(
+                    "ratio {}/{}, {} inputs: CPU {:.2}",
+                    c.tool,
+                    f.tool,
+                    c.inputs,
+                    c.cpu_per_output_second / f.cpu_per_output_second
+                );
+            }
         }
     }
 }

@@ -672,8 +672,13 @@ async fn main() -> anyhow::Result<()> {
         let results = if cli.scenario == "solo" {
             bridge_bench::solo(&clip, cli.warmup, cli.duration).await
         } else {
+            // The co-hosts' low simulcast layer: what a pip tile (320x180) needs, at about
+            // the bitrate a browser gives its quarter-size layer.
+            let small =
+                load_clip_sized(content, (cli.video_bitrate / 16).max(100_000), 320, 180).await?;
             bridge_bench::run(
                 &clip,
+                Some(&small),
                 &cli.bridge_inputs,
                 cli.warmup,
                 cli.duration,
@@ -848,6 +853,20 @@ async fn load_clip(
         clip.frames.iter().map(|f| f.payloads.len()).sum::<usize>() as f64
             / clip.frames.len() as f64
     );
+    Ok(Arc::new(clip))
+}
+
+async fn load_clip_sized(
+    content: media::Content,
+    bitrate: u32,
+    w: usize,
+    h: usize,
+) -> anyhow::Result<Arc<Clip>> {
+    eprintln!("encoding the {w}x{h} clip ({content:?}, {bitrate} bit/s asked)...");
+    let clip = tokio::task::spawn_blocking(move || {
+        media::make_clip_sized(content, bitrate, 4, true, w, h)
+    })
+    .await??;
     Ok(Arc::new(clip))
 }
 
