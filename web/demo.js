@@ -574,6 +574,8 @@ function renderTiles() {
   }
   for (const [id, t] of tiles) {
     if (!want.has(id)) {
+      tileSizes.unobserve(t.querySelector("video"));
+      clearTimeout(t.qualityTimer);
       t.remove();
       tiles.delete(id);
     }
@@ -619,9 +621,9 @@ const tileSizes = new ResizeObserver((entries) => {
   }
 });
 
-function scheduleQuality(t) {
+function scheduleQuality(t, delayMs = QUALITY_DEBOUNCE_MS) {
   clearTimeout(t.qualityTimer);
-  t.qualityTimer = setTimeout(() => requestQuality(t).catch((err) => console.warn("set_track_quality", err)), QUALITY_DEBOUNCE_MS);
+  t.qualityTimer = setTimeout(() => requestQuality(t).catch((err) => console.warn("set_track_quality", err)), delayMs);
 }
 
 /**
@@ -641,9 +643,13 @@ async function requestQuality(t) {
   t.qualityAsked = key;
   try {
     t.layer = await c.setTrackQuality(track.id, want);
+    t.qualityRetries = 0;
   } catch (err) {
-    t.qualityAsked = null; // asked again at the next change (the track may not be ours yet)
-    throw err;
+    t.qualityAsked = null;
+    // A track announced before our subscription to it exists: try again shortly.
+    if (err.code === "unknown_track" && (t.qualityRetries = (t.qualityRetries || 0) + 1) <= 5) scheduleQuality(t, 1000);
+    else throw err;
+    return;
   }
   renderTileSize(t);
 }
