@@ -12,7 +12,9 @@
 // Media: one WebSocket, a publisher RTCPeerConnection (the client offers; created by
 // publish()) and a subscriber RTCPeerConnection (the server offers; created on the first
 // offer). Candidates are trickled; the ones produced before the server knows a connection are
-// held back, as the protocol asks.
+// held back, as the protocol asks. Video is published as simulcast layers unless told not to
+// (publish's `simulcast` option); a subscriber picks the layer of a track with
+// setTrackQuality(trackId, {maxWidth, maxHeight}) (the size it shows it at) or {layer}.
 //
 // Events (CustomEvent, payload in `detail`):
 //   every server event by its protocol type, with the raw message as detail: participant_joined,
@@ -345,10 +347,12 @@ export class CohostClient extends EventTarget {
     this.pub = pub;
     pub.onicecandidate = (e) => this.sendCandidate("publisher", e.candidate);
     for (const track of stream.getTracks()) {
-      const layers = simulcast === true ? simulcastEncodings(track.getSettings?.() || {}) : Array.isArray(simulcast) ? simulcast : null;
       const init = { direction: "sendonly", streams: [stream] };
       const video = track.kind === "video";
-      if (video && layers) init.sendEncodings = layers.map((e) => ({ ...e }));
+      let layers = null;
+      if (video && simulcast === true) layers = simulcastEncodings(track.getSettings?.() || {});
+      else if (video && Array.isArray(simulcast)) layers = simulcast;
+      if (layers) init.sendEncodings = layers.map((e) => ({ ...e }));
       const t = pub.addTransceiver(track, init);
       // The server takes no retransmissions of simulcast layers on an RTX stream: without RTX
       // negotiated, the browser retransmits on each layer's own SSRC.

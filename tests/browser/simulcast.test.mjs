@@ -2,7 +2,8 @@
 // live at 960x540 (the smallest size Chromium sends three simulcast layers at) and the server
 // receives all three layers; a co-host's tile of the host, made small and then large, asks
 // for the layer that fits it (the demo's ResizeObserver -> set_track_quality) and decodes the
-// smaller, then the larger picture, frames still coming after each switch.
+// smaller, then the larger picture, frames still coming after each switch. At the demo's
+// default 640x480 Chromium sends only two layers, and the client offers the top two.
 import { describe, it, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -179,6 +180,28 @@ describe("simulcast through the demo page", () => {
       const l = await sentLayers(host);
       return ["q", "h", "f"].every((r) => l[r].packets > before[r].packets) ? l : null;
     });
+  });
+
+  it("demo_host_at_640x480_sends_two_layers_the_top_one_full_size", async () => {
+    // Chromium sends only 2 simulcast layers below 960x540 and would leave out the top one of
+    // three: the client offers h and f, so the bridge and subscribers still get 640x480.
+    const page = await hostBrowser.browser.newPage();
+    await enter(page, server.addr, server.token("small", "carol", "host"), "carol");
+    await page.click("#go-live");
+    const sent = await waitFor("the host's Chromium sending h and f", async () => {
+      const l = await sentLayers(page);
+      return l && ["h", "f"].every((r) => l[r]?.packets > 0 && l[r].width > 0) ? l : null;
+    });
+    assert.deepEqual(Object.keys(sent).sort(), ["f", "h"]);
+    assert.deepEqual([[sent.h.width, sent.h.height], [sent.f.width, sent.f.height]], [[320, 240], [640, 480]]);
+    // track_published (to the publisher too) names the layers the server took from the offer.
+    const announced = await waitFor("the video track announced", () =>
+      page.evaluate(() => {
+        const c = window.cohostDemo.client;
+        return [...c.participants.get(c.me.id).tracks.values()].find((t) => t.kind === "video")?.layers;
+      }));
+    assert.deepEqual(announced, ["h", "f"]);
+    await page.close();
   });
 
   it("no_uncaught_page_errors", () => {
