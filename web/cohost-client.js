@@ -12,7 +12,9 @@
 // Media: one WebSocket, a publisher RTCPeerConnection (the client offers; created by
 // publish()) and a subscriber RTCPeerConnection (the server offers; created on the first
 // offer). Candidates are trickled; the ones produced before the server knows a connection are
-// held back, as the protocol asks.
+// held back, as the protocol asks. Video is published as simulcast layers unless told not to
+// (publish's `simulcast` option); a subscriber picks the layer of a track with
+// setTrackQuality(trackId, {maxWidth, maxHeight}) (the size it shows it at) or {layer}.
 //
 // Events (CustomEvent, payload in `detail`):
 //   every server event by its protocol type, with the raw message as detail: participant_joined,
@@ -43,13 +45,14 @@ export class CohostClient extends EventTarget {
    * @param {string} wsUrl  e.g. `ws://127.0.0.1:8080/ws`
    * @param {string} token  access token (JWT) for one room, identity and role
    * @param {object} [opts] `reconnect` (default true): rejoin with backoff after a drop;
-   *   `requestTimeoutMs` (default 10000); `backoffMs` [first, max] (default [500, 8000])
+   *   `requestTimeoutMs` (default 10000); `backoffMs` [first, max] (default [500, 8000]);
+   *   `simulcast` (default true): how `publish` sends video, see there
    */
   constructor(wsUrl, token, opts = {}) {
     super();
     this.wsUrl = wsUrl;
     this.token = token;
-    this.opts = { reconnect: true, requestTimeoutMs: 10000, backoffMs: [500, 8000], ...opts };
+    this.opts = { reconnect: true, requestTimeoutMs: 10000, backoffMs: [500, 8000], simulcast: true, ...opts };
     this.nextId = 1;
     this.pending = new Map();
     this.ws = null;
@@ -328,16 +331,32 @@ export class CohostClient extends EventTarget {
   }
 
   /** Publish a camera/microphone stream (host, or cohost once promoted). Video prefers
-   * H.264, which the bridge decodes. Rejects with `forbidden` for the audience. */
-  async publish(stream) {
+   * H.264, which the bridge decodes. Rejects with `forbidden` for the audience.
+   *
+   * `simulcast` (default: the constructor's `simulcast` option, itself true by default): send
+   * the video as layers, lowest quality first (docs/protocol.md#simulcast), so each subscriber
+   * gets the layer that fits the size it shows the video at (`setTrackQuality`); the bridge
+   * and subscribers that do not choose get the top layer. `true` uses the top layers of
+   * SIMULCAST_ENCODINGS that the browser sends at the camera's size (see simulcastEncodings),
+   * an array gives the `sendEncodings` as they are (rids, low to high), `false` sends one
+   * stream. */
+  async publish(stream, { simulcast = this.opts.simulcast } = {}) {
     this.unpublish();
     this.localStream = stream;
     const pub = new RTCPeerConnection({ iceServers: this.iceServers });
     this.pub = pub;
     pub.onicecandidate = (e) => this.sendCandidate("publisher", e.candidate);
     for (const track of stream.getTracks()) {
-      const t = pub.addTransceiver(track, { direction: "sendonly", streams: [stream] });
-      if (track.kind === "video") preferH264(t);
+      const init = { direction: "sendonly", streams: [stream] };
+      const video = track.kind === "video";
+      let layers = null;
+      if (video && simulcast === true) layers = simulcastEncodings(track.getSettings?.() || {});
+      else if (video && Array.isArray(simulcast)) layers = simulcast;
+      if (layers) init.sendEncodings = layers.map((e) => ({ ...e }));
+      const t = pub.addTransceiver(track, init);
+      // The server takes no retransmissions of simulcast layers on an RTX stream: without RTX
+      // negotiated, the browser retransmits on each layer's own SSRC.
+      if (video) preferH264(t, { rtx: !layers });
     }
     const offer = await pub.createOffer();
     await pub.setLocalDescription(offer);
@@ -385,6 +404,24 @@ export class CohostClient extends EventTarget {
   unsubscribe(tracks = "all") {
     return this.request(tracks === "all" ? { type: "unsubscribe", all: true } : { type: "unsubscribe", tracks });
   }
+  /**
+   * Choose the layer of a simulcast track (one with `layers`) this client receives: `{layer}`
+   * (a rid from the track's `layers`) or `{maxWidth, maxHeight}`, the size the video is shown
+   * at in device pixels (the server picks the smallest layer covering it). Resolves with the
+   * layer chosen (`undefined` for a track without layers). The switch follows at the next
+   * keyframe of that layer.
+   */
+  async setTrackQuality(trackId, { layer, maxWidth, maxHeight } = {}) {
+    const msg = { type: "set_track_quality", track_id: trackId };
+    if (layer !== undefined) msg.layer = layer;
+    else {
+      msg.max_width = Math.min(16384, Math.max(1, Math.round(maxWidth)));
+      msg.max_height = Math.min(16384, Math.max(1, Math.round(maxHeight)));
+    }
+    const result = await this.request(msg);
+    return result?.layer;
+  }
+
   /** Stop / restart all incoming media without renegotiating (a page in the background). */
   pauseMedia() { return this.request({ type: "pause_media" }); }
   resumeMedia() { return this.request({ type: "resume_media" }); }
@@ -412,7 +449,8 @@ export class CohostClient extends EventTarget {
   /**
    * Per-track statistics from both peer connections' getStats(), bitrates over the time since
    * the previous call: [{direction: "send"|"recv", kind, trackId, participantId, kbps,
-   * lossPct, rttMs, framesDecoded, audioLevel, totalAudioEnergy}].
+   * lossPct, rttMs, framesDecoded, audioLevel, totalAudioEnergy}]; a simulcast video track
+   * has one "send" row per layer, with its `rid`.
    */
   async stats() {
     const out = [];
@@ -442,7 +480,7 @@ export class CohostClient extends EventTarget {
           const ri = remote.get(r.id);
           const src = tracks.get(r.mediaSourceId);
           out.push({
-            direction, kind: r.kind, trackId: src?.trackIdentifier || r.mid, participantId: this.me?.id,
+            direction, kind: r.kind, trackId: src?.trackIdentifier || r.mid, participantId: this.me?.id, rid: r.rid,
             kbps: rate(r.id, r.bytesSent || 0),
             lossPct: ri && ri.fractionLost !== undefined ? ri.fractionLost * 100 : null,
             rttMs: ri?.roundTripTime !== undefined ? ri.roundTripTime * 1000 : pairRtt,
@@ -493,10 +531,40 @@ export class CohostClient extends EventTarget {
 /** Protocol error codes after which reconnecting with the same token cannot help. */
 const FINAL_CLOSE_CODES = new Set(["invalid_token", "token_expired", "wrong_room", "room_full", "seats_full", "host_present"]);
 
+/**
+ * The simulcast layers `publish` sends by default, as `sendEncodings` (lowest quality first,
+ * as the server expects): a quarter, half and the full camera size, for a host sending up to
+ * 800 kbit/s at the top. Which of them are offered depends on the camera size (see
+ * simulcastEncodings); within those, the browser sends the layers its bandwidth estimate
+ * allows, from the bottom. Pass your own array to `publish` for other sizes or bitrates.
+ */
+export const SIMULCAST_ENCODINGS = Object.freeze([
+  Object.freeze({ rid: "q", scaleResolutionDownBy: 4, maxBitrate: 100_000 }),
+  Object.freeze({ rid: "h", scaleResolutionDownBy: 2, maxBitrate: 250_000 }),
+  Object.freeze({ rid: "f", scaleResolutionDownBy: 1, maxBitrate: 800_000 }),
+]);
+
+/**
+ * The layers of SIMULCAST_ENCODINGS to send for a camera of `width` x `height`, or null for
+ * no simulcast. Chromium (libwebrtc) caps the number of simulcast layers by the picture size,
+ * whatever `scaleResolutionDownBy` says: 3 from 960x540 up, 2 from 480x270, else 1; and the
+ * layers it leaves out are the TOP ones: a 640x480 camera offered q/h/f sends only 160x120 and
+ * 320x240 (measured with Chromium 156), so the bridge and every subscriber would get half the
+ * picture. Offer only the top layers it will send, so the top one is always the full picture
+ * (640x480: h and f; 1280x720: q, h and f). A size the browser does not report: all layers.
+ */
+export function simulcastEncodings({ width, height } = {}) {
+  const pixels = width && height ? width * height : Infinity;
+  const n = pixels >= 960 * 540 ? 3 : pixels >= 480 * 270 ? 2 : 1;
+  if (n < 2) return null;
+  return SIMULCAST_ENCODINGS.slice(-n).map((e) => ({ ...e }));
+}
+
 // The bridge (the mixed RTMP/HTTP-FLV output) decodes H.264, not VP8, and browsers offer VP8
 // first unless told otherwise: put H.264 (constrained baseline, packetization-mode=1 first)
-// at the top of the video codec list where the browser lets us.
-function preferH264(transceiver) {
+// at the top of the video codec list where the browser lets us. `rtx: false` leaves the
+// retransmission codec out (simulcast).
+function preferH264(transceiver, { rtx = true } = {}) {
   const caps = globalThis.RTCRtpSender?.getCapabilities?.("video");
   if (!caps || !transceiver.setCodecPreferences) return;
   const rank = (c) => {
@@ -504,7 +572,9 @@ function preferH264(transceiver) {
     const f = c.sdpFmtpLine || "";
     return f.includes("packetization-mode=1") && /profile-level-id=42/.test(f) ? 0 : 1;
   };
-  const codecs = [...caps.codecs].sort((a, b) => rank(a) - rank(b));
+  const codecs = [...caps.codecs]
+    .filter((c) => rtx || c.mimeType.toLowerCase() !== "video/rtx")
+    .sort((a, b) => rank(a) - rank(b));
   try {
     transceiver.setCodecPreferences(codecs);
   } catch {

@@ -127,6 +127,7 @@ async function initEntry() {
   if (q.get("watch")) return initWatch(q.get("watch"));
   for (const k of ["room", "name"]) if (q.get(k)) $(k).value = q.get(k);
   if (q.get("role") === "audience") $("role-audience").checked = true;
+  if (q.get("simulcast") === "0") $("simulcast").checked = false;
   if (q.get("token")) {
     $("token").value = q.get("token");
     $("token-box").open = true;
@@ -210,7 +211,7 @@ function wire(c) {
     showNotice("Reconnected.");
     onJoined(e.detail.joined);
     if (localStream && (wantLive || c.me.role === "cohost") && c.me.role !== "audience") {
-      await c.publish(localStream);
+      await c.publish(localStream, { simulcast: $("simulcast").checked });
       await keepResolution(c);
       if (wantLive) {
         awaitingStart = true;
@@ -347,7 +348,8 @@ function audienceWaiting() {
 
 function videoConstraints() {
   const id = $("camera").value;
-  return { width: { ideal: 640 }, height: { ideal: 480 }, ...(id ? { deviceId: { exact: id } } : {}) };
+  const [width, height] = $("resolution").value.split("x").map(Number);
+  return { width: { ideal: width }, height: { ideal: height }, ...(id ? { deviceId: { exact: id } } : {}) };
 }
 function audioConstraints() {
   const id = $("microphone").value;
@@ -367,7 +369,7 @@ async function openMedia() {
 /** Publish the camera and microphone (host going live, or a co-host taking the seat). */
 async function publishMedia() {
   await openMedia();
-  await client.publish(localStream);
+  await client.publish(localStream, { simulcast: $("simulcast").checked });
   await keepResolution(client);
   renderTiles();
   renderMedia();
@@ -506,6 +508,9 @@ function renderMedia() {
   $("preview").hidden = published;
   $("preview").textContent = localStream ? "Stop preview" : "Preview camera";
   $("mute-mic").hidden = !localStream;
+  // The layers are negotiated when publishing, for the camera size of that moment.
+  $("resolution").disabled = published;
+  $("simulcast").disabled = published;
 }
 
 /** The LIVE badge, the Go live / End live buttons and the line next to them. */
@@ -569,6 +574,8 @@ function renderTiles() {
   }
   for (const [id, t] of tiles) {
     if (!want.has(id)) {
+      tileSizes.unobserve(t.querySelector("video"));
+      clearTimeout(t.qualityTimer);
       t.remove();
       tiles.delete(id);
     }
@@ -581,13 +588,79 @@ function renderTiles() {
       t = el("div", { class: "tile", dataset: { participant: id } }, v, el("span", { class: "label" }), el("span", { class: "muted", hidden: true }));
       tiles.set(id, t);
       box.append(t);
+      if (id !== "local") {
+        tileSizes.observe(v);
+        v.addEventListener("resize", () => renderTileSize(t));
+      }
     }
     const v = t.querySelector("video");
     if (v.srcObject !== w.stream) v.srcObject = w.stream;
     t.querySelector(".label").textContent = w.label;
     t.querySelector(".muted").textContent = w.flags;
     t.querySelector(".muted").hidden = !w.flags;
+    if (id !== "local") scheduleQuality(t);
   }
+}
+
+// ---------------------------------------------------------------- simulcast: a layer per tile
+
+/** Quiet time after a tile's last size change before the page asks for a layer. */
+const QUALITY_DEBOUNCE_MS = 300;
+
+/** Remote tiles whose size changed: ask again for the layer that fits (debounced). */
+const tileSizes = new ResizeObserver((entries) => {
+  for (const e of entries) {
+    const t = e.target.closest(".tile");
+    if (!t) continue;
+    // Device pixels where the browser reports them (exact), else CSS pixels x devicePixelRatio.
+    const dp = e.devicePixelContentBoxSize?.[0];
+    t.shown = dp
+      ? { w: dp.inlineSize, h: dp.blockSize }
+      : { w: e.contentRect.width * devicePixelRatio, h: e.contentRect.height * devicePixelRatio };
+    scheduleQuality(t);
+  }
+});
+
+function scheduleQuality(t, delayMs = QUALITY_DEBOUNCE_MS) {
+  clearTimeout(t.qualityTimer);
+  t.qualityTimer = setTimeout(() => requestQuality(t).catch((err) => console.warn("set_track_quality", err)), delayMs);
+}
+
+/**
+ * Ask for the layer of the participant's simulcast video that covers the tile at its size in
+ * device pixels. The tiles crop the picture to fill (object-fit: cover), so a layer covers the
+ * tile exactly when it is at least the tile's width and height, which is the server's rule
+ * for `max_width`/`max_height`. Asked again only when the track or the size changes.
+ */
+async function requestQuality(t) {
+  const c = client;
+  const p = c?.participants.get(t.dataset.participant);
+  const track = p && [...p.tracks.values()].find((x) => x.kind === "video" && x.layers?.length > 1);
+  if (!track || !t.shown || t.shown.w < 1 || t.shown.h < 1 || !t.isConnected) return;
+  const want = { trackId: track.id, maxWidth: Math.round(t.shown.w), maxHeight: Math.round(t.shown.h) };
+  const key = JSON.stringify(want);
+  if (t.qualityAsked === key) return;
+  t.qualityAsked = key;
+  try {
+    t.layer = await c.setTrackQuality(track.id, want);
+    t.qualityRetries = 0;
+  } catch (err) {
+    t.qualityAsked = null;
+    // A track announced before our subscription to it exists: try again shortly.
+    if (err.code === "unknown_track" && (t.qualityRetries = (t.qualityRetries || 0) + 1) <= 5) scheduleQuality(t, 1000);
+    else throw err;
+    return;
+  }
+  renderTileSize(t);
+}
+
+/** The tile's received picture size and simulcast layer, in its label's tooltip and dataset. */
+function renderTileSize(t) {
+  const v = t.querySelector("video");
+  const size = v.videoWidth ? `${v.videoWidth}x${v.videoHeight}` : "";
+  t.dataset.received = size;
+  if (t.layer) t.dataset.layer = t.layer;
+  t.querySelector(".label").title = `receiving ${size || "nothing yet"}${t.layer ? `, layer ${t.layer}` : ""}`;
 }
 
 // ---------------------------------------------------------------- HTTP-FLV players
@@ -993,6 +1066,7 @@ $("preview").addEventListener("click", act(async () => {
 }));
 $("mute-mic").addEventListener("click", act(async () => setMicMuted(!micMuted)));
 $("camera").addEventListener("change", act(() => switchDevice("video")));
+$("resolution").addEventListener("change", act(() => switchDevice("video")));
 $("microphone").addEventListener("change", act(() => switchDevice("audio")));
 $("copy-url").addEventListener("click", act(async () => {
   await navigator.clipboard.writeText($("stream-url").textContent);
@@ -1122,7 +1196,7 @@ async function renderStats() {
   const fmt = (v, unit, digits = 0) => (v === null || v === undefined || Number.isNaN(v) ? "–" : `${v.toFixed(digits)}${unit}`);
   for (const r of rows) {
     body.append(el("tr", {},
-      el("td", { textContent: `${r.direction === "send" ? "↑" : "↓"} ${name(r.participantId)} ${r.kind}` }),
+      el("td", { textContent: `${r.direction === "send" ? "↑" : "↓"} ${name(r.participantId)} ${r.kind}${r.rid ? ` ${r.rid}` : ""}` }),
       el("td", { textContent: fmt(r.kbps, "") }), el("td", { textContent: fmt(r.lossPct, " %", 1) }),
       el("td", { textContent: fmt(r.rttMs, " ms", 1) })));
   }

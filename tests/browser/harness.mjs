@@ -56,9 +56,9 @@ export async function startServer(env = {}, { listen = "127.0.0.1:0" } = {}) {
 
 /**
  * Launch Chromium with a fake camera and microphone. `video`: a .y4m file the fake camera
- * plays instead of Chromium's built-in test pattern.
+ * plays instead of Chromium's built-in test pattern; `args`: more command-line switches.
  */
-export async function launchBrowser({ video } = {}) {
+export async function launchBrowser({ video, args = [] } = {}) {
   const dir = mkdtempSync(path.join(tmpdir(), "cohost-chromium-"));
   const browser = await chromium.launchPersistentContext(dir, {
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -69,6 +69,7 @@ export async function launchBrowser({ video } = {}) {
       "--disable-component-update", "--disable-sync", "--no-first-run",
       "--autoplay-policy=no-user-gesture-required",
       ...(video ? [`--use-file-for-fake-video-capture=${video}`] : []),
+      ...args,
     ],
   });
   return {
