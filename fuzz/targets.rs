@@ -76,7 +76,7 @@ pub mod amf0_decode {
 pub mod h264_parsers {
     use cohost::bridge::passthrough::{SourceSets, SourceState};
     use cohost::media::rtp_h264::AccessUnit;
-    use cohost::media::{h264, h264_ids};
+    use cohost::media::{h264, h264_ids, rtp_keyframe};
 
     /// Arbitrary bytes into the H.264 helpers (Annex B / AVCC splitting, SPS parsing,
     /// parameter-set ids and their renumbering) and into the passthrough checks a host's
@@ -103,6 +103,11 @@ pub mod h264_parsers {
             let _ = h264_ids::decoder_config(&[&sets.sps], &[&sets.pps]);
         }
         let _ = h264::split_avcc(data);
+        // What the SFU reads from every simulcast packet: keyframe or not, and a keyframe's
+        // SPS (layer sizes).
+        let _ = rtp_keyframe::h264_is_keyframe(data);
+        let _ = rtp_keyframe::vp8_is_keyframe(data);
+        let _ = rtp_keyframe::h264_sps(data).and_then(h264::sps_dimensions);
         let mut sps = vec![0x67];
         sps.extend_from_slice(data);
         let _ = h264::sps_dimensions(&sps);
@@ -323,7 +328,9 @@ pub mod whip_sdp {
     use std::time::Instant;
 
     use cohost::participant::whip::{answer_sdpfrag, parse_sdpfrag};
-    use cohost::peer::{NatMap, interceptors, media_engine, sending_ssrcs, with_ice_credentials};
+    use cohost::peer::{
+        NatMap, interceptors, media_engine, sending_ssrcs, simulcast_sections, with_ice_credentials,
+    };
     use std::sync::OnceLock;
 
     use rtc::crypto::{self, SignatureScheme};
@@ -344,7 +351,8 @@ pub mod whip_sdp {
     /// add the fragment's candidates (`participant::whip::parse_sdpfrag`); when the fragment
     /// carries ICE credentials, an ICE restart as the server does one (`peer::with_ice_credentials`
     /// on the offer, applied again and answered, `participant::whip::answer_sdpfrag` on the answer).
-    /// cohost's own SDP helpers run on the same text (`peer::sending_ssrcs` on re-offers,
+    /// cohost's own SDP helpers run on the same text (`peer::sending_ssrcs` and
+    /// `peer::simulcast_sections` on offers,
     /// `peer::NatMap::sdp` on answers). The whip module's private pre-checks (`check_offer`, `ice_ufrag`, `receiving_kinds`) only
     /// iterate lines and compare strings.
     ///
@@ -375,6 +383,7 @@ pub mod whip_sdp {
             let _ = SessionDescription::unmarshal(&mut Cursor::new(again.as_bytes()));
         }
         let _ = sending_ssrcs(offer);
+        let _ = simulcast_sections(offer);
         let nat = NatMap::new(&["203.0.113.7".into(), "2001:db8::7".into()]);
         let _ = nat.sdp(offer);
         let cands = parse_sdpfrag(frag);

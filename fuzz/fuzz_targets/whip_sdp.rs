@@ -8,7 +8,8 @@
 //! add the fragment's candidates (`participant::whip::parse_sdpfrag`); when the fragment carries
 //! ICE credentials, an ICE restart as the server does one (`peer::with_ice_credentials` on the
 //! offer, applied again and answered, `participant::whip::answer_sdpfrag` on the answer).
-//! cohost's own SDP helpers run on the same text (`peer::sending_ssrcs` on re-offers,
+//! cohost's own SDP helpers run on the same text (`peer::sending_ssrcs` and `peer::simulcast_sections`
+//! on offers,
 //! `peer::NatMap::sdp` on answers). The whip module's private pre-checks (`check_offer`, `ice_ufrag`, `receiving_kinds`) only
 //! iterate lines and compare strings.
 //!
