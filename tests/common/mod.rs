@@ -35,6 +35,7 @@ use cohost::auth::{Authenticator, Claims, Role};
 use cohost::config::AuthConfig;
 
 pub mod impair;
+pub mod netns;
 
 pub const T: Duration = Duration::from_secs(15);
 
@@ -64,23 +65,44 @@ impl Server {
     }
 
     pub async fn start_with(env: &[(&str, &str)]) -> Server {
+        Self::start_at(None, "127.0.0.1", env).await
+    }
+
+    /// The server inside network namespace `ns` ([`netns::Netns`]), listening and gathering
+    /// its ICE candidates on `ip`, its address there.
+    pub async fn start_in_netns(ns: &str, ip: &str, env: &[(&str, &str)]) -> Server {
+        let mut env = env.to_vec();
+        // Not loopback: the development secret must be allowed explicitly.
+        env.extend([
+            ("COHOST_WEBRTC__BIND_IP", ip),
+            ("COHOST_SERVER__ALLOW_DEV_SECRET", "true"),
+        ]);
+        Self::start_at(Some(ns), ip, &env).await
+    }
+
+    async fn start_at(ns: Option<&str>, ip: &str, env: &[(&str, &str)]) -> Server {
         init_logs();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohost"));
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--rtmp-listen",
-            "127.0.0.1:0",
-        ])
-        .env_remove("COHOST_CONFIG")
-        .env(
-            "COHOST_LOG",
-            std::env::var("COHOST_LOG").unwrap_or_else(|_| "warn,rtc=error,webrtc=error".into()),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+        let bin = env!("CARGO_BIN_EXE_cohost");
+        let mut cmd = match ns {
+            // `ip netns exec` execs the server: the child's PID is the server's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let listen = format!("{ip}:0");
+        cmd.args(["serve", "--listen", &listen, "--rtmp-listen", &listen])
+            .env_remove("COHOST_CONFIG")
+            .env(
+                "COHOST_LOG",
+                std::env::var("COHOST_LOG")
+                    .unwrap_or_else(|_| "warn,rtc=error,webrtc=error".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
         // Most tests start bridges themselves (and check the answers); tests of going live in
         // one step turn the default back on.
         cmd.env("COHOST_BRIDGE__AUTO_START", "false");
@@ -784,7 +806,7 @@ pub async fn build_pc(
     connected: Arc<AtomicBool>,
     loss: Option<(u16, bool, Arc<AtomicU64>)>,
 ) -> Arc<dyn PeerConnection> {
-    build_pc_with(target, ws, received, connected, loss, None).await
+    build_pc_with(target, ws, received, connected, loss, None, "127.0.0.1").await
 }
 
 /// [`build_pc`], with received RTP going through `policer` first.
@@ -795,6 +817,7 @@ pub async fn build_pc_with(
     connected: Arc<AtomicBool>,
     loss: Option<(u16, bool, Arc<AtomicU64>)>,
     policer: Option<RatePolicer>,
+    bind_ip: &str,
 ) -> Arc<dyn PeerConnection> {
     let mut me = cohost::peer::media_engine().unwrap();
     let mut reg = cohost::peer::interceptors(&mut me).unwrap();
@@ -832,7 +855,7 @@ pub async fn build_pc_with(
             received,
             connected,
         }) as Arc<dyn PeerConnectionEventHandler>)
-        .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+        .with_udp_addrs(vec![format!("{bind_ip}:0")])
         .build()
         .await
         .expect("client pc");
@@ -917,6 +940,8 @@ pub struct Client {
     /// applied (the server trickles them as soon as it has them); added after the answer.
     pending_pub: Arc<Mutex<Vec<RTCIceCandidateInit>>>,
     auto: tokio::task::JoinHandle<()>,
+    /// The local address its peer connections use (127.0.0.1 unless the server is elsewhere).
+    pub bind_ip: String,
 }
 
 impl Drop for Client {
@@ -962,7 +987,28 @@ impl Client {
         token: &str,
         sub_loss: Option<(u16, Arc<AtomicU64>)>,
     ) -> Result<Client, Value> {
-        Self::join_full(server, token, sub_loss, false, None).await
+        Self::join_full(server, token, sub_loss, false, None, "127.0.0.1").await
+    }
+
+    /// Join with peer connections on `bind_ip` (a server in a network namespace).
+    pub async fn join_at(
+        server: &Server,
+        room: &str,
+        identity: &str,
+        role: Role,
+        bind_ip: &str,
+    ) -> Client {
+        let token = server.token(room, identity, role);
+        Self::join_full(server, &token, None, false, None, bind_ip)
+            .await
+            .expect("join")
+    }
+
+    /// An audience member receiving every track, its peer connections on `bind_ip`.
+    pub async fn watch_at(server: &Server, room: &str, identity: &str, bind_ip: &str) -> Client {
+        let c = Self::join_at(server, room, identity, Role::Audience, bind_ip).await;
+        c.subscribe_all().await;
+        c
     }
 
     /// An audience member receiving every track over a narrow downlink ([`RatePolicer`]).
@@ -973,7 +1019,7 @@ impl Client {
         policer: RatePolicer,
     ) -> Client {
         let token = server.token(room, identity, Role::Audience);
-        let c = Self::join_full(server, &token, None, false, Some(policer))
+        let c = Self::join_full(server, &token, None, false, Some(policer), "127.0.0.1")
             .await
             .expect("join");
         c.subscribe_all().await;
@@ -983,7 +1029,7 @@ impl Client {
     /// Join with `resumable`: the join result carries a `resume_token`.
     pub async fn join_resumable(server: &Server, room: &str, identity: &str, role: Role) -> Client {
         let token = server.token(room, identity, role);
-        Self::join_full(server, &token, None, true, None)
+        Self::join_full(server, &token, None, true, None, "127.0.0.1")
             .await
             .expect("join")
     }
@@ -1009,6 +1055,7 @@ impl Client {
         sub_loss: Option<(u16, Arc<AtomicU64>)>,
         resumable: bool,
         policer: Option<RatePolicer>,
+        bind_ip: &str,
     ) -> Result<Client, Value> {
         let (auto_tx, mut auto_rx) = mpsc::unbounded_channel::<Value>();
         let sig = Signal::connect_with(&server.ws_url(), Some(auto_tx)).await;
@@ -1021,6 +1068,7 @@ impl Client {
             sub_connected.clone(),
             sub_loss.map(|(n, d)| (n, true, d)),
             policer,
+            bind_ip,
         )
         .await;
         let publisher: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Default::default();
@@ -1093,6 +1141,7 @@ impl Client {
             offers_answered,
             pending_pub,
             auto,
+            bind_ip: bind_ip.to_string(),
         })
     }
 
