@@ -564,21 +564,7 @@ async fn subscriber_on_a_narrow_downlink_moves_down_a_layer_and_back_up() {
 
     // What the top layer costs on the wire, unlimited.
     let bits = |p: &Arc<AtomicU64>| p.load(Ordering::SeqCst);
-    let bytes = || {
-        viewer
-            .received
-            .lock()
-            .unwrap()
-            .get(&local_id)
-            .map_or(0, |r| {
-                r.raw.iter().map(|p| p.3.len() as u64 + 40).sum::<u64>()
-            })
-    };
-    let (b0, t0) = (bytes(), Instant::now());
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let top_bps = (bytes() - b0) * 8 * 1000 / t0.elapsed().as_millis() as u64;
-    println!("top layer: {top_bps} bit/s");
-    assert!(top_bps > 400_000, "the top layer is the big one: {top_bps}");
+    let top_bps = top_layer_bps(&viewer, &local_id).await;
 
     // The link narrows to half of that: the server moves the viewer down.
     let limit = top_bps / 2;
@@ -700,33 +686,11 @@ async fn bridge_takes_the_smallest_layer_that_covers_each_tile() {
 
     // Record the output while the layout changes: the co-host's tile grows, its layer goes up
     // (its decoder gets a new SPS at the top layer's IDR mid-stream).
-    let url = format!("http://{}/live/simbr.flv", server.addr);
-    let recording = tokio::process::Command::new("ffmpeg")
-        .args([
-            "-v", "error", "-i", &url, "-map", "0:v", "-t", "8", "-f", "framemd5", "-",
-        ])
-        .output();
+    let recording = record_output(&server, "simbr", 8);
     let change = async {
         // Let the recording start on the pip picture: once ffmpeg plays from the origin.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, body) = server.get("/v1/rooms/simbr", Some(&admin)).await;
-            let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
-            if v["counts"]["viewers"].as_u64().unwrap_or(0) >= 1 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "ffmpeg never played: {body}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let (s, body) = server
-            .send_json(
-                "PATCH",
-                "/v1/rooms/simbr/bridge",
-                &admin,
-                &json!({"layout": "grid"}),
-            )
-            .await;
-        assert_eq!(s, 200, "{body}");
+        wait_player(&server, "simbr", &admin).await;
+        set_layout(&server, "simbr", &admin, "grid").await;
         let asked = Instant::now();
         let v = common::wait_bridge(
             &server,
@@ -746,17 +710,7 @@ async fn bridge_takes_the_smallest_layer_that_covers_each_tile() {
         assert_eq!(layer(&v, &host_pid).0, "f", "{v}");
     };
     let (out, ()) = tokio::join!(recording, change);
-    let out = out.expect("ffmpeg runs");
-    let errors = String::from_utf8_lossy(&out.stderr);
-    let frames = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with("0,"))
-        .count();
-    assert!(
-        out.status.success() && errors.trim().is_empty(),
-        "ffmpeg: {errors}"
-    );
-    assert!(frames >= 60, "decoded {frames} frames of 8 s");
+    assert_decoded(out, 60);
     // The bridge's own decoders never failed on a layer switch.
     let v = common::wait_bridge(&server, &admin, "simbr", 5, "stats", |_| true).await;
     for i in v["stats"]["video_inputs"].as_array().unwrap() {
@@ -858,33 +812,11 @@ async fn simulcast_host_in_a_grid_goes_down_a_layer_and_passthrough_resumes_on_t
         (json!(w), json!(h))
     );
 
-    let url = format!("http://{}/live/simgrid.flv", server.addr);
-    let recording = tokio::process::Command::new("ffmpeg")
-        .args([
-            "-v", "error", "-i", &url, "-map", "0:v", "-t", "10", "-f", "framemd5", "-",
-        ])
-        .output();
+    let recording = record_output(&server, "simgrid", 10);
     let change = async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, body) = server.get("/v1/rooms/simgrid", Some(&admin)).await;
-            let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
-            if v["counts"]["viewers"].as_u64().unwrap_or(0) >= 1 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "ffmpeg never played: {body}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_player(&server, "simgrid", &admin).await;
         // Three in a 2x2 grid of 512x288: the host's 256x144 tile is covered by "h".
-        let (s, body) = server
-            .send_json(
-                "PATCH",
-                "/v1/rooms/simgrid/bridge",
-                &admin,
-                &json!({"layout": "grid"}),
-            )
-            .await;
-        assert_eq!(s, 200, "{body}");
+        set_layout(&server, "simgrid", &admin, "grid").await;
         let v = common::wait_bridge(
             &server,
             &admin,
@@ -896,15 +828,7 @@ async fn simulcast_host_in_a_grid_goes_down_a_layer_and_passthrough_resumes_on_t
         .await;
         let passed = v["stats"]["passthrough_frames"].as_u64().unwrap_or(0);
         // Alone on screen again: the top layer, and passing through once its IDR is there.
-        let (s, body) = server
-            .send_json(
-                "PATCH",
-                "/v1/rooms/simgrid/bridge",
-                &admin,
-                &json!({"layout": "solo"}),
-            )
-            .await;
-        assert_eq!(s, 200, "{body}");
+        set_layout(&server, "simgrid", &admin, "solo").await;
         let v = common::wait_bridge(
             &server,
             &admin,
@@ -922,17 +846,7 @@ async fn simulcast_host_in_a_grid_goes_down_a_layer_and_passthrough_resumes_on_t
         assert_eq!(v["stats"]["width"], w, "{v}");
     };
     let (out, ()) = tokio::join!(recording, change);
-    let out = out.expect("ffmpeg runs");
-    let errors = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && errors.trim().is_empty(),
-        "ffmpeg: {errors}"
-    );
-    let frames = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with("0,"))
-        .count();
-    assert!(frames >= 60, "decoded {frames} frames of 10 s");
+    assert_decoded(out, 60);
 }
 
 /// The same with the kernel's `tbf` as the narrow link: the server runs in a network namespace
@@ -965,21 +879,7 @@ async fn subscriber_behind_a_tbf_limited_link_moves_down_a_layer_and_back_up() {
             .map(|r| r.seqs.clone())
             .unwrap_or_default()
     };
-    let bytes = || {
-        viewer
-            .received
-            .lock()
-            .unwrap()
-            .get(&local_id)
-            .map_or(0, |r| {
-                r.raw.iter().map(|p| p.3.len() as u64 + 40).sum::<u64>()
-            })
-    };
-    let (b0, t0) = (bytes(), Instant::now());
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let top_bps = (bytes() - b0) * 8 * 1000 / t0.elapsed().as_millis() as u64;
-    println!("top layer: {top_bps} bit/s");
-    assert!(top_bps > 400_000, "the top layer is the big one: {top_bps}");
+    let top_bps = top_layer_bps(&viewer, &local_id).await;
 
     let kbit = top_bps / 2 / 1000;
     ns.limit(Some(kbit)).expect("tbf");
@@ -1042,4 +942,81 @@ async fn subscriber_behind_a_tbf_limited_link_moves_down_a_layer_and_back_up() {
     })
     .await;
     println!("back on the top layer after {:?}", lifted.elapsed());
+}
+
+/// ffmpeg reading the room's HTTP-FLV output for `secs` seconds, decoding every picture.
+fn record_output(
+    server: &Server,
+    room: &str,
+    secs: u32,
+) -> impl std::future::Future<Output = std::io::Result<std::process::Output>> {
+    let url = format!("http://{}/live/{room}.flv", server.addr);
+    let secs = secs.to_string();
+    tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v", "error", "-i", &url, "-map", "0:v", "-t", &secs, "-f", "framemd5", "-",
+        ])
+        .output()
+}
+
+/// Wait until the origin counts a player of the room (ffmpeg has started reading).
+async fn wait_player(server: &Server, room: &str, admin: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = server.get(&format!("/v1/rooms/{room}"), Some(admin)).await;
+        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        if v["counts"]["viewers"].as_u64().unwrap_or(0) >= 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "ffmpeg never played: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn set_layout(server: &Server, room: &str, admin: &str, layout: &str) {
+    let (s, body) = server
+        .send_json(
+            "PATCH",
+            &format!("/v1/rooms/{room}/bridge"),
+            admin,
+            &json!({ "layout": layout }),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+}
+
+/// What [`record_output`] read decoded without an error, at least `min_frames` pictures.
+fn assert_decoded(out: std::io::Result<std::process::Output>, min_frames: usize) {
+    let out = out.expect("ffmpeg runs");
+    let errors = String::from_utf8_lossy(&out.stderr);
+    let frames = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("0,"))
+        .count();
+    assert!(
+        out.status.success() && errors.trim().is_empty(),
+        "ffmpeg: {errors}"
+    );
+    assert!(frames >= min_frames, "decoded {frames} frames");
+}
+
+/// What the viewer receives of `local_id` over 3 s on the wire (payload + 40 bytes of headers
+/// per packet), in bit/s; it must be the top layer's (over 400 kbit/s) to be worth narrowing.
+async fn top_layer_bps(viewer: &Client, local_id: &str) -> u64 {
+    let bytes = || {
+        viewer
+            .received
+            .lock()
+            .unwrap()
+            .get(local_id)
+            .map_or(0, |r| {
+                r.raw.iter().map(|p| p.3.len() as u64 + 40).sum::<u64>()
+            })
+    };
+    let (b0, t0) = (bytes(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bps = (bytes() - b0) * 8 * 1000 / t0.elapsed().as_millis() as u64;
+    println!("top layer: {bps} bit/s");
+    assert!(bps > 400_000, "the top layer is the big one: {bps}");
+    bps
 }
