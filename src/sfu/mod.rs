@@ -440,6 +440,10 @@ impl TrackRouter {
         TOTALS.bytes_in.fetch_add(len, Ordering::Relaxed);
         if sim.ssrcs[li].load(Ordering::Relaxed) != pkt.header.ssrc {
             sim.ssrcs[li].store(pkt.header.ssrc, Ordering::Relaxed);
+            // Owed a keyframe before it arrived: the request can name it now.
+            if sim.keyframe_owed.load(Ordering::Relaxed) & (1 << li) != 0 {
+                self.request_keyframe_inner();
+            }
         }
         let keyframe = self.is_keyframe(&pkt.payload);
         // A layer's size is read from its keyframes' SPS (cheap: a few per second at most).
@@ -655,17 +659,30 @@ impl TrackRouter {
 
     /// The SSRCs the publisher's keyframe task should send a PLI for now: the layers owed a
     /// request whose SSRC is known. Empty for a plain track (the track's own SSRC then), and
-    /// for a simulcast track whose owed layers have not arrived yet.
+    /// for a simulcast track whose owed layers have not arrived yet. A layer whose SSRC is not
+    /// known stays owed, and its first packet asks again: else a subscriber (the bridge, at
+    /// its start) that asked before the layer arrived waits for the publisher's next
+    /// periodic keyframe.
     pub fn take_keyframe_ssrcs(&self) -> Vec<u32> {
         let Some(sim) = &self.simulcast else {
             return vec![];
         };
         let owed = sim.keyframe_owed.swap(0, Ordering::Relaxed);
-        (0..sim.rids.len())
-            .filter(|l| owed & (1 << l) != 0)
-            .map(|l| sim.ssrcs[l].load(Ordering::Relaxed))
-            .filter(|&s| s != 0)
-            .collect()
+        let mut unknown = 0u8;
+        let mut out = vec![];
+        for l in 0..sim.rids.len() {
+            if owed & (1 << l) == 0 {
+                continue;
+            }
+            match sim.ssrcs[l].load(Ordering::Relaxed) {
+                0 => unknown |= 1 << l,
+                s => out.push(s),
+            }
+        }
+        if unknown != 0 {
+            sim.keyframe_owed.fetch_or(unknown, Ordering::Relaxed);
+        }
+        out
     }
 
     pub fn set_muted(&self, muted: bool) {
@@ -841,6 +858,30 @@ mod tests {
             },
             vec!["q".into(), "h".into(), "f".into()],
         )
+    }
+
+    /// A keyframe asked of a layer before its first packet (a subscriber, e.g. the bridge,
+    /// that starts before the publisher's top layer): the request stays owed, and the layer's
+    /// first packet asks again, now naming its SSRC.
+    #[tokio::test]
+    async fn keyframe_owed_by_a_layer_not_seen_yet_is_asked_when_it_arrives() {
+        let (r, mut kf) = sim_router();
+        let _s = r.subscribe(10);
+        r.forward_layer(layer_pkt(0, 0, false), 0);
+        // (The new subscription asked for the layer it can start on; served.)
+        r.take_keyframe_ssrcs();
+        while kf.try_recv().is_ok() {}
+        r.request_keyframe_layers(1 << 2);
+        assert!(kf.try_recv().is_ok());
+        // f (SSRC 102) has not sent anything: nothing to name yet, but still owed.
+        assert_eq!(r.take_keyframe_ssrcs(), Vec::<u32>::new());
+        assert!(kf.try_recv().is_err());
+        r.forward_layer(layer_pkt(2, 0, false), 2);
+        assert!(kf.try_recv().is_ok(), "f's first packet asks again");
+        assert_eq!(r.take_keyframe_ssrcs(), vec![102]);
+        // Served: nothing more owed.
+        r.forward_layer(layer_pkt(1, 0, false), 1);
+        assert_eq!(r.take_keyframe_ssrcs(), Vec::<u32>::new());
     }
 
     /// A packet of layer `l`: SSRC 100 + l, its own numbering; a keyframe starts with an IDR
