@@ -57,41 +57,7 @@ async fn cli_stream_key(room: &str, identity: &str, env: &[(&str, &str)]) -> (St
 
 /// ffmpeg publishing test pictures and a 440 Hz tone (44.1 kHz) for `secs` seconds, in real time.
 fn ffmpeg_push(url: &str, secs: u32) -> Child {
-    ffmpeg_push_from(url, "testsrc=size=320x240:rate=30", secs, Stdio::piped())
-}
-
-/// ffmpeg publishing lavfi `video` (x264 baseline, 1 s GOP) and a 440 Hz tone (AAC) to `url`.
-fn ffmpeg_push_from(url: &str, video: &str, secs: u32, stderr: Stdio) -> Child {
-    Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-re"])
-        .args(["-f", "lavfi", "-i", video])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args(["-t", &secs.to_string()])
-        .args([
-            "-c:v",
-            "libx264",
-            "-profile:v",
-            "baseline",
-            "-bf",
-            "0",
-            "-g",
-            "30",
-        ])
-        .args([
-            "-pix_fmt",
-            "yuv420p",
-            "-preset",
-            "ultrafast",
-            "-tune",
-            "zerolatency",
-        ])
-        .args(["-c:a", "aac", "-b:a", "96k", "-f", "flv", url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ffmpeg (Debian ffmpeg) must be installed")
+    common::ffmpeg_push_lavfi(url, "testsrc=size=320x240:rate=30", secs, Stdio::piped())
 }
 
 async fn room_identities(server: &Server, room: &str) -> Vec<String> {
@@ -864,7 +830,7 @@ async fn kicked_rtmp_publisher_is_disconnected() {
 
 /// ffmpeg publishing a plain `colour` picture (and a tone) for `secs` seconds, in real time.
 fn ffmpeg_push_colour(url: &str, colour: &str, secs: u32) -> Child {
-    ffmpeg_push_from(
+    common::ffmpeg_push_lavfi(
         url,
         &format!("color=c={colour}:size=320x240:rate=30"),
         secs,

@@ -615,32 +615,13 @@ async fn rtmp_ingest_is_reported_from_start_to_stop() {
     )
     .unwrap();
     // Two seconds of test pictures and a tone, then ffmpeg ends the stream.
-    let status = tokio::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args([
-            "-t",
-            "2",
-            "-c:v",
-            "libx264",
-            "-profile:v",
-            "baseline",
-            "-bf",
-            "0",
-        ])
-        .args(["-g", "30", "-pix_fmt", "yuv420p", "-preset", "ultrafast"])
-        .args([
-            "-c:a",
-            "aac",
-            "-f",
-            "flv",
-            &format!("rtmp://{rtmp}/live/{key}"),
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .status();
+    let mut ffmpeg = common::ffmpeg_push_lavfi(
+        &format!("rtmp://{rtmp}/live/{key}"),
+        "testsrc=size=320x240:rate=30",
+        2,
+        std::process::Stdio::null(),
+    );
+    let status = ffmpeg.wait();
     let status = tokio::time::timeout(Duration::from_secs(30), status)
         .await
         .expect("ffmpeg finished")
@@ -703,33 +684,13 @@ async fn auth_hook(State(b): State<Arc<AuthBackend>>, h: HeaderMap, raw: Bytes) 
 
 /// ffmpeg publishing one second of test media to `url`; whether it was let in to the end.
 async fn ffmpeg_publish_1s(url: &str) -> bool {
-    let status = tokio::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "quiet", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=160x120:rate=15"])
-        .args([
-            "-t",
-            "1",
-            "-c:v",
-            "libx264",
-            "-profile:v",
-            "baseline",
-            "-bf",
-            "0",
-        ])
-        .args([
-            "-pix_fmt",
-            "yuv420p",
-            "-preset",
-            "ultrafast",
-            "-f",
-            "flv",
-            url,
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .status();
+    let mut ffmpeg = common::ffmpeg_push_lavfi(
+        url,
+        "testsrc=size=160x120:rate=15",
+        1,
+        std::process::Stdio::null(),
+    );
+    let status = ffmpeg.wait();
     tokio::time::timeout(Duration::from_secs(30), status)
         .await
         .expect("ffmpeg finished")

@@ -1942,3 +1942,42 @@ pub async fn post_sdp(server: &Server, path: &str, token: Option<&str>, sdp: &st
     }
     http(server, "POST", path, &h, sdp.as_bytes()).await
 }
+
+/// ffmpeg publishing lavfi `video` (x264 baseline, 1 s GOP) and a 440 Hz tone (AAC) to `url`.
+pub fn ffmpeg_push_lavfi(
+    url: &str,
+    video: &str,
+    secs: u32,
+    stderr: Stdio,
+) -> tokio::process::Child {
+    tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", video])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", &secs.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-profile:v",
+            "baseline",
+            "-bf",
+            "0",
+            "-g",
+            "30",
+        ])
+        .args([
+            "-pix_fmt",
+            "yuv420p",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args(["-c:a", "aac", "-b:a", "96k", "-f", "flv", url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ffmpeg (Debian ffmpeg) must be installed")
+}
