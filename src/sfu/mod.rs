@@ -305,12 +305,9 @@ impl LayerControl {
         if self.router.simulcast.is_none() {
             return self.router.sender_report();
         }
-        let subs = match self.router.subs.read() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        let sel = subs.iter().find(|s| s.id == self.id)?.sel.as_ref()?;
-        lock(sel).fwd.output_sender_report()
+        self.router
+            .with_selector(self.id, |g| g.fwd.output_sender_report())
+            .flatten()
     }
 
     pub fn router(&self) -> &Arc<TrackRouter> {
@@ -561,22 +558,13 @@ impl TrackRouter {
             return Ok(None);
         };
         let asked = sim.target_for(&req)?;
-        let subs = match self.subs.read() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        let sel = subs
-            .iter()
-            .find(|s| s.id == id)
-            .and_then(|s| s.sel.as_ref())
+        let owed = self
+            .with_selector(id, |g| {
+                g.request = Some(req);
+                let t = sim.wanted(g.request.as_ref(), g.cap);
+                g.fwd.set_target(t, Instant::now()).ok().flatten()
+            })
             .ok_or(SelectError::NotSubscribed)?;
-        let owed = {
-            let mut g = lock(sel);
-            g.request = Some(req);
-            let t = sim.wanted(g.request.as_ref(), g.cap);
-            g.fwd.set_target(t, Instant::now()).ok().flatten()
-        };
-        drop(subs);
         if let Some(k) = owed {
             self.request_keyframe_layers(1 << k);
         }
@@ -587,19 +575,7 @@ impl TrackRouter {
     /// Apply what subscription `id`'s downlink carries.
     fn set_cap(&self, id: u64, cap: downlink::Cap) {
         let Some(sim) = &self.simulcast else { return };
-        let subs = match self.subs.read() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        let Some(sel) = subs
-            .iter()
-            .find(|s| s.id == id)
-            .and_then(|s| s.sel.as_ref())
-        else {
-            return;
-        };
-        let owed = {
-            let mut g = lock(sel);
+        let owed = self.with_selector(id, |g| {
             g.cap = cap;
             let t = sim.wanted(g.request.as_ref(), cap);
             if g.fwd.target() == t {
@@ -607,46 +583,40 @@ impl TrackRouter {
             } else {
                 g.fwd.set_target(t, Instant::now()).ok().flatten()
             }
-        };
-        drop(subs);
-        if let Some(k) = owed {
+        });
+        if let Some(Some(k)) = owed {
             self.request_keyframe_layers(1 << k);
         }
     }
 
     /// The downlink cap of subscription `id` (simulcast only).
     fn cap_of(&self, id: u64) -> Option<downlink::Cap> {
-        self.simulcast.as_ref()?;
-        let subs = match self.subs.read() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        let sel = subs.iter().find(|s| s.id == id)?.sel.as_ref()?;
-        Some(lock(sel).cap)
+        self.with_selector(id, |g| g.cap)
     }
 
     /// The layer subscription `id` gets or is heading for (simulcast only).
     fn layer_of(&self, id: u64) -> Option<u8> {
-        self.simulcast.as_ref()?;
-        let subs = match self.subs.read() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        let sel = subs.iter().find(|s| s.id == id)?.sel.as_ref()?;
-        let g = lock(sel);
-        g.fwd.current().or(g.fwd.target())
+        self.with_selector(id, |g| g.fwd.current().or(g.fwd.target()))
+            .flatten()
     }
 
     fn sub_layers(&self, id: u64) -> Option<(Option<String>, Option<String>)> {
         let sim = self.simulcast.as_ref()?;
+        let rid = |l: Option<u8>| l.and_then(|l| sim.rids.get(usize::from(l)).cloned());
+        self.with_selector(id, |g| (rid(g.fwd.current()), rid(g.fwd.target())))
+    }
+
+    /// Run `f` on subscription `id`'s layer selector; `None` for a plain track or a
+    /// subscription that is gone. Keyframe requests `f` yields are the caller's to send, after
+    /// the locks are released.
+    fn with_selector<R>(&self, id: u64, f: impl FnOnce(&mut Selector) -> R) -> Option<R> {
         let subs = match self.subs.read() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
         let sel = subs.iter().find(|s| s.id == id)?.sel.as_ref()?;
-        let g = lock(sel);
-        let rid = |l: Option<u8>| l.and_then(|l| sim.rids.get(usize::from(l)).cloned());
-        Some((rid(g.fwd.current()), rid(g.fwd.target())))
+        let mut g = lock(sel);
+        Some(f(&mut g))
     }
 
     /// Ask the publisher for keyframes of the layers in `mask` (bit per layer).
