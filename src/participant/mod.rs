@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -16,13 +16,12 @@ use crate::auth::{Authenticator, Claims, Role};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peer::{
-    Feedback, IceCandidate, Inbound, LocalTrack, MediaKind, Peer, PeerError, PeerEvent,
-    PeerFactory, PeerState, RemoteTrack,
+    IceCandidate, LocalTrack, MediaKind, Peer, PeerError, PeerEvent, PeerFactory, PeerState,
+    RemoteTrack,
 };
 use stats::{PublishedTrack, STATS_INTERVAL, StatsRefresher};
 
 use crate::room::{Actor, EventRx, Registry, Room, RoomError, RoomEvent, new_track_id};
-use crate::sfu::keyframe::{Decision, KeyframeThrottle};
 use crate::sfu::{LayerControl, LayerRequest, TrackRouter};
 use crate::signaling::protocol::{
     Candidate, ClientMessage, ErrorCode, JoinResult, Kind, LeaveReason, Limits, MessageBody,
@@ -32,11 +31,14 @@ use crate::signaling::session::{Action, MAX_TICK, Session};
 
 pub mod rtmp;
 
+mod media;
 mod outbox;
 mod resume;
 pub mod stats;
 mod subscribe;
 pub mod whip;
+
+pub(crate) use media::{forward_tasks, publish_tasks};
 
 pub use outbox::{Next, Outbox, OutboxRx, outbox};
 
@@ -1593,203 +1595,6 @@ impl Driver {
 /// `bridge.auto_start`: a host's first published track starts the room's bridge.
 pub(crate) fn auto_start_bridge(svc: &Services, room: &str, role: Role) {
     crate::bridge::control::auto_start(&svc.bridge_ctl(None), room, role);
-}
-
-/// The tasks behind one published track: a reader that feeds the publisher's packets (and
-/// sender reports) into `router`, and a keyframe task that turns subscribers' requests into
-/// throttled PLIs to the publisher. `on_end` runs when the publisher's track ends.
-pub(crate) fn publish_tasks(
-    mut t: RemoteTrack,
-    router: Arc<TrackRouter>,
-    mut kf_rx: mpsc::Receiver<()>,
-    svc: &Services,
-    room: Arc<Room>,
-    on_end: Box<dyn FnOnce() + Send>,
-) -> Vec<JoinHandle<()>> {
-    let r = router.clone();
-    let requester = t.keyframe_requester();
-    let stall_after = svc.cfg.webrtc.media_stall_timeout;
-    let reader = tokio::spawn(async move {
-        // Media that stops while the connection stays up (the publisher's encoder died,
-        // packets are lost or dropped somewhere) must not go unnoticed: a bridge would show a
-        // frozen tile and nobody would know why. Only RTP counts (sender reports go on), and
-        // one timer is re-armed when it fires rather than one made per packet.
-        let mut last_rtp = tokio::time::Instant::now();
-        let check = tokio::time::sleep(stall_after);
-        tokio::pin!(check);
-        loop {
-            let inbound = tokio::select! {
-                inbound = t.recv() => match inbound {
-                    Some(inbound) => inbound,
-                    None => break,
-                },
-                () = &mut check => {
-                    let now = tokio::time::Instant::now();
-                    if now >= last_rtp + stall_after
-                        && !r.stats.stalled.swap(true, Ordering::Relaxed)
-                    {
-                        crate::sfu::TOTALS
-                            .media_stalls
-                            .fetch_add(1, Ordering::Relaxed);
-                        warn!(room = %room.name, participant = %r.participant_id, track = %r.id,
-                            kind = ?r.kind, "publisher media stopped: no RTP for {stall_after:?}");
-                        room.track_stalled(&r, true);
-                    }
-                    check.as_mut().reset(last_rtp.max(now) + stall_after);
-                    continue;
-                }
-            };
-            if matches!(inbound, Inbound::Rtp(..)) {
-                last_rtp = tokio::time::Instant::now();
-                if r.stats.stalled.load(Ordering::Relaxed)
-                    && r.stats.stalled.swap(false, Ordering::Relaxed)
-                {
-                    info!(room = %room.name, participant = %r.participant_id, track = %r.id,
-                        "publisher media resumed");
-                    room.track_stalled(&r, false);
-                }
-            }
-            let (mut p, layer) = match inbound {
-                Inbound::Rtp(p, layer) => (p, layer),
-                Inbound::SenderReport(sr, layer) => {
-                    if r.sender_report().is_none() {
-                        debug!(track = %r.id, layer, "first sender report");
-                    }
-                    r.set_layer_sender_report(layer, sr);
-                    continue;
-                }
-            };
-            // Header extensions carry ids negotiated with this publisher only; every
-            // subscriber leg drops them, so drop them once here and keep the per-subscriber
-            // clones allocation-free.
-            p.header.extension = false;
-            p.header.extension_profile = 0;
-            p.header.extensions.clear();
-            r.forward_layer(p, layer);
-        }
-        on_end();
-    });
-    // Keyframe requests from subscribers, throttled, out to the publisher as PLI.
-    let interval = svc.cfg.webrtc.keyframe_request_interval;
-    let metrics = svc.metrics.clone();
-    let pli_track = router.id.clone();
-    let pli_router = router.clone();
-    let pli = tokio::spawn(async move {
-        let mut throttle = KeyframeThrottle::new(interval);
-        while kf_rx.recv().await.is_some() {
-            match throttle.request(Instant::now()) {
-                Decision::SendNow => {}
-                Decision::SendAt(at) => {
-                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await
-                }
-                Decision::Coalesced => continue,
-            }
-            // A simulcast track: one PLI per layer owed a keyframe (those not seen yet are
-            // asked through the track's first SSRC).
-            let ssrcs = pli_router.take_keyframe_ssrcs();
-            debug!(track = %pli_track, ?ssrcs, "PLI to publisher");
-            let sent = if ssrcs.is_empty() {
-                requester.send_pli().await.map(|()| 1)
-            } else {
-                let mut n = 0;
-                for ssrc in ssrcs {
-                    if let Err(e) = requester.send_pli_to(ssrc).await {
-                        debug!(track = %pli_track, "PLI: {e}");
-                        break;
-                    }
-                    n += 1;
-                }
-                Ok(n)
-            };
-            let Ok(n) = sent else { break };
-            metrics.plis_sent.fetch_add(n, Ordering::Relaxed);
-            throttle.sent(Instant::now());
-        }
-    });
-    vec![reader, pli]
-}
-
-/// The tasks behind one subscription: a writer that forwards `router`'s packets to `local`,
-/// and a feedback reader that turns the subscriber's PLI/FIR into keyframe requests (of the
-/// layer it gets, on a simulcast track). While `paused` is set the packets are dropped
-/// (`pause_media`). Also returns the handle choosing the subscription's simulcast layer.
-pub(crate) fn forward_tasks(
-    local: &Arc<LocalTrack>,
-    router: &Arc<TrackRouter>,
-    queue: usize,
-    paused: Arc<AtomicBool>,
-) -> (Vec<JoinHandle<()>>, LayerControl) {
-    let mut sub = router.subscribe(queue);
-    let control = sub.control();
-    let l = local.clone();
-    let writer = tokio::spawn(async move {
-        // Drain what has queued up per wake-up: fewer task switches under fan-out.
-        let mut batch = Vec::with_capacity(32);
-        while sub.rx.recv_many(&mut batch, 32).await > 0 {
-            if paused.load(Ordering::Relaxed) {
-                batch.clear();
-                continue;
-            }
-            for p in batch.drain(..) {
-                // Errors before negotiation completes are expected; the packet is dropped.
-                let _ = l.write(p).await;
-            }
-        }
-    });
-    let l = local.clone();
-    let c = control.clone();
-    let feedback = tokio::spawn(async move {
-        loop {
-            match l.feedback().await {
-                Some(Feedback::KeyframeRequest) => c.request_keyframe(),
-                // Not bound to the transport yet (negotiation pending): look again soon.
-                None => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    let mut tasks = vec![writer, feedback];
-    if control.layer_count() >= 2 {
-        tasks.push(tokio::spawn(downlink_task(local.clone(), control.clone())));
-    }
-    (tasks, control)
-}
-
-/// Follows a simulcast subscription's receiver reports and lowers (or raises again) the layer
-/// it gets to what its downlink carries (`sfu::downlink`). Reports come about once a second;
-/// looking twice as often sees each soon enough.
-async fn downlink_task(local: Arc<LocalTrack>, control: LayerControl) {
-    use crate::sfu::downlink::Downlink;
-    let mut d = Downlink::new(control.layer_count());
-    let mut seen = 0u64;
-    let mut switching = false;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let r = local.reception();
-        let now = Instant::now();
-        // Reports from before a switch completed judge the old layer, not the new one.
-        let (current, target) = control.layers().unwrap_or_default();
-        if switching && current == target {
-            d.switched(now);
-        }
-        switching = current != target;
-        let changed = if r.reports != seen {
-            seen = r.reports;
-            d.report(r.fraction_lost, now)
-        } else {
-            d.tick(now)
-        };
-        if let Some(cap) = changed {
-            info!(
-                ssrc = local.ssrc(),
-                ?cap,
-                lost = r.fraction_lost,
-                "subscriber downlink: simulcast layer cap changed"
-            );
-            control.set_cap(cap);
-        }
-    }
 }
 
 #[cfg(test)]
