@@ -3,6 +3,7 @@
 pub mod aac;
 pub mod amf0;
 pub mod flv;
+pub mod fmp4;
 pub mod goertzel;
 pub mod h264;
 pub mod h264_ids;
