@@ -459,3 +459,61 @@ pub mod rtmp_session {
         }
     }
 }
+
+pub mod fmp4_mux {
+    use cohost::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
+    use cohost::media::fmp4::{Fragmenter, init_segment};
+
+    /// Walk top-level boxes: every size must fit exactly.
+    fn check_boxes(b: &[u8]) {
+        let mut i = 0usize;
+        while i < b.len() {
+            let size = u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes")) as usize;
+            assert!(size >= 8 && i + size <= b.len(), "box size {size} at {i}");
+            i += size;
+        }
+    }
+
+    /// Records of [control, ts_hi, ts_lo, len, body...] become FLV tags fed to the fMP4
+    /// fragmenter (the path RTMP ingest bytes take to HLS and recordings). Control bits 0-1 pick
+    /// the tag type, bit 2 asks for a cut after the tag, bit 3 for a finish. Whatever comes in,
+    /// nothing panics and every fragment and init segment is well-formed.
+    pub fn run(data: &[u8]) {
+        let mut f = Fragmenter::new();
+        let mut rest = data;
+        while rest.len() >= 4 {
+            let (ctl, ts, len) = (rest[0], u16::from_be_bytes([rest[1], rest[2]]), rest[3]);
+            let end = (4 + usize::from(len)).min(rest.len());
+            let body = rest[4..end].to_vec();
+            rest = &rest[end..];
+            let kind = [TAG_AUDIO, TAG_VIDEO, TAG_SCRIPT, TAG_VIDEO][usize::from(ctl & 3)];
+            let tag = Tag {
+                kind,
+                timestamp_ms: u32::from(ts) * 16,
+                body,
+            };
+            if let Ok(p) = f.push(&tag) {
+                if let Some(fr) = p.flushed {
+                    check_boxes(&fr.bytes);
+                }
+                if p.new_tracks {
+                    let t = f.tracks().expect("tracks after new_tracks");
+                    check_boxes(&init_segment(t, Some(u64::from(ts))));
+                }
+            }
+            let out = if ctl & 8 != 0 {
+                f.finish()
+            } else if ctl & 4 != 0 {
+                f.cut()
+            } else {
+                None
+            };
+            if let Some(fr) = out {
+                check_boxes(&fr.bytes);
+            }
+        }
+        if let Some(fr) = f.finish() {
+            check_boxes(&fr.bytes);
+        }
+    }
+}

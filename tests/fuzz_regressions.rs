@@ -20,6 +20,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("rtmp_session", targets::rtmp_session::run),
     ("ws_frames", targets::ws_frames::run),
     ("whip_sdp", targets::whip_sdp::run),
+    ("fmp4_mux", targets::fmp4_mux::run),
 ];
 
 /// Runs `body` on every file under fuzz/DIR/TARGET; returns how many inputs ran.
