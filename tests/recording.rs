@@ -73,7 +73,10 @@ async fn rest(server: &Server, method: &str, path: &str) -> (u16, Value) {
 
 async fn list(server: &Server, room: &str) -> Value {
     let (s, body) = server
-        .get(&format!("/v1/rooms/{room}/recordings"), Some(&admin(server)))
+        .get(
+            &format!("/v1/rooms/{room}/recordings"),
+            Some(&admin(server)),
+        )
         .await;
     assert_eq!(s, 200, "{body}");
     serde_json::from_str(body.trim()).unwrap()
@@ -105,10 +108,14 @@ async fn wait_file(server: &Server, room: &str, state: &str, secs: u64) -> Value
 
 /// Until the room's recording has ended (its files all closed).
 async fn wait_stopped(server: &Server, room: &str) {
-    wait_until("the recording to end", Duration::from_secs(15), async || {
-        let (s, _) = rest(server, "GET", &format!("/v1/rooms/{room}/recording")).await;
-        s == 404
-    })
+    wait_until(
+        "the recording to end",
+        Duration::from_secs(15),
+        async || {
+            let (s, _) = rest(server, "GET", &format!("/v1/rooms/{room}/recording")).await;
+            s == 404
+        },
+    )
     .await;
 }
 
@@ -156,6 +163,9 @@ async fn decode(p: &Path) -> (String, u64, f64) {
     let out = Command::new("ffmpeg")
         .args(["-v", "error", "-i"])
         .arg(p)
+        // Frame times as they are (the bridge's output is 15 fps while passing a 15 fps host
+        // through and 30 fps while mixing): no frame rate of ffmpeg's choosing in between.
+        .args(["-fps_mode", "passthrough", "-enc_time_base", "1:1000"])
         .args(["-f", "null", "-"])
         .output()
         .await
@@ -313,7 +323,10 @@ async fn recording_survives_a_passthrough_to_mix_switch() {
     let (errors, frames, last) = decode(&files[0]).await;
     eprintln!("passthrough -> mix -> passthrough: {d:.3} s, {frames} frames");
     assert!(errors.is_empty(), "ffmpeg: {errors}");
-    assert!(d > 5.0 && (last - d).abs() < 0.5, "{d} s, last frame {last} s");
+    assert!(
+        d > 5.0 && (last - d).abs() < 0.5,
+        "{d} s, last frame {last} s"
+    );
     assert!(frames as f64 >= d * 13.0, "{frames} frames in {d} s");
 }
 
@@ -344,7 +357,10 @@ async fn recording_after_a_crash_keeps_all_but_the_last_fragment() {
     eprintln!("killed after {wall:.2} s: {frames} frames up to {last:.3} s survive");
     assert!(errors.is_empty(), "ffmpeg: {errors}");
     // recording.fragment is 1 s: at most about that (plus a frame in flight) is lost.
-    assert!(last >= wall - 1.0 - 0.5, "last frame at {last} s of {wall} s");
+    assert!(
+        last >= wall - 1.0 - 0.5,
+        "last frame at {last} s of {wall} s"
+    );
     let codecs = ffprobe_codecs(&files[0]).await;
     assert_eq!(codecs, ["aac", "h264"]);
 
@@ -412,15 +428,21 @@ async fn recording_is_listed_and_downloaded_with_a_signed_url() {
     // The signed replay URL, whole and by range.
     let (s, head, body) = get_raw(&server, url, "").await;
     assert_eq!(s, 200, "{head}");
-    assert!(head.to_ascii_lowercase().contains("content-type: video/mp4"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: video/mp4"),
+        "{head}"
+    );
     assert_eq!(body, on_disk);
     let (s, head, body) = get_raw(&server, url, "Range: bytes=100-199\r\n").await;
     assert_eq!(s, 206, "{head}");
     assert_eq!(body, on_disk[100..200]);
     // ffmpeg plays it from the URL.
-    let (errors, frames, _) =
-        decode(Path::new(&format!("http://{}{url}", server.addr))).await;
-    assert!(errors.is_empty() && frames > 20, "{frames} frames: {errors}");
+    let (errors, frames, _) = decode(Path::new(&format!("http://{}{url}", server.addr))).await;
+    assert!(
+        errors.is_empty() && frames > 20,
+        "{frames} frames: {errors}"
+    );
 
     // Without a signature, or with a wrong one: refused.
     let (s, _, _) = get_raw(&server, &format!("/recordings/dl/{file}"), "").await;
@@ -517,10 +539,7 @@ async fn recording_finished_webhook_reports_file_duration_size() {
     let mut viewer = Client::join(&server, "wh", "viewer", Role::Audience).await;
     start_bridge(&server, "wh").await;
     // The audience may not record; the host may, over signaling.
-    let r = viewer
-        .sig
-        .request(json!({"type": "start_recording"}))
-        .await;
+    let r = viewer.sig.request(json!({"type": "start_recording"})).await;
     assert_eq!(r["error"]["code"], "forbidden", "{r}");
     let r = host.sig.request(json!({"type": "start_recording"})).await;
     assert_eq!(r["type"], "response", "{r}");
@@ -554,7 +573,10 @@ async fn recording_finished_webhook_reports_file_duration_size() {
     );
     let d = ffprobe_duration(&path).await;
     let reported = finished["duration_ms"].as_u64().unwrap() as f64 / 1000.0;
-    assert!((reported - d).abs() < 0.2, "reported {reported} s, ffprobe {d} s");
+    assert!(
+        (reported - d).abs() < 0.2,
+        "reported {reported} s, ffprobe {d} s"
+    );
     let r = host.sig.request(json!({"type": "stop_recording"})).await;
     assert_eq!(r["error"]["code"], "not_recording", "{r}");
 }
