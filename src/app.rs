@@ -172,6 +172,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         // flush their close frames (a WebSocket counts until its writer has finished). The
         // budget counts from the signal, HTTP connections' drain included.
         let deadline = signalled + svc.cfg.server.shutdown_timeout;
+        // Recordings first: each completes its file (duration written) while the streams
+        // still run, rather than being cut off when the rooms are gone or the budget is spent.
+        svc.recordings.shutdown(deadline).await;
         let busy = || {
             svc.rooms.room_count() > 0
                 || svc
@@ -183,9 +186,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Recordings complete their files (durations written), then the rooms' last events
-        // (participants leaving, rooms ending, recordings finished) within the same budget.
-        svc.recordings.shutdown(deadline).await;
+        // The rooms' last events (participants leaving, rooms ending, recordings finished)
+        // within the same budget.
         svc.rooms.webhooks().flush(deadline).await;
     });
     info!(%addr, ?rtmp_addr, "cohost listening");

@@ -270,13 +270,18 @@ impl Recordings {
         let weak = Arc::downgrade(self);
         let mut publishes = self.origin.publishes();
         tokio::spawn(async move {
+            // Streams live at the last look: only a stream newly published starts a recording
+            // (one stopped by request stays stopped while its stream runs).
+            let mut seen = std::collections::HashSet::new();
             loop {
                 let Some(me) = weak.upgrade() else { return };
-                for name in me.origin.stream_names() {
-                    if me.lock().contains_key(&name) {
+                let names: std::collections::HashSet<String> =
+                    me.origin.stream_names().into_iter().collect();
+                for name in names.difference(&seen) {
+                    if me.lock().contains_key(name) {
                         continue;
                     }
-                    match me.start(&name) {
+                    match me.start(name) {
                         Ok(_) => tracing::info!(room = %name, "recording started automatically"),
                         Err(RecordingError::AlreadyRecording | RecordingError::NoRoom) => {}
                         Err(e) => {
@@ -284,6 +289,7 @@ impl Recordings {
                         }
                     }
                 }
+                seen = names;
                 drop(me);
                 tokio::select! {
                     r = publishes.changed() => if r.is_err() { return },
