@@ -411,7 +411,7 @@ fn read_head(p: &Path) -> Option<Vec<u8>> {
 fn start_of(room: &str, name: &str) -> Option<String> {
     let s = name.strip_prefix(room)?.strip_prefix('-')?.get(..20)?;
     let b = s.as_bytes();
-    if b[8] != b'T' || b[15] != b'.' || b[19] != b'Z' {
+    if !s.is_ascii() || b[8] != b'T' || b[15] != b'.' || b[19] != b'Z' {
         return None;
     }
     let t = format!(

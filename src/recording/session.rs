@@ -135,29 +135,32 @@ impl Session {
         } else {
             tag.kind == TAG_AUDIO
         };
+        if let Some(f) = self.frag.as_mut() {
+            // At a keyframe this cuts exactly the media before it (see `handle`).
+            let r = f.push(tag);
+            self.handle(r, &mut ops);
+        }
         if boundary && self.open && self.due() {
-            if let Some(f) = self.frag.as_mut() {
-                // The keyframe completes the last frame before it; cut yields exactly the
-                // media before it. What follows belongs to the next file.
-                let r = f.push(tag);
-                self.handle(r, &mut ops);
+            if video_file {
+                // The file holds everything before the keyframe; the next starts on it (with
+                // the audio of its time that came just before it, still in `audio_carry`).
+                self.close(RecordingEnd::Rotated, &mut ops);
+                self.frag = None;
+                self.maybe_start(tag, &mut ops);
+            } else {
+                if let Some(fr) = self.frag.as_mut().and_then(Fragmenter::cut) {
+                    self.append(fr, &mut ops);
+                }
+                self.close(RecordingEnd::Rotated, &mut ops);
+                self.frag = None;
+                self.audio_carry.clear();
             }
-            if let Some(fr) = self.frag.as_mut().and_then(Fragmenter::cut) {
-                self.append(fr, &mut ops);
-            }
-            self.close(RecordingEnd::Rotated, &mut ops);
-            self.frag = None;
-            self.maybe_start(tag, &mut ops);
             return ops;
         }
         if tag.kind == TAG_VIDEO {
             self.audio_carry.clear();
         } else if self.audio_carry.len() < AUDIO_CARRY {
             self.audio_carry.push(tag.clone());
-        }
-        if let Some(f) = self.frag.as_mut() {
-            let r = f.push(tag);
-            self.handle(r, &mut ops);
         }
         ops
     }
@@ -292,5 +295,249 @@ impl Session {
             ops.push(Op::Close(reason));
             self.open = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::{flv, h264};
+
+    const LIMITS: Limits = Limits {
+        fragment_ms: 1000,
+        max_duration_ms: 3000,
+        max_size: 0,
+    };
+
+    /// A 128x128 baseline SPS and its PPS in an avcC (`pps_tail` varies the PPS).
+    fn avcc(pps_tail: u8) -> Vec<u8> {
+        let sps = [
+            0x67, 0x42, 0xc0, 0x0a, 0x8c, 0x8d, 0x41, 0x02, 0x24, 0x03, 0xc2, 0x21, 0x1a, 0x80,
+        ];
+        let pps = [0x68, 0xce, 0x3c, pps_tail];
+        h264::decoder_config(&sps, &pps).unwrap()
+    }
+
+    fn tag(kind: u8, ts: u32, body: Vec<u8>) -> Arc<Tag> {
+        Arc::new(Tag {
+            kind,
+            timestamp_ms: ts,
+            body,
+        })
+    }
+
+    fn video(ts: u32, key: bool) -> Arc<Tag> {
+        tag(
+            TAG_VIDEO,
+            ts,
+            flv::avc_frame(key, 0, &[0, 0, 0, 2, 0x65, 0x88]),
+        )
+    }
+
+    fn audio(ts: u32) -> Arc<Tag> {
+        tag(TAG_AUDIO, ts, flv::aac_frame(&[0x21, 0x10]))
+    }
+
+    fn configs(pps_tail: u8) -> [Arc<Tag>; 2] {
+        [
+            tag(TAG_VIDEO, 0, flv::avc_sequence_header(&avcc(pps_tail))),
+            tag(TAG_AUDIO, 0, flv::aac_sequence_header(&[0x11, 0x90])),
+        ]
+    }
+
+    /// What the writer would have: per file, its fragments' (start, duration, independent),
+    /// and how each file ended.
+    #[derive(Debug, Default)]
+    struct Files {
+        files: Vec<(Vec<(u64, u64, bool)>, Option<RecordingEnd>)>,
+        open: bool,
+    }
+
+    impl Files {
+        fn apply(&mut self, ops: Vec<Op>) {
+            for op in ops {
+                match op {
+                    Op::Open(t) => {
+                        assert!(!self.open, "open while a file is open");
+                        assert!(t.video.is_some() && t.audio.is_some());
+                        self.files.push((vec![], None));
+                        self.open = true;
+                    }
+                    Op::Append(f) => {
+                        assert!(self.open, "append without a file");
+                        let file = self.files.last_mut().unwrap();
+                        file.0.push((f.start_ms, f.duration_ms, f.independent));
+                    }
+                    Op::Close(r) => {
+                        assert!(self.open, "close without a file");
+                        self.files.last_mut().unwrap().1 = Some(r);
+                        self.open = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// 15 fps video with a keyframe every second from `from` ms, and 20 ms audio frames, in
+    /// timestamp order, for `ms`.
+    fn stream(s: &mut Session, files: &mut Files, from: u32, ms: u32) {
+        let mut next_audio = from;
+        for second in 0..ms.div_ceil(1000) {
+            for j in 0..15 {
+                let t = from + second * 1000 + j * 66;
+                if t >= from + ms {
+                    return;
+                }
+                while next_audio <= t {
+                    files.apply(s.push(&audio(next_audio)));
+                    next_audio += 20;
+                }
+                files.apply(s.push(&video(t, j == 0)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_starts_at_a_keyframe_and_fragments_are_cut_at_keyframes_and_every_second() {
+        let mut s = Session::new(LIMITS);
+        let mut f = Files::default();
+        for c in configs(0x80) {
+            f.apply(s.push(&c));
+        }
+        // Audio and a P-frame before any keyframe: nothing to start a file on.
+        f.apply(s.push(&audio(0)));
+        f.apply(s.push(&video(10, false)));
+        assert!(f.files.is_empty());
+        stream(&mut s, &mut f, 100, 2500);
+        f.apply(s.end(RecordingEnd::Stopped));
+        assert_eq!(f.files.len(), 1, "{f:?}");
+        let (frags, end) = &f.files[0];
+        assert_eq!(*end, Some(RecordingEnd::Stopped));
+        assert_eq!(frags[0].0, 0, "the file's timeline starts at 0");
+        // Fragments follow each other without gaps, and those cut at keyframes start with one.
+        for w in frags.windows(2) {
+            assert_eq!(w[0].0 + w[0].1, w[1].0, "{frags:?}");
+        }
+        assert!(frags.iter().filter(|f| f.2).count() >= 3, "{frags:?}");
+        assert!(frags.iter().all(|f| f.1 <= 1000), "{frags:?}");
+    }
+
+    #[test]
+    fn rotation_closes_the_file_just_before_a_keyframe_and_the_next_starts_on_it() {
+        let mut s = Session::new(LIMITS);
+        let mut f = Files::default();
+        for c in configs(0x80) {
+            f.apply(s.push(&c));
+        }
+        stream(&mut s, &mut f, 0, 10_000);
+        f.apply(s.end(RecordingEnd::Stopped));
+        assert!(f.files.len() >= 3, "{f:?}");
+        let mut total = 0;
+        for (i, (frags, end)) in f.files.iter().enumerate() {
+            let last = i + 1 == f.files.len();
+            assert_eq!(
+                *end,
+                Some(if last {
+                    RecordingEnd::Stopped
+                } else {
+                    RecordingEnd::Rotated
+                })
+            );
+            assert_eq!(frags[0], (0, frags[0].1, true), "file {i}: {frags:?}");
+            let d = frags.last().map_or(0, |l| l.0 + l.1);
+            if !last {
+                // The first keyframe at or after 3 s: exactly 3 s (a keyframe each second).
+                assert_eq!(d, 3000, "file {i}: {frags:?}");
+            }
+            total += d;
+        }
+        // Nothing lost or doubled between files (the last frame's duration is a guess).
+        assert!((9_900..=10_100).contains(&total), "{total} ms");
+    }
+
+    #[test]
+    fn a_new_sequence_header_closes_the_file_and_the_same_one_again_does_not() {
+        let mut s = Session::new(LIMITS);
+        let mut f = Files::default();
+        for c in configs(0x80) {
+            f.apply(s.push(&c));
+        }
+        stream(&mut s, &mut f, 0, 1500);
+        // The same headers again (a repeat): one file goes on.
+        for c in configs(0x80) {
+            f.apply(s.push(&c));
+        }
+        stream(&mut s, &mut f, 1500, 1000);
+        assert_eq!(f.files.len(), 1);
+        // Different parameters: the file ends, the next starts at the next keyframe.
+        f.apply(s.push(&configs(0x81)[0]));
+        assert_eq!(f.files[0].1, Some(RecordingEnd::TracksChanged));
+        assert!(!s.is_open());
+        f.apply(s.push(&video(2600, false)));
+        assert!(!s.is_open(), "not on a P-frame");
+        stream(&mut s, &mut f, 3000, 1000);
+        f.apply(s.end(RecordingEnd::StreamEnded));
+        assert_eq!(f.files.len(), 2, "{f:?}");
+        assert_eq!(f.files[1].0[0].0, 0);
+        assert_eq!(f.files[1].1, Some(RecordingEnd::StreamEnded));
+    }
+
+    #[test]
+    fn a_stream_without_video_is_recorded_audio_only_and_rotates_too() {
+        let mut s = Session::new(LIMITS);
+        let mut opened = 0;
+        let mut rotated = 0;
+        let mut ms = 0;
+        s.push(&configs(0x80)[1]);
+        // AAC frames of 1024 samples at 48 kHz: 21.33 ms apart, 10.67 s in all.
+        for i in 0..500u32 {
+            for op in s.push(&audio(i * 64 / 3)) {
+                match op {
+                    Op::Open(t) => {
+                        assert!(t.video.is_none() && t.audio.is_some());
+                        opened += 1;
+                    }
+                    Op::Append(f) => ms += f.duration_ms,
+                    Op::Close(r) => {
+                        assert_eq!(r, RecordingEnd::Rotated);
+                        rotated += 1;
+                    }
+                }
+            }
+        }
+        // Waits ~2 s for a video header that never comes, then records the rest in 3 s files
+        // (the last one still open).
+        assert_eq!((opened, rotated), (3, 2), "{ms} ms");
+        assert!((6_000..=8_700).contains(&ms), "{ms} ms");
+    }
+
+    #[test]
+    fn garbage_tags_are_refused_not_a_panic() {
+        let mut s = Session::new(LIMITS);
+        let mut f = Files::default();
+        for body in [
+            vec![],
+            vec![0x17],
+            vec![0x17, 0],
+            vec![0x17, 0, 0, 0, 0, 1, 2],
+            vec![0x27, 1],
+            vec![0xaf, 0],
+            vec![0xaf],
+            vec![0x12, 0x01, 0, 0, 0, 1],
+        ] {
+            for kind in [TAG_AUDIO, TAG_VIDEO, 18, 0] {
+                f.apply(s.push(&tag(kind, 5, body.clone())));
+            }
+        }
+        for c in configs(0x80) {
+            f.apply(s.push(&c));
+        }
+        stream(&mut s, &mut f, 100, 1200);
+        f.apply(s.end(RecordingEnd::Stopped));
+        assert_eq!(
+            f.files.len(),
+            1,
+            "a good stream after garbage still records"
+        );
     }
 }
