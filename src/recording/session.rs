@@ -347,9 +347,12 @@ mod tests {
 
     /// What the writer would have: per file, its fragments' (start, duration, independent),
     /// and how each file ended.
+    /// A fragment's (start, duration, independent).
+    type Frag = (u64, u64, bool);
+
     #[derive(Debug, Default)]
     struct Files {
-        files: Vec<(Vec<(u64, u64, bool)>, Option<RecordingEnd>)>,
+        files: Vec<(Vec<Frag>, Option<RecordingEnd>)>,
         open: bool,
     }
 
