@@ -30,6 +30,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // KEEP_RECORDINGS=1 keeps them for a look after a failure.
+        if std::env::var_os("KEEP_RECORDINGS").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
