@@ -224,6 +224,8 @@ async fn recording_started_over_rest_is_read_by_ffprobe_with_wall_clock_duration
     wait_stopped(&server, "rec1").await;
     let (s, _) = rest(&server, "DELETE", "/v1/rooms/rec1/recording").await;
     assert_eq!(s, 404);
+    assert_eq!(server.metric("cohost_recording_files_total").await, 1.0);
+    assert_eq!(server.metric("cohost_recordings_active").await, 0.0);
 
     let files = files_on_disk(&dir, "rec1");
     assert_eq!(files.len(), 1, "{files:?}");
@@ -375,6 +377,43 @@ async fn recording_after_a_crash_keeps_all_but_the_last_fragment() {
     let v = list(&server, "crash").await;
     assert_eq!(v["files"][0]["state"], "incomplete", "{v}");
     assert!(v["files"][0].get("duration_ms").is_none(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_is_completed_at_a_graceful_shutdown() {
+    let dir = TempDir::new("term");
+    let mut server = rec_server(&dir, &[]).await;
+    let _host = live_host(&server, "term").await;
+    let (s, _) = rest(&server, "POST", "/v1/rooms/term/recording").await;
+    assert_eq!(s, 201);
+    start_bridge(&server, "term").await;
+    wait_file(&server, "term", "recording", 20).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(server.metric("cohost_recordings_active").await, 1.0);
+    let pid = server.pid().expect("server pid");
+    let term = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), server.wait())
+        .await
+        .expect("the server exits");
+    assert!(status.success(), "{status:?}");
+    let files = files_on_disk(&dir, "term");
+    assert_eq!(files.len(), 1, "{files:?}");
+    // The file was completed: its duration is in the init segment.
+    let head = std::fs::read(&files[0]).unwrap();
+    let written = cohost::recording::writer::mehd_duration_ms(&head).expect("a duration") as f64;
+    let d = ffprobe_duration(&files[0]).await;
+    assert!(
+        (written / 1000.0 - d).abs() < 0.2,
+        "mehd {written} ms, ffprobe {d} s"
+    );
+    assert!(d > 2.5, "{d} s");
+    let (errors, _, _) = decode(&files[0]).await;
+    assert!(errors.is_empty(), "ffmpeg: {errors}");
 }
 
 /// Raw HTTP GET with extra headers: (status, headers, body bytes).
@@ -638,6 +677,10 @@ async fn recording_write_error_stops_the_recording_not_the_server() {
         .await;
     assert_eq!(stopped["reason"], "write_error", "{stopped}");
     wait_stopped(&server, "bad").await;
+    assert_eq!(
+        server.metric("cohost_recording_write_errors_total").await,
+        1.0
+    );
     // The server and the room's stream carry on.
     let (s, _) = server.get("/healthz", None).await;
     assert_eq!(s, 200);

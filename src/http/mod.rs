@@ -91,7 +91,9 @@ async fn healthz() -> impl IntoResponse {
 async fn metrics(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        svc.metrics.render(&svc.rooms, &svc.peers) + &svc.whip.render_metrics(),
+        svc.metrics.render(&svc.rooms, &svc.peers)
+            + &svc.whip.render_metrics()
+            + &svc.recordings.render_metrics(),
     )
 }
 

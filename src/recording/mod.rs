@@ -33,7 +33,7 @@ use crate::rtmp::origin::Origin;
 use crate::signaling::protocol::ServerMessage;
 use crate::webhooks::RecordingEnd;
 use session::{Limits, Op, Session};
-use writer::{Live, Writer};
+use writer::{Counters, Live, Writer};
 
 /// Ops waiting for the writer (each a fragment of about `recording.fragment`, or less).
 const WRITER_QUEUE: usize = 256;
@@ -128,6 +128,7 @@ pub struct Recordings {
     rooms: Arc<Registry>,
     active: Mutex<HashMap<String, Active>>,
     next_id: AtomicU64,
+    counters: Arc<Counters>,
 }
 
 /// A room or file name used as a path component: the validated name characters, never a
@@ -148,7 +149,38 @@ impl Recordings {
             rooms,
             active: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            counters: Arc::default(),
         })
+    }
+
+    /// `cohost_recordings_*` for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        for (name, help, kind, v) in [
+            (
+                "cohost_recordings_active",
+                "Recordings running (waiting for their stream or writing).",
+                "gauge",
+                self.count() as u64,
+            ),
+            (
+                "cohost_recording_files_total",
+                "Recording files completed and closed.",
+                "counter",
+                self.counters.files.load(Ordering::Relaxed),
+            ),
+            (
+                "cohost_recording_write_errors_total",
+                "Recordings stopped by a write error (disk full, I/O error).",
+                "counter",
+                self.counters.write_errors.load(Ordering::Relaxed),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            ));
+        }
+        out
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Active>> {
@@ -473,6 +505,7 @@ impl Recorder {
             room: self.name.clone(),
             hooks,
             live: self.live.clone(),
+            counters: self.recordings.counters.clone(),
         };
         let done = tokio::task::spawn_blocking(move || writer.run(rx));
         let origin = self.recordings.origin.clone();

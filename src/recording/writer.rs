@@ -94,11 +94,19 @@ fn create(dir: &Path, room: &str) -> std::io::Result<(File, String)> {
     Err(std::io::Error::other("no free file name"))
 }
 
+/// Server-wide counters (`/metrics`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub files: std::sync::atomic::AtomicU64,
+    pub write_errors: std::sync::atomic::AtomicU64,
+}
+
 pub struct Writer {
     pub dir: PathBuf,
     pub room: String,
     pub hooks: Webhooks,
     pub live: Arc<Live>,
+    pub counters: Arc<Counters>,
 }
 
 impl Writer {
@@ -111,6 +119,9 @@ impl Writer {
             if let Err(e) = self.apply(op, &mut open) {
                 tracing::error!(room = %self.room, dir = %self.dir.display(), "recording stopped: write failed: {e}");
                 *self.live.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                self.counters
+                    .write_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Some(o) = open.take() {
                     self.finished(&o, RecordingEnd::Error);
                 }
@@ -190,6 +201,9 @@ impl Writer {
         o.file.sync_all()?;
         self.live.set_current(None);
         *self.live.files.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.counters
+            .files
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.finished(&o, reason);
         Ok(())
     }
