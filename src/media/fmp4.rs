@@ -608,11 +608,14 @@ impl Fragmenter {
         let raw = dts_ms * rate / 1000;
         let frame = u64::from(AAC_FRAME);
         let dts = match self.audio_next {
-            // Within a frame of where it should be: it is the next frame exactly.
-            Some(next) if raw.abs_diff(next) < frame => next,
-            // A gap (or a jump back): start again from the stream's time, never backwards
-            // within the pending run.
-            _ => self.audio.last().map_or(raw, |p| raw.max(p.dts + frame)),
+            // Within a frame of where it should be, or behind it (a source whose audio ran
+            // ahead for a moment): it is the next frame exactly. Never backwards, also across
+            // a cut: a fragment whose audio overlapped the previous one's is an error for
+            // players ("non monotonically increasing dts").
+            Some(next) if raw < next + frame => next,
+            // A gap: go on from the stream's time.
+            Some(_) => raw,
+            None => self.audio.last().map_or(raw, |p| raw.max(p.dts + frame)),
         };
         // A gap widens the previous frame so the run's timeline stays right.
         if let Some(prev) = self.audio.last_mut() {
@@ -1018,6 +1021,38 @@ mod tests {
         }
         assert!(flushed >= 2, "{flushed}");
         assert!(f.audio.len() <= MAX_PENDING_SAMPLES + 1);
+    }
+
+    #[test]
+    fn audio_that_runs_behind_never_overlaps_across_a_cut() {
+        let mut f = Fragmenter::new();
+        for t in configs() {
+            f.push(&t).unwrap();
+        }
+        // 48 kHz: a frame is 21.33 ms. Frames at 0, 21, 43, then a cut, then one stamped
+        // 30 ms behind where the next should be.
+        for ts in [0, 21, 43] {
+            f.push(&atag(ts)).unwrap();
+        }
+        f.push(&vtag(50, true, &[0x65])).unwrap();
+        let first = f.cut().unwrap();
+        assert_eq!(first.audio_samples, 3);
+        f.push(&atag(34)).unwrap();
+        f.push(&atag(85)).unwrap();
+        let dts: Vec<u64> = f.audio.iter().map(|s| s.dts).collect();
+        assert_eq!(
+            dts,
+            vec![3 * 1024, 4 * 1024],
+            "right after the cut run, no overlap"
+        );
+        // A real gap (half a second) is kept.
+        f.push(&atag(600)).unwrap();
+        assert_eq!(f.audio.last().map(|s| s.dts), Some(600 * 48));
+        assert_eq!(
+            f.audio[1].duration,
+            600 * 48 - 4 * 1024,
+            "the frame before the gap widens"
+        );
     }
 
     #[test]
