@@ -79,6 +79,8 @@ fn follow_rooms(svc: &Arc<Services>) {
     svc.rooms.on_lifecycle(Arc::new(move |room, change| {
         if let Some(svc) = weak.upgrade() {
             crate::bridge::control::follow_room(&svc.bridges, &svc.cfg.bridge, room, change);
+            // A recording ends with its room.
+            svc.recordings.follow_room(room, change);
         }
     }));
 }
@@ -112,16 +114,21 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let cfg = Arc::new(cfg);
     let auth = Authenticator::new(&cfg.auth).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let rooms = Arc::new(Registry::with_webhooks(
+        cfg.room.clone(),
+        crate::webhooks::Webhooks::start(&cfg.webhooks),
+    ));
+    let origin = crate::rtmp::origin::Origin::new();
+    let recordings =
+        crate::recording::Recordings::new(cfg.recording.clone(), origin.clone(), rooms.clone());
     let services = Arc::new(Services {
         cfg: cfg.clone(),
         auth,
-        rooms: Arc::new(Registry::with_webhooks(
-            cfg.room.clone(),
-            crate::webhooks::Webhooks::start(&cfg.webhooks),
-        )),
+        rooms,
         peers: Arc::new(PeerFactory::new(cfg.webrtc.clone())),
         metrics: Arc::new(Metrics::default()),
-        origin: crate::rtmp::origin::Origin::new(),
+        origin,
+        recordings,
         bridges: dashmap::DashMap::new(),
         whip: Default::default(),
         resumable: Default::default(),
@@ -130,6 +137,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         shutdown: shutdown_rx.clone(),
     });
     follow_rooms(&services);
+    services.recordings.spawn_auto(shutdown_rx.clone());
     let listener = tokio::net::TcpListener::bind(cfg.server.http_listen)
         .await
         .with_context(|| format!("binding {}", cfg.server.http_listen))?;
@@ -164,6 +172,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         // flush their close frames (a WebSocket counts until its writer has finished). The
         // budget counts from the signal, HTTP connections' drain included.
         let deadline = signalled + svc.cfg.server.shutdown_timeout;
+        // Recordings first: each completes its file (duration written) while the streams
+        // still run, rather than being cut off when the rooms are gone or the budget is spent.
+        svc.recordings.shutdown(deadline).await;
         let busy = || {
             svc.rooms.room_count() > 0
                 || svc
@@ -175,7 +186,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // The rooms' last events (participants leaving, rooms ending) within the same budget.
+        // The rooms' last events (participants leaving, rooms ending, recordings finished)
+        // within the same budget.
         svc.rooms.webhooks().flush(deadline).await;
     });
     info!(%addr, ?rtmp_addr, "cohost listening");

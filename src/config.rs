@@ -38,6 +38,77 @@ pub struct Config {
     pub origin: OriginConfig,
     pub whip: WhipConfig,
     pub webhooks: WebhooksConfig,
+    pub recording: RecordingConfig,
+}
+
+/// Recording a room's output (the bridge's stream on the embedded origin) to fragmented MP4
+/// files on disk; see `src/recording/` and the "Recording" section of docs/api.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingConfig {
+    /// Directory of the recordings: `{dir}/{room}/{room}-{UTC start}.mp4`. Created when the
+    /// first recording starts.
+    pub dir: String,
+    /// Record every room's output from the moment its bridge starts.
+    pub auto: bool,
+    /// A file is closed and the next one started (at the next keyframe) once it holds this
+    /// much media.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_duration: Duration,
+    /// ... or once it has this many bytes. 0: no size limit.
+    pub max_size: u64,
+    /// Media cut into one fragment (written and flushed at once): what a crash loses at most.
+    #[serde(with = "humantime_serde_compat")]
+    pub fragment: Duration,
+    /// Recordings running at once in the whole server (409 `too_many_recordings` beyond).
+    pub max_concurrent: usize,
+    /// Files a listing returns at most (newest first; `?before=` pages further).
+    pub list_limit: usize,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        Self {
+            dir: "recordings".into(),
+            auto: false,
+            max_duration: Duration::from_secs(3600),
+            max_size: 2 << 30,
+            fragment: Duration::from_secs(1),
+            max_concurrent: 16,
+            list_limit: 1000,
+        }
+    }
+}
+
+impl RecordingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.dir.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "recording.dir must not be empty".into(),
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(10)).contains(&self.fragment) {
+            return Err(ConfigError::Invalid(
+                "recording.fragment must be 100ms..=10s".into(),
+            ));
+        }
+        if self.max_duration < Duration::from_secs(1) || self.max_duration < self.fragment {
+            return Err(ConfigError::Invalid(
+                "recording.max_duration must be at least 1s and at least recording.fragment".into(),
+            ));
+        }
+        if self.max_size != 0 && self.max_size < 1 << 20 {
+            return Err(ConfigError::Invalid(
+                "recording.max_size must be 0 (no limit) or at least 1048576 bytes".into(),
+            ));
+        }
+        if self.max_concurrent == 0 || self.list_limit == 0 {
+            return Err(ConfigError::Invalid(
+                "recording.max_concurrent and recording.list_limit must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Webhooks: the server POSTs signed JSON events (room, participant, track, seat, PK, bridge,
@@ -1098,6 +1169,7 @@ impl Config {
             )));
         }
         self.webhooks.validate()?;
+        self.recording.validate()?;
         for ip in &w.public_ips {
             if ip.parse::<IpAddr>().is_err() {
                 return Err(ConfigError::Invalid(format!(

@@ -9,6 +9,7 @@ pub mod media;
 pub mod metrics;
 pub mod participant;
 pub mod peer;
+pub mod recording;
 pub mod room;
 pub mod rtmp;
 pub mod sfu;

@@ -3,6 +3,7 @@
 
 mod flv;
 mod ingest;
+mod recording;
 pub mod serve;
 
 use std::sync::Arc;
@@ -59,6 +60,18 @@ pub fn router(svc: Arc<Services>) -> Router {
                 .patch(bridge_update)
                 .delete(bridge_stop),
         )
+        .route(
+            "/v1/rooms/{room}/recording",
+            get(recording::status)
+                .post(recording::start)
+                .delete(recording::stop),
+        )
+        .route("/v1/rooms/{room}/recordings", get(recording::list))
+        .route(
+            "/v1/rooms/{room}/recordings/{file}",
+            get(recording::download),
+        )
+        .route("/recordings/{room}/{file}", get(recording::replay))
         .route("/v1/dev/token", get(dev_token_status).post(dev_token))
         .route("/vendor/mpegts.js", get(vendor_mpegts))
         .merge(whip::routes())
@@ -78,7 +91,9 @@ async fn healthz() -> impl IntoResponse {
 async fn metrics(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        svc.metrics.render(&svc.rooms, &svc.peers) + &svc.whip.render_metrics(),
+        svc.metrics.render(&svc.rooms, &svc.peers)
+            + &svc.whip.render_metrics()
+            + &svc.recordings.render_metrics(),
     )
 }
 

@@ -59,6 +59,8 @@ pub struct Services {
     pub resumable: resume::Resumable,
     /// Stream-key lifetime cap and per-room revocations (RTMP ingest verifies keys here).
     pub stream_keys: Arc<crate::auth::keys::StreamKeys>,
+    /// Recordings of rooms' output (src/recording/).
+    pub recordings: Arc<crate::recording::Recordings>,
     /// `webhooks.on_publish` / `on_play` callbacks, when configured.
     pub authorize: Option<Arc<crate::webhooks::auth::Authorizer>>,
     pub shutdown: watch::Receiver<bool>,
@@ -737,6 +739,8 @@ impl Driver {
                 .await
             }
             ClientMessage::StopBridge => self.bridge_ctl(id, crate::bridge::control::stop).await,
+            ClientMessage::StartRecording => self.recording_ctl(id, true).await,
+            ClientMessage::StopRecording => self.recording_ctl(id, false).await,
             ClientMessage::RequestCohost => {
                 self.room_op(id, |_, r, a| r.request_cohost(me(a))).await
             }
@@ -888,6 +892,40 @@ impl Driver {
                     E::BadRequest(_) | E::OverLimit(_) | E::TooManyDestinations(_) => {
                         ErrorCode::BadRequest
                     }
+                };
+                self.error(id, code, e.to_string()).await;
+            }
+        }
+    }
+
+    /// `start_recording` / `stop_recording` for this connection's room (host or admin).
+    async fn recording_ctl(&mut self, id: Option<RequestId>, start: bool) {
+        use crate::recording::RecordingError as E;
+        let Some(j) = self.joined.as_ref() else {
+            return;
+        };
+        if !matches!(j.claims.role, Role::Host | Role::Admin) {
+            self.error(id, ErrorCode::Forbidden, "only the host controls recording")
+                .await;
+            return;
+        }
+        let room = j.room.name.clone();
+        let rec = &self.svc.recordings;
+        let r = if start {
+            rec.start(&room).map(|_| ())
+        } else {
+            rec.stop(&room, crate::recording::StopReason::Requested)
+        };
+        match r {
+            Ok(()) => self.reply(id, ResponseResult::Empty {}).await,
+            Err(e) => {
+                let code = match e {
+                    E::AlreadyRecording => ErrorCode::AlreadyRecording,
+                    E::NotRecording => ErrorCode::NotRecording,
+                    E::TooMany(_) => ErrorCode::TooManyRecordings,
+                    E::NoRoom | E::NotFound => ErrorCode::NotFound,
+                    E::BadName => ErrorCode::BadRequest,
+                    E::Io(_) => ErrorCode::Internal,
                 };
                 self.error(id, code, e.to_string()).await;
             }

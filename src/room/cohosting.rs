@@ -597,6 +597,12 @@ impl Room {
         self.messages_tx.subscribe()
     }
 
+    /// Tell every member `msg`, in order with their other events (e.g. the recording state,
+    /// decided outside the room).
+    pub fn tell_all(&self, msg: &ServerMessage) {
+        Self::to_all(&self.lock(), msg);
+    }
+
     pub fn pk_partner(&self) -> Option<String> {
         self.lock().pk.as_ref().map(|p| p.name.clone())
     }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::media::flv::{TAG_AUDIO, TAG_SCRIPT, TAG_VIDEO, Tag};
 
@@ -40,6 +40,10 @@ struct StreamState {
 #[derive(Default)]
 pub struct Origin {
     streams: Mutex<HashMap<String, StreamState>>,
+    /// Counts publishes (any stream): whoever waits for a stream to start (a recording, the
+    /// automatic recorder) watches it and then looks with [`Origin::play`]. One value, so
+    /// waiting costs nothing per stream and cannot queue up.
+    publishes: watch::Sender<u64>,
 }
 
 /// The publishing side of a stream; the stream ends for players when it is dropped.
@@ -80,10 +84,18 @@ impl Origin {
             publishing: true,
             ..StreamState::default()
         };
+        drop(s);
+        self.publishes.send_modify(|n| *n = n.wrapping_add(1));
         Ok(Publisher {
             origin: self.clone(),
             name: name.to_string(),
         })
+    }
+
+    /// Changes after every publish: subscribe first, then try [`Origin::play`], then wait for
+    /// a change, so a publish between the two is never missed.
+    pub fn publishes(&self) -> watch::Receiver<u64> {
+        self.publishes.subscribe()
     }
 
     /// Start playing a live stream (it must have a publisher).

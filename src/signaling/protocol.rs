@@ -155,6 +155,10 @@ pub enum ClientMessage {
     SetLayout { layout: Option<Layout> },
     /// Host only: stop the room's bridge.
     StopBridge,
+    /// Host or admin: record the room's output (now, or once its stream is live).
+    StartRecording,
+    /// Host or admin: stop recording it (the file being written is completed).
+    StopRecording,
     /// Audience: ask the host for a co-host seat.
     RequestCohost,
     /// Audience: withdraw a pending request.
@@ -228,6 +232,8 @@ impl ClientMessage {
             ClientMessage::StartBridge { .. } => "start_bridge",
             ClientMessage::SetLayout { .. } => "set_layout",
             ClientMessage::StopBridge => "stop_bridge",
+            ClientMessage::StartRecording => "start_recording",
+            ClientMessage::StopRecording => "stop_recording",
             ClientMessage::RequestCohost => "request_cohost",
             ClientMessage::CancelCohostRequest => "cancel_cohost_request",
             ClientMessage::AnswerCohostRequest { .. } => "answer_cohost_request",
@@ -497,6 +503,12 @@ pub enum ErrorCode {
     Withdrawn,
     /// `resume` with a token that is unknown, used or past its grace period: join again.
     ResumeFailed,
+    /// The room is already being recorded.
+    AlreadyRecording,
+    /// The room is not being recorded.
+    NotRecording,
+    /// `recording.max_concurrent` recordings are running.
+    TooManyRecordings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -616,6 +628,13 @@ pub enum ServerMessage {
     /// The PK with `room` ended.
     PkEnded {
         room: String,
+    },
+    /// The room's output is being recorded from now on (to everyone in the room).
+    RecordingStarted {},
+    /// The room's recording ended: `requested`, `room_ended`, `write_error`,
+    /// `server_shutdown`.
+    RecordingStopped {
+        reason: String,
     },
     /// Sent just before the server closes the WebSocket, with the close code it will use.
     Closing {

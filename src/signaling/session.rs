@@ -472,6 +472,8 @@ fn parse_error(text: &str, e: &serde_json::Error) -> ServerMessage {
                 "start_bridge",
                 "set_layout",
                 "stop_bridge",
+                "start_recording",
+                "stop_recording",
                 "request_cohost",
                 "cancel_cohost_request",
                 "answer_cohost_request",

@@ -129,6 +129,20 @@ pub enum Event {
         identity: String,
         duration_ms: u64,
     },
+    /// A recording file of the room's output was opened (its first keyframe arrived).
+    RecordingStarted {
+        /// The file name (in `GET /v1/rooms/{room}/recordings`).
+        file: String,
+    },
+    /// A recording file was closed: complete and playable.
+    RecordingFinished {
+        file: String,
+        /// Media in the file.
+        duration_ms: u64,
+        /// Bytes on disk.
+        size: u64,
+        reason: RecordingEnd,
+    },
 }
 
 impl Event {
@@ -153,6 +167,8 @@ impl Event {
             Event::DestinationFailed { .. } => "destination_failed",
             Event::IngestStarted { .. } => "ingest_started",
             Event::IngestStopped { .. } => "ingest_stopped",
+            Event::RecordingStarted { .. } => "recording_started",
+            Event::RecordingFinished { .. } => "recording_finished",
         }
     }
 }
@@ -195,6 +211,23 @@ pub enum BridgeStop {
     HostGone,
     /// It could not start one of its destinations and was stopped again at once.
     Failed,
+}
+
+/// Why a recording file was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingEnd {
+    /// It reached `recording.max_duration` or `max_size`; the next file goes on.
+    Rotated,
+    /// The stream's codec parameters changed (a new sequence header); the next file goes on.
+    TracksChanged,
+    /// The room's stream ended (bridge stopped or restarted); a recording that goes on waits
+    /// for it and continues in a new file.
+    StreamEnded,
+    /// The recording was stopped (REST, signaling, its room ended, server shutdown).
+    Stopped,
+    /// Writing failed (disk full, I/O error): the recording stopped.
+    Error,
 }
 
 /// The JSON body: the envelope fields, then the event's own.
@@ -486,6 +519,13 @@ mod tests {
                 participant_id: s(),
                 identity: s(),
                 duration_ms: 1,
+            },
+            Event::RecordingStarted { file: s() },
+            Event::RecordingFinished {
+                file: s(),
+                duration_ms: 1,
+                size: 1,
+                reason: RecordingEnd::Rotated,
             },
         ];
         let mut names = std::collections::HashSet::new();
