@@ -459,6 +459,7 @@ fn bridge_json(
         "stats": h.bridge.stats(),
         "play": {
             "http_flv": format!("/live/{name}.flv"),
+            "hls": format!("/live/{name}/index.m3u8"),
             "rtmp": format!("rtmp://HOST/live/{name}"),
         },
         "destinations": h
