@@ -556,3 +556,78 @@ async fn hls_abusive_clients_are_bounded() {
     other.abort();
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hls_playlist_load_asks_on_play_and_blocking_reloads_do_not() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // The operator's backend: refuses while `deny` is set, records every request.
+    struct Backend {
+        deny: AtomicBool,
+        asked: AtomicUsize,
+        bodies: std::sync::Mutex<Vec<serde_json::Value>>,
+    }
+    let backend = Arc::new(Backend {
+        deny: AtomicBool::new(true),
+        asked: AtomicUsize::new(0),
+        bodies: Default::default(),
+    });
+    let app = axum::Router::new()
+        .route(
+            "/auth",
+            axum::routing::post(
+                |axum::extract::State(b): axum::extract::State<Arc<Backend>>,
+                 body: axum::body::Bytes| async move {
+                    b.asked.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        b.bodies.lock().unwrap().push(v);
+                    }
+                    if b.deny.load(Ordering::SeqCst) {
+                        axum::http::StatusCode::FORBIDDEN
+                    } else {
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                },
+            ),
+        )
+        .with_state(backend.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/auth", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    let server = server(|c| {
+        c.webhooks.on_play = url;
+        c.webhooks.key = "a-webhook-key-of-some-length".into();
+    })
+    .await;
+    let publisher = publish(server.services.origin.clone(), "room6");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get(server.addr, "/live/room6/index.m3u8").await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("play_refused"), "{}", r.text());
+    {
+        let bodies = backend.bodies.lock().unwrap();
+        assert_eq!(bodies[0]["action"], "on_play");
+        assert_eq!(bodies[0]["protocol"], "hls");
+        assert_eq!(bodies[0]["room"], "room6");
+    }
+    assert_eq!(
+        server.services.metrics.hls_streams.load(Ordering::Relaxed),
+        0,
+        "a refused player starts nothing"
+    );
+    backend.deny.store(false, Ordering::SeqCst);
+    let pl = wait_playlist(server.addr, "room6").await;
+    let asked = backend.asked.load(Ordering::SeqCst);
+    // The player's blocking reloads are not asked again.
+    let ((m, p), _) = next_part(&pl);
+    let r = get(
+        server.addr,
+        &format!("/live/room6/index.m3u8?_HLS_msn={m}&_HLS_part={p}"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(backend.asked.load(Ordering::SeqCst), asked);
+    publisher.abort();
+    server.shutdown().await;
+}
