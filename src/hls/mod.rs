@@ -69,6 +69,9 @@ pub struct Stream {
     last_request: AtomicU64,
     /// Requests waiting on this stream now: a stream with a waiting viewer is not idle.
     waiting: AtomicUsize,
+    /// The last playlist written: (packager version, URI query, text). Every LL-HLS viewer
+    /// asks for the same playlist after each part; it is written once per part and query.
+    rendered: Mutex<Option<(u64, String, bytes::Bytes)>>,
 }
 
 /// A place among the requests allowed to block; given back on drop.
@@ -155,6 +158,7 @@ impl Hls {
             updates: watch::channel(0).0,
             last_request: AtomicU64::new(self.now()),
             waiting: AtomicUsize::new(0),
+            rendered: Mutex::new(None),
         });
         streams.insert(name.to_string(), s.clone());
         drop(streams);
@@ -194,6 +198,21 @@ impl Stream {
     /// Read the packager's state.
     pub fn with<R>(&self, f: impl FnOnce(&Packager) -> R) -> R {
         f(&self.packager.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The media playlist with `query` on its URIs, written once per packager version.
+    pub fn playlist(&self, query: &str) -> bytes::Bytes {
+        let mut cache = self.rendered.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.packager.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, q, text)) = cache.as_ref()
+            && *v == p.version()
+            && q == query
+        {
+            return text.clone();
+        }
+        let text = bytes::Bytes::from(p.playlist(&self.run, query));
+        *cache = Some((p.version(), query.to_string(), text.clone()));
+        text
     }
 
     fn update(&self, f: impl FnOnce(&mut Packager)) {

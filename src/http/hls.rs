@@ -282,7 +282,7 @@ async fn playlist(svc: &Services, hls: &Arc<Hls>, name: &str, pairs: &[(&str, &s
         .hls_playlist_requests
         .fetch_add(1, Ordering::Relaxed);
     let query = uri_query(svc, pairs);
-    let text = s.with(|p| p.playlist(&s.run, &query));
+    let text = s.playlist(&query);
     (
         [
             (header::CONTENT_TYPE, PLAYLIST),
