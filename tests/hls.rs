@@ -631,3 +631,33 @@ async fn hls_playlist_load_asks_on_play_and_blocking_reloads_do_not() {
     publisher.abort();
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_hls_requests_answer_at_shutdown() {
+    let server = server(|_| {}).await;
+    let publisher = publish(server.services.origin.clone(), "room7");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pl = wait_playlist(server.addr, "room7").await;
+    let ((m, _), _) = next_part(&pl);
+    let addr = server.addr;
+    // Two segments ahead: held for seconds.
+    let held = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = get(addr, &format!("/live/room7/index.m3u8?_HLS_msn={}", m + 2)).await;
+        (r.status, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    server.shutdown().await;
+    let (status, waited) = held.await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "held {waited:?} ({status})"
+    );
+    publisher.abort();
+}

@@ -72,6 +72,8 @@ pub struct Stream {
     /// The last playlist written: (packager version, URI query, text). Every LL-HLS viewer
     /// asks for the same playlist after each part; it is written once per part and query.
     rendered: Mutex<Option<(u64, String, bytes::Bytes)>>,
+    /// Server shutdown: waiting requests answer at once so connections can close in time.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// A place among the requests allowed to block; given back on drop.
@@ -159,6 +161,7 @@ impl Hls {
             last_request: AtomicU64::new(self.now()),
             waiting: AtomicUsize::new(0),
             rendered: Mutex::new(None),
+            shutdown: self.shutdown.clone(),
         });
         streams.insert(name.to_string(), s.clone());
         drop(streams);
@@ -250,10 +253,14 @@ impl Stream {
             if let Some(r) = self.with(&mut f) {
                 return Some(r);
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => {}
-                // Timed out, or the packager is gone (its sender dropped with the stream).
-                _ => return self.with(&mut f),
+            let mut stop = self.shutdown.clone();
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.changed()) => match r {
+                    Ok(Ok(())) => {}
+                    // Timed out, or the packager is gone (its sender dropped with the stream).
+                    _ => return self.with(&mut f),
+                },
+                Ok(_) = stop.wait_for(|v| *v) => return self.with(&mut f),
             }
         }
     }

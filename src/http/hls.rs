@@ -256,17 +256,25 @@ async fn playlist(svc: &Services, hls: &Arc<Hls>, name: &str, pairs: &[(&str, &s
     };
     // A new packager (or one whose stream has not given a segment yet): the first answer
     // waits for a complete segment, which every player can start from.
-    if s.with(|p| p.segment_count()) == 0
-        && s.wait_for(hls.cfg.start_timeout, |p| {
+    // It counts among the requests held (`hls.max_blocking_requests`).
+    if s.with(|p| p.segment_count()) == 0 {
+        let Some(_slot) = hls.try_block() else {
+            return unavailable(
+                "too_many_blocking_requests",
+                "too many blocking HLS requests (hls.max_blocking_requests)",
+            );
+        };
+        if s.wait_for(hls.cfg.start_timeout, |p| {
             (p.segment_count() > 0).then_some(())
         })
         .await
         .is_none()
-    {
-        return unavailable(
-            "stream_starting",
-            "no HLS segment yet (the stream has not sent a keyframe within hls.start_timeout)",
-        );
+        {
+            return unavailable(
+                "stream_starting",
+                "no HLS segment yet (the stream has not sent a keyframe within hls.start_timeout)",
+            );
+        }
     }
     let mut cache = "no-cache";
     if let Some((msn, part)) = block {
