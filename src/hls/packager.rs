@@ -753,6 +753,60 @@ mod tests {
         assert!(matches!(p.part_bytes(id), Lookup::Found(_)));
     }
 
+    /// Random tags: valid and broken sequence headers, frames with timestamps going back,
+    /// jumping ahead and wrapping, truncated bodies, stream ends. Nothing panics, and the
+    /// window stays within its bounds.
+    #[test]
+    fn random_streams_never_panic_and_stay_bounded() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut s = settings();
+        s.max_bytes = 4096;
+        let mut p = Packager::new(s);
+        let mut ts = 0u32;
+        for i in 0..50_000u64 {
+            let r = next();
+            ts = match r % 50 {
+                0 => ts.wrapping_sub((r >> 8) as u32 % 5000),
+                1 => ts.wrapping_add((r >> 8) as u32),
+                _ => ts.wrapping_add((r >> 8) as u32 % 40),
+            };
+            let payload = vec![(r >> 16) as u8; (r >> 24) as usize % 300];
+            let t = match (r >> 32) % 16 {
+                0 => tag(TAG_VIDEO, ts, flv::avc_sequence_header(&avcc())),
+                1 => tag(TAG_AUDIO, ts, flv::aac_sequence_header(&[0x11, 0x90])),
+                2 => tag(TAG_AUDIO, ts, flv::aac_sequence_header(&[0x12, 0x10])),
+                3 => tag(TAG_VIDEO, ts, payload[..payload.len().min(7)].to_vec()),
+                4 => tag(flv::TAG_SCRIPT, ts, payload),
+                5 | 6 => tag(
+                    TAG_VIDEO,
+                    ts,
+                    flv::avc_frame(true, (r >> 40) as i32 % 100, &payload),
+                ),
+                7..=11 => tag(TAG_VIDEO, ts, flv::avc_frame(false, 0, &payload)),
+                _ => tag(TAG_AUDIO, ts, flv::aac_frame(&payload)),
+            };
+            p.push(&t, i * 10);
+            if r % 5000 == 0 {
+                p.end_of_stream();
+            }
+            assert!(p.segment_count() <= 4);
+            if i % 997 == 0 {
+                let pl = p.playlist("r", "");
+                assert!(pl.starts_with("#EXTM3U\n"));
+                if let Some(last) = p.last_part() {
+                    let _ = p.ready(last.msn, Some(last.index + 1));
+                }
+            }
+        }
+        assert!(p.version() > 1000, "parts were made: {}", p.version());
+    }
+
     #[test]
     fn garbage_tags_never_panic() {
         let mut p = Packager::new(settings());
