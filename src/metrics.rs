@@ -313,6 +313,12 @@ impl Metrics {
                 g(&RTCP.nacks_received),
             ),
             (
+                "cohost_nack_old_layer_dropped_total",
+                "counter",
+                "Retransmissions subscribers asked for, of a simulcast layer they had been switched away from; not sent.",
+                g(&crate::peer::nack_floor::DROPPED),
+            ),
+            (
                 "cohost_rtcp_nacks_sent_total",
                 "counter",
                 "RTCP NACK packets sent (to publishers).",

@@ -923,8 +923,14 @@ async fn subscriber_behind_a_tbf_limited_link_moves_down_a_layer_and_back_up() {
     let window = &got[from.saturating_sub(1)..];
     let missing = common::missing_seqs(window);
     let dropped = ns.dropped() - dropped0;
+    let (_, metrics) = server.get("/metrics", None).await;
+    let old_nacks = metrics
+        .lines()
+        .find(|l| l.starts_with("cohost_nack_old_layer_dropped_total "))
+        .unwrap_or("?")
+        .to_string();
     println!(
-        "after the switch: {} packets, {missing} missing, tbf dropped {dropped}",
+        "after the switch: {} packets, {missing} missing, tbf dropped {dropped}; {old_nacks}",
         window.len()
     );
     assert!(window.len() > 20, "video keeps flowing: {}", window.len());

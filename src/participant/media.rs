@@ -177,17 +177,26 @@ pub(crate) fn forward_tasks(
 }
 
 /// Follows a simulcast subscription's receiver reports and lowers (or raises again) the layer
-/// it gets to what its downlink carries (`sfu::downlink`). Reports come about once a second;
-/// looking twice as often sees each soon enough.
+/// it gets to what its downlink carries (`sfu::downlink`), and tells the connection where the
+/// current layer began, so requests to retransmit the old one are dropped (`peer::nack_floor`).
+/// Reports come about once a second; a switch is seen within a tick.
 async fn downlink_task(local: Arc<LocalTrack>, control: LayerControl) {
     use crate::sfu::downlink::Downlink;
     let mut d = Downlink::new(control.layer_count());
     let mut seen = 0u64;
     let mut switching = false;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut floor = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let f = control.switch_floor();
+        if f != floor {
+            floor = f;
+            if let Some(seq) = f {
+                local.set_nack_floor(seq);
+            }
+        }
         let r = local.reception();
         let now = Instant::now();
         // Reports from before a switch completed judge the old layer, not the new one.

@@ -112,6 +112,8 @@ pub struct ConnectionFeedback {
     pub sent: FeedbackBySsrc,
     /// Incoming feedback, by the local stream it is about (the SSRC we send).
     pub received: FeedbackBySsrc,
+    /// Where each local stream's current simulcast layer started (`super::nack_floor`).
+    pub floors: super::nack_floor::NackFloors,
 }
 
 /// Counts NACK, PLI and FIR in both directions, in total and per stream; passes everything

@@ -4,6 +4,7 @@
 //! client) as small types the rest of the server uses without seeing any webrtc type.
 
 pub mod keyframe_interceptor;
+pub mod nack_floor;
 pub mod noise;
 mod ports;
 pub mod runtime;
@@ -11,7 +12,7 @@ pub mod runtime;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
@@ -480,13 +481,14 @@ pub fn media_engine() -> Result<MediaEngine, PeerError> {
 /// a receiver's reordering buffer, and a packet the sender no longer had was asked for again
 /// and again until it left the 512-packet log. The codecs above carry the `nack` feedback.
 pub fn interceptors(me: &mut MediaEngine) -> Result<Registry, PeerError> {
-    interceptors_counting(me, RtcpCounter::default())
+    interceptors_counting(me, &ConnectionFeedback::default())
 }
 
-/// [`interceptors`] with the RTCP counter whose per-stream counts the caller keeps.
+/// [`interceptors`] sharing `feedback` with the caller: the RTCP counter's per-stream counts,
+/// and the NACK floors of its local streams ([`nack_floor`]).
 pub fn interceptors_counting(
     me: &mut MediaEngine,
-    counter: RtcpCounter,
+    feedback: &ConnectionFeedback,
 ) -> Result<Registry, PeerError> {
     let reg = Registry::new()
         .with(Slot::NackResponder, NackResponderBuilder::new().build())
@@ -501,7 +503,14 @@ pub fn interceptors_counting(
     let reg = configure_twcc_receiver_only(reg, me).map_err(werr)?;
     let reg = configure_rtcp_reports(reg);
     Ok(reg
-        .with(Slot::from(keyframe_interceptor::COUNTER_SLOT), counter)
+        .with(
+            Slot::from(keyframe_interceptor::COUNTER_SLOT),
+            RtcpCounter::new(feedback.clone()),
+        )
+        .with(
+            Slot::from(nack_floor::SLOT),
+            nack_floor::NackFloor::new(feedback.floors.clone()),
+        )
         .with(
             Slot::from(keyframe_interceptor::SLOT),
             keyframe_interceptor::KeyframeRequestInterceptor::default(),
@@ -624,7 +633,7 @@ impl PeerFactory {
         ),
     ) -> Result<impl PeerConnection + use<>, PeerError> {
         let mut me = media_engine()?;
-        let registry = interceptors_counting(&mut me, RtcpCounter::new(feedback.clone()))?;
+        let registry = interceptors_counting(&mut me, feedback)?;
         let se = SettingEngineBuilder::new()
             .with_ice_timeouts(
                 Some(self.cfg.ice_disconnected_timeout),
@@ -891,6 +900,7 @@ impl Peer {
             pt: AtomicU8::new(0),
             written: AtomicU64::new(0),
             reception: self.feedback.received.clone(),
+            floors: self.feedback.floors.clone(),
         })
     }
 
@@ -1175,6 +1185,8 @@ pub struct LocalTrack {
     pub written: AtomicU64,
     /// The connection's feedback per stream we send: this track's receiver reports.
     reception: keyframe_interceptor::FeedbackBySsrc,
+    /// Where this stream's current simulcast layer started, for [`nack_floor`].
+    floors: nack_floor::NackFloors,
 }
 
 /// Feedback a subscriber sent about a local track.
@@ -1193,6 +1205,13 @@ fn fmtp_param<'a>(fmtp: &'a str, key: &str) -> Option<&'a str> {
 impl LocalTrack {
     pub fn ssrc(&self) -> u32 {
         self.ssrc
+    }
+
+    /// The stream switched simulcast layers at output number `seq`: the subscriber's
+    /// retransmission requests for the old layer's packets are dropped from now on
+    /// ([`nack_floor`]).
+    pub fn set_nack_floor(&self, seq: u16) {
+        self.floors.set(self.ssrc, seq, Instant::now());
     }
 
     /// What the subscriber reported about this track so far (receiver reports, loss).

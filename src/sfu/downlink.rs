@@ -17,7 +17,9 @@
 //!   the next probe waits twice as long (up to [`PROBE_MAX`]); a probe that holds resets it.
 //!
 //! This needs no bitrate numbers and works with every receiver that sends reports (browsers,
-//! native libwebrtc, the `webrtc` crate, aiortc). What it does not do (documented): allocate
+//! native libwebrtc, the `webrtc` crate, aiortc). After a switch, the subscriber's requests to
+//! resend the old layer are dropped (`peer::nack_floor`), so they do not keep the link full.
+//! What it does not do (documented): allocate
 //! one downlink estimate across a subscriber's tracks (each track is judged on its own), or use
 //! REMB/TWCC, which would see congestion before loss does.
 
@@ -36,6 +38,10 @@ pub const SETTLE: Duration = Duration::from_secs(4);
 /// costs about a second of heavy loss (until the next report), so not too often.
 pub const PROBE_FIRST: Duration = Duration::from_secs(8);
 pub const PROBE_MAX: Duration = Duration::from_secs(64);
+/// Longest a move down waits for its switch to complete before another may follow: a switch
+/// waits for a keyframe of the lower layer, and if none comes the link must not be left
+/// overloaded forever.
+pub const SWITCH_MAX: Duration = Duration::from_secs(8);
 /// Loss this soon after a probe blames the probe.
 pub const PROBE_WINDOW: Duration = Duration::from_secs(4);
 
@@ -46,6 +52,9 @@ pub struct Downlink {
     level: u8,
     /// The last move down, or the end of the switch it caused, whichever is later.
     last_down: Option<Instant>,
+    /// A move down whose switch has not completed yet (since when): the loss reported meanwhile
+    /// is still the old layer's.
+    pending: Option<Instant>,
     /// Since when the reports have been good (or, paused, since the pause).
     good_since: Option<Instant>,
     last_probe: Option<Instant>,
@@ -70,6 +79,7 @@ impl Downlink {
             layers,
             level: layers,
             last_down: None,
+            pending: None,
             good_since: None,
             last_probe: None,
             probe_after: PROBE_FIRST,
@@ -90,6 +100,7 @@ impl Downlink {
         if self.last_down.is_some() {
             self.last_down = Some(now);
         }
+        self.pending = None;
     }
 
     pub fn probe_after(&self) -> Duration {
@@ -102,7 +113,11 @@ impl Downlink {
         let before = self.cap();
         if fraction_lost > LOSS_HIGH {
             self.good_since = None;
-            let settled = self.last_down.is_none_or(|t| now >= t + SETTLE);
+            // Measured behind a `tbf` (tests/simulcast.rs): the lower layer's keyframe can take
+            // seconds to come, and counting the settle time from the move rather than from the
+            // switch took subscribers a second layer down while still on the first.
+            let settled = self.last_down.is_none_or(|t| now >= t + SETTLE)
+                && self.pending.is_none_or(|t| now >= t + SWITCH_MAX);
             if self.level > 0 && settled {
                 if self.last_probe.is_some_and(|t| now < t + PROBE_WINDOW) {
                     self.probe_after = (self.probe_after * 2).min(PROBE_MAX);
@@ -110,6 +125,7 @@ impl Downlink {
                 }
                 self.level -= 1;
                 self.last_down = Some(now);
+                self.pending = Some(now);
                 if self.level == 0 {
                     // Paused: no packets, so no more loss; probe from here.
                     self.good_since = Some(now);
@@ -150,6 +166,7 @@ impl Downlink {
         if now >= quiet_since + self.probe_after {
             self.level += 1;
             self.last_probe = Some(now);
+            self.pending = None;
             // The next probe needs its own good stretch after this one.
             self.good_since = Some(now);
         }
@@ -169,9 +186,11 @@ mod tests {
         let mut d = Downlink::new(3);
         assert_eq!(d.cap(), Cap::Any);
         assert_eq!(d.report(BAD, t0), Some(Cap::AtMost(1)));
+        d.switched(t0);
         // Reports right after the switch still see the old layer's loss: no second step.
         assert_eq!(d.report(BAD, t0 + Duration::from_secs(1)), None);
         assert_eq!(d.report(BAD, t0 + SETTLE), Some(Cap::AtMost(0)));
+        d.switched(t0 + SETTLE);
         assert_eq!(d.report(BAD, t0 + SETTLE * 2), Some(Cap::Paused));
         assert_eq!(d.report(BAD, t0 + SETTLE * 3), None);
     }
@@ -193,6 +212,26 @@ mod tests {
     }
 
     #[test]
+    fn no_second_step_down_while_the_first_switch_is_pending() {
+        let t0 = Instant::now();
+        let mut d = Downlink::new(3);
+        assert_eq!(d.report(BAD, t0), Some(Cap::AtMost(1)));
+        // The lower layer's keyframe is slow: the subscriber still gets the top layer, and its
+        // loss says nothing about the layer it is moving to.
+        assert_eq!(d.report(BAD, t0 + SETTLE), None);
+        assert_eq!(d.report(BAD, t0 + SETTLE + Duration::from_secs(2)), None);
+        d.switched(t0 + Duration::from_secs(7));
+        assert_eq!(d.report(BAD, t0 + Duration::from_secs(8)), None);
+        assert_eq!(
+            d.report(BAD, t0 + Duration::from_secs(7) + SETTLE),
+            Some(Cap::AtMost(0))
+        );
+        // A switch that never completes does not hold forever.
+        let t1 = t0 + Duration::from_secs(20);
+        assert_eq!(d.report(BAD, t1 + SWITCH_MAX), Some(Cap::Paused));
+    }
+
+    #[test]
     fn moderate_loss_holds_and_small_loss_is_fine() {
         let t0 = Instant::now();
         let mut d = Downlink::new(3);
@@ -207,6 +246,7 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Downlink::new(3);
         d.report(BAD, t0);
+        d.switched(t0);
         d.report(BAD, t0 + SETTLE);
         assert_eq!(d.cap(), Cap::AtMost(0));
         let mut ups = vec![];

@@ -188,6 +188,14 @@ impl LayerForwarder {
         self.target
     }
 
+    /// The output number where the current run of one layer began (at a switch, or a resume
+    /// after a pause): packets below it are another layer's, which the subscriber no longer
+    /// needs retransmitted (`peer::nack_floor`). Before the first switch it is the first
+    /// packet's number, below which nothing was sent.
+    pub fn switch_floor(&self) -> Option<u16> {
+        self.segments.back().map(|s| s.out_start as u16)
+    }
+
     /// The layer being forwarded now (`None`: nothing yet, or paused).
     pub fn current(&self) -> Option<u8> {
         self.current

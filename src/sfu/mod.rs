@@ -282,6 +282,13 @@ impl LayerControl {
         self.router.sub_layers(self.id)
     }
 
+    /// Where the layer this subscription gets began on its output ([`LayerForwarder::switch_floor`]).
+    pub fn switch_floor(&self) -> Option<u16> {
+        self.router
+            .with_selector(self.id, |g| g.fwd.switch_floor())
+            .flatten()
+    }
+
     /// Number of simulcast layers (0 for a plain track).
     pub fn layer_count(&self) -> u8 {
         u8::try_from(self.router.layers().len()).unwrap_or(0)
