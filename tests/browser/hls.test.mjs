@@ -40,7 +40,10 @@ const page = (src) => `<!doctype html><html><body style="margin:0;background:#00
 <script>
 window.samples = []; window.errors = []; window.events = [];
 const v = document.getElementById("v");
-const hls = new Hls({ lowLatencyMode: true, enableWorker: true });
+// maxLiveSyncPlaybackRate: hls.js starts on the last keyframe before its target latency
+// (docs/api.md, "Players and latency") and may play up to 1.5x to reach the target, as
+// mpegts.js chases latency on the demo page.
+const hls = new Hls({ lowLatencyMode: true, enableWorker: true, maxLiveSyncPlaybackRate: 1.5 });
 hls.on(Hls.Events.ERROR, (_, d) => window.errors.push({ t: Date.now(), fatal: d.fatal, type: d.type, details: d.details }));
 for (const e of ["MANIFEST_PARSED", "LEVEL_UPDATED", "FRAG_CHANGED"]) {
   hls.on(Hls.Events[e], (_, d) => { if (e !== "LEVEL_UPDATED" || window.events.length < 5) window.events.push({ t: Date.now(), e, sn: d.frag?.sn, part: d.frag?.part }); });
@@ -140,6 +143,7 @@ describe("HLS in a browser", () => {
   });
 
   it("hls_js_plays_the_room_through_a_passthrough_mix_switch_and_reports_its_latency", { timeout: 240000 }, async () => {
+    const marks = [];
     host = await hostB.browser.newPage();
     await enter(host, server.addr, room, "alice", "host");
     await host.click("#go-live");
@@ -167,6 +171,7 @@ describe("HLS in a browser", () => {
     await host.waitForSelector("#requests li:has-text('bob') button.approve");
     await host.click("#requests li:has-text('bob') button.approve");
     await guest.waitForSelector("#cohost-panel:not([hidden])");
+    marks.push({ t: Date.now(), what: "approve" });
     await waitFor("mixing", async () => {
       const s = await bridge();
       return s && s.path === "mixing" ? s : null;
@@ -177,12 +182,14 @@ describe("HLS in a browser", () => {
         return !!px && px[2] > 150 && px[2] > px[0] + 60 && px[2] > px[1] + 60;
       }), 30000);
     // The co-host leaves: passthrough again, and the viewer goes on.
+    marks.push({ t: Date.now(), what: "blue tile seen" });
     await guest.click("#leave-seat");
     await guest.waitForSelector("#audience-panel:not([hidden])");
     await waitFor("passthrough again", async () => {
       const s = await bridge();
       return s && s.path === "passthrough" ? s : null;
     }, 30000);
+    marks.push({ t: Date.now(), what: "passthrough again" });
     const back = await viewer.evaluate(() => window.samples.at(-1).ct);
     await waitFor("5 s of play after the switch back", () =>
       viewer.evaluate((ct) => window.samples.at(-1).ct > ct + 5, back), 30000);
@@ -201,7 +208,11 @@ describe("HLS in a browser", () => {
     console.log(`latency behind live (hls.latency, median): solo ${soloLatency?.toFixed(2)} s, at the end ${latency?.toFixed(2)} s; ` +
       `wall clock - program date time of the frame shown: solo ${Math.round(soloPdt)} ms, at the end ${Math.round(pdt)} ms`);
     console.log(`centre pixel solo ${JSON.stringify(solo.at(-1).centre)}, at the end ${JSON.stringify(last.at(-1).centre)}`);
-    console.log(`hls.js errors: ${JSON.stringify(pg.errors)}`);
+    const rel = (t) => ((t - playing.t) / 1000).toFixed(1);
+    console.log(`hls.js errors (s after playback start): ${JSON.stringify(pg.errors.map((e) => ({ ...e, t: rel(e.t) })))}`);
+    console.log(`marks: ${marks.map((m) => `${rel(m.t)} ${m.what}`).join(", ")}`);
+    const lat = pg.samples.filter((_, i) => i % 20 === 0).map((x) => `${rel(x.t)}:${x.latency?.toFixed(1)}`);
+    console.log(`hls.latency over time: ${lat.join(" ")}`);
 
     assert.deepEqual(fatal, [], "no fatal hls.js error");
     assert.ok(blue > 0, "the co-host's tile was seen");
