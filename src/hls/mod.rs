@@ -133,7 +133,9 @@ impl Hls {
 
     /// A running packager, without starting one (media requests).
     pub fn get(&self, name: &str) -> Option<Arc<Stream>> {
-        let s = self.lock().get(name).cloned()?;
+        // Marked under the map's lock: a packager decides to stop under it too (see `run`).
+        let streams = self.lock();
+        let s = streams.get(name)?.clone();
         s.last_request.store(self.now(), Ordering::Relaxed);
         Some(s)
     }
@@ -292,16 +294,46 @@ fn initial_arrivals(initial: &[Arc<Tag>], now_ms: u64) -> Vec<u64> {
 async fn run(hls: Arc<Hls>, s: Arc<Stream>) {
     let mut shutdown = hls.shutdown.clone();
     let mut idle_check = tokio::time::interval(Duration::from_secs(1));
-    'outer: loop {
-        if hls.idle(&s) || *shutdown.borrow() {
-            break;
+    loop {
+        play(&hls, &s, &mut shutdown, &mut idle_check).await;
+        {
+            // Decided under the map's lock, where requests mark the stream: a request either
+            // sees the stream gone (and starts a new packager) or keeps this one going.
+            let mut streams = hls.lock();
+            // (A closed channel: the server is gone without saying so.)
+            if *shutdown.borrow() || shutdown.has_changed().is_err() || hls.idle(&s) {
+                if streams.get(&s.name).is_some_and(|x| Arc::ptr_eq(x, &s)) {
+                    streams.remove(&s.name);
+                }
+                break;
+            }
+        }
+        // A request came just as the packager went idle: go on, after a break (the origin is
+        // played again from its GOP cache).
+        s.update(Packager::end_of_stream);
+    }
+    hls.metrics.hls_streams.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(stream = %s.name, run = %s.run, "hls: packager stopped");
+}
+
+/// Play the origin's stream into the packager, again whenever it ends, until the stream is
+/// idle or the server shuts down.
+async fn play(
+    hls: &Hls,
+    s: &Stream,
+    shutdown: &mut watch::Receiver<bool>,
+    idle_check: &mut tokio::time::Interval,
+) {
+    loop {
+        if hls.idle(s) || *shutdown.borrow() {
+            return;
         }
         let mut player = match hls.origin.play(&s.name) {
             Ok(p) => p,
             Err(_) => {
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_PLAY) => {}
-                    _ = shutdown.changed() => break,
+                    _ = shutdown.changed() => return,
                 }
                 continue;
             }
@@ -329,8 +361,8 @@ async fn run(hls: Arc<Hls>, s: Arc<Stream>) {
                     }
                     None => break,
                 },
-                _ = idle_check.tick() => if hls.idle(&s) { break 'outer },
-                _ = shutdown.changed() => break 'outer,
+                _ = idle_check.tick() => if hls.idle(s) { return },
+                _ = shutdown.changed() => return,
             }
         }
         // The origin stream ended (or dropped us for being slow): close what we have and
@@ -338,14 +370,6 @@ async fn run(hls: Arc<Hls>, s: Arc<Stream>) {
         tracing::info!(stream = %s.name, "hls: origin stream ended");
         s.update(Packager::end_of_stream);
     }
-    {
-        let mut streams = hls.lock();
-        if streams.get(&s.name).is_some_and(|x| Arc::ptr_eq(x, &s)) {
-            streams.remove(&s.name);
-        }
-    }
-    hls.metrics.hls_streams.fetch_sub(1, Ordering::Relaxed);
-    tracing::info!(stream = %s.name, run = %s.run, "hls: packager stopped");
 }
 
 #[cfg(test)]
