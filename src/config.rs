@@ -138,8 +138,11 @@ impl HlsConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhooksConfig {
-    /// `http://` URLs every event is POSTed to. Empty: webhooks are off.
+    /// `http://` or `https://` URLs every event is POSTed to. Empty: webhooks are off.
     pub urls: Vec<String>,
+    /// PEM file of CA certificates trusted for `https://` URLs besides the Mozilla roots
+    /// compiled in (a private CA of the operator's backend). Empty: only those.
+    pub ca_file: String,
     /// HMAC-SHA256 key of the `X-Cohost-Signature` header; at least 16 bytes when `urls` is
     /// set. Never logged (the `Debug` form redacts it).
     pub key: String,
@@ -161,7 +164,7 @@ pub struct WebhooksConfig {
     /// Requests in flight at once per URL (each to a different room: one room's events go
     /// one at a time, in order).
     pub concurrency: usize,
-    /// Authorization callbacks (SRS-style): an `http://` URL asked before an RTMP ingest
+    /// Authorization callbacks (SRS-style): an `http://` or `https://` URL asked before an RTMP ingest
     /// (`on_publish`) or an origin player (`on_play`: RTMP play, HTTP-FLV) is admitted; a
     /// non-2xx answer refuses it. Empty: not asked. Signed like the events.
     pub on_publish: String,
@@ -178,6 +181,7 @@ impl Default for WebhooksConfig {
     fn default() -> Self {
         Self {
             urls: vec![],
+            ca_file: String::new(),
             key: String::new(),
             timeout: Duration::from_secs(5),
             queue: 10_000,
@@ -198,6 +202,7 @@ impl std::fmt::Debug for WebhooksConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhooksConfig")
             .field("urls", &self.urls)
+            .field("ca_file", &self.ca_file)
             .field(
                 "key",
                 &if self.key.is_empty() {
@@ -242,16 +247,27 @@ impl WebhooksConfig {
             ));
         }
         for u in self.urls.iter().chain(callbacks) {
-            // Plain HTTP only for now (no TLS client in the server); see docs/api.md.
             let ok = u
                 .strip_prefix("http://")
+                .or_else(|| u.strip_prefix("https://"))
                 .and_then(|rest| rest.split(['/', '?']).next())
                 .is_some_and(|authority| !authority.is_empty())
                 && u.parse::<hyper::Uri>().is_ok();
             if !ok {
                 return Err(ConfigError::Invalid(format!(
-                    "webhooks.urls, on_publish, on_play: {u:?} is not an http:// URL (https is \
-                     not supported yet: use a TLS-terminating proxy next to the server)"
+                    "webhooks.urls, on_publish, on_play: {u:?} is not an http:// or https:// URL"
+                )));
+            }
+        }
+        if !self.ca_file.is_empty() {
+            // Read here so a wrong path stops the server at start, not at the first event.
+            let pem = std::fs::read_to_string(&self.ca_file).map_err(|e| {
+                ConfigError::Invalid(format!("webhooks.ca_file {:?}: {e}", self.ca_file))
+            })?;
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(ConfigError::Invalid(format!(
+                    "webhooks.ca_file {:?} holds no PEM certificate",
+                    self.ca_file
                 )));
             }
         }

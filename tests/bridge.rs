@@ -795,3 +795,49 @@ async fn host_resolution_change_falls_back_to_transcoding() {
         assert!(is_colour(p, (220, 30, 30)), "frame {i}: {p:?}");
     }
 }
+
+/// A host whose video never reaches the bridge (it joined, published nothing) while a
+/// co-host's does: the stream takes the configured size, not the co-host's small picture
+/// (once seen in CI: a whole stream at a co-host's 320x240).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_takes_the_configured_size_not_a_cohosts_when_the_host_has_no_video() {
+    let server = Server::start_with(&[
+        ("COHOST_BRIDGE__WIDTH", "640"),
+        ("COHOST_BRIDGE__HEIGHT", "360"),
+    ])
+    .await;
+    let _host = Client::join(&server, "nosize", "host", Role::Host).await;
+    let mut guest = Client::join(&server, "nosize", "guest", Role::Cohost).await;
+    guest.publish_real((30, 30, 220), 660.0).await.unwrap();
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (s, body) = server
+        .send_json("POST", "/v1/rooms/nosize/bridge", &admin, &json!({}))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    // The stream starts after the wait for the host (5 s), with the co-host's picture.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = server.get("/v1/rooms/nosize/bridge", Some(&admin)).await;
+        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
+        if v["stats"]["video_frames"].as_u64().unwrap_or(0) >= 15 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bridge not producing: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let url = format!("http://{}/live/nosize.flv", server.addr);
+    let probe = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v"])
+        .args([
+            "-show_entries",
+            "stream=width,height",
+            "-of",
+            "default=nw=1",
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let p = String::from_utf8_lossy(&probe.stdout);
+    assert!(p.contains("width=640") && p.contains("height=360"), "{p}");
+}

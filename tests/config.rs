@@ -55,12 +55,28 @@ fn webhooks_need_a_key_and_http_urls_and_never_show_the_key() {
         .expect_err("no key")
         .to_string();
     assert!(err.contains("webhooks.key"), "{err}");
-    let err = Config::from_toml_str(
+    Config::from_toml_str(
         "[webhooks]\nurls = [\"https://example.com/h\"]\nkey = \"0123456789abcdef\"\n",
     )
-    .expect_err("https")
+    .expect("https is fine");
+    let err = Config::from_toml_str(
+        "[webhooks]\nurls = [\"ftp://example.com/h\"]\nkey = \"0123456789abcdef\"\n",
+    )
+    .expect_err("ftp")
     .to_string();
     assert!(err.contains("webhooks.urls"), "{err}");
+    let err = Config::from_toml_str(
+        "[webhooks]\nurls = [\"https://h/x\"]\nkey = \"0123456789abcdef\"\nca_file = \"/nonexistent/ca.pem\"\n",
+    )
+    .expect_err("missing CA file")
+    .to_string();
+    assert!(err.contains("webhooks.ca_file"), "{err}");
+    let err = Config::from_toml_str(
+        "[webhooks]\nurls = [\"https://h/x\"]\nkey = \"0123456789abcdef\"\nca_file = \"Cargo.toml\"\n",
+    )
+    .expect_err("not a certificate")
+    .to_string();
+    assert!(err.contains("no PEM certificate"), "{err}");
     let err =
         Config::from_toml_str("[webhooks]\nurls = [\"http://\"]\nkey = \"0123456789abcdef\"\n")
             .expect_err("no host")

@@ -803,3 +803,120 @@ async fn play_callback_fails_closed_or_open_as_configured() {
         assert_eq!(s, want, "auth_fail_open = {fail_open}: {body}");
     }
 }
+
+/// Serve the receiver over TLS with `cert`/`key` on `listener`; TLS handshakes that fail are
+/// counted in the returned counter.
+fn serve_receiver_tls(
+    listener: tokio::net::TcpListener,
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> (
+    Arc<Receiver>,
+    mpsc::UnboundedReceiver<Delivery>,
+    Arc<AtomicUsize>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let state = Arc::new(Receiver {
+        tx,
+        fail_first: 0,
+        requests: AtomicUsize::new(0),
+        bad_signatures: AtomicUsize::new(0),
+    });
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(state.clone());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let f = failed.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app, f) = (acceptor.clone(), app.clone(), f.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    f.fetch_add(1, Ordering::SeqCst);
+                    return;
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (state, rx, failed)
+}
+
+/// An operator's backend behind https with a certificate from its own CA: events arrive
+/// signed once `webhooks.ca_file` names that CA, and a server that does not trust it sends
+/// nothing (the TLS handshake fails; no event goes out in the clear).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_reach_an_https_backend_whose_ca_is_configured() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("cohost-wh-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("backend-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+    let (recv, mut rx, tls_failures) = serve_receiver_tls(l, leaf.der().clone(), key);
+    let url = format!("[\"https://127.0.0.1:{port}/hook\"]");
+    let env = |ca: Option<&str>| {
+        let mut e = vec![
+            ("COHOST_WEBHOOKS__URLS".to_string(), url.clone()),
+            ("COHOST_WEBHOOKS__KEY".to_string(), KEY.to_string()),
+        ];
+        if let Some(ca) = ca {
+            e.push(("COHOST_WEBHOOKS__CA_FILE".to_string(), ca.to_string()));
+        }
+        e
+    };
+
+    let server = start(env(Some(ca_file.to_str().unwrap()))).await;
+    let _host = Client::join(&server, "wh-tls", "alice", Role::Host).await;
+    let got = events_until(&mut rx, "wh-tls", "participant_joined").await;
+    assert!(names(&got).contains(&"participant_joined".to_string()));
+    assert_eq!(recv.bad_signatures.load(Ordering::SeqCst), 0);
+    assert_eq!(tls_failures.load(Ordering::SeqCst), 0);
+    drop(server);
+
+    // Only the bundled public roots: the backend's certificate is refused.
+    let server = start(env(None)).await;
+    let _host = Client::join(&server, "wh-tls-untrusted", "alice", Role::Host).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tls_failures.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no TLS attempt within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while let Ok(d) = rx.try_recv() {
+        assert_ne!(
+            d.body["room"], "wh-tls-untrusted",
+            "delivered without trust: {d:?}"
+        );
+    }
+    println!(
+        "https: {} requests verified; untrusted: {} TLS handshakes refused",
+        recv.requests.load(Ordering::SeqCst),
+        tls_failures.load(Ordering::SeqCst)
+    );
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

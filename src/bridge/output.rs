@@ -178,6 +178,9 @@ struct Scene {
     shown: Vec<String>,
     /// More than the host on screen: co-hosts or a PK partner.
     multi: bool,
+    /// The first picture on screen is this room's host's (not a co-host's, nor the slate,
+    /// while the host has no video in the bridge).
+    host_first: bool,
     /// The host is away (the slate is shown first): the part of the grace period left.
     away: Option<f32>,
 }
@@ -254,10 +257,12 @@ impl Output {
         // Host first, then the PK partner's host, then co-hosts (the room decides).
         let stage = self.room.stage();
         let slots = lock(&self.slots);
+        let hosts = &stage.order[..stage.hosts.min(stage.order.len())];
         let mut shown: Vec<String> = stage
             .order
-            .into_iter()
-            .filter(|p| slots.contains_key(p))
+            .iter()
+            .filter(|p| slots.contains_key(*p))
+            .cloned()
             .collect();
         // The host dropped out: the slate takes the host's place until the host is back.
         if stage.host_away.is_some() {
@@ -272,9 +277,11 @@ impl Output {
         } else {
             Layout::Solo
         });
+        let host_first = shown.first().is_some_and(|p| hosts.contains(p));
         Scene {
             layout,
             pinned: pinned.is_some(),
+            host_first,
             multi: stage.pk || shown.len() > 1,
             shown,
             away: stage.host_away,
@@ -502,12 +509,18 @@ impl Output {
                 && top.is_none_or(|t| t.is_some() && SourceSets::from_idr(au).map(|s| s.size) == t)
         });
         let sets = first_idr.and_then(|i| SourceSets::from_idr(&units[i]));
-        if sets.is_none() && since_start < HOST_WAIT {
+        // Wait for the host's picture, also while a co-host's is first on screen (the host's
+        // input may come a moment later).
+        if (sets.is_none() || !scene.host_first) && since_start < HOST_WAIT {
             return;
         }
         let c = &self.config;
+        // The size is the host's, never a co-host's: a host without video in the bridge (yet)
+        // leaves a co-host first on screen, whose small picture must not become the stream's
+        // size for its whole life (seen in CI: 320x240). Then the configured size.
         if let Some(s) = &sets
             && c.size_from_host
+            && scene.host_first
             && crate::config::check_output(s.size.0, s.size.1, c.fps).is_ok()
         {
             (self.width, self.height) = s.size;

@@ -52,6 +52,8 @@ impl<'a> Actor<'a> {
 pub struct Stage {
     /// This room's host(s), then the PK partner's host, then co-hosts in join order.
     pub order: Vec<String>,
+    /// How many of `order`'s first entries are this room's hosts.
+    pub hosts: usize,
     pub pk: bool,
     /// The host dropped out and may come back (the grace period runs): the bridge shows the
     /// host-away slate where the host's picture was. The part of the grace period left, 0-1.
@@ -608,6 +610,7 @@ impl Room {
             .filter(|(_, m)| m.role == Role::Host)
             .map(|(id, _)| id.clone())
             .collect();
+        let hosts = order.len();
         for r in st.foreign.values() {
             if !order.contains(&r.participant_id) {
                 order.push(r.participant_id.clone());
@@ -621,6 +624,7 @@ impl Room {
         );
         Stage {
             order,
+            hosts,
             pk: st.pk.is_some(),
             host_away: st
                 .host_grace_until

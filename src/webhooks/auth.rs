@@ -91,7 +91,7 @@ impl Authorizer {
             return None;
         }
         Some(Arc::new(Authorizer {
-            client: deliver::client(cfg.auth_timeout, 8),
+            client: deliver::client(cfg.auth_timeout, 8, &cfg.ca_file),
             key: cfg.key.as_bytes().to_vec(),
             on_publish,
             on_play,

@@ -52,7 +52,7 @@ fn backoff(initial: Duration, max: Duration, n: u32) -> Duration {
         .min(max)
 }
 
-pub(super) type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(super) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Shared by every URL's workers.
 struct Shared {
@@ -91,7 +91,7 @@ pub(super) fn spawn(
     mut rx: mpsc::UnboundedReceiver<Arc<Queued>>,
     stats: Arc<Stats>,
 ) {
-    let client = client(cfg.timeout, cfg.concurrency);
+    let client = client(cfg.timeout, cfg.concurrency, &cfg.ca_file);
     let shared = Arc::new(Shared {
         client,
         key: cfg.key.as_bytes().to_vec(),
@@ -288,15 +288,63 @@ pub(super) async fn send(
     }
 }
 
-/// The HTTP client of one purpose (events, authorization): pooled plain-HTTP connections.
-pub(super) fn client(connect_timeout: Duration, idle_per_host: usize) -> HttpClient {
+/// The HTTP client of one purpose (events, authorization): pooled connections, `http://` in
+/// the clear and `https://` over TLS, trusting the Mozilla roots plus the PEM certificates of
+/// `ca_file` (a private CA of the operator's backend), if set.
+pub(super) fn client(connect_timeout: Duration, idle_per_host: usize, ca_file: &str) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);
+    // The TLS layer decides per URL; the TCP connector must accept https:// URIs too.
+    connector.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(ca_file))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(idle_per_host)
-        .build(connector)
+        .build(https)
+}
+
+/// TLS client settings: ring (the provider WebRTC's DTLS already uses), TLS 1.2 and 1.3, the
+/// bundled roots and `ca_file`'s certificates. A certificate in `ca_file` that does not parse
+/// is logged and skipped (the config check already made sure the file holds certificates).
+fn tls_config(ca_file: &str) -> rustls::ClientConfig {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if !ca_file.is_empty() {
+        match CertificateDer::pem_file_iter(ca_file) {
+            Ok(certs) => {
+                for c in certs {
+                    match c
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| roots.add(c).map_err(|e| e.to_string()))
+                    {
+                        Ok(()) => {}
+                        Err(e) => warn!("webhooks.ca_file {ca_file}: certificate skipped: {e}"),
+                    }
+                }
+            }
+            Err(e) => warn!("webhooks.ca_file {ca_file}: not read: {e}"),
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    match rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
+        // ring supports the default versions; this cannot fail, but never panic over it.
+        Err(e) => {
+            warn!("webhooks: TLS setup: {e}; using rustls defaults");
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        }
+    }
 }
 
 /// An error and its causes ("client error (Connect): tcp connect error: Connection refused").
