@@ -39,6 +39,98 @@ pub struct Config {
     pub whip: WhipConfig,
     pub webhooks: WebhooksConfig,
     pub recording: RecordingConfig,
+    pub hls: HlsConfig,
+}
+
+/// HLS and LL-HLS from the embedded origin (`GET /live/{stream}/index.m3u8`): fMP4 segments
+/// and parts made from the origin's stream on demand, kept in memory; see `src/hls/` and the
+/// "HLS and LL-HLS" section of docs/api.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HlsConfig {
+    /// Serve HLS at all.
+    pub enabled: bool,
+    /// Segment target: a segment ends at the first keyframe after it (`EXT-X-TARGETDURATION`
+    /// is this rounded up to seconds). 1s-10s.
+    #[serde(with = "humantime_serde_compat")]
+    pub segment_target: Duration,
+    /// LL-HLS part target (`EXT-X-PART-INF:PART-TARGET`). 200ms-1s, at most half the segment
+    /// target.
+    #[serde(with = "humantime_serde_compat")]
+    pub part_target: Duration,
+    /// Complete segments kept per stream (and listed in the playlist). 3-60.
+    pub window_segments: usize,
+    /// Bytes of media kept per stream at most (the oldest segments go first). At least 1 MiB.
+    pub max_stream_bytes: usize,
+    /// A stream's packager stops this long after its last HLS request. 1s-1h.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_stop: Duration,
+    /// The first playlist request of a stream waits this long for the first segment
+    /// (503 after it). 1s-60s.
+    #[serde(with = "humantime_serde_compat")]
+    pub start_timeout: Duration,
+    /// Streams packaged at once (503 `too_many_streams` beyond). At least 1.
+    pub max_streams: usize,
+    /// Requests held at once by blocking playlist reloads and preload-hinted parts, all
+    /// streams together (503 beyond). At least 1.
+    pub max_blocking_requests: usize,
+}
+
+impl Default for HlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            segment_target: Duration::from_secs(2),
+            part_target: Duration::from_millis(333),
+            window_segments: 7,
+            max_stream_bytes: 64 << 20,
+            idle_stop: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(10),
+            max_streams: 200,
+            max_blocking_requests: 5000,
+        }
+    }
+}
+
+impl HlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ms = |d: Duration| d.as_millis();
+        let checks = [
+            (
+                (1000..=10_000).contains(&ms(self.segment_target)),
+                "hls.segment_target must be 1s-10s",
+            ),
+            (
+                (200..=1000).contains(&ms(self.part_target))
+                    && ms(self.part_target) * 2 <= ms(self.segment_target),
+                "hls.part_target must be 200ms-1s and at most half of hls.segment_target",
+            ),
+            (
+                (3..=60).contains(&self.window_segments),
+                "hls.window_segments must be 3-60",
+            ),
+            (
+                self.max_stream_bytes >= 1 << 20,
+                "hls.max_stream_bytes must be at least 1048576",
+            ),
+            (
+                (1000..=3_600_000).contains(&ms(self.idle_stop)),
+                "hls.idle_stop must be 1s-1h",
+            ),
+            (
+                (1000..=60_000).contains(&ms(self.start_timeout)),
+                "hls.start_timeout must be 1s-60s",
+            ),
+            (
+                self.max_streams >= 1 && self.max_blocking_requests >= 1,
+                "hls.max_streams and hls.max_blocking_requests must be at least 1",
+            ),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, msg)) => Err(ConfigError::Invalid((*msg).into())),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Recording a room's output (the bridge's stream on the embedded origin) to fragmented MP4
@@ -1169,6 +1261,7 @@ impl Config {
             )));
         }
         self.webhooks.validate()?;
+        self.hls.validate()?;
         self.recording.validate()?;
         for ip in &w.public_ips {
             if ip.parse::<IpAddr>().is_err() {

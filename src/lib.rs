@@ -4,6 +4,7 @@ pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod conn_limit;
+pub mod hls;
 pub mod http;
 pub mod media;
 pub mod metrics;

@@ -38,6 +38,12 @@ pub struct Metrics {
     /// HTTP-FLV players playing now, and refused by `server.max_flv_players*`.
     pub flv_players: AtomicU64,
     pub flv_players_refused: AtomicU64,
+    /// HLS packagers running (`src/hls/`), HLS requests answered by kind, and requests refused
+    /// by `hls.max_blocking_requests`.
+    pub hls_streams: AtomicU64,
+    pub hls_playlist_requests: AtomicU64,
+    pub hls_media_requests: AtomicU64,
+    pub hls_blocking_refused: AtomicU64,
 }
 
 fn g(a: &AtomicU64) -> u64 {
@@ -179,6 +185,30 @@ impl Metrics {
                 "counter",
                 "HTTP-FLV requests refused by server.max_flv_players(_per_stream).",
                 g(&self.flv_players_refused),
+            ),
+            (
+                "cohost_hls_streams",
+                "gauge",
+                "Streams packaged for HLS now (packagers run on demand).",
+                g(&self.hls_streams),
+            ),
+            (
+                "cohost_hls_playlist_requests_total",
+                "counter",
+                "HLS playlist requests answered (blocking reloads included).",
+                g(&self.hls_playlist_requests),
+            ),
+            (
+                "cohost_hls_media_requests_total",
+                "counter",
+                "HLS init, segment and part requests answered.",
+                g(&self.hls_media_requests),
+            ),
+            (
+                "cohost_hls_blocking_refused_total",
+                "counter",
+                "HLS requests that would have blocked, refused by hls.max_blocking_requests (503).",
+                g(&self.hls_blocking_refused),
             ),
             (
                 "cohost_tasks_alive",

@@ -96,3 +96,28 @@ fn webhooks_need_a_key_and_http_urls_and_never_show_the_key() {
     assert!(!shown.contains("a-secret-key-of-16+"), "{shown}");
     assert!(shown.contains("<redacted>"), "{shown}");
 }
+
+#[test]
+fn hls_settings_are_range_checked_and_unknown_keys_rejected() {
+    for (bad, key) in [
+        ("part_target = \"100ms\"", "hls.part_target"),
+        ("part_target = \"1500ms\"", "hls.part_target"),
+        ("segment_target = \"500ms\"", "hls.segment_target"),
+        ("window_segments = 2", "hls.window_segments"),
+        ("max_stream_bytes = 1000", "hls.max_stream_bytes"),
+        ("idle_stop = \"0s\"", "hls.idle_stop"),
+        ("max_blocking_requests = 0", "hls.max_blocking_requests"),
+    ] {
+        let err = Config::from_toml_str(&format!("[hls]\n{bad}\n"))
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains(key), "{bad}: {err}");
+    }
+    let err = Config::from_toml_str("[hls]\npart_targt = \"300ms\"\n")
+        .expect_err("typo")
+        .to_string();
+    assert!(err.contains("part_targt"), "{err}");
+    let cfg = Config::from_toml_str("[hls]\nsegment_target = \"4s\"\npart_target = \"500ms\"\n")
+        .expect("valid");
+    assert_eq!(cfg.hls.part_target, std::time::Duration::from_millis(500));
+}

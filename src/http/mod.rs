@@ -2,6 +2,7 @@
 //! page. Handlers translate between HTTP and the services; room rules live elsewhere.
 
 mod flv;
+mod hls;
 mod ingest;
 mod recording;
 pub mod serve;
@@ -44,6 +45,20 @@ pub fn router(svc: Arc<Services>) -> Router {
                 svc.cfg.server.max_flv_players_per_stream,
                 svc.metrics.clone(),
             ))),
+        )
+        // HLS under the stream's name (`/live/{stream}/index.m3u8`); the same parameter name
+        // as the HTTP-FLV route at that position, which the router requires.
+        .route(
+            "/live/{file}/{name}",
+            get(hls::get)
+                .options(hls::preflight)
+                .layer(axum::Extension(crate::hls::Hls::new(
+                    svc.cfg.hls.clone(),
+                    svc.origin.clone(),
+                    svc.metrics.clone(),
+                    svc.shutdown.clone(),
+                )))
+                .layer(axum::middleware::map_response(hls::cors)),
         )
         .route(
             "/v1/rooms/{room}/stream-keys",
@@ -459,6 +474,7 @@ fn bridge_json(
         "stats": h.bridge.stats(),
         "play": {
             "http_flv": format!("/live/{name}.flv"),
+            "hls": format!("/live/{name}/index.m3u8"),
             "rtmp": format!("rtmp://HOST/live/{name}"),
         },
         "destinations": h
