@@ -431,6 +431,8 @@ pub struct Fragmenter {
     /// Where the next audio sample is expected (audio timescale): consecutive AAC frames are
     /// exactly 1024 samples apart even though FLV rounds their times to milliseconds.
     audio_next: Option<u64>,
+    /// Late AAC frames dropped (see `push_audio`).
+    late_audio: u64,
     /// Last video frame duration (ms), for the final frame of a stream.
     last_video_ms: u64,
     sequence: u32,
@@ -519,12 +521,13 @@ impl Fragmenter {
                     self.start_if_needed(&mut out);
                     if self.tracks.as_ref().is_some_and(|t| t.audio.is_some()) {
                         let dts_ms = self.rebase(t);
-                        self.push_audio(dts_ms, b[2..].to_vec());
-                        out.frame = Some(Frame {
-                            video: false,
-                            keyframe: true,
-                            dts_ms,
-                        });
+                        if self.push_audio(dts_ms, b[2..].to_vec()) {
+                            out.frame = Some(Frame {
+                                video: false,
+                                keyframe: true,
+                                dts_ms,
+                            });
+                        }
                     }
                 }
             }
@@ -596,22 +599,30 @@ impl Fragmenter {
         });
     }
 
-    fn push_audio(&mut self, dts_ms: u64, data: Vec<u8>) {
+    /// Returns whether the frame was taken.
+    fn push_audio(&mut self, dts_ms: u64, data: Vec<u8>) -> bool {
         let Some(rate) = self
             .tracks
             .as_ref()
             .and_then(|t| t.audio.as_ref())
             .map(|a| u64::from(a.sample_rate))
         else {
-            return;
+            return false;
         };
         let raw = dts_ms * rate / 1000;
         let frame = u64::from(AAC_FRAME);
         let dts = match self.audio_next {
-            // Within a frame of where it should be, or behind it (a source whose audio ran
-            // ahead for a moment): it is the next frame exactly. Never backwards, also across
-            // a cut: a fragment whose audio overlapped the previous one's is an error for
-            // players ("non monotonically increasing dts").
+            // A whole frame or more behind where the next should be: the source produced
+            // more audio than its clock says (the bridge's first few hundred milliseconds
+            // do). Dropped: laying it after the previous frame would delay all later audio
+            // against the video for good, and restarting the timeline from its time would
+            // overlap audio already cut into a fragment ("non monotonically increasing dts"
+            // in ffmpeg).
+            Some(next) if raw + frame <= next => {
+                self.late_audio += 1;
+                return false;
+            }
+            // Within a frame of where it should be: it is the next frame exactly.
             Some(next) if raw < next + frame => next,
             // A gap: go on from the stream's time.
             Some(_) => raw,
@@ -631,6 +642,12 @@ impl Fragmenter {
             key: true,
             data,
         });
+        true
+    }
+
+    /// AAC frames dropped for coming a whole frame or more behind the audio timeline.
+    pub fn late_audio(&self) -> u64 {
+        self.late_audio
     }
 
     /// Milliseconds of complete media waiting: from the first pending sample up to the newest
@@ -1024,7 +1041,7 @@ mod tests {
     }
 
     #[test]
-    fn audio_that_runs_behind_never_overlaps_across_a_cut() {
+    fn late_audio_is_dropped_and_never_overlaps_across_a_cut() {
         let mut f = Fragmenter::new();
         for t in configs() {
             f.push(&t).unwrap();
@@ -1037,7 +1054,13 @@ mod tests {
         f.push(&vtag(50, true, &[0x65])).unwrap();
         let first = f.cut().unwrap();
         assert_eq!(first.audio_samples, 3);
-        f.push(&atag(34)).unwrap();
+        let late = f.push(&atag(34)).unwrap();
+        assert!(
+            late.frame.is_none(),
+            "dropped, not laid after the previous frame"
+        );
+        assert_eq!(f.late_audio(), 1);
+        f.push(&atag(64)).unwrap();
         f.push(&atag(85)).unwrap();
         let dts: Vec<u64> = f.audio.iter().map(|s| s.dts).collect();
         assert_eq!(

@@ -64,14 +64,6 @@ pub struct Session {
     audio_waited: u32,
     /// Tags the muxer refused (bad input); counted, never fatal.
     pub refused: u64,
-    /// The current file's audio timeline as its muxer keeps it (see [`Self::audio_in_order`]):
-    /// FLV time of its 0 (its first media frame), the audio sample rate, and where the next
-    /// AAC frame is expected (samples from 0).
-    zero_ms: Option<u32>,
-    audio_rate: u64,
-    audio_next: Option<u64>,
-    /// Audio frames dropped for going back in time.
-    pub audio_backwards: u64,
 }
 
 impl Session {
@@ -87,10 +79,6 @@ impl Session {
             audio_carry: Vec::new(),
             audio_waited: 0,
             refused: 0,
-            zero_ms: None,
-            audio_rate: 48_000,
-            audio_next: None,
-            audio_backwards: 0,
         }
     }
 
@@ -132,9 +120,6 @@ impl Session {
             return ops;
         }
         let keyframe = tag.is_video_keyframe();
-        if tag.kind == TAG_AUDIO && self.frag.is_some() && !self.audio_in_order(tag) {
-            return ops;
-        }
         if self.frag.is_none() {
             self.maybe_start(tag, &mut ops);
             return ops;
@@ -178,38 +163,6 @@ impl Session {
             self.audio_carry.push(tag.clone());
         }
         ops
-    }
-
-    /// The muxer lays AAC frames end to end (1024 samples each) while their FLV times stay
-    /// within a frame of that, and starts again from the FLV time otherwise; an FLV time a
-    /// whole frame or more behind (the bridge's audio runs a little fast in the first few
-    /// hundred milliseconds of a stream) would start again *before* audio already cut into a
-    /// fragment: overlapping samples, which ffmpeg reports as non-monotonic timestamps. Such a
-    /// frame is dropped here (it is audio the file already has the time of).
-    fn audio_in_order(&mut self, tag: &Tag) -> bool {
-        const FRAME: u64 = 1024;
-        let Some(zero) = self.zero_ms else {
-            return true;
-        };
-        let rel = i64::from(tag.timestamp_ms.wrapping_sub(zero) as i32);
-        let raw = u64::try_from(rel).unwrap_or(0) * self.audio_rate / 1000;
-        let next = match self.audio_next {
-            Some(next) if rel < 0 || raw + FRAME <= next => {
-                self.audio_backwards += 1;
-                if self.audio_backwards.is_power_of_two() {
-                    tracing::debug!(
-                        dropped = self.audio_backwards,
-                        ts = tag.timestamp_ms,
-                        "recording: audio frame behind the file's audio dropped"
-                    );
-                }
-                return false;
-            }
-            Some(next) if raw.abs_diff(next) < FRAME => next + FRAME,
-            _ => raw + FRAME,
-        };
-        self.audio_next = Some(next);
-        true
     }
 
     /// The stream ended or the recording stops: the open file gets everything and is closed.
@@ -262,19 +215,6 @@ impl Session {
             .cloned()
             .collect();
         self.frag = Some(Fragmenter::new());
-        // The new file's timeline: 0 at this tag (the muxer's first media frame).
-        self.zero_ms = Some(tag.timestamp_ms);
-        self.audio_next = None;
-        self.audio_rate = self
-            .audio_config
-            .as_ref()
-            .and_then(|c| c.body.get(2..))
-            .and_then(|asc| crate::media::fmp4::AudioTrack::from_asc(asc).ok())
-            .map_or(48_000, |a| u64::from(a.sample_rate.max(1)));
-        if tag.kind == TAG_AUDIO {
-            // An audio-only file starts on this frame: it is the timeline's first.
-            self.audio_in_order(tag);
-        }
         for c in &configs {
             if let Some(f) = self.frag.as_mut() {
                 let r = f.push(c);
@@ -291,9 +231,6 @@ impl Session {
             .iter()
             .filter(|a| tag.kind == TAG_VIDEO && a.timestamp_ms >= tag.timestamp_ms)
         {
-            if !self.audio_in_order(a) {
-                continue;
-            }
             if let Some(f) = self.frag.as_mut() {
                 let r = f.push(a);
                 self.handle(r, ops);
