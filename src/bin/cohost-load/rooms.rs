@@ -542,6 +542,10 @@ pub async fn cohost(t: &CohostTarget, o: &Opts) -> anyhow::Result<RoomsResult> {
         let path = format!("/v1/rooms/{room}/bridge");
         match http(t.addr, "POST", &path, tok, Some(&json!({}))).await {
             Ok((201, _)) => {}
+            // `bridge.auto_start` (the server's default) starts it at the host's first
+            // publish, with the same settings as this request (the host's size, the
+            // embedded origin): that one is measured.
+            Ok((409, v)) if v["error"]["code"] == "already_running" => {}
             Ok((s, v)) => r.errors.push(format!("{room}: bridge start: HTTP {s} {v}")),
             Err(e) => r.errors.push(format!("{room}: bridge start: {e:#}")),
         }
