@@ -815,16 +815,7 @@ async fn output_takes_the_configured_size_not_a_cohosts_when_the_host_has_no_vid
         .await;
     assert_eq!(s, 201, "{body}");
     // The stream starts after the wait for the host (5 s), with the co-host's picture.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, body) = server.get("/v1/rooms/nosize/bridge", Some(&admin)).await;
-        let v: Value = serde_json::from_str(body.trim()).unwrap_or(json!({}));
-        if v["stats"]["video_frames"].as_u64().unwrap_or(0) >= 15 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "bridge not producing: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_frames(&server, &admin, "nosize", 15).await;
     let url = format!("http://{}/live/nosize.flv", server.addr);
     let probe = tokio::process::Command::new("ffprobe")
         .args(["-v", "error", "-select_streams", "v"])
