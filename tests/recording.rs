@@ -695,3 +695,32 @@ async fn recording_write_error_stops_the_recording_not_the_server() {
     let (s, _) = rest(&server, "POST", "/v1/rooms/..%2Fx/recording").await;
     assert!(matches!(s, 400 | 404), "{s}");
 }
+
+/// `recording.max_concurrent` bounds the recordings of the whole server: one more is refused
+/// with 409 `too_many_recordings`, and a stopped one frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recordings_beyond_max_concurrent_are_refused() {
+    let dir = TempDir::new("cap");
+    let server = rec_server(&dir, &[("COHOST_RECORDING__MAX_CONCURRENT", "1")]).await;
+    let _a = Client::join(&server, "rec-cap-a", "host", Role::Host).await;
+    let _b = Client::join(&server, "rec-cap-b", "host", Role::Host).await;
+    let (s, v) = rest(&server, "POST", "/v1/rooms/rec-cap-a/recording").await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = rest(&server, "POST", "/v1/rooms/rec-cap-b/recording").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("too_many_recordings")),
+        "{v}"
+    );
+    let (s, v) = rest(&server, "DELETE", "/v1/rooms/rec-cap-a/recording").await;
+    assert_eq!(s, 204, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = rest(&server, "POST", "/v1/rooms/rec-cap-b/recording").await;
+        if s == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "place never freed: {s} {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
