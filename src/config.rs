@@ -555,6 +555,11 @@ pub struct WebrtcConfig {
     /// many ports are free, so viewers can never take the ports a co-host needs to publish.
     /// At most half the range is kept, whatever the value.
     pub publisher_port_reserve: usize,
+    /// Estimate each subscriber connection's downlink with GCC over the client's
+    /// transport-wide congestion feedback (`peer::bwe`), shown in the room stats. Off by
+    /// default: numbering every forwarded packet and keeping its send history cost 15 % more
+    /// CPU per forwarded packet (BENCHMARKS.md), and layer choice does not use it yet.
+    pub bandwidth_estimate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1043,6 +1048,7 @@ impl Default for WebrtcConfig {
             socket_buffer_bytes: 4 * 1024 * 1024,
             subscriber_queue: 512,
             publisher_port_reserve: 100,
+            bandwidth_estimate: false,
         }
     }
 }

@@ -319,6 +319,12 @@ impl Metrics {
                 g(&crate::peer::nack_floor::DROPPED),
             ),
             (
+                "cohost_nack_over_budget_total",
+                "counter",
+                "Retransmissions subscribers asked for beyond the stream's budget (half of what it forwards, at least 10 a second, a packet at most once per 100 ms); not sent.",
+                g(&crate::peer::nack_floor::OVER_BUDGET),
+            ),
+            (
                 "cohost_rtcp_nacks_sent_total",
                 "counter",
                 "RTCP NACK packets sent (to publishers).",

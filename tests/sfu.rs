@@ -520,3 +520,67 @@ async fn room_stats_and_metrics_report_forwarding() {
     assert!(m["cohost_rtcp_plis_sent_total"] >= 1.0);
     assert_eq!(m["cohost_subscriptions"], 2.0);
 }
+
+/// A subscriber that asks (NACK) for the last 100 packets every 20 ms, whatever it received,
+/// gets a bounded share resent (`peer::nack_budget`: half of what is forwarded, at least 10 a
+/// second, a packet at most once per 100 ms), not 50 times the stream; and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retransmissions_to_a_subscriber_that_asks_for_everything_are_bounded() {
+    use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
+        TransportLayerNack, nack_pairs_from_sequence_numbers,
+    };
+    let server = Server::start().await;
+    let mut host = Client::join(&server, "nackflood", "host", Role::Host).await;
+    host.publish(None).await.unwrap();
+    let viewer = Client::watch(&server, "nackflood", "fan").await;
+    let tag = host.publication.as_ref().unwrap().tag_video;
+    viewer.wait_packets(tag, 50).await;
+    let (remote, ssrc) = {
+        let r = viewer.received.lock().unwrap();
+        let e = r
+            .values()
+            .find(|e| e.pattern_ids.contains(&tag))
+            .expect("the host's video");
+        (
+            e.remote.clone().expect("remote track"),
+            *e.ssrcs.iter().next().expect("an SSRC"),
+        )
+    };
+    let from = viewer.seqs(tag).len();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut asked = 0usize;
+    while Instant::now() < until {
+        let last = *viewer.seqs(tag).last().expect("packets");
+        let seqs: Vec<u16> = (0..100u16).rev().map(|i| last.wrapping_sub(i)).collect();
+        asked += seqs.len();
+        let nack = TransportLayerNack {
+            sender_ssrc: 1,
+            media_ssrc: ssrc,
+            nacks: nack_pairs_from_sequence_numbers(&seqs),
+        };
+        remote
+            .write_rtcp(vec![Box::new(nack)])
+            .await
+            .expect("send NACK");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the last resends arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = viewer.seqs(tag);
+    let window = &got[from..];
+    let unique = window
+        .iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    let over = server.metric("cohost_nack_over_budget_total").await;
+    println!(
+        "asked {asked} resends in 3 s; received {} packets, {unique} distinct; {over} over budget",
+        window.len()
+    );
+    assert!(unique > 50, "the stream goes on: {unique} new packets");
+    assert!(
+        window.len() <= unique * 2,
+        "resends bounded: {} packets for {unique} distinct",
+        window.len()
+    );
+}

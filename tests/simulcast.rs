@@ -538,9 +538,21 @@ async fn viewer_layer(server: &Server, room: &str, viewer: &str) -> Option<(Stri
     ))
 }
 
+/// The subscriber connection's bandwidth estimate (GCC, `peer::bwe`) in the room stats.
+async fn viewer_estimate(server: &Server, room: &str, viewer: &str) -> Option<u64> {
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (_, body) = server.get(&format!("/v1/rooms/{room}"), Some(&admin)).await;
+    let v: Value = serde_json::from_str(&body).ok()?;
+    v["participants"]
+        .as_array()?
+        .iter()
+        .find(|p| p["identity"] == viewer)?["media"]["subscriber"]["estimate_bps"]
+        .as_u64()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_on_a_narrow_downlink_moves_down_a_layer_and_back_up() {
-    let server = Server::start().await;
+    let server = Server::start_with(&[("COHOST_WEBRTC__BANDWIDTH_ESTIMATE", "true")]).await;
     let host = Client::join(&server, "narrow", "host", Role::Host).await;
     let rate = Arc::new(AtomicU64::new(0));
     let (passed, dropped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -566,6 +578,13 @@ async fn subscriber_on_a_narrow_downlink_moves_down_a_layer_and_back_up() {
     let bits = |p: &Arc<AtomicU64>| p.load(Ordering::SeqCst);
     let top_bps = top_layer_bps(&viewer, &local_id).await;
 
+    let est = viewer_estimate(&server, "narrow", "viewer").await;
+    println!("unlimited: estimate {est:?}");
+    // The subscriber's transport-wide feedback reaches the server's estimator (`peer::bwe`).
+    assert!(
+        est.is_some_and(|e| e >= 100_000),
+        "a bandwidth estimate in the stats: {est:?}"
+    );
     // The link narrows to half of that: the server moves the viewer down.
     let limit = top_bps / 2;
     rate.store(limit, Ordering::SeqCst);
@@ -591,6 +610,8 @@ async fn subscriber_on_a_narrow_downlink_moves_down_a_layer_and_back_up() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (p, d) = (bits(&passed) - p0, bits(&dropped) - d0);
     println!("after the switch: {p} packets passed, {d} dropped");
+    let est = viewer_estimate(&server, "narrow", "viewer").await;
+    println!("limit {limit} bit/s; estimate {est:?}");
     assert!(p > 20, "video keeps flowing: {p} packets");
     assert!(
         d * 100 <= (p + d) * 3,
@@ -610,6 +631,114 @@ async fn subscriber_on_a_narrow_downlink_moves_down_a_layer_and_back_up() {
     .await;
     println!("back on the top layer after {:?}", lifted.elapsed());
     trace.abort();
+}
+
+/// The layer and downlink cap of each simulcast track `viewer` receives, by the identity of
+/// the track's publisher.
+async fn viewer_layers(
+    server: &Server,
+    room: &str,
+    viewer: &str,
+) -> std::collections::HashMap<String, (String, String)> {
+    let admin = server.auth.mint("*", "ops", Role::Admin, None).unwrap();
+    let (code, body) = server.get(&format!("/v1/rooms/{room}"), Some(&admin)).await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let ps = v["participants"].as_array().cloned().unwrap_or_default();
+    let owner = |track: &Value| {
+        ps.iter()
+            .find(|p| {
+                p["tracks"]
+                    .as_array()
+                    .is_some_and(|ts| ts.iter().any(|t| t["id"] == *track))
+            })
+            .and_then(|p| p["identity"].as_str())
+            .map(str::to_string)
+    };
+    let mut out = std::collections::HashMap::new();
+    if let Some(p) = ps.iter().find(|p| p["identity"] == viewer) {
+        for l in p["media"]["layers"].as_array().cloned().unwrap_or_default() {
+            if let (Some(who), Some(layer), Some(cap)) = (
+                owner(&l["track_id"]),
+                l["layer"].as_str(),
+                l["downlink"].as_str(),
+            ) {
+                out.insert(who, (layer.to_string(), cap.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// A viewer receiving the host and a co-host, both simulcast, over one link that narrows: the
+/// co-host's video steps down first and the host's stays on its top layer
+/// (`sfu::allocation`), where each track judged on its own would have taken both down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn narrow_downlink_takes_the_cohost_down_before_the_host() {
+    let server = Server::start().await;
+    let host = Client::join(&server, "prio", "host", Role::Host).await;
+    let guest = Client::join(&server, "prio", "guest", Role::Cohost).await;
+    let rate = Arc::new(AtomicU64::new(0));
+    let (passed, dropped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let policer = common::RatePolicer::new(rate.clone(), passed.clone(), dropped.clone());
+    let viewer = Client::watch_policed(&server, "prio", "viewer", policer).await;
+    let bitrates = Some([80_000, 200_000, 1_000_000]);
+    let _host_pub = publish_simulcast_with(Via::WebSocket(&host), bitrates).await;
+    let _guest_pub = publish_simulcast_with(Via::WebSocket(&guest), bitrates).await;
+    // Both videos arrive, each on its top layer.
+    wait_until(
+        "both videos on the top layer",
+        Duration::from_secs(20),
+        async || {
+            let l = viewer_layers(&server, "prio", "viewer").await;
+            l.len() == 2 && l.values().all(|(layer, cap)| layer == "f" && cap == "any")
+        },
+    )
+    .await;
+    // What both top layers cost on the wire, unlimited.
+    let bytes = || -> u64 {
+        viewer
+            .received
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| r.kind == "video")
+            .map(|r| r.raw.iter().map(|p| p.3.len() as u64 + 40).sum::<u64>())
+            .sum()
+    };
+    let (b0, t0) = (bytes(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let both = (bytes() - b0) * 8 * 1000 / t0.elapsed().as_millis() as u64;
+    println!("both top layers: {both} bit/s");
+    assert!(both > 800_000, "two top layers: {both}");
+    // Room for the host's top layer and the co-host's middle one, not for both tops.
+    let limit = both * 65 / 100;
+    rate.store(limit, Ordering::SeqCst);
+    let narrowed = Instant::now();
+    wait_until(
+        "the co-host below its top layer",
+        Duration::from_secs(25),
+        async || {
+            let l = viewer_layers(&server, "prio", "viewer").await;
+            l.get("guest")
+                .is_some_and(|(layer, cap)| layer != "f" && cap != "any")
+        },
+    )
+    .await;
+    println!("co-host down after {:?}", narrowed.elapsed());
+    // Settled: the host kept its top layer all along.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let l = viewer_layers(&server, "prio", "viewer").await;
+        println!("layers: {l:?}");
+        let (layer, cap) = l.get("host").cloned().unwrap_or_default();
+        assert_eq!(
+            (layer.as_str(), cap.as_str()),
+            ("f", "any"),
+            "the host's video stays on its top layer while the co-host's steps down: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The bridge decodes each simulcast input from the smallest layer that covers its tile at the
@@ -865,8 +994,15 @@ async fn subscriber_behind_a_tbf_limited_link_moves_down_a_layer_and_back_up() {
     let server = Server::start_in_netns(&ns.name, &ns.ns_ip, &[]).await;
     let host = Client::join_at(&server, "tbf", "host", Role::Host, &ns.root_ip).await;
     let mut viewer = Client::watch_at(&server, "tbf", "viewer", &ns.root_ip).await;
-    let _publisher =
+    let publisher =
         publish_simulcast_with(Via::WebSocket(&host), Some([80_000, 200_000, 1_000_000])).await;
+    let plis = || -> Vec<u64> {
+        publisher
+            .plis
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .collect()
+    };
     let (_track, local_id) = video_track(&mut viewer).await;
     wait_size(&viewer, &local_id, SIZES[2], 0).await;
 
@@ -884,6 +1020,7 @@ async fn subscriber_behind_a_tbf_limited_link_moves_down_a_layer_and_back_up() {
     let kbit = top_bps / 2 / 1000;
     ns.limit(Some(kbit)).expect("tbf");
     let narrowed = Instant::now();
+    let plis_before = plis();
     wait_until(
         "a lower layer for the viewer",
         Duration::from_secs(20),
@@ -917,23 +1054,34 @@ async fn subscriber_behind_a_tbf_limited_link_moves_down_a_layer_and_back_up() {
         last.2.elapsed() >= Duration::from_secs(4)
     })
     .await;
+    // Keyframes asked of each layer (q, h, f) since the link narrowed: every switch asks one,
+    // and so does a subscriber that lost part of a picture.
+    println!(
+        "settled after {:?}: keyframe requests per layer since narrowing {:?}",
+        narrowed.elapsed(),
+        plis()
+            .iter()
+            .zip(&plis_before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>()
+    );
     let (from, dropped0) = (seqs().len(), ns.dropped());
     tokio::time::sleep(Duration::from_secs(3)).await;
     let got = seqs();
     let window = &got[from.saturating_sub(1)..];
     let missing = common::missing_seqs(window);
     let dropped = ns.dropped() - dropped0;
-    let (_, metrics) = server.get("/metrics", None).await;
-    let old_nacks = metrics
-        .lines()
-        .find(|l| l.starts_with("cohost_nack_old_layer_dropped_total "))
-        .unwrap_or("?")
-        .to_string();
+    let old_nacks = server.metric("cohost_nack_old_layer_dropped_total").await;
+    let over = server.metric("cohost_nack_over_budget_total").await;
     println!(
-        "after the switch: {} packets, {missing} missing, tbf dropped {dropped}; {old_nacks}",
+        "after the switch: {} packets, {missing} missing, tbf dropped {dropped}; old-layer \
+         NACKs dropped {old_nacks}; over budget {over}",
         window.len()
     );
     assert!(window.len() > 20, "video keeps flowing: {}", window.len());
+    // The viewer asked for far more retransmissions than its full link could take: the
+    // server's budget (peer::nack_budget) left most of them out.
+    assert!(over > 0.0, "retransmissions over budget: {over}");
     assert!(
         missing * 100 <= (window.len() + missing) * 3,
         "loss after the switch: {missing} of {}",

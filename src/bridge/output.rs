@@ -22,7 +22,10 @@ use super::compose::{I420, Yuv};
 use super::encode::{AAC_FRAME, AacEncoder, EncodedVideo, H264Encoder};
 use super::layout::{Layout, Rect, tiles};
 use super::mix::{Limiter, mix_into};
-use super::passthrough::{PassClock, Path, Reason, SourceSets, SourceState, Switcher};
+use super::passthrough::{
+    PASS_RELEASE_LAG_MS, PASS_WAKE_BLOCKS, PassClock, Path, Reason, SourceSets, SourceState,
+    Switcher,
+};
 use super::pipeline::{BridgeConfig, SAMPLE_RATE, Slots, lock};
 use super::rtp_out::RtpOut;
 use super::slate;
@@ -788,8 +791,11 @@ impl Output {
 
     /// One of the host's access units, as it came, on the output clock.
     fn emit_unit(&mut self, au: &AccessUnit, now_ms: i64) {
-        // Released when the host's audio is played: the output clock now is where it goes.
-        let ts = self.clock.map(au.rtp_timestamp, now_ms);
+        // Released when the host's audio is played: the output clock now is where it goes,
+        // less half the wake period over which releases are grouped.
+        let ts = self
+            .clock
+            .map(au.rtp_timestamp, now_ms - PASS_RELEASE_LAG_MS);
         let ts = self.next_ts(ts);
         // Access unit delimiters are left out (FLV frames each access unit itself).
         let nals = split_annexb(&au.annexb);
@@ -914,9 +920,7 @@ impl Output {
             let now = Instant::now();
             let elapsed = now.saturating_duration_since(start);
             let now_ms = elapsed.as_millis() as i64;
-            if self.started {
-                self.passthrough_tick(now, now_ms, vec![]);
-            } else {
+            if !self.started {
                 self.try_start(now, elapsed, now_ms);
             }
             // Video frames due by now (mixed only on the mixing path; passthrough frames come
@@ -957,18 +961,40 @@ impl Output {
                 }
                 audio_samples += AAC_FRAME as u64;
             }
+            // After the audio: the host's pictures are released up to the audio just played
+            // (`sync`), so those that go with this wake period's audio leave with it.
+            if self.started {
+                let before = self.path();
+                self.passthrough_tick(now, now_ms, vec![]);
+                // Switched to mixing: the frame due now was counted above while passing
+                // through; mix it at once rather than a wake period later (a freeze).
+                if before == Path::Passthrough && self.path() == Path::Mixing && frames > 0 {
+                    self.mix_frame(Instant::now(), frames - 1);
+                }
+            }
             // Sleep until the next thing is due: an audio block (the host's pictures passed
             // through go with their audio, so they are due then too) or, while mixing, a
             // frame. Waking every few milliseconds instead cost a solo room more in scheduling
             // than its video (perf, BENCHMARKS.md).
             let at = |us: u64| start + Duration::from_micros(us);
-            let mut wake = at(audio_samples * 1_000_000 / u64::from(SAMPLE_RATE));
-            if self.started && self.path() == Path::Mixing {
+            // While passing through, the loop wakes for every PASS_WAKE_BLOCKS audio blocks
+            // instead of each one: a third of the wake-ups took a solo room from 0.0253 to
+            // 0.0225 core (BENCHMARKS.md); the host's pictures keep their RTP spacing (see
+            // `PassClock`), only their release is grouped.
+            let mixing = self.started && self.path() == Path::Mixing;
+            let batch = if self.started && !mixing {
+                PASS_WAKE_BLOCKS
+            } else {
+                1
+            };
+            let mut wake = at((audio_samples + (batch - 1) * AAC_FRAME as u64) * 1_000_000
+                / u64::from(SAMPLE_RATE));
+            if mixing {
                 wake = wake.min(at(frames * 1_000_000 / fps));
             }
             let nap = wake
                 .saturating_duration_since(Instant::now())
-                .clamp(Duration::from_millis(1), Duration::from_millis(20));
+                .clamp(Duration::from_millis(1), Duration::from_millis(100));
             std::thread::sleep(nap);
         }
         info!(room = %self.room.name, frames, "bridge stopped");

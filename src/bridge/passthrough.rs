@@ -188,8 +188,17 @@ pub struct PassClock {
     anchor: Option<(i64, u32)>,
 }
 
-/// How far RTP-derived timestamps may drift from the output clock before re-anchoring.
-const MAX_DRIFT_MS: i64 = 50;
+/// While passing through, the output loop releases the host's pictures every this many AAC
+/// blocks of 1024 samples at 48 kHz (64 ms), not at each block: the wake-ups, and the readers'
+/// wake-ups for each release, were a tenth of a solo room's CPU (BENCHMARKS.md).
+pub const PASS_WAKE_BLOCKS: u64 = 3;
+/// A picture is released up to one wake period after its audio was played; the clock is asked
+/// for the middle of that period so the error stays within half of it (±32 ms, inside what
+/// viewers notice: ITU-R BT.1359 puts the threshold at 45 ms of audio lead).
+pub const PASS_RELEASE_LAG_MS: i64 = (PASS_WAKE_BLOCKS as i64 * 1024 * 1000 / 48_000) / 2;
+/// How far RTP-derived timestamps may drift from the output clock before re-anchoring: 50 ms
+/// of jitter, plus the spread of release times within a wake period.
+const MAX_DRIFT_MS: i64 = 50 + 2 * PASS_RELEASE_LAG_MS;
 
 impl PassClock {
     /// Forget the anchor (the output left passthrough).
@@ -522,8 +531,10 @@ mod tests {
         // 33 ms of RTP later, whatever the arrival jitter.
         assert_eq!(c.map(90_000 + 2970, 1050), 1033);
         assert_eq!(c.map(90_000 + 5940, 1060), 1066);
+        // Within the tolerance (jitter plus the spread of a wake period's releases).
+        assert_eq!(c.map(90_000 + 8910, 1160), 1099);
         // Drifted too far (or a new timeline): back on the output clock.
-        assert_eq!(c.map(90_000 + 8910, 1160), 1160);
+        assert_eq!(c.map(90_000 + 11880, 1260), 1260);
         assert_eq!(c.map(5, 1200), 1200);
         // Wrapping RTP timestamps.
         let mut c = PassClock::default();

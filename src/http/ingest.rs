@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{api_error, authenticate, json_body, path_param, permit, room_access};
+use super::{RoomAccess, api_error, authenticate, json_body, path_param, permit};
 use crate::auth::{Role, now_secs, sign, valid_name};
 use crate::participant::Services;
 
@@ -91,14 +91,10 @@ fn rtmp_port(svc: &Services) -> String {
 
 pub(super) async fn mint_stream_key(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
+    RoomAccess { room, .. }: RoomAccess,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let room = match room_access(&svc, &headers, room) {
-        Ok((_, r)) => r,
-        Err(r) => return *r,
-    };
     let req: KeyRequest = match json_body(body, svc.cfg.server.max_body_bytes).await {
         Ok(r) => r,
         Err(r) => return *r,
@@ -161,13 +157,8 @@ pub(super) async fn mint_stream_key(
 /// afterwards work. In memory: a restart forgets revocations (see docs/api.md).
 pub(super) async fn revoke_stream_keys(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { claims, room }: RoomAccess,
 ) -> Response {
-    let (claims, room) = match room_access(&svc, &headers, room) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     if !valid_name(&room) {
         return api_error(StatusCode::BAD_REQUEST, "bad_request", "bad room name");
     }

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -272,19 +273,10 @@ async fn room_messages(
 /// `mute_chat`, `delete_message`, `pk_end`) with the same JSON body.
 async fn room_action(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { room, .. }: RoomAccess,
     body: Body,
 ) -> Response {
     use crate::signaling::protocol::ClientMessage as M;
-    let room = match authenticate(&svc, &headers).and_then(|c| {
-        let room = path_param(room)?;
-        permit(&c, Some(&room))?;
-        Ok(room)
-    }) {
-        Ok(r) => r,
-        Err(r) => return *r,
-    };
     let msg: M = match json_body::<Option<M>>(body, svc.cfg.server.max_body_bytes).await {
         Ok(Some(m)) => m,
         Ok(None) => {
@@ -372,13 +364,8 @@ async fn list_rooms(State(svc): State<Arc<Services>>, headers: HeaderMap) -> Res
 
 async fn get_room(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { room, .. }: RoomAccess,
 ) -> Response {
-    let room = match room_access(&svc, &headers, room) {
-        Ok((_, r)) => r,
-        Err(r) => return *r,
-    };
     let Some(r) = svc.rooms.get(&room) else {
         return api_error(StatusCode::NOT_FOUND, "not_found", "no such room");
     };
@@ -448,16 +435,31 @@ mod double_option {
     }
 }
 
-/// Token (401), then the room in the path (400), then whether the token may act on it (403).
-fn room_access(
-    svc: &Services,
-    headers: &HeaderMap,
-    room: Result<Path<String>, PathRejection>,
-) -> Result<(Claims, String), Box<Response>> {
-    let claims = authenticate(svc, headers)?;
-    let room = path_param(room)?;
-    permit(&claims, Some(&room))?;
-    Ok((claims, room))
+/// The caller may act on the room named in the path, checked in this order: the token (401),
+/// the room in the path (400), whether the token may act on it (403); rejections in our error
+/// format. An extractor, so a handler names it among its arguments (before a body) instead of
+/// repeating the checks.
+pub(super) struct RoomAccess {
+    pub claims: Claims,
+    pub room: String,
+}
+
+impl FromRequestParts<Arc<Services>> for RoomAccess {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        svc: &Arc<Services>,
+    ) -> Result<Self, Self::Rejection> {
+        let room = Path::<String>::from_request_parts(parts, svc).await;
+        let check = || {
+            let claims = authenticate(svc, &parts.headers)?;
+            let room = path_param(room)?;
+            permit(&claims, Some(&room))?;
+            Ok(RoomAccess { claims, room })
+        };
+        check().map_err(|r: Box<Response>| *r)
+    }
 }
 
 /// `admin`: show each destination's full last error (OS error, address); hosts see the code
@@ -508,14 +510,9 @@ fn control_error(e: &crate::bridge::control::ControlError) -> Response {
 /// `POST /v1/rooms/{room}/bridge`: start mixing the room into one stream.
 async fn bridge_start(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { claims, room }: RoomAccess,
     body: Body,
 ) -> Response {
-    let (claims, room) = match room_access(&svc, &headers, room) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     let req: crate::bridge::control::BridgeRequest =
         match json_body(body, svc.cfg.server.max_body_bytes).await {
             Ok(r) => r,
@@ -533,13 +530,8 @@ async fn bridge_start(
 
 async fn bridge_status(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { claims, room }: RoomAccess,
 ) -> Response {
-    let (claims, room) = match room_access(&svc, &headers, room) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     match svc.bridges.get(&room) {
         Some(h) => Json(bridge_json(&room, &h, claims.role == Role::Admin)).into_response(),
         None => api_error(
@@ -552,15 +544,10 @@ async fn bridge_status(
 
 async fn bridge_update(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { claims, room }: RoomAccess,
     body: Body,
 ) -> Response {
     use crate::bridge::control;
-    let (claims, room) = match room_access(&svc, &headers, room) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     let req: BridgeUpdate = match json_body(body, svc.cfg.server.max_body_bytes).await {
         Ok(r) => r,
         Err(r) => return *r,
@@ -585,13 +572,8 @@ async fn bridge_update(
 
 async fn bridge_stop(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { room, .. }: RoomAccess,
 ) -> Response {
-    let room = match room_access(&svc, &headers, room) {
-        Ok((_, r)) => r,
-        Err(r) => return *r,
-    };
     // Through bridge control like the host's `stop_bridge`: the room is not live any more
     // (an empty room kept for its host ends now) and `bridge_stopped` is reported.
     match crate::bridge::control::stop(&svc.bridge_ctl(None), &room) {

@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{api_error, path_param, room_access};
+use super::{RoomAccess, api_error, path_param};
 use crate::auth::{now_secs, sign};
 use crate::participant::Services;
 use crate::recording::{RecordingError, StopReason};
@@ -55,13 +55,8 @@ fn replay_url(svc: &Services, room: &str, file: &str) -> String {
 /// `POST /v1/rooms/{room}/recording`.
 pub(super) async fn start(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { claims, room }: RoomAccess,
 ) -> Response {
-    let (claims, room) = match room_access(&svc, &headers, room) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     match svc.recordings.start(&room) {
         Ok(status) => {
             tracing::info!(%room, by = %claims.sub, "recording requested");
@@ -78,13 +73,8 @@ pub(super) async fn start(
 /// `DELETE /v1/rooms/{room}/recording`.
 pub(super) async fn stop(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { room, .. }: RoomAccess,
 ) -> Response {
-    let room = match room_access(&svc, &headers, room) {
-        Ok((_, r)) => r,
-        Err(r) => return *r,
-    };
     match svc.recordings.stop(&room, StopReason::Requested) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => rec_error(&e),
@@ -94,13 +84,8 @@ pub(super) async fn stop(
 /// `GET /v1/rooms/{room}/recording`.
 pub(super) async fn status(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { room, .. }: RoomAccess,
 ) -> Response {
-    let room = match room_access(&svc, &headers, room) {
-        Ok((_, r)) => r,
-        Err(r) => return *r,
-    };
     match svc.recordings.status(&room) {
         Some(s) => Json(json!({"room": room, "recording": s})).into_response(),
         None => rec_error(&RecordingError::NotRecording),
@@ -116,14 +101,9 @@ pub(super) struct ListQuery {
 /// `GET /v1/rooms/{room}/recordings`.
 pub(super) async fn list(
     State(svc): State<Arc<Services>>,
-    room: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    RoomAccess { room, .. }: RoomAccess,
     q: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let room = match room_access(&svc, &headers, room) {
-        Ok((_, r)) => r,
-        Err(r) => return *r,
-    };
     let Ok(axum::extract::Query(q)) = q else {
         return api_error(
             StatusCode::BAD_REQUEST,

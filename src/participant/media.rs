@@ -1,7 +1,7 @@
 //! The tasks that move one track's media between a participant's peer connections and the
 //! SFU, the same for every kind of participant (WebSocket members, WHIP publishers and WHEP
-//! viewers): a published track's reader and keyframe task, a subscription's writer, feedback
-//! reader and downlink follower.
+//! viewers): a published track's reader and keyframe task, a subscription's writer and
+//! feedback reader (the downlink follower is in `downlink`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,12 +134,15 @@ pub(crate) fn publish_tasks(
 /// The tasks behind one subscription: a writer that forwards `router`'s packets to `local`,
 /// and a feedback reader that turns the subscriber's PLI/FIR into keyframe requests (of the
 /// layer it gets, on a simulcast track). While `paused` is set the packets are dropped
-/// (`pause_media`). Also returns the handle choosing the subscription's simulcast layer.
+/// (`pause_media`). A simulcast track follows the downlink in `group`, shared with the
+/// subscriber's other tracks (`downlink`). Also returns the handle choosing the
+/// subscription's simulcast layer.
 pub(crate) fn forward_tasks(
     local: &Arc<LocalTrack>,
     router: &Arc<TrackRouter>,
     queue: usize,
     paused: Arc<AtomicBool>,
+    group: &super::downlink::DownlinkGroup,
 ) -> (Vec<JoinHandle<()>>, LayerControl) {
     let mut sub = router.subscribe(queue);
     let control = sub.control();
@@ -169,56 +172,13 @@ pub(crate) fn forward_tasks(
             }
         }
     });
-    let mut tasks = vec![writer, feedback];
     if control.layer_count() >= 2 {
-        tasks.push(tokio::spawn(downlink_task(local.clone(), control.clone())));
+        group.add(
+            &router.id,
+            &router.participant_id,
+            local.clone(),
+            control.clone(),
+        );
     }
-    (tasks, control)
-}
-
-/// Follows a simulcast subscription's receiver reports and lowers (or raises again) the layer
-/// it gets to what its downlink carries (`sfu::downlink`), and tells the connection where the
-/// current layer began, so requests to retransmit the old one are dropped (`peer::nack_floor`).
-/// Reports come about once a second; a switch is seen within a tick.
-async fn downlink_task(local: Arc<LocalTrack>, control: LayerControl) {
-    use crate::sfu::downlink::Downlink;
-    let mut d = Downlink::new(control.layer_count());
-    let mut seen = 0u64;
-    let mut switching = false;
-    let mut floor = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let f = control.switch_floor();
-        if f != floor {
-            floor = f;
-            if let Some(seq) = f {
-                local.set_nack_floor(seq);
-            }
-        }
-        let r = local.reception();
-        let now = Instant::now();
-        // Reports from before a switch completed judge the old layer, not the new one.
-        let (current, target) = control.layers().unwrap_or_default();
-        if switching && current == target {
-            d.switched(now);
-        }
-        switching = current != target;
-        let changed = if r.reports != seen {
-            seen = r.reports;
-            d.report(r.fraction_lost, now)
-        } else {
-            d.tick(now)
-        };
-        if let Some(cap) = changed {
-            info!(
-                ssrc = local.ssrc(),
-                ?cap,
-                lost = r.fraction_lost,
-                "subscriber downlink: simulcast layer cap changed"
-            );
-            control.set_cap(cap);
-        }
-    }
+    (vec![writer, feedback], control)
 }

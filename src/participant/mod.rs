@@ -31,6 +31,7 @@ use crate::signaling::session::{Action, MAX_TICK, Session};
 
 pub mod rtmp;
 
+mod downlink;
 mod media;
 mod outbox;
 mod resume;
@@ -38,6 +39,7 @@ pub mod stats;
 mod subscribe;
 pub mod whip;
 
+pub(crate) use downlink::DownlinkGroup;
 pub(crate) use media::{forward_tasks, publish_tasks};
 
 pub use outbox::{Next, Outbox, OutboxRx, outbox};
@@ -193,6 +195,8 @@ struct Joined {
     resume_secret: Option<String>,
     /// `restart_ice`: the next subscriber offer restarts ICE.
     ice_restart: bool,
+    /// The simulcast tracks this member receives share its downlink by priority.
+    downlink: downlink::DownlinkGroup,
 }
 
 /// The next item of a receiver that may be absent (absent: never).
@@ -632,6 +636,7 @@ impl Driver {
                 let role = claims.role;
                 self.room_rx = Some(rx);
                 self.joined = Some(Joined {
+                    downlink: downlink::DownlinkGroup::new(Some(room.clone())),
                     room,
                     pid: snap.participant.id,
                     claims,
@@ -1085,7 +1090,9 @@ impl Driver {
                 participant_id,
                 identity,
                 reason,
+                tracks,
             } => {
+                self.tracks_ended(tracks, &participant_id).await;
                 self.send(ServerMessage::ParticipantLeft {
                     participant_id,
                     identity,
@@ -1100,17 +1107,10 @@ impl Driver {
                     self.subscribe(router).await;
                 }
             }
-            RoomEvent::TrackUnpublished {
-                track_id,
+            RoomEvent::TracksUnpublished {
+                track_ids,
                 participant_id,
-            } => {
-                self.unsubscribe(&track_id).await;
-                self.send(ServerMessage::TrackUnpublished {
-                    track_id,
-                    participant_id,
-                })
-                .await;
-            }
+            } => self.tracks_ended(track_ids, &participant_id).await,
             RoomEvent::Removed(reason) => {
                 let (code, why) = match reason {
                     LeaveReason::Replaced => {
@@ -1286,6 +1286,19 @@ impl Driver {
         self.auto_start_bridge();
     }
 
+    /// Tracks of `participant_id` ended: stop receiving them (the caller offers once for all)
+    /// and tell the client, one message per track.
+    async fn tracks_ended(&mut self, track_ids: Vec<String>, participant_id: &str) {
+        for track_id in track_ids {
+            self.unsubscribe(&track_id).await;
+            self.send(ServerMessage::TrackUnpublished {
+                track_id,
+                participant_id: participant_id.to_string(),
+            })
+            .await;
+        }
+    }
+
     async fn on_internal(&mut self, ev: Internal) {
         match ev {
             Internal::TrackEnded(track_id) => {
@@ -1364,6 +1377,7 @@ impl Driver {
             &router,
             self.svc.cfg.webrtc.subscriber_queue,
             j.paused.clone(),
+            &j.downlink,
         );
         j.sub_tracks.insert(
             router.id.clone(),
@@ -1386,6 +1400,7 @@ impl Driver {
             for task in &t.tasks {
                 task.abort();
             }
+            j.downlink.remove(track_id);
             if let Some(peer) = j.subscriber.as_ref()
                 && let Err(e) = peer.remove_local_track(&t.local).await
             {

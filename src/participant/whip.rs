@@ -24,7 +24,8 @@ use tracing::{debug, info, warn};
 
 use super::stats::{PublishedTrack, STATS_INTERVAL, StatsRefresher};
 use super::{
-    Published, Services, auto_start_bridge, forward_tasks, publish_tasks, to_kind, to_media_kind,
+    DownlinkGroup, Published, Services, auto_start_bridge, forward_tasks, publish_tasks, to_kind,
+    to_media_kind,
 };
 use crate::auth::{AuthError, Claims, Role};
 use crate::peer::{IceCandidate, LocalTrack, Peer, PeerError, PeerEvent, PeerState, PortUse};
@@ -985,9 +986,11 @@ async fn subscribe_now(
         },
     );
     let queue = svc.cfg.webrtc.subscriber_queue;
+    // One stream's tracks: no priorities between them.
+    let downlink = DownlinkGroup::new(None);
     let tasks: Vec<JoinHandle<()>> = locals
         .iter()
-        .flat_map(|(l, r)| forward_tasks(l, r, queue, Default::default()).0)
+        .flat_map(|(l, r)| forward_tasks(l, r, queue, Default::default(), &downlink).0)
         .collect();
     tokio::spawn(whep_run(
         svc.clone(),
@@ -997,7 +1000,7 @@ async fn subscribe_now(
         peer_rx,
         cmd_rx,
         locals,
-        tasks,
+        (tasks, downlink),
         early,
     ));
     Ok(Created {
@@ -1017,7 +1020,8 @@ async fn whep_run(
     mut peer_rx: mpsc::UnboundedReceiver<PeerEvent>,
     mut cmd_rx: mpsc::UnboundedReceiver<Command>,
     locals: Vec<(Arc<LocalTrack>, Arc<TrackRouter>)>,
-    tasks: Vec<JoinHandle<()>>,
+    // The forwarding tasks, and the downlink follower (ends when dropped, with the session).
+    (tasks, _downlink): (Vec<JoinHandle<()>>, DownlinkGroup),
     early: Vec<PeerEvent>,
 ) {
     let mut shutdown = svc.shutdown.clone();

@@ -3,7 +3,9 @@
 //! remote tracks (what a client publishes) and local tracks (what the server forwards to a
 //! client) as small types the rest of the server uses without seeing any webrtc type.
 
+pub mod bwe;
 pub mod keyframe_interceptor;
+pub mod nack_budget;
 pub mod nack_floor;
 pub mod noise;
 mod ports;
@@ -14,7 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
+use rtc::interceptor::{
+    CongestionControlBuilder, NackGeneratorBuilder, NackResponderBuilder, Registry, Slot,
+    TwccSenderBuilder,
+};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::RTCOfferOptions;
 use rtc::peer_connection::configuration::interceptor_registry::{
@@ -481,14 +486,16 @@ pub fn media_engine() -> Result<MediaEngine, PeerError> {
 /// a receiver's reordering buffer, and a packet the sender no longer had was asked for again
 /// and again until it left the 512-packet log. The codecs above carry the `nack` feedback.
 pub fn interceptors(me: &mut MediaEngine) -> Result<Registry, PeerError> {
-    interceptors_counting(me, &ConnectionFeedback::default())
+    interceptors_counting(me, &ConnectionFeedback::default(), false)
 }
 
 /// [`interceptors`] sharing `feedback` with the caller: the RTCP counter's per-stream counts,
-/// and the NACK floors of its local streams ([`nack_floor`]).
+/// the NACK floors of its local streams ([`nack_floor`]) and, with `estimate`, the bandwidth
+/// estimate ([`bwe`]).
 pub fn interceptors_counting(
     me: &mut MediaEngine,
     feedback: &ConnectionFeedback,
+    estimate: bool,
 ) -> Result<Registry, PeerError> {
     let reg = Registry::new()
         .with(Slot::NackResponder, NackResponderBuilder::new().build())
@@ -501,6 +508,20 @@ pub fn interceptors_counting(
         );
     configure_simulcast_extension_headers(me).map_err(werr)?;
     let reg = configure_twcc_receiver_only(reg, me).map_err(werr)?;
+    // The send-side estimate of what the remote's downlink carries (`bwe`): number what
+    // leaves, ingest the transport-wide feedback. No pacer (see `bwe`).
+    let reg = if estimate {
+        reg.with(Slot::TwccSender, TwccSenderBuilder::new().build())
+            .with(
+                Slot::CongestionControl,
+                CongestionControlBuilder::new(bwe::PublishingGcc::new(
+                    feedback.estimate_bps.clone(),
+                ))
+                .build(),
+            )
+    } else {
+        reg
+    };
     let reg = configure_rtcp_reports(reg);
     Ok(reg
         .with(
@@ -633,7 +654,7 @@ impl PeerFactory {
         ),
     ) -> Result<impl PeerConnection + use<>, PeerError> {
         let mut me = media_engine()?;
-        let registry = interceptors_counting(&mut me, feedback)?;
+        let registry = interceptors_counting(&mut me, feedback, self.cfg.bandwidth_estimate)?;
         let se = SettingEngineBuilder::new()
             .with_ice_timeouts(
                 Some(self.cfg.ice_disconnected_timeout),
@@ -915,7 +936,13 @@ impl Peer {
             .pc
             .get_stats(std::time::Instant::now(), StatsSelector::None)
             .await;
-        let mut out = PeerStats::default();
+        let mut out = PeerStats {
+            estimate_bps: match self.feedback.estimate_bps.load(Ordering::Relaxed) {
+                0 => None,
+                b => Some(b),
+            },
+            ..Default::default()
+        };
         for e in report.iter() {
             match e {
                 RTCStatsReportEntry::IceCandidatePair(p) if p.nominated => {
@@ -962,6 +989,10 @@ pub struct PeerStats {
     pub inbound: Vec<InboundStat>,
     /// How the client receives what we send (subscriber connection, from its receiver reports).
     pub remote_inbound: Vec<RemoteInboundStat>,
+    /// Subscriber connection: what its downlink carries, bit/s, as GCC estimates it from the
+    /// client's transport-wide congestion feedback (`bwe`); absent before the first feedback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate_bps: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -1264,6 +1295,10 @@ impl LocalTrack {
         pkt.header.extension = false;
         pkt.header.extensions.clear();
         pkt.header.extension_profile = 0;
+        // The publisher's padding count goes too: left over, the transport-wide sequence
+        // number stamped on the way out makes the header's size and what is written disagree,
+        // and SRTP drops the packet.
+        pkt.header.extensions_padding = 0;
         self.track.write_rtp(pkt).await.map_err(werr)?;
         self.written.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -214,19 +214,16 @@ impl Room {
         } else {
             vec![]
         };
-        for t in tracks {
-            if let Some(r) = st.tracks.remove(&t) {
-                r.close();
-                self.hook_unpublished(pid, &r);
-                Self::broadcast(
-                    st,
-                    pid,
-                    &RoomEvent::TrackUnpublished {
-                        track_id: t,
-                        participant_id: pid.to_string(),
-                    },
-                );
-            }
+        let track_ids = self.end_tracks(st, pid, &tracks);
+        if !track_ids.is_empty() {
+            Self::broadcast(
+                st,
+                pid,
+                &RoomEvent::TracksUnpublished {
+                    track_ids,
+                    participant_id: pid.to_string(),
+                },
+            );
         }
         if was.may_publish() && !role.may_publish() {
             Self::send_to(st, pid, RoomEvent::Demoted);
@@ -775,15 +772,26 @@ impl Room {
         Self::broadcast(&st, "", &RoomEvent::TrackPublished(info, router));
     }
 
-    pub(super) fn remove_foreign(&self, track_id: &str) {
+    /// The partner room's tracks `track_ids` are gone: one event per publisher for all of them
+    /// (a member renegotiates once, as for a departure here).
+    pub(super) fn remove_foreign(&self, track_ids: &[String]) {
         let mut st = self.lock();
-        if let Some(r) = st.foreign.remove(track_id) {
+        let mut gone: Vec<(String, Vec<String>)> = vec![];
+        for id in track_ids {
+            if let Some(r) = st.foreign.remove(id) {
+                match gone.iter_mut().find(|(p, _)| *p == r.participant_id) {
+                    Some((_, ids)) => ids.push(id.clone()),
+                    None => gone.push((r.participant_id.clone(), vec![id.clone()])),
+                }
+            }
+        }
+        for (participant_id, track_ids) in gone {
             Self::broadcast(
                 &st,
                 "",
-                &RoomEvent::TrackUnpublished {
-                    track_id: track_id.to_string(),
-                    participant_id: r.participant_id.clone(),
+                &RoomEvent::TracksUnpublished {
+                    track_ids,
+                    participant_id,
                 },
             );
         }
@@ -1057,9 +1065,7 @@ impl Registry {
         partner.lock().pk = None;
         for (here, there) in [(room, &partner), (&partner, room)] {
             let ids: Vec<String> = here.lock().foreign.keys().cloned().collect();
-            for id in ids {
-                here.remove_foreign(&id);
-            }
+            here.remove_foreign(&ids);
             let mut st = here.lock();
             here.hook(Event::PkEnded {
                 partner_room: there.name.clone(),

@@ -101,14 +101,20 @@ impl RoomError {
 #[derive(Debug, Clone)]
 pub enum RoomEvent {
     Joined(ParticipantInfo),
+    /// A member is gone; `tracks` are the ones that ended with it (announced first, in the
+    /// same event, so the departure costs one renegotiation: see [`RoomEvent::TracksUnpublished`]).
     Left {
         participant_id: String,
         identity: String,
         reason: LeaveReason,
+        tracks: Vec<String>,
     },
     TrackPublished(TrackInfo, Arc<TrackRouter>),
-    TrackUnpublished {
-        track_id: String,
+    /// Tracks of one participant that ended together (a co-host's audio and video). One event,
+    /// not one per track: a member's connection could otherwise wake between the two and
+    /// renegotiate twice.
+    TracksUnpublished {
+        track_ids: Vec<String>,
         participant_id: String,
     },
     /// Addressed to one member: it has been removed from the room (replaced, kicked).
@@ -481,6 +487,52 @@ impl Room {
     /// Tell about a member entering or leaving: everyone when it has media (hosts, co-hosts,
     /// subscribers), only the real-time participants when it is an audience member, so that
     /// thousands of audience members joining do not cost everyone an event each.
+    /// Close and remove the tracks `ids` of `pid` (webhooks told): the ids that were live.
+    fn end_tracks(&self, st: &mut State, pid: &str, ids: &[String]) -> Vec<String> {
+        let mut ended = Vec::with_capacity(ids.len());
+        for t in ids {
+            if let Some(router) = st.tracks.remove(t) {
+                router.close();
+                self.hook_unpublished(pid, &router);
+                ended.push(t.clone());
+            }
+        }
+        ended
+    }
+
+    /// Tell the others that `pid` left with `tracks`, one event per member: those who hear of
+    /// presence (see [`Room::presence`]) get `Left` carrying the tracks, the rest only the
+    /// tracks (every member may receive them).
+    fn departed(
+        st: &State,
+        pid: &str,
+        identity: &str,
+        reason: LeaveReason,
+        tracks: Vec<String>,
+        media: bool,
+    ) {
+        let left = RoomEvent::Left {
+            participant_id: pid.to_string(),
+            identity: identity.to_string(),
+            reason,
+            tracks: tracks.clone(),
+        };
+        let unpublished = (!tracks.is_empty()).then(|| RoomEvent::TracksUnpublished {
+            track_ids: tracks,
+            participant_id: pid.to_string(),
+        });
+        for (id, m) in st.members.values() {
+            if id == pid {
+                continue;
+            }
+            if media || m.media {
+                m.tx.send(left.clone(), id);
+            } else if let Some(ev) = &unpublished {
+                m.tx.send(ev.clone(), id);
+            }
+        }
+    }
+
     fn presence(st: &State, except: &str, ev: &RoomEvent, media: bool) {
         for (id, m) in st.members.values() {
             if id != except && (media || m.media) {
@@ -573,19 +625,34 @@ impl Room {
     }
 
     pub fn unpublish(&self, pid: &str, track_id: &str) {
+        self.unpublish_tracks(pid, |_| vec![track_id.to_string()]);
+    }
+
+    /// `pid` stops publishing and stays in the room: every track it publishes ends and its
+    /// publisher slot is free again (a host ending the live and staying to chat).
+    pub fn unpublish_all(&self, pid: &str) {
+        self.unpublish_tracks(pid, |m| {
+            m.publishing = false;
+            m.tracks.clone()
+        });
+    }
+
+    /// End the tracks `which` picks of `pid`, here and in the PK partner's room, each room
+    /// told in one event (so a member renegotiates once for all of them).
+    fn unpublish_tracks(&self, pid: &str, which: impl FnOnce(&mut Member) -> Vec<String>) {
         let mut st = self.lock();
         let Some(m) = Self::find(&mut st, pid) else {
             return;
         };
-        m.tracks.retain(|t| t != track_id);
-        if let Some(r) = st.tracks.remove(track_id) {
-            r.close();
-            self.hook_unpublished(pid, &r);
+        let ids = which(m);
+        m.tracks.retain(|t| !ids.contains(t));
+        let ended = self.end_tracks(&mut st, pid, &ids);
+        if !ended.is_empty() {
             Self::broadcast(
                 &st,
                 pid,
-                &RoomEvent::TrackUnpublished {
-                    track_id: track_id.to_string(),
+                &RoomEvent::TracksUnpublished {
+                    track_ids: ended,
                     participant_id: pid.to_string(),
                 },
             );
@@ -593,23 +660,7 @@ impl Room {
         let partner = st.pk.clone();
         drop(st);
         if let Some(p) = partner {
-            p.remove_foreign(track_id);
-        }
-    }
-
-    /// `pid` stops publishing and stays in the room: every track it publishes ends and its
-    /// publisher slot is free again (a host ending the live and staying to chat).
-    pub fn unpublish_all(&self, pid: &str) {
-        let tracks = {
-            let mut st = self.lock();
-            let Some(m) = Self::find(&mut st, pid) else {
-                return;
-            };
-            m.publishing = false;
-            m.tracks.clone()
-        };
-        for t in tracks {
-            self.unpublish(pid, &t);
+            p.remove_foreign(&ids);
         }
     }
 
@@ -851,28 +902,14 @@ impl Registry {
                 st.index.remove(&ghost_id);
                 {
                     m.tx.send(RoomEvent::Removed(LeaveReason::Replaced), &ghost_id);
-                    for t in &m.tracks {
-                        if let Some(router) = st.tracks.remove(t) {
-                            router.close();
-                            r.hook_unpublished(&ghost_id, &router);
-                            Room::broadcast(
-                                &st,
-                                &ghost_id,
-                                &RoomEvent::TrackUnpublished {
-                                    track_id: t.clone(),
-                                    participant_id: ghost_id.clone(),
-                                },
-                            );
-                        }
-                    }
-                    Room::broadcast(
+                    let tracks = r.end_tracks(&mut st, &ghost_id, &m.tracks);
+                    Room::departed(
                         &st,
                         &ghost_id,
-                        &RoomEvent::Left {
-                            participant_id: ghost_id.clone(),
-                            identity: m.identity.clone(),
-                            reason: LeaveReason::Replaced,
-                        },
+                        &m.identity,
+                        LeaveReason::Replaced,
+                        tracks,
+                        true,
                     );
                     r.hook_left(&ghost_id, &m, LeaveReason::Replaced);
                 }
@@ -972,30 +1009,8 @@ impl Registry {
         if let Some(seq) = seq
             && let Some((_, m)) = st.members.remove(&seq)
         {
-            for t in &m.tracks {
-                if let Some(router) = st.tracks.remove(t) {
-                    router.close();
-                    room.hook_unpublished(pid, &router);
-                    Room::broadcast(
-                        &st,
-                        pid,
-                        &RoomEvent::TrackUnpublished {
-                            track_id: t.clone(),
-                            participant_id: pid.to_string(),
-                        },
-                    );
-                }
-            }
-            Room::presence(
-                &st,
-                pid,
-                &RoomEvent::Left {
-                    participant_id: pid.to_string(),
-                    identity: m.identity.clone(),
-                    reason,
-                },
-                m.media,
-            );
+            let tracks = room.end_tracks(&mut st, pid, &m.tracks);
+            Room::departed(&st, pid, &m.identity, reason, tracks, m.media);
             tracing::info!(room = %room.name, participant = pid, identity = %m.identity,
                 ?reason, secs = m.joined_at.elapsed().as_secs(), "left");
             room.hook_left(pid, &m, reason);
@@ -1048,6 +1063,25 @@ mod tests {
     use super::*;
     use crate::sfu::CodecSpec;
     use crate::signaling::protocol::Kind;
+
+    /// A track of `kind` published by `pid` (an Opus or H.264 router, nothing flowing).
+    fn router(id: String, pid: &str, kind: Kind) -> Arc<TrackRouter> {
+        let codec = match kind {
+            Kind::Audio => CodecSpec {
+                mime_type: "audio/opus".into(),
+                clock_rate: 48000,
+                channels: 2,
+                fmtp: String::new(),
+            },
+            Kind::Video => CodecSpec {
+                mime_type: "video/H264".into(),
+                clock_rate: 90000,
+                channels: 0,
+                fmtp: String::new(),
+            },
+        };
+        TrackRouter::new(id, pid.to_string(), kind, codec).0
+    }
 
     /// The next event that is not a room message (joins and leaves also post chat notices).
     fn next_event(rx: &mut EventRx) -> Option<RoomEvent> {
@@ -1166,19 +1200,56 @@ mod tests {
             room.check_publish(&b.participant.id, false),
             Err(RoomError::Forbidden("audience"))
         );
-        let (router, _k) = TrackRouter::new(
-            "TR_1".into(),
-            a.participant.id.clone(),
-            Kind::Audio,
-            CodecSpec {
-                mime_type: "audio/opus".into(),
-                clock_rate: 48000,
-                channels: 2,
-                fmtp: String::new(),
-            },
-        );
-        room.publish(&a.participant.id, router).unwrap();
+        let track = router("TR_1".into(), &a.participant.id, Kind::Audio);
+        room.publish(&a.participant.id, track).unwrap();
         assert_eq!(room.publisher_count(), 1);
+    }
+
+    /// A co-host's audio and video end in one event per member (removed from the seat,
+    /// unpublishing everything, or leaving with its tracks and `Left` in one): a member's connection never sees half of a
+    /// departure and so renegotiates once.
+    #[test]
+    fn a_departure_reaches_each_member_as_one_event() {
+        let r = reg(5);
+        let (tx, mut rx_host) = event_channel();
+        let (room, host) = r.join("x", "h", Role::Host, tx).unwrap();
+        let (tx, mut rx_fan) = event_channel();
+        r.join("x", "fan", Role::Audience, tx).unwrap();
+        let publish = |pid: &str, n: &str| {
+            for kind in [Kind::Audio, Kind::Video] {
+                room.publish(pid, router(format!("TR_{n}_{kind:?}"), pid, kind))
+                    .unwrap();
+            }
+        };
+        let drain = |rx: &mut EventRx| while next_event(rx).is_some() {};
+        // Removed from the seat, leaving, and unpublishing everything while staying.
+        for (n, how) in [("g1", 0), ("g2", 1), ("g3", 2)] {
+            let (tx, _rx) = event_channel();
+            let (_, g) = r.join("x", n, Role::Cohost, tx).unwrap();
+            publish(&g.participant.id, n);
+            drain(&mut rx_host);
+            drain(&mut rx_fan);
+            match how {
+                0 => {
+                    let actor = Actor::member(&host.participant.id, Role::Host);
+                    room.remove_cohost(actor, &g.participant.id).unwrap();
+                }
+                1 => r.leave(&room, &g.participant.id, LeaveReason::Left),
+                _ => room.unpublish_all(&g.participant.id),
+            }
+            for rx in [&mut rx_host, &mut rx_fan] {
+                let mut ended = vec![];
+                while let Some(ev) = next_event(rx) {
+                    match ev {
+                        RoomEvent::TracksUnpublished { track_ids, .. } => ended.push(track_ids),
+                        RoomEvent::Left { tracks, .. } => ended.push(tracks),
+                        _ => {}
+                    }
+                }
+                assert_eq!(ended.len(), 1, "{n}: {ended:?}");
+                assert_eq!(ended[0].len(), 2, "{n}: {ended:?}");
+            }
+        }
     }
 
     #[test]

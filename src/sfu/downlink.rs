@@ -18,10 +18,11 @@
 //!
 //! This needs no bitrate numbers and works with every receiver that sends reports (browsers,
 //! native libwebrtc, the `webrtc` crate, aiortc). After a switch, the subscriber's requests to
-//! resend the old layer are dropped (`peer::nack_floor`), so they do not keep the link full.
-//! What it does not do (documented): allocate
-//! one downlink estimate across a subscriber's tracks (each track is judged on its own), or use
-//! REMB/TWCC, which would see congestion before loss does.
+//! resend the old layer are dropped (`peer::nack_floor`), and every stream's retransmissions
+//! are bounded (`peer::nack_budget`), so they do not keep the link full.
+//! A subscriber's tracks share one controller over a ladder of caps by priority
+//! (`sfu::allocation`). What it does not do (documented): use REMB/TWCC, which would see
+//! congestion before loss does.
 
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,28 @@ impl Downlink {
             last_probe: None,
             probe_after: PROBE_FIRST,
         }
+    }
+
+    /// The same controller over `layers` rungs, now at `level` (0: paused), keeping its
+    /// timers (a shared downlink whose tracks changed, `sfu::allocation`).
+    pub fn resize(&mut self, layers: u8, level: u8, now: Instant) {
+        self.layers = layers.max(1);
+        self.level = level.min(self.layers);
+        if self.level == 0 {
+            // Paused: no packets, so no reports; probe from here (as after a move down).
+            self.good_since.get_or_insert(now);
+        }
+    }
+
+    /// No report has come for a while although the caller expected some (a shared downlink
+    /// whose flowing tracks all went quiet: muted, removed): count the silence as a good
+    /// link, as while paused, so what is held back is probed again. Returns the new cap if it
+    /// changed.
+    pub fn idle(&mut self, now: Instant) -> Option<Cap> {
+        let before = self.cap();
+        self.good_since.get_or_insert(now);
+        self.maybe_probe(now);
+        (self.cap() != before).then(|| self.cap())
     }
 
     pub fn cap(&self) -> Cap {

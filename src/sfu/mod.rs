@@ -11,6 +11,7 @@
 //! (a WebRTC subscriber, the bridge) still reads one plain stream from its queue. The layer is
 //! chosen per subscription ([`LayerControl::select`]); the default is the top layer.
 
+pub mod allocation;
 pub mod downlink;
 pub mod keyframe;
 pub mod layers;

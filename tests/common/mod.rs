@@ -563,6 +563,8 @@ pub struct Received {
     /// The first RAW_KEPT packets as received (sequence, timestamp, marker, payload), for tests
     /// that depacketize and decode real media.
     pub raw: Vec<(u16, u32, bool, Bytes)>,
+    /// The track itself, for tests that send RTCP about it.
+    pub remote: Option<Arc<dyn TrackRemote>>,
 }
 
 pub const RAW_KEPT: usize = 4000;
@@ -628,6 +630,7 @@ impl PeerConnectionEventHandler for ClientHandler {
             let e = r.entry(track_id.clone()).or_default();
             e.kind = kind;
             e.stream_id = stream_id;
+            e.remote = Some(track.clone());
         }
         let received = self.received.clone();
         tokio::spawn(async move {

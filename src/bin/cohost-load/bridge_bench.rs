@@ -331,7 +331,7 @@ pub(crate) fn progress_value(path: &Path, key: &str) -> Option<u64> {
 }
 
 /// ffmpeg cannot loop a raw Annex-B stream (no seeking): wrap the clip in Matroska once.
-async fn clip_mkv(clip: &Clip, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) async fn clip_mkv(clip: &Clip, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let mkv = dir.join(format!("{name}.mkv"));
     if !mkv.exists() {
         let h264 = dir.join(format!("{name}.h264"));
@@ -360,6 +360,34 @@ async fn clip_mkv(clip: &Clip, dir: &Path, name: &str) -> anyhow::Result<PathBuf
     Ok(mkv)
 }
 
+/// ffmpeg composing `videos` (each `-re`, looped) with one looped `tone` per video through
+/// `graph` (inputs `0..n` video, `n..2n` audio; outputs `[v]`, `[a]`), encoding libx264
+/// ([`X264`]) and AAC to FLV on /dev/null, its progress written to `progress`.
+pub(crate) fn composite_command(
+    videos: &[&Path],
+    tone: &Path,
+    graph: &str,
+    progress: &Path,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-nostats", "-y"]);
+    for v in videos {
+        cmd.args(["-re", "-stream_loop", "-1", "-i"]).arg(v);
+    }
+    for _ in videos {
+        cmd.args(["-re", "-stream_loop", "-1", "-i"]).arg(tone);
+    }
+    cmd.args(["-filter_complex", graph, "-map", "[v]", "-map", "[a]"])
+        .args(X264)
+        .args(["-pix_fmt", "yuv420p", "-r", "30"])
+        .args(["-c:a", "aac", "-b:a", "128k", "-ar", "48000", "-ac", "2"])
+        .arg("-progress")
+        .arg(progress)
+        .args(["-f", "flv", "/dev/null"])
+        .kill_on_drop(true);
+    cmd
+}
+
 /// `small`: the co-hosts' inputs are this clip (the layer the simulcast bridge decodes).
 pub async fn ffmpeg(
     clip: &Clip,
@@ -376,34 +404,13 @@ pub async fn ffmpeg(
     };
     let progress = dir.join(format!("progress-{n}.txt"));
     let _ = std::fs::remove_file(&progress);
-    let mut cmd = tokio::process::Command::new("ffmpeg");
-    cmd.args(["-hide_banner", "-loglevel", "error", "-nostats", "-y"]);
-    for i in 0..n {
-        let input = match &small_mkv {
-            Some(s) if i > 0 => s,
-            _ => &mkv,
-        };
-        cmd.args(["-re", "-stream_loop", "-1", "-i"]).arg(input);
-    }
-    for _ in 0..n {
-        cmd.args(["-re", "-stream_loop", "-1", "-i"])
-            .arg(dir.join("tone.wav"));
-    }
-    cmd.args([
-        "-filter_complex",
-        &pip_graph(n),
-        "-map",
-        "[v]",
-        "-map",
-        "[a]",
-    ])
-    .args(X264)
-    .args(["-pix_fmt", "yuv420p", "-r", "30"])
-    .args(["-c:a", "aac", "-b:a", "128k", "-ar", "48000", "-ac", "2"])
-    .arg("-progress")
-    .arg(&progress)
-    .args(["-f", "flv", "/dev/null"])
-    .kill_on_drop(true);
+    let videos: Vec<&Path> = (0..n)
+        .map(|i| match &small_mkv {
+            Some(s) if i > 0 => s.as_path(),
+            _ => mkv.as_path(),
+        })
+        .collect();
+    let mut cmd = composite_command(&videos, &dir.join("tone.wav"), &pip_graph(n), &progress);
     let mut child = cmd.spawn().context("ffmpeg (Debian's, with libx264)")?;
     let fpid = child.id().context("ffmpeg pid")?;
     tokio::time::sleep(warmup).await;

@@ -13,6 +13,7 @@ mod janus;
 mod media;
 mod pc;
 mod rooms;
+mod rooms_mix;
 mod stats;
 mod target;
 
@@ -79,9 +80,15 @@ struct Cli {
     /// What each room of the rooms scenario holds.
     #[arg(long, value_enum, default_value = "solo720")]
     rooms_case: rooms::Case,
-    /// Rooms scenario: skip the nginx-rtmp + ffmpeg relay run of the solo cases.
+    /// Rooms scenario: skip the peer run (the nginx-rtmp + ffmpeg relay of the solo cases,
+    /// ffmpeg composing the mixed cases).
     #[arg(long)]
     no_relay: bool,
+    /// Rooms scenario: the bridges' output size, `WxH` (e.g. 720x1280; the server's
+    /// `bridge.width`/`height` with `size_from_host` off), and ffmpeg's canvas for the mixed
+    /// cases. Default: the host's size.
+    #[arg(long, value_parser = parse_size)]
+    rooms_out: Option<(u32, u32)>,
     /// Participants joining in the join scenario.
     #[arg(long, default_value_t = 40)]
     joins: usize,
@@ -735,7 +742,18 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--scenario rooms`: cohost, then (solo cases) the relay; a table; exit 2 if not valid.
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s.split_once('x').ok_or("WxH, e.g. 720x1280")?;
+    let n = |v: &str| v.parse::<u32>().map_err(|e| format!("{v}: {e}"));
+    let (w, h) = (n(w)?, n(h)?);
+    if w < 16 || h < 16 || w % 2 == 1 || h % 2 == 1 {
+        return Err("even sizes of at least 16".into());
+    }
+    Ok((w, h))
+}
+
+/// `--scenario rooms`: cohost, then the relay (solo cases) or ffmpeg composing the same rooms
+/// (mixed cases); a table; exit 2 if not valid.
 async fn rooms_main(cli: &Cli, cohost_bin: &str) -> anyhow::Result<()> {
     let o = rooms::Opts {
         case: cli.rooms_case,
@@ -743,6 +761,7 @@ async fn rooms_main(cli: &Cli, cohost_bin: &str) -> anyhow::Result<()> {
         warmup: cli.warmup,
         window: cli.duration,
         relay: !cli.no_relay && cli.rooms_case.is_solo(),
+        out: cli.rooms_out,
         content: cli.clip.unwrap_or(media::Content::Camera),
     };
     if o.rooms == 0 || (o.case == rooms::Case::Pk && !o.rooms.is_multiple_of(2)) {
@@ -752,7 +771,16 @@ async fn rooms_main(cli: &Cli, cohost_bin: &str) -> anyhow::Result<()> {
     let mut errors = vec![];
     if cli.target != "janus" {
         eprintln!("[cohost] rooms, {} x {:?}", o.rooms, o.case);
-        let t = cohost_target::CohostTarget::start(cohost_bin, cli.media_ip).await?;
+        let size = o.out.map(|(w, h)| (w.to_string(), h.to_string()));
+        let env: Vec<(&str, &str)> = match &size {
+            Some((w, h)) => vec![
+                ("COHOST_BRIDGE__WIDTH", w.as_str()),
+                ("COHOST_BRIDGE__HEIGHT", h.as_str()),
+                ("COHOST_BRIDGE__SIZE_FROM_HOST", "false"),
+            ],
+            None => vec![],
+        };
+        let t = cohost_target::CohostTarget::start_with(cohost_bin, cli.media_ip, &env).await?;
         match rooms::cohost(&t, &o).await {
             Ok(r) => results.push(r),
             Err(e) => {
@@ -761,6 +789,16 @@ async fn rooms_main(cli: &Cli, cohost_bin: &str) -> anyhow::Result<()> {
             }
         }
         t.shutdown().await;
+    }
+    if !cli.no_relay && !o.case.is_solo() {
+        eprintln!("[ffmpeg] {} rooms composed by ffmpeg (libx264)", o.rooms);
+        match rooms_mix::ffmpeg_mix(&o).await {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                eprintln!("  failed: {e:#}");
+                errors.push(format!("ffmpeg mix: {e:#}"));
+            }
+        }
     }
     if o.relay {
         eprintln!("[relay] {} ffmpeg -c copy streams into nginx-rtmp", o.rooms);

@@ -9,7 +9,8 @@
 //! Side by side for the solo cases: the same number of plain relays, `ffmpeg -re -stream_loop
 //! -1 -i clip.flv -c copy -f flv rtmp://...` into Debian's nginx with libnginx-mod-rtmp, each
 //! stream with one RTMP player (an `ffmpeg -c copy` reader, not counted, like the HTTP-FLV
-//! readers); CPU of nginx plus the ffmpeg publishers per stream.
+//! readers); CPU of nginx plus the ffmpeg publishers per stream. For the mixed cases, ffmpeg
+//! composing the same pictures (`rooms_mix`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,7 +46,7 @@ pub enum Case {
 }
 
 impl Case {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Case::Solo720 => "solo720",
             Case::Solo360 => "solo360",
@@ -56,7 +57,7 @@ impl Case {
     }
 
     /// The host's clip.
-    fn host(self) -> Size {
+    pub(crate) fn host(self) -> Size {
         if self == Case::Solo720 {
             HOST_720
         } else {
@@ -64,7 +65,7 @@ impl Case {
         }
     }
 
-    fn cohosts(self) -> usize {
+    pub(crate) fn cohosts(self) -> usize {
         match self {
             Case::Cohost1 => 1,
             Case::Cohost3 => 3,
@@ -79,9 +80,9 @@ impl Case {
 
 /// A sender's picture size and bitrate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Size {
-    w: usize,
-    h: usize,
+pub(crate) struct Size {
+    pub(crate) w: usize,
+    pub(crate) h: usize,
     bps: u32,
 }
 
@@ -95,7 +96,7 @@ const HOST_360: Size = Size {
     h: 640,
     bps: 800_000,
 };
-const COHOST: Size = Size {
+pub(crate) const COHOST: Size = Size {
     w: 320,
     h: 480,
     bps: 300_000,
@@ -108,6 +109,8 @@ pub struct Opts {
     pub window: Duration,
     /// Run the nginx-rtmp + ffmpeg relay side by side (solo cases).
     pub relay: bool,
+    /// The bridges' output size (None: the host's).
+    pub out: Option<(u32, u32)>,
     pub content: media::Content,
 }
 
@@ -396,7 +399,7 @@ impl Participant {
     }
 }
 
-async fn clip_for(size: Size, content: media::Content) -> anyhow::Result<Arc<Clip>> {
+pub(crate) async fn clip_for(size: Size, content: media::Content) -> anyhow::Result<Arc<Clip>> {
     eprintln!(
         "encoding the {}x{} clip ({content:?}, {} bit/s asked)...",
         size.w, size.h, size.bps
@@ -535,7 +538,8 @@ pub async fn cohost(t: &CohostTarget, o: &Opts) -> anyhow::Result<RoomsResult> {
             }
         }
     }
-    // Bridges: the output size is the host's (from its SPS), nothing asked for.
+    // Bridges: the output size is the host's (from its SPS) or the server's configured one
+    // (`--rooms-out`), nothing asked for.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut readers = vec![];
     for (room, tok) in names.iter().zip(&tokens) {
@@ -602,13 +606,7 @@ pub async fn cohost(t: &CohostTarget, o: &Opts) -> anyhow::Result<RoomsResult> {
         _ => bail!("no CPU time for the server's PID {}", t.pid()),
     };
     fill_cpu(&mut r, cpu);
-    let fps: Vec<f64> = f0
-        .iter()
-        .zip(&f1)
-        .map(|(a, b)| (b.0 - a.0) as f64 / secs)
-        .collect();
-    let bytes: u64 = f0.iter().zip(&f1).map(|(a, b)| b.1 - a.1).sum();
-    fill_output(&mut r, &fps, bytes, secs);
+    let fps = fill_output_between(&mut r, &f0, &f1, secs);
     for (i, room) in names.iter().enumerate() {
         if fps[i] <= 0.0 {
             r.errors
@@ -641,7 +639,7 @@ pub async fn cohost(t: &CohostTarget, o: &Opts) -> anyhow::Result<RoomsResult> {
     Ok(r)
 }
 
-fn fill_cpu(r: &mut RoomsResult, cpu: f64) {
+pub(crate) fn fill_cpu(r: &mut RoomsResult, cpu: f64) {
     r.cpu_cores = cpu;
     r.cpu_per_room = cpu / r.rooms.max(1) as f64;
     r.rooms_per_core = if r.cpu_per_room > 0.0 {
@@ -649,6 +647,28 @@ fn fill_cpu(r: &mut RoomsResult, cpu: f64) {
     } else {
         f64::NAN
     };
+}
+
+/// [`fill_output`] from (frames, bytes) counters of each output at the start and the end of
+/// the window; returns each output's frames per second.
+pub(crate) fn fill_output_between(
+    r: &mut RoomsResult,
+    f0: &[(u64, u64)],
+    f1: &[(u64, u64)],
+    secs: f64,
+) -> Vec<f64> {
+    let fps: Vec<f64> = f0
+        .iter()
+        .zip(f1)
+        .map(|(a, b)| b.0.saturating_sub(a.0) as f64 / secs)
+        .collect();
+    let bytes: u64 = f0
+        .iter()
+        .zip(f1)
+        .map(|(a, b)| b.1.saturating_sub(a.1))
+        .sum();
+    fill_output(r, &fps, bytes, secs);
+    fps
 }
 
 fn fill_output(r: &mut RoomsResult, fps: &[f64], bytes: u64, secs: f64) {
@@ -833,17 +853,7 @@ async fn relay_in(o: &Opts, dir: &Path) -> anyhow::Result<RoomsResult> {
     let nginx_cores = (n1 - n0) / secs;
     r.nginx_cores = Some(nginx_cores);
     fill_cpu(&mut r, nginx_cores + (p1 - p0) / secs);
-    let fps: Vec<f64> = f0
-        .iter()
-        .zip(&f1)
-        .map(|(a, b)| b.0.saturating_sub(a.0) as f64 / secs)
-        .collect();
-    let bytes: u64 = f0
-        .iter()
-        .zip(&f1)
-        .map(|(a, b)| b.1.saturating_sub(a.1))
-        .sum();
-    fill_output(&mut r, &fps, bytes, secs);
+    let fps = fill_output_between(&mut r, &f0, &f1, secs);
     for (i, f) in fps.iter().enumerate() {
         if *f <= 0.0 {
             r.errors
@@ -930,7 +940,12 @@ pub fn print(results: &[RoomsResult]) {
         results.iter().find(|r| r.system != "cohost"),
     ) {
         println!(
-            "ratio cohost / relay, CPU per room: {:.2}",
+            "ratio cohost / {}, CPU per room: {:.2}",
+            if f.system == "ffmpeg-x264" {
+                "ffmpeg composite (which neither receives WebRTC nor forwards between participants)"
+            } else {
+                "relay"
+            },
             c.cpu_per_room / f.cpu_per_room
         );
     }
