@@ -556,9 +556,10 @@ pub struct WebrtcConfig {
     /// At most half the range is kept, whatever the value.
     pub publisher_port_reserve: usize,
     /// Estimate each subscriber connection's downlink with GCC over the client's
-    /// transport-wide congestion feedback (`peer::bwe`), shown in the room stats. Off by
+    /// transport-wide congestion feedback (`peer::bwe`), shown in the room stats; a downlink
+    /// found queueing takes its simulcast tracks a step down (`sfu::downlink`). Off by
     /// default: numbering every forwarded packet and keeping its send history cost 15 % more
-    /// CPU per forwarded packet (BENCHMARKS.md), and layer choice does not use it yet.
+    /// CPU per forwarded packet (BENCHMARKS.md).
     pub bandwidth_estimate: bool,
 }
 

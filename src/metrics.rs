@@ -319,6 +319,12 @@ impl Metrics {
                 g(&crate::peer::nack_floor::DROPPED),
             ),
             (
+                "cohost_downlink_overuses_total",
+                "counter",
+                "Times a subscriber's downlink was found queueing (more sent than it carries) by the delay-based estimate (webrtc.bandwidth_estimate); each moves its simulcast tracks down.",
+                g(&crate::peer::bwe::OVERUSES),
+            ),
+            (
                 "cohost_nack_over_budget_total",
                 "counter",
                 "Retransmissions subscribers asked for beyond the stream's budget (half of what it forwards, at least 10 a second, a packet at most once per 100 ms); not sent.",

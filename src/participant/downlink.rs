@@ -1,7 +1,8 @@
 //! The tasks that fit what a subscriber receives to what its downlink carries: one
 //! [`DownlinkGroup`] per WebSocket subscriber shares the link between its simulcast tracks by
 //! priority (`sfu::allocation`: co-hosts step down and pause before the host); a WHEP
-//! viewer's tracks form a group without priorities. It reads the receiver reports, sets
+//! viewer's tracks form a group without priorities. It reads the receiver reports and the
+//! connection's delay signal (`peer::bwe`, with `webrtc.bandwidth_estimate`), sets
 //! the layer caps, and tell the connection where each track's current layer began, so requests
 //! to retransmit the old one are dropped (`peer::nack_floor`). Reports come about once a
 //! second; a switch is seen within a tick.
@@ -161,6 +162,8 @@ async fn group_task(entries: Arc<Mutex<Vec<Entry>>>, room: Option<Arc<Room>>) {
         );
         let mut worst: Option<u8> = None;
         let mut now_switching = false;
+        // One connection carries them all: its delay signal is the group's.
+        let overused = list.iter().any(|e| e.2.downlink_overused());
         for (key, _, local, control) in &list {
             let s = seen.entry(*key).or_default();
             let f = control.switch_floor();
@@ -197,6 +200,9 @@ async fn group_task(entries: Arc<Mutex<Vec<Entry>>>, room: Option<Arc<Room>>) {
             None if now >= last_report + SILENCE => alloc.idle(now),
             None => alloc.tick(now),
         };
+        if overused {
+            alloc.congested(now);
+        }
         for ((key, _, local, control), cap) in list.iter().zip(alloc.caps()) {
             let s = seen.entry(*key).or_default();
             if s.cap != Some(*cap) {
@@ -205,6 +211,7 @@ async fn group_task(entries: Arc<Mutex<Vec<Entry>>>, room: Option<Arc<Room>>) {
                         ssrc = local.ssrc(),
                         ?cap,
                         lost = worst,
+                        overused,
                         "subscriber downlink: simulcast layer cap changed"
                     );
                 }

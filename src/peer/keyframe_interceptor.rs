@@ -114,9 +114,9 @@ pub struct ConnectionFeedback {
     pub received: FeedbackBySsrc,
     /// Where each local stream's current simulcast layer started (`super::nack_floor`).
     pub floors: super::nack_floor::NackFloors,
-    /// The send-side bandwidth estimate of the connection, bit/s; 0 until the first
-    /// transport-wide feedback (`super::bwe`).
-    pub estimate_bps: Arc<std::sync::atomic::AtomicU64>,
+    /// The send-side bandwidth estimate of the connection and its delay signal
+    /// (`super::bwe`); nothing until the first transport-wide feedback.
+    pub estimate: super::bwe::Signals,
 }
 
 /// Counts NACK, PLI and FIR in both directions, in total and per stream; passes everything

@@ -514,10 +514,8 @@ pub fn interceptors_counting(
         reg.with(Slot::TwccSender, TwccSenderBuilder::new().build())
             .with(
                 Slot::CongestionControl,
-                CongestionControlBuilder::new(bwe::PublishingGcc::new(
-                    feedback.estimate_bps.clone(),
-                ))
-                .build(),
+                CongestionControlBuilder::new(bwe::Estimator::new(feedback.estimate.clone()))
+                    .build(),
             )
     } else {
         reg
@@ -922,6 +920,7 @@ impl Peer {
             written: AtomicU64::new(0),
             reception: self.feedback.received.clone(),
             floors: self.feedback.floors.clone(),
+            estimate: self.feedback.estimate.clone(),
         })
     }
 
@@ -937,7 +936,7 @@ impl Peer {
             .get_stats(std::time::Instant::now(), StatsSelector::None)
             .await;
         let mut out = PeerStats {
-            estimate_bps: match self.feedback.estimate_bps.load(Ordering::Relaxed) {
+            estimate_bps: match self.feedback.estimate.estimate_bps.load(Ordering::Relaxed) {
                 0 => None,
                 b => Some(b),
             },
@@ -1218,6 +1217,8 @@ pub struct LocalTrack {
     reception: keyframe_interceptor::FeedbackBySsrc,
     /// Where this stream's current simulcast layer started, for [`nack_floor`].
     floors: nack_floor::NackFloors,
+    /// The connection's bandwidth estimate ([`bwe`]; only with `webrtc.bandwidth_estimate`).
+    estimate: bwe::Signals,
 }
 
 /// Feedback a subscriber sent about a local track.
@@ -1243,6 +1244,13 @@ impl LocalTrack {
     /// ([`nack_floor`]).
     pub fn set_nack_floor(&self, seq: u16) {
         self.floors.set(self.ssrc, seq, Instant::now());
+    }
+
+    /// The connection's delay signal says its path is queueing now: more is sent to the
+    /// subscriber than its downlink carries ([`bwe`]; never with `webrtc.bandwidth_estimate`
+    /// off, or before the client's first transport-wide feedback).
+    pub fn downlink_overused(&self) -> bool {
+        self.estimate.overusing.load(Ordering::Relaxed)
     }
 
     /// What the subscriber reported about this track so far (receiver reports, loss).

@@ -167,6 +167,11 @@ impl Allocation {
         self.d.report(fraction_lost, now).is_some()
     }
 
+    /// The link is queueing (`Downlink::congested`). Returns whether any cap changed.
+    pub fn congested(&mut self, now: Instant) -> bool {
+        self.d.congested(now).is_some()
+    }
+
     /// Time passes with no report. Returns whether any cap changed.
     pub fn tick(&mut self, now: Instant) -> bool {
         self.d.tick(now).is_some()

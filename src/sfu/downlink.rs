@@ -20,9 +20,15 @@
 //! native libwebrtc, the `webrtc` crate, aiortc). After a switch, the subscriber's requests to
 //! resend the old layer are dropped (`peer::nack_floor`), and every stream's retransmissions
 //! are bounded (`peer::nack_budget`), so they do not keep the link full.
+//! - With the delay-based estimate on (`webrtc.bandwidth_estimate`, `peer::bwe`: GCC over the
+//!   transport-wide feedback the client sends), a link found queueing counts as heavy loss
+//!   ([`Downlink::congested`]): a link with a deep queue (a cell, a `tbf`) is moved down
+//!   before the queue overflows, and a probe that makes the queue grow fails.
+//!
 //! A subscriber's tracks share one controller over a ladder of caps by priority
-//! (`sfu::allocation`). What it does not do (documented): use REMB/TWCC, which would see
-//! congestion before loss does.
+//! (`sfu::allocation`). What it does not do (documented): pick a layer from the estimate's
+//! level (it starts at 300 kbit/s and climbs slowly without a pacer probing); the estimate
+//! only says when the link is over its capacity.
 
 use std::time::{Duration, Instant};
 
@@ -169,6 +175,15 @@ impl Downlink {
         (self.cap() != before).then(|| self.cap())
     }
 
+    /// The delay-based estimate says the link is queueing now (`peer::bwe`): what is sent
+    /// outruns what it carries, and loss is on its way (a queue overflows) or the picture
+    /// lags. Judged as a report of heavy loss: one layer down, with the same settle times, and
+    /// no probe while it lasts. Said every tick while it lasts. Returns the new cap if it
+    /// changed.
+    pub fn congested(&mut self, now: Instant) -> Option<Cap> {
+        self.report(u8::MAX, now)
+    }
+
     /// Time passes with no report (none come while video is paused). Returns the new cap if
     /// it changed.
     pub fn tick(&mut self, now: Instant) -> Option<Cap> {
@@ -306,6 +321,32 @@ mod tests {
         // This one holds: the wait goes back to the first.
         d.report(GOOD, t0 + Duration::from_secs(34));
         assert_eq!(d.probe_after(), PROBE_FIRST);
+    }
+
+    #[test]
+    fn a_queueing_link_moves_down_and_holds_back_probes_while_it_lasts() {
+        let t0 = Instant::now();
+        let mut d = Downlink::new(3);
+        assert_eq!(d.congested(t0), Some(Cap::AtMost(1)));
+        d.switched(t0);
+        // Still queueing while the old layer's tail drains: no second step before settling.
+        assert_eq!(d.congested(t0 + Duration::from_millis(100)), None);
+        // The reports say no loss, but the queue grew until 3 s: probing waits for 8 s of
+        // a link that is neither losing nor queueing.
+        for ms in (200..3000).step_by(100) {
+            assert_eq!(d.report(GOOD, t0 + Duration::from_millis(ms)), None);
+            assert_eq!(d.congested(t0 + Duration::from_millis(ms)), None);
+        }
+        for s in 3..11 {
+            assert_eq!(d.report(GOOD, t0 + Duration::from_secs(s)), None, "{s} s");
+        }
+        assert_eq!(d.report(GOOD, t0 + Duration::from_secs(11)), Some(Cap::Any));
+        // The probe makes the queue grow: back down, and the next probe waits twice as long.
+        assert_eq!(
+            d.congested(t0 + Duration::from_millis(11_500)),
+            Some(Cap::AtMost(1))
+        );
+        assert_eq!(d.probe_after(), PROBE_FIRST * 2);
     }
 
     #[test]
