@@ -558,7 +558,7 @@ pub struct WebrtcConfig {
     /// Estimate each subscriber connection's downlink with GCC over the client's
     /// transport-wide congestion feedback (`peer::bwe`), shown in the room stats; a downlink
     /// found queueing takes its simulcast tracks a step down (`sfu::downlink`). Off by
-    /// default: numbering every forwarded packet and keeping its send history cost 15 % more
+    /// default: numbering every forwarded packet and keeping its send history cost 15-19 % more
     /// CPU per forwarded packet (BENCHMARKS.md).
     pub bandwidth_estimate: bool,
 }
