@@ -118,6 +118,7 @@ async fn group_task(entries: Arc<Mutex<Vec<Entry>>>, room: Option<Arc<Room>>) {
     let mut hosts_at: Option<Instant> = None;
     let mut switching = false;
     let mut last_report = Instant::now();
+    let mut overuses_seen = 0u64;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -162,8 +163,15 @@ async fn group_task(entries: Arc<Mutex<Vec<Entry>>>, room: Option<Arc<Room>>) {
         );
         let mut worst: Option<u8> = None;
         let mut now_switching = false;
-        // One connection carries them all: its delay signal is the group's.
-        let overused = list.iter().any(|e| e.2.downlink_overused());
+        // One connection carries them all: its delay signal is the group's. An episode that
+        // began and ended between two ticks counts too.
+        let episodes = list
+            .iter()
+            .map(|e| e.2.downlink_overuses())
+            .max()
+            .unwrap_or(0);
+        let overused = list.iter().any(|e| e.2.downlink_overused()) || episodes > overuses_seen;
+        overuses_seen = overuses_seen.max(episodes);
         for (key, _, local, control) in &list {
             let s = seen.entry(*key).or_default();
             let f = control.switch_floor();
@@ -190,19 +198,19 @@ async fn group_task(entries: Arc<Mutex<Vec<Entry>>>, room: Option<Arc<Room>>) {
             alloc.switched(now);
         }
         switching = now_switching;
+        if worst.is_some() {
+            last_report = now;
+        }
         match worst {
-            Some(lost) => {
-                last_report = now;
-                alloc.report(lost, now)
-            }
+            // Queueing outranks what the reports say (and must not be preceded by a probe
+            // in the same tick).
+            _ if overused => alloc.congested(now),
+            Some(lost) => alloc.report(lost, now),
             // Nothing has reported for a while (what flows was muted or removed, what is held
             // back sends nothing): held-back tracks are probed again, as when all is paused.
             None if now >= last_report + SILENCE => alloc.idle(now),
             None => alloc.tick(now),
         };
-        if overused {
-            alloc.congested(now);
-        }
         for ((key, _, local, control), cap) in list.iter().zip(alloc.caps()) {
             let s = seen.entry(*key).or_default();
             if s.cap != Some(*cap) {

@@ -1250,7 +1250,13 @@ impl LocalTrack {
     /// subscriber than its downlink carries ([`bwe`]; never with `webrtc.bandwidth_estimate`
     /// off, or before the client's first transport-wide feedback).
     pub fn downlink_overused(&self) -> bool {
-        self.estimate.overusing.load(Ordering::Relaxed)
+        self.estimate.overusing_now()
+    }
+
+    /// Episodes of [`downlink_overused`](Self::downlink_overused) on the connection so far
+    /// (one shorter than the caller's look is still counted here).
+    pub fn downlink_overuses(&self) -> u64 {
+        self.estimate.overuses.load(Ordering::Relaxed)
     }
 
     /// What the subscriber reported about this track so far (receiver reports, loss).

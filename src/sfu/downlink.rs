@@ -181,6 +181,11 @@ impl Downlink {
     /// no probe while it lasts. Said every tick while it lasts. Returns the new cap if it
     /// changed.
     pub fn congested(&mut self, now: Instant) -> Option<Cap> {
+        if self.level == 0 {
+            // Video is paused: what queues is the rest (audio), and the verdict may be old.
+            // Probing the video again is how to find out: as time passing while paused.
+            return self.tick(now);
+        }
         self.report(u8::MAX, now)
     }
 
@@ -347,6 +352,17 @@ mod tests {
             Some(Cap::AtMost(1))
         );
         assert_eq!(d.probe_after(), PROBE_FIRST * 2);
+    }
+
+    #[test]
+    fn a_queueing_link_does_not_keep_paused_video_from_being_probed() {
+        let t0 = Instant::now();
+        let mut d = Downlink::new(1);
+        assert_eq!(d.congested(t0), Some(Cap::Paused));
+        for ms in (100..8000).step_by(100) {
+            assert_eq!(d.congested(t0 + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(d.congested(t0 + Duration::from_secs(8)), Some(Cap::Any));
     }
 
     #[test]
