@@ -140,8 +140,9 @@ fn slope(points: &VecDeque<(f64, f64)>) -> Option<f64> {
 /// trendline (0.0087 / 0.039): with those, behind the `tbf` of tests/simulcast.rs, the
 /// threshold stayed low, the verdict "overusing" outlasted the switch to the lower layer
 /// while the old layer's queue drained, and 3 of 3 runs went a needless second layer down
-/// (1 of 5 with these gains, and that one on loss). The price: after an episode the threshold comes down over
-/// seconds, so a probe soon after is judged a little leniently (loss still judges it).
+/// (1 of 5 with these gains, and that one on loss). The price: after an episode the
+/// threshold comes down over seconds, so a probe soon after is judged a little leniently
+/// (loss still judges it).
 #[derive(Debug)]
 pub struct Detector {
     threshold: f64,
