@@ -1206,8 +1206,8 @@ mod tests {
     }
 
     /// A co-host's audio and video end in one event per member (removed from the seat,
-    /// unpublishing everything, or leaving with its tracks and `Left` in one): a member's connection never sees half of a
-    /// departure and so renegotiates once.
+    /// unpublishing everything, or leaving with its tracks and `Left` in one): a member's
+    /// connection never sees half of a departure and so renegotiates once.
     #[test]
     fn a_departure_reaches_each_member_as_one_event() {
         let r = reg(5);

@@ -736,13 +736,22 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// The same number of solo streams through a plain relay: ffmpeg `-c copy` into nginx-rtmp.
-pub async fn relay(o: &Opts) -> anyhow::Result<RoomsResult> {
-    let dir = std::env::temp_dir().join(format!("cohost-rooms-relay-{}", std::process::id()));
+/// Runs `f` in a fresh temporary directory `cohost-<name>-<pid>`, removed afterwards
+/// whatever `f` returned.
+pub(crate) async fn in_temp_dir<T>(
+    name: &str,
+    f: impl AsyncFnOnce(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let dir = std::env::temp_dir().join(format!("cohost-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let res = relay_in(o, &dir).await;
+    let res = f(&dir).await;
     let _ = std::fs::remove_dir_all(&dir);
     res
+}
+
+/// The same number of solo streams through a plain relay: ffmpeg `-c copy` into nginx-rtmp.
+pub async fn relay(o: &Opts) -> anyhow::Result<RoomsResult> {
+    in_temp_dir("rooms-relay", async |dir| relay_in(o, dir).await).await
 }
 
 async fn relay_in(o: &Opts, dir: &Path) -> anyhow::Result<RoomsResult> {

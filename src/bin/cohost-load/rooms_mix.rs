@@ -56,11 +56,7 @@ pub fn graph(layout: Layout, sizes: &[(u32, u32)], w: u32, h: u32) -> String {
 }
 
 pub async fn ffmpeg_mix(o: &Opts) -> anyhow::Result<RoomsResult> {
-    let dir = std::env::temp_dir().join(format!("cohost-rooms-mix-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let res = run(o, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    res
+    crate::rooms::in_temp_dir("rooms-mix", async |dir| run(o, dir).await).await
 }
 
 async fn run(o: &Opts, dir: &Path) -> anyhow::Result<RoomsResult> {
